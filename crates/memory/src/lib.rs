@@ -1,0 +1,278 @@
+//! Guest physical RAM.
+//!
+//! One anonymous host mapping backs guest physical addresses `0..size`. The
+//! software CPU reads and writes it directly through host pointers (its
+//! software TLB caches `guest linear -> host pointer`), KVM maps the same
+//! memory into the guest, and devices and boot loaders use the checked
+//! accessors here.
+//!
+//! Writes that do not come from the software CPU (devices, loaders, DMA) are
+//! recorded per 4 KiB page so that a CPU engine can throw away code it decoded
+//! or translated from those pages before it runs again.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Size of a guest page as the dirty-tracking granule.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Errors of guest memory creation and access.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MemoryError {
+    /// An access touched guest physical addresses outside RAM.
+    #[error("guest physical range {addr:#x}+{len:#x} is outside RAM (size {size:#x})")]
+    OutOfRange {
+        /// First address of the access.
+        addr: u64,
+        /// Length of the access in bytes.
+        len: u64,
+        /// Size of guest RAM.
+        size: u64,
+    },
+    /// The host refused to map the requested amount of memory.
+    #[error("cannot map {size} bytes of guest RAM: {reason}")]
+    Map {
+        /// Requested size.
+        size: u64,
+        /// The host's reason.
+        reason: String,
+    },
+}
+
+/// Guest physical RAM: a host mapping of `size` bytes starting at guest
+/// physical address 0.
+pub struct GuestRam {
+    ptr: *mut u8,
+    size: u64,
+    /// One bit per page written by something other than a CPU engine.
+    external_dirty: Box<[AtomicU64]>,
+    any_external_dirty: AtomicBool,
+}
+
+// SAFETY: the mapping is owned by this value and lives until drop; all
+// accesses go through raw pointers with bounds checks (or are the CPU
+// engine's own responsibility), like vm-memory's `MmapRegion`, which is also
+// Send + Sync. Concurrent access races are the guest's business, as on
+// hardware.
+unsafe impl Send for GuestRam {}
+// SAFETY: see `Send` above.
+unsafe impl Sync for GuestRam {}
+
+impl GuestRam {
+    /// Maps `size` bytes of zeroed guest RAM (rounded up to a page).
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        let size = size.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        if size == 0 {
+            return Err(MemoryError::Map {
+                size,
+                reason: "size is zero".into(),
+            });
+        }
+        let len = usize::try_from(size).map_err(|_| MemoryError::Map {
+            size,
+            reason: "larger than the host address space".into(),
+        })?;
+        // SAFETY: an anonymous private mapping with no fixed address has no
+        // preconditions; the result is checked against MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(MemoryError::Map {
+                size,
+                reason: std::io::Error::last_os_error().to_string(),
+            });
+        }
+        let pages = size / PAGE_SIZE;
+        let words = pages.div_ceil(64) as usize;
+        Ok(GuestRam {
+            ptr: ptr.cast(),
+            size,
+            external_dirty: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            any_external_dirty: AtomicBool::new(false),
+        })
+    }
+
+    /// Size of RAM in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Host address of guest physical address 0. Valid for `size()` bytes
+    /// for the lifetime of `self`.
+    pub fn host_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    fn check(&self, addr: u64, len: u64) -> Result<usize, MemoryError> {
+        match addr.checked_add(len) {
+            Some(end) if end <= self.size => Ok(addr as usize),
+            _ => Err(MemoryError::OutOfRange {
+                addr,
+                len,
+                size: self.size,
+            }),
+        }
+    }
+
+    /// Copies guest memory at `addr` into `buf`.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let off = self.check(addr, buf.len() as u64)?;
+        // SAFETY: `check` proved `off..off+len` lies inside the mapping, and
+        // `buf` is a distinct host buffer.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    /// Copies `data` into guest memory at `addr`, recording the pages as
+    /// externally written.
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let off = self.check(addr, data.len() as u64)?;
+        // SAFETY: `check` proved the destination range lies inside the
+        // mapping; `data` is a distinct host buffer.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(off), data.len()) };
+        self.mark_external(addr, data.len() as u64);
+        Ok(())
+    }
+
+    /// Fills `len` bytes at `addr` with `byte`.
+    pub fn fill(&self, addr: u64, len: u64, byte: u8) -> Result<(), MemoryError> {
+        let off = self.check(addr, len)?;
+        // SAFETY: `check` proved the range lies inside the mapping.
+        unsafe { std::ptr::write_bytes(self.ptr.add(off), byte, len as usize) };
+        self.mark_external(addr, len);
+        Ok(())
+    }
+
+    /// Reads a little-endian value of `N` bytes.
+    fn read_le<const N: usize>(&self, addr: u64) -> Result<[u8; N], MemoryError> {
+        let mut b = [0u8; N];
+        self.read(addr, &mut b)?;
+        Ok(b)
+    }
+
+    /// Reads a byte.
+    pub fn read_u8(&self, addr: u64) -> Result<u8, MemoryError> {
+        Ok(self.read_le::<1>(addr)?[0])
+    }
+    /// Reads a little-endian 16-bit value.
+    pub fn read_u16(&self, addr: u64) -> Result<u16, MemoryError> {
+        Ok(u16::from_le_bytes(self.read_le(addr)?))
+    }
+    /// Reads a little-endian 32-bit value.
+    pub fn read_u32(&self, addr: u64) -> Result<u32, MemoryError> {
+        Ok(u32::from_le_bytes(self.read_le(addr)?))
+    }
+    /// Reads a little-endian 64-bit value.
+    pub fn read_u64(&self, addr: u64) -> Result<u64, MemoryError> {
+        Ok(u64::from_le_bytes(self.read_le(addr)?))
+    }
+    /// Writes a byte.
+    pub fn write_u8(&self, addr: u64, v: u8) -> Result<(), MemoryError> {
+        self.write(addr, &[v])
+    }
+    /// Writes a little-endian 16-bit value.
+    pub fn write_u16(&self, addr: u64, v: u16) -> Result<(), MemoryError> {
+        self.write(addr, &v.to_le_bytes())
+    }
+    /// Writes a little-endian 32-bit value.
+    pub fn write_u32(&self, addr: u64, v: u32) -> Result<(), MemoryError> {
+        self.write(addr, &v.to_le_bytes())
+    }
+    /// Writes a little-endian 64-bit value.
+    pub fn write_u64(&self, addr: u64, v: u64) -> Result<(), MemoryError> {
+        self.write(addr, &v.to_le_bytes())
+    }
+
+    fn mark_external(&self, addr: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = addr / PAGE_SIZE;
+        let last = (addr + len - 1) / PAGE_SIZE;
+        for page in first..=last {
+            self.external_dirty[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Relaxed);
+        }
+        self.any_external_dirty.store(true, Ordering::Release);
+    }
+
+    /// True when some page was written externally since the last
+    /// [`take_external_writes`](Self::take_external_writes). Cheap: one load.
+    pub fn has_external_writes(&self) -> bool {
+        self.any_external_dirty.load(Ordering::Acquire)
+    }
+
+    /// Returns the page numbers written externally since the last call and
+    /// clears the record.
+    pub fn take_external_writes(&self) -> Vec<u64> {
+        let mut pages = Vec::new();
+        if !self.any_external_dirty.swap(false, Ordering::AcqRel) {
+            return pages;
+        }
+        for (i, word) in self.external_dirty.iter().enumerate() {
+            let mut bits = word.swap(0, Ordering::AcqRel);
+            while bits != 0 {
+                let b = bits.trailing_zeros() as u64;
+                pages.push(i as u64 * 64 + b);
+                bits &= bits - 1;
+            }
+        }
+        pages
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`size` are exactly the mapping created in `new`, and
+        // nothing can use it after drop.
+        unsafe { libc::munmap(self.ptr.cast(), self.size as usize) };
+    }
+}
+
+impl std::fmt::Debug for GuestRam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestRam").field("size", &self.size).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_write_round_trip_and_bounds() {
+        let ram = GuestRam::new(0x10000).unwrap();
+        ram.write_u32(0x1000, 0xdead_beef).unwrap();
+        assert_eq!(ram.read_u32(0x1000).unwrap(), 0xdead_beef);
+        assert_eq!(ram.read_u8(0x1003).unwrap(), 0xde);
+        assert!(matches!(
+            ram.write_u32(0xfffe, 1),
+            Err(MemoryError::OutOfRange { .. })
+        ));
+        assert!(ram.read_u8(u64::MAX).is_err());
+    }
+
+    #[test]
+    fn external_writes_are_recorded_per_page() {
+        let ram = GuestRam::new(0x100000).unwrap();
+        assert!(!ram.has_external_writes());
+        ram.write(0x1ffe, &[1, 2, 3, 4]).unwrap();
+        ram.write_u8(0x80000, 9).unwrap();
+        assert!(ram.has_external_writes());
+        assert_eq!(ram.take_external_writes(), vec![1, 2, 0x80]);
+        assert!(!ram.has_external_writes());
+        assert!(ram.take_external_writes().is_empty());
+    }
+
+    #[test]
+    fn size_rounds_up_and_zero_is_refused() {
+        assert_eq!(GuestRam::new(1).unwrap().size(), PAGE_SIZE);
+        assert!(GuestRam::new(0).is_err());
+    }
+}

@@ -1,0 +1,5 @@
+//! `popek`: the command-line front end.
+
+fn main() {
+    println!("popek");
+}
