@@ -1,1 +1,36 @@
-//! placeholder
+//! popek's software x86 CPU.
+//!
+//! An IA-32 model — real mode, 16/32-bit protected mode, virtual-8086 mode,
+//! two-level paging with PSE and global pages, rings 0–3 with every
+//! privilege check, interrupts, exceptions, task switching — that the
+//! `interp`, `trap` and `bt` engines share. See `docs/cpu.md`.
+//!
+//! Layout: [`state`] is the plain-data architectural state; [`cpu`] holds
+//! the run loop and the decoded-block cache; `decode` resolves instructions
+//! once; `exec/*` executes them; `mmu` translates addresses through a
+//! software TLB; `seg` applies segmentation; `interrupt` and `task` deliver
+//! events; [`bus`] is everything outside the CPU; [`hooks`] reports
+//! sensitive instructions.
+
+#![warn(missing_docs)]
+
+pub mod bus;
+pub mod cpu;
+pub mod cpuid;
+pub mod decode;
+pub mod exception;
+mod exec;
+pub mod flags;
+pub mod hooks;
+mod interrupt;
+pub mod mmu;
+pub mod seg;
+pub mod state;
+mod task;
+
+pub use bus::{Bus, BusAction, NullBus};
+pub use cpu::{Cpu, CpuStats, RunExit};
+pub use cpuid::{CpuidLeaf, CpuidModel};
+pub use exception::{Exc, Vector};
+pub use hooks::{SensitiveEvent, SensitiveKind};
+pub use state::{CpuState, Segment, TableReg};

@@ -1,0 +1,73 @@
+//! The CPU's view of everything outside it: port I/O, MMIO, the interrupt
+//! line, the clock, and the monitor hooks.
+//!
+//! The machine does not implement this trait itself (the machine must not
+//! depend on the CPU); an engine adapts its machine to it.
+
+use crate::hooks::SensitiveEvent;
+
+/// What the CPU should do after an I/O access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BusAction {
+    /// Go on executing.
+    Continue,
+    /// Finish this instruction, then return [`RunExit::BusStop`](crate::RunExit::BusStop).
+    Stop,
+}
+
+/// Everything outside the CPU core.
+pub trait Bus {
+    /// Port input of `size` bytes (1, 2 or 4).
+    fn io_in(&mut self, port: u16, size: u8) -> u32;
+    /// Port output of `size` bytes.
+    fn io_out(&mut self, port: u16, size: u8, value: u32) -> BusAction;
+    /// Read of guest-physical memory that is not RAM.
+    fn mmio_read(&mut self, addr: u64, size: u8) -> u64;
+    /// Write of guest-physical memory that is not RAM.
+    fn mmio_write(&mut self, addr: u64, size: u8, value: u64) -> BusAction;
+    /// The INTR line: an external interrupt is being requested.
+    fn interrupt_pending(&mut self) -> bool {
+        false
+    }
+    /// The INTA cycle: returns the vector of the requested interrupt.
+    fn acknowledge_interrupt(&mut self) -> u8 {
+        0
+    }
+    /// The platform clock the TSC counts from, given the CPU's instruction
+    /// count (so a virtual clock can follow execution).
+    fn clock(&mut self, instructions: u64) -> u64 {
+        instructions
+    }
+    /// Called after a sensitive-unprivileged instruction ran, when
+    /// [`Cpu::report_sensitive`](crate::Cpu::report_sensitive) is on. It only
+    /// observes: nothing the guest sees changes.
+    fn sensitive(&mut self, _event: &SensitiveEvent) {}
+}
+
+/// A bus with nothing on it: ports read all-ones, MMIO reads all-ones, no
+/// interrupts. Useful for tests and for running user code.
+#[derive(Debug, Default)]
+pub struct NullBus;
+
+impl Bus for NullBus {
+    fn io_in(&mut self, _port: u16, size: u8) -> u32 {
+        if size >= 4 {
+            u32::MAX
+        } else {
+            (1u32 << (size * 8)) - 1
+        }
+    }
+    fn io_out(&mut self, _port: u16, _size: u8, _value: u32) -> BusAction {
+        BusAction::Continue
+    }
+    fn mmio_read(&mut self, _addr: u64, size: u8) -> u64 {
+        if size >= 8 {
+            u64::MAX
+        } else {
+            (1u64 << (size * 8)) - 1
+        }
+    }
+    fn mmio_write(&mut self, _addr: u64, _size: u8, _value: u64) -> BusAction {
+        BusAction::Continue
+    }
+}

@@ -1,0 +1,401 @@
+//! The CPU object: state plus the run loop, the decoded-block cache and the
+//! configuration an engine sets (CPUID model, intercepts, hooks).
+
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use popek_memory::GuestRam;
+
+use crate::bus::Bus;
+use crate::cpuid::CpuidModel;
+use crate::decode::{decode_block, Block};
+use crate::exception::{Exc, Vector};
+use crate::flags::{FlagOp, LazyFlags};
+use crate::mmu::Tlb;
+use crate::state::{cr, flags, seg, CpuState};
+
+/// Why [`Cpu::run`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunExit {
+    /// The instruction budget is used up.
+    Budget,
+    /// HLT: the CPU waits for an interrupt (`state().halted` is set).
+    Halted,
+    /// Triple fault (or another shutdown condition): the CPU stopped.
+    Shutdown,
+    /// An exception whose vector is in [`Cpu::exception_bitmap`] was raised.
+    /// RIP and the state are as at the faulting instruction (for faults) and
+    /// nothing was delivered through the IDT.
+    Exception {
+        /// The vector.
+        vector: u8,
+        /// The error code, if the exception has one.
+        error_code: Option<u32>,
+        /// True for software interrupts (INT n/INT3/INTO): RIP already points
+        /// after the instruction.
+        software: bool,
+    },
+    /// `IN` from the hypercall port at CPL 0: RIP points after the `IN`; the
+    /// monitor handles the call and puts the result in EAX.
+    Hypercall,
+    /// A device asked the CPU to stop (after the instruction completed).
+    BusStop,
+}
+
+/// Configuration and statistics counters.
+#[derive(Clone, Debug, Default)]
+pub struct CpuStats {
+    /// Blocks decoded.
+    pub blocks_decoded: u64,
+    /// Block cache invalidations (pages).
+    pub invalidations: u64,
+    /// Exceptions and interrupts delivered.
+    pub deliveries: u64,
+}
+
+/// One software x86 CPU attached to guest RAM.
+pub struct Cpu {
+    /// Architectural state. The arithmetic flags in `st.rflags` are stale
+    /// while `lazy.op != Eager`: use [`Cpu::state`] / [`Cpu::state_mut`].
+    pub(crate) st: CpuState,
+    pub(crate) lazy: LazyFlags,
+    pub(crate) ram: Arc<GuestRam>,
+    pub(crate) ram_ptr: *mut u8,
+    pub(crate) ram_size: u64,
+    pub(crate) tlb: Box<Tlb>,
+    pub(crate) blocks: HashMap<u64, Rc<Block>>,
+    pub(crate) page_blocks: HashMap<u64, Vec<u64>>,
+    pub(crate) code_pages: Vec<u64>,
+    /// Per segment register: fast-path permission bits (see `seg.rs`).
+    pub(crate) seg_ok: [u8; 6],
+    /// CPL, cached.
+    pub(crate) cpl: u8,
+    /// Address of the instruction after the current one; jumps change it.
+    pub(crate) next_ip: u64,
+    /// End the current block after this instruction.
+    pub(crate) stop_block: bool,
+    /// State was handed out mutably: re-derive caches before running.
+    pub(crate) needs_refresh: bool,
+    /// Instructions retired.
+    pub icount: u64,
+    /// CPUID answers.
+    pub cpuid: CpuidModel,
+    /// Exceptions (bit per vector) that stop `run` instead of being
+    /// delivered through the guest's IDT, like the VMX exception bitmap.
+    pub exception_bitmap: u32,
+    /// Also stop at software interrupts (INT n) with `RunExit::Exception`.
+    pub intercept_soft_int: bool,
+    /// Report sensitive-unprivileged instructions to [`Bus::sensitive`].
+    pub report_sensitive: bool,
+    /// `IN` from this port at CPL 0 stops with `RunExit::Hypercall`.
+    pub hypercall_port: Option<u16>,
+    /// Counters.
+    pub stats: CpuStats,
+}
+
+/// Largest number of instructions in one decoded block.
+pub(crate) const MAX_BLOCK: usize = 64;
+
+impl Cpu {
+    /// A CPU in the RESET state attached to `ram`.
+    pub fn new(ram: Arc<GuestRam>) -> Cpu {
+        let ram_ptr = ram.host_ptr();
+        let ram_size = ram.size();
+        let pages = ram_size.div_ceil(4096);
+        let mut cpu = Cpu {
+            st: CpuState::reset(),
+            lazy: LazyFlags::default(),
+            ram,
+            ram_ptr,
+            ram_size,
+            tlb: Tlb::new(),
+            blocks: HashMap::new(),
+            page_blocks: HashMap::new(),
+            code_pages: vec![0; pages.div_ceil(64) as usize],
+            seg_ok: [0; 6],
+            cpl: 0,
+            next_ip: 0,
+            stop_block: false,
+            needs_refresh: false,
+            icount: 0,
+            cpuid: CpuidModel::default(),
+            exception_bitmap: 0,
+            intercept_soft_int: false,
+            report_sensitive: false,
+            hypercall_port: None,
+            stats: CpuStats::default(),
+        };
+        cpu.refresh_all();
+        cpu
+    }
+
+    /// The architectural state, with the flags materialized.
+    pub fn state(&mut self) -> &CpuState {
+        self.sync_flags();
+        &self.st
+    }
+
+    /// Mutable architectural state. Changing control registers, segments or
+    /// mode through this is allowed; the CPU re-derives its caches and
+    /// flushes its TLB.
+    pub fn state_mut(&mut self) -> &mut CpuState {
+        self.sync_flags();
+        self.dirty_state_pending();
+        &mut self.st
+    }
+
+    /// Replaces the whole architectural state (restore, boot entry).
+    pub fn set_state(&mut self, state: CpuState) {
+        self.st = state;
+        self.lazy.op = FlagOp::Eager;
+        self.refresh_all();
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    fn dirty_state_pending(&mut self) {
+        // The caller may change anything: rederive at the next run.
+        self.needs_refresh = true;
+    }
+
+    /// Re-derives cached state (CPL, segment fast paths) and flushes the TLB.
+    pub(crate) fn refresh_all(&mut self) {
+        self.needs_refresh = false;
+        self.cpl = self.st.cpl();
+        for s in 0..6 {
+            self.refresh_seg(s);
+        }
+        self.tlb.flush_all();
+    }
+
+    /// Writes the lazily held arithmetic flags into `st.rflags`.
+    #[inline]
+    pub(crate) fn sync_flags(&mut self) {
+        if self.lazy.op != FlagOp::Eager {
+            let f = self.lazy.materialize();
+            self.st.rflags = (self.st.rflags & !(flags::ARITH as u64)) | f as u64;
+            self.lazy.op = FlagOp::Eager;
+        }
+    }
+
+    /// EFLAGS with the arithmetic flags materialized (does not change state).
+    #[inline]
+    pub(crate) fn eflags(&self) -> u32 {
+        if self.lazy.op == FlagOp::Eager {
+            self.st.rflags as u32
+        } else {
+            (self.st.rflags as u32 & !flags::ARITH) | self.lazy.materialize()
+        }
+    }
+
+    /// Sets the six arithmetic flags eagerly.
+    #[inline]
+    pub(crate) fn set_arith_flags(&mut self, f: u32) {
+        self.lazy.op = FlagOp::Eager;
+        self.st.rflags = (self.st.rflags & !(flags::ARITH as u64)) | (f & flags::ARITH) as u64;
+    }
+
+    /// Current privilege level.
+    pub fn cpl(&self) -> u8 {
+        self.cpl
+    }
+
+    /// True in protected mode (including virtual-8086 mode).
+    #[inline]
+    pub(crate) fn protected(&self) -> bool {
+        self.st.cr0 & cr::CR0_PE != 0
+    }
+
+    /// True in virtual-8086 mode.
+    #[inline]
+    pub(crate) fn v86(&self) -> bool {
+        self.st.rflags & flags::VM as u64 != 0
+    }
+
+    /// Default code size of CS: 2 or 4 bytes.
+    #[inline]
+    pub(crate) fn code_size(&self) -> u8 {
+        if self.st.seg[seg::CS].big() && !self.v86() {
+            4
+        } else {
+            2
+        }
+    }
+
+    /// Runs until `budget` instructions have retired or something needs the
+    /// caller. Never panics on guest behaviour.
+    pub fn run(&mut self, bus: &mut dyn Bus, budget: u64) -> RunExit {
+        if self.needs_refresh {
+            self.refresh_all();
+        }
+        if self.ram.has_external_writes() {
+            for page in self.ram.take_external_writes() {
+                self.invalidate_code_page(page);
+            }
+        }
+        let end = self.icount.saturating_add(budget);
+        loop {
+            if self.icount >= end {
+                return RunExit::Budget;
+            }
+            let mut single = false;
+            if self.st.interrupt_shadow {
+                // The shadow covers exactly the next instruction.
+                self.st.interrupt_shadow = false;
+                single = true;
+            } else if self.st.rflags & flags::IF as u64 != 0 && bus.interrupt_pending() {
+                let vector = bus.acknowledge_interrupt();
+                self.st.halted = false;
+                if let Err(exit) = self.deliver_external(bus, vector) {
+                    return exit;
+                }
+                continue;
+            }
+            if self.st.halted {
+                return RunExit::Halted;
+            }
+            let tf = self.st.rflags & flags::TF as u64 != 0;
+            let block = match self.lookup_block(bus) {
+                Ok(b) => b,
+                Err(Exc::Fault { vector, code }) => {
+                    if let Err(exit) = self.fault(bus, vector, code) {
+                        return exit;
+                    }
+                    continue;
+                }
+                Err(Exc::Exit(x)) => return x,
+            };
+            let mut n = block.insns.len().min((end - self.icount) as usize);
+            if single || tf {
+                n = 1;
+            }
+            let ip_mask = if self.code_size() == 4 { 0xffff_ffff } else { 0xffff };
+            // Fetches past the CS limit raise #GP(0) (SDM 5.3); check each
+            // instruction only when the block reaches beyond the limit.
+            let cs_limit = self.st.seg[seg::CS].limit as u64;
+            let check_limit = self.st.rip + block.len as u64 > cs_limit + 1;
+            for d in &block.insns[..n] {
+                if check_limit && self.st.rip + d.len as u64 > cs_limit + 1 {
+                    if let Err(exit) = self.fault(bus, Vector::GP as u8, Some(0)) {
+                        return exit;
+                    }
+                    break;
+                }
+                self.next_ip = (self.st.rip + d.len as u64) & ip_mask;
+                match (d.handler)(self, d, bus) {
+                    Ok(()) => {
+                        self.st.rip = self.next_ip;
+                        self.icount += 1;
+                    }
+                    Err(Exc::Fault { vector, code }) => {
+                        self.stop_block = false;
+                        if let Err(exit) = self.fault(bus, vector, code) {
+                            return exit;
+                        }
+                        break;
+                    }
+                    Err(Exc::Exit(x)) => {
+                        self.st.rip = self.next_ip;
+                        self.icount += 1;
+                        self.stop_block = false;
+                        return x;
+                    }
+                }
+                if self.stop_block {
+                    self.stop_block = false;
+                    break;
+                }
+            }
+            if tf && n == 1 {
+                // Single-step trap after the instruction (SDM 17.3.1.4).
+                self.st.dr[6] |= 1 << 14;
+                if let Err(exit) = self.deliver_trap(bus, Vector::DB as u8) {
+                    return exit;
+                }
+            }
+        }
+    }
+
+    /// Handles a fault raised by an instruction: either stops for the
+    /// monitor or delivers it through the IDT.
+    fn fault(&mut self, bus: &mut dyn Bus, vector: u8, code: Option<u32>) -> Result<(), RunExit> {
+        if self.exception_bitmap & (1 << vector) != 0 {
+            self.sync_flags();
+            return Err(RunExit::Exception {
+                vector,
+                error_code: code,
+                software: false,
+            });
+        }
+        self.deliver_exception(bus, vector, code)
+    }
+
+    /// Finds or decodes the block at CS:EIP.
+    fn lookup_block(&mut self, bus: &mut dyn Bus) -> Result<Rc<Block>, Exc> {
+        if self.st.rip > self.st.seg[seg::CS].limit as u64 {
+            // The limit check comes before paging (SDM 5.3).
+            return Err(Exc::gp(0));
+        }
+        let lin = self.st.seg[seg::CS].base.wrapping_add(self.st.rip) as u32;
+        let phys = self.translate_fetch(bus, lin)?;
+        let key = phys | ((self.code_size() as u64) << 40);
+        if let Some(b) = self.blocks.get(&key) {
+            return Ok(b.clone());
+        }
+        let block = decode_block(self, bus, lin, phys)?;
+        self.stats.blocks_decoded += 1;
+        let block = Rc::new(block);
+        if block.cacheable {
+            let page = phys >> 12;
+            self.mark_code_page(page);
+            self.page_blocks.entry(page).or_default().push(key);
+            self.blocks.insert(key, block.clone());
+        }
+        Ok(block)
+    }
+
+    pub(crate) fn is_code_page(&self, page: u64) -> bool {
+        self.code_pages
+            .get((page / 64) as usize)
+            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+
+    fn mark_code_page(&mut self, page: u64) {
+        if let Some(w) = self.code_pages.get_mut((page / 64) as usize) {
+            if *w & (1 << (page % 64)) == 0 {
+                *w |= 1 << (page % 64);
+                // Stores to this page must now take the slow path.
+                self.tlb.drop_write_access(page);
+            }
+        }
+    }
+
+    /// Throws away decoded code from a physical page (self-modifying code,
+    /// DMA, loaders).
+    pub(crate) fn invalidate_code_page(&mut self, page: u64) {
+        if !self.is_code_page(page) {
+            return;
+        }
+        if let Some(w) = self.code_pages.get_mut((page / 64) as usize) {
+            *w &= !(1 << (page % 64));
+        }
+        if let Some(keys) = self.page_blocks.remove(&page) {
+            for k in keys {
+                self.blocks.remove(&k);
+            }
+        }
+        self.stats.invalidations += 1;
+        self.stop_block = true;
+    }
+
+    /// Drops every decoded block (e.g. after restoring memory).
+    pub fn flush_code_cache(&mut self) {
+        self.blocks.clear();
+        self.page_blocks.clear();
+        self.code_pages.iter_mut().for_each(|w| *w = 0);
+    }
+}

@@ -1,0 +1,193 @@
+//! String instructions with REP/REPE/REPNE. A repeated instruction runs a
+//! bounded number of iterations per step and re-executes itself (RIP kept)
+//! so interrupts and budgets are honoured, as hardware does.
+
+use iced_x86::OpKind;
+
+use crate::bus::{Bus, BusAction};
+use crate::cpu::{Cpu, RunExit};
+use crate::decode::{sreg, DecodedInsn};
+use crate::exception::{Exc, Res};
+use crate::flags::{size_mask, FlagOp};
+use crate::state::{flags::DF, seg};
+
+type R = Res;
+
+/// Iterations per step before yielding (keeps interrupt latency bounded).
+const CHUNK: u32 = 4096;
+
+struct Str {
+    size: u8,
+    asize: u8,
+    src_seg: usize,
+    rep: u8, // 0 none, 1 rep/repe, 2 repne
+}
+
+fn str_info(d: &DecodedInsn) -> Str {
+    let size = d.insn.memory_size().size().max(1) as u8;
+    let mut asize = 4;
+    for i in 0..d.insn.op_count() {
+        match d.insn.op_kind(i) {
+            OpKind::MemorySegSI | OpKind::MemoryESDI | OpKind::MemorySegDI => asize = 2,
+            OpKind::MemorySegESI | OpKind::MemoryESEDI | OpKind::MemorySegEDI => asize = 4,
+            _ => {}
+        }
+    }
+    let rep = if d.insn.has_repne_prefix() {
+        2
+    } else if d.insn.has_rep_prefix() || d.insn.has_repe_prefix() {
+        1
+    } else {
+        0
+    };
+    Str {
+        size,
+        asize,
+        src_seg: sreg(d.insn.memory_segment()).unwrap_or(3) as usize,
+        rep,
+    }
+}
+
+fn step(c: &Cpu, size: u8) -> u64 {
+    if c.st.rflags & DF as u64 != 0 {
+        (size as u64).wrapping_neg()
+    } else {
+        size as u64
+    }
+}
+
+/// Runs `body` once or under REP. `body` returns whether to continue (for
+/// REPE/REPNE after comparing).
+fn run_rep(c: &mut Cpu, s: &Str, bus: &mut dyn Bus, mut body: impl FnMut(&mut Cpu, &mut dyn Bus) -> Res<bool>) -> R {
+    if s.rep == 0 {
+        body(c, bus)?;
+        return Ok(());
+    }
+    let m = size_mask(s.asize);
+    let mut n = 0;
+    loop {
+        let cx = c.gr(1, s.asize);
+        if cx == 0 {
+            return Ok(());
+        }
+        let go_on = body(c, bus)?;
+        c.sr(1, s.asize, cx.wrapping_sub(1) & m);
+        if !go_on || cx - 1 == 0 {
+            return Ok(());
+        }
+        n += 1;
+        if n >= CHUNK || c.stop_block {
+            // Re-execute this instruction: RIP stays.
+            c.next_ip = c.st.rip;
+            c.stop_block = true;
+            return Ok(());
+        }
+    }
+}
+
+fn adv(c: &mut Cpu, reg: usize, s: &Str) {
+    let v = c.gr(reg, s.asize).wrapping_add(step(c, s.size)) & size_mask(s.asize);
+    c.sr(reg, s.asize, v);
+}
+
+pub(crate) fn movs(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    let s = str_info(d);
+    run_rep(c, &s, bus, |c, bus| {
+        let v = c.read_mem(bus, s.src_seg, c.gr(6, s.asize) as u32, s.size)?;
+        c.write_mem(bus, seg::ES, c.gr(7, s.asize) as u32, s.size, v)?;
+        adv(c, 6, &s);
+        adv(c, 7, &s);
+        Ok(true)
+    })
+}
+
+pub(crate) fn stos(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    let s = str_info(d);
+    run_rep(c, &s, bus, |c, bus| {
+        let v = c.gr(0, s.size);
+        c.write_mem(bus, seg::ES, c.gr(7, s.asize) as u32, s.size, v)?;
+        adv(c, 7, &s);
+        Ok(true)
+    })
+}
+
+pub(crate) fn lods(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    let s = str_info(d);
+    run_rep(c, &s, bus, |c, bus| {
+        let v = c.read_mem(bus, s.src_seg, c.gr(6, s.asize) as u32, s.size)?;
+        c.sr(0, s.size, v);
+        adv(c, 6, &s);
+        Ok(true)
+    })
+}
+
+fn cmp_flags(c: &mut Cpu, size: u8, a: u64, b: u64) {
+    let res = a.wrapping_sub(b) & size_mask(size);
+    c.set_lazy(FlagOp::Sub, size, res, a, b, false);
+}
+
+fn rep_continue(c: &Cpu, rep: u8) -> bool {
+    match rep {
+        1 => c.zf(),
+        2 => !c.zf(),
+        _ => true,
+    }
+}
+
+pub(crate) fn cmps(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    let s = str_info(d);
+    run_rep(c, &s, bus, |c, bus| {
+        let a = c.read_mem(bus, s.src_seg, c.gr(6, s.asize) as u32, s.size)?;
+        let b = c.read_mem(bus, seg::ES, c.gr(7, s.asize) as u32, s.size)?;
+        cmp_flags(c, s.size, a, b);
+        adv(c, 6, &s);
+        adv(c, 7, &s);
+        Ok(rep_continue(c, s.rep))
+    })
+}
+
+pub(crate) fn scas(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    let s = str_info(d);
+    run_rep(c, &s, bus, |c, bus| {
+        let b = c.read_mem(bus, seg::ES, c.gr(7, s.asize) as u32, s.size)?;
+        let a = c.gr(0, s.size);
+        cmp_flags(c, s.size, a, b);
+        adv(c, 7, &s);
+        Ok(rep_continue(c, s.rep))
+    })
+}
+
+pub(crate) fn ins(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    let s = str_info(d);
+    let port = c.gr(2, 2) as u16;
+    c.check_io(bus, port, s.size)?;
+    run_rep(c, &s, bus, |c, bus| {
+        // The destination is checked before the port is read.
+        let di = c.gr(7, s.asize) as u32;
+        c.seg_lin(seg::ES, di, s.size, true)?;
+        let v = bus.io_in(port, s.size) as u64;
+        c.write_mem(bus, seg::ES, di, s.size, v)?;
+        adv(c, 7, &s);
+        Ok(true)
+    })
+}
+
+pub(crate) fn outs(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    let s = str_info(d);
+    let port = c.gr(2, 2) as u16;
+    c.check_io(bus, port, s.size)?;
+    let mut stop = false;
+    run_rep(c, &s, bus, |c, bus| {
+        let v = c.read_mem(bus, s.src_seg, c.gr(6, s.asize) as u32, s.size)?;
+        adv(c, 6, &s);
+        if bus.io_out(port, s.size, v as u32) == BusAction::Stop {
+            stop = true;
+            return Ok(false);
+        }
+        Ok(true)
+    })?;
+    if stop {
+        return Err(Exc::Exit(RunExit::BusStop));
+    }
+    Ok(())
+}

@@ -1,0 +1,460 @@
+//! Linear-to-physical translation: 32-bit two-level paging (4 KiB pages,
+//! 4 MiB pages with CR4.PSE, CR0.WP, accessed/dirty bits, global pages) and a
+//! software TLB of `linear page -> host pointer` that behaves like a hardware
+//! TLB (filled on walks, flushed by CR3 loads except global pages, INVLPG).
+//!
+//! Memory accessors here take linear addresses; segmentation is applied by
+//! the callers in `seg.rs`.
+
+use crate::bus::{Bus, BusAction};
+use crate::cpu::{Cpu, RunExit};
+use crate::exception::{Exc, Vector};
+use crate::state::cr;
+
+const TLB_SIZE: usize = 256;
+
+/// Kind of memory access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessKind {
+    /// Data read.
+    Read,
+    /// Data write.
+    Write,
+    /// Instruction fetch.
+    Fetch,
+}
+
+/// One TLB entry (per privilege class).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TlbEntry {
+    /// `linear page | 1` when this entry translates the page at all.
+    vtag: u32,
+    /// `linear page | 1` when reads may go straight to host memory.
+    read_tag: u32,
+    /// `linear page | 1` when writes may go straight to host memory.
+    write_tag: u32,
+    /// Writes allowed by the page tables at this privilege and D already set.
+    writable: bool,
+    global: bool,
+    /// Physical page base.
+    phys: u64,
+    /// Host address of the physical page (RAM only).
+    host: usize,
+}
+
+const INVALID: TlbEntry = TlbEntry {
+    vtag: 0,
+    read_tag: 0,
+    write_tag: 0,
+    writable: false,
+    global: false,
+    phys: 0,
+    host: 0,
+};
+
+/// The software TLB: one direct-mapped array for supervisor accesses and one
+/// for user accesses.
+pub struct Tlb {
+    e: [[TlbEntry; TLB_SIZE]; 2],
+}
+
+impl Tlb {
+    pub(crate) fn new() -> Box<Tlb> {
+        Box::new(Tlb {
+            e: [[INVALID; TLB_SIZE]; 2],
+        })
+    }
+
+    /// Forgets everything, global pages included.
+    pub(crate) fn flush_all(&mut self) {
+        self.e = [[INVALID; TLB_SIZE]; 2];
+    }
+
+    /// Forgets non-global entries (a CR3 load).
+    pub(crate) fn flush_nonglobal(&mut self) {
+        for set in self.e.iter_mut() {
+            for e in set.iter_mut() {
+                if !e.global {
+                    *e = INVALID;
+                }
+            }
+        }
+    }
+
+    /// Forgets one linear page (INVLPG).
+    pub(crate) fn flush_page(&mut self, lin: u32) {
+        let idx = ((lin >> 12) as usize) % TLB_SIZE;
+        let tag = (lin & !0xfff) | 1;
+        for set in self.e.iter_mut() {
+            if set[idx].vtag == tag {
+                set[idx] = INVALID;
+            }
+        }
+    }
+
+    /// Stops direct stores to a physical page (it now holds decoded code).
+    pub(crate) fn drop_write_access(&mut self, phys_page: u64) {
+        for set in self.e.iter_mut() {
+            for e in set.iter_mut() {
+                if e.vtag != 0 && e.phys >> 12 == phys_page {
+                    e.write_tag = 0;
+                }
+            }
+        }
+    }
+}
+
+/// Page-table entry bits.
+mod pte {
+    pub const P: u32 = 1;
+    pub const W: u32 = 2;
+    pub const U: u32 = 4;
+    pub const A: u32 = 0x20;
+    pub const D: u32 = 0x40;
+    pub const PS: u32 = 0x80;
+    pub const G: u32 = 0x100;
+}
+
+impl Cpu {
+    /// Reads `size` (1, 2, 4 or 8) bytes at a linear address with the
+    /// current privilege.
+    #[inline]
+    pub(crate) fn read_lin(&mut self, bus: &mut dyn Bus, lin: u32, size: u8) -> Result<u64, Exc> {
+        let user = self.cpl == 3;
+        let e = &self.tlb.e[user as usize][((lin >> 12) as usize) % TLB_SIZE];
+        if e.read_tag == (lin & !0xfff) | 1 && (lin & 0xfff) + size as u32 <= 0x1000 {
+            let p = e.host + (lin & 0xfff) as usize;
+            // SAFETY: `host` is the host address of a RAM page inside the
+            // guest mapping (installed by `fill`), and the access stays in
+            // that page.
+            return Ok(unsafe { read_host(p as *const u8, size) });
+        }
+        self.read_lin_slow(bus, lin, size, user)
+    }
+
+    /// Writes `size` bytes at a linear address with the current privilege.
+    #[inline]
+    pub(crate) fn write_lin(
+        &mut self,
+        bus: &mut dyn Bus,
+        lin: u32,
+        size: u8,
+        val: u64,
+    ) -> Result<(), Exc> {
+        let user = self.cpl == 3;
+        let e = &self.tlb.e[user as usize][((lin >> 12) as usize) % TLB_SIZE];
+        if e.write_tag == (lin & !0xfff) | 1 && (lin & 0xfff) + size as u32 <= 0x1000 {
+            let p = e.host + (lin & 0xfff) as usize;
+            // SAFETY: as in `read_lin`; pages with decoded code never get a
+            // write tag, so this store cannot modify cached code.
+            unsafe { write_host(p as *mut u8, size, val) };
+            return Ok(());
+        }
+        self.write_lin_slow(bus, lin, size, val, user)
+    }
+
+    /// Reads with supervisor privilege regardless of CPL (descriptor tables,
+    /// TSS, IDT: "implicit supervisor" accesses).
+    pub(crate) fn read_lin_sys(
+        &mut self,
+        bus: &mut dyn Bus,
+        lin: u32,
+        size: u8,
+    ) -> Result<u64, Exc> {
+        self.read_lin_slow(bus, lin, size, false)
+    }
+
+    /// Writes with supervisor privilege regardless of CPL.
+    pub(crate) fn write_lin_sys(
+        &mut self,
+        bus: &mut dyn Bus,
+        lin: u32,
+        size: u8,
+        val: u64,
+    ) -> Result<(), Exc> {
+        self.write_lin_slow(bus, lin, size, val, false)
+    }
+
+    #[cold]
+    fn read_lin_slow(
+        &mut self,
+        bus: &mut dyn Bus,
+        lin: u32,
+        size: u8,
+        user: bool,
+    ) -> Result<u64, Exc> {
+        let end = lin.wrapping_add(size as u32 - 1);
+        if (lin ^ end) & !0xfff != 0 {
+            // Crosses a page: translate both pages before touching either.
+            let first = 0x1000 - (lin & 0xfff);
+            let p0 = self.translate(bus, lin, AccessKind::Read, user)?;
+            let p1 = self.translate(bus, lin.wrapping_add(first), AccessKind::Read, user)?;
+            let mut v = 0u64;
+            for i in 0..size as u32 {
+                let p = if i < first { p0 + i as u64 } else { p1 + (i - first) as u64 };
+                v |= (self.read_phys(bus, p, 1)?) << (8 * i);
+            }
+            return Ok(v);
+        }
+        let p = self.translate(bus, lin, AccessKind::Read, user)?;
+        self.read_phys(bus, p, size)
+    }
+
+    #[cold]
+    fn write_lin_slow(
+        &mut self,
+        bus: &mut dyn Bus,
+        lin: u32,
+        size: u8,
+        val: u64,
+        user: bool,
+    ) -> Result<(), Exc> {
+        let end = lin.wrapping_add(size as u32 - 1);
+        if (lin ^ end) & !0xfff != 0 {
+            let first = 0x1000 - (lin & 0xfff);
+            let p0 = self.translate(bus, lin, AccessKind::Write, user)?;
+            let p1 = self.translate(bus, lin.wrapping_add(first), AccessKind::Write, user)?;
+            for i in 0..size as u32 {
+                let p = if i < first { p0 + i as u64 } else { p1 + (i - first) as u64 };
+                self.write_phys(bus, p, 1, (val >> (8 * i)) & 0xff)?;
+            }
+            return Ok(());
+        }
+        let p = self.translate(bus, lin, AccessKind::Write, user)?;
+        self.write_phys(bus, p, size, val)
+    }
+
+    /// Reads guest-physical memory: RAM directly, anything else from the bus.
+    pub(crate) fn read_phys(&mut self, bus: &mut dyn Bus, phys: u64, size: u8) -> Result<u64, Exc> {
+        if phys + size as u64 <= self.ram_size {
+            // SAFETY: bounds checked against the RAM mapping just above.
+            Ok(unsafe { read_host(self.ram_ptr.add(phys as usize), size) })
+        } else {
+            Ok(bus.mmio_read(phys, size))
+        }
+    }
+
+    /// Writes guest-physical memory, invalidating decoded code it overwrites.
+    pub(crate) fn write_phys(
+        &mut self,
+        bus: &mut dyn Bus,
+        phys: u64,
+        size: u8,
+        val: u64,
+    ) -> Result<(), Exc> {
+        if phys + size as u64 <= self.ram_size {
+            let page = phys >> 12;
+            if self.is_code_page(page) {
+                self.invalidate_code_page(page);
+            }
+            // SAFETY: bounds checked against the RAM mapping just above.
+            unsafe { write_host(self.ram_ptr.add(phys as usize), size, val) };
+            Ok(())
+        } else if bus.mmio_write(phys, size, val) == BusAction::Stop {
+            Err(Exc::Exit(RunExit::BusStop))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Translates an instruction fetch at the current privilege.
+    pub(crate) fn translate_fetch(&mut self, bus: &mut dyn Bus, lin: u32) -> Result<u64, Exc> {
+        let user = self.cpl == 3;
+        self.translate(bus, lin, AccessKind::Fetch, user)
+    }
+
+    /// Translates a linear address, walking the page tables on a TLB miss.
+    /// Raises #PF (setting CR2) when the access is not allowed.
+    pub(crate) fn translate(
+        &mut self,
+        bus: &mut dyn Bus,
+        lin: u32,
+        kind: AccessKind,
+        user: bool,
+    ) -> Result<u64, Exc> {
+        let set = user as usize;
+        let idx = ((lin >> 12) as usize) % TLB_SIZE;
+        let tag = (lin & !0xfff) | 1;
+        let e = &self.tlb.e[set][idx];
+        if e.vtag == tag && (kind != AccessKind::Write || e.writable) {
+            return Ok(e.phys | (lin & 0xfff) as u64);
+        }
+        if self.st.cr0 & cr::CR0_PG == 0 {
+            let phys = (lin & !0xfff) as u64;
+            self.fill(set, idx, tag, phys, true, false);
+            return Ok(phys | (lin & 0xfff) as u64);
+        }
+        self.walk(bus, lin, kind, user)
+    }
+
+    fn fill(&mut self, set: usize, idx: usize, tag: u32, phys: u64, writable: bool, global: bool) {
+        let ram = phys + 0x1000 <= self.ram_size;
+        let host = if ram {
+            self.ram_ptr as usize + phys as usize
+        } else {
+            0
+        };
+        let code = self.is_code_page(phys >> 12);
+        self.tlb.e[set][idx] = TlbEntry {
+            vtag: tag,
+            read_tag: if ram { tag } else { 0 },
+            write_tag: if ram && writable && !code { tag } else { 0 },
+            writable,
+            global,
+            phys,
+            host,
+        };
+    }
+
+    fn page_fault(&mut self, lin: u32, present: bool, kind: AccessKind, user: bool) -> Exc {
+        self.st.cr2 = lin as u64;
+        let mut code = 0;
+        if present {
+            code |= 1;
+        }
+        if kind == AccessKind::Write {
+            code |= 2;
+        }
+        if user {
+            code |= 4;
+        }
+        Exc::fault_code(Vector::PF, code)
+    }
+
+    fn walk(&mut self, bus: &mut dyn Bus, lin: u32, kind: AccessKind, user: bool) -> Result<u64, Exc> {
+        let write = kind == AccessKind::Write;
+        let wp = self.st.cr0 & cr::CR0_WP != 0;
+        let pde_addr = (self.st.cr3 & 0xffff_f000) + ((lin >> 22) << 2) as u64;
+        let pde = self.read_phys(bus, pde_addr, 4)? as u32;
+        if pde & pte::P == 0 {
+            return Err(self.page_fault(lin, false, kind, user));
+        }
+        let big = pde & pte::PS != 0 && self.st.cr4 & cr::CR4_PSE != 0;
+        let (entry, entry_addr, phys, perm) = if big {
+            let phys = (pde & 0xffc0_0000) as u64 | (lin & 0x003f_f000) as u64;
+            (pde, pde_addr, phys, pde)
+        } else {
+            let pte_addr = (pde & 0xffff_f000) as u64 + (((lin >> 12) & 0x3ff) << 2) as u64;
+            let pte = self.read_phys(bus, pte_addr, 4)? as u32;
+            if pte & pte::P == 0 {
+                return Err(self.page_fault(lin, false, kind, user));
+            }
+            (pte, pte_addr, (pte & 0xffff_f000) as u64, pde & pte)
+        };
+        let u_ok = perm & pte::U != 0;
+        let w_ok = perm & pte::W != 0;
+        if user && !u_ok {
+            return Err(self.page_fault(lin, true, kind, user));
+        }
+        let may_write = if user { w_ok } else { w_ok || !wp };
+        if write && !may_write {
+            return Err(self.page_fault(lin, true, kind, user));
+        }
+        // Accessed bits on the way down, dirty on a write (SDM 4.8).
+        if !big && pde & pte::A == 0 {
+            self.write_phys(bus, pde_addr, 4, (pde | pte::A) as u64)?;
+        }
+        let mut new = entry | pte::A;
+        if write {
+            new |= pte::D;
+        }
+        if new != entry {
+            self.write_phys(bus, entry_addr, 4, new as u64)?;
+        }
+        let global = entry & pte::G != 0 && self.st.cr4 & cr::CR4_PGE != 0;
+        // Direct writes only once D is set, so that the first write sets it.
+        let writable = may_write && new & pte::D != 0;
+        let idx = ((lin >> 12) as usize) % TLB_SIZE;
+        self.fill(user as usize, idx, (lin & !0xfff) | 1, phys, writable, global);
+        Ok(phys | (lin & 0xfff) as u64)
+    }
+
+    /// Invalidates the translation of one linear page (INVLPG).
+    pub(crate) fn invlpg(&mut self, lin: u32) {
+        self.tlb.flush_page(lin);
+    }
+
+    /// Reads guest-linear memory for a debugger or a report, with supervisor
+    /// privilege and without setting accessed bits. `None` where unmapped.
+    pub fn peek_linear(&mut self, lin: u64, buf: &mut [u8]) -> Option<()> {
+        for (i, b) in buf.iter_mut().enumerate() {
+            let l = lin.wrapping_add(i as u64) as u32;
+            let phys = self.peek_translate(l)?;
+            let mut one = [0u8];
+            self.ram.read(phys, &mut one).ok()?;
+            *b = one[0];
+        }
+        Some(())
+    }
+
+    /// Writes guest-linear memory on behalf of the VMM (supervisor
+    /// privilege, no accessed/dirty bits). `None` where unmapped.
+    pub fn poke_linear(&mut self, lin: u64, data: &[u8]) -> Option<()> {
+        for (i, b) in data.iter().enumerate() {
+            let l = lin.wrapping_add(i as u64) as u32;
+            let phys = self.peek_translate(l)?;
+            // `GuestRam::write` records the page so decoded code is dropped.
+            self.ram.write(phys, &[*b]).ok()?;
+        }
+        Some(())
+    }
+
+    fn peek_translate(&self, lin: u32) -> Option<u64> {
+        if self.st.cr0 & cr::CR0_PG == 0 {
+            return Some(lin as u64);
+        }
+        let pde = self
+            .ram
+            .read_u32((self.st.cr3 & 0xffff_f000) + ((lin >> 22) << 2) as u64)
+            .ok()?;
+        if pde & pte::P == 0 {
+            return None;
+        }
+        if pde & pte::PS != 0 && self.st.cr4 & cr::CR4_PSE != 0 {
+            return Some((pde & 0xffc0_0000) as u64 | (lin & 0x3f_ffff) as u64);
+        }
+        let pte = self
+            .ram
+            .read_u32((pde & 0xffff_f000) as u64 + (((lin >> 12) & 0x3ff) << 2) as u64)
+            .ok()?;
+        if pte & pte::P == 0 {
+            return None;
+        }
+        Some((pte & 0xffff_f000) as u64 | (lin & 0xfff) as u64)
+    }
+}
+
+/// Reads `size` little-endian bytes from host memory.
+///
+/// # Safety
+/// `p` must be valid for `size` bytes of reads.
+#[inline(always)]
+unsafe fn read_host(p: *const u8, size: u8) -> u64 {
+    // SAFETY: the caller guarantees `p..p+size` is readable; unaligned reads
+    // are allowed by `read_unaligned`.
+    unsafe {
+        match size {
+            1 => *p as u64,
+            2 => (p as *const u16).read_unaligned() as u64,
+            4 => (p as *const u32).read_unaligned() as u64,
+            _ => (p as *const u64).read_unaligned(),
+        }
+    }
+}
+
+/// Writes `size` little-endian bytes to host memory.
+///
+/// # Safety
+/// `p` must be valid for `size` bytes of writes.
+#[inline(always)]
+unsafe fn write_host(p: *mut u8, size: u8, v: u64) {
+    // SAFETY: the caller guarantees `p..p+size` is writable.
+    unsafe {
+        match size {
+            1 => *p = v as u8,
+            2 => (p as *mut u16).write_unaligned(v as u16),
+            4 => (p as *mut u32).write_unaligned(v as u32),
+            _ => (p as *mut u64).write_unaligned(v),
+        }
+    }
+}

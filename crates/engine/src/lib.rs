@@ -1,0 +1,130 @@
+//! The engine seam: one trait every way of running a vCPU implements.
+//!
+//! An engine runs the guest CPU for a bounded budget, or until the VMM is
+//! needed, and says why it returned with a [`VmExit`]. Software engines may
+//! dispatch port I/O and MMIO to the machine's devices themselves (they are
+//! handed the [`Machine`]); a hardware engine returns them as exits for the
+//! VMM to dispatch. Either way the devices are the same objects.
+//!
+//! Between budgets the VMM advances the machine's timers and polls the
+//! terminal; the engine consults the machine's interrupt line itself
+//! (software engines at instruction-block boundaries, KVM through its
+//! interrupt-window exits).
+//!
+//! The vCPU state crosses the seam as the engine-neutral
+//! [`popek_cpu::CpuState`], so a VM can move between engines.
+
+use popek_cpu::CpuState;
+use popek_machine::Machine;
+
+/// Why an engine returned to the VMM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The budget is used up; nothing else happened.
+    Budget,
+    /// Port input the engine could not complete itself. The VMM calls
+    /// [`Engine::complete_io_in`] with the value.
+    IoIn {
+        /// Port.
+        port: u16,
+        /// Size in bytes.
+        size: u8,
+    },
+    /// Port output the engine could not complete itself.
+    IoOut {
+        /// Port.
+        port: u16,
+        /// Size in bytes.
+        size: u8,
+        /// Value.
+        value: u32,
+    },
+    /// MMIO read the engine could not complete itself.
+    MmioRead {
+        /// Guest-physical address.
+        addr: u64,
+        /// Size in bytes.
+        size: u8,
+    },
+    /// MMIO write the engine could not complete itself.
+    MmioWrite {
+        /// Guest-physical address.
+        addr: u64,
+        /// Size in bytes.
+        size: u8,
+        /// Value.
+        value: u64,
+    },
+    /// The vCPU executed HLT and waits for an interrupt.
+    Halt,
+    /// The vCPU shut down (triple fault).
+    Shutdown {
+        /// What happened, in words.
+        reason: String,
+    },
+    /// A hypercall: the guest's registers hold the call (see
+    /// `docs/hypercalls.md`). The VMM serves it through
+    /// [`Engine::state`]/[`Engine::set_state`] and resumes.
+    Hypercall,
+    /// A device asked to stop the machine (power-off, reset, debug exit):
+    /// see [`Machine::take_stop`].
+    MachineStop,
+}
+
+/// An engine failure: something inside popek, not the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The engine cannot run this guest state (e.g. a CPU mode it lacks).
+    #[error("engine {engine} cannot run this guest: {reason}")]
+    Unsupported {
+        /// Engine name.
+        engine: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// An internal error while running the guest.
+    #[error("engine {engine} failed: {reason}")]
+    Internal {
+        /// Engine name.
+        engine: &'static str,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// A way of running one vCPU.
+pub trait Engine {
+    /// Short name: `interp`, `trap`, `bt`, `hw`.
+    fn name(&self) -> &'static str;
+
+    /// Runs the vCPU for at most `budget` guest instructions (or an
+    /// equivalent slice of time for hardware engines), or until the VMM is
+    /// needed.
+    fn run(&mut self, machine: &mut Machine, budget: u64) -> Result<VmExit, EngineError>;
+
+    /// The vCPU's architectural state.
+    fn state(&mut self) -> CpuState;
+
+    /// Replaces the vCPU's architectural state.
+    fn set_state(&mut self, state: CpuState) -> Result<(), EngineError>;
+
+    /// Guest instructions retired so far (an estimate for hardware engines).
+    fn instructions(&self) -> u64;
+
+    /// Completes an [`VmExit::IoIn`] or [`VmExit::MmioRead`] exit with its
+    /// value. Engines that never return those exits ignore it.
+    fn complete_io_in(&mut self, _value: u64) {}
+
+    /// Reads guest memory at a linear address as the vCPU sees it (for
+    /// reports), or `None` where it is unmapped.
+    fn peek_linear(&mut self, addr: u64, buf: &mut [u8]) -> Option<()>;
+
+    /// Writes guest memory at a linear address as the vCPU sees it (for
+    /// VMM services such as hypercalls), or `None` where it is unmapped.
+    fn poke_linear(&mut self, addr: u64, data: &[u8]) -> Option<()>;
+
+    /// Engine statistics as `(name, value)` pairs, for `--stats`.
+    fn stats(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+}

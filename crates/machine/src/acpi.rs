@@ -1,0 +1,309 @@
+//! Minimal ACPI: the tables a BIOS would leave in the 0xE0000–0xFFFFF
+//! area, and the PM1 register block that powers the machine off.
+//!
+//! Tables (built with rust-vmm's `acpi_tables`, checksums included), at
+//! fixed guest-physical addresses:
+//!
+//! | table | address | notes |
+//! |---|---|---|
+//! | RSDP | 0xE0000 | revision 2: RSDT and XSDT addresses, both checksums |
+//! | RSDT | 0xE0040 | → FADT |
+//! | XSDT | 0xE0080 | → FADT |
+//! | FACS | 0xE00C0 | 64-byte aligned, as required |
+//! | FADT | 0xE0100 | revision 6.5; SCI on IRQ 9; PM1a event block 0x600 (4 bytes), PM1a control block 0x604 (2 bytes), PM timer 0x608 (24-bit); no SMI command port (always in ACPI mode); reset register: I/O port 0x64, value 0xFE; century at CMOS 0x32; boot flags: legacy devices, no 8042 |
+//! | DSDT | 0xE0400 | `Name(\_S5_, Package(){5, 5, 0, 0})` |
+//!
+//! No MADT: the machine has no APIC yet, so guests use the 8259 PICs.
+//!
+//! The PM1 block at 0x600–0x60B (QEMU's PIIX4 layout): PM1 status
+//! (write 1 to clear) and enable at 0x600/0x602, PM1 control at 0x604
+//! (SCI_EN always reads 1), and the 3.579545 MHz PM timer at 0x608.
+//! Writing PM1 control with SLP_EN (bit 13) and SLP_TYP (bits 10–12) equal
+//! to [`SLP_TYP_S5`] (5, the DSDT's `_S5_`) powers the machine off; SLP_TYP
+//! 0, QEMU's S5 value (the well-known `outw(0x604, 0x2000)`), does too.
+//! Other sleep types are ignored (there is no S1–S4). No event ever raises
+//! the SCI.
+
+use acpi_tables::aml::{Name, Package, Path};
+use acpi_tables::facs::FACS;
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+
+use crate::StopReason;
+
+/// Guest-physical address of the RSDP.
+pub const RSDP_ADDR: u64 = 0xe_0000;
+/// Guest-physical address of the RSDT.
+pub const RSDT_ADDR: u64 = 0xe_0040;
+/// Guest-physical address of the XSDT.
+pub const XSDT_ADDR: u64 = 0xe_0080;
+/// Guest-physical address of the FACS.
+pub const FACS_ADDR: u64 = 0xe_00c0;
+/// Guest-physical address of the FADT.
+pub const FADT_ADDR: u64 = 0xe_0100;
+/// Guest-physical address of the DSDT.
+pub const DSDT_ADDR: u64 = 0xe_0400;
+/// End of the area the tables may use.
+pub const ACPI_END: u64 = 0xe_1000;
+
+/// First port of the PM register block.
+pub const PM_BASE: u16 = 0x600;
+/// Number of ports of the PM register block.
+pub const PM_LEN: u16 = 12;
+/// PM1a event block (status, enable).
+pub const PM1A_EVT_BLK: u16 = 0x600;
+/// PM1a control block.
+pub const PM1A_CNT_BLK: u16 = 0x604;
+/// PM timer.
+pub const PM_TMR_BLK: u16 = 0x608;
+/// The SCI interrupt line.
+pub const SCI_IRQ: u8 = 9;
+/// SLP_TYP value of S5 (soft off) in this machine's DSDT.
+pub const SLP_TYP_S5: u16 = 5;
+/// Frequency of the PM timer.
+pub const PM_TIMER_HZ: u64 = 3_579_545;
+
+const OEM_ID: [u8; 6] = *b"POPEK ";
+const OEM_TABLE_ID: [u8; 8] = *b"POPEKVM ";
+const SLP_EN: u16 = 1 << 13;
+const SCI_EN: u16 = 1;
+
+fn bytes(aml: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    aml.to_aml_bytes(&mut v);
+    v
+}
+
+fn checksum(data: &[u8]) -> u8 {
+    0u8.wrapping_sub(data.iter().fold(0u8, |a, &b| a.wrapping_add(b)))
+}
+
+/// The ACPI tables: `(guest-physical address, bytes)` for each.
+pub fn tables() -> Vec<(u64, Vec<u8>)> {
+    let s5 = Package::new(vec![&5u8, &5u8, &0u8, &0u8]);
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, 1);
+    dsdt.append_slice(&bytes(&Name::new(Path::new("\\_S5_"), &s5)));
+
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, 1)
+        .dsdt_32(DSDT_ADDR as u32)
+        .firmware_ctrl_32(FACS_ADDR as u32)
+        .flag(Flags::Wbinvd)
+        .flag(Flags::ProcC1)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton)
+        .flag(Flags::ResetRegSup);
+    fadt.sci_int = u16::from(SCI_IRQ).into();
+    fadt.pm1a_evt_blk = u32::from(PM1A_EVT_BLK).into();
+    fadt.pm1a_cnt_blk = u32::from(PM1A_CNT_BLK).into();
+    fadt.pm_tmr_blk = u32::from(PM_TMR_BLK).into();
+    fadt.pm1_evt_len = 4;
+    fadt.pm1_cnt_len = 2;
+    fadt.pm_tmr_len = 4;
+    fadt.century = 0x32;
+    // IA-PC boot architecture: legacy devices; no 8042 (nothing to probe).
+    fadt.iapc_boot_arch = 0x0001.into();
+    fadt.reset_reg = GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, 0x64);
+    fadt.reset_value = 0xfe;
+    let fadt = bytes(&fadt.finalize());
+
+    let mut rsdt = Sdt::new(*b"RSDT", 36, 1, OEM_ID, OEM_TABLE_ID, 1);
+    rsdt.append_slice(&(FADT_ADDR as u32).to_le_bytes());
+
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, 1);
+    xsdt.add_entry(FADT_ADDR);
+
+    // The crate's RSDP leaves the RSDT address zero; fill it in and
+    // recompute both checksums.
+    let mut rsdp = bytes(&Rsdp::new(OEM_ID, XSDT_ADDR));
+    rsdp[16..20].copy_from_slice(&(RSDT_ADDR as u32).to_le_bytes());
+    rsdp[8] = 0;
+    rsdp[8] = checksum(&rsdp[..20]);
+    rsdp[32] = 0;
+    rsdp[32] = checksum(&rsdp);
+
+    vec![
+        (RSDP_ADDR, rsdp),
+        (RSDT_ADDR, rsdt.as_slice().to_vec()),
+        (XSDT_ADDR, bytes(&xsdt)),
+        (FACS_ADDR, bytes(&FACS::new())),
+        (FADT_ADDR, fadt),
+        (DSDT_ADDR, dsdt.as_slice().to_vec()),
+    ]
+}
+
+/// The PM1 event/control registers and the PM timer.
+#[derive(Debug, Clone, Default)]
+pub struct PmBlock {
+    status: u16,
+    enable: u16,
+    control: u16,
+}
+
+impl PmBlock {
+    /// Registers as after reset (SCI_EN reads as set: ACPI mode).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn image(&self, now_ns: u64) -> [u8; 12] {
+        let timer =
+            (u128::from(now_ns) * u128::from(PM_TIMER_HZ) / 1_000_000_000) as u32 & 0xff_ffff;
+        let mut r = [0u8; 12];
+        r[0..2].copy_from_slice(&self.status.to_le_bytes());
+        r[2..4].copy_from_slice(&self.enable.to_le_bytes());
+        r[4..6].copy_from_slice(&(self.control | SCI_EN).to_le_bytes());
+        r[8..12].copy_from_slice(&timer.to_le_bytes());
+        r
+    }
+
+    /// Reads `data.len()` bytes at `offset` from 0x600, the PM timer
+    /// reading machine time `now_ns`.
+    pub fn read(&self, offset: u64, data: &mut [u8], now_ns: u64) {
+        let img = self.image(now_ns);
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = usize::try_from(offset)
+                .ok()
+                .and_then(|o| img.get(o + i))
+                .copied()
+                .unwrap_or(0xff);
+        }
+    }
+
+    /// Writes `data` at `offset` from 0x600. Returns
+    /// [`StopReason::PowerOff`] for an S5 sleep request.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Option<StopReason> {
+        let mut control_written = false;
+        for (i, &b) in data.iter().enumerate() {
+            let o = offset + i as u64;
+            let shift = 8 * (o & 1);
+            let byte = u16::from(b) << shift;
+            let keep = !(0xffu16 << shift);
+            match o {
+                0 | 1 => self.status &= !byte,
+                2 | 3 => self.enable = self.enable & keep | byte,
+                4 | 5 => {
+                    self.control = self.control & keep | byte;
+                    control_written = true;
+                }
+                _ => {}
+            }
+        }
+        if control_written && self.control & SLP_EN != 0 {
+            self.control &= !SLP_EN;
+            let typ = (self.control >> 10) & 7;
+            if typ == SLP_TYP_S5 || typ == 0 {
+                return Some(StopReason::PowerOff);
+            }
+            tracing::debug!("acpi: sleep type {typ} requested; only S5 is supported");
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, &x| a.wrapping_add(x))
+    }
+
+    #[test]
+    fn checksums_and_lengths_are_valid() {
+        let t = tables();
+        let (_, rsdp) = &t[0];
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert_eq!(rsdp.len(), 36);
+        assert_eq!(sum(&rsdp[..20]), 0);
+        assert_eq!(sum(rsdp), 0);
+        for (addr, table) in &t[1..] {
+            let len = u32::from_le_bytes([table[4], table[5], table[6], table[7]]) as usize;
+            assert_eq!(len, table.len(), "{addr:#x}");
+            if &table[..4] != b"FACS" {
+                assert_eq!(sum(table), 0, "{:?}", std::str::from_utf8(&table[..4]));
+            }
+        }
+        // Tables do not overlap and stay in their area.
+        for w in t.windows(2) {
+            assert!(w[0].0 + w[0].1.len() as u64 <= w[1].0);
+        }
+        let (last, b) = t.last().unwrap();
+        assert!(last + b.len() as u64 <= ACPI_END);
+        assert_eq!(FACS_ADDR % 64, 0);
+    }
+
+    #[test]
+    fn fadt_points_at_pm_block_and_dsdt() {
+        let t = tables();
+        let fadt = &t.iter().find(|(a, _)| *a == FADT_ADDR).unwrap().1;
+        let u16_at = |o: usize| u16::from_le_bytes([fadt[o], fadt[o + 1]]);
+        let u32_at =
+            |o: usize| u32::from_le_bytes([fadt[o], fadt[o + 1], fadt[o + 2], fadt[o + 3]]);
+        assert_eq!(&fadt[..4], b"FACP");
+        assert_eq!(u32_at(36), FACS_ADDR as u32);
+        assert_eq!(u32_at(40), DSDT_ADDR as u32);
+        assert_eq!(u16_at(46), 9);
+        assert_eq!(u32_at(56), 0x600);
+        assert_eq!(u32_at(64), 0x604);
+        assert_eq!(u32_at(76), 0x608);
+        assert_eq!((fadt[88], fadt[89], fadt[91]), (4, 2, 4));
+        assert_eq!(u32_at(112) & (1 << 20), 0, "hardware-reduced must be off");
+        assert_eq!(fadt[128], 0xfe); // reset value
+    }
+
+    #[test]
+    fn dsdt_has_s5() {
+        let t = tables();
+        let dsdt = &t.iter().find(|(a, _)| *a == DSDT_ADDR).unwrap().1;
+        assert_eq!(&dsdt[..4], b"DSDT");
+        let aml = &dsdt[36..];
+        // NameOp '\' "_S5_" PackageOp len 4 BytePrefix 5 BytePrefix 5 Zero Zero
+        assert_eq!(
+            aml,
+            &[
+                0x08, b'\\', b'_', b'S', b'5', b'_', 0x12, 0x08, 0x04, 0x0a, 0x05, 0x0a, 0x05,
+                0x00, 0x00
+            ]
+        );
+    }
+
+    #[test]
+    fn s5_powers_off_and_other_writes_do_not() {
+        let mut pm = PmBlock::new();
+        let mut b = [0u8; 2];
+        pm.read(4, &mut b, 0);
+        assert_eq!(u16::from_le_bytes(b) & 1, 1); // SCI_EN
+        assert_eq!(pm.write(4, &(3u16 << 10).to_le_bytes()), None); // type only
+        assert_eq!(pm.write(4, &(3u16 << 10 | SLP_EN).to_le_bytes()), None); // S3: ignored
+        assert_eq!(
+            pm.write(4, &(5u16 << 10 | SLP_EN).to_le_bytes()),
+            Some(StopReason::PowerOff)
+        );
+        // QEMU's outw(0x604, 0x2000), and byte-wise writes.
+        assert_eq!(
+            pm.write(4, &0x2000u16.to_le_bytes()),
+            Some(StopReason::PowerOff)
+        );
+        assert_eq!(pm.write(4, &[0x00]), None);
+        assert_eq!(pm.write(5, &[0x34]), Some(StopReason::PowerOff)); // 5<<10|SLP_EN = 0x3400
+    }
+
+    #[test]
+    fn status_write_one_to_clear_and_timer() {
+        let mut pm = PmBlock {
+            status: 0x8001,
+            ..Default::default()
+        };
+        pm.write(0, &0x8000u16.to_le_bytes());
+        assert_eq!(pm.status, 0x0001);
+        pm.write(2, &[0x20, 0x01]);
+        assert_eq!(pm.enable, 0x0120);
+        let mut t = [0u8; 4];
+        pm.read(8, &mut t, 1_000_000_000);
+        assert_eq!(u32::from_le_bytes(t), (PM_TIMER_HZ & 0xff_ffff) as u32);
+    }
+}

@@ -1,0 +1,603 @@
+//! The virtual PC of popek: buses and devices shared by every CPU engine.
+//!
+//! A [`Machine`] owns guest RAM (shared with the engine), an I/O-port bus
+//! and an MMIO bus, and the PC devices: the 8259A PIC pair ([`pic`]), the
+//! 8254 PIT ([`pit`]), the CMOS RTC ([`rtc`]), COM1 ([`uart`]), a minimal
+//! i8042 ([`i8042`]), the ACPI tables and PM1 block ([`acpi`]) and QEMU's
+//! isa-debug-exit ([`debug_exit`]). Unclaimed ports read all ones and
+//! ignore writes.
+//!
+//! The machine knows nothing about CPUs. An engine drives it through a
+//! small seam:
+//!
+//! - port and MMIO accesses: [`Machine::io_in`], [`Machine::io_out`],
+//!   [`Machine::mmio_read`], [`Machine::mmio_write`];
+//! - the interrupt line: [`Machine::interrupt_pending`] (the master PIC's
+//!   INTR output) and [`Machine::acknowledge_interrupt`] (the INTA cycle);
+//! - time: [`Machine::advance`] between CPU budgets, [`Machine::tsc`],
+//!   and for a halted CPU [`Machine::time_to_next_event`] (host clock) or
+//!   [`Machine::warp_to_next_event`] (virtual clock);
+//! - the end of the run: [`Machine::stop_pending`] / [`Machine::take_stop`].
+//!
+//! The devices take the current time as an argument and are plain data,
+//! so each is unit-tested on its own.
+
+pub mod acpi;
+pub mod bus;
+pub mod debug_exit;
+pub mod i8042;
+pub mod memmap;
+pub mod pic;
+pub mod pit;
+pub mod rtc;
+pub mod uart;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use popek_memory::{GuestRam, MemoryError};
+
+pub use bus::{Bus, BusDevice, BusError};
+
+/// How machine time advances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClockMode {
+    /// Time is the host's monotonic clock since the machine was created;
+    /// the RTC starts at the host's time of day. A guest `sleep 1` takes a
+    /// second.
+    #[default]
+    Host,
+    /// Time advances by [`NS_PER_INSTRUCTION`] per executed guest
+    /// instruction, by [`IO_ACCESS_NS`] per port access, and by the idle
+    /// time skipped by [`Machine::warp_to_next_event`]; the RTC starts at
+    /// [`VIRTUAL_EPOCH_UNIX_SECS`]. Runs are reproducible.
+    Virtual,
+}
+
+/// Nanoseconds of machine time per guest instruction in
+/// [`ClockMode::Virtual`] (a 1 GHz, one-instruction-per-cycle machine).
+pub const NS_PER_INSTRUCTION: u64 = 1;
+
+/// Nanoseconds of machine time each port access costs in
+/// [`ClockMode::Virtual`]: about what an ISA access takes on a PC (which is
+/// why `outb` to port 0x80 is a classic 1 µs delay). It makes polling loops
+/// (PIT and PM-timer reads, RTC update-in-progress waits) see time move
+/// within one CPU budget, deterministically.
+pub const IO_ACCESS_NS: u64 = 1000;
+
+/// Nominal frequency of the guest TSC: 1 GHz, so the TSC counts
+/// nanoseconds of machine time in both clock modes.
+pub const TSC_HZ: u64 = 1_000_000_000;
+
+/// The RTC's time at machine start in [`ClockMode::Virtual`]:
+/// 2025-01-01 00:00:00 UTC.
+pub const VIRTUAL_EPOCH_UNIX_SECS: u64 = 1_735_689_600;
+
+/// Guest RAM the machine needs at least: the ACPI tables live below 1 MiB.
+pub const MIN_RAM: u64 = 1 << 20;
+
+/// BIOS data area words the machine fills, as a BIOS would: COM1's base
+/// port, the EBDA segment and the base memory size in KiB.
+const BDA_COM1: u64 = 0x400;
+const BDA_EBDA_SEGMENT: u64 = 0x40e;
+const BDA_BASE_MEMORY_KIB: u64 = 0x413;
+
+/// Machine configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MachineConfig {
+    /// How time advances.
+    pub clock: ClockMode,
+}
+
+/// Why the machine wants the VMM to stop running the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// ACPI S5 through the PM1 control port. popek exits 0.
+    PowerOff,
+    /// A reset through the i8042 (0x64/0xFE) or its output port. popek
+    /// exits 0, like `qemu -no-reboot`.
+    Reset,
+    /// The guest wrote v to the debug-exit port 0xf4. popek exits with
+    /// status (v << 1) | 1.
+    DebugExit(u8),
+}
+
+/// Errors of machine creation.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// RAM is too small to hold the firmware tables below 1 MiB, or so
+    /// large it would reach the MMIO window.
+    #[error(
+        "guest RAM of {size:#x} bytes is out of range: the machine takes {min:#x} to {max:#x}"
+    )]
+    RamSize {
+        /// Size of guest RAM.
+        size: u64,
+        /// The minimum.
+        min: u64,
+        /// The maximum.
+        max: u64,
+    },
+    /// Writing the ACPI tables into RAM failed.
+    #[error("cannot write the ACPI tables: {0}")]
+    Memory(#[from] MemoryError),
+    /// Two devices claim overlapping ranges.
+    #[error("device layout: {0}")]
+    Bus(#[from] BusError),
+}
+
+/// Which device a port range belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Port {
+    PicMaster,
+    PicSlave,
+    Elcr,
+    Pit,
+    PortB,
+    I8042Data,
+    I8042Command,
+    Rtc,
+    Uart,
+    DebugExit,
+    Pm,
+}
+
+#[derive(Debug)]
+struct Clock {
+    mode: ClockMode,
+    start: Instant,
+    /// Unix time (ns) at machine time 0.
+    wall_base_ns: u64,
+    /// Virtual: idle time skipped while halted, plus port-access time.
+    idle_ns: u64,
+    /// Highest instruction count passed to `advance`.
+    instructions: u64,
+}
+
+impl Clock {
+    fn new(mode: ClockMode) -> Self {
+        let wall_base_ns = match mode {
+            ClockMode::Host => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+            ClockMode::Virtual => VIRTUAL_EPOCH_UNIX_SECS * 1_000_000_000,
+        };
+        Clock {
+            mode,
+            start: Instant::now(),
+            wall_base_ns,
+            idle_ns: 0,
+            instructions: 0,
+        }
+    }
+
+    /// Machine time in ns for an instruction count.
+    fn at(&self, guest_instructions: u64) -> u64 {
+        match self.mode {
+            ClockMode::Host => u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            ClockMode::Virtual => guest_instructions
+                .max(self.instructions)
+                .saturating_mul(NS_PER_INSTRUCTION)
+                .saturating_add(self.idle_ns),
+        }
+    }
+
+    /// Machine time now (virtual: as of the last `advance`).
+    fn now(&self) -> u64 {
+        self.at(self.instructions)
+    }
+
+    fn wall(&self, ns: u64) -> u64 {
+        self.wall_base_ns.saturating_add(ns)
+    }
+
+    /// Charges one port access (virtual clock only).
+    fn io_access(&mut self) {
+        if self.mode == ClockMode::Virtual {
+            self.idle_ns = self.idle_ns.saturating_add(IO_ACCESS_NS);
+        }
+    }
+}
+
+/// The virtual PC. See the crate documentation for the engine seam.
+pub struct Machine {
+    ram: Arc<GuestRam>,
+    clock: Clock,
+    io: Bus<Port>,
+    mmio: Bus<Box<dyn BusDevice>>,
+    pic: pic::Pic,
+    pit: pit::Pit,
+    rtc: rtc::Rtc,
+    uart: uart::Uart,
+    i8042: i8042::I8042,
+    pm: acpi::PmBlock,
+    stop: Option<StopReason>,
+    rsdp: u64,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("ram", &self.ram)
+            .field("clock", &self.clock.mode)
+            .field("stop", &self.stop)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Machine {
+    /// Builds the machine on `ram`, with COM1's output going to `console`,
+    /// and writes the ACPI tables into RAM (see [`acpi`]).
+    pub fn new(
+        config: MachineConfig,
+        ram: Arc<GuestRam>,
+        console: Box<dyn Write + Send>,
+    ) -> Result<Machine, MachineError> {
+        if ram.size() < MIN_RAM || ram.size() > memmap::MAX_RAM {
+            return Err(MachineError::RamSize {
+                size: ram.size(),
+                min: MIN_RAM,
+                max: memmap::MAX_RAM,
+            });
+        }
+        for (addr, bytes) in acpi::tables() {
+            ram.write(addr, &bytes)?;
+        }
+        ram.write_u16(BDA_COM1, uart::COM1_PORT)?;
+        ram.write_u16(BDA_EBDA_SEGMENT, (memmap::EBDA_START >> 4) as u16)?;
+        ram.write_u16(BDA_BASE_MEMORY_KIB, (memmap::LOW_RAM_END >> 10) as u16)?;
+        let mut io = Bus::new();
+        for (base, len, dev) in [
+            (pic::MASTER_CMD, 2, Port::PicMaster),
+            (pic::SLAVE_CMD, 2, Port::PicSlave),
+            (pic::ELCR, 2, Port::Elcr),
+            (pit::PIT_BASE, 4, Port::Pit),
+            (pit::PORT_B, 1, Port::PortB),
+            (i8042::DATA_PORT, 1, Port::I8042Data),
+            (i8042::COMMAND_PORT, 1, Port::I8042Command),
+            (rtc::RTC_PORT, 2, Port::Rtc),
+            (uart::COM1_PORT, uart::COM1_LEN, Port::Uart),
+            (
+                debug_exit::DEBUG_EXIT_PORT,
+                debug_exit::DEBUG_EXIT_LEN,
+                Port::DebugExit,
+            ),
+            (acpi::PM_BASE, acpi::PM_LEN, Port::Pm),
+        ] {
+            io.insert(u64::from(base), u64::from(len), dev)?;
+        }
+        let clock = Clock::new(config.clock);
+        let rtc = rtc::Rtc::new(ram.size(), clock.wall(0));
+        Ok(Machine {
+            ram,
+            clock,
+            io,
+            mmio: Bus::new(),
+            pic: pic::Pic::new(),
+            pit: pit::Pit::new(),
+            rtc,
+            uart: uart::Uart::new(console),
+            i8042: i8042::I8042::new(),
+            pm: acpi::PmBlock::new(),
+            stop: None,
+            rsdp: acpi::RSDP_ADDR,
+        })
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    /// Guest-physical address of the ACPI RSDP, for a boot loader to pass
+    /// to the kernel (it is also where a BIOS scan finds it).
+    pub fn rsdp_address(&self) -> u64 {
+        self.rsdp
+    }
+
+    /// The clock mode.
+    pub fn clock_mode(&self) -> ClockMode {
+        self.clock.mode
+    }
+
+    /// Puts an MMIO device at `base..base + len`.
+    pub fn add_mmio_device(
+        &mut self,
+        base: u64,
+        len: u64,
+        device: Box<dyn BusDevice>,
+    ) -> Result<(), BusError> {
+        self.mmio.insert(base, len, device)
+    }
+
+    fn request_stop(&mut self, reason: Option<StopReason>) {
+        if let Some(r) = reason {
+            if self.stop.is_none() {
+                tracing::debug!("machine stop requested: {r:?}");
+                self.stop = Some(r);
+            }
+        }
+    }
+
+    fn sync_irqs(&mut self) {
+        self.pic.set_irq(i8042::KBD_IRQ, self.i8042.irq_level());
+        self.pic.set_irq(uart::COM1_IRQ, self.uart.irq_level());
+        self.pic.set_irq(rtc::RTC_IRQ, self.rtc.irq_level());
+    }
+
+    fn read_byte(&mut self, dev: Port, offset: u16) -> u8 {
+        let now = self.clock.now();
+        match dev {
+            Port::PicMaster => self.pic.read_port(pic::MASTER_CMD + offset),
+            Port::PicSlave => self.pic.read_port(pic::SLAVE_CMD + offset),
+            Port::Elcr => self.pic.read_port(pic::ELCR + offset),
+            Port::Pit => self.pit.read(offset, pit::ns_to_ticks(now)),
+            Port::PortB => self.pit.read_port_b(pit::ns_to_ticks(now), now),
+            Port::I8042Data => self.i8042.read_data(),
+            Port::I8042Command => self.i8042.read_status(),
+            Port::Rtc if offset == 0 => self.rtc.read_index(),
+            Port::Rtc => self.rtc.read_data(self.clock.wall(now)),
+            Port::Uart => self.uart.read(offset as u8),
+            Port::DebugExit | Port::Pm => 0xff,
+        }
+    }
+
+    fn write_byte(&mut self, dev: Port, offset: u16, val: u8) {
+        let now = self.clock.now();
+        match dev {
+            Port::PicMaster => self.pic.write_port(pic::MASTER_CMD + offset, val),
+            Port::PicSlave => self.pic.write_port(pic::SLAVE_CMD + offset, val),
+            Port::Elcr => self.pic.write_port(pic::ELCR + offset, val),
+            Port::Pit => {
+                // Deliver an edge that is already due before reprogramming
+                // can make it vanish (engines advance time only between
+                // budgets).
+                if self.pit.advance(pit::ns_to_ticks(now)) {
+                    self.pic.pulse_irq(0);
+                }
+                self.pit.write(offset, val, pit::ns_to_ticks(now));
+            }
+            Port::PortB => self.pit.write_port_b(val, pit::ns_to_ticks(now)),
+            Port::I8042Data => {
+                let r = self.i8042.write_data(val);
+                self.request_stop(r);
+            }
+            Port::I8042Command => {
+                let r = self.i8042.write_command(val);
+                self.request_stop(r);
+            }
+            Port::Rtc if offset == 0 => self.rtc.write_index(val),
+            Port::Rtc => {
+                let wall = self.clock.wall(now);
+                self.rtc.advance(wall);
+                self.rtc.write_data(val, wall);
+            }
+            Port::Uart => self.uart.write(offset as u8, val),
+            Port::DebugExit | Port::Pm => {}
+        }
+    }
+
+    fn dev_read(&mut self, dev: Port, offset: u16, data: &mut [u8]) {
+        match dev {
+            Port::Pm => self.pm.read(u64::from(offset), data, self.clock.now()),
+            _ => {
+                for (i, d) in data.iter_mut().enumerate() {
+                    *d = self.read_byte(dev, offset + i as u16);
+                }
+            }
+        }
+    }
+
+    fn dev_write(&mut self, dev: Port, offset: u16, data: &[u8]) {
+        match dev {
+            Port::Pm => {
+                let r = self.pm.write(u64::from(offset), data);
+                self.request_stop(r);
+            }
+            Port::DebugExit => {
+                let r = debug_exit::write(data);
+                self.request_stop(r);
+            }
+            _ => {
+                for (i, &d) in data.iter().enumerate() {
+                    self.write_byte(dev, offset + i as u16, d);
+                }
+            }
+        }
+    }
+
+    /// Port input of `size` bytes (1, 2 or 4; other sizes are clamped to
+    /// 1..=4). An access that does not fit one device is split into byte
+    /// accesses; unclaimed bytes read 0xff.
+    pub fn io_in(&mut self, port: u16, size: u8) -> u32 {
+        self.clock.io_access();
+        let n = usize::from(size.clamp(1, 4));
+        let mut buf = [0xffu8; 4];
+        match self.io.resolve(u64::from(port)) {
+            Some((base, len, &dev)) if u64::from(port) - base + n as u64 <= len => {
+                self.dev_read(dev, (u64::from(port) - base) as u16, &mut buf[..n]);
+            }
+            _ => {
+                for (i, b) in buf[..n].iter_mut().enumerate() {
+                    let p = port.wrapping_add(i as u16);
+                    match self.io.resolve(u64::from(p)) {
+                        Some((base, _, &dev)) => {
+                            let mut one = [0xff];
+                            self.dev_read(dev, (u64::from(p) - base) as u16, &mut one);
+                            *b = one[0];
+                        }
+                        None => tracing::debug!("unclaimed port read {p:#06x}"),
+                    }
+                }
+            }
+        }
+        self.sync_irqs();
+        u32::from_le_bytes(buf) & size_mask(n)
+    }
+
+    /// Port output of the low `size` bytes of `value` (size 1, 2 or 4).
+    /// Unclaimed ports ignore the write.
+    pub fn io_out(&mut self, port: u16, size: u8, value: u32) {
+        self.clock.io_access();
+        let n = usize::from(size.clamp(1, 4));
+        let bytes = value.to_le_bytes();
+        match self.io.resolve(u64::from(port)) {
+            Some((base, len, &dev)) if u64::from(port) - base + n as u64 <= len => {
+                self.dev_write(dev, (u64::from(port) - base) as u16, &bytes[..n]);
+            }
+            _ => {
+                for (i, &b) in bytes[..n].iter().enumerate() {
+                    let p = port.wrapping_add(i as u16);
+                    match self.io.resolve(u64::from(p)) {
+                        Some((base, _, &dev)) => {
+                            self.dev_write(dev, (u64::from(p) - base) as u16, &[b]);
+                        }
+                        None => tracing::debug!("unclaimed port write {p:#06x} <- {b:#04x}"),
+                    }
+                }
+            }
+        }
+        self.sync_irqs();
+    }
+
+    /// MMIO read of `size` bytes (1, 2, 4 or 8). Unmapped addresses read
+    /// all ones.
+    pub fn mmio_read(&mut self, addr: u64, size: u8) -> u64 {
+        let n = usize::from(size.clamp(1, 8));
+        let mut buf = [0xffu8; 8];
+        if !self.mmio.read(addr, &mut buf[..n]) {
+            tracing::debug!("unclaimed MMIO read {addr:#x}/{n}");
+        }
+        let v = u64::from_le_bytes(buf);
+        if n == 8 {
+            v
+        } else {
+            v & ((1u64 << (8 * n)) - 1)
+        }
+    }
+
+    /// MMIO write of the low `size` bytes of `value`. Unmapped addresses
+    /// ignore the write.
+    pub fn mmio_write(&mut self, addr: u64, size: u8, value: u64) {
+        let n = usize::from(size.clamp(1, 8));
+        if !self.mmio.write(addr, &value.to_le_bytes()[..n]) {
+            tracing::debug!("unclaimed MMIO write {addr:#x}/{n} <- {value:#x}");
+        }
+    }
+
+    /// True when a device asked to stop the guest. Cheap: engines check it
+    /// after each I/O access.
+    #[inline]
+    pub fn stop_pending(&self) -> bool {
+        self.stop.is_some()
+    }
+
+    /// Takes the pending stop request, if any.
+    pub fn take_stop(&mut self) -> Option<StopReason> {
+        self.stop.take()
+    }
+
+    /// The CPU's INTR line: the master PIC has an interrupt to deliver.
+    /// Cheap: one load.
+    #[inline]
+    pub fn interrupt_pending(&self) -> bool {
+        self.pic.interrupt_pending()
+    }
+
+    /// The INTA cycle, when the CPU accepts the interrupt: returns the
+    /// vector (a spurious IRQ 7 vector if nothing was pending).
+    pub fn acknowledge_interrupt(&mut self) -> u8 {
+        self.pic.acknowledge()
+    }
+
+    /// Advances machine time to `guest_instructions` (the total count of
+    /// instructions the CPU has executed so far) and raises the timer
+    /// interrupts that became due. Called between CPU budgets; calling it
+    /// again with the same count is cheap, so an engine may also call it
+    /// before an I/O access to give the devices an exact time.
+    ///
+    /// In [`ClockMode::Host`] time is the host clock and the count only
+    /// matters for [`ClockMode::Virtual`].
+    pub fn advance(&mut self, guest_instructions: u64) {
+        self.clock.instructions = self.clock.instructions.max(guest_instructions);
+        let now = self.clock.now();
+        if self.pit.advance(pit::ns_to_ticks(now)) {
+            self.pic.pulse_irq(0);
+        }
+        self.rtc.advance(self.clock.wall(now));
+        self.pic.set_irq(rtc::RTC_IRQ, self.rtc.irq_level());
+    }
+
+    /// The guest's time-stamp counter at `guest_instructions`: machine
+    /// time in ns at [`TSC_HZ`] = 1 GHz.
+    pub fn tsc(&self, guest_instructions: u64) -> u64 {
+        self.clock.at(guest_instructions)
+    }
+
+    fn next_event_ns(&self, now: u64) -> Option<u64> {
+        let pit = self
+            .pit
+            .next_irq(pit::ns_to_ticks(now))
+            .map(pit::ticks_to_ns);
+        let rtc = self
+            .rtc
+            .next_event(self.clock.wall(now))
+            .map(|w| w.saturating_sub(self.clock.wall_base_ns));
+        match (pit, rtc) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// How long, in machine time, until the next timer interrupt (PIT
+    /// counter 0 or the RTC): how long a VMM whose CPU halted may sleep
+    /// (host clock) before calling [`advance`](Self::advance). `None` when
+    /// no timer is armed. Terminal input may of course arrive earlier.
+    pub fn time_to_next_event(&self, guest_instructions: u64) -> Option<Duration> {
+        let now = self.clock.at(guest_instructions);
+        self.next_event_ns(now)
+            .map(|t| Duration::from_nanos(t.saturating_sub(now)))
+    }
+
+    /// For a halted CPU under [`ClockMode::Virtual`]: skips idle machine
+    /// time up to the next timer event and raises it. Returns false (and
+    /// does nothing) when no timer is armed — the guest would sleep forever
+    /// — or under [`ClockMode::Host`], where the VMM sleeps instead.
+    pub fn warp_to_next_event(&mut self, guest_instructions: u64) -> bool {
+        if self.clock.mode != ClockMode::Virtual {
+            return false;
+        }
+        self.clock.instructions = self.clock.instructions.max(guest_instructions);
+        let now = self.clock.now();
+        let Some(next) = self.next_event_ns(now) else {
+            return false;
+        };
+        self.clock.idle_ns = self.clock.idle_ns.saturating_add(next.saturating_sub(now));
+        self.advance(guest_instructions);
+        true
+    }
+
+    /// Bytes from the terminal for COM1's receiver.
+    pub fn serial_input(&mut self, bytes: &[u8]) {
+        self.uart.enqueue_input(bytes);
+        self.pic.set_irq(uart::COM1_IRQ, self.uart.irq_level());
+    }
+
+    /// Terminal bytes not yet read by the guest (for flow control: a VMM
+    /// may stop reading its terminal while this is large).
+    pub fn serial_input_pending(&self) -> usize {
+        self.uart.pending_input()
+    }
+}
+
+fn size_mask(n: usize) -> u32 {
+    if n >= 4 {
+        u32::MAX
+    } else {
+        (1u32 << (8 * n)) - 1
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,92 @@
+//! Turning a boot loader's engine-neutral entry description into the
+//! vCPU's architectural state.
+
+use popek_boot::{EntryMode, EntryState};
+use popek_cpu::state::{seg, Segment, TableReg};
+use popek_cpu::CpuState;
+
+/// The CPU state a boot path asks for.
+pub fn entry_cpu_state(e: &EntryState) -> CpuState {
+    let mut s = match e.mode {
+        EntryMode::Real { cs } => {
+            let mut s = CpuState::reset();
+            s.seg = [Segment::real(cs); 6];
+            s.seg[seg::CS].attr |= popek_cpu::state::attr::CODE;
+            s.cr0 &= !(popek_cpu::state::cr::CR0_CD | popek_cpu::state::cr::CR0_NW);
+            s
+        }
+        EntryMode::Protected32 { gdt, cs, ds } => {
+            let mut s = CpuState::flat_protected(cs, ds);
+            s.gdtr = TableReg {
+                base: gdt.base,
+                limit: gdt.limit,
+            };
+            s
+        }
+        EntryMode::Long64 { gdt, cs, ds, cr3 } => {
+            let mut s = CpuState::flat_protected(cs, ds);
+            s.gdtr = TableReg {
+                base: gdt.base,
+                limit: gdt.limit,
+            };
+            s.seg[seg::CS].attr =
+                (s.seg[seg::CS].attr & !popek_cpu::state::attr::DB) | popek_cpu::state::attr::L;
+            s.cr3 = cr3;
+            s.cr4 |= popek_cpu::state::cr::CR4_PAE;
+            s.cr0 |= popek_cpu::state::cr::CR0_PG;
+            s.efer = (1 << 8) | (1 << 10);
+            s
+        }
+    };
+    s.rip = e.rip;
+    s.rflags = e.rflags | 2;
+    s.gpr[0] = e.rax;
+    s.gpr[1] = e.rcx;
+    s.gpr[2] = e.rdx;
+    s.gpr[3] = e.rbx;
+    s.gpr[4] = e.rsp;
+    s.gpr[5] = e.rbp;
+    s.gpr[6] = e.rsi;
+    s.gpr[7] = e.rdi;
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use popek_boot::DescriptorTable;
+
+    #[test]
+    fn protected_entry_has_flat_segments_and_registers() {
+        let mut e = EntryState::new(
+            EntryMode::Protected32 {
+                gdt: DescriptorTable {
+                    base: 0x500,
+                    limit: 31,
+                },
+                cs: 0x10,
+                ds: 0x18,
+            },
+            0x100000,
+        );
+        e.rax = 0x2bad_b002;
+        e.rbx = 0x8000;
+        let s = entry_cpu_state(&e);
+        assert_eq!(s.rip, 0x100000);
+        assert_eq!(s.gpr[0], 0x2bad_b002);
+        assert_eq!(s.gpr[3], 0x8000);
+        assert_eq!(s.seg[seg::CS].selector, 0x10);
+        assert_eq!(s.seg[seg::DS].limit, 0xffff_ffff);
+        assert_eq!(s.gdtr.base, 0x500);
+        assert_eq!(s.cpl(), 0);
+    }
+
+    #[test]
+    fn real_entry_uses_segment_arithmetic() {
+        let e = EntryState::new(EntryMode::Real { cs: 0x1000 }, 0x10);
+        let s = entry_cpu_state(&e);
+        assert_eq!(s.seg[seg::CS].base, 0x10000);
+        assert_eq!(s.seg[seg::DS].selector, 0x1000);
+        assert_eq!(s.cr0 & 1, 0);
+    }
+}

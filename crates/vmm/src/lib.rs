@@ -1,0 +1,469 @@
+//! popek's VMM: builds a VM (guest RAM, the machine and its devices, a boot
+//! loader's entry state, a CPU engine) and runs its exit loop until the
+//! guest powers off, resets, writes the debug-exit port, dies or stops
+//! making progress.
+//!
+//! The exit loop is the same for every engine: run a slice, advance the
+//! machine's clocks, serve the exit (halt → wait for the next timer or
+//! terminal input, hypercall → [`hypercall`], device stop → outcome), feed
+//! terminal input to COM1.
+
+pub mod boot;
+pub mod hypercall;
+pub mod report;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use popek_boot::{flat, linux, multiboot, BootError, KernelFormat};
+use popek_engine::{Engine, EngineError, VmExit};
+use popek_machine::{ClockMode, Machine, MachineConfig, StopReason};
+use popek_memory::GuestRam;
+
+/// Smallest `--memory`.
+pub const MIN_MEMORY: u64 = 2 << 20;
+/// Largest `--memory`.
+pub const MAX_MEMORY: u64 = 3 << 30;
+
+/// Instructions per engine slice between clock updates and input polls.
+const SLICE: u64 = 200_000;
+
+/// Which engine runs the vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineKind {
+    /// Hardware-assisted (KVM).
+    Hw,
+    /// Binary translation.
+    Bt,
+    /// Trap-and-emulate.
+    Trap,
+    /// The reference software CPU.
+    Interp,
+}
+
+impl EngineKind {
+    /// The engine's name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Hw => "hw",
+            EngineKind::Bt => "bt",
+            EngineKind::Trap => "trap",
+            EngineKind::Interp => "interp",
+        }
+    }
+
+    /// Whether this build of popek has the engine.
+    pub fn available(self) -> bool {
+        self == EngineKind::Interp
+    }
+
+    /// VISION's `--engine auto` rule, given what exists. Returns the engine
+    /// and the reason, in words.
+    pub fn auto() -> (EngineKind, String) {
+        let why = "hw: not built yet (issue 7); bt: not built yet (issue 6); the reference software CPU runs every 32-bit guest";
+        (EngineKind::Interp, why.to_string())
+    }
+}
+
+/// Where the kernel comes from.
+#[derive(Clone, Debug)]
+pub enum KernelSource {
+    /// A guest built into popek (`minios`, `minios-pv`).
+    Embedded(String),
+    /// A file, with an explicit format or `None` to detect it.
+    File {
+        /// Path.
+        path: PathBuf,
+        /// Format override (flat binaries cannot be detected).
+        format: Option<FileFormat>,
+    },
+}
+
+/// A kernel file format given on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileFormat {
+    /// Multiboot v1 ELF.
+    Multiboot,
+    /// Linux bzImage.
+    Linux,
+    /// A flat binary loaded at `load_addr`, entered in real mode.
+    FlatReal {
+        /// Load address.
+        load_addr: u64,
+    },
+    /// A flat binary loaded at `load_addr`, entered in 32-bit protected mode.
+    FlatProtected {
+        /// Load address.
+        load_addr: u64,
+    },
+}
+
+/// Everything needed to build a VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// The kernel.
+    pub kernel: KernelSource,
+    /// An initrd (Linux) or first module (Multiboot).
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Engine.
+    pub engine: EngineKind,
+    /// Machine clock.
+    pub clock: ClockMode,
+}
+
+/// Bad input: a file, a flag, or an engine that cannot run the guest.
+/// popek exits 2 with this one-line message.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The kernel or initrd is malformed or does not fit.
+    #[error("{path}: {source}")]
+    Boot {
+        /// The file.
+        path: String,
+        /// Why.
+        source: BootError,
+    },
+    /// The kernel's format is not recognized.
+    #[error("{path}: not a Multiboot ELF or Linux bzImage (for a flat binary give --format flat-real or flat-protected and --load-addr)")]
+    UnknownFormat {
+        /// The file.
+        path: String,
+    },
+    /// The memory size is out of range.
+    #[error("--memory {size}: must be between 2M and 3G")]
+    Memory {
+        /// The size asked for, in bytes.
+        size: u64,
+    },
+    /// The named embedded guest does not exist.
+    #[error("--guest {0}: no such guest (known: {1})")]
+    NoGuest(String, String),
+    /// The engine is not available in this build or cannot run the guest.
+    #[error("{0}")]
+    Engine(String),
+    /// Anything else at set-up.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// How a VM run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// ACPI power-off.
+    PowerOff,
+    /// Guest reset.
+    Reset,
+    /// The guest wrote v to port 0xf4.
+    DebugExit(u8),
+    /// The user quit from the console (Ctrl-A x).
+    Quit,
+    /// Triple fault or an internal error: a paragraph with the reason,
+    /// registers and instruction bytes.
+    Died(String),
+    /// The watchdog saw no progress.
+    NoProgress(String),
+}
+
+impl Outcome {
+    /// popek's exit status for this outcome (VISION's table).
+    pub fn exit_status(&self) -> i32 {
+        match self {
+            Outcome::PowerOff | Outcome::Reset | Outcome::Quit => 0,
+            Outcome::DebugExit(v) => ((*v as i32) << 1) | 1,
+            Outcome::Died(_) => 4,
+            Outcome::NoProgress(_) => 6,
+        }
+    }
+}
+
+/// Terminal input events from the console thread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConsoleEvent {
+    /// Bytes typed.
+    Input(Vec<u8>),
+    /// The user asked to quit (Ctrl-A x).
+    Quit,
+    /// The input closed.
+    Eof,
+}
+
+/// A built VM.
+pub struct Vm {
+    /// The machine and its devices.
+    pub machine: Machine,
+    /// The engine running the vCPU.
+    pub engine: Box<dyn Engine>,
+    /// Hypercall statistics.
+    pub hypercalls: hypercall::HypercallStats,
+    input: Option<Receiver<ConsoleEvent>>,
+}
+
+fn read_file(path: &PathBuf) -> Result<Vec<u8>, VmError> {
+    std::fs::read(path).map_err(|source| VmError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+impl Vm {
+    /// Builds a VM: RAM, machine, kernel loaded, engine with its entry
+    /// state. `console` receives the serial output.
+    pub fn new(cfg: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vm, VmError> {
+        if !(MIN_MEMORY..=MAX_MEMORY).contains(&cfg.memory) {
+            return Err(VmError::Memory { size: cfg.memory });
+        }
+        if !cfg.engine.available() {
+            return Err(VmError::Engine(format!(
+                "--engine {}: this engine does not exist yet",
+                cfg.engine.name()
+            )));
+        }
+        let ram = Arc::new(GuestRam::new(cfg.memory).map_err(|e| VmError::Setup(e.to_string()))?);
+        let machine = Machine::new(MachineConfig { clock: cfg.clock }, ram.clone(), console)
+            .map_err(|e| VmError::Setup(e.to_string()))?;
+        let initrd = cfg.initrd.as_ref().map(read_file).transpose()?;
+        let initrd_name = cfg
+            .initrd
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let (image, name, format): (std::borrow::Cow<'static, [u8]>, String, Option<FileFormat>) =
+            match &cfg.kernel {
+                KernelSource::Embedded(n) => {
+                    let img = popek_guests::by_name(n).ok_or_else(|| {
+                        VmError::NoGuest(n.clone(), popek_guests::NAMES.join(", "))
+                    })?;
+                    (
+                        img.into(),
+                        format!("embedded guest {n}"),
+                        Some(FileFormat::Multiboot),
+                    )
+                }
+                KernelSource::File { path, format } => {
+                    (read_file(path)?.into(), path.display().to_string(), *format)
+                }
+            };
+        let boot_err = |source| VmError::Boot {
+            path: name.clone(),
+            source,
+        };
+        let format = match format {
+            Some(f) => f,
+            None => match popek_boot::detect(&image) {
+                KernelFormat::Multiboot => FileFormat::Multiboot,
+                KernelFormat::LinuxBzImage => FileFormat::Linux,
+                KernelFormat::Unknown => {
+                    // A Multiboot header with a bad checksum gets its precise error.
+                    if let Err(e) = multiboot::find_header(&image) {
+                        if !matches!(e, BootError::NoMultibootHeader) {
+                            return Err(boot_err(e));
+                        }
+                    }
+                    return Err(VmError::UnknownFormat { path: name });
+                }
+            },
+        };
+        let entry = match format {
+            FileFormat::Multiboot => {
+                let mods: Vec<multiboot::Module<'_>> = initrd
+                    .as_deref()
+                    .map(|d| multiboot::Module {
+                        data: d,
+                        cmdline: "initrd",
+                    })
+                    .into_iter()
+                    .collect();
+                multiboot::load(&ram, &image, &cfg.cmdline, &mods).map_err(boot_err)?
+            }
+            FileFormat::Linux => {
+                let p = linux::LinuxParams {
+                    cmdline: &cfg.cmdline,
+                    initrd: initrd.as_deref(),
+                    acpi_rsdp_addr: Some(machine.rsdp_address()),
+                };
+                linux::load(&ram, &image, &p).map_err(|e| match e {
+                    BootError::InitrdTooBig { .. } => VmError::Boot {
+                        path: initrd_name.clone(),
+                        source: e,
+                    },
+                    e => boot_err(e),
+                })?
+            }
+            FileFormat::FlatReal { load_addr } => {
+                flat::load(&ram, &image, load_addr, flat::FlatEntry::Real).map_err(boot_err)?
+            }
+            FileFormat::FlatProtected { load_addr } => {
+                flat::load(&ram, &image, load_addr, flat::FlatEntry::Protected32)
+                    .map_err(boot_err)?
+            }
+        };
+        let mut engine: Box<dyn Engine> = Box::new(popek_interp::Interp::new(&machine));
+        engine
+            .set_state(boot::entry_cpu_state(&entry))
+            .map_err(|e: EngineError| VmError::Engine(e.to_string()))?;
+        Ok(Vm {
+            machine,
+            engine,
+            hypercalls: hypercall::HypercallStats::default(),
+            input: None,
+        })
+    }
+
+    /// Connects terminal input.
+    pub fn set_input(&mut self, rx: Receiver<ConsoleEvent>) {
+        self.input = Some(rx);
+    }
+
+    fn take_input(&mut self, ev: ConsoleEvent) -> Option<Outcome> {
+        match ev {
+            ConsoleEvent::Input(b) => {
+                self.machine.serial_input(&b);
+                None
+            }
+            ConsoleEvent::Quit => Some(Outcome::Quit),
+            ConsoleEvent::Eof => {
+                self.input = None;
+                None
+            }
+        }
+    }
+
+    fn poll_input(&mut self) -> Option<Outcome> {
+        while let Some(rx) = &self.input {
+            match rx.try_recv() {
+                Ok(ev) => {
+                    if let Some(o) = self.take_input(ev) {
+                        return Some(o);
+                    }
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => self.input = None,
+            }
+        }
+        None
+    }
+
+    fn stopped(reason: StopReason) -> Outcome {
+        match reason {
+            StopReason::PowerOff => Outcome::PowerOff,
+            StopReason::Reset => Outcome::Reset,
+            StopReason::DebugExit(v) => Outcome::DebugExit(v),
+        }
+    }
+
+    /// Waits while the vCPU is halted: until a timer is due, input arrives,
+    /// or (no timer, no input) forever — which the watchdog reports.
+    fn wait_halted(&mut self) -> Option<Outcome> {
+        let icount = self.engine.instructions();
+        let state = self.engine.state();
+        if state.rflags & popek_cpu::state::flags::IF as u64 == 0 {
+            return Some(Outcome::NoProgress(report::no_progress(
+                self.engine.as_mut(),
+                "the guest halted with interrupts disabled: nothing can wake it",
+            )));
+        }
+        if self.machine.interrupt_pending() {
+            return None;
+        }
+        if self.machine.clock_mode() == ClockMode::Virtual {
+            if self.machine.warp_to_next_event(icount) {
+                return None;
+            }
+            if self.input.is_none() {
+                return Some(Outcome::NoProgress(report::no_progress(
+                    self.engine.as_mut(),
+                    "the guest halted with no timer armed and no terminal input: nothing can wake it",
+                )));
+            }
+        }
+        let timeout = self.machine.time_to_next_event(icount);
+        if timeout.is_none() && self.input.is_none() {
+            return Some(Outcome::NoProgress(report::no_progress(
+                self.engine.as_mut(),
+                "the guest halted with no timer armed and no terminal input: nothing can wake it",
+            )));
+        }
+        let timeout = timeout
+            .unwrap_or(Duration::from_millis(100))
+            .min(Duration::from_millis(100));
+        match &self.input {
+            Some(rx) => match rx.recv_timeout(timeout) {
+                Ok(ev) => return self.take_input(ev),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => self.input = None,
+            },
+            None => std::thread::sleep(timeout),
+        }
+        self.machine.advance(icount);
+        None
+    }
+
+    /// Runs the guest until it ends.
+    pub fn run(&mut self) -> Outcome {
+        loop {
+            let exit = match self.engine.run(&mut self.machine, SLICE) {
+                Ok(x) => x,
+                Err(e) => return Outcome::Died(report::died(self.engine.as_mut(), &e.to_string())),
+            };
+            self.machine.advance(self.engine.instructions());
+            match exit {
+                VmExit::Budget => {}
+                VmExit::Halt => {
+                    if let Some(o) = self.wait_halted() {
+                        return o;
+                    }
+                }
+                VmExit::Shutdown { reason } => {
+                    return Outcome::Died(report::died(self.engine.as_mut(), &reason));
+                }
+                VmExit::Hypercall => {
+                    if let Some(r) = hypercall::serve(
+                        self.engine.as_mut(),
+                        &mut self.machine,
+                        &mut self.hypercalls,
+                    ) {
+                        return Self::stopped(r);
+                    }
+                }
+                VmExit::MachineStop => {
+                    if let Some(r) = self.machine.take_stop() {
+                        return Self::stopped(r);
+                    }
+                }
+                VmExit::IoIn { port, size } => {
+                    let v = self.machine.io_in(port, size);
+                    self.engine.complete_io_in(v as u64);
+                }
+                VmExit::IoOut { port, size, value } => self.machine.io_out(port, size, value),
+                VmExit::MmioRead { addr, size } => {
+                    let v = self.machine.mmio_read(addr, size);
+                    self.engine.complete_io_in(v);
+                }
+                VmExit::MmioWrite { addr, size, value } => {
+                    self.machine.mmio_write(addr, size, value)
+                }
+            }
+            if let Some(r) = self.machine.take_stop() {
+                return Self::stopped(r);
+            }
+            if let Some(o) = self.poll_input() {
+                return o;
+            }
+        }
+    }
+}

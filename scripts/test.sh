@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The test command of the README: installs what the tests need (Debian
+# packages, when run as root) and runs the whole test suite, optimized.
+#
+#   scripts/test.sh [extra cargo test arguments]
+#
+# Environment: POPEK_DIFF_CASES (differential test size, default 20000),
+# POPEK_FUZZ_CASES (fuzz smoke size).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v gcc >/dev/null 2>&1 || need+=(gcc)
+command -v ld >/dev/null 2>&1 || need+=(binutils)
+command -v make >/dev/null 2>&1 || need+=(make)
+if command -v gcc >/dev/null 2>&1; then
+  # Guests and the native differential runner are 32-bit freestanding code.
+  if ! echo 'int x;' | gcc -m32 -ffreestanding -x c -c -o /dev/null - >/dev/null 2>&1; then
+    need+=(gcc-multilib)
+  fi
+fi
+if ((${#need[@]})); then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "scripts/test.sh: installing ${need[*]}" >&2
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}"
+  else
+    echo "scripts/test.sh: missing packages; run: sudo apt-get install -y ${need[*]}" >&2
+    exit 1
+  fi
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "scripts/test.sh: cargo not found: install Rust (rustup.rs) first" >&2
+  exit 1
+fi
+
+# The test profile is optimized (Cargo.toml [profile.test]), so guest-booting
+# tests run at speed.
+exec cargo test --workspace "$@"

@@ -1,0 +1,125 @@
+//! Bad input gets one clear line and exit status 2, never a panic.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn popek(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_popek"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("popek runs");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "popek panicked:\n{err}");
+    (out.status.code().unwrap_or(-1), err)
+}
+
+fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("popek-bad-input-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::File::create(&p).unwrap().write_all(bytes).unwrap();
+    p
+}
+
+#[test]
+fn missing_kernel_file() {
+    let (code, err) = popek(&["run", "--kernel", "/nonexistent/vmlinuz"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent/vmlinuz"), "{err}");
+}
+
+#[test]
+fn wrong_format_kernel() {
+    let p = temp_file("notakernel", b"hello, I am not a kernel\n");
+    let (code, err) = popek(&["run", "--kernel", p.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("not a Multiboot ELF or Linux bzImage"),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_bzimage() {
+    let mut img = vec![0u8; 0x300];
+    img[0x1fe] = 0x55;
+    img[0x1ff] = 0xaa;
+    img[0x202..0x206].copy_from_slice(b"HdrS");
+    img[0x206] = 0x0f;
+    img[0x207] = 0x02;
+    let p = temp_file("truncated-bzimage", &img);
+    let (code, err) = popek(&["run", "--kernel", p.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("truncated-bzimage"), "{err}");
+}
+
+#[test]
+fn truncated_multiboot_elf() {
+    // A Multiboot header, then an ELF that ends inside its header.
+    let mut img = b"\x7fELF\x01\x01\x01".to_vec();
+    img.resize(64, 0);
+    let magic: u32 = 0x1bad_b002;
+    let flags: u32 = 0;
+    let sum = 0u32.wrapping_sub(magic).wrapping_sub(flags);
+    img.extend_from_slice(&magic.to_le_bytes());
+    img.extend_from_slice(&flags.to_le_bytes());
+    img.extend_from_slice(&sum.to_le_bytes());
+    let p = temp_file("truncated-elf", &img);
+    let (code, err) = popek(&["run", "--kernel", p.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("truncated-elf"), "{err}");
+}
+
+#[test]
+fn memory_out_of_range() {
+    for m in ["1M", "4G", "0"] {
+        let (code, err) = popek(&["run", "--memory", m]);
+        assert_eq!(code, 2, "--memory {m}: {err}");
+        assert!(err.contains("--memory"), "{err}");
+    }
+    let (code, err) = popek(&["run", "--memory", "lots"]);
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn unknown_guest() {
+    let (code, err) = popek(&["run", "--guest", "windows"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no such guest"), "{err}");
+}
+
+#[test]
+fn engine_not_built_yet_says_so() {
+    for e in ["hw", "bt", "trap"] {
+        let (code, err) = popek(&["run", "--engine", e]);
+        assert_eq!(code, 2, "{e}: {err}");
+        assert!(err.contains("does not exist yet"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+}
+
+#[test]
+fn flat_binary_too_big_for_memory() {
+    let p = temp_file("big.bin", &vec![0x90u8; 3 << 20]);
+    let (code, err) = popek(&[
+        "run",
+        "--memory",
+        "2M",
+        "--kernel",
+        p.to_str().unwrap(),
+        "--format",
+        "flat-protected",
+        "--load-addr",
+        "0x100000",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("big.bin"), "{err}");
+}
+
+#[test]
+fn missing_initrd() {
+    let (code, err) = popek(&["run", "--initrd", "/nonexistent/initrd.gz"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent/initrd.gz"), "{err}");
+}

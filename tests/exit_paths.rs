@@ -1,0 +1,96 @@
+//! Exit statuses for the guest's ways of ending: debug-exit, triple fault,
+//! halting forever, reset — with flat binaries built here.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn run_flat(name: &str, code: &[u8], extra: &[&str]) -> (i32, String, String) {
+    let dir = std::env::temp_dir().join(format!("popek-exit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::File::create(&p).unwrap().write_all(code).unwrap();
+    let mut args = vec![
+        "run",
+        "--kernel",
+        p.to_str().unwrap(),
+        "--format",
+        "flat-real",
+        "--load-addr",
+        "0x7c00",
+        "--memory",
+        "4M",
+    ];
+    args.extend_from_slice(extra);
+    let out = Command::new(env!("CARGO_BIN_EXE_popek"))
+        .args(&args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn debug_exit_port_gives_odd_status() {
+    // mov al, 0x2a; out 0xf4, al
+    let (code, _, err) = run_flat("debug-exit.bin", &[0xb0, 0x2a, 0xe6, 0xf4], &[]);
+    assert_eq!(code, (0x2a << 1) | 1, "{err}");
+}
+
+#[test]
+fn serial_output_reaches_stdout() {
+    // mov dx, 0x3f8; mov al, 'H'; out dx, al; mov al, 'i'; out dx, al; mov al,0; out 0xf4, al
+    let code = [
+        0xba, 0xf8, 0x03, 0xb0, b'H', 0xee, 0xb0, b'i', 0xee, 0xb0, 0x00, 0xe6, 0xf4,
+    ];
+    let (status, out, _) = run_flat("serial.bin", &code, &[]);
+    assert_eq!(status, 1);
+    assert_eq!(out, "Hi");
+}
+
+#[test]
+fn triple_fault_is_reported_with_registers() {
+    // lidt [zero-limit IDT]; int 0x10 → #GP → #DF → shutdown.
+    // 0f 01 1e 0c 7c : lidt [0x7c0c]; cd 10 : int 0x10; then the IDT descriptor.
+    let code = [
+        0x0f, 0x01, 0x1e, 0x0c, 0x7c, 0xcd, 0x10, 0xf4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    let (status, _, err) = run_flat("triple.bin", &code, &[]);
+    assert_eq!(status, 4, "{err}");
+    assert!(err.contains("triple fault"), "{err}");
+    assert!(err.contains("EIP="), "{err}");
+    assert!(err.contains("instruction at"), "{err}");
+}
+
+#[test]
+fn halt_with_interrupts_disabled_is_no_progress() {
+    // cli; hlt
+    let (status, _, err) = run_flat("cli-hlt.bin", &[0xfa, 0xf4], &[]);
+    assert_eq!(status, 6, "{err}");
+    assert!(err.contains("interrupts disabled"), "{err}");
+}
+
+#[test]
+fn keyboard_controller_reset_exits_zero() {
+    // mov al, 0xfe; out 0x64, al; jmp $
+    let (status, _, err) = run_flat("reset.bin", &[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe], &[]);
+    assert_eq!(status, 0, "{err}");
+}
+
+#[test]
+fn invalid_opcode_without_handler_dies_cleanly() {
+    // ud2 with an empty IVT at 0: #UD → vector 6 → IVT points at 0000:0000
+    // (zeroed memory: add [bx+si], al ...) — instead use a zero-limit IDT.
+    let code = [
+        0x0f, 0x01, 0x1e, 0x08, 0x7c, 0x0f, 0x0b, 0x90, 0, 0, 0, 0, 0, 0,
+    ];
+    let (status, _, err) = run_flat("ud2.bin", &code, &[]);
+    assert_eq!(status, 4, "{err}");
+    assert!(
+        err.contains("ud2"),
+        "the report names the instruction: {err}"
+    );
+}
