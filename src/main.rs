@@ -32,11 +32,131 @@ struct Cli {
 enum Command {
     /// Boot a guest with its serial console on this terminal (Ctrl-A x quits).
     Run(RunArgs),
+    /// Run minios's micro-benchmarks on every engine: one table, plus JSON and SVG.
+    Bench(BenchArgs),
     /// List the guests built into popek.
     Guests,
+    /// Build a busybox initramfs (newc cpio, gzip) for a Linux guest.
+    Initramfs(InitramfsArgs),
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Args, Clone)]
+struct BenchArgs {
+    /// Engines to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "hw,bt,trap,interp")]
+    engines: Vec<EngineArg>,
+    /// Directory for bench.json and bench.svg.
+    #[arg(long, value_name = "DIR", default_value = "target/popek-bench")]
+    out: PathBuf,
+}
+
+fn bench(a: BenchArgs) -> u8 {
+    use popek_vmm::bench;
+    let mut cols = Vec::new();
+    for e in &a.engines {
+        let kind = match e {
+            EngineArg::Auto => EngineKind::auto().0,
+            EngineArg::Hw => EngineKind::Hw,
+            EngineArg::Bt => EngineKind::Bt,
+            EngineArg::Trap => EngineKind::Trap,
+            EngineArg::Interp => EngineKind::Interp,
+        };
+        eprintln!(
+            "popek: bench: {} running {}",
+            kind.name(),
+            bench::guest_for(kind)
+        );
+        cols.push(bench::run_engine(kind));
+    }
+    print!("{}", bench::table(&cols));
+    for c in cols.iter().filter(|c| !c.ran) {
+        println!("{}: {}", c.engine, c.guest);
+    }
+    if let Err(e) = std::fs::create_dir_all(&a.out)
+        .and_then(|_| std::fs::write(a.out.join("bench.json"), bench::json(&cols)))
+        .and_then(|_| std::fs::write(a.out.join("bench.svg"), bench::svg(&cols)))
+    {
+        eprintln!("popek: {}: {e}", a.out.display());
+        return 2;
+    }
+    eprintln!(
+        "popek: wrote {0}/bench.json and {0}/bench.svg",
+        a.out.display()
+    );
+    0
+}
+
+#[derive(Args, Clone)]
+struct InitramfsArgs {
+    /// A static busybox binary (e.g. from Debian's busybox-static).
+    #[arg(long, value_name = "FILE")]
+    busybox: PathBuf,
+    /// The /init to put in the image (default: mount /proc, /sys, /dev and
+    /// start a shell on the console).
+    #[arg(long, value_name = "FILE")]
+    init: Option<PathBuf>,
+    /// Where to write the image.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    output: PathBuf,
+}
+
+fn initramfs(a: InitramfsArgs) -> u8 {
+    let busybox = match std::fs::read(&a.busybox) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("popek: {}: {e}", a.busybox.display());
+            return 2;
+        }
+    };
+    let init = match &a.init {
+        Some(p) => match std::fs::read(p) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("popek: {}: {e}", p.display());
+                return 2;
+            }
+        },
+        None => popek_initramfs::DEFAULT_INIT.as_bytes().to_vec(),
+    };
+    // The applet list comes from the binary itself (a static i386 busybox
+    // runs natively on an x86-64 host); without it, /init can still call
+    // `busybox --install -s`.
+    let applets: Vec<String> = std::process::Command::new(&a.busybox)
+        .arg("--list-full")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(|l| format!("/{}", l.trim()))
+                .collect()
+        })
+        .unwrap_or_default();
+    if applets.is_empty() {
+        eprintln!(
+            "popek: warning: could not list {}'s applets; only /bin/busybox is linked",
+            a.busybox.display()
+        );
+    }
+    let img = popek_initramfs::busybox_image(&busybox, &applets, &init);
+    match img.to_gzip().and_then(|gz| std::fs::write(&a.output, gz)) {
+        Ok(()) => {
+            eprintln!(
+                "popek: wrote {} ({} applets)",
+                a.output.display(),
+                applets.len()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("popek: {}: {e}", a.output.display());
+            2
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum EngineArg {
     /// Pick the best engine that can run the guest, and say why.
     Auto,
@@ -222,6 +342,8 @@ fn main() -> ExitCode {
     let code = match cli.command {
         None => run(default_run()),
         Some(Command::Run(a)) => run(a),
+        Some(Command::Initramfs(a)) => initramfs(a),
+        Some(Command::Bench(a)) => bench(a),
         Some(Command::Guests) => {
             for g in popek_guests::NAMES {
                 println!("{g}");

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The flavours built here, in the order of `popek_guests::NAMES`.
-const FLAVOURS: &[&str] = &["minios", "minios-pv"];
+const FLAVOURS: &[&str] = &["minios", "minios-pv", "minios64", "minios64-pv"];
 
 fn tool_works(tool: &str) -> bool {
     Command::new(tool)
@@ -22,15 +22,17 @@ fn main() {
     println!("cargo:rerun-if-changed={}", src.display());
     println!("cargo:rerun-if-env-changed=CC");
     println!("cargo:rerun-if-env-changed=LD");
+    println!("cargo:rerun-if-env-changed=OBJCOPY");
 
     let cc = env::var("CC").unwrap_or_else(|_| "gcc".into());
     let ld = env::var("LD").unwrap_or_else(|_| "ld".into());
-    for tool in [&cc, &ld] {
+    let objcopy = env::var("OBJCOPY").unwrap_or_else(|_| "objcopy".into());
+    for tool in [&cc, &ld, &objcopy] {
         if !tool_works(tool) {
             panic!(
-                "building the minios guest needs the host C compiler and linker, but `{tool}` \
-                 does not run; install them with `apt-get install gcc binutils` (Debian packages \
-                 `gcc` and `binutils`)"
+                "building the minios guest needs the host C compiler, linker and objcopy, but \
+                 `{tool}` does not run; install them with `apt-get install gcc binutils` (Debian \
+                 packages `gcc` and `binutils`)"
             );
         }
     }
@@ -41,12 +43,14 @@ fn main() {
         .args(FLAVOURS)
         .env("CC", &cc)
         .env("LD", &ld)
+        .env("OBJCOPY", &objcopy)
         .status()
         .expect("cannot run sh for guests/minios/build.sh");
     if !status.success() {
         panic!(
-            "guests/minios/build.sh failed ({status}); it needs gcc able to emit 32-bit code \
-             (`gcc -m32 -ffreestanding`) and GNU ld (Debian packages `gcc` and `binutils`)"
+            "guests/minios/build.sh failed ({status}); it needs gcc able to emit 32- and 64-bit \
+             code (`gcc -m32 -ffreestanding`), GNU ld and objcopy (Debian packages `gcc` and \
+             `binutils`)"
         );
     }
 }

@@ -65,6 +65,8 @@ pub struct Cpu {
     pub(crate) ram_size: u64,
     pub(crate) tlb: Box<Tlb>,
     pub(crate) blocks: HashMap<u64, Rc<Block>>,
+    /// Direct-mapped front of `blocks`: most lookups end here.
+    pub(crate) fast_blocks: Box<[Option<(u64, Rc<Block>)>]>,
     pub(crate) page_blocks: HashMap<u64, Vec<u64>>,
     pub(crate) code_pages: Vec<u64>,
     /// Per segment register: fast-path permission bits (see `seg.rs`).
@@ -94,6 +96,14 @@ pub struct Cpu {
     pub stats: CpuStats,
 }
 
+/// Entries of the direct-mapped block cache.
+const FAST_BLOCKS: usize = 4096;
+
+#[inline(always)]
+fn fast_slot(key: u64) -> usize {
+    ((key ^ (key >> 12) ^ (key >> 40)) as usize) & (FAST_BLOCKS - 1)
+}
+
 /// Largest number of instructions in one decoded block.
 pub(crate) const MAX_BLOCK: usize = 64;
 
@@ -111,6 +121,7 @@ impl Cpu {
             ram_size,
             tlb: Tlb::new(),
             blocks: HashMap::new(),
+            fast_blocks: (0..FAST_BLOCKS).map(|_| None).collect(),
             page_blocks: HashMap::new(),
             code_pages: vec![0; pages.div_ceil(64) as usize],
             seg_ok: [0; 6],
@@ -343,8 +354,20 @@ impl Cpu {
         let lin = self.st.seg[seg::CS].base.wrapping_add(self.st.rip) as u32;
         let phys = self.translate_fetch(bus, lin)?;
         let key = phys | ((self.code_size() as u64) << 40);
+        let slot = fast_slot(key);
+        if let Some((k, b)) = &self.fast_blocks[slot] {
+            if *k == key && b.ip == self.st.rip {
+                return Ok(b.clone());
+            }
+        }
         if let Some(b) = self.blocks.get(&key) {
-            return Ok(b.clone());
+            // The same physical code reached at another EIP (an alias)
+            // has other branch targets: decode it again.
+            if b.ip == self.st.rip {
+                let b = b.clone();
+                self.fast_blocks[slot] = Some((key, b.clone()));
+                return Ok(b);
+            }
         }
         let block = decode_block(self, bus, lin, phys)?;
         self.stats.blocks_decoded += 1;
@@ -354,6 +377,7 @@ impl Cpu {
             self.mark_code_page(page);
             self.page_blocks.entry(page).or_default().push(key);
             self.blocks.insert(key, block.clone());
+            self.fast_blocks[slot] = Some((key, block.clone()));
         }
         Ok(block)
     }
@@ -386,6 +410,10 @@ impl Cpu {
         if let Some(keys) = self.page_blocks.remove(&page) {
             for k in keys {
                 self.blocks.remove(&k);
+                let slot = fast_slot(k);
+                if matches!(&self.fast_blocks[slot], Some((fk, _)) if *fk == k) {
+                    self.fast_blocks[slot] = None;
+                }
             }
         }
         self.stats.invalidations += 1;
@@ -394,6 +422,7 @@ impl Cpu {
 
     /// Drops every decoded block (e.g. after restoring memory).
     pub fn flush_code_cache(&mut self) {
+        self.fast_blocks.iter_mut().for_each(|b| *b = None);
         self.blocks.clear();
         self.page_blocks.clear();
         self.code_pages.iter_mut().for_each(|w| *w = 0);

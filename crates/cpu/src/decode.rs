@@ -86,6 +86,8 @@ pub struct DecodedInsn {
 /// A run of decoded instructions at consecutive addresses.
 #[derive(Debug)]
 pub struct Block {
+    /// EIP of the first instruction (branch targets depend on it).
+    pub ip: u64,
     /// The instructions.
     pub insns: Vec<DecodedInsn>,
     /// False for a block that must not be cached (an instruction crossing a
@@ -269,6 +271,7 @@ pub(crate) fn decode_block(cpu: &mut Cpu, bus: &mut dyn Bus, lin: u32, phys: u64
                 d3.decode_out(&mut insn);
                 let d = resolve(&insn, code_size);
                 return Ok(Block {
+                    ip,
                     len: d.len as u32,
                     insns: vec![d],
                     cacheable: false,
@@ -288,6 +291,7 @@ pub(crate) fn decode_block(cpu: &mut Cpu, bus: &mut dyn Bus, lin: u32, phys: u64
         }
     }
     Ok(Block {
+        ip,
         insns,
         cacheable: true,
         len: consumed as u32,

@@ -265,6 +265,7 @@ impl Cpu {
 
     /// Translates a linear address, walking the page tables on a TLB miss.
     /// Raises #PF (setting CR2) when the access is not allowed.
+    #[inline]
     pub(crate) fn translate(
         &mut self,
         bus: &mut dyn Bus,
@@ -279,6 +280,20 @@ impl Cpu {
         if e.vtag == tag && (kind != AccessKind::Write || e.writable) {
             return Ok(e.phys | (lin & 0xfff) as u64);
         }
+        self.translate_miss(bus, lin, kind, user)
+    }
+
+    #[cold]
+    fn translate_miss(
+        &mut self,
+        bus: &mut dyn Bus,
+        lin: u32,
+        kind: AccessKind,
+        user: bool,
+    ) -> Result<u64, Exc> {
+        let set = user as usize;
+        let idx = ((lin >> 12) as usize) % TLB_SIZE;
+        let tag = (lin & !0xfff) | 1;
         if self.st.cr0 & cr::CR0_PG == 0 {
             let phys = (lin & !0xfff) as u64;
             self.fill(set, idx, tag, phys, true, false);

@@ -7,14 +7,18 @@
 //! |---|---|
 //! | `minios` | i386 Multiboot v1 ELF, native flavour: uses sensitive instructions like any OS |
 //! | `minios-pv` | the same sources built with `-DPARAVIRT`: every sensitive operation is a hypercall (`docs/hypercalls.md`) |
+//! | `minios64` | x86-64 (long mode, 4-level paging), native flavour; an ELF32 Multiboot v1 image whose 32-bit entry switches to long mode |
+//! | `minios64-pv` | x86-64, paravirtual flavour |
 //!
 //! See `docs/minios.md` for the kernel's design, its self-checks and benchmarks.
 
 static MINIOS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/minios"));
 static MINIOS_PV: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/minios-pv"));
+static MINIOS64: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/minios64"));
+static MINIOS64_PV: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/minios64-pv"));
 
 /// The names [`by_name`] knows, default guest first.
-pub const NAMES: &[&str] = &["minios", "minios-pv"];
+pub const NAMES: &[&str] = &["minios", "minios-pv", "minios64", "minios64-pv"];
 
 /// The i386 native minios: a Multiboot v1 ELF32 image (the default guest).
 pub fn minios() -> &'static [u8] {
@@ -27,11 +31,25 @@ pub fn minios_pv() -> &'static [u8] {
     MINIOS_PV
 }
 
+/// The x86-64 native minios: a Multiboot v1 image (ELF32 container) whose
+/// 32-bit entry code switches to long mode itself (EFER.LME before CR0.PG).
+pub fn minios64() -> &'static [u8] {
+    MINIOS64
+}
+
+/// The x86-64 paravirtual minios (`-DPARAVIRT`); like [`minios64`], it enters
+/// long mode itself before its first hypercall.
+pub fn minios64_pv() -> &'static [u8] {
+    MINIOS64_PV
+}
+
 /// The image called `name` (one of [`NAMES`]), or `None`.
 pub fn by_name(name: &str) -> Option<&'static [u8]> {
     match name {
         "minios" => Some(minios()),
         "minios-pv" => Some(minios_pv()),
+        "minios64" => Some(minios64()),
+        "minios64-pv" => Some(minios64_pv()),
         _ => None,
     }
 }
@@ -53,7 +71,7 @@ mod tests {
         for name in NAMES {
             assert!(by_name(name).is_some(), "{name}");
         }
-        assert!(by_name("minios64").is_none());
+        assert!(by_name("minios32").is_none());
         assert!(by_name("").is_none());
     }
 
@@ -93,6 +111,9 @@ mod tests {
         let has = |img: &[u8], s: &str| img.windows(s.len()).any(|w| w == s.as_bytes());
         assert!(has(minios(), "i386 native"));
         assert!(has(minios_pv(), "i386 paravirtual"));
+        assert!(has(minios64(), "x86-64 native"));
+        assert!(has(minios64_pv(), "x86-64 paravirtual"));
         assert_ne!(minios(), minios_pv());
+        assert_ne!(minios64(), minios64_pv());
     }
 }

@@ -8,6 +8,7 @@
 //! terminal input, hypercall → [`hypercall`], device stop → outcome), feed
 //! terminal input to COM1.
 
+pub mod bench;
 pub mod boot;
 pub mod hypercall;
 pub mod report;
@@ -248,6 +249,12 @@ impl Vm {
                     let img = popek_guests::by_name(n).ok_or_else(|| {
                         VmError::NoGuest(n.clone(), popek_guests::NAMES.join(", "))
                     })?;
+                    if n.contains("64") && cfg.engine != EngineKind::Hw {
+                        return Err(VmError::Engine(format!(
+                            "--guest {n}: a 64-bit guest; engine {} has no long mode yet (use --engine hw)",
+                            cfg.engine.name()
+                        )));
+                    }
                     (
                         img.into(),
                         format!("embedded guest {n}"),
@@ -421,6 +428,16 @@ impl Vm {
                 Err(e) => return Outcome::Died(report::died(self.engine.as_mut(), &e.to_string())),
             };
             self.machine.advance(self.engine.instructions());
+            if tracing::enabled!(tracing::Level::TRACE) {
+                let st = self.engine.state();
+                tracing::trace!(
+                    "icount={} cs:eip={:04x}:{:08x} exit={:?}",
+                    self.engine.instructions(),
+                    st.seg[popek_cpu::state::seg::CS].selector,
+                    st.rip,
+                    exit
+                );
+            }
             match exit {
                 VmExit::Budget => {}
                 VmExit::Halt => {

@@ -15,6 +15,7 @@ void console_write(const char *s, size_t n);
 int kprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* main.c */
+void kmain(u32 magic, uptr mbi_addr);
 extern const char *const flavour;
 void __attribute__((noreturn)) machine_exit_failure(u32 code);
 void __attribute__((noreturn)) machine_power_off(void);
@@ -37,7 +38,6 @@ void pit_init(u32 hz);
 #define TIMER_HZ 100
 
 /* desc.c (arch) */
-void kmain(u32 magic, uptr mbi_addr);
 extern u64 gdt[GDT_ENTRIES];
 extern u64 idt[IDT_QWORDS];
 struct tss;
@@ -89,7 +89,6 @@ s32 proc_spawn(u32 prog, u32 arg, struct proc *parent);
 void schedule(void);
 void __attribute__((noreturn)) proc_exit(s32 code);
 void syscall(struct trapframe *tf);
-void run_until_idle(void);
 s32 reap_child(struct proc *parent, s32 *status);
 int demand_fault(uptr va);
 void timer_start(void);

@@ -6,6 +6,7 @@
 #include "abi.h"
 #include "lib.h"
 
+/* int $0x80: EAX = number, arguments in EBX, ECX, EDX (RAX.. on x86-64). */
 static inline sptr sys3(uptr n, uptr a, uptr b, uptr c)
 {
 	sptr r;

@@ -98,8 +98,10 @@ void kmain(u32 magic, uptr mbi_addr)
 	if (proc_spawn(PROG_INIT, 0, NULL) < 0)
 		panic("cannot start init");
 	timer_start();
-	for (;;) {
+	for (;;) { /* the idle loop */
 		schedule();
+		while (reap_child(NULL, NULL) > 0) /* orphans */
+			;
 		safe_halt();
 		irq_disable();
 	}

@@ -129,14 +129,6 @@ static int has_children(struct proc *parent)
 	return 0;
 }
 
-/* Run the processes until none is runnable (used before the timer starts). */
-void run_until_idle(void)
-{
-	schedule();
-	while (reap_child(NULL, NULL) > 0)
-		;
-}
-
 void proc_exit(s32 code)
 {
 	struct proc *p = current;
@@ -248,7 +240,7 @@ static s32 sys_sbrk(s32 incr)
 
 void syscall(struct trapframe *tf)
 {
-	uptr a = tf->bx, b = tf->cx;
+	uptr a = SYSCALL_ARG0(tf), b = SYSCALL_ARG1(tf);
 	s32 r;
 	switch (tf->ax) {
 	case SYS_EXIT: proc_exit((s32)a);

@@ -627,8 +627,8 @@ fn aaa_aas(c: &mut Cpu, add: bool) -> R {
         let r = if add {
             ax.wrapping_add(0x106)
         } else {
-            let lo = (al.wrapping_sub(6)) as u16;
-            (ax.wrapping_sub(0x100) & 0xff00) | lo
+            // AX ← AX − 6; AH ← AH − 1 (SDM): the borrow reaches AH.
+            ax.wrapping_sub(0x106)
         };
         (r, true)
     } else {

@@ -108,8 +108,10 @@ pub fn handler_for(insn: &Instruction) -> Handler {
         Bts => alu::bts,
         Btr => alu::btr,
         Btc => alu::btc,
-        Bsf => alu::bsf,
-        Bsr => alu::bsr,
+        // Without BMI1/LZCNT (not advertised), F3 0F BC/BD execute as
+        // BSF/BSR, as on every processor before Haswell.
+        Bsf | Tzcnt => alu::bsf,
+        Bsr | Lzcnt => alu::bsr,
         Seta | Setae | Setb | Setbe | Sete | Setg | Setge | Setl | Setle | Setne | Setno
         | Setnp | Setns | Seto | Setp | Sets => alu::setcc,
         Cmova | Cmovae | Cmovb | Cmovbe | Cmove | Cmovg | Cmovge | Cmovl | Cmovle | Cmovne

@@ -169,7 +169,7 @@ pub(crate) fn enter(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
         }
         c.push(bus, size, frame)?;
     }
-    let nsp = frame.wrapping_sub(alloc) & m;
+    let nsp = c.gr(4, ss).wrapping_sub(alloc) & m;
     // The final stack pointer must be writable (SDM: ENTER checks it).
     c.seg_lin(seg::SS, nsp as u32, 1, true)?;
     c.sr(5, size, frame);

@@ -107,9 +107,10 @@ impl Cpu {
                 self.stop_block = true;
             }
             4 => {
-                let supported = cr::CR4_VME
-                    | cr::CR4_PVI
-                    | cr::CR4_TSD
+                // VME/PVI are not modelled (and not in CPUID): refuse them
+                // like a processor without the feature, rather than accept
+                // a mode whose semantics would then be missing.
+                let supported = cr::CR4_TSD
                     | cr::CR4_DE
                     | cr::CR4_PSE
                     | cr::CR4_MCE

@@ -21,6 +21,9 @@ struct trapframe {
 #define SWTCH_REGS 4 /* callee-saved registers swtch pushes */
 /* LAR of KERNEL_CS: P, DPL 0, code, readable; G, D (accessed bit masked). */
 #define LAR_KERNEL_CS 0x00c09a00u
+/* System-call arguments: EBX, ECX, EDX. */
+#define SYSCALL_ARG0(tf) ((tf)->bx)
+#define SYSCALL_ARG1(tf) ((tf)->cx)
 
 /* A new process: entry(arg) with a return address that calls exit. The top
  * user stack page is at kernel address `page`, user address USER_STACK_TOP -

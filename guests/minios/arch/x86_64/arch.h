@@ -21,6 +21,9 @@ struct trapframe {
 #define SWTCH_REGS 6 /* callee-saved registers swtch pushes */
 /* LAR of KERNEL_CS: P, DPL 0, code, readable; G, L (accessed bit masked). */
 #define LAR_KERNEL_CS 0x00a09a00u
+/* System-call arguments: EBX, ECX, EDX (RBX, RCX, RDX), as on i386. */
+#define SYSCALL_ARG0(tf) ((tf)->bx)
+#define SYSCALL_ARG1(tf) ((tf)->cx)
 
 /* A new process: entry(arg) (arg in RDI) with a return address that calls
  * exit. The top user stack page is at kernel address `page`. */

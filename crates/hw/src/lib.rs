@@ -1,0 +1,842 @@
+//! The `hw` engine: hardware-assisted virtualization through Linux KVM.
+//!
+//! The guest runs natively in the CPU's guest ("root") mode; every sensitive
+//! instruction traps in hardware and only what KVM does not handle itself
+//! comes back here as a VM exit. popek supplies the memory (the same
+//! [`GuestRam`] mapping the other engines use, registered as KVM memory slot
+//! 0), the devices (the machine's own PIC, PIT, UART… — KVM's in-kernel
+//! irqchip is not used, so devices behave identically on every engine) and
+//! the exit loop in [`Hw::run`]. See `docs/hw.md`.
+//!
+//! ```text
+//!   Vm::run ──► Hw::run ──► KVM_RUN ──► guest
+//!                  ▲  │ IO/MMIO exit: machine.io_in/io_out/mmio_*  (in the engine)
+//!                  │  │ IRQ window:   KVM_INTERRUPT ← machine.acknowledge_interrupt
+//!                  │  └ HLT / shutdown / hypercall / stop / slice end ──► VmExit
+//! ```
+//!
+//! [`probe`] finds out what the host's KVM can run (real mode, 32-bit
+//! paging, long mode) by booting tiny guests, and whether it is a software
+//! KVM such as `kvm_pvm`.
+
+#![deny(missing_docs)]
+
+pub mod guests;
+pub mod probe;
+pub mod regs;
+mod timer;
+pub mod walk;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_debugregs, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
+    kvm_vcpu_events, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use popek_cpu::state::{attr, flags, seg};
+use popek_cpu::CpuState;
+use popek_engine::{Engine, EngineError, VmExit};
+use popek_machine::Machine;
+use popek_memory::GuestRam;
+
+pub use probe::{probe, Capabilities};
+
+/// The port the hypercall doorbell listens on (`docs/hypercalls.md`).
+pub const HYPERCALL_PORT: u16 = 0x5650;
+
+/// Where KVM may put the real-mode TSS (three pages) on VMX hosts without
+/// unrestricted guest: above the largest RAM popek allows, below 4 GiB.
+const TSS_ADDR: usize = 0xfffb_d000;
+/// The identity-map page KVM uses for the same purpose.
+const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+/// Longest time the vCPU stays in KVM without giving the VMM a turn.
+const MAX_SLICE: Duration = Duration::from_millis(10);
+/// Shortest slice.
+const MIN_SLICE: Duration = Duration::from_micros(100);
+
+/// Why the `hw` engine could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum HwError {
+    /// `/dev/kvm` cannot be opened.
+    #[error("/dev/kvm: {0}")]
+    NoKvm(String),
+    /// A KVM set-up call failed.
+    #[error("KVM {call}: {err}")]
+    Setup {
+        /// The failing call.
+        call: &'static str,
+        /// The error.
+        err: String,
+    },
+}
+
+fn setup(call: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> HwError {
+    move |e| HwError::Setup {
+        call,
+        err: e.to_string(),
+    }
+}
+
+/// Whether `/dev/kvm` exists and opens.
+pub fn kvm_available() -> bool {
+    Kvm::new().is_ok()
+}
+
+/// Exit counters, for `--stats`.
+#[derive(Clone, Debug, Default)]
+pub struct HwStats {
+    /// `KVM_RUN` calls.
+    pub runs: u64,
+    /// Port I/O exits.
+    pub io: u64,
+    /// MMIO exits.
+    pub mmio: u64,
+    /// HLT exits.
+    pub hlt: u64,
+    /// Hypercalls.
+    pub hypercalls: u64,
+    /// Interrupts injected with `KVM_INTERRUPT`.
+    pub interrupts: u64,
+    /// Interrupt-window exits.
+    pub irq_windows: u64,
+    /// Slice ends (the timer signal got the vCPU out of KVM).
+    pub slice_ends: u64,
+}
+
+/// KVM's view of the vCPU registers, as last read or written, with popek's
+/// state built from it.
+struct Snapshot {
+    state: CpuState,
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    fpu: kvm_fpu,
+    debugregs: kvm_debugregs,
+    events: kvm_vcpu_events,
+    msrs: Vec<(u32, u64)>,
+}
+
+/// What a `KVM_RUN` returned, without the borrow of the run structure.
+#[derive(Clone, Copy, Debug)]
+enum Exit {
+    Io,
+    Mmio,
+    Hlt,
+    IrqWindow,
+    Shutdown,
+    FailEntry(u64),
+    Internal,
+    Intr,
+    SystemEvent(u32),
+    Other(&'static str),
+    Interrupted,
+}
+
+fn classify(e: &VcpuExit<'_>) -> Exit {
+    match e {
+        VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => Exit::Io,
+        VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..) => Exit::Mmio,
+        VcpuExit::Hlt => Exit::Hlt,
+        VcpuExit::IrqWindowOpen => Exit::IrqWindow,
+        VcpuExit::Shutdown => Exit::Shutdown,
+        VcpuExit::FailEntry(r, _) => Exit::FailEntry(*r),
+        VcpuExit::InternalError => Exit::Internal,
+        VcpuExit::Intr => Exit::Intr,
+        VcpuExit::SystemEvent(t, _) => Exit::SystemEvent(*t),
+        VcpuExit::Unknown => Exit::Other("KVM_EXIT_UNKNOWN"),
+        VcpuExit::Exception => Exit::Other("KVM_EXIT_EXCEPTION"),
+        VcpuExit::Debug(_) => Exit::Other("KVM_EXIT_DEBUG"),
+        VcpuExit::Hypercall(_) => Exit::Other("KVM_EXIT_HYPERCALL"),
+        VcpuExit::Nmi => Exit::Other("KVM_EXIT_NMI"),
+        VcpuExit::X86Rdmsr(_) => Exit::Other("KVM_EXIT_X86_RDMSR"),
+        VcpuExit::X86Wrmsr(_) => Exit::Other("KVM_EXIT_X86_WRMSR"),
+        VcpuExit::MemoryFault { .. } => Exit::Other("KVM_EXIT_MEMORY_FAULT"),
+        _ => Exit::Other("an unexpected KVM exit"),
+    }
+}
+
+/// The `hw` engine: one KVM VM with one vCPU.
+pub struct Hw {
+    // Field order is drop order: the vCPU before the VM before /dev/kvm.
+    vcpu: VcpuFd,
+    vm: VmFd,
+    _kvm: Kvm,
+    ram: Arc<GuestRam>,
+    /// Valid while the vCPU has not run since it was read or written.
+    snap: Option<Snapshot>,
+    /// The vCPU executed HLT (or a halting hypercall) and waits for an
+    /// interrupt; KVM itself has already moved RIP past the HLT.
+    halted: bool,
+    /// An I/O or MMIO exit whose completion KVM does on the next KVM_RUN.
+    io_pending: bool,
+    timer: timer::SliceTimer,
+    guest_ns: u64,
+    stats: HwStats,
+    msr_indices: Vec<u32>,
+}
+
+impl std::fmt::Debug for Hw {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hw")
+            .field("halted", &self.halted)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+fn internal(reason: String) -> EngineError {
+    EngineError::Internal {
+        engine: "hw",
+        reason,
+    }
+}
+
+impl Hw {
+    /// A VM and vCPU on the machine's RAM, with KVM's supported CPUID. The
+    /// vCPU starts in KVM's reset state; the VMM sets the boot entry state
+    /// with [`Engine::set_state`].
+    pub fn new(machine: &Machine) -> Result<Hw, HwError> {
+        Self::with_ram(machine.ram().clone())
+    }
+
+    /// As [`Hw::new`], on bare RAM (for the probe and tests).
+    pub fn with_ram(ram: Arc<GuestRam>) -> Result<Hw, HwError> {
+        let kvm = Kvm::new().map_err(|e| HwError::NoKvm(e.to_string()))?;
+        let vm = kvm.create_vm().map_err(setup("KVM_CREATE_VM"))?;
+        // Needed by VMX without unrestricted guest for real mode; refused or
+        // ignored elsewhere (AMD, kvm_pvm), which is fine.
+        if let Err(e) = vm.set_identity_map_address(IDENTITY_MAP_ADDR) {
+            tracing::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
+        }
+        if let Err(e) = vm.set_tss_address(TSS_ADDR) {
+            tracing::debug!("KVM_SET_TSS_ADDR: {e}");
+        }
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: ram.size(),
+            userspace_addr: ram.host_ptr() as u64,
+        };
+        // SAFETY: the region is the whole GuestRam mapping, which `self.ram`
+        // keeps alive for as long as the VM exists (the VM fd is dropped
+        // before the Arc).
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(setup("KVM_SET_USER_MEMORY_REGION"))?;
+        let vcpu = vm.create_vcpu(0).map_err(setup("KVM_CREATE_VCPU"))?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(setup("KVM_GET_SUPPORTED_CPUID"))?;
+        vcpu.set_cpuid2(&cpuid).map_err(setup("KVM_SET_CPUID2"))?;
+        let timer = timer::SliceTimer::new().map_err(|e| HwError::Setup {
+            call: "timer_create",
+            err: e.to_string(),
+        })?;
+        let mut hw = Hw {
+            vcpu,
+            vm,
+            _kvm: kvm,
+            ram,
+            snap: None,
+            halted: false,
+            io_pending: false,
+            timer,
+            guest_ns: 0,
+            stats: HwStats::default(),
+            msr_indices: regs::MSR_INDICES.to_vec(),
+        };
+        // Keep only the MSRs this KVM lets us read (KVM_GET_MSRS stops at
+        // the first it refuses).
+        let n = hw.read_msrs().len();
+        hw.msr_indices.truncate(n);
+        Ok(hw)
+    }
+
+    /// The VM file descriptor (for tools and benchmarks).
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// Exit counters.
+    pub fn hw_stats(&self) -> &HwStats {
+        &self.stats
+    }
+
+    fn read_msrs(&self) -> Vec<(u32, u64)> {
+        let entries: Vec<kvm_msr_entry> = self
+            .msr_indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let Ok(mut msrs) = Msrs::from_entries(&entries) else {
+            return Vec::new();
+        };
+        let n = self.vcpu.get_msrs(&mut msrs).unwrap_or(0);
+        msrs.as_slice()[..n]
+            .iter()
+            .map(|e| (e.index, e.data))
+            .collect()
+    }
+
+    fn fetch(&mut self) -> Result<&Snapshot, EngineError> {
+        if self.snap.is_none() {
+            let err = |what: &str, e: kvm_ioctls::Error| internal(format!("{what}: {e}"));
+            let regs = self.vcpu.get_regs().map_err(|e| err("KVM_GET_REGS", e))?;
+            let sregs = self.vcpu.get_sregs().map_err(|e| err("KVM_GET_SREGS", e))?;
+            let fpu = self.vcpu.get_fpu().map_err(|e| err("KVM_GET_FPU", e))?;
+            let debugregs = self.vcpu.get_debug_regs().unwrap_or_default();
+            let events = self.vcpu.get_vcpu_events().unwrap_or_default();
+            let msrs = self.read_msrs();
+            let mut state = CpuState::reset();
+            regs::regs_from_kvm(&regs, &mut state);
+            regs::sregs_from_kvm(&sregs, &mut state);
+            state.fpu = regs::fpu_from_kvm(&fpu);
+            regs::debugregs_from_kvm(&debugregs, &mut state);
+            for &(i, v) in &msrs {
+                regs::msr_store(&mut state.msr, i, v);
+            }
+            state.interrupt_shadow = events.interrupt.shadow != 0;
+            self.snap = Some(Snapshot {
+                state,
+                regs,
+                sregs,
+                fpu,
+                debugregs,
+                events,
+                msrs,
+            });
+        }
+        Ok(self.snap.as_ref().expect("just filled"))
+    }
+
+    /// Lets KVM finish an I/O or MMIO instruction whose exit was served
+    /// (it copies IN data to RAX and advances RIP at the next `KVM_RUN`),
+    /// without running the guest further: `KVM_RUN` with `immediate_exit`.
+    fn complete_io(&mut self) -> Result<(), EngineError> {
+        if !self.io_pending {
+            return Ok(());
+        }
+        self.io_pending = false;
+        self.vcpu.set_kvm_immediate_exit(1);
+        let r = self.vcpu.run().map(|e| classify(&e));
+        self.vcpu.set_kvm_immediate_exit(0);
+        self.snap = None;
+        match r {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(internal(format!(
+                "KVM_RUN (completing an I/O exit): {e}"
+            ))),
+            Ok(x) => Err(internal(format!(
+                "KVM_RUN with immediate_exit returned {x:?} instead of EINTR"
+            ))),
+        }
+    }
+
+    /// The guest's IF as KVM will see it at the next entry.
+    fn if_flag(&mut self) -> bool {
+        match &self.snap {
+            Some(s) => s.state.rflags & flags::IF as u64 != 0,
+            None => self.vcpu.get_kvm_run().if_flag != 0,
+        }
+    }
+
+    /// Offers the machine's pending interrupt (8259 INTR) to the vCPU:
+    /// injects it when the guest can take it now, else asks KVM for an
+    /// interrupt-window exit.
+    fn offer_interrupt(&mut self, machine: &mut Machine) -> Result<(), EngineError> {
+        let pending = machine.interrupt_pending();
+        let can = pending && self.if_flag() && {
+            let run = self.vcpu.get_kvm_run();
+            run.ready_for_interrupt_injection != 0
+        } && !self.snap.as_ref().is_some_and(|s| s.state.interrupt_shadow);
+        if can {
+            let vector = machine.acknowledge_interrupt();
+            let irq = kvm_bindings::kvm_interrupt {
+                irq: u32::from(vector),
+            };
+            // SAFETY: KVM_INTERRUPT on a vCPU fd reads one kvm_interrupt,
+            // which `irq` is.
+            let r = unsafe {
+                vmm_sys_util::ioctl::ioctl_with_ref(&self.vcpu, kvm_interrupt_ioctl(), &irq)
+            };
+            if r < 0 {
+                return Err(internal(format!(
+                    "KVM_INTERRUPT (vector {vector:#x}): {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+            self.stats.interrupts += 1;
+            self.halted = false;
+            self.snap = None;
+        }
+        self.vcpu.get_kvm_run().request_interrupt_window = u8::from(pending && !can);
+        Ok(())
+    }
+
+    /// Serves a `KVM_EXIT_IO`. Returns the VM exit to report, if any.
+    fn port_io(&mut self, machine: &mut Machine) -> Result<Option<VmExit>, EngineError> {
+        self.stats.io += 1;
+        let run_size = self.vm.run_size();
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_IO, so `io` is the live union member.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let (port, size, count) = (io.port, io.size, io.count as usize);
+        let len = usize::from(size) * count;
+        if !(matches!(size, 1 | 2 | 4)) || io.data_offset as usize + len > run_size {
+            return Err(internal(format!(
+                "KVM_EXIT_IO with a malformed data area (port {port:#x}, size {size}, count {count})"
+            )));
+        }
+        let base = (run as *mut kvm_bindings::kvm_run).cast::<u8>();
+        // SAFETY: KVM puts the data area inside the kvm_run mapping (checked
+        // against its size above); nothing else aliases it until the next run.
+        let data = unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), len) };
+        self.io_pending = true;
+        if u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_IN {
+            if port == HYPERCALL_PORT && size == 4 && count == 1 {
+                data.copy_from_slice(&[0xff; 4]);
+                self.complete_io()?;
+                if self.fetch()?.state.cpl() < 3 {
+                    self.stats.hypercalls += 1;
+                    return Ok(Some(VmExit::Hypercall));
+                }
+                return Ok(None);
+            }
+            for chunk in data.chunks_mut(usize::from(size)) {
+                let v = machine.io_in(port, size);
+                chunk.copy_from_slice(&v.to_le_bytes()[..usize::from(size)]);
+            }
+        } else {
+            for chunk in data.chunks(usize::from(size)) {
+                let mut b = [0u8; 4];
+                b[..chunk.len()].copy_from_slice(chunk);
+                machine.io_out(port, size, u32::from_le_bytes(b));
+            }
+            if machine.stop_pending() {
+                self.complete_io()?;
+                return Ok(Some(VmExit::MachineStop));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Serves a `KVM_EXIT_MMIO`.
+    fn mmio(&mut self, machine: &mut Machine) -> Result<Option<VmExit>, EngineError> {
+        self.stats.mmio += 1;
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_MMIO, so `mmio` is the live member.
+        let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+        let len = (mmio.len as usize).min(8);
+        self.io_pending = true;
+        if mmio.is_write != 0 {
+            let mut b = [0u8; 8];
+            b[..len].copy_from_slice(&mmio.data[..len]);
+            machine.mmio_write(mmio.phys_addr, len as u8, u64::from_le_bytes(b));
+            if machine.stop_pending() {
+                self.complete_io()?;
+                return Ok(Some(VmExit::MachineStop));
+            }
+        } else {
+            let v = machine.mmio_read(mmio.phys_addr, len as u8);
+            mmio.data[..len].copy_from_slice(&v.to_le_bytes()[..len]);
+        }
+        Ok(None)
+    }
+
+    /// A failure report: what KVM said, the registers (64-bit) and the
+    /// instruction bytes (KVM's own copy when it gives one).
+    fn failure(&mut self, what: String, kvm_insn: Option<Vec<u8>>) -> EngineError {
+        let mut text = what;
+        let state = match self.fetch() {
+            Ok(s) => s.state.clone(),
+            Err(e) => return internal(format!("{text} (and the registers are unreadable: {e})")),
+        };
+        text.push('\n');
+        text.push_str(&register_dump(&state));
+        let cs = state.seg[seg::CS];
+        let bytes = match kvm_insn {
+            Some(b) if !b.is_empty() => b,
+            _ => {
+                let mut b = Vec::new();
+                for i in 0..15u64 {
+                    let mut one = [0u8];
+                    if self
+                        .peek_linear(cs.base.wrapping_add(state.rip).wrapping_add(i), &mut one)
+                        .is_none()
+                    {
+                        break;
+                    }
+                    b.push(one[0]);
+                }
+                b
+            }
+        };
+        text.push_str(&format!(
+            "\n  instruction at {:04x}:{:016x}: {}",
+            cs.selector,
+            state.rip,
+            disassemble(&bytes, &state)
+        ));
+        internal(text)
+    }
+
+    fn internal_error(&mut self) -> EngineError {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR: `internal` is
+        // live, and `emulation_failure` overlays it for the emulation suberror.
+        let (internal_err, emu) = unsafe {
+            (
+                run.__bindgen_anon_1.internal,
+                run.__bindgen_anon_1.emulation_failure,
+            )
+        };
+        let sub = internal_err.suberror;
+        let name = match sub {
+            kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => "emulation failure",
+            kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "exception while delivering an exception",
+            kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "event delivery failed",
+            kvm_bindings::KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON => "unexpected exit reason",
+            _ => "unknown suberror",
+        };
+        let mut insn = None;
+        if sub == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION
+            && emu.flags & u64::from(kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
+                != 0
+        {
+            // SAFETY: the flag says the instruction bytes are present.
+            let b = unsafe { emu.__bindgen_anon_1.__bindgen_anon_1 };
+            insn = Some(b.insn_bytes[..usize::from(b.insn_size).min(15)].to_vec());
+        }
+        let n = (internal_err.ndata as usize).min(16);
+        let data: Vec<String> = internal_err.data[..n]
+            .iter()
+            .map(|d| format!("{d:#x}"))
+            .collect();
+        self.failure(
+            format!(
+                "KVM_EXIT_INTERNAL_ERROR, suberror {sub} ({name}); data [{}]",
+                data.join(", ")
+            ),
+            insn,
+        )
+    }
+}
+
+/// `KVM_INTERRUPT` = `_IOW(KVMIO, 0x86, struct kvm_interrupt)`.
+fn kvm_interrupt_ioctl() -> libc::c_ulong {
+    const IOC_WRITE: libc::c_ulong = 1;
+    (IOC_WRITE << 30)
+        | ((std::mem::size_of::<kvm_bindings::kvm_interrupt>() as libc::c_ulong) << 16)
+        | (0xae << 8)
+        | 0x86
+}
+
+/// Registers, 64 bits wide, for failure reports.
+pub fn register_dump(s: &CpuState) -> String {
+    let g = &s.gpr;
+    let cs = s.seg[seg::CS];
+    format!(
+        "  RAX={:016x} RBX={:016x} RCX={:016x} RDX={:016x}\n  \
+         RSI={:016x} RDI={:016x} RBP={:016x} RSP={:016x}\n  \
+         R8 ={:016x} R9 ={:016x} R10={:016x} R11={:016x}\n  \
+         R12={:016x} R13={:016x} R14={:016x} R15={:016x}\n  \
+         RIP={:016x} RFLAGS={:08x} CPL={} CS={:04x}/{:04x} SS={:04x} DS={:04x}\n  \
+         CR0={:08x} CR2={:016x} CR3={:016x} CR4={:08x} EFER={:x}",
+        g[0],
+        g[3],
+        g[1],
+        g[2],
+        g[6],
+        g[7],
+        g[5],
+        g[4],
+        g[8],
+        g[9],
+        g[10],
+        g[11],
+        g[12],
+        g[13],
+        g[14],
+        g[15],
+        s.rip,
+        s.rflags,
+        s.cpl(),
+        cs.selector,
+        cs.attr,
+        s.seg[seg::SS].selector,
+        s.seg[seg::DS].selector,
+        s.cr0,
+        s.cr2,
+        s.cr3,
+        s.cr4,
+        s.efer
+    )
+}
+
+/// The code size the vCPU decodes with: 64, 32 or 16.
+pub fn code_bitness(s: &CpuState) -> u32 {
+    let cs = s.seg[seg::CS];
+    if s.efer & (1 << 10) != 0 && cs.attr & attr::L != 0 {
+        64
+    } else if s.cr0 & 1 != 0 && cs.big() {
+        32
+    } else {
+        16
+    }
+}
+
+/// `mnemonic [hex bytes]` for the instruction at the start of `bytes`.
+pub fn disassemble(bytes: &[u8], s: &CpuState) -> String {
+    use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter};
+    let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    if bytes.is_empty() {
+        return "(unreadable)".into();
+    }
+    let mut dec = Decoder::with_ip(code_bitness(s), bytes, s.rip, DecoderOptions::NONE);
+    let mut insn = Instruction::default();
+    dec.decode_out(&mut insn);
+    let mut out = String::new();
+    IntelFormatter::new().format(&insn, &mut out);
+    let used = insn.len().min(bytes.len()).max(1);
+    format!("{out} [{}]", hex[..used].join(" "))
+}
+
+impl Engine for Hw {
+    fn name(&self) -> &'static str {
+        "hw"
+    }
+
+    fn run(&mut self, machine: &mut Machine, budget: u64) -> Result<VmExit, EngineError> {
+        self.complete_io()?;
+        // The slice: the budget at one instruction per nanosecond, extended
+        // up to the machine's next timer event (nothing else needs the VMM
+        // while the guest computes), within [MIN_SLICE, MAX_SLICE].
+        let mut slice = Duration::from_nanos(budget);
+        if let Some(next) = machine.time_to_next_event(self.guest_ns) {
+            slice = slice.max(next);
+        } else {
+            slice = MAX_SLICE;
+        }
+        let slice = slice.clamp(MIN_SLICE, MAX_SLICE);
+        let start = Instant::now();
+        let deadline = start + slice;
+        self.timer
+            .ensure_thread()
+            .map_err(|e| internal(format!("timer_create: {e}")))?;
+        let immediate_exit: *mut u8 = &mut self.vcpu.get_kvm_run().immediate_exit;
+        // SAFETY: the kvm_run mapping lives as long as `self.vcpu`, which
+        // outlives this guard (dropped at the end of this function).
+        let _armed = unsafe { timer::Armed::new(immediate_exit) };
+        self.timer.arm(slice);
+        let result = self.run_loop(machine, deadline);
+        self.timer.arm(Duration::ZERO);
+        self.vcpu.set_kvm_immediate_exit(0);
+        result
+    }
+
+    fn state(&mut self) -> CpuState {
+        let halted = self.halted;
+        match self.fetch() {
+            Ok(s) => {
+                let mut st = s.state.clone();
+                st.halted = halted;
+                st
+            }
+            Err(e) => {
+                tracing::error!("hw: cannot read the vCPU state: {e}");
+                CpuState::reset()
+            }
+        }
+    }
+
+    fn set_state(&mut self, state: CpuState) -> Result<(), EngineError> {
+        self.complete_io()?;
+        self.fetch()?;
+        let snap = self.snap.as_mut().expect("fetched");
+        let err = |what: &str, e: kvm_ioctls::Error| EngineError::Unsupported {
+            engine: "hw",
+            reason: format!("{what} refused this vCPU state: {e}"),
+        };
+        let r = regs::regs_to_kvm(&state);
+        if r != snap.regs {
+            self.vcpu.set_regs(&r).map_err(|e| err("KVM_SET_REGS", e))?;
+            snap.regs = r;
+        }
+        let s = regs::sregs_to_kvm(&state, &snap.sregs);
+        if s != snap.sregs {
+            if let Err(e) = self.vcpu.set_sregs(&s) {
+                self.snap = None;
+                return Err(err("KVM_SET_SREGS", e));
+            }
+            snap.sregs = s;
+        }
+        let f = regs::fpu_to_kvm(&state.fpu);
+        if f != snap.fpu {
+            self.vcpu.set_fpu(&f).map_err(|e| err("KVM_SET_FPU", e))?;
+            snap.fpu = f;
+        }
+        let d = regs::debugregs_to_kvm(&state);
+        if d.db != snap.debugregs.db
+            || d.dr6 != snap.debugregs.dr6
+            || d.dr7 != snap.debugregs.dr7
+        {
+            self.vcpu
+                .set_debug_regs(&d)
+                .map_err(|e| err("KVM_SET_DEBUGREGS", e))?;
+            snap.debugregs = d;
+        }
+        let vals = regs::msrs_values(&state.msr);
+        let want: Vec<(u32, u64)> = regs::MSR_INDICES
+            .iter()
+            .zip(vals)
+            .filter(|(i, _)| self.msr_indices.contains(i))
+            .map(|(i, v)| (*i, v))
+            .collect();
+        if want != snap.msrs {
+            let entries: Vec<kvm_msr_entry> = want
+                .iter()
+                .map(|&(index, data)| kvm_msr_entry {
+                    index,
+                    data,
+                    ..Default::default()
+                })
+                .collect();
+            let msrs = Msrs::from_entries(&entries)
+                .map_err(|e| internal(format!("MSR list: {e:?}")))?;
+            self.vcpu
+                .set_msrs(&msrs)
+                .map_err(|e| err("KVM_SET_MSRS", e))?;
+            snap.msrs = want;
+        }
+        if state.interrupt_shadow != (snap.events.interrupt.shadow != 0) {
+            let mut ev = snap.events;
+            ev.interrupt.shadow = u8::from(state.interrupt_shadow);
+            ev.flags = 0;
+            self.vcpu
+                .set_vcpu_events(&ev)
+                .map_err(|e| err("KVM_SET_VCPU_EVENTS", e))?;
+            snap.events = ev;
+        }
+        self.halted = state.halted;
+        snap.state = state;
+        snap.state.halted = false;
+        Ok(())
+    }
+
+    fn instructions(&self) -> u64 {
+        self.guest_ns
+    }
+
+    fn peek_linear(&mut self, addr: u64, buf: &mut [u8]) -> Option<()> {
+        let state = self.fetch().ok()?.state.clone();
+        for (i, b) in buf.iter_mut().enumerate() {
+            let pa = walk::translate(&self.ram, &state, addr.wrapping_add(i as u64))?;
+            let mut one = [0u8];
+            self.ram.read(pa, &mut one).ok()?;
+            *b = one[0];
+        }
+        Some(())
+    }
+
+    fn poke_linear(&mut self, addr: u64, data: &[u8]) -> Option<()> {
+        let state = self.fetch().ok()?.state.clone();
+        let mut pas = Vec::with_capacity(data.len());
+        for i in 0..data.len() {
+            pas.push(walk::translate(&self.ram, &state, addr.wrapping_add(i as u64))?);
+        }
+        for (pa, b) in pas.into_iter().zip(data) {
+            self.ram.write(pa, &[*b]).ok()?;
+        }
+        Some(())
+    }
+
+    fn stats(&self) -> Vec<(&'static str, u64)> {
+        let s = &self.stats;
+        vec![
+            ("guest time (ns)", self.guest_ns),
+            ("KVM_RUN calls", s.runs),
+            ("port I/O exits", s.io),
+            ("MMIO exits", s.mmio),
+            ("HLT exits", s.hlt),
+            ("hypercalls", s.hypercalls),
+            ("interrupts injected", s.interrupts),
+            ("interrupt-window exits", s.irq_windows),
+            ("slice ends", s.slice_ends),
+        ]
+    }
+}
+
+impl Hw {
+    fn run_loop(&mut self, machine: &mut Machine, deadline: Instant) -> Result<VmExit, EngineError> {
+        loop {
+            self.offer_interrupt(machine)?;
+            if self.halted {
+                return Ok(VmExit::Halt);
+            }
+            if Instant::now() >= deadline {
+                self.stats.slice_ends += 1;
+                return Ok(VmExit::Budget);
+            }
+            self.snap = None;
+            self.stats.runs += 1;
+            let t0 = Instant::now();
+            let exit = match self.vcpu.run() {
+                Ok(e) => classify(&e),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    Exit::Interrupted
+                }
+                Err(e) => {
+                    return Err(self.failure(format!("KVM_RUN failed: {e}"), None));
+                }
+            };
+            self.guest_ns += t0.elapsed().as_nanos() as u64;
+            match exit {
+                Exit::Io => {
+                    if let Some(x) = self.port_io(machine)? {
+                        return Ok(x);
+                    }
+                }
+                Exit::Mmio => {
+                    if let Some(x) = self.mmio(machine)? {
+                        return Ok(x);
+                    }
+                }
+                Exit::Hlt => {
+                    self.stats.hlt += 1;
+                    self.halted = true;
+                }
+                Exit::IrqWindow => self.stats.irq_windows += 1,
+                Exit::Interrupted | Exit::Intr => {
+                    self.vcpu.set_kvm_immediate_exit(0);
+                }
+                Exit::Shutdown => {
+                    return Ok(VmExit::Shutdown {
+                        reason: "triple fault (KVM_EXIT_SHUTDOWN)".into(),
+                    })
+                }
+                Exit::SystemEvent(t) => {
+                    return Ok(VmExit::Shutdown {
+                        reason: format!("KVM_EXIT_SYSTEM_EVENT type {t}"),
+                    })
+                }
+                Exit::FailEntry(r) => {
+                    return Err(self.failure(
+                        format!(
+                            "KVM_EXIT_FAIL_ENTRY: the CPU refused to enter the guest, hardware entry failure reason {r:#x}"
+                        ),
+                        None,
+                    ))
+                }
+                Exit::Internal => return Err(self.internal_error()),
+                Exit::Other(name) => {
+                    return Err(self.failure(format!("{name}: an exit popek does not handle"), None))
+                }
+            }
+        }
+    }
+}
