@@ -329,6 +329,16 @@ fn run(a: RunArgs) -> u8 {
         for (k, v) in vm.engine.stats() {
             eprintln!("  {k:<28} {v}");
         }
+        let touched = vm.machine.ram().resident_bytes();
+        if let Some(rss) = popek_memory::process_rss() {
+            eprintln!(
+                "  {:<28} {:.1} MiB (RSS {:.1} MiB - guest RAM touched {:.1} MiB)",
+                "memory overhead",
+                rss.saturating_sub(touched) as f64 / 1048576.0,
+                rss as f64 / 1048576.0,
+                touched as f64 / 1048576.0
+            );
+        }
     }
     outcome.exit_status() as u8
 }

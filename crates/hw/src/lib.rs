@@ -259,6 +259,12 @@ impl Hw {
         &self.vm
     }
 
+    /// Forgets the cached vCPU state, so the next [`Engine::state`] reads
+    /// it from KVM again.
+    pub fn refresh(&mut self) {
+        self.snap = None;
+    }
+
     /// Exit counters.
     pub fn hw_stats(&self) -> &HwStats {
         &self.stats
@@ -399,7 +405,16 @@ impl Hw {
         self.io_pending = true;
         if u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_IN {
             if port == HYPERCALL_PORT && size == 4 && count == 1 {
-                data.copy_from_slice(&[0xff; 4]);
+                // Complete the IN with EAX's own value, so that the VMM
+                // finds the hypercall number in EAX and RIP past the IN —
+                // the state the software engines stop with. (KVM writes the
+                // data to EAX at the next KVM_RUN: see `complete_io`.)
+                let rax = self
+                    .vcpu
+                    .get_regs()
+                    .map_err(|e| internal(format!("KVM_GET_REGS: {e}")))?
+                    .rax;
+                data.copy_from_slice(&(rax as u32).to_le_bytes());
                 self.complete_io()?;
                 if self.fetch()?.state.cpl() < 3 {
                     self.stats.hypercalls += 1;
@@ -662,29 +677,38 @@ impl Engine for Hw {
             engine: "hw",
             reason: format!("{what} refused this vCPU state: {e}"),
         };
-        let r = regs::regs_to_kvm(&state);
-        if r != snap.regs {
+        // Write back only the groups that changed, compared in popek's
+        // terms: a KVM structure popek cannot represent exactly (reserved
+        // bits, KVM-only fields) is never rewritten by a no-op set_state.
+        let old = &snap.state;
+        if state.gpr != old.gpr || state.rip != old.rip || state.rflags != old.rflags {
+            let r = regs::regs_to_kvm(&state);
             self.vcpu.set_regs(&r).map_err(|e| err("KVM_SET_REGS", e))?;
             snap.regs = r;
         }
-        let s = regs::sregs_to_kvm(&state, &snap.sregs);
-        if s != snap.sregs {
+        if state.seg != old.seg
+            || state.ldtr != old.ldtr
+            || state.tr != old.tr
+            || state.gdtr != old.gdtr
+            || state.idtr != old.idtr
+            || (state.cr0, state.cr2, state.cr3, state.cr4, state.cr8, state.efer)
+                != (old.cr0, old.cr2, old.cr3, old.cr4, old.cr8, old.efer)
+            || state.msr.apic_base != old.msr.apic_base
+        {
+            let s = regs::sregs_to_kvm(&state, &snap.sregs);
             if let Err(e) = self.vcpu.set_sregs(&s) {
                 self.snap = None;
                 return Err(err("KVM_SET_SREGS", e));
             }
             snap.sregs = s;
         }
-        let f = regs::fpu_to_kvm(&state.fpu);
-        if f != snap.fpu {
+        if state.fpu != old.fpu {
+            let f = regs::fpu_to_kvm(&state.fpu);
             self.vcpu.set_fpu(&f).map_err(|e| err("KVM_SET_FPU", e))?;
             snap.fpu = f;
         }
-        let d = regs::debugregs_to_kvm(&state);
-        if d.db != snap.debugregs.db
-            || d.dr6 != snap.debugregs.dr6
-            || d.dr7 != snap.debugregs.dr7
-        {
+        if state.dr != old.dr {
+            let d = regs::debugregs_to_kvm(&state);
             self.vcpu
                 .set_debug_regs(&d)
                 .map_err(|e| err("KVM_SET_DEBUGREGS", e))?;

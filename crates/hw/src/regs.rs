@@ -305,7 +305,7 @@ mod tests {
     fn sample() -> CpuState {
         let mut s = CpuState::flat_protected(0x08, 0x10);
         for (i, g) in s.gpr.iter_mut().enumerate() {
-            *g = 0x1111_1111_0000_0000 * (i as u64 + 1) + i as u64;
+            *g = 0x0101_0101_0000_0000u64.wrapping_mul(i as u64 + 1) + i as u64;
         }
         s.rip = 0x0010_2030;
         s.rflags = 0x246;

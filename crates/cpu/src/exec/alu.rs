@@ -239,6 +239,15 @@ fn shift_flags(c: &mut Cpu, size: u8, res: u64, cf: bool, of: bool) {
     c.set_arith_flags(f);
 }
 
+/// OF of a shift or rotate to the left. For counts above 1 the SDM leaves
+/// it undefined; Intel processors give the OF of the first 1-bit step,
+/// MSB(dest) XOR the bit below it, which for a count of 1 is the defined
+/// value.
+fn of_left(a: u64, size: u8) -> bool {
+    let bits = size as u32 * 8;
+    ((a >> (bits - 1)) ^ (a >> (bits - 2))) & 1 != 0
+}
+
 pub(crate) fn shl(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let size = d.osize;
     let bits = size as u32 * 8;
@@ -250,8 +259,7 @@ pub(crate) fn shl(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let res = if n >= 64 { 0 } else { (a << n) & size_mask(size) };
     let cf = n <= bits && (a >> (bits - n)) & 1 != 0;
     c.wr(bus, d, 0, res)?;
-    let of = ((res & sign_bit(size) != 0) as u8 ^ cf as u8) != 0;
-    shift_flags(c, size, res, cf, of);
+    shift_flags(c, size, res, cf, of_left(a, size));
     Ok(())
 }
 
@@ -298,6 +306,18 @@ fn rot_flags(c: &mut Cpu, cf: bool, of: bool) {
     c.st.rflags = (c.st.rflags & !0xffff_ffff) | f as u64;
 }
 
+/// OF after ROL/ROR: `first_step` (the OF of the first 1-bit step) for a
+/// count of 1, for counts in CL and for memory operands; for a register
+/// rotated by an immediate count above 1 (OF undefined) Intel processors
+/// leave OF unchanged.
+fn rot_of(c: &Cpu, d: &DecodedInsn, n: u32, first_step: bool) -> bool {
+    if n != 1 && d.ops[1].kind == OpK::Imm && d.ops[0].kind == OpK::Reg {
+        c.of()
+    } else {
+        first_step
+    }
+}
+
 pub(crate) fn rol(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let size = d.osize;
     let bits = size as u32 * 8;
@@ -314,7 +334,7 @@ pub(crate) fn rol(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     };
     c.wr(bus, d, 0, res)?;
     let cf = res & 1 != 0;
-    let of = (res & sign_bit(size) != 0) != cf;
+    let of = rot_of(c, d, n, of_left(a, size));
     rot_flags(c, cf, of);
     Ok(())
 }
@@ -335,7 +355,8 @@ pub(crate) fn ror(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     };
     c.wr(bus, d, 0, res)?;
     let cf = res & sign_bit(size) != 0;
-    let of = ((res >> (bits - 1)) ^ (res >> (bits - 2))) & 1 != 0;
+    // OF of the first 1-bit step (see `of_left`): MSB XOR LSB of the source.
+    let of = rot_of(c, d, n, ((a >> (bits - 1)) ^ a) & 1 != 0);
     rot_flags(c, cf, of);
     Ok(())
 }
@@ -355,8 +376,7 @@ pub(crate) fn rcl(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let res = (v as u64) & size_mask(size);
     let cf = (v >> bits) & 1 != 0;
     c.wr(bus, d, 0, res)?;
-    let of = (res & sign_bit(size) != 0) != cf;
-    rot_flags(c, cf, of);
+    rot_flags(c, cf, of_left(a, size));
     Ok(())
 }
 
@@ -375,7 +395,8 @@ pub(crate) fn rcr(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let res = (v as u64) & size_mask(size);
     let cf = (v >> bits) & 1 != 0;
     c.wr(bus, d, 0, res)?;
-    let of = ((res >> (bits - 1)) ^ (res >> (bits - 2))) & 1 != 0;
+    // OF of the first 1-bit step (see `of_left`): MSB of the source XOR CF.
+    let of = ((a >> (bits - 1)) & 1 != 0) != cin;
     rot_flags(c, cf, of);
     Ok(())
 }
@@ -402,7 +423,12 @@ fn double_shift(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus, left: bool) -> 
         (((cat >> n) as u64) & size_mask(size), (cat >> (n - 1)) & 1 != 0)
     };
     c.wr(bus, d, 0, res)?;
-    let of = (res ^ a) & sign_bit(size) != 0;
+    // OF of the first 1-bit step (undefined above 1; Intel's behaviour).
+    let of = if left {
+        of_left(a, size)
+    } else {
+        ((a >> (bits - 1)) ^ b) & 1 != 0
+    };
     shift_flags(c, size, res, cf, of);
     Ok(())
 }
@@ -415,8 +441,9 @@ pub(crate) fn shrd(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     double_shift(c, d, bus, false)
 }
 
-/// MUL/IMUL flags: CF = OF = "upper half significant"; SF/ZF/PF from the
-/// low half (undefined by the SDM; masked by the differential tests), AF 0.
+/// MUL/IMUL flags: CF = OF = "upper half significant". SF/ZF/AF/PF are
+/// undefined by the SDM; Intel processors set SF and PF from the low half
+/// and clear ZF and AF.
 fn mul_flags(c: &mut Cpu, size: u8, lo: u64, of: bool) {
     let mut f = 0;
     if of {
@@ -424,9 +451,6 @@ fn mul_flags(c: &mut Cpu, size: u8, lo: u64, of: bool) {
     }
     if lo & sign_bit(size) != 0 {
         f |= SF;
-    }
-    if lo & size_mask(size) == 0 {
-        f |= ZF;
     }
     if parity(lo) {
         f |= PF;
@@ -579,10 +603,7 @@ pub(crate) fn daa(c: &mut Cpu, _d: &DecodedInsn, _bus: &mut dyn Bus) -> R {
     if af {
         f |= AF;
     }
-    // OF is undefined; Intel processors compute it as for the additions.
-    if (old_al ^ al) & al & 0x80 != 0 {
-        f |= OF;
-    }
+    // OF is undefined; Intel processors clear it.
     c.set_arith_flags(f);
     Ok(())
 }
@@ -611,9 +632,7 @@ pub(crate) fn das(c: &mut Cpu, _d: &DecodedInsn, _bus: &mut dyn Bus) -> R {
     if af {
         f |= AF;
     }
-    if (old_al ^ al) & old_al & 0x80 != 0 {
-        f |= OF;
-    }
+    // OF is undefined; Intel processors clear it.
     c.set_arith_flags(f);
     Ok(())
 }
@@ -622,7 +641,6 @@ fn aaa_aas(c: &mut Cpu, add: bool) -> R {
     let ax = c.gr(0, 2) as u16;
     let al = ax as u8;
     let af_in = c.eflags() & AF != 0;
-    let f0 = c.eflags();
     let (res, adj) = if al & 0xf > 9 || af_in {
         let r = if add {
             ax.wrapping_add(0x106)
@@ -636,9 +654,9 @@ fn aaa_aas(c: &mut Cpu, add: bool) -> R {
     };
     let res = (res & 0xff0f) as u64;
     c.sr(0, 2, res);
-    // SF/ZF/PF/OF are undefined; keep them as the processor's ALU leaves
-    // them for the low byte.
-    let mut f = f0 & !(CF | AF);
+    // SF/ZF/PF/OF are undefined; Intel processors set SF/ZF/PF from the
+    // final AL and clear OF.
+    let mut f = szp(res as u8);
     if adj {
         f |= CF | AF;
     }
@@ -669,9 +687,12 @@ pub(crate) fn aam(c: &mut Cpu, d: &DecodedInsn, _bus: &mut dyn Bus) -> R {
 pub(crate) fn aad(c: &mut Cpu, d: &DecodedInsn, _bus: &mut dyn Bus) -> R {
     let base = (d.imm & 0xff) as u8;
     let ax = c.gr(0, 2);
-    let al = (ax as u8).wrapping_add(((ax >> 8) as u8).wrapping_mul(base));
+    let t = ((ax >> 8) as u8).wrapping_mul(base);
+    let al = (ax as u8).wrapping_add(t);
     c.sr(0, 2, al as u64);
-    c.set_arith_flags(szp(al));
+    // OF/AF/CF are undefined; Intel processors set all six flags as for
+    // the byte addition AL + AH × imm8.
+    c.set_lazy(FlagOp::Add, 1, al as u64, ax & 0xff, t as u64, false);
     Ok(())
 }
 
@@ -730,12 +751,12 @@ pub(crate) fn btc(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
 
 fn bsx(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus, forward: bool) -> R {
     let v = c.rd(bus, d, 1)?;
-    c.sync_flags();
-    let mut f = c.st.rflags as u32 & !ZF;
-    if v == 0 {
+    // CF/OF/SF/AF/PF are undefined; Intel processors clear CF/OF/SF/AF and
+    // set PF from the index (from zero for a zero source).
+    let f = if v == 0 {
         // Destination unchanged (Intel documents it undefined; processors
         // leave it unchanged).
-        f |= ZF;
+        ZF | PF
     } else {
         let idx = if forward {
             v.trailing_zeros()
@@ -743,7 +764,12 @@ fn bsx(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus, forward: bool) -> R {
             63 - v.leading_zeros()
         };
         c.wr(bus, d, 0, idx as u64)?;
-    }
+        if parity(idx as u64) {
+            PF
+        } else {
+            0
+        }
+    };
     c.set_arith_flags(f);
     Ok(())
 }

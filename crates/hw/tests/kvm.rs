@@ -1,0 +1,469 @@
+//! The `hw` engine on the host's KVM, with tiny guests assembled here.
+//!
+//! Each test needs `/dev/kvm`; without it, or when the probe says this KVM
+//! cannot run the guest's CPU mode, the test says why on stderr and returns.
+//! On `kvm_pvm` (our CI) the tests of what PVM cannot do check that popek
+//! reports it clearly instead.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use iced_x86::code_asm::*;
+use popek_engine::{Engine, VmExit};
+use popek_hw::guests::{self, TestGuest};
+use popek_hw::probe::{self, Capabilities, GuestEnd};
+use popek_hw::Hw;
+use popek_machine::{ClockMode, Machine, MachineConfig, StopReason};
+use popek_memory::GuestRam;
+
+fn caps() -> Option<Capabilities> {
+    if !popek_hw::kvm_available() {
+        eprintln!("skipped: /dev/kvm is absent or cannot be opened");
+        return None;
+    }
+    Some(probe::probe())
+}
+
+#[derive(Clone, Default)]
+struct Console(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Console {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Console {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+struct Booted {
+    hw: Hw,
+    machine: Machine,
+    ram: Arc<GuestRam>,
+    console: Console,
+}
+
+fn boot(g: &TestGuest) -> Booted {
+    let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
+    let console = Console::default();
+    let machine = Machine::new(
+        MachineConfig {
+            clock: ClockMode::Host,
+        },
+        ram.clone(),
+        Box::new(console.clone()),
+    )
+    .unwrap();
+    g.load(&ram).unwrap();
+    let mut hw = Hw::new(&machine).unwrap();
+    hw.set_state(g.state.clone()).unwrap();
+    Booted {
+        hw,
+        machine,
+        ram,
+        console,
+    }
+}
+
+fn run(b: &mut Booted) -> GuestEnd {
+    probe::run_until_end(&mut b.hw, &mut b.machine, Duration::from_secs(10))
+}
+
+/// `mov dx, 0x3f8; out dx, al` for each byte of `s`.
+fn serial(a: &mut CodeAssembler, s: &str) -> Result<(), IcedError> {
+    a.mov(dx, 0x3f8u32)?;
+    for c in s.bytes() {
+        a.mov(al, c as u32)?;
+        a.out(dx, al)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn real_mode_guest_writes_serial_and_debug_exit() {
+    let Some(caps) = caps() else { return };
+    if let Err(why) = caps.can_run(probe::GuestMode::Real) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let g = guests::real_mode(&|a| {
+        serial(a, "real\n")?;
+        // 16-bit arithmetic and a store through DS.
+        a.mov(ax, 0x1234u32)?;
+        a.add(ax, 0x1111u32)?;
+        a.mov(word_ptr(0x600), ax)?;
+        guests::debug_exit(a, 0x2a)
+    });
+    let mut b = boot(&g);
+    assert_eq!(run(&mut b), GuestEnd::DebugExit(0x2a));
+    assert_eq!(b.console.text(), "real\n");
+    let mut w = [0u8; 2];
+    b.ram.read(0x600, &mut w).unwrap();
+    assert_eq!(u16::from_le_bytes(w), 0x2345);
+    // The OUT that stopped the machine is complete: RIP is past it.
+    let s = b.hw.state();
+    assert_eq!(s.cr0 & 1, 0, "still in real mode");
+    assert_eq!(s.gpr[0] & 0xff, 0x2a);
+    assert!(b.hw.hw_stats().io >= 6);
+}
+
+#[test]
+fn unpaged_protected_mode_guest_runs() {
+    let Some(caps) = caps() else { return };
+    if let Err(why) = caps.can_run(probe::GuestMode::Protected32) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let g = guests::protected32(&|a| {
+        serial(a, "pm32\n")?;
+        // sum 1..=100 with a loop, stored at 0x600
+        let mut top = a.create_label();
+        a.xor(eax, eax)?;
+        a.mov(ecx, 100u32)?;
+        a.set_label(&mut top)?;
+        a.add(eax, ecx)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.mov(dword_ptr(0x600), eax)?;
+        a.push(eax)?;
+        a.pop(ebx)?;
+        guests::debug_exit(a, 0x32)
+    });
+    let mut b = boot(&g);
+    assert_eq!(run(&mut b), GuestEnd::DebugExit(0x32));
+    assert_eq!(b.console.text(), "pm32\n");
+    assert_eq!(b.ram.read_u32(0x600).unwrap(), 5050);
+    let s = b.hw.state();
+    assert_eq!(s.gpr[3], 5050);
+    assert_eq!(s.seg[1].selector, guests::CS32);
+    assert_eq!(s.gpr[4], guests::STACK, "push/pop balanced on the stack");
+}
+
+#[test]
+fn long_mode_guest_entered_directly() {
+    let Some(caps) = caps() else { return };
+    if let Err(why) = caps.can_run(probe::GuestMode::Long64) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let g = guests::long64(&|a| {
+        serial(a, "long\n")?;
+        a.mov(r8, 0x1122_3344_5566_7788u64)?;
+        a.mov(r15, r8)?;
+        a.shl(r15, 4)?;
+        a.mov(rdi, 0x600u64)?;
+        a.mov(qword_ptr(rdi), r15)?;
+        guests::debug_exit(a, 0x64)
+    });
+    let mut b = boot(&g);
+    assert_eq!(run(&mut b), GuestEnd::DebugExit(0x64));
+    assert_eq!(b.console.text(), "long\n");
+    let mut q = [0u8; 8];
+    b.ram.read(0x600, &mut q).unwrap();
+    assert_eq!(u64::from_le_bytes(q), 0x1223_3445_5667_7880);
+    let s = b.hw.state();
+    assert_eq!(s.gpr[15], 0x1223_3445_5667_7880);
+    assert_eq!(s.efer & 0x500, 0x500);
+    assert_eq!(popek_hw::code_bitness(&s), 64);
+}
+
+#[test]
+fn long_mode_entered_from_32bit_code() {
+    let Some(caps) = caps() else { return };
+    if let Err(why) = caps.can_run(probe::GuestMode::LongFrom32) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let g = guests::long_from32(&|a| {
+        serial(a, "switched\n")?;
+        guests::debug_exit(a, 0x65)
+    });
+    let mut b = boot(&g);
+    assert_eq!(run(&mut b), GuestEnd::DebugExit(0x65));
+    assert_eq!(b.console.text(), "switched\n");
+    assert_eq!(b.hw.state().efer & 0x400, 0x400, "EFER.LMA");
+}
+
+#[test]
+fn paged_32bit_guest_runs_or_is_refused_as_the_probe_says() {
+    let Some(caps) = caps() else { return };
+    let g = guests::paged32(&|a| guests::debug_exit(a, 0x33));
+    let mut b = boot(&g);
+    let end = run(&mut b);
+    if caps.paging32.ok {
+        assert_eq!(end, GuestEnd::DebugExit(0x33));
+    } else {
+        // kvm_pvm: MOV to CR0 with PG raises #GP; with no IDT, a triple fault.
+        assert!(matches!(end, GuestEnd::Shutdown(_)), "{end:?}");
+        assert!(caps.can_run(probe::GuestMode::Paged32).is_err());
+    }
+}
+
+#[test]
+fn interrupts_from_the_pic_are_injected() {
+    let Some(caps) = caps() else { return };
+    if let Err(why) = caps.can_run(probe::GuestMode::Long64) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    // IDT at 0x2000: vector 0x20 → handler at 0xa000 (increments [0x3000],
+    // EOI). The PIT ticks at 1 kHz; the guest halts until 3 ticks arrived.
+    let handler = {
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.push(rax).unwrap();
+        a.push(rdi).unwrap();
+        a.mov(rdi, 0x3000u64).unwrap();
+        a.inc(qword_ptr(rdi)).unwrap();
+        a.mov(al, 0x20u32).unwrap();
+        a.out(0x20, al).unwrap();
+        a.pop(rdi).unwrap();
+        a.pop(rax).unwrap();
+        a.iretq().unwrap();
+        a.assemble(0xa000).unwrap()
+    };
+    let mut gate = [0u8; 16];
+    gate[0..2].copy_from_slice(&0xa000u16.to_le_bytes());
+    gate[2..4].copy_from_slice(&guests::CS64.to_le_bytes());
+    gate[5] = 0x8e;
+    let mut idtr = [0u8; 10];
+    idtr[0..2].copy_from_slice(&(0x21u16 * 16 - 1).to_le_bytes());
+    idtr[2..10].copy_from_slice(&0x2000u64.to_le_bytes());
+    let mut g = guests::long64(&|a| {
+        let outb = |a: &mut CodeAssembler, port: u32, v: u32| -> Result<(), IcedError> {
+            a.mov(al, v)?;
+            a.out(port, al)
+        };
+        for (p, v) in [
+            (0x20, 0x11),
+            (0x21, 0x20),
+            (0x21, 0x04),
+            (0x21, 0x01),
+            (0x21, 0xfe),
+            (0xa0, 0x11),
+            (0xa1, 0x28),
+            (0xa1, 0x02),
+            (0xa1, 0x01),
+            (0xa1, 0xff),
+            (0x43, 0x34),
+            (0x40, 1193 & 0xff),
+            (0x40, 1193 >> 8),
+        ] {
+            outb(a, p, v)?;
+        }
+        a.mov(rax, 0x1ff0u64)?;
+        a.lidt(ptr(rax))?;
+        a.mov(rdi, 0x3000u64)?;
+        a.sti()?;
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.hlt()?;
+        a.cmp(qword_ptr(rdi), 3)?;
+        a.jb(top)?;
+        a.cli()?;
+        guests::debug_exit(a, 0x70)
+    });
+    g.memory.push((0xa000, handler));
+    g.memory.push((0x2000 + 0x20 * 16, gate.to_vec()));
+    g.memory.push((0x1ff0, idtr.to_vec()));
+    let mut b = boot(&g);
+    assert_eq!(run(&mut b), GuestEnd::DebugExit(0x70));
+    let mut q = [0u8; 8];
+    b.ram.read(0x3000, &mut q).unwrap();
+    assert_eq!(u64::from_le_bytes(q), 3);
+    assert!(b.hw.hw_stats().interrupts >= 3, "{:?}", b.hw.hw_stats());
+    assert!(b.hw.hw_stats().hlt >= 1);
+}
+
+#[test]
+fn triple_fault_is_a_shutdown_exit() {
+    let Some(caps) = caps() else { return };
+    if let Err(why) = caps.can_run(probe::GuestMode::Long64) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    // The IDT (base 0) holds no gates: UD2 → #NP → #DF → shutdown. (INT3
+    // would not do: kvm_pvm fails to emulate it at CPL 0.)
+    let g = guests::long64(&|a| {
+        a.ud2()?;
+        guests::debug_exit(a, 1)
+    });
+    let mut b = boot(&g);
+    match run(&mut b) {
+        GuestEnd::Shutdown(r) => assert!(r.contains("triple fault"), "{r}"),
+        e => panic!("expected a triple fault, got {e:?}"),
+    }
+}
+
+#[test]
+fn emulation_failure_is_reported_with_registers_and_bytes() {
+    let Some(caps) = caps() else { return };
+    if caps.lar_cpl0.ok {
+        eprintln!(
+            "skipped: this KVM ({}) runs LAR at CPL 0, so it cannot show an emulation failure",
+            caps.kind_name()
+        );
+        return;
+    }
+    let g = guests::long64(&|a| {
+        a.mov(rbx, 0xfeed_f00du64)?;
+        a.mov(eax, guests::CS64 as u32)?;
+        a.lar(ecx, eax)?;
+        guests::debug_exit(a, 1)
+    });
+    let mut b = boot(&g);
+    match run(&mut b) {
+        GuestEnd::Error(r) => {
+            assert!(r.contains("KVM_EXIT_INTERNAL_ERROR"), "{r}");
+            assert!(r.contains("emulation failure"), "{r}");
+            assert!(r.contains("RBX=00000000feedf00d"), "{r}");
+            assert!(r.contains("lar ecx,eax") && r.contains("0f 02 c8"), "{r}");
+        }
+        e => panic!("expected an emulation failure, got {e:?}"),
+    }
+}
+
+#[test]
+fn halt_with_interrupts_disabled_comes_back_as_halt() {
+    let Some(caps) = caps() else { return };
+    if let Err(why) = caps.can_run(probe::GuestMode::Real) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let g = guests::real_mode(&|a| {
+        a.cli()?;
+        a.hlt()?;
+        guests::debug_exit(a, 1)
+    });
+    let mut b = boot(&g);
+    assert_eq!(run(&mut b), GuestEnd::Halted);
+    // Halted stays halted: running again does not fall through the HLT.
+    assert_eq!(b.hw.run(&mut b.machine, 1000).unwrap(), VmExit::Halt);
+    assert!(b.hw.state().halted);
+}
+
+#[test]
+fn a_spinning_guest_returns_at_the_end_of_its_slice() {
+    let Some(caps) = caps() else { return };
+    if let Err(why) = caps.can_run(probe::GuestMode::Long64) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let g = guests::long64(&|a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.jmp(top)
+    });
+    let mut b = boot(&g);
+    let t = std::time::Instant::now();
+    for _ in 0..5 {
+        assert_eq!(b.hw.run(&mut b.machine, 200_000).unwrap(), VmExit::Budget);
+    }
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(b.hw.instructions() > 0);
+}
+
+/// Serves hypercalls with the VMM's own `hypercall::serve`.
+fn run_with_hypercalls(b: &mut Booted) -> (Option<StopReason>, popek_vmm::hypercall::HypercallStats) {
+    let mut stats = popek_vmm::hypercall::HypercallStats::default();
+    for _ in 0..1000 {
+        match b.hw.run(&mut b.machine, 200_000).unwrap() {
+            VmExit::Hypercall => {
+                if let Some(r) =
+                    popek_vmm::hypercall::serve(&mut b.hw, &mut b.machine, &mut stats)
+                {
+                    return (Some(r), stats);
+                }
+            }
+            VmExit::MachineStop => return (b.machine.take_stop(), stats),
+            VmExit::Budget => {}
+            other => {
+                let st = b.hw.state();
+                panic!("unexpected exit {other:?}\n{}", popek_hw::register_dump(&st))
+            }
+        }
+    }
+    (None, stats)
+}
+
+#[test]
+fn hypercall_doorbell_from_a_64bit_guest() {
+    let Some(caps) = caps() else { return };
+    if let Err(why) = caps.can_run(probe::GuestMode::Long64) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let msg = b"hello from a hypercall\n";
+    let mut g = guests::long64(&|a| {
+        let hc = |a: &mut CodeAssembler, nr: u32| -> Result<(), IcedError> {
+            a.mov(eax, nr)?;
+            a.mov(dx, 0x5650u32)?;
+            a.in_(eax, dx)
+        };
+        a.mov(r12, 0x0bad_cafe_1234u64)?;
+        hc(a, 0)?; // HC_VERSION
+        a.mov(rdi, 0x600u64)?;
+        a.mov(dword_ptr(rdi), eax)?;
+        a.mov(ebx, 0x700u32)?;
+        a.mov(ecx, msg.len() as u32)?;
+        hc(a, 1)?; // HC_CONSOLE_WRITE
+        a.mov(dword_ptr(rdi + 4), eax)?;
+        hc(a, 99)?; // unknown: -ENOSYS
+        a.mov(dword_ptr(rdi + 8), eax)?;
+        a.mov(qword_ptr(rdi + 16), r12)?;
+        a.mov(ebx, 0x21u32)?;
+        hc(a, 2) // HC_EXIT(0x21)
+    });
+    g.memory.push((0x700, msg.to_vec()));
+    let mut b = boot(&g);
+    let (stop, stats) = run_with_hypercalls(&mut b);
+    assert_eq!(stop, Some(StopReason::DebugExit(0x21)));
+    assert_eq!(b.console.text(), String::from_utf8_lossy(msg));
+    assert_eq!(b.ram.read_u32(0x600).unwrap(), 1, "HC_VERSION");
+    assert_eq!(b.ram.read_u32(0x604).unwrap(), msg.len() as u32);
+    assert_eq!(b.ram.read_u32(0x608).unwrap() as i32, -38, "ENOSYS");
+    let mut q = [0u8; 8];
+    b.ram.read(0x610, &mut q).unwrap();
+    assert_eq!(u64::from_le_bytes(q), 0x0bad_cafe_1234, "other registers kept");
+    assert_eq!(stats.calls[0], 1);
+    assert_eq!(stats.calls[1], 1);
+    assert_eq!(b.hw.hw_stats().hypercalls, 4);
+}
+
+#[test]
+fn state_round_trips_through_kvm() {
+    let Some(caps) = caps() else { return };
+    if let Err(why) = caps.can_run(probe::GuestMode::Long64) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let g = guests::long64(&|a| guests::debug_exit(a, 1));
+    let mut b = boot(&g);
+    let mut s = b.hw.state();
+    for (i, r) in s.gpr.iter_mut().enumerate() {
+        *r = 0x0101_0101_0101_0101 * i as u64;
+    }
+    s.msr.lstar = 0xffff_ffff_8000_1000;
+    s.msr.sysenter_eip = 0x1234;
+    s.fpu.xmm[7] = 0xdead_beef_0000_0000_1111_2222_3333_4444;
+    s.fpu.mxcsr = 0x1fa0;
+    s.cr2 = 0x4242_0000;
+    b.hw.set_state(s.clone()).unwrap();
+    // Read back from KVM, not from the cache.
+    b.hw.refresh();
+    let back = b.hw.state();
+    assert_eq!(back.gpr, s.gpr);
+    assert_eq!(back.msr.lstar, s.msr.lstar);
+    assert_eq!(back.msr.sysenter_eip, 0x1234);
+    assert_eq!(back.fpu.xmm[7], s.fpu.xmm[7]);
+    assert_eq!(back.cr2, 0x4242_0000);
+    assert_eq!(back.seg, s.seg);
+    assert_eq!(back.efer, s.efer);
+}
