@@ -36,8 +36,33 @@ enum Command {
     Bench(BenchArgs),
     /// List the guests built into popek.
     Guests,
+    /// Show what this host offers: the KVM and what it can run (probed by
+    /// booting tiny guests; cached per boot).
+    Info(InfoArgs),
     /// Build a busybox initramfs (newc cpio, gzip) for a Linux guest.
     Initramfs(InitramfsArgs),
+}
+
+#[derive(Args, Clone)]
+struct InfoArgs {
+    /// Probe again instead of using the per-boot cache.
+    #[arg(long)]
+    reprobe: bool,
+}
+
+fn info(a: InfoArgs) -> u8 {
+    let caps = if a.reprobe {
+        popek_hw::probe::probe_now()
+    } else {
+        popek_hw::probe()
+    };
+    print!("{}", caps.report());
+    println!("  cache: {}", popek_hw::probe::cache_path().display());
+    let (e, why) = EngineKind::auto_for(&KernelSource::Embedded("minios".into()));
+    println!("engine auto for minios: {} ({why})", e.name());
+    let (e, why) = EngineKind::auto_for(&KernelSource::Embedded("minios64".into()));
+    println!("engine auto for minios64: {} ({why})", e.name());
+    0
 }
 
 #[derive(Args, Clone)]
@@ -266,17 +291,6 @@ fn default_run() -> RunArgs {
 }
 
 fn run(a: RunArgs) -> u8 {
-    let engine = match a.engine {
-        EngineArg::Auto => {
-            let (e, why) = EngineKind::auto();
-            eprintln!("popek: engine auto -> {} ({why})", e.name());
-            e
-        }
-        EngineArg::Hw => EngineKind::Hw,
-        EngineArg::Bt => EngineKind::Bt,
-        EngineArg::Trap => EngineKind::Trap,
-        EngineArg::Interp => EngineKind::Interp,
-    };
     let kernel = match a.kernel {
         Some(path) => {
             let format = match a.format {
@@ -293,6 +307,17 @@ fn run(a: RunArgs) -> u8 {
             KernelSource::File { path, format }
         }
         None => KernelSource::Embedded(a.guest.clone()),
+    };
+    let engine = match a.engine {
+        EngineArg::Auto => {
+            let (e, why) = EngineKind::auto_for(&kernel);
+            eprintln!("popek: engine auto -> {} ({why})", e.name());
+            e
+        }
+        EngineArg::Hw => EngineKind::Hw,
+        EngineArg::Bt => EngineKind::Bt,
+        EngineArg::Trap => EngineKind::Trap,
+        EngineArg::Interp => EngineKind::Interp,
     };
     let cfg = VmConfig {
         memory: a.memory,
@@ -321,6 +346,7 @@ fn run(a: RunArgs) -> u8 {
     }
     match &outcome {
         Outcome::Died(r) | Outcome::NoProgress(r) => eprintln!("{r}"),
+        Outcome::Unsupported(r) => eprintln!("popek: {r}"),
         Outcome::Quit => eprintln!("popek: quit from the console"),
         _ => {}
     }
@@ -354,6 +380,7 @@ fn main() -> ExitCode {
         Some(Command::Run(a)) => run(a),
         Some(Command::Initramfs(a)) => initramfs(a),
         Some(Command::Bench(a)) => bench(a),
+        Some(Command::Info(a)) => info(a),
         Some(Command::Guests) => {
             for g in popek_guests::NAMES {
                 println!("{g}");

@@ -66,7 +66,7 @@ pub struct Cpu {
     pub(crate) tlb: Box<Tlb>,
     pub(crate) blocks: HashMap<u64, Rc<Block>>,
     /// Direct-mapped front of `blocks`: most lookups end here.
-    pub(crate) fast_blocks: Box<[Option<(u64, Rc<Block>)>]>,
+    pub(crate) fast_blocks: Box<[FastSlot]>,
     pub(crate) page_blocks: HashMap<u64, Vec<u64>>,
     pub(crate) code_pages: Vec<u64>,
     /// Per segment register: fast-path permission bits (see `seg.rs`).
@@ -77,6 +77,10 @@ pub struct Cpu {
     pub(crate) next_ip: u64,
     /// End the current block after this instruction.
     pub(crate) stop_block: bool,
+    /// An exit a device asked for in the middle of an instruction (a
+    /// `BusAction::Stop` from an MMIO write or a REP OUTS iteration): the
+    /// instruction (or the iteration) completes, then `run` returns it.
+    pub(crate) pending_exit: Option<RunExit>,
     /// State was handed out mutably: re-derive caches before running.
     pub(crate) needs_refresh: bool,
     /// Instructions retired.
@@ -95,6 +99,9 @@ pub struct Cpu {
     /// Counters.
     pub stats: CpuStats,
 }
+
+/// One entry of the direct-mapped block cache: key and block.
+type FastSlot = Option<(u64, Rc<Block>)>;
 
 /// Entries of the direct-mapped block cache.
 const FAST_BLOCKS: usize = 4096;
@@ -128,6 +135,7 @@ impl Cpu {
             cpl: 0,
             next_ip: 0,
             stop_block: false,
+            pending_exit: None,
             needs_refresh: false,
             icount: 0,
             cpuid: CpuidModel::default(),
@@ -250,6 +258,9 @@ impl Cpu {
         }
         let end = self.icount.saturating_add(budget);
         loop {
+            if let Some(x) = self.pending_exit.take() {
+                return x;
+            }
             if self.icount >= end {
                 return RunExit::Budget;
             }
@@ -284,11 +295,17 @@ impl Cpu {
             if single || tf {
                 n = 1;
             }
-            let ip_mask = if self.code_size() == 4 { 0xffff_ffff } else { 0xffff };
+            let ip_mask = if self.code_size() == 4 {
+                0xffff_ffff
+            } else {
+                0xffff
+            };
             // Fetches past the CS limit raise #GP(0) (SDM 5.3); check each
             // instruction only when the block reaches beyond the limit.
             let cs_limit = self.st.seg[seg::CS].limit as u64;
             let check_limit = self.st.rip + block.len as u64 > cs_limit + 1;
+            let deliveries = self.stats.deliveries;
+            let mut completed = false;
             for d in &block.insns[..n] {
                 if check_limit && self.st.rip + d.len as u64 > cs_limit + 1 {
                     if let Err(exit) = self.fault(bus, Vector::GP as u8, Some(0)) {
@@ -301,6 +318,7 @@ impl Cpu {
                     Ok(()) => {
                         self.st.rip = self.next_ip;
                         self.icount += 1;
+                        completed = true;
                     }
                     Err(Exc::Fault { vector, code }) => {
                         self.stop_block = false;
@@ -321,8 +339,11 @@ impl Cpu {
                     break;
                 }
             }
-            if tf && n == 1 {
-                // Single-step trap after the instruction (SDM 17.3.1.4).
+            if tf && n == 1 && completed && self.stats.deliveries == deliveries {
+                // Single-step trap after the instruction (SDM 17.3.1.4);
+                // not after one that faulted or was INT n/INT3/INTO (the
+                // delivery cleared TF before the handler's first
+                // instruction).
                 self.st.dr[6] |= 1 << 14;
                 if let Err(exit) = self.deliver_trap(bus, Vector::DB as u8) {
                     return exit;

@@ -66,7 +66,8 @@ impl Default for CpuidModel {
         }];
         ext.push(CpuidLeaf::default());
         for chunk in brand.chunks(16) {
-            let w = |i: usize| u32::from_le_bytes([chunk[i], chunk[i + 1], chunk[i + 2], chunk[i + 3]]);
+            let w =
+                |i: usize| u32::from_le_bytes([chunk[i], chunk[i + 1], chunk[i + 2], chunk[i + 3]]);
             ext.push(CpuidLeaf {
                 eax: w(0),
                 ebx: w(4),

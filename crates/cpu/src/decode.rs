@@ -79,6 +79,10 @@ pub struct DecodedInsn {
     pub disp: u32,
     /// First immediate (sign- or zero-extended as the encoding defines).
     pub imm: u64,
+    /// Operand 0 is memory that the instruction reads and then writes: its
+    /// read is made with write intent (a #PF then reports a write, as on
+    /// hardware).
+    pub rmw: bool,
     /// The full iced instruction, for handlers that need more.
     pub insn: Instruction,
 }
@@ -147,7 +151,11 @@ pub fn resolve(insn: &Instruction, code_size: u8) -> DecodedInsn {
     let mut ops = [NO_OP; 3];
     let mut imm = 0;
     let mut have_imm = false;
-    for (i, op) in ops.iter_mut().enumerate().take(insn.op_count().min(3) as usize) {
+    for (i, op) in ops
+        .iter_mut()
+        .enumerate()
+        .take(insn.op_count().min(3) as usize)
+    {
         let k = insn.op_kind(i as u32);
         *op = match k {
             OpKind::Register => match gpr(insn.op_register(i as u32)) {
@@ -221,9 +229,54 @@ pub fn resolve(insn: &Instruction, code_size: u8) -> DecodedInsn {
         index: reg_or_none(insn.memory_index()),
         scale: insn.memory_index_scale() as u8,
         disp: insn.memory_displacement32(),
-        imm,
+        // Near branches keep their absolute target here, so the handler
+        // does not ask iced at run time.
+        imm: if matches!(
+            insn.op0_kind(),
+            OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+        ) {
+            insn.near_branch_target()
+        } else {
+            imm
+        },
+        rmw: ops[0].kind == OpK::Mem && is_rmw(insn.mnemonic()),
         insn: *insn,
     }
+}
+
+/// Instructions that read and write their first operand.
+fn is_rmw(m: iced_x86::Mnemonic) -> bool {
+    use iced_x86::Mnemonic::*;
+    matches!(
+        m,
+        Add | Or
+            | Adc
+            | Sbb
+            | And
+            | Sub
+            | Xor
+            | Inc
+            | Dec
+            | Neg
+            | Not
+            | Shl
+            | Sal
+            | Shr
+            | Sar
+            | Rol
+            | Ror
+            | Rcl
+            | Rcr
+            | Shld
+            | Shrd
+            | Xadd
+            | Xchg
+            | Cmpxchg
+            | Cmpxchg8b
+            | Bts
+            | Btr
+            | Btc
+    )
 }
 
 /// Decodes the block starting at linear `lin` (physical `phys`).
@@ -255,7 +308,12 @@ pub(crate) fn decode_block(cpu: &mut Cpu, bus: &mut dyn Bus, lin: u32, phys: u64
             // Might cross into the next page: decode with bytes from it.
             let mut buf = [0u8; 15];
             buf[..left].copy_from_slice(&bytes[consumed..page_left]);
-            let mut d2 = Decoder::with_ip(bitness, &buf[..left], ip + consumed as u64, DecoderOptions::NONE);
+            let mut d2 = Decoder::with_ip(
+                bitness,
+                &buf[..left],
+                ip + consumed as u64,
+                DecoderOptions::NONE,
+            );
             d2.decode_out(&mut insn);
             if insn.is_invalid() && d2.last_error() == iced_x86::DecoderError::NoMoreBytes {
                 if !insns.is_empty() {
@@ -305,16 +363,39 @@ fn ends_block(insn: &Instruction) -> bool {
     if insn.is_invalid() || insn.flow_control() != FlowControl::Next {
         return true;
     }
-    matches!(
-        insn.mnemonic(),
-        Mov | Pop | Lds | Les | Lfs | Lgs | Lss
-    ) && insn.op0_kind() == OpKind::Register
+    matches!(insn.mnemonic(), Mov | Pop | Lds | Les | Lfs | Lgs | Lss)
+        && insn.op0_kind() == OpKind::Register
         && insn.op0_register().is_segment_register()
         || insn.op0_kind() == OpKind::Register && insn.op0_register().is_cr()
         || matches!(
             insn.mnemonic(),
-            Popf | Popfd | Sti | Cli | Lgdt | Lidt | Lldt | Ltr | Lmsw | Clts | Invlpg | Wrmsr
-                | Hlt | In | Out | Insb | Insw | Insd | Outsb | Outsw | Outsd | Fninit | Frstor
-                | Fxrstor | Cpuid | Wbinvd | Invd | Rdmsr | Rdtsc
+            Popf | Popfd
+                | Sti
+                | Cli
+                | Lgdt
+                | Lidt
+                | Lldt
+                | Ltr
+                | Lmsw
+                | Clts
+                | Invlpg
+                | Wrmsr
+                | Hlt
+                | In
+                | Out
+                | Insb
+                | Insw
+                | Insd
+                | Outsb
+                | Outsw
+                | Outsd
+                | Fninit
+                | Frstor
+                | Fxrstor
+                | Cpuid
+                | Wbinvd
+                | Invd
+                | Rdmsr
+                | Rdtsc
         )
 }

@@ -92,9 +92,7 @@ impl LazyFlags {
                 (self.res & m) < (self.a & m) || (self.carry_in && (self.res & m) == (self.a & m))
             }
             FlagOp::Sub => (self.a & m) < (self.b & m),
-            FlagOp::Sbb => {
-                ((self.a & m) as u128) < ((self.b & m) as u128 + self.carry_in as u128)
-            }
+            FlagOp::Sbb => ((self.a & m) as u128) < ((self.b & m) as u128 + self.carry_in as u128),
             FlagOp::Logic => false,
             FlagOp::Inc | FlagOp::Dec => self.carry_in,
         }

@@ -12,7 +12,12 @@ use crate::task::TaskSource;
 impl Cpu {
     /// Delivers a fault raised by the instruction at RIP (return address =
     /// the faulting instruction), applying the double-fault rules.
-    pub(crate) fn deliver_exception(&mut self, bus: &mut dyn Bus, vector: u8, code: Option<u32>) -> Result<(), RunExit> {
+    pub(crate) fn deliver_exception(
+        &mut self,
+        bus: &mut dyn Bus,
+        vector: u8,
+        code: Option<u32>,
+    ) -> Result<(), RunExit> {
         let ret = self.st.rip;
         self.deliver_chain(bus, vector, code, ret)
     }
@@ -25,7 +30,11 @@ impl Cpu {
     }
 
     /// Delivers an external interrupt (INTR), returning to RIP.
-    pub(crate) fn deliver_external(&mut self, bus: &mut dyn Bus, vector: u8) -> Result<(), RunExit> {
+    pub(crate) fn deliver_external(
+        &mut self,
+        bus: &mut dyn Bus,
+        vector: u8,
+    ) -> Result<(), RunExit> {
         self.sync_flags();
         let ret = self.st.rip;
         match self.deliver(bus, vector, None, false, true, ret) {
@@ -38,10 +47,18 @@ impl Cpu {
         }
     }
 
-    fn deliver_chain(&mut self, bus: &mut dyn Bus, mut vector: u8, mut code: Option<u32>, ret: u64) -> Result<(), RunExit> {
+    fn deliver_chain(
+        &mut self,
+        bus: &mut dyn Bus,
+        mut vector: u8,
+        mut code: Option<u32>,
+        ret: u64,
+    ) -> Result<(), RunExit> {
         self.sync_flags();
         for _ in 0..4 {
-            if vector != Vector::DF as u8 && self.exception_bitmap & (1 << vector) != 0 {
+            // A double fault is interceptable too (VMX checks the bitmap for
+            // the #DF the two exceptions combine into).
+            if self.exception_bitmap & (1 << vector) != 0 {
                 return Err(RunExit::Exception {
                     vector,
                     error_code: code,
@@ -59,7 +76,10 @@ impl Cpu {
                     return Ok(());
                 }
                 Err(Exc::Exit(x)) => return Err(x),
-                Err(Exc::Fault { vector: v2, code: c2 }) => {
+                Err(Exc::Fault {
+                    vector: v2,
+                    code: c2,
+                }) => {
                     if vector == Vector::DF as u8 {
                         self.st.halted = true;
                         return Err(RunExit::Shutdown);
@@ -67,7 +87,9 @@ impl Cpu {
                     let first_contrib = Vector::contributory(vector);
                     let second_contrib = Vector::contributory(v2);
                     let pf = Vector::PF as u8;
-                    if (first_contrib && second_contrib) || (vector == pf && (v2 == pf || second_contrib)) {
+                    if (first_contrib && second_contrib)
+                        || (vector == pf && (v2 == pf || second_contrib))
+                    {
                         vector = Vector::DF as u8;
                         code = Some(0);
                     } else {
@@ -84,7 +106,15 @@ impl Cpu {
     /// Delivers one event through the IVT or IDT. `soft`: INT n (gate DPL
     /// checked, EXT = 0). `ext`: sets the EXT bit in error codes. `ret`:
     /// the return EIP to push.
-    pub(crate) fn deliver(&mut self, bus: &mut dyn Bus, vector: u8, code: Option<u32>, soft: bool, ext: bool, ret: u64) -> Res {
+    pub(crate) fn deliver(
+        &mut self,
+        bus: &mut dyn Bus,
+        vector: u8,
+        code: Option<u32>,
+        soft: bool,
+        ext: bool,
+        ret: u64,
+    ) -> Res {
         self.st.halted = false;
         if !self.protected() {
             return self.deliver_real(bus, vector, ret);
@@ -123,14 +153,22 @@ impl Cpu {
         let gate32 = ty & 8 != 0;
         let size: u8 = if gate32 { 4 } else { 2 };
         let tsel = (lo >> 16) as u16;
-        let toff = if gate32 { (lo & 0xffff) | (hi & 0xffff_0000) } else { lo & 0xffff };
+        let toff = if gate32 {
+            (lo & 0xffff) | (hi & 0xffff_0000)
+        } else {
+            lo & 0xffff
+        };
         if tsel & !3 == 0 {
             return Err(Exc::gp(e));
         }
         let te = (tsel & 0xfffc) as u32 + e;
-        let d = self
-            .read_descriptor(bus, tsel, Vector::GP)
-            .map_err(|x| if matches!(x, Exc::Fault { vector: 13, .. }) { Exc::gp(te) } else { x })?;
+        let d = self.read_descriptor(bus, tsel, Vector::GP).map_err(|x| {
+            if matches!(x, Exc::Fault { vector: 13, .. }) {
+                Exc::gp(te)
+            } else {
+                x
+            }
+        })?;
         if !d.is_code_data() || !d.is_code() || d.dpl() > self.cpl {
             return Err(Exc::gp(te));
         }
@@ -146,6 +184,10 @@ impl Cpu {
         let old_cs = self.st.seg[seg::CS].selector as u64;
         if !d.conforming() && d.dpl() < self.cpl {
             let ncpl = d.dpl();
+            if v86 && ncpl != 0 {
+                // From virtual-8086 mode only a ring-0 handler is allowed.
+                return Err(Exc::gp(te));
+            }
             let (nss_sel, nsp) = self.tss_stack(bus, ncpl, e != 0)?;
             let nss = self.check_new_ss(bus, nss_sel, ncpl, Vector::TS, e)?;
             let nss_seg = nss.to_segment(nss_sel);

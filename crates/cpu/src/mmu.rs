@@ -11,7 +11,7 @@ use crate::cpu::{Cpu, RunExit};
 use crate::exception::{Exc, Vector};
 use crate::state::cr;
 
-const TLB_SIZE: usize = 256;
+const TLB_SIZE: usize = 1024;
 
 /// Kind of memory access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +36,8 @@ pub(crate) struct TlbEntry {
     /// Writes allowed by the page tables at this privilege and D already set.
     writable: bool,
     global: bool,
+    /// Part of a 4 MiB page (INVLPG must drop all of its pieces).
+    big: bool,
     /// Physical page base.
     phys: u64,
     /// Host address of the physical page (RAM only).
@@ -48,6 +50,7 @@ const INVALID: TlbEntry = TlbEntry {
     write_tag: 0,
     writable: false,
     global: false,
+    big: false,
     phys: 0,
     host: 0,
 };
@@ -56,18 +59,22 @@ const INVALID: TlbEntry = TlbEntry {
 /// for user accesses.
 pub struct Tlb {
     e: [[TlbEntry; TLB_SIZE]; 2],
+    /// Some entry may be a piece of a 4 MiB page.
+    has_big: bool,
 }
 
 impl Tlb {
     pub(crate) fn new() -> Box<Tlb> {
         Box::new(Tlb {
             e: [[INVALID; TLB_SIZE]; 2],
+            has_big: false,
         })
     }
 
     /// Forgets everything, global pages included.
     pub(crate) fn flush_all(&mut self) {
         self.e = [[INVALID; TLB_SIZE]; 2];
+        self.has_big = false;
     }
 
     /// Forgets non-global entries (a CR3 load).
@@ -81,13 +88,23 @@ impl Tlb {
         }
     }
 
-    /// Forgets one linear page (INVLPG).
+    /// Forgets one linear page (INVLPG): the 4 KiB page, or every cached
+    /// piece of the 4 MiB page that contains `lin` (SDM 4.10.4.1).
     pub(crate) fn flush_page(&mut self, lin: u32) {
         let idx = ((lin >> 12) as usize) % TLB_SIZE;
         let tag = (lin & !0xfff) | 1;
         for set in self.e.iter_mut() {
             if set[idx].vtag == tag {
                 set[idx] = INVALID;
+            }
+        }
+        if self.has_big {
+            for set in self.e.iter_mut() {
+                for e in set.iter_mut() {
+                    if e.big && e.vtag != 0 && (e.vtag ^ lin) >> 22 == 0 {
+                        *e = INVALID;
+                    }
+                }
             }
         }
     }
@@ -191,7 +208,11 @@ impl Cpu {
             let p1 = self.translate(bus, lin.wrapping_add(first), AccessKind::Read, user)?;
             let mut v = 0u64;
             for i in 0..size as u32 {
-                let p = if i < first { p0 + i as u64 } else { p1 + (i - first) as u64 };
+                let p = if i < first {
+                    p0 + i as u64
+                } else {
+                    p1 + (i - first) as u64
+                };
                 v |= (self.read_phys(bus, p, 1)?) << (8 * i);
             }
             return Ok(v);
@@ -215,7 +236,11 @@ impl Cpu {
             let p0 = self.translate(bus, lin, AccessKind::Write, user)?;
             let p1 = self.translate(bus, lin.wrapping_add(first), AccessKind::Write, user)?;
             for i in 0..size as u32 {
-                let p = if i < first { p0 + i as u64 } else { p1 + (i - first) as u64 };
+                let p = if i < first {
+                    p0 + i as u64
+                } else {
+                    p1 + (i - first) as u64
+                };
                 self.write_phys(bus, p, 1, (val >> (8 * i)) & 0xff)?;
             }
             return Ok(());
@@ -250,9 +275,13 @@ impl Cpu {
             // SAFETY: bounds checked against the RAM mapping just above.
             unsafe { write_host(self.ram_ptr.add(phys as usize), size, val) };
             Ok(())
-        } else if bus.mmio_write(phys, size, val) == BusAction::Stop {
-            Err(Exc::Exit(RunExit::BusStop))
         } else {
+            if bus.mmio_write(phys, size, val) == BusAction::Stop {
+                // Finish the instruction (e.g. a PUSH's ESP update, a REP
+                // iteration's register updates), then stop.
+                self.pending_exit = Some(RunExit::BusStop);
+                self.stop_block = true;
+            }
             Ok(())
         }
     }
@@ -316,6 +345,7 @@ impl Cpu {
             write_tag: if ram && writable && !code { tag } else { 0 },
             writable,
             global,
+            big: false,
             phys,
             host,
         };
@@ -336,7 +366,13 @@ impl Cpu {
         Exc::fault_code(Vector::PF, code)
     }
 
-    fn walk(&mut self, bus: &mut dyn Bus, lin: u32, kind: AccessKind, user: bool) -> Result<u64, Exc> {
+    fn walk(
+        &mut self,
+        bus: &mut dyn Bus,
+        lin: u32,
+        kind: AccessKind,
+        user: bool,
+    ) -> Result<u64, Exc> {
         let write = kind == AccessKind::Write;
         let wp = self.st.cr0 & cr::CR0_WP != 0;
         let pde_addr = (self.st.cr3 & 0xffff_f000) + ((lin >> 22) << 2) as u64;
@@ -345,6 +381,18 @@ impl Cpu {
             return Err(self.page_fault(lin, false, kind, user));
         }
         let big = pde & pte::PS != 0 && self.st.cr4 & cr::CR4_PSE != 0;
+        if big && pde & 0x003f_e000 != 0 {
+            // Bits 21:13 of a 4 MiB PDE are reserved without PSE-36 (not in
+            // CPUID): #PF with P and RSVD set (SDM 4.3, 4.7).
+            let e = self.page_fault(lin, true, kind, user);
+            return Err(match e {
+                Exc::Fault { vector, code } => Exc::Fault {
+                    vector,
+                    code: code.map(|c| c | 8),
+                },
+                other => other,
+            });
+        }
         let (entry, entry_addr, phys, perm) = if big {
             let phys = (pde & 0xffc0_0000) as u64 | (lin & 0x003f_f000) as u64;
             (pde, pde_addr, phys, pde)
@@ -380,7 +428,18 @@ impl Cpu {
         // Direct writes only once D is set, so that the first write sets it.
         let writable = may_write && new & pte::D != 0;
         let idx = ((lin >> 12) as usize) % TLB_SIZE;
-        self.fill(user as usize, idx, (lin & !0xfff) | 1, phys, writable, global);
+        self.fill(
+            user as usize,
+            idx,
+            (lin & !0xfff) | 1,
+            phys,
+            writable,
+            global,
+        );
+        if big {
+            self.tlb.e[user as usize][idx].big = true;
+            self.tlb.has_big = true;
+        }
         Ok(phys | (lin & 0xfff) as u64)
     }
 

@@ -156,6 +156,36 @@ impl Cpu {
         self.read_lin(bus, lin, size)
     }
 
+    /// Reads `size` bytes at `seg:off` for a read-modify-write: the segment
+    /// and the page(s) are checked for writing first, so a fault reports a
+    /// write (Intel processors do the same).
+    #[inline]
+    pub(crate) fn read_mem_rmw(
+        &mut self,
+        bus: &mut dyn Bus,
+        s: usize,
+        off: u32,
+        size: u8,
+    ) -> Res<u64> {
+        let lin = self.seg_lin(s, off, size, true)?;
+        self.read_lin_rmw(bus, lin, size)
+    }
+
+    /// Reads at a linear address for a read-modify-write: the page(s) are
+    /// checked for writing first (see `read_mem_rmw`).
+    #[inline]
+    pub(crate) fn read_lin_rmw(&mut self, bus: &mut dyn Bus, lin: u32, size: u8) -> Res<u64> {
+        if self.st.cr0 & crate::state::cr::CR0_PG != 0 {
+            let user = self.cpl == 3;
+            self.translate(bus, lin, crate::mmu::AccessKind::Write, user)?;
+            let end = lin.wrapping_add(size as u32 - 1);
+            if (lin ^ end) & !0xfff != 0 {
+                self.translate(bus, end & !0xfff, crate::mmu::AccessKind::Write, user)?;
+            }
+        }
+        self.read_lin(bus, lin, size)
+    }
+
     /// Writes `size` bytes at `seg:off`.
     #[inline]
     pub(crate) fn write_mem(

@@ -191,7 +191,11 @@ impl Segment {
     /// A flat 4 GiB 32-bit segment: code (execute/read) or data (read/write).
     pub fn flat32(selector: u16, code: bool) -> Segment {
         let dpl = (selector & 3) << 5;
-        let ty = if code { attr::CODE | attr::RW } else { attr::RW };
+        let ty = if code {
+            attr::CODE | attr::RW
+        } else {
+            attr::RW
+        };
         Segment {
             selector,
             attr: ty | attr::ACCESSED | attr::S | attr::P | attr::DB | attr::G | dpl,

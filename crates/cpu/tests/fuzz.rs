@@ -171,7 +171,9 @@ fn random_code_in_every_mode_never_panics_or_hangs() {
 fn every_two_byte_opcode_in_every_mode() {
     // Exhaustive over the first two bytes (with a fixed tail), CPL 3 and
     // CPL 0, 16- and 32-bit: catches panics in rarely used decode paths.
-    let tail = [0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 0x11, 0x22, 0x33, 0x44, 0x55];
+    let tail = [
+        0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 0x11, 0x22, 0x33, 0x44, 0x55,
+    ];
     let mut count = 0u64;
     for mode in [1u8, 2, 5, 6] {
         for b0 in 0..=255u8 {
@@ -179,7 +181,12 @@ fn every_two_byte_opcode_in_every_mode() {
             code.extend_from_slice(&tail);
             for b1 in (0..=255u8).step_by(if b0 == 0x0f { 1 } else { 37 }) {
                 code[1] = b1;
-                one_case(mode, &code, [0x1000, 2, 3, 0x2000, 0, 0x3000, 0x10, 0x20], true);
+                one_case(
+                    mode,
+                    &code,
+                    [0x1000, 2, 3, 0x2000, 0, 0x3000, 0x10, 0x20],
+                    true,
+                );
                 count += 1;
             }
         }

@@ -17,15 +17,22 @@ fn sysexit_to_ring3_and_sysenter_back() {
     let mut s = Sys::new();
     let kentry = 0x18000u32;
     let ram = s.c.ram().clone();
-    ram.write(kentry as u64, &asm(32, kentry as u64, |a| {
-        a.mov(eax, cs)?;
-        a.mov(ebx, ss)?;
-        a.mov(esi, esp)?;
-        a.pushfd()?;
-        a.pop(edi)?;
-        a.hlt()
-    })).unwrap();
-    let user = ucode(|a| { a.mov(ebp, cs)?; a.sysenter() });
+    ram.write(
+        kentry as u64,
+        &asm(32, kentry as u64, |a| {
+            a.mov(eax, cs)?;
+            a.mov(ebx, ss)?;
+            a.mov(esi, esp)?;
+            a.pushfd()?;
+            a.pop(edi)?;
+            a.hlt()
+        }),
+    )
+    .unwrap();
+    let user = ucode(|a| {
+        a.mov(ebp, cs)?;
+        a.sysenter()
+    });
     ram.write(UCODE_AT, &user).unwrap();
     s.eflags = flags::IF;
     let code = kcode(|a| {
@@ -49,7 +56,11 @@ fn sysexit_to_ring3_and_sysenter_back() {
     s.start_kernel(&code);
     halted_clean(&mut s);
     assert_eq!(s.rd32(0x30000), KCODE as u32);
-    assert_eq!(s.gpr(5), UCODE as u32, "SYSEXIT went to CS = SYSENTER_CS + 16 | 3");
+    assert_eq!(
+        s.gpr(5),
+        UCODE as u32,
+        "SYSEXIT went to CS = SYSENTER_CS + 16 | 3"
+    );
     assert_eq!(s.gpr(0), KCODE as u32);
     assert_eq!(s.gpr(3), KDATA as u32);
     assert_eq!(s.gpr(6), 0xa000);
@@ -88,7 +99,14 @@ fn sysenter_in_real_mode_is_gp0() {
     c.ram().write(0x1000, &[0x0f, 0x34]).unwrap();
     c.exception_bitmap = 1 << 13;
     let mut bus = common::TestBus::default();
-    assert_eq!(c.run(&mut bus, 10), RunExit::Exception { vector: 13, error_code: Some(0), software: false });
+    assert_eq!(
+        c.run(&mut bus, 10),
+        RunExit::Exception {
+            vector: 13,
+            error_code: Some(0),
+            software: false
+        }
+    );
 }
 
 #[test]
@@ -132,7 +150,12 @@ fn cpuid_leaves() {
     let mut brand = [0u8; 8];
     s.ram().read(0x30020, &mut brand).unwrap();
     assert_eq!(&brand, b"popek vi");
-    let cpuid_events = s.bus.events.iter().filter(|e| e.kind == popek_cpu::SensitiveKind::Cpuid).count();
+    let cpuid_events = s
+        .bus
+        .events
+        .iter()
+        .filter(|e| e.kind == popek_cpu::SensitiveKind::Cpuid)
+        .count();
     assert_eq!(cpuid_events, 4);
 }
 
@@ -140,7 +163,10 @@ fn cpuid_leaves() {
 fn cpuid_model_is_configurable() {
     let mut s = Sys::new();
     s.c.cpuid.basic[0].ebx = u32::from_le_bytes(*b"Auth");
-    s.c.cpuid.basic.push(CpuidLeaf { eax: 0x42, ..Default::default() });
+    s.c.cpuid.basic.push(CpuidLeaf {
+        eax: 0x42,
+        ..Default::default()
+    });
     s.c.cpuid.basic[0].eax = 2;
     let code = kcode(|a| {
         a.xor(eax, eax)?;
@@ -186,36 +212,62 @@ fn rdtsc_reads_the_bus_clock_plus_offset() {
 fn rdtsc_at_cpl3_faults_with_cr4_tsd() {
     let mut s = Sys::new();
     s.bus.tsc = Some(77);
-    s.start_user(&ucode(|a| { a.rdtsc()?; a.hlt() }));
+    s.start_user(&ucode(|a| {
+        a.rdtsc()?;
+        a.hlt()
+    }));
     let t = s.run_trap();
-    assert_eq!((t.vector, t.eip), (13, UCODE_AT as u32 + 2), "allowed without TSD");
+    assert_eq!(
+        (t.vector, t.eip),
+        (13, UCODE_AT as u32 + 2),
+        "allowed without TSD"
+    );
     assert_eq!(s.gpr(0), 77);
 
     let mut s = Sys::new();
     s.cr4 |= cr::CR4_TSD;
-    s.start_user(&ucode(|a| { a.rdtsc()?; a.hlt() }));
+    s.start_user(&ucode(|a| {
+        a.rdtsc()?;
+        a.hlt()
+    }));
     let t = s.run_trap();
     assert_eq!((t.vector, t.err, t.eip), (13, Some(0), UCODE_AT as u32));
 
     let mut s = Sys::new();
     s.cr4 |= cr::CR4_TSD;
     s.bus.tsc = Some(5);
-    s.start_kernel(&kcode(|a| { a.rdtsc()?; a.hlt() }));
+    s.start_kernel(&kcode(|a| {
+        a.rdtsc()?;
+        a.hlt()
+    }));
     halted_clean(&mut s);
     assert_eq!(s.gpr(0), 5, "CPL 0 may still read it");
 }
 
 #[test]
 fn unknown_msrs_raise_gp0() {
-    for (ecx_v, write) in [(0x1234_5678u32, false), (0xc000_0080, false), (0x1234_5678, true), (0x3a, true)] {
+    for (ecx_v, write) in [
+        (0x1234_5678u32, false),
+        (0xc000_0080, false),
+        (0x1234_5678, true),
+        (0x3a, true),
+    ] {
         let mut s = Sys::new();
         let code = kcode(|a| {
             a.mov(ecx, ecx_v)?;
-            if write { a.wrmsr() } else { a.rdmsr() }
+            if write {
+                a.wrmsr()
+            } else {
+                a.rdmsr()
+            }
         });
         s.start_kernel(&code);
         let t = s.run_trap();
-        assert_eq!((t.vector, t.err, t.eip), (13, Some(0), KCODE_AT as u32 + 5), "{ecx_v:#x} write={write}");
+        assert_eq!(
+            (t.vector, t.err, t.eip),
+            (13, Some(0), KCODE_AT as u32 + 5),
+            "{ecx_v:#x} write={write}"
+        );
     }
 }
 
@@ -268,8 +320,8 @@ fn fninit_fnstsw_fnstcw_fldcw() {
 
 fn fpu_pattern(s: &mut Sys) {
     let f = &mut s.c.state_mut().fpu;
-    f.fcw = 0x0262;
-    f.fsw = 0x2800 | 0x41; // TOP = 5, C0... IE
+    f.fcw = 0x027f; // all exceptions masked (else FRSTOR would set ES/B)
+    f.fsw = 0x2800 | 0x41; // TOP = 5, SF, IE
     f.ftw = 0x5a3c;
     f.fop = 0x123;
     f.fip = 0x1111_2222;
@@ -304,9 +356,11 @@ fn fnsave_frstor_round_trip() {
     let r = s.ram();
     assert_eq!(r.read_u16(0x30100).unwrap(), 0x037f);
     // The 108-byte image: control, status, tag, FIP, FCS|FOP, FDP, FDS.
-    assert_eq!(r.read_u16(0x30000).unwrap(), 0x0262);
+    assert_eq!(r.read_u16(0x30000).unwrap(), 0x027f);
     assert_eq!(r.read_u16(0x30004).unwrap(), 0x2841);
-    assert_eq!(r.read_u16(0x30008).unwrap(), 0x5a3c);
+    // FNSAVE stores tags computed from the contents: the non-empty
+    // registers all hold normal numbers (00), R1 and R2 are empty (11).
+    assert_eq!(r.read_u16(0x30008).unwrap(), 0x003c);
     assert_eq!(r.read_u32(0x3000c).unwrap(), 0x1111_2222);
     assert_eq!(r.read_u32(0x30010).unwrap(), 0x08 | 0x123 << 16);
     assert_eq!(r.read_u32(0x30014).unwrap(), 0x3333_4444);
@@ -314,12 +368,19 @@ fn fnsave_frstor_round_trip() {
     // ST(0) = R[TOP] = R5.
     assert_eq!(r.read_u64(0x3001c).unwrap(), before.regs[5].mantissa);
     assert_eq!(r.read_u16(0x3001c + 8).unwrap(), before.regs[5].sign_exp);
-    assert_eq!(r.read_u64(0x3001c + 70).unwrap(), before.regs[4].mantissa, "ST(7) = R4");
+    assert_eq!(
+        r.read_u64(0x3001c + 70).unwrap(),
+        before.regs[4].mantissa,
+        "ST(7) = R4"
+    );
     let after = s.c.state().fpu;
     assert_eq!(after.fcw, before.fcw);
     assert_eq!(after.fsw, before.fsw);
-    assert_eq!(after.ftw, before.ftw);
-    assert_eq!((after.fip, after.fcs, after.fdp, after.fds, after.fop), (before.fip, before.fcs, before.fdp, before.fds, before.fop));
+    assert_eq!(after.ftw, 0x003c, "FRSTOR loads the stored (computed) tags");
+    assert_eq!(
+        (after.fip, after.fcs, after.fdp, after.fds, after.fop),
+        (before.fip, before.fcs, before.fdp, before.fds, before.fop)
+    );
     assert_eq!(after.regs, before.regs);
 }
 
@@ -338,7 +399,7 @@ fn fxsave_fxrstor_round_trip() {
     let before = s.c.state().fpu;
     halted_clean(&mut s);
     let r = s.ram();
-    assert_eq!(r.read_u16(0x30000).unwrap(), 0x0262);
+    assert_eq!(r.read_u16(0x30000).unwrap(), 0x027f);
     assert_eq!(r.read_u16(0x30002).unwrap(), 0x2841);
     // Abridged tag: 0x5a3c = R7..R0 tags 01 01 10 10 00 11 11 00: R1, R2 empty.
     assert_eq!(r.read_u8(0x30004).unwrap(), 0b1111_1001);
@@ -395,9 +456,13 @@ fn nm_with_cr0_ts_and_em() {
         for (name, f) in &insns {
             let mut s = Sys::new();
             s.cr0 |= bit;
-            s.start_kernel(&kcode(|a| f(a)));
+            s.start_kernel(&kcode(f));
             let t = s.run_trap();
-            assert_eq!((t.vector, t.err, t.eip), (7, None, KCODE_AT as u32), "{name} with CR0 {bit:#x}");
+            assert_eq!(
+                (t.vector, t.err, t.eip),
+                (7, None, KCODE_AT as u32),
+                "{name} with CR0 {bit:#x}"
+            );
         }
     }
 }
@@ -407,9 +472,21 @@ fn clts_clears_ts_and_the_instruction_then_runs() {
     let mut s = Sys::new();
     s.cr0 |= cr::CR0_TS;
     // #NM handler: CLTS and retry.
-    s.ram().write(0x18000, &asm(32, 0x18000, |a| { a.clts()?; a.iretd() })).unwrap();
+    s.ram()
+        .write(
+            0x18000,
+            &asm(32, 0x18000, |a| {
+                a.clts()?;
+                a.iretd()
+            }),
+        )
+        .unwrap();
     s.idt(7, gate(INT_GATE, KCODE, 0x18000, 0, 0));
-    s.start_kernel(&kcode(|a| { a.fninit()?; a.fnstcw(word_ptr(0x30000))?; a.hlt() }));
+    s.start_kernel(&kcode(|a| {
+        a.fninit()?;
+        a.fnstcw(word_ptr(0x30000))?;
+        a.hlt()
+    }));
     halted_clean(&mut s);
     assert_eq!(s.ram().read_u16(0x30000).unwrap(), 0x037f);
     assert_eq!(s.c.state().cr0 & cr::CR0_TS, 0);
@@ -425,7 +502,10 @@ fn wait_faults_only_with_mp_and_ts() {
     ] {
         let mut s = Sys::new();
         s.cr0 |= bits;
-        s.start_kernel(&kcode(|a| { a.wait()?; a.hlt() }));
+        s.start_kernel(&kcode(|a| {
+            a.wait()?;
+            a.hlt()
+        }));
         assert_eq!(s.run(), RunExit::Halted);
         assert_eq!(s.stub_vector(), nm.then_some(7), "CR0 bits {bits:#x}");
     }
@@ -435,10 +515,17 @@ fn wait_faults_only_with_mp_and_ts() {
 fn store_into_the_running_block_takes_effect() {
     let mut s = Sys::new();
     // mov byte [patch+1], 0x42 ; patch: mov eax, 0x11 ; hlt — in one block.
-    let (code, at) = frags(32, KCODE_AT, vec![
-        Box::new(|a| a.mov(byte_ptr(KCODE_AT as u32 + 7 + 1), 0x42u32)),
-        Box::new(|a| { a.mov(eax, 0x11u32)?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| a.mov(byte_ptr(KCODE_AT as u32 + 7 + 1), 0x42u32)),
+            Box::new(|a| {
+                a.mov(eax, 0x11u32)?;
+                a.hlt()
+            }),
+        ],
+    );
     assert_eq!(at[1], KCODE_AT as u32 + 7);
     s.start_kernel(&code);
     halted_clean(&mut s);
@@ -465,7 +552,15 @@ fn store_into_code_after_it_ran_is_seen_on_the_next_pass() {
         a.jnz(top)?;
         a.hlt()
     });
-    s.ram().write(body as u64, &asm(32, body as u64, |a| { a.mov(eax, 0x01u32)?; a.ret() })).unwrap();
+    s.ram()
+        .write(
+            body as u64,
+            &asm(32, body as u64, |a| {
+                a.mov(eax, 0x01u32)?;
+                a.ret()
+            }),
+        )
+        .unwrap();
     s.start_kernel(&code);
     halted_clean(&mut s);
     assert_eq!(s.gpr(3), 0x31);
@@ -477,10 +572,17 @@ fn smc_through_a_different_linear_alias() {
     s.paging(P | W | U);
     // Linear 0x200000 aliases the code page at 0x10000.
     s.set_pte(0x20_0000, KCODE_AT as u32 | P | W);
-    let (code, _) = frags(32, KCODE_AT, vec![
-        Box::new(|a| a.mov(byte_ptr(0x20_0000 + 7 + 1), 0x42u32)),
-        Box::new(|a| { a.mov(eax, 0x11u32)?; a.hlt() }),
-    ]);
+    let (code, _) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| a.mov(byte_ptr(0x20_0000 + 7 + 1), 0x42u32)),
+            Box::new(|a| {
+                a.mov(eax, 0x11u32)?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_kernel(&code);
     halted_clean(&mut s);
     assert_eq!(s.gpr(0), 0x42);
@@ -489,10 +591,21 @@ fn smc_through_a_different_linear_alias() {
 #[test]
 fn code_rewritten_by_guest_ram_write_between_runs_is_redecoded() {
     let mut s = Sys::new();
-    s.start_kernel(&kcode(|a| { a.mov(eax, 1u32)?; a.hlt() }));
+    s.start_kernel(&kcode(|a| {
+        a.mov(eax, 1u32)?;
+        a.hlt()
+    }));
     halted_clean(&mut s);
     assert_eq!(s.gpr(0), 1);
-    s.ram().write(KCODE_AT, &kcode(|a| { a.mov(eax, 2u32)?; a.hlt() })).unwrap();
+    s.ram()
+        .write(
+            KCODE_AT,
+            &kcode(|a| {
+                a.mov(eax, 2u32)?;
+                a.hlt()
+            }),
+        )
+        .unwrap();
     s.c.state_mut().rip = KCODE_AT;
     s.c.state_mut().halted = false;
     halted_clean(&mut s);
@@ -504,9 +617,17 @@ fn rep_stos_over_its_own_code() {
     let mut s = Sys::new();
     // REP STOSB overwrites the instructions after it with NOPs, then the
     // CPU must run the NOPs, not the stale decoded INC.
-    let (code, at) = frags(32, KCODE_AT, vec![
-        Box::new(|a| { a.mov(edi, KCODE_AT as u32 + 0x20)?; a.mov(ecx, 4u32)?; a.mov(al, 0x90)?; a.cld()?; a.rep().stosb() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![Box::new(|a| {
+            a.mov(edi, KCODE_AT as u32 + 0x20)?;
+            a.mov(ecx, 4u32)?;
+            a.mov(al, 0x90)?;
+            a.cld()?;
+            a.rep().stosb()
+        })],
+    );
     let mut code = code;
     code.resize(0x20, 0x90);
     code.extend_from_slice(&[0x40, 0x40, 0x40, 0x40, 0xf4]); // inc eax ×4 ; hlt
@@ -528,7 +649,10 @@ fn v86_mode_runs_real_mode_code_and_int_goes_to_ring0() {
         a.int(0x80)
     });
     s.ram().write(0x20000, &v86_code).unwrap();
-    s.idt(0x80, gate(INT_GATE, KCODE, (STUBS + 0x80 * 16) as u32, 3, 0));
+    s.idt(
+        0x80,
+        gate(INT_GATE, KCODE, (STUBS + 0x80 * 16) as u32, 3, 0),
+    );
     let code = kcode(|a| {
         a.push(0u32)?; // GS
         a.push(0u32)?; // FS
@@ -563,7 +687,9 @@ fn v86_mode_runs_real_mode_code_and_int_goes_to_ring0() {
 #[test]
 fn v86_int_with_iopl_below_3_is_gp0() {
     let mut s = Sys::new();
-    s.ram().write(0x20000, &asm(16, 0, |a| a.int(0x80))).unwrap();
+    s.ram()
+        .write(0x20000, &asm(16, 0, |a| a.int(0x80)))
+        .unwrap();
     let code = kcode(|a| {
         for _ in 0..4 {
             a.push(0u32)?;
@@ -582,4 +708,169 @@ fn v86_int_with_iopl_below_3_is_gp0() {
     assert_eq!(s.rd32(stk), 0, "error code");
     assert_eq!(s.rd32(stk + 4), 0, "EIP of the INT");
     assert_eq!(s.rd32(stk + 8), 0x2000);
+}
+
+#[test]
+fn bus_stop_during_rep_outs_finishes_the_iteration_and_resumes() {
+    let mut s = Sys::new();
+    s.bus.stop_port = Some(0xe9);
+    s.ram().write(0x30000, b"abc").unwrap();
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| {
+                a.cld()?;
+                a.mov(dx, 0xe9u32)?;
+                a.mov(esi, 0x30000u32)?;
+                a.mov(ecx, 3u32)
+            }),
+            Box::new(|a| a.rep().outsb()),
+            Box::new(|a| a.hlt()),
+        ],
+    );
+    s.start_kernel(&code);
+    assert_eq!(s.run(), RunExit::BusStop);
+    assert_eq!(s.bus.outs.len(), 1);
+    let st = s.c.state().clone();
+    assert_eq!((st.gpr[1], st.gpr[6]), (2, 0x30001), "one iteration done");
+    assert_eq!(
+        st.rip, at[1] as u64,
+        "the REP is not finished: EIP stays on it"
+    );
+    assert_eq!(s.run(), RunExit::BusStop);
+    assert_eq!(s.run(), RunExit::BusStop);
+    assert_eq!(
+        s.c.state().rip,
+        at[2] as u64,
+        "last iteration done: after the REP"
+    );
+    assert_eq!(s.run(), RunExit::Halted);
+    let bytes: Vec<u32> = s.bus.outs.iter().map(|o| o.2).collect();
+    assert_eq!(bytes, vec![b'a' as u32, b'b' as u32, b'c' as u32]);
+}
+
+#[test]
+fn bus_stop_on_mmio_write_finishes_the_instruction() {
+    let mut s = Sys::new();
+    s.bus.mmio_stop = true;
+    let mmio = 0x8000_0000u32; // beyond the 4 MiB of RAM
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(move |a| {
+                a.mov(esp, mmio + 0x100)?;
+                a.mov(eax, 0x77u32)
+            }),
+            Box::new(|a| a.push(eax)),
+            Box::new(move |a| {
+                a.cld()?;
+                a.mov(edi, mmio)?;
+                a.mov(ecx, 2u32)
+            }),
+            Box::new(|a| a.rep().stosd()),
+            Box::new(|a| {
+                a.mov(esp, KSTACK)?;
+                a.hlt()
+            }),
+        ],
+    );
+    s.start_kernel(&code);
+    assert_eq!(s.run(), RunExit::BusStop);
+    let st = s.c.state().clone();
+    assert_eq!(st.rip, at[2] as u64, "PUSH completed");
+    assert_eq!(st.gpr[4] as u32, mmio + 0xfc, "…including its ESP update");
+    assert_eq!(s.run(), RunExit::BusStop);
+    let st = s.c.state().clone();
+    assert_eq!(
+        (st.rip, st.gpr[1], st.gpr[7] as u32),
+        (at[3] as u64, 1, mmio + 4)
+    );
+    assert_eq!(s.run(), RunExit::BusStop);
+    assert_eq!(s.c.state().rip, at[4] as u64);
+    assert_eq!(s.run(), RunExit::Halted);
+    assert_eq!(
+        s.bus.mmio_writes,
+        vec![
+            (mmio as u64 + 0xfc, 4, 0x77),
+            (mmio as u64, 4, 0x77),
+            (mmio as u64 + 4, 4, 0x77)
+        ]
+    );
+}
+
+/// Enters V86 mode at 0x2000:0 running `code` with the given IOPL.
+fn v86_start(s: &mut Sys, code: &[u8], iopl: u32) {
+    s.ram().write(0x20000, code).unwrap();
+    let k = kcode(|a| {
+        for _ in 0..4 {
+            a.push(0u32)?;
+        }
+        a.push(0x0900u32)?;
+        a.push(0x0ff0u32)?;
+        a.push(flags::VM | iopl << 12 | 2)?;
+        a.push(0x2000u32)?;
+        a.push(0u32)?;
+        a.iretd()
+    });
+    s.start_kernel(&k);
+}
+
+#[test]
+fn v86_interrupt_to_a_nonzero_ring_is_gp_sel() {
+    let mut s = Sys::new();
+    s.gdt(FREE, code32(1));
+    let r1 = (FREE as u16) << 3;
+    s.idt(0x80, gate(INT_GATE, r1, 0x1234, 3, 0));
+    v86_start(&mut s, &asm(16, 0, |a| a.int(0x80)), 3);
+    assert_eq!(s.run(), RunExit::Halted);
+    assert_eq!(s.stub_vector(), Some(13));
+    let stk = s.c.state().gpr[4];
+    assert_eq!(s.rd32(stk), r1 as u32, "#GP(new CS selector)");
+    assert_eq!(s.rd32(stk + 8), 0x2000, "from V86: the INT itself");
+}
+
+#[test]
+fn v86_privileged_and_iopl_sensitive_instructions_fault() {
+    type F = fn(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>;
+    let cases: Vec<(&str, u32, F)> = vec![
+        ("lgdt", 3, |a| a.lgdt(ptr(0x100))),
+        ("mov cr0", 3, |a| a.mov(eax, cr0)),
+        ("hlt", 3, |a| a.hlt()),
+        ("cli iopl0", 0, |a| a.cli()),
+        ("pushf iopl0", 0, |a| a.pushf()),
+        ("popf iopl0", 0, |a| a.popf()),
+        ("iret iopl0", 0, |a| a.iret()),
+        ("in al,dx (bitmap denies)", 3, |a| a.in_(al, dx)),
+    ];
+    for (name, iopl, f) in cases {
+        let mut s = Sys::new();
+        v86_start(&mut s, &asm(16, 0, f), iopl);
+        assert_eq!(s.run(), RunExit::Halted, "{name}");
+        assert_eq!(s.stub_vector(), Some(13), "{name}");
+        let stk = s.c.state().gpr[4];
+        assert_eq!(
+            (s.rd32(stk), s.rd32(stk + 4)),
+            (0, 0),
+            "{name}: #GP(0) at the instruction"
+        );
+    }
+}
+
+#[test]
+fn v86_io_follows_the_bitmap_even_with_iopl3() {
+    let mut s = Sys::new();
+    s.allow_port(0x80);
+    v86_start(
+        &mut s,
+        &asm(16, 0, |a| {
+            a.out(0x80, al)?;
+            a.out(0x81, al)
+        }),
+        3,
+    );
+    assert_eq!(s.run(), RunExit::Halted);
+    assert_eq!(s.stub_vector(), Some(13));
+    assert_eq!(s.bus.outs.len(), 1);
 }

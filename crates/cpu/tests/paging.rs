@@ -22,10 +22,17 @@ fn not_present_pte_read_at_cpl0() {
     let mut s = Sys::new();
     s.paging(P | W | U);
     s.set_pte(PAGE, 0);
-    let (code, at) = frags(32, KCODE_AT, vec![
-        Box::new(|a| a.mov(ebx, 7u32)),
-        Box::new(|a| { a.mov(ebx, dword_ptr(PAGE + 0x10))?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| a.mov(ebx, 7u32)),
+            Box::new(|a| {
+                a.mov(ebx, dword_ptr(PAGE + 0x10))?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_kernel(&code);
     pf(&mut s, 0, PAGE + 0x10, at[1]);
     assert_eq!(s.gpr(3), 7, "the faulting load wrote nothing");
@@ -36,7 +43,10 @@ fn not_present_pde_write_at_cpl0() {
     let mut s = Sys::new();
     s.paging(P | W | U);
     // PDE 2 (0x800000..) is not present.
-    let code = kcode(|a| { a.mov(dword_ptr(0x80_0123), eax)?; a.hlt() });
+    let code = kcode(|a| {
+        a.mov(dword_ptr(0x80_0123), eax)?;
+        a.hlt()
+    });
     s.start_kernel(&code);
     pf(&mut s, 2, 0x80_0123, KCODE_AT as u32);
 }
@@ -46,7 +56,10 @@ fn not_present_write_at_cpl3() {
     let mut s = Sys::new();
     s.paging(P | W | U);
     s.set_pte(PAGE, 0);
-    let code = ucode(|a| { a.mov(dword_ptr(PAGE + 4), eax)?; a.hlt() });
+    let code = ucode(|a| {
+        a.mov(dword_ptr(PAGE + 4), eax)?;
+        a.hlt()
+    });
     s.start_user(&code);
     let t = s.run_trap();
     assert_eq!((t.vector, t.err), (14, Some(6)));
@@ -61,7 +74,10 @@ fn user_read_of_supervisor_page() {
     let mut s = Sys::new();
     s.paging(P | W | U);
     s.set_pte(PAGE, PAGE | P | W);
-    let code = ucode(|a| { a.mov(eax, dword_ptr(PAGE))?; a.hlt() });
+    let code = ucode(|a| {
+        a.mov(eax, dword_ptr(PAGE))?;
+        a.hlt()
+    });
     s.start_user(&code);
     pf(&mut s, 5, PAGE, UCODE_AT as u32);
 }
@@ -81,7 +97,11 @@ fn user_write_to_read_only_page() {
     let mut s = Sys::new();
     s.paging(P | W | U);
     s.set_pte(PAGE, PAGE | P | U);
-    let code = ucode(|a| { a.mov(eax, dword_ptr(PAGE))?; a.mov(dword_ptr(PAGE), eax)?; a.hlt() });
+    let code = ucode(|a| {
+        a.mov(eax, dword_ptr(PAGE))?;
+        a.mov(dword_ptr(PAGE), eax)?;
+        a.hlt()
+    });
     s.start_user(&code);
     let t = s.run_trap();
     assert_eq!((t.vector, t.err), (14, Some(7)));
@@ -93,7 +113,10 @@ fn read_only_pde_restricts_writable_pte() {
     let mut s = Sys::new();
     s.paging(P | W | U);
     s.set_pde(0, PT as u32 | P | U);
-    let code = ucode(|a| { a.mov(dword_ptr(PAGE), eax)?; a.hlt() });
+    let code = ucode(|a| {
+        a.mov(dword_ptr(PAGE), eax)?;
+        a.hlt()
+    });
     s.start_user(&code);
     pf(&mut s, 7, PAGE, UCODE_AT as u32);
 }
@@ -113,7 +136,10 @@ fn cpl0_write_to_read_only_page_without_wp_succeeds() {
     let mut s = Sys::new();
     s.paging(P | W | U);
     s.set_pte(PAGE, PAGE | P | U);
-    let code = kcode(|a| { a.mov(dword_ptr(PAGE), 0x1234_5678u32)?; a.hlt() });
+    let code = kcode(|a| {
+        a.mov(dword_ptr(PAGE), 0x1234_5678u32)?;
+        a.hlt()
+    });
     s.start_kernel(&code);
     assert_eq!(s.run(), RunExit::Halted);
     assert_eq!(s.stub_vector(), None);
@@ -127,7 +153,10 @@ fn cpl0_write_to_read_only_page_with_wp_faults() {
     s.paging(P | W | U);
     s.cr0 |= cr::CR0_WP;
     s.set_pte(PAGE, PAGE | P);
-    let code = kcode(|a| { a.mov(dword_ptr(PAGE), 0x1234_5678u32)?; a.hlt() });
+    let code = kcode(|a| {
+        a.mov(dword_ptr(PAGE), 0x1234_5678u32)?;
+        a.hlt()
+    });
     s.start_kernel(&code);
     pf(&mut s, 3, PAGE, KCODE_AT as u32);
     assert_eq!(s.rd32(PAGE as u64), 0);
@@ -138,15 +167,22 @@ fn setting_wp_takes_effect_on_cached_translation() {
     let mut s = Sys::new();
     s.paging(P | W | U);
     s.set_pte(PAGE, PAGE | P | D | A);
-    let (code, at) = frags(32, KCODE_AT, vec![
-        Box::new(|a| {
-            a.mov(dword_ptr(PAGE), 1u32)?; // allowed (WP = 0), cached
-            a.mov(eax, cr0)?;
-            a.or(eax, 1u32 << 16)?;
-            a.mov(cr0, eax)
-        }),
-        Box::new(|a| { a.mov(dword_ptr(PAGE), 2u32)?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| {
+                a.mov(dword_ptr(PAGE), 1u32)?; // allowed (WP = 0), cached
+                a.mov(eax, cr0)?;
+                a.or(eax, 1u32 << 16)?;
+                a.mov(cr0, eax)
+            }),
+            Box::new(|a| {
+                a.mov(dword_ptr(PAGE), 2u32)?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_kernel(&code);
     pf(&mut s, 3, PAGE, at[1]);
     assert_eq!(s.rd32(PAGE as u64), 1);
@@ -179,7 +215,10 @@ fn big_page_user_bit_checked() {
     s.paging(P | W | U);
     s.cr4 |= cr::CR4_PSE;
     s.set_pde(0x40_0000, P | W | PS);
-    let code = ucode(|a| { a.mov(eax, dword_ptr(0x43_0010))?; a.hlt() });
+    let code = ucode(|a| {
+        a.mov(eax, dword_ptr(0x43_0010))?;
+        a.hlt()
+    });
     s.start_user(&code);
     pf(&mut s, 5, 0x43_0010, UCODE_AT as u32);
 }
@@ -189,7 +228,7 @@ fn accessed_and_dirty_bits() {
     let mut s = Sys::new();
     s.paging(P | W | U);
     s.set_pte(PAGE, PAGE | P | W);
-    s.set_pte(PAGE + 0x1000, PAGE + 0x1000 | P | W);
+    s.set_pte(PAGE + 0x1000, (PAGE + 0x1000) | P | W);
     let code = kcode(|a| {
         a.mov(eax, dword_ptr(PAGE))?;
         a.mov(dword_ptr(PAGE + 0x1000), eax)?;
@@ -198,7 +237,11 @@ fn accessed_and_dirty_bits() {
     s.start_kernel(&code);
     assert_eq!(s.run(), RunExit::Halted);
     assert_eq!(s.get_pte(PAGE), PAGE | P | W | A, "read sets A only");
-    assert_eq!(s.get_pte(PAGE + 0x1000), PAGE + 0x1000 | P | W | A | D, "write sets A and D");
+    assert_eq!(
+        s.get_pte(PAGE + 0x1000),
+        (PAGE + 0x1000) | P | W | A | D,
+        "write sets A and D"
+    );
     assert_ne!(s.get_pde(0) & A, 0, "PDE accessed");
     assert_eq!(s.get_pde(0) & D, 0, "PDE has no dirty bit for 4 KiB tables");
 }
@@ -223,7 +266,10 @@ fn page_crossing_access_faults_on_second_page() {
     let mut s = Sys::new();
     s.paging(P | W | U);
     s.set_pte(PAGE + 0x1000, 0);
-    let code = kcode(|a| { a.mov(eax, dword_ptr(PAGE + 0xffe))?; a.hlt() });
+    let code = kcode(|a| {
+        a.mov(eax, dword_ptr(PAGE + 0xffe))?;
+        a.hlt()
+    });
     s.start_kernel(&code);
     pf(&mut s, 0, PAGE + 0x1000, KCODE_AT as u32);
 }
@@ -234,7 +280,10 @@ fn page_crossing_write_changes_nothing_when_it_faults() {
     s.paging(P | W | U);
     s.set_pte(PAGE + 0x1000, (PAGE + 0x1000) | P);
     s.cr0 |= cr::CR0_WP;
-    let code = kcode(|a| { a.mov(dword_ptr(PAGE + 0xffe), 0xffff_ffffu32)?; a.hlt() });
+    let code = kcode(|a| {
+        a.mov(dword_ptr(PAGE + 0xffe), 0xffff_ffffu32)?;
+        a.hlt()
+    });
     s.start_kernel(&code);
     pf(&mut s, 3, PAGE + 0x1000, KCODE_AT as u32);
     assert_eq!(s.ram().read_u16(PAGE as u64 + 0xffe).unwrap(), 0);
@@ -245,7 +294,10 @@ fn fetch_from_not_present_page() {
     let mut s = Sys::new();
     s.paging(P | W | U);
     s.set_pte(0x12000, 0);
-    let code = kcode(|a| { a.mov(eax, 0x12000u32)?; a.jmp(eax) });
+    let code = kcode(|a| {
+        a.mov(eax, 0x12000u32)?;
+        a.jmp(eax)
+    });
     s.start_kernel(&code);
     pf(&mut s, 0, 0x12000, 0x12000);
 }
@@ -259,7 +311,10 @@ fn instruction_spanning_into_not_present_page() {
     let at = 0x11ffe_u32;
     let code = asm(32, at as u64, |a| a.mov(eax, 0x1234_5678u32));
     s.ram().write(at as u64, &code).unwrap();
-    let jump = kcode(|a| { a.mov(eax, at)?; a.jmp(eax) });
+    let jump = kcode(|a| {
+        a.mov(eax, at)?;
+        a.jmp(eax)
+    });
     s.start_kernel(&jump);
     pf(&mut s, 0, 0x12000, at);
 }
@@ -321,7 +376,10 @@ fn stale_not_present_is_not_cached() {
     });
     s.ram().write(0x18000, &handler).unwrap();
     s.idt(14, gate(INT_GATE, KCODE, 0x18000, 0, 0));
-    let code = kcode(|a| { a.mov(eax, dword_ptr(PAGE))?; a.hlt() });
+    let code = kcode(|a| {
+        a.mov(eax, dword_ptr(PAGE))?;
+        a.hlt()
+    });
     s.start_kernel(&code);
     assert_eq!(s.run(), RunExit::Halted);
     assert_eq!(s.gpr(0), 0x77);
@@ -411,7 +469,10 @@ fn cpl3_access_uses_user_permissions_after_cpl0_cached_it() {
         a.iretd()
     });
     // (DS was nulled by the IRET to ring 3: use SS.)
-    let user = ucode(|a| { a.mov(eax, dword_ptr(PAGE).ss())?; a.hlt() });
+    let user = ucode(|a| {
+        a.mov(eax, dword_ptr(PAGE).ss())?;
+        a.hlt()
+    });
     s.ram().write(UCODE_AT, &user).unwrap();
     s.start_kernel(&code);
     pf(&mut s, 5, PAGE, UCODE_AT as u32);
@@ -423,8 +484,72 @@ fn paging_off_ignores_page_tables() {
     s.paging(0); // every PTE not present, but CR0.PG off below
     s.cr0 &= !cr::CR0_PG;
     s.ram().write_u32(PAGE as u64, 0x99).unwrap();
-    let code = kcode(|a| { a.mov(eax, dword_ptr(PAGE))?; a.hlt() });
+    let code = kcode(|a| {
+        a.mov(eax, dword_ptr(PAGE))?;
+        a.hlt()
+    });
     s.start_kernel(&code);
     assert_eq!(s.run(), RunExit::Halted);
     assert_eq!(s.gpr(0), 0x99);
+}
+
+#[test]
+fn reserved_bits_in_a_4mib_pde_are_rsvd_page_faults() {
+    let mut s = Sys::new();
+    s.paging(P | W | U);
+    s.cr4 |= cr::CR4_PSE;
+    // Bit 13 set: reserved without PSE-36.
+    s.set_pde(0x40_0000, P | W | PS | 1 << 13);
+    let code = kcode(|a| {
+        a.mov(dword_ptr(0x43_0010), eax)?;
+        a.hlt()
+    });
+    s.start_kernel(&code);
+    pf(&mut s, 0x8 | 2 | 1, 0x43_0010, KCODE_AT as u32);
+}
+
+#[test]
+fn ps_bit_is_ignored_without_cr4_pse() {
+    let mut s = Sys::new();
+    s.paging(P | W | U);
+    // PDE 1 with PS but CR4.PSE = 0: it points to a page table (the
+    // identity table at PT), so 0x400000 + x maps like x.
+    s.set_pde(0x40_0000, PT as u32 | P | W | PS);
+    s.ram().write_u32(0x30010, 0x1357).unwrap();
+    let code = kcode(|a| {
+        a.mov(eax, dword_ptr(0x43_0010))?;
+        a.hlt()
+    });
+    s.start_kernel(&code);
+    assert_eq!(s.run(), RunExit::Halted);
+    assert_eq!(s.stub_vector(), None);
+    assert_eq!(s.gpr(0), 0x1357);
+}
+
+#[test]
+fn invlpg_flushes_the_whole_4mib_page() {
+    let mut s = Sys::new();
+    s.paging(P | W | U);
+    s.cr4 |= cr::CR4_PSE;
+    // 0x400000..0x800000 -> physical 0..4 MiB, then remapped to 4..8 MiB
+    // (beyond RAM: MMIO reads give all-ones).
+    s.set_pde(0x40_0000, P | W | PS);
+    s.ram().write_u32(0x1000, 0x1111).unwrap();
+    let pde = (PD + 4) as u32;
+    let code = kcode(|a| {
+        a.mov(eax, dword_ptr(0x40_0000))?;
+        a.mov(eax, dword_ptr(0x40_1000))?; // cache a second 4 KiB piece
+        a.mov(dword_ptr(pde), 0x40_0000 | P | W | PS)?;
+        a.invlpg(dword_ptr(0x40_0000))?; // one INVLPG for the 4 MiB page
+        a.mov(ebx, dword_ptr(0x40_1000))?;
+        a.hlt()
+    });
+    s.start_kernel(&code);
+    assert_eq!(s.run(), RunExit::Halted);
+    assert_eq!(s.gpr(0), 0x1111);
+    assert_eq!(
+        s.gpr(3),
+        0xffff_ffff,
+        "the whole large page was invalidated"
+    );
 }

@@ -61,7 +61,11 @@ fn privileged_instructions_at_cpl3_raise_gp0() {
         s.start_user(&code);
         let t = s.run_trap();
         assert_eq!((t.vector, t.err), (13, Some(0)), "{name}: {t:x?}");
-        assert_eq!(t.eip, UCODE_AT as u32 + 20, "{name}: saved EIP at the instruction");
+        assert_eq!(
+            t.eip,
+            UCODE_AT as u32 + 20,
+            "{name}: saved EIP at the instruction"
+        );
         assert_eq!(t.cs, UCODE, "{name}");
         assert_eq!(t.outer, Some((UDATA, USTACK)), "{name}");
         assert!(s.bus.outs.is_empty(), "{name}: no port access");
@@ -110,23 +114,46 @@ fn iopl3_allows_cli_sti_and_io_at_cpl3() {
 fn io_bitmap_allows_one_port_and_denies_others() {
     let mut s = Sys::new();
     s.allow_port(0x80);
-    let (code, at) = frags(32, UCODE_AT, vec![
-        Box::new(|a| { a.mov(al, 1)?; a.out(0x80, al)?; a.in_(al, 0x80)?; a.mov(dx, 0x80u32)?; a.out(dx, al) }),
-        Box::new(|a| { a.out(0x81, al)?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        UCODE_AT,
+        vec![
+            Box::new(|a| {
+                a.mov(al, 1)?;
+                a.out(0x80, al)?;
+                a.in_(al, 0x80)?;
+                a.mov(dx, 0x80u32)?;
+                a.out(dx, al)
+            }),
+            Box::new(|a| {
+                a.out(0x81, al)?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_user(&code);
     gp0_at(&mut s, at[1]);
-    assert_eq!(s.bus.outs, vec![(0x80, 1, 1), (0x80, 1, (0x80 ^ 0x5a5a) & 0xff)]);
+    assert_eq!(
+        s.bus.outs,
+        vec![(0x80, 1, 1), (0x80, 1, (0x80 ^ 0x5a5a) & 0xff)]
+    );
 }
 
 #[test]
 fn io_bitmap_checks_every_byte_of_a_wide_access() {
     let mut s = Sys::new();
     s.allow_port(0x80);
-    let (code, at) = frags(32, UCODE_AT, vec![
-        Box::new(|a| a.mov(dx, 0x80u32)),
-        Box::new(|a| { a.out(dx, ax)?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        UCODE_AT,
+        vec![
+            Box::new(|a| a.mov(dx, 0x80u32)),
+            Box::new(|a| {
+                a.out(dx, ax)?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_user(&code);
     gp0_at(&mut s, at[1]);
     assert!(s.bus.outs.is_empty());
@@ -137,7 +164,10 @@ fn io_bitmap_beyond_tss_limit_denies() {
     let mut s = Sys::new();
     s.allow_port(0x80);
     s.gdt(5, tss32(TSS as u32, 0x68 + 0x10 - 1)); // bitmap only covers ports 0..0x7f
-    let code = ucode(|a| { a.out(0x80, al)?; a.hlt() });
+    let code = ucode(|a| {
+        a.out(0x80, al)?;
+        a.hlt()
+    });
     s.start_user(&code);
     gp0_at(&mut s, UCODE_AT as u32);
 }
@@ -231,7 +261,13 @@ fn popf_at_cpl0_changes_if_and_iopl() {
 fn pushf_at_cpl1_shows_real_if_and_iopl() {
     let mut s = Sys::new();
     s.eflags = flags::IF | (1 << 12);
-    let code = ucode(|a| { a.pushfd()?; a.pop(eax)?; a.pushf()?; a.pop(bx)?; a.hlt() });
+    let code = ucode(|a| {
+        a.pushfd()?;
+        a.pop(eax)?;
+        a.pushf()?;
+        a.pop(bx)?;
+        a.hlt()
+    });
     s.start_ring1(&code);
     s.run_trap();
     assert_eq!(s.gpr(0), 0x1202);
@@ -285,7 +321,10 @@ fn umip_makes_descriptor_stores_fault_at_cpl3() {
 
 #[test]
 fn mov_from_cs_and_ss_shows_rpl_equal_to_cpl() {
-    for (cpl, start) in [(3u16, Sys::start_user as fn(&mut Sys, &[u8])), (1, Sys::start_ring1)] {
+    for (cpl, start) in [
+        (3u16, Sys::start_user as fn(&mut Sys, &[u8])),
+        (1, Sys::start_ring1),
+    ] {
         let mut s = Sys::new();
         let code = ucode(|a| {
             a.mov(eax, cs)?;
@@ -334,22 +373,37 @@ fn probe(s: &mut Sys, start: fn(&mut Sys, &[u8]), sel: u16) -> (bool, u32, bool,
 fn lar_lsl_verr_verw_answer_by_real_dpl_at_cpl3() {
     let mut s = Sys::new();
     // Kernel data (DPL 0) is invisible at CPL 3.
-    assert_eq!(probe(&mut s, Sys::start_user, KDATA), (false, 0xdead, false, 0xdead, false, false));
+    assert_eq!(
+        probe(&mut s, Sys::start_user, KDATA),
+        (false, 0xdead, false, 0xdead, false, false)
+    );
     // User data (DPL 3): visible, readable, writable.
     let mut s = Sys::new();
-    assert_eq!(probe(&mut s, Sys::start_user, UDATA), (true, 0x00c0_f200, true, 0xffff_ffff, true, true));
+    assert_eq!(
+        probe(&mut s, Sys::start_user, UDATA),
+        (true, 0x00c0_f200, true, 0xffff_ffff, true, true)
+    );
     // User code: readable, not writable.
     let mut s = Sys::new();
-    assert_eq!(probe(&mut s, Sys::start_user, UCODE), (true, 0x00c0_fa00, true, 0xffff_ffff, true, false));
+    assert_eq!(
+        probe(&mut s, Sys::start_user, UCODE),
+        (true, 0x00c0_fa00, true, 0xffff_ffff, true, false)
+    );
 }
 
 #[test]
 fn lar_lsl_at_cpl1_see_real_dpl_of_ring0_descriptors() {
     // A deprivileged kernel probing "its own" ring-0 segments gets ZF = 0.
     let mut s = Sys::new();
-    assert_eq!(probe(&mut s, Sys::start_ring1, KCODE), (false, 0xdead, false, 0xdead, false, false));
+    assert_eq!(
+        probe(&mut s, Sys::start_ring1, KCODE),
+        (false, 0xdead, false, 0xdead, false, false)
+    );
     let mut s = Sys::new();
-    assert_eq!(probe(&mut s, Sys::start_ring1, R1DATA), (true, 0x00c0_b200, true, 0xffff_ffff, true, true));
+    assert_eq!(
+        probe(&mut s, Sys::start_ring1, R1DATA),
+        (true, 0x00c0_b200, true, 0xffff_ffff, true, true)
+    );
 }
 
 #[test]
@@ -361,9 +415,9 @@ fn lar_of_conforming_code_ignores_dpl_and_rpl_matters() {
     assert_eq!((r.0, r.1, r.4, r.5), (true, 0x00c0_9e00, true, false));
     // RPL 3 hides a DPL 2 data segment even at CPL 1.
     let mut s = Sys::new();
-    assert_eq!(probe(&mut s, Sys::start_ring1, R2DATA | 3).0, false);
+    assert!(!probe(&mut s, Sys::start_ring1, R2DATA | 3).0);
     let mut s = Sys::new();
-    assert_eq!(probe(&mut s, Sys::start_ring1, R2DATA).0, true);
+    assert!(probe(&mut s, Sys::start_ring1, R2DATA).0);
 }
 
 #[test]
@@ -372,10 +426,18 @@ fn lar_lsl_of_system_descriptors() {
     s.gdt(FREE, gate(CALL_GATE, KCODE, 0x1234, 3, 0));
     let sel = (FREE as u16) << 3;
     // Call gate: LAR yes, LSL no (no limit), VERR/VERW no.
-    assert_eq!(probe(&mut s, Sys::start_user, sel), (true, 0x0000_ec00, false, 0xdead, false, false));
+    assert_eq!(
+        probe(&mut s, Sys::start_user, sel),
+        (true, 0x0000_ec00, false, 0xdead, false, false)
+    );
     // TSS (DPL 0) at CPL 0 via ring-0 start: LSL gives its limit.
     let mut s = Sys::new();
-    let code = ucode(|a| { a.mov(ecx, TSS_SEL as u32)?; a.lsl(ebx, ecx)?; a.lar(eax, ecx)?; a.hlt() });
+    let code = ucode(|a| {
+        a.mov(ecx, TSS_SEL as u32)?;
+        a.lsl(ebx, ecx)?;
+        a.lar(eax, ecx)?;
+        a.hlt()
+    });
     s.start_at(KCODE, KDATA, UCODE_AT as u32, KSTACK, &code);
     assert_eq!(s.run(), RunExit::Halted);
     assert_eq!(s.gpr(3), 0x2068);
@@ -385,9 +447,9 @@ fn lar_lsl_of_system_descriptors() {
 #[test]
 fn lar_of_null_and_out_of_range_selectors_clears_zf() {
     let mut s = Sys::new();
-    assert_eq!(probe(&mut s, Sys::start_user, 0).0, false);
+    assert!(!probe(&mut s, Sys::start_user, 0).0);
     let mut s = Sys::new();
-    assert_eq!(probe(&mut s, Sys::start_user, 0x7fff).0, false);
+    assert!(!probe(&mut s, Sys::start_user, 0x7fff).0);
 }
 
 /// A ring-1 "guest kernel" running every reported gap instruction.
@@ -433,14 +495,34 @@ fn sensitive_hook_reports_and_changes_nothing() {
     let (t_on, st_on, mem_on, stack_on, ev_on) = run(true);
     assert!(ev_off.is_empty());
     assert_eq!(t_off, t_on);
-    assert_eq!(st_off, st_on, "guest-visible state identical with the hook on or off");
+    assert_eq!(
+        st_off, st_on,
+        "guest-visible state identical with the hook on or off"
+    );
     assert_eq!(mem_off, mem_on);
     assert_eq!(stack_off, stack_on);
     assert_eq!(t_on.vector, 13, "the final HLT at CPL 1");
 
     use SensitiveKind::*;
     let kinds: Vec<_> = ev_on.iter().map(|e| e.kind).collect();
-    assert_eq!(kinds, vec![Pushf, Popf, Sgdt, Sidt, Sldt, Str, Smsw, ReadSegment, ReadSegment, Lar, Lsl, Verr, Verw]);
+    assert_eq!(
+        kinds,
+        vec![
+            Pushf,
+            Popf,
+            Sgdt,
+            Sidt,
+            Sldt,
+            Str,
+            Smsw,
+            ReadSegment,
+            ReadSegment,
+            Lar,
+            Lsl,
+            Verr,
+            Verw
+        ]
+    );
     for e in &ev_on {
         assert_eq!(e.cpl, 1, "{e:?}");
         assert_eq!(e.iopl, 0, "{e:?}");
@@ -458,7 +540,10 @@ fn sensitive_hook_reports_and_changes_nothing() {
     assert_eq!(ev_on[7].result, R1CODE as u64);
     assert_eq!(ev_on[8].result, R1DATA as u64);
     assert_eq!(ev_on[9].operand, KCODE as u64);
-    assert_eq!(ev_on[11].result, 0, "VERR of a ring-0 segment fails at CPL 1");
+    assert_eq!(
+        ev_on[11].result, 0,
+        "VERR of a ring-0 segment fails at CPL 1"
+    );
 }
 
 #[test]
@@ -467,8 +552,71 @@ fn cr4_bits_the_model_lacks_fault() {
     // as on a processor without the feature.
     for bit in [cr::CR4_VME, cr::CR4_PVI, cr::CR4_PAE, cr::CR4_UMIP] {
         let mut s = Sys::new();
-        s.start_kernel(&kcode(|a| { a.mov(eax, bit as u32)?; a.mov(cr4, eax)?; a.hlt() }));
+        s.start_kernel(&kcode(|a| {
+            a.mov(eax, bit as u32)?;
+            a.mov(cr4, eax)?;
+            a.hlt()
+        }));
         let t = s.run_trap();
-        assert_eq!((t.vector, t.err, t.eip), (13, Some(0), KCODE_AT as u32 + 5), "CR4 bit {bit:#x}");
+        assert_eq!(
+            (t.vector, t.err, t.eip),
+            (13, Some(0), KCODE_AT as u32 + 5),
+            "CR4 bit {bit:#x}"
+        );
     }
+}
+
+#[test]
+fn sensitive_hook_reports_far_transfers_segment_loads_and_events() {
+    use common::sys::gate;
+    let run = |report: bool| {
+        let mut s = Sys::new();
+        s.c.report_sensitive = report;
+        s.bus.tsc = Some(0x42);
+        let sel = (FREE as u16) << 3;
+        s.gdt(
+            FREE,
+            gate(CALL_GATE, UCODE & !3, UCODE_AT as u32 + 0x100, 3, 0),
+        );
+        s.idt(0x80, gate(TRAP_GATE, KCODE, 0x18000, 3, 0));
+        // Ring 0 handler for INT 0x80: IRET straight back.
+        s.ram()
+            .write(0x18000, &asm(32, 0x18000, |a| a.iretd()))
+            .unwrap();
+        s.ram()
+            .write(UCODE_AT + 0x100, &asm(32, UCODE_AT + 0x100, |a| a.retf()))
+            .unwrap();
+        let code = ucode(|a| {
+            a.mov(eax, UDATA as u32)?;
+            a.mov(ds, ax)?; // LoadSegment
+            a.call_far(sel | 3, 0)?; // FarCall through a gate, FarRet back
+            a.int(0x80)?; // SoftInt, then Iret at CPL 0
+            a.rdtsc()?; // Rdtsc
+            a.hlt()
+        });
+        s.start_user(&code);
+        let t = s.run_trap();
+        (t, s.c.state().clone(), s.bus.events.clone())
+    };
+    let (t_off, st_off, ev_off) = run(false);
+    let (t_on, st_on, ev) = run(true);
+    assert!(ev_off.is_empty());
+    assert_eq!((t_off, st_off), (t_on, st_on));
+    use SensitiveKind::*;
+    let kinds: Vec<_> = ev.iter().map(|e| (e.kind, e.cpl)).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (LoadSegment, 3),
+            (FarCall, 3),
+            (FarRet, 3),
+            (SoftInt, 3),
+            (Iret, 0),
+            (Rdtsc, 3)
+        ]
+    );
+    assert_eq!(ev[3].operand, 0x80);
+    assert_eq!(ev[4].ip, 0x18000, "IRET reported at its own address");
+    assert_eq!(ev[4].linear_ip, 0x18000);
+    assert_eq!(ev[5].result, 0x42);
 }

@@ -30,28 +30,56 @@ fn r16(f: impl FnOnce(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>) ->
 
 #[test]
 fn ivt_delivery() {
-    let code = r16(|a| { a.sti()?; a.stc()?; a.int(0x21)?; a.hlt() });
+    let code = r16(|a| {
+        a.sti()?;
+        a.stc()?;
+        a.int(0x21)?;
+        a.hlt()
+    });
     let (mut c, mut bus) = real(&code);
     c.ram().write_u16(0x21 * 4, 0x0010).unwrap();
     c.ram().write_u16(0x21 * 4 + 2, 0x0800).unwrap();
     c.ram().write_u8(0x8010, 0xf4).unwrap(); // hlt at 0800:0010
     assert_eq!(c.run(&mut bus, 100), RunExit::Halted);
     let st = c.state().clone();
-    assert_eq!((st.seg[sr::CS].selector, st.seg[sr::CS].base, st.rip), (0x800, 0x8000, 0x11));
+    assert_eq!(
+        (st.seg[sr::CS].selector, st.seg[sr::CS].base, st.rip),
+        (0x800, 0x8000, 0x11)
+    );
     assert_eq!(st.gpr[4], 0x7000 - 6);
-    assert_eq!(c.ram().read_u16(0x7000 - 6).unwrap(), 0x7c00 + 4, "IP after INT");
+    assert_eq!(
+        c.ram().read_u16(0x7000 - 6).unwrap(),
+        0x7c00 + 4,
+        "IP after INT"
+    );
     assert_eq!(c.ram().read_u16(0x7000 - 4).unwrap(), 0);
     let fl = c.ram().read_u16(0x7000 - 2).unwrap() as u32;
     assert_eq!(fl & (flags::IF | flags::CF), flags::IF | flags::CF);
-    assert_eq!(st.rflags as u32 & (flags::IF | flags::TF), 0, "IF and TF cleared");
+    assert_eq!(
+        st.rflags as u32 & (flags::IF | flags::TF),
+        0,
+        "IF and TF cleared"
+    );
 }
 
 #[test]
 fn iret_returns_from_ivt_handler() {
-    let code = r16(|a| { a.int(0x21)?; a.mov(bx, 7u32)?; a.hlt() });
+    let code = r16(|a| {
+        a.int(0x21)?;
+        a.mov(bx, 7u32)?;
+        a.hlt()
+    });
     let (mut c, mut bus) = real(&code);
     c.ram().write_u32(0x21 * 4, 0x0800_0010).unwrap();
-    c.ram().write(0x8010, &asm(16, 0x10, |a| { a.mov(ax, 5u32)?; a.iret() })).unwrap();
+    c.ram()
+        .write(
+            0x8010,
+            &asm(16, 0x10, |a| {
+                a.mov(ax, 5u32)?;
+                a.iret()
+            }),
+        )
+        .unwrap();
     assert_eq!(c.run(&mut bus, 100), RunExit::Halted);
     let st = c.state();
     assert_eq!((st.gpr[0], st.gpr[3], st.gpr[4]), (5, 7, 0x7000));
@@ -60,7 +88,10 @@ fn iret_returns_from_ivt_handler() {
 
 #[test]
 fn divide_error_in_real_mode_uses_ivt_with_ip_at_instruction() {
-    let code = r16(|a| { a.xor(cx, cx)?; a.div(cx) });
+    let code = r16(|a| {
+        a.xor(cx, cx)?;
+        a.div(cx)
+    });
     let (mut c, mut bus) = real(&code);
     c.ram().write_u32(0, 0x0800_0000).unwrap();
     c.ram().write_u8(0x8000, 0xf4).unwrap();
@@ -143,7 +174,10 @@ fn sixteen_bit_effective_addresses_wrap_at_64k() {
 #[test]
 fn word_access_at_offset_ffff_is_gp() {
     // A word at DS:FFFF crosses the real-mode segment limit: #GP → IVT 13.
-    let code = r16(|a| { a.mov(bx, 0xffffu32)?; a.mov(ax, word_ptr(bx)) });
+    let code = r16(|a| {
+        a.mov(bx, 0xffffu32)?;
+        a.mov(ax, word_ptr(bx))
+    });
     let (mut c, mut bus) = real(&code);
     c.ram().write_u32(13 * 4, 0x0800_0000).unwrap();
     c.ram().write_u8(0x8000, 0xf4).unwrap();
@@ -258,12 +292,27 @@ fn lmsw_sets_pe_but_cannot_clear_it() {
 
 #[test]
 fn real_mode_far_call_and_retf() {
-    let code = r16(|a| { a.call_far(0x0800, 0x0000)?; a.mov(cx, 3u32)?; a.hlt() });
+    let code = r16(|a| {
+        a.call_far(0x0800, 0x0000)?;
+        a.mov(cx, 3u32)?;
+        a.hlt()
+    });
     let (mut c, mut bus) = real(&code);
-    c.ram().write(0x8000, &asm(16, 0, |a| { a.mov(ax, cs)?; a.retf() })).unwrap();
+    c.ram()
+        .write(
+            0x8000,
+            &asm(16, 0, |a| {
+                a.mov(ax, cs)?;
+                a.retf()
+            }),
+        )
+        .unwrap();
     assert_eq!(c.run(&mut bus, 100), RunExit::Halted);
     let st = c.state();
-    assert_eq!((st.gpr[0] & 0xffff, st.gpr[1] & 0xffff, st.gpr[4]), (0x800, 3, 0x7000));
+    assert_eq!(
+        (st.gpr[0] & 0xffff, st.gpr[1] & 0xffff, st.gpr[4]),
+        (0x800, 3, 0x7000)
+    );
 }
 
 #[test]
@@ -286,12 +335,50 @@ fn rep_movsw_with_16_bit_addresses_wraps_si_di() {
 
 #[test]
 fn external_interrupt_in_real_mode() {
-    let code = r16(|a| { a.sti()?; a.nop()?; a.hlt() });
+    let code = r16(|a| {
+        a.sti()?;
+        a.nop()?;
+        a.hlt()
+    });
     let (mut c, mut bus) = real(&code);
     bus.irq = Some(0x08);
     c.ram().write_u32(8 * 4, 0x0800_0000).unwrap();
     c.ram().write_u8(0x8000, 0xf4).unwrap();
     assert_eq!(c.run(&mut bus, 100), RunExit::Halted);
     assert_eq!(c.state().seg[sr::CS].selector, 0x800);
-    assert_eq!(c.ram().read_u16(0x7000 - 6).unwrap(), 0x7c02, "after the STI shadow");
+    assert_eq!(
+        c.ram().read_u16(0x7000 - 6).unwrap(),
+        0x7c02,
+        "after the STI shadow"
+    );
+}
+
+#[test]
+fn protected_mode_only_instructions_are_ud_in_real_mode() {
+    type F = fn(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>;
+    let cases: Vec<(&str, F)> = vec![
+        ("sldt", |a| a.sldt(ax)),
+        ("str", |a| a.str(ax)),
+        ("lldt", |a| a.lldt(ax)),
+        ("ltr", |a| a.ltr(ax)),
+        ("lar", |a| a.lar(ax, bx)),
+        ("lsl", |a| a.lsl(ax, bx)),
+        ("verr", |a| a.verr(ax)),
+        ("verw", |a| a.verw(ax)),
+        ("arpl", |a| a.arpl(ax, bx)),
+    ];
+    for (name, f) in cases {
+        let (mut c, mut bus) = real(&r16(f));
+        c.exception_bitmap = 1 << 6;
+        assert_eq!(
+            c.run(&mut bus, 10),
+            RunExit::Exception {
+                vector: 6,
+                error_code: None,
+                software: false
+            },
+            "{name}"
+        );
+        assert_eq!(c.state().rip, 0x7c00);
+    }
 }

@@ -17,10 +17,17 @@ fn expect(s: &mut Sys, vector: u8, err: u32, eip: u32) -> Trap {
 
 /// Kernel code that loads `sel` into DS, then runs `rest` (fragment 1).
 fn with_ds(s: &mut Sys, sel: u16, rest: Frag<'static>) -> Vec<u32> {
-    let (code, at) = frags(32, KCODE_AT, vec![
-        Box::new(move |a| { a.mov(ax, sel as u32)?; a.mov(ds, ax) }),
-        rest,
-    ]);
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(move |a| {
+                a.mov(ax, sel as u32)?;
+                a.mov(ds, ax)
+            }),
+            rest,
+        ],
+    );
     s.start_kernel(&code);
     at
 }
@@ -29,11 +36,15 @@ fn with_ds(s: &mut Sys, sel: u16, rest: Frag<'static>) -> Vec<u32> {
 fn data_limit_violation_is_gp0() {
     let mut s = Sys::new();
     s.gdt(FREE, desc(DATA as u32, 0xfff, 0x92, 0x4));
-    let at = with_ds(&mut s, S1, Box::new(|a| {
-        a.mov(eax, dword_ptr(0xffc))?; // last dword: fine
-        a.mov(ebx, dword_ptr(0xffd))?; // crosses the limit
-        a.hlt()
-    }));
+    let at = with_ds(
+        &mut s,
+        S1,
+        Box::new(|a| {
+            a.mov(eax, dword_ptr(0xffc))?; // last dword: fine
+            a.mov(ebx, dword_ptr(0xffd))?; // crosses the limit
+            a.hlt()
+        }),
+    );
     expect(&mut s, 13, 0, at[1] + 5);
 }
 
@@ -42,11 +53,15 @@ fn data_limit_is_byte_granular_or_page_granular() {
     let mut s = Sys::new();
     // G = 1: limit 0 means 0xfff.
     s.gdt(FREE, desc(DATA as u32, 0, 0x92, 0xc));
-    let at = with_ds(&mut s, S1, Box::new(|a| {
-        a.mov(eax, dword_ptr(0xffc))?;
-        a.mov(eax, dword_ptr(0x1000))?;
-        a.hlt()
-    }));
+    let at = with_ds(
+        &mut s,
+        S1,
+        Box::new(|a| {
+            a.mov(eax, dword_ptr(0xffc))?;
+            a.mov(eax, dword_ptr(0x1000))?;
+            a.hlt()
+        }),
+    );
     expect(&mut s, 13, 0, at[1] + 5);
 }
 
@@ -54,10 +69,22 @@ fn data_limit_is_byte_granular_or_page_granular() {
 fn stack_limit_violation_is_ss0() {
     let mut s = Sys::new();
     s.gdt(FREE, desc(0, 0x8fff, 0x92, 0x4)); // SS: 0..0x8fff
-    let (code, at) = frags(32, KCODE_AT, vec![
-        Box::new(|a| { a.mov(ax, S1 as u32)?; a.mov(ss, ax)?; a.mov(esp, 0x8000u32)?; a.mov(ebp, 0x9000u32) }),
-        Box::new(|a| { a.mov(eax, dword_ptr(ebp))?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| {
+                a.mov(ax, S1 as u32)?;
+                a.mov(ss, ax)?;
+                a.mov(esp, 0x8000u32)?;
+                a.mov(ebp, 0x9000u32)
+            }),
+            Box::new(|a| {
+                a.mov(eax, dword_ptr(ebp))?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_kernel(&code);
     expect(&mut s, 12, 0, at[1]);
 }
@@ -66,13 +93,28 @@ fn stack_limit_violation_is_ss0() {
 fn push_past_stack_limit_at_cpl3_is_ss0() {
     let mut s = Sys::new();
     s.gdt(FREE, desc(0x40000, 0xfff, 0xf2, 0x4)); // DPL 3 stack, 4 KiB
-    let (code, at) = frags(32, UCODE_AT, vec![
-        Box::new(|a| { a.mov(ax, (S1 | 3) as u32)?; a.mov(ss, ax)?; a.mov(esp, 2u32) }),
-        Box::new(|a| { a.push(eax)?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        UCODE_AT,
+        vec![
+            Box::new(|a| {
+                a.mov(ax, (S1 | 3) as u32)?;
+                a.mov(ss, ax)?;
+                a.mov(esp, 2u32)
+            }),
+            Box::new(|a| {
+                a.push(eax)?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_user(&code);
     let t = expect(&mut s, 12, 0, at[1]);
-    assert_eq!(t.outer, Some((S1 | 3, 2)), "ESP unchanged by the failed push");
+    assert_eq!(
+        t.outer,
+        Some((S1 | 3, 2)),
+        "ESP unchanged by the failed push"
+    );
 }
 
 #[test]
@@ -80,12 +122,16 @@ fn expand_down_data_segment() {
     let mut s = Sys::new();
     // Expand-down, B = 1, limit 0xfff: valid offsets 0x1000..=0xffffffff.
     s.gdt(FREE, desc(0, 0xfff, 0x96, 0x4));
-    let at = with_ds(&mut s, S1, Box::new(|a| {
-        a.mov(eax, dword_ptr(0x30000))?;
-        a.mov(dword_ptr(0x1000), eax)?;
-        a.mov(ebx, dword_ptr(0xffe))?; // crosses below the limit
-        a.hlt()
-    }));
+    let at = with_ds(
+        &mut s,
+        S1,
+        Box::new(|a| {
+            a.mov(eax, dword_ptr(0x30000))?;
+            a.mov(dword_ptr(0x1000), eax)?;
+            a.mov(ebx, dword_ptr(0xffe))?; // crosses below the limit
+            a.hlt()
+        }),
+    );
     expect(&mut s, 13, 0, at[1] + 5 + 5);
 }
 
@@ -94,11 +140,15 @@ fn expand_down_small_segment_upper_bound_is_64k() {
     let mut s = Sys::new();
     // Expand-down, B = 0: valid offsets limit+1..=0xffff.
     s.gdt(FREE, desc(0, 0xfff, 0x96, 0x0));
-    let at = with_ds(&mut s, S1, Box::new(|a| {
-        a.mov(eax, dword_ptr(0xfffc))?;
-        a.mov(eax, dword_ptr(0xfffe))?;
-        a.hlt()
-    }));
+    let at = with_ds(
+        &mut s,
+        S1,
+        Box::new(|a| {
+            a.mov(eax, dword_ptr(0xfffc))?;
+            a.mov(eax, dword_ptr(0xfffe))?;
+            a.hlt()
+        }),
+    );
     expect(&mut s, 13, 0, at[1] + 5);
 }
 
@@ -106,11 +156,25 @@ fn expand_down_small_segment_upper_bound_is_64k() {
 fn expand_down_stack_violation_is_ss0() {
     let mut s = Sys::new();
     s.gdt(FREE, desc(0, 0x8fff, 0x96, 0x4)); // valid 0x9000..
-    let (code, at) = frags(32, KCODE_AT, vec![
-        Box::new(|a| { a.mov(ax, S1 as u32)?; a.mov(ss, ax)?; a.mov(esp, 0x9008u32) }),
-        Box::new(|a| { a.push(eax)?; a.push(eax) }),
-        Box::new(|a| { a.push(eax)?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| {
+                a.mov(ax, S1 as u32)?;
+                a.mov(ss, ax)?;
+                a.mov(esp, 0x9008u32)
+            }),
+            Box::new(|a| {
+                a.push(eax)?;
+                a.push(eax)
+            }),
+            Box::new(|a| {
+                a.push(eax)?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_kernel(&code);
     // The third push would write 0x8ffc..0x8fff: below the bound. The
     // handler's frame cannot go on this stack either, so the #SS becomes a
@@ -118,7 +182,14 @@ fn expand_down_stack_violation_is_ss0() {
     // exception bitmap to stop at the fault itself.
     s.c.exception_bitmap = 1 << 12;
     let x = s.run();
-    assert_eq!(x, RunExit::Exception { vector: 12, error_code: Some(0), software: false });
+    assert_eq!(
+        x,
+        RunExit::Exception {
+            vector: 12,
+            error_code: Some(0),
+            software: false
+        }
+    );
     let st = s.c.state();
     assert_eq!(st.rip, at[2] as u64);
     assert_eq!(st.gpr[4], 0x9000);
@@ -128,21 +199,32 @@ fn expand_down_stack_violation_is_ss0() {
 fn write_to_read_only_data_is_gp0() {
     let mut s = Sys::new();
     s.gdt(FREE, desc(0, 0xfffff, 0x90, 0xc)); // read-only data
-    let at = with_ds(&mut s, S1, Box::new(|a| {
-        a.mov(eax, dword_ptr(0x30000))?;
-        a.mov(dword_ptr(0x30000), eax)?;
-        a.hlt()
-    }));
+    let at = with_ds(
+        &mut s,
+        S1,
+        Box::new(|a| {
+            a.mov(eax, dword_ptr(0x30000))?;
+            a.mov(dword_ptr(0x30000), eax)?;
+            a.hlt()
+        }),
+    );
     expect(&mut s, 13, 0, at[1] + 5);
 }
 
 #[test]
 fn write_through_cs_override_is_gp0() {
     let mut s = Sys::new();
-    let (code, at) = frags(32, KCODE_AT, vec![
-        Box::new(|a| a.mov(eax, dword_ptr(0x30000).cs())), // readable code: fine
-        Box::new(|a| { a.mov(dword_ptr(0x30000).cs(), eax)?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| a.mov(eax, dword_ptr(0x30000).cs())), // readable code: fine
+            Box::new(|a| {
+                a.mov(dword_ptr(0x30000).cs(), eax)?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_kernel(&code);
     expect(&mut s, 13, 0, at[1]);
 }
@@ -151,10 +233,17 @@ fn write_through_cs_override_is_gp0() {
 fn read_of_execute_only_code_is_gp0() {
     let mut s = Sys::new();
     s.gdt(FREE, desc(0, 0xfffff, 0x98, 0xc)); // execute-only, DPL 0
-    let (code, at) = frags(32, KCODE_AT, vec![
-        Box::new(|a| a.jmp_far(S1, KCODE_AT as u32 + 7)),
-        Box::new(|a| { a.mov(eax, dword_ptr(0x30000).cs())?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| a.jmp_far(S1, KCODE_AT as u32 + 7)),
+            Box::new(|a| {
+                a.mov(eax, dword_ptr(0x30000).cs())?;
+                a.hlt()
+            }),
+        ],
+    );
     assert_eq!(at[1], KCODE_AT as u32 + 7);
     s.start_kernel(&code);
     let t = expect(&mut s, 13, 0, at[1]);
@@ -164,10 +253,21 @@ fn read_of_execute_only_code_is_gp0() {
 #[test]
 fn null_selector_loads_but_faults_on_use() {
     let mut s = Sys::new();
-    let (code, at) = frags(32, KCODE_AT, vec![
-        Box::new(|a| { a.xor(eax, eax)?; a.mov(es, ax)?; a.mov(fs, ax) }),
-        Box::new(|a| { a.mov(eax, dword_ptr(0x30000).es())?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| {
+                a.xor(eax, eax)?;
+                a.mov(es, ax)?;
+                a.mov(fs, ax)
+            }),
+            Box::new(|a| {
+                a.mov(eax, dword_ptr(0x30000).es())?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_kernel(&code);
     expect(&mut s, 13, 0, at[1]);
 }
@@ -175,10 +275,17 @@ fn null_selector_loads_but_faults_on_use() {
 #[test]
 fn null_selector_with_rpl_in_ss_is_gp0() {
     let mut s = Sys::new();
-    let (code, at) = frags(32, KCODE_AT, vec![
-        Box::new(|a| a.xor(eax, eax)),
-        Box::new(|a| { a.mov(ss, ax)?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| a.xor(eax, eax)),
+            Box::new(|a| {
+                a.mov(ss, ax)?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_kernel(&code);
     expect(&mut s, 13, 0, at[1]);
 }
@@ -186,10 +293,17 @@ fn null_selector_with_rpl_in_ss_is_gp0() {
 #[test]
 fn ss_with_wrong_rpl_is_gp_sel() {
     let mut s = Sys::new();
-    let (code, at) = frags(32, KCODE_AT, vec![
-        Box::new(|a| a.mov(eax, (KDATA | 1) as u32)),
-        Box::new(|a| { a.mov(ss, ax)?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| a.mov(eax, (KDATA | 1) as u32)),
+            Box::new(|a| {
+                a.mov(ss, ax)?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_kernel(&code);
     expect(&mut s, 13, KDATA as u32, at[1]);
 }
@@ -198,10 +312,17 @@ fn ss_with_wrong_rpl_is_gp_sel() {
 fn ss_with_wrong_dpl_is_gp_sel() {
     let mut s = Sys::new();
     // A ring-1 data segment with RPL 0, at CPL 0.
-    let (code, at) = frags(32, KCODE_AT, vec![
-        Box::new(|a| a.mov(eax, (R1DATA & !3) as u32)),
-        Box::new(|a| { a.mov(ss, ax)?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| a.mov(eax, (R1DATA & !3) as u32)),
+            Box::new(|a| {
+                a.mov(ss, ax)?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_kernel(&code);
     expect(&mut s, 13, (R1DATA & !3) as u32, at[1]);
 }
@@ -210,10 +331,17 @@ fn ss_with_wrong_dpl_is_gp_sel() {
 fn ss_at_cpl1_with_rpl0_selector_faults() {
     // The x86-gap case: a deprivileged kernel loading its "ring 0" SS.
     let mut s = Sys::new();
-    let (code, at) = frags(32, UCODE_AT, vec![
-        Box::new(|a| a.mov(eax, KDATA as u32)),
-        Box::new(|a| { a.mov(ss, ax)?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        UCODE_AT,
+        vec![
+            Box::new(|a| a.mov(eax, KDATA as u32)),
+            Box::new(|a| {
+                a.mov(ss, ax)?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_ring1(&code);
     let t = expect(&mut s, 13, KDATA as u32, at[1]);
     assert_eq!(t.outer, Some((R1DATA, ESP1 - 0x100)));
@@ -223,10 +351,17 @@ fn ss_at_cpl1_with_rpl0_selector_faults() {
 fn ss_with_read_only_data_is_gp_sel() {
     let mut s = Sys::new();
     s.gdt(FREE, desc(0, 0xfffff, 0x90, 0xc));
-    let (code, at) = frags(32, KCODE_AT, vec![
-        Box::new(|a| a.mov(eax, S1 as u32)),
-        Box::new(|a| { a.mov(ss, ax)?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| a.mov(eax, S1 as u32)),
+            Box::new(|a| {
+                a.mov(ss, ax)?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_kernel(&code);
     expect(&mut s, 13, S1 as u32, at[1]);
 }
@@ -235,10 +370,17 @@ fn ss_with_read_only_data_is_gp_sel() {
 fn ss_not_present_is_ss_sel() {
     let mut s = Sys::new();
     s.gdt(FREE, not_present(data32(0)));
-    let (code, at) = frags(32, KCODE_AT, vec![
-        Box::new(|a| a.mov(eax, S1 as u32)),
-        Box::new(|a| { a.mov(ss, ax)?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| a.mov(eax, S1 as u32)),
+            Box::new(|a| {
+                a.mov(ss, ax)?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_kernel(&code);
     expect(&mut s, 12, S1 as u32, at[1]);
 }
@@ -247,10 +389,17 @@ fn ss_not_present_is_ss_sel() {
 fn ds_not_present_is_np_sel() {
     let mut s = Sys::new();
     s.gdt(FREE, not_present(data32(0)));
-    let (code, at) = frags(32, KCODE_AT, vec![
-        Box::new(|a| a.mov(eax, S1 as u32)),
-        Box::new(|a| { a.mov(ds, ax)?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| a.mov(eax, S1 as u32)),
+            Box::new(|a| {
+                a.mov(ds, ax)?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_kernel(&code);
     expect(&mut s, 11, S1 as u32, at[1]);
 }
@@ -258,10 +407,17 @@ fn ds_not_present_is_np_sel() {
 #[test]
 fn ds_with_more_privileged_dpl_at_cpl3_is_gp_sel() {
     let mut s = Sys::new();
-    let (code, at) = frags(32, UCODE_AT, vec![
-        Box::new(|a| a.mov(eax, (KDATA | 3) as u32)),
-        Box::new(|a| { a.mov(ds, ax)?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        UCODE_AT,
+        vec![
+            Box::new(|a| a.mov(eax, (KDATA | 3) as u32)),
+            Box::new(|a| {
+                a.mov(ds, ax)?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_user(&code);
     expect(&mut s, 13, KDATA as u32, at[1]);
 }
@@ -270,20 +426,41 @@ fn ds_with_more_privileged_dpl_at_cpl3_is_gp_sel() {
 fn ds_with_rpl_above_dpl_is_gp_sel() {
     let mut s = Sys::new();
     // CPL 0 but RPL 3 against a DPL 0 segment.
-    let (code, at) = frags(32, KCODE_AT, vec![
-        Box::new(|a| a.mov(eax, (KDATA | 3) as u32)),
-        Box::new(|a| { a.pop(ds)?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| a.mov(eax, (KDATA | 3) as u32)),
+            Box::new(|a| {
+                a.pop(ds)?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_kernel(&code);
     // POP DS needs the value on the stack:
-    let (code, at2) = frags(32, KCODE_AT, vec![
-        Box::new(|a| { a.push((KDATA | 3) as u32)?; a.nop() }),
-        Box::new(|a| { a.pop(ds)?; a.hlt() }),
-    ]);
+    let (code, at2) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| {
+                a.push((KDATA | 3) as u32)?;
+                a.nop()
+            }),
+            Box::new(|a| {
+                a.pop(ds)?;
+                a.hlt()
+            }),
+        ],
+    );
     let _ = at;
     s.start_kernel(&code);
     let t = expect(&mut s, 13, KDATA as u32, at2[1]);
-    assert_eq!(s.c.state().gpr[4] as u32 + 16, KSTACK - 4, "POP did not move ESP");
+    assert_eq!(
+        s.c.state().gpr[4] as u32 + 16,
+        KSTACK - 4,
+        "POP did not move ESP"
+    );
     let _ = t;
 }
 
@@ -292,10 +469,17 @@ fn ds_with_system_or_execute_only_descriptor_is_gp_sel() {
     for d in [tss32(0x5000, 0x67), desc(0, 0xfffff, 0x98, 0xc)] {
         let mut s = Sys::new();
         s.gdt(FREE, d);
-        let (code, at) = frags(32, KCODE_AT, vec![
-            Box::new(|a| a.mov(eax, S1 as u32)),
-            Box::new(|a| { a.mov(ds, ax)?; a.hlt() }),
-        ]);
+        let (code, at) = frags(
+            32,
+            KCODE_AT,
+            vec![
+                Box::new(|a| a.mov(eax, S1 as u32)),
+                Box::new(|a| {
+                    a.mov(ds, ax)?;
+                    a.hlt()
+                }),
+            ],
+        );
         s.start_kernel(&code);
         expect(&mut s, 13, S1 as u32, at[1]);
     }
@@ -319,10 +503,17 @@ fn ds_with_readable_code_loads() {
 #[test]
 fn selector_beyond_gdt_limit_is_gp_sel() {
     let mut s = Sys::new();
-    let (code, at) = frags(32, KCODE_AT, vec![
-        Box::new(|a| a.mov(eax, 0x400u32)), // index 128: past the 128-entry GDT
-        Box::new(|a| { a.mov(ds, ax)?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| a.mov(eax, 0x400u32)), // index 128: past the 128-entry GDT
+            Box::new(|a| {
+                a.mov(ds, ax)?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_kernel(&code);
     expect(&mut s, 13, 0x400, at[1]);
 }
@@ -331,7 +522,11 @@ fn selector_beyond_gdt_limit_is_gp_sel() {
 fn load_sets_accessed_bit() {
     let mut s = Sys::new();
     s.gdt(FREE, data32(0) & !(1u64 << 40));
-    let code = kcode(|a| { a.mov(eax, S1 as u32)?; a.mov(ds, ax)?; a.hlt() });
+    let code = kcode(|a| {
+        a.mov(eax, S1 as u32)?;
+        a.mov(ds, ax)?;
+        a.hlt()
+    });
     s.start_kernel(&code);
     assert_eq!(s.run(), RunExit::Halted);
     assert_ne!(s.ram().read_u64(GDT + S1 as u64).unwrap() & (1 << 40), 0);
@@ -343,17 +538,24 @@ fn ldt_selectors() {
     s.gdt(FREE, desc(LDT as u32, 0xf, 0x82, 0)); // LDT with 2 entries
     s.ldt(1, desc(DATA as u32, 0xffff, 0x92, 0)); // LDT selector 0x0c
     s.ram().write_u32(DATA + 0x10, 0xabcd).unwrap();
-    let (code, at) = frags(32, KCODE_AT, vec![
-        Box::new(|a| {
-            a.mov(eax, S1 as u32)?;
-            a.lldt(ax)?;
-            a.mov(eax, 0x0cu32)?;
-            a.mov(ds, ax)?;
-            a.mov(ebx, dword_ptr(0x10))?;
-            a.mov(eax, 0x14u32) // LDT index 2: past its limit
-        }),
-        Box::new(|a| { a.mov(es, ax)?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| {
+                a.mov(eax, S1 as u32)?;
+                a.lldt(ax)?;
+                a.mov(eax, 0x0cu32)?;
+                a.mov(ds, ax)?;
+                a.mov(ebx, dword_ptr(0x10))?;
+                a.mov(eax, 0x14u32) // LDT index 2: past its limit
+            }),
+            Box::new(|a| {
+                a.mov(es, ax)?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_kernel(&code);
     let t = expect(&mut s, 13, 0x14, at[1]);
     let _ = t;
@@ -368,10 +570,17 @@ fn ldt_selectors() {
 #[test]
 fn ldt_selector_with_null_ldtr_is_gp_sel() {
     let mut s = Sys::new();
-    let (code, at) = frags(32, KCODE_AT, vec![
-        Box::new(|a| a.mov(eax, 0x0cu32)),
-        Box::new(|a| { a.mov(ds, ax)?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| a.mov(eax, 0x0cu32)),
+            Box::new(|a| {
+                a.mov(ds, ax)?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_kernel(&code);
     expect(&mut s, 13, 0x0c, at[1]);
 }
@@ -379,10 +588,17 @@ fn ldt_selector_with_null_ldtr_is_gp_sel() {
 #[test]
 fn lldt_of_non_ldt_descriptor_is_gp_sel() {
     let mut s = Sys::new();
-    let (code, at) = frags(32, KCODE_AT, vec![
-        Box::new(|a| a.mov(eax, KDATA as u32)),
-        Box::new(|a| { a.lldt(ax)?; a.hlt() }),
-    ]);
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| a.mov(eax, KDATA as u32)),
+            Box::new(|a| {
+                a.lldt(ax)?;
+                a.hlt()
+            }),
+        ],
+    );
     s.start_kernel(&code);
     expect(&mut s, 13, KDATA as u32, at[1]);
 }
@@ -392,7 +608,12 @@ fn execution_past_cs_limit_is_gp0() {
     let mut s = Sys::new();
     // A ring-0 code segment whose limit ends after two NOPs at 0x10000.
     s.gdt(FREE, desc(0, 0x10001, 0x9a, 0x4));
-    let code = kcode(|a| { a.jmp_far(S1, KCODE_AT as u32 + 7)?; a.nop()?; a.nop()?; a.nop() });
+    let code = kcode(|a| {
+        a.jmp_far(S1, KCODE_AT as u32 + 7)?;
+        a.nop()?;
+        a.nop()?;
+        a.nop()
+    });
     // jmp far is 7 bytes; NOPs at 0x10007.. but the limit is 0x10001:
     // the jump target itself is beyond the limit.
     s.start_kernel(&code);
@@ -410,10 +631,17 @@ fn execution_past_cs_limit_is_gp0() {
 fn instruction_straddling_cs_limit_is_gp0() {
     let mut s = Sys::new();
     s.gdt(FREE, desc(0, 0x1000a, 0x9a, 0x4));
-    let (code, at) = frags(32, KCODE_AT, vec![
-        Box::new(|a| a.jmp_far(S1, KCODE_AT as u32 + 7)),
-        Box::new(|a| { a.mov(eax, 1u32)?; a.hlt() }), // 0x10007..0x1000b
-    ]);
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| a.jmp_far(S1, KCODE_AT as u32 + 7)),
+            Box::new(|a| {
+                a.mov(eax, 1u32)?;
+                a.hlt()
+            }), // 0x10007..0x1000b
+        ],
+    );
     s.start_kernel(&code);
     let t = expect(&mut s, 13, 0, at[1]);
     assert_eq!(s.gpr(0), 0);

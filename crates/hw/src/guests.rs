@@ -5,7 +5,9 @@
 //! tables) plus the vCPU state to start it with. Memory layout:
 //!
 //! ```text
-//! 0x0500  GDT: null, 0x08 code32, 0x10 data, 0x18 code64 (all DPL 0, flat)
+//! 0x0500  GDT: null, 0x08 code32, 0x10 data, 0x18 code64, 0x20 data (DPL 0),
+//!         0x28 data, 0x30 code64 (DPL 3), 0x38 64-bit TSS
+//! 0x0600  TSS                    0x3000 IDT (user-mode guests)
 //! 0x7000  top of the stack
 //! 0x8000  code (32-bit or 16-bit prologue)   0x9000  64-bit code (after a mode switch)
 //! 0x10000 PML4 → 0x11000 PDPT → 0x12000 PD: identity, 2 MiB pages, first 1 GiB
@@ -14,7 +16,7 @@
 //! ```
 
 use iced_x86::code_asm::{CodeAssembler, IcedError};
-use iced_x86::code_asm::{al, eax, ecx, edx, esp, rsp};
+use iced_x86::code_asm::{al, ax, eax, ecx, edx, esp, ptr, rax, rsp};
 use popek_cpu::state::{attr, cr, seg, Segment, TableReg};
 use popek_cpu::CpuState;
 use popek_memory::{GuestRam, MemoryError};
@@ -33,6 +35,14 @@ pub const PML4: u64 = 0x10000;
 pub const PD32: u64 = 0x13000;
 /// PAE page-directory-pointer table.
 pub const PDPT_PAE: u64 = 0x14000;
+/// The 64-bit TSS (RSP0 at +4).
+pub const TSS: u64 = 0x600;
+/// The IDT [`user_mode`] guests use (256 16-byte gates).
+pub const IDT: u64 = 0x3000;
+/// User-mode selectors for 64-bit code and data (RPL 3).
+pub const USER_CS: u16 = 0x33;
+/// User data selector.
+pub const USER_DS: u16 = 0x2b;
 /// Smallest RAM the guests need.
 pub const MIN_RAM: u64 = 2 << 20;
 
@@ -78,6 +88,12 @@ fn gdt() -> Vec<u8> {
         0x00cf_9b00_0000_ffff, // 0x08: code32, DPL0, 4 GiB
         0x00cf_9300_0000_ffff, // 0x10: data, DPL0, 4 GiB
         0x00af_9b00_0000_ffff, // 0x18: code64, DPL0
+        0x00cf_9300_0000_ffff, // 0x20: data, DPL0 (SYSCALL's SS)
+        0x00cf_f300_0000_ffff, // 0x28: data, DPL3 (SYSRET's SS)
+        0x00af_fb00_0000_ffff, // 0x30: code64, DPL3 (SYSRET's CS)
+        // 0x38: 64-bit TSS (available) at TSS, 104 bytes
+        0x0000_8900_0000_0067 | ((TSS & 0xffff) << 16) | (((TSS >> 16) & 0xff) << 32),
+        0,
     ] {
         g.extend_from_slice(&d.to_le_bytes());
     }
@@ -86,11 +102,11 @@ fn gdt() -> Vec<u8> {
 
 fn page_tables() -> Vec<(u64, Vec<u8>)> {
     let le = |v: &[u64]| v.iter().flat_map(|e| e.to_le_bytes()).collect::<Vec<u8>>();
-    let pd: Vec<u64> = (0..512u64).map(|i| (i << 21) | 0x83).collect();
-    let pd32: Vec<u32> = (0..256u32).map(|i| (i << 22) | 0x83).collect();
+    let pd: Vec<u64> = (0..512u64).map(|i| (i << 21) | 0x87).collect();
+    let pd32: Vec<u32> = (0..256u32).map(|i| (i << 22) | 0x87).collect();
     vec![
-        (PML4, le(&[0x11000 | 3])),
-        (0x11000, le(&[0x12000 | 3])),
+        (PML4, le(&[0x11000 | 7])),
+        (0x11000, le(&[0x12000 | 7])),
         (0x12000, le(&pd)),
         (PD32, pd32.iter().flat_map(|e| e.to_le_bytes()).collect()),
         (PDPT_PAE, le(&[0x12000 | 1, 0, 0, 0])),
@@ -115,7 +131,7 @@ fn protected_state() -> CpuState {
     let mut s = CpuState::flat_protected(CS32, DS);
     s.gdtr = TableReg {
         base: GDT,
-        limit: 31,
+        limit: 0x47,
     };
     s.rip = CODE;
     s.gpr[4] = STACK;
@@ -235,6 +251,69 @@ pub fn long_from32(body: Body<'_>) -> TestGuest {
         memory,
         state: protected_state(),
     }
+}
+
+/// A long-mode guest that drops to user mode (CPL 3, IRETQ) and runs
+/// `user` there. Its IDT sends every exception and `INT n` (gates DPL 3) to
+/// a handler that ends the guest with debug-exit value = the vector;
+/// SYSCALL (EFER.SCE set, LSTAR) ends it with 0x5c. The kernel stack for
+/// events from user mode is TSS.RSP0 = 0x6800.
+pub fn user_mode(user: Body<'_>) -> TestGuest {
+    const HANDLERS: u64 = 0xa000;
+    const USER_CODE: u64 = 0xc000;
+    let mut g = long64(&|a| {
+        a.mov(ax, 0x38u32)?;
+        a.ltr(ax)?;
+        a.mov(rax, 0x1ff0u64)?;
+        a.lidt(ptr(rax))?;
+        // STAR: kernel CS 0x18 (SS 0x20), user base 0x23 (SS 0x2b, CS 0x33)
+        a.mov(ecx, 0xc000_0081u32)?;
+        a.mov(eax, 0u32)?;
+        a.mov(edx, 0x0023_0018u32)?;
+        a.wrmsr()?;
+        a.mov(ecx, 0xc000_0082u32)?;
+        a.mov(eax, (HANDLERS + 256 * 16) as u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.push(i32::from(USER_DS))?;
+        a.push(0x5000i32)?;
+        a.push(2i32)?;
+        a.push(i32::from(USER_CS))?;
+        a.push(USER_CODE as i32)?;
+        a.iretq()
+    });
+    g.state.efer |= 1; // SCE
+    // Handler i: mov al, i; out 0xf4, al; hlt (16 bytes each); then SYSCALL's.
+    let mut handlers = Vec::new();
+    for v in 0..=256u32 {
+        let code = assemble(64, HANDLERS + u64::from(v) * 16, &|a| {
+            debug_exit(a, if v == 256 { 0x5c } else { v as u8 })
+        });
+        let mut slot = code;
+        slot.resize(16, 0x90);
+        handlers.extend(slot);
+    }
+    let mut idt = Vec::new();
+    for v in 0..256u64 {
+        let off = HANDLERS + v * 16;
+        let mut gate = [0u8; 16];
+        gate[0..2].copy_from_slice(&(off as u16).to_le_bytes());
+        gate[2..4].copy_from_slice(&CS64.to_le_bytes());
+        gate[5] = 0xee; // present, DPL 3, 64-bit interrupt gate
+        gate[6..8].copy_from_slice(&((off >> 16) as u16).to_le_bytes());
+        idt.extend_from_slice(&gate);
+    }
+    let mut idtr = [0u8; 10];
+    idtr[0..2].copy_from_slice(&(256u16 * 16 - 1).to_le_bytes());
+    idtr[2..10].copy_from_slice(&IDT.to_le_bytes());
+    let mut tss = [0u8; 104];
+    tss[4..12].copy_from_slice(&0x6800u64.to_le_bytes());
+    g.memory.push((HANDLERS, handlers));
+    g.memory.push((IDT, idt));
+    g.memory.push((0x1ff0, idtr.to_vec()));
+    g.memory.push((TSS, tss.to_vec()));
+    g.memory.push((USER_CODE, assemble(64, USER_CODE, user)));
+    g
 }
 
 /// `mov al, v; out 0xf4, al`: end the guest through the debug-exit port.

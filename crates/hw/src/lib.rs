@@ -21,6 +21,7 @@
 
 #![deny(missing_docs)]
 
+pub mod emulate;
 pub mod guests;
 pub mod probe;
 pub mod regs;
@@ -104,6 +105,9 @@ pub struct HwStats {
     pub irq_windows: u64,
     /// Slice ends (the timer signal got the vCPU out of KVM).
     pub slice_ends: u64,
+    /// Instructions the KVM failed to emulate and popek finished (LAR/LSL
+    /// on kvm_pvm).
+    pub emulated: u64,
 }
 
 /// KVM's view of the vCPU registers, as last read or written, with popek's
@@ -175,6 +179,8 @@ pub struct Hw {
     guest_ns: u64,
     stats: HwStats,
     msr_indices: Vec<u32>,
+    /// The KVM is software (kvm_pvm or unknown), from the loaded modules.
+    software: bool,
 }
 
 impl std::fmt::Debug for Hw {
@@ -246,6 +252,7 @@ impl Hw {
             guest_ns: 0,
             stats: HwStats::default(),
             msr_indices: regs::MSR_INDICES.to_vec(),
+            software: probe::kind_from_modules(&probe::kvm_modules()) != probe::KvmKind::Hardware,
         };
         // Keep only the MSRs this KVM lets us read (KVM_GET_MSRS stops at
         // the first it refuses).
@@ -343,23 +350,22 @@ impl Hw {
         }
     }
 
-    /// The guest's IF as KVM will see it at the next entry.
-    fn if_flag(&mut self) -> bool {
-        match &self.snap {
-            Some(s) => s.state.rflags & flags::IF as u64 != 0,
-            None => self.vcpu.get_kvm_run().if_flag != 0,
-        }
-    }
-
     /// Offers the machine's pending interrupt (8259 INTR) to the vCPU:
     /// injects it when the guest can take it now, else asks KVM for an
     /// interrupt-window exit.
     fn offer_interrupt(&mut self, machine: &mut Machine) -> Result<(), EngineError> {
         let pending = machine.interrupt_pending();
-        let can = pending && self.if_flag() && {
-            let run = self.vcpu.get_kvm_run();
-            run.ready_for_interrupt_injection != 0
-        } && !self.snap.as_ref().is_some_and(|s| s.state.interrupt_shadow);
+        // Whether the guest accepts an interrupt now: KVM says so at each
+        // exit; once the VMM has read (and perhaps changed) the state, the
+        // state decides — IF set and no STI/MOV SS shadow.
+        let can = pending
+            && match &self.snap {
+                Some(s) => s.state.rflags & flags::IF as u64 != 0 && !s.state.interrupt_shadow,
+                None => {
+                    let run = self.vcpu.get_kvm_run();
+                    run.ready_for_interrupt_injection != 0 && run.if_flag != 0
+                }
+            };
         if can {
             let vector = machine.acknowledge_interrupt();
             let irq = kvm_bindings::kvm_interrupt {
@@ -498,6 +504,76 @@ impl Hw {
             disassemble(&bytes, &state)
         ));
         internal(text)
+    }
+
+    /// On a software KVM that refuses 32-bit and PAE paging (kvm_pvm), a
+    /// guest that turns paging on outside long mode gets #GP at its MOV to
+    /// CR0 and, without a handler, triple-faults there. Recognizes that
+    /// case, so popek can say "this KVM cannot run this guest" instead of
+    /// "the guest died".
+    fn refused_paging(&mut self) -> Option<String> {
+        if !self.software {
+            return None;
+        }
+        let s = self.fetch().ok()?.state.clone();
+        if s.efer & (1 << 8) != 0 {
+            return None;
+        }
+        let mut b = [0u8; 15];
+        let lin = s.seg[seg::CS].base.wrapping_add(s.rip);
+        let n = (0..15)
+            .take_while(|&i| self.peek_linear(lin + i as u64, &mut b[i..i + 1]).is_some())
+            .count();
+        let mut dec =
+            iced_x86::Decoder::with_ip(code_bitness(&s), &b[..n], s.rip, iced_x86::DecoderOptions::NONE);
+        let insn = dec.decode();
+        if insn.code() != iced_x86::Code::Mov_cr_r32 || insn.op0_register() != iced_x86::Register::CR0 {
+            return None;
+        }
+        let src = insn.op1_register().full_register();
+        let idx = src as usize - iced_x86::Register::RAX as usize;
+        let value = *s.gpr.get(idx)?;
+        (value & popek_cpu::state::cr::CR0_PG != 0).then(|| {
+            format!(
+                "the KVM here (software, e.g. kvm_pvm) refuses {} paging: the guest's MOV to CR0 turning paging on at {:#x} faulted",
+                if s.cr4 & popek_cpu::state::cr::CR4_PAE != 0 { "PAE" } else { "32-bit" },
+                s.rip
+            )
+        })
+    }
+
+    /// After an emulation failure: finishes the instruction in popek when
+    /// it is one [`emulate`] knows (LAR, LSL on kvm_pvm). Returns whether
+    /// it did (the vCPU state is then updated and the guest can resume).
+    fn emulate_failed_instruction(&mut self) -> Result<bool, EngineError> {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, whose
+        // emulation-failure layout overlays `internal`.
+        let emu = unsafe { run.__bindgen_anon_1.emulation_failure };
+        if emu.suberror != kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+            return Ok(false);
+        }
+        let mut state = self.fetch()?.state.clone();
+        let mut bytes = [0u8; 15];
+        let lin = state.seg[seg::CS].base.wrapping_add(state.rip);
+        let n = (0..15)
+            .take_while(|&i| self.peek_linear(lin + i as u64, &mut bytes[i..i + 1]).is_some())
+            .count();
+        struct Mem<'a>(&'a mut Hw);
+        impl emulate::LinearRead for Mem<'_> {
+            fn read_linear(&mut self, addr: u64, buf: &mut [u8]) -> Option<()> {
+                self.0.peek_linear(addr, buf)
+            }
+        }
+        let bitness = code_bitness(&state);
+        let Some(what) = emulate::emulate(&mut state, &bytes[..n], bitness, &mut Mem(self)) else {
+            return Ok(false);
+        };
+        tracing::trace!("hw: emulated {what} at {:#x}", state.rip);
+        self.stats.emulated += 1;
+        state.halted = self.halted;
+        self.set_state(state)?;
+        Ok(true)
     }
 
     fn internal_error(&mut self) -> EngineError {
@@ -791,6 +867,7 @@ impl Engine for Hw {
             ("interrupts injected", s.interrupts),
             ("interrupt-window exits", s.irq_windows),
             ("slice ends", s.slice_ends),
+            ("instructions popek emulated", s.emulated),
         ]
     }
 }
@@ -839,9 +916,15 @@ impl Hw {
                     self.vcpu.set_kvm_immediate_exit(0);
                 }
                 Exit::Shutdown => {
+                    if let Some(why) = self.refused_paging() {
+                        return Err(EngineError::Unsupported {
+                            engine: "hw",
+                            reason: why,
+                        });
+                    }
                     return Ok(VmExit::Shutdown {
                         reason: "triple fault (KVM_EXIT_SHUTDOWN)".into(),
-                    })
+                    });
                 }
                 Exit::SystemEvent(t) => {
                     return Ok(VmExit::Shutdown {
@@ -856,7 +939,12 @@ impl Hw {
                         None,
                     ))
                 }
-                Exit::Internal => return Err(self.internal_error()),
+                Exit::Internal => {
+                    if self.emulate_failed_instruction()? {
+                        continue;
+                    }
+                    return Err(self.internal_error());
+                }
                 Exit::Other(name) => {
                     return Err(self.failure(format!("{name}: an exit popek does not handle"), None))
                 }

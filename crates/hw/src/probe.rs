@@ -27,7 +27,7 @@ use crate::guests::{self, TestGuest};
 use crate::Hw;
 
 /// Bump when the probe changes, so that cached results are redone.
-pub const PROBE_VERSION: u32 = 1;
+pub const PROBE_VERSION: u32 = 3;
 
 /// How a test guest ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,6 +51,15 @@ pub enum GuestEnd {
 /// Boots `guest` on a fresh machine with `ram` bytes of RAM under `hw`,
 /// until it ends or `timeout` passes.
 pub fn run_guest(guest: &TestGuest, ram: u64, timeout: Duration) -> Result<GuestEnd, String> {
+    run_guest_stats(guest, ram, timeout).map(|(end, _)| end)
+}
+
+/// As [`run_guest`], also returning the engine's exit counters.
+pub fn run_guest_stats(
+    guest: &TestGuest,
+    ram: u64,
+    timeout: Duration,
+) -> Result<(GuestEnd, crate::HwStats), String> {
     let ram = Arc::new(GuestRam::new(ram).map_err(|e| e.to_string())?);
     let mut machine = Machine::new(
         MachineConfig {
@@ -64,7 +73,8 @@ pub fn run_guest(guest: &TestGuest, ram: u64, timeout: Duration) -> Result<Guest
     let mut hw = Hw::new(&machine).map_err(|e| e.to_string())?;
     hw.set_state(guest.state.clone())
         .map_err(|e| e.to_string())?;
-    Ok(run_until_end(&mut hw, &mut machine, timeout))
+    let end = run_until_end(&mut hw, &mut machine, timeout);
+    Ok((end, hw.hw_stats().clone()))
 }
 
 /// The exit loop for test guests: like the VMM's, minus hypercalls and
@@ -180,8 +190,17 @@ pub struct Capabilities {
     pub long64: Check,
     /// Long mode entered from 32-bit code by the guest.
     pub long_from32: Check,
-    /// `LAR` at CPL 0 (kvm_pvm fails to emulate it).
+    /// `LAR` at CPL 0 (kvm_pvm fails to emulate it; the `hw` engine then
+    /// finishes it itself, see [`crate::emulate`]).
     pub lar_cpl0: Check,
+    /// `INT 0x80` from user mode reaches the guest's DPL-3 gate (kvm_pvm
+    /// raises #UD instead).
+    pub user_int: Check,
+    /// `SYSCALL` from user mode reaches the guest's LSTAR.
+    pub user_syscall: Check,
+    /// `OUT` at CPL 3 with IOPL 0 and no I/O bitmap raises #GP (kvm_pvm
+    /// performs the I/O instead).
+    pub user_io_protection: Check,
     /// Mean port-I/O exit round trip in ns (guest OUT → popek → guest).
     pub io_exit_ns: u64,
 }
@@ -256,6 +275,9 @@ impl Capabilities {
             ("long mode (entered by loader)", &self.long64),
             ("long mode (entered from 32-bit)", &self.long_from32),
             ("LAR at CPL 0", &self.lar_cpl0),
+            ("INT 0x80 from user mode", &self.user_int),
+            ("SYSCALL from user mode", &self.user_syscall),
+            ("I/O protection at CPL 3", &self.user_io_protection),
         ] {
             s.push_str(&format!(
                 "  {name:<34} {:<4} {}\n",
@@ -286,7 +308,8 @@ pub fn kvm_modules() -> Vec<String> {
         .collect()
 }
 
-fn kind_from_modules(modules: &[String]) -> KvmKind {
+/// The KVM kind the loaded modules tell.
+pub fn kind_from_modules(modules: &[String]) -> KvmKind {
     let has = |m: &str| modules.iter().any(|x| x == m);
     if has("kvm_pvm") {
         KvmKind::Pvm
@@ -305,11 +328,72 @@ fn check(guest: &TestGuest, marker: u8) -> Check {
         },
         Ok(GuestEnd::Error(e)) => Check {
             ok: false,
-            detail: e.lines().next().unwrap_or("").to_string(),
+            detail: e
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("engine hw cannot run this guest: ")
+                .trim_start_matches("engine hw failed: ")
+                .to_string(),
         },
         Ok(GuestEnd::Shutdown(_)) => Check {
             ok: false,
             detail: "the guest got an exception it should not (triple fault)".into(),
+        },
+        Ok(other) => Check {
+            ok: false,
+            detail: format!("unexpected end: {other:?}"),
+        },
+        Err(e) => Check {
+            ok: false,
+            detail: e,
+        },
+    }
+}
+
+/// LAR at CPL 0: kvm_pvm fails to emulate it and the engine finishes it
+/// itself; say so.
+fn lar_check() -> Check {
+    use iced_x86::code_asm::*;
+    let g = guests::long64(&|a| {
+        a.mov(eax, guests::CS64 as u32)?;
+        a.lar(ecx, eax)?;
+        guests::debug_exit(a, 0x55)
+    });
+    match run_guest_stats(&g, guests::MIN_RAM, Duration::from_secs(2)) {
+        Ok((GuestEnd::DebugExit(0x55), st)) if st.emulated == 0 => Check {
+            ok: true,
+            detail: "ok".into(),
+        },
+        Ok((GuestEnd::DebugExit(0x55), _)) => Check {
+            ok: false,
+            detail: "KVM emulation failure; popek finishes LAR/LSL itself".into(),
+        },
+        Ok((other, _)) => Check {
+            ok: false,
+            detail: format!("unexpected end: {other:?}"),
+        },
+        Err(e) => Check {
+            ok: false,
+            detail: e,
+        },
+    }
+}
+
+/// A user-mode probe: the guest ends with the vector its handler got.
+fn vector_check(guest: &TestGuest, want: u8) -> Check {
+    match run_guest(guest, guests::MIN_RAM, Duration::from_secs(2)) {
+        Ok(GuestEnd::DebugExit(v)) if v == want => Check {
+            ok: true,
+            detail: "ok".into(),
+        },
+        Ok(GuestEnd::DebugExit(0x77)) => Check {
+            ok: false,
+            detail: "the I/O was performed, no #GP".into(),
+        },
+        Ok(GuestEnd::DebugExit(v)) => Check {
+            ok: false,
+            detail: format!("the guest got vector {v:#x} instead"),
         },
         Ok(other) => Check {
             ok: false,
@@ -380,6 +464,18 @@ pub fn probe_now() -> Capabilities {
             ok: false,
             detail: "not probed".into(),
         },
+        user_int: Check {
+            ok: false,
+            detail: "not probed".into(),
+        },
+        user_syscall: Check {
+            ok: false,
+            detail: "not probed".into(),
+        },
+        user_io_protection: Check {
+            ok: false,
+            detail: "not probed".into(),
+        },
         io_exit_ns: 0,
     };
     if let Err(e) = kvm_ioctls::Kvm::new() {
@@ -396,13 +492,28 @@ pub fn probe_now() -> Capabilities {
         &guests::long_from32(&|a| guests::debug_exit(a, 0x45)),
         0x45,
     );
-    caps.lar_cpl0 = check(
-        &guests::long64(&|a| {
-            a.mov(eax, guests::CS64 as u32)?;
-            a.lar(ecx, eax)?;
-            guests::debug_exit(a, 0x55)
+    caps.lar_cpl0 = lar_check();
+    caps.user_int = vector_check(
+        &guests::user_mode(&|a| {
+            a.int(0x80)?;
+            a.hlt()
         }),
-        0x55,
+        0x80,
+    );
+    caps.user_syscall = vector_check(
+        &guests::user_mode(&|a| {
+            a.syscall()?;
+            a.hlt()
+        }),
+        0x5c,
+    );
+    caps.user_io_protection = vector_check(
+        &guests::user_mode(&|a| {
+            a.mov(al, 0x77u32)?;
+            a.out(0xf4, al)?;
+            a.hlt()
+        }),
+        13,
     );
     if caps.kind == KvmKind::UnknownSoftware && caps.paging32.ok && caps.pae.ok {
         // Every mode works: whatever the module is called, it behaves as VT.
@@ -494,7 +605,10 @@ mod tests {
             pae: no,
             long64: ok.clone(),
             long_from32: ok.clone(),
-            lar_cpl0: ok,
+            lar_cpl0: ok.clone(),
+            user_int: ok.clone(),
+            user_syscall: ok.clone(),
+            user_io_protection: ok,
             io_exit_ns: 8000,
         };
         assert!(c.can_run(GuestMode::Long64).is_ok());

@@ -201,8 +201,15 @@ fn paged_32bit_guest_runs_or_is_refused_as_the_probe_says() {
     if caps.paging32.ok {
         assert_eq!(end, GuestEnd::DebugExit(0x33));
     } else {
-        // kvm_pvm: MOV to CR0 with PG raises #GP; with no IDT, a triple fault.
-        assert!(matches!(end, GuestEnd::Shutdown(_)), "{end:?}");
+        // kvm_pvm: MOV to CR0 with PG raises #GP; with no IDT, a triple
+        // fault there, which the engine recognizes as "cannot run".
+        match end {
+            GuestEnd::Error(e) => {
+                assert!(e.contains("cannot run this guest"), "{e}");
+                assert!(e.contains("refuses 32-bit paging"), "{e}");
+            }
+            e => panic!("expected the engine to refuse 32-bit paging, got {e:?}"),
+        }
         assert!(caps.can_run(probe::GuestMode::Paged32).is_err());
     }
 }
@@ -305,29 +312,87 @@ fn triple_fault_is_a_shutdown_exit() {
 #[test]
 fn emulation_failure_is_reported_with_registers_and_bytes() {
     let Some(caps) = caps() else { return };
-    if caps.lar_cpl0.ok {
-        eprintln!(
-            "skipped: this KVM ({}) runs LAR at CPL 0, so it cannot show an emulation failure",
-            caps.kind_name()
-        );
+    if let Err(why) = caps.can_run(probe::GuestMode::Long64) {
+        eprintln!("skipped: {why}");
         return;
     }
+    // kvm_pvm cannot emulate CMPXCHG16B at CPL 0; hardware VT runs it.
     let g = guests::long64(&|a| {
         a.mov(rbx, 0xfeed_f00du64)?;
-        a.mov(eax, guests::CS64 as u32)?;
-        a.lar(ecx, eax)?;
+        a.mov(rdi, 0x800u64)?;
+        a.cmpxchg16b(xmmword_ptr(rdi))?;
         guests::debug_exit(a, 1)
     });
     let mut b = boot(&g);
     match run(&mut b) {
         GuestEnd::Error(r) => {
             assert!(r.contains("KVM_EXIT_INTERNAL_ERROR"), "{r}");
-            assert!(r.contains("emulation failure"), "{r}");
+            assert!(r.contains("suberror 1 (emulation failure)"), "{r}");
             assert!(r.contains("RBX=00000000feedf00d"), "{r}");
-            assert!(r.contains("lar ecx,eax") && r.contains("0f 02 c8"), "{r}");
+            assert!(r.contains("RIP="), "{r}");
+            assert!(r.contains("cmpxchg16b") && r.contains("48 0f c7 0f"), "{r}");
         }
+        GuestEnd::DebugExit(1) => eprintln!(
+            "skipped: this KVM ({}) runs CMPXCHG16B at CPL 0, so it shows no emulation failure",
+            caps.kind_name()
+        ),
         e => panic!("expected an emulation failure, got {e:?}"),
     }
+}
+
+#[test]
+fn lar_and_lsl_run_even_where_kvm_cannot_emulate_them() {
+    let Some(caps) = caps() else { return };
+    if let Err(why) = caps.can_run(probe::GuestMode::Long64) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let g = guests::long64(&|a| {
+        a.mov(eax, u32::from(guests::CS64))?;
+        a.lar(ecx, eax)?;
+        a.mov(rdi, 0x900u64)?;
+        a.mov(dword_ptr(rdi), ecx)?;
+        a.mov(eax, u32::from(guests::DS))?;
+        a.lsl(edx, eax)?;
+        a.mov(dword_ptr(rdi + 4), edx)?;
+        a.xor(eax, eax)?;
+        a.lar(ecx, eax)?; // null selector: ZF = 0
+        a.setz(al)?;
+        a.mov(byte_ptr(rdi + 8), al)?;
+        guests::debug_exit(a, 0x4c)
+    });
+    let mut b = boot(&g);
+    assert_eq!(run(&mut b), GuestEnd::DebugExit(0x4c));
+    assert_eq!(b.ram.read_u32(0x900).unwrap(), 0x00a0_9b00);
+    assert_eq!(b.ram.read_u32(0x904).unwrap(), 0xffff_ffff);
+    let mut z = [9u8];
+    b.ram.read(0x908, &mut z).unwrap();
+    assert_eq!(z[0], 0);
+    if caps.lar_cpl0.ok {
+        assert_eq!(b.hw.hw_stats().emulated, 0);
+    } else {
+        assert_eq!(b.hw.hw_stats().emulated, 3, "popek finished LAR, LSL, LAR");
+    }
+}
+
+#[test]
+fn user_mode_events_follow_the_probe() {
+    let Some(caps) = caps() else { return };
+    if let Err(why) = caps.can_run(probe::GuestMode::Long64) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let sys = guests::user_mode(&|a| {
+        a.syscall()?;
+        a.hlt()
+    });
+    assert_eq!(run(&mut boot(&sys)), GuestEnd::DebugExit(0x5c));
+    let int80 = guests::user_mode(&|a| {
+        a.int(0x80)?;
+        a.hlt()
+    });
+    let want = if caps.user_int.ok { 0x80 } else { 6 };
+    assert_eq!(run(&mut boot(&int80)), GuestEnd::DebugExit(want));
 }
 
 #[test]

@@ -56,16 +56,94 @@ impl EngineKind {
         }
     }
 
-    /// Whether this build of popek has the engine.
+    /// Whether this build of popek has the engine on this host (`hw`:
+    /// when `/dev/kvm` opens).
     pub fn available(self) -> bool {
-        self == EngineKind::Interp
+        match self {
+            EngineKind::Interp => true,
+            EngineKind::Hw => popek_hw::kvm_available(),
+            EngineKind::Bt | EngineKind::Trap => false,
+        }
     }
 
-    /// VISION's `--engine auto` rule, given what exists. Returns the engine
-    /// and the reason, in words.
+    /// VISION's `--engine auto` rule for a guest whose needs are unknown
+    /// (treated as a 32-bit guest).
     pub fn auto() -> (EngineKind, String) {
-        let why = "hw: not built yet (issue 7); bt: not built yet (issue 6); the reference software CPU runs every 32-bit guest";
-        (EngineKind::Interp, why.to_string())
+        Self::auto_for(&KernelSource::Embedded("minios".into()))
+    }
+
+    /// VISION's `--engine auto` rule for this guest, given what exists:
+    /// `hw` on a hardware-backed KVM that can run the guest's CPU mode;
+    /// else `bt` (not built yet); else `interp`, which runs every 32-bit
+    /// guest; else `hw` on a software KVM such as kvm_pvm — today that is
+    /// the 64-bit guests. Returns the engine and the reason, in words.
+    pub fn auto_for(kernel: &KernelSource) -> (EngineKind, String) {
+        let mode = guest_mode(kernel);
+        let long = matches!(mode, Some(GuestMode::Long64 | GuestMode::LongFrom32));
+        if !EngineKind::Hw.available() {
+            return if long {
+                (
+                    EngineKind::Interp,
+                    "no usable /dev/kvm and no software engine runs 64-bit guests yet; trying the reference software CPU".into(),
+                )
+            } else {
+                (
+                    EngineKind::Interp,
+                    "no usable /dev/kvm; bt: not built yet (issue 6); the reference software CPU runs every 32-bit guest".into(),
+                )
+            };
+        }
+        // The module list is enough to tell a software KVM without booting
+        // the probe guests; the probe (cached per boot) decides the rest.
+        let kind = popek_hw::probe::kind_from_modules(&popek_hw::probe::kvm_modules());
+        let software = kind != popek_hw::probe::KvmKind::Hardware;
+        if software && !long {
+            return (
+                EngineKind::Interp,
+                "the KVM here is software (kvm_pvm), so hw is only for guests no software engine can run; bt: not built yet (issue 6); the reference software CPU runs every 32-bit guest".into(),
+            );
+        }
+        let caps = popek_hw::probe();
+        let fits = mode.map_or(Ok(()), |m| caps.can_run(m));
+        match fits {
+            Ok(()) if !caps.software() => (
+                EngineKind::Hw,
+                "the KVM here is hardware-backed and runs this guest's CPU mode".into(),
+            ),
+            Ok(()) => (
+                EngineKind::Hw,
+                format!(
+                    "a 64-bit guest: no software engine runs long mode yet, and the KVM here ({}) does",
+                    caps.kind_name()
+                ),
+            ),
+            Err(why) => (
+                EngineKind::Interp,
+                format!("{why}; the reference software CPU runs every 32-bit guest"),
+            ),
+        }
+    }
+}
+
+pub use popek_hw::probe::GuestMode;
+
+/// The CPU mode a guest is known to need, where popek can tell before
+/// running it: the embedded guests (minios pages with 32-bit paging,
+/// minios64 switches to long mode itself), Linux (32-bit paging), flat
+/// binaries (their entry mode; a flat-protected guest may still turn on
+/// paging later — that is found at run time). `None`: unknown (a
+/// Multiboot file).
+pub fn guest_mode(kernel: &KernelSource) -> Option<GuestMode> {
+    match kernel {
+        KernelSource::Embedded(n) if n.starts_with("minios64") => Some(GuestMode::LongFrom32),
+        KernelSource::Embedded(n) if n.starts_with("minios") => Some(GuestMode::Paged32),
+        KernelSource::Embedded(_) => None,
+        KernelSource::File { format, .. } => match format {
+            Some(FileFormat::FlatReal { .. }) => Some(GuestMode::Real),
+            Some(FileFormat::FlatProtected { .. }) => Some(GuestMode::Protected32),
+            Some(FileFormat::Linux) => Some(GuestMode::Paged32),
+            Some(FileFormat::Multiboot) | None => None,
+        },
     }
 }
 
@@ -178,6 +256,9 @@ pub enum Outcome {
     Died(String),
     /// The watchdog saw no progress.
     NoProgress(String),
+    /// The engine found at run time that it cannot run this guest (e.g.
+    /// `hw` on a KVM that refuses 32-bit paging): one line, exit status 2.
+    Unsupported(String),
 }
 
 impl Outcome {
@@ -188,6 +269,7 @@ impl Outcome {
             Outcome::DebugExit(v) => ((*v as i32) << 1) | 1,
             Outcome::Died(_) => 4,
             Outcome::NoProgress(_) => 6,
+            Outcome::Unsupported(_) => 2,
         }
     }
 }
@@ -319,7 +401,25 @@ impl Vm {
                     .map_err(boot_err)?
             }
         };
-        let mut engine: Box<dyn Engine> = Box::new(popek_interp::Interp::new(&machine));
+        let mut engine: Box<dyn Engine> = match cfg.engine {
+            EngineKind::Hw => {
+                // Refuse up front what the probe (cached per boot) says this
+                // KVM cannot run; the rest is found at run time.
+                let caps = popek_hw::probe();
+                if let Some(mode) = guest_mode(&cfg.kernel) {
+                    if let Err(why) = caps.can_run(mode) {
+                        return Err(VmError::Engine(format!(
+                            "--engine hw: {name}: {why}"
+                        )));
+                    }
+                }
+                Box::new(
+                    popek_hw::Hw::new(&machine)
+                        .map_err(|e| VmError::Engine(format!("--engine hw: {e}")))?,
+                )
+            }
+            _ => Box::new(popek_interp::Interp::new(&machine)),
+        };
         engine
             .set_state(boot::entry_cpu_state(&entry))
             .map_err(|e: EngineError| VmError::Engine(e.to_string()))?;
@@ -425,6 +525,11 @@ impl Vm {
         loop {
             let exit = match self.engine.run(&mut self.machine, SLICE) {
                 Ok(x) => x,
+                Err(EngineError::Unsupported { engine, reason }) => {
+                    return Outcome::Unsupported(format!(
+                        "engine {engine} cannot run this guest: {reason}"
+                    ))
+                }
                 Err(e) => return Outcome::Died(report::died(self.engine.as_mut(), &e.to_string())),
             };
             self.machine.advance(self.engine.instructions());

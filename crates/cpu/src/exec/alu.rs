@@ -4,6 +4,7 @@ use crate::bus::Bus;
 use crate::cpu::Cpu;
 use crate::decode::{DecodedInsn, OpK};
 use crate::exception::{Exc, Res, Vector};
+use crate::exec::KM;
 use crate::flags::{parity, sign_bit, size_mask, FlagOp};
 use crate::state::flags::*;
 
@@ -17,15 +18,39 @@ fn sx(v: u64, size: u8) -> i64 {
 
 macro_rules! arith {
     ($name:ident, $op:expr, $write:expr, $f:expr) => {
-        pub(crate) fn $name(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+        pub(crate) fn $name<const A: u8, const B: u8>(
+            c: &mut Cpu,
+            d: &DecodedInsn,
+            bus: &mut dyn Bus,
+        ) -> R {
             let size = d.osize;
-            let a = c.rd(bus, d, 0)?;
-            let b = c.rd(bus, d, 1)? & size_mask(size);
+            if A == KM {
+                // Read-modify-write: one segment check (as a write when the
+                // result is stored) and one address computation.
+                let ea = c.ea(d);
+                let lin = c.seg_lin(d.mseg as usize, ea, size, $write)?;
+                let a = if $write {
+                    c.read_lin_rmw(bus, lin, size)?
+                } else {
+                    c.read_lin(bus, lin, size)?
+                };
+                let b = c.rdk::<B>(bus, d, 1)? & size_mask(size);
+                #[allow(clippy::redundant_closure_call)]
+                let (res, cin) = ($f)(c, a, b);
+                let res = res & size_mask(size);
+                if $write {
+                    c.write_lin(bus, lin, size, res)?;
+                }
+                c.set_lazy($op, size, res, a, b, cin);
+                return Ok(());
+            }
+            let a = c.rdk::<A>(bus, d, 0)?;
+            let b = c.rdk::<B>(bus, d, 1)? & size_mask(size);
             #[allow(clippy::redundant_closure_call)]
             let (res, cin) = ($f)(c, a, b);
             let res = res & size_mask(size);
             if $write {
-                c.wr(bus, d, 0, res)?;
+                c.wrk::<A>(bus, d, 0, res)?;
             }
             c.set_lazy($op, size, res, a, b, cin);
             Ok(())
@@ -33,13 +58,36 @@ macro_rules! arith {
     };
 }
 
-arith!(add, FlagOp::Add, true, |_c: &mut Cpu, a: u64, b: u64| (a.wrapping_add(b), false));
-arith!(sub, FlagOp::Sub, true, |_c: &mut Cpu, a: u64, b: u64| (a.wrapping_sub(b), false));
-arith!(cmp, FlagOp::Sub, false, |_c: &mut Cpu, a: u64, b: u64| (a.wrapping_sub(b), false));
-arith!(and, FlagOp::Logic, true, |_c: &mut Cpu, a: u64, b: u64| (a & b, false));
-arith!(or, FlagOp::Logic, true, |_c: &mut Cpu, a: u64, b: u64| (a | b, false));
-arith!(xor, FlagOp::Logic, true, |_c: &mut Cpu, a: u64, b: u64| (a ^ b, false));
-arith!(test, FlagOp::Logic, false, |_c: &mut Cpu, a: u64, b: u64| (a & b, false));
+arith!(add, FlagOp::Add, true, |_c: &mut Cpu, a: u64, b: u64| (
+    a.wrapping_add(b),
+    false
+));
+arith!(sub, FlagOp::Sub, true, |_c: &mut Cpu, a: u64, b: u64| (
+    a.wrapping_sub(b),
+    false
+));
+arith!(cmp, FlagOp::Sub, false, |_c: &mut Cpu, a: u64, b: u64| (
+    a.wrapping_sub(b),
+    false
+));
+arith!(and, FlagOp::Logic, true, |_c: &mut Cpu, a: u64, b: u64| (
+    a & b,
+    false
+));
+arith!(or, FlagOp::Logic, true, |_c: &mut Cpu, a: u64, b: u64| (
+    a | b,
+    false
+));
+arith!(xor, FlagOp::Logic, true, |_c: &mut Cpu, a: u64, b: u64| (
+    a ^ b,
+    false
+));
+arith!(
+    test,
+    FlagOp::Logic,
+    false,
+    |_c: &mut Cpu, a: u64, b: u64| (a & b, false)
+);
 arith!(adc, FlagOp::Adc, true, |c: &mut Cpu, a: u64, b: u64| {
     let cin = c.cf();
     (a.wrapping_add(b).wrapping_add(cin as u64), cin)
@@ -49,21 +97,21 @@ arith!(sbb, FlagOp::Sbb, true, |c: &mut Cpu, a: u64, b: u64| {
     (a.wrapping_sub(b).wrapping_sub(cin as u64), cin)
 });
 
-pub(crate) fn inc(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+pub(crate) fn inc<const A: u8>(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let size = d.osize;
-    let a = c.rd(bus, d, 0)?;
+    let a = c.rdk::<A>(bus, d, 0)?;
     let res = a.wrapping_add(1) & size_mask(size);
-    c.wr(bus, d, 0, res)?;
+    c.wrk::<A>(bus, d, 0, res)?;
     let cf = c.cf();
     c.set_lazy(FlagOp::Inc, size, res, a, 1, cf);
     Ok(())
 }
 
-pub(crate) fn dec(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+pub(crate) fn dec<const A: u8>(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let size = d.osize;
-    let a = c.rd(bus, d, 0)?;
+    let a = c.rdk::<A>(bus, d, 0)?;
     let res = a.wrapping_sub(1) & size_mask(size);
-    c.wr(bus, d, 0, res)?;
+    c.wrk::<A>(bus, d, 0, res)?;
     let cf = c.cf();
     c.set_lazy(FlagOp::Dec, size, res, a, 1, cf);
     Ok(())
@@ -83,9 +131,9 @@ pub(crate) fn not(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     c.wr(bus, d, 0, !a & size_mask(d.osize))
 }
 
-pub(crate) fn mov(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
-    let v = c.rd(bus, d, 1)?;
-    c.wr(bus, d, 0, v)
+pub(crate) fn mov<const A: u8, const B: u8>(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    let v = c.rdk::<B>(bus, d, 1)?;
+    c.wrk::<A>(bus, d, 0, v)
 }
 
 pub(crate) fn movzx(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
@@ -154,8 +202,8 @@ pub(crate) fn cmpxchg8b(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
         return Err(Exc::ud());
     }
     let ea = c.ea(d);
-    let lo = c.read_mem(bus, d.mseg as usize, ea, 4)?;
-    let hi = c.read_mem(bus, d.mseg as usize, ea.wrapping_add(4), 4)?;
+    let lo = c.read_mem_rmw(bus, d.mseg as usize, ea, 4)?;
+    let hi = c.read_mem_rmw(bus, d.mseg as usize, ea.wrapping_add(4), 4)?;
     let mem = lo | (hi << 32);
     let edx_eax = c.gr(0, 4) | (c.gr(2, 4) << 32);
     c.sync_flags();
@@ -256,7 +304,11 @@ pub(crate) fn shl(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     if n == 0 {
         return Ok(());
     }
-    let res = if n >= 64 { 0 } else { (a << n) & size_mask(size) };
+    let res = if n >= 64 {
+        0
+    } else {
+        (a << n) & size_mask(size)
+    };
     let cf = n <= bits && (a >> (bits - n)) & 1 != 0;
     c.wr(bus, d, 0, res)?;
     shift_flags(c, size, res, cf, of_left(a, size));
@@ -420,7 +472,10 @@ fn double_shift(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus, left: bool) -> 
         (r as u64 & size_mask(size), cf)
     } else {
         let cat: u128 = a as u128 | ((b as u128) << bits) | ((a as u128) << (2 * bits));
-        (((cat >> n) as u64) & size_mask(size), (cat >> (n - 1)) & 1 != 0)
+        (
+            ((cat >> n) as u64) & size_mask(size),
+            (cat >> (n - 1)) & 1 != 0,
+        )
     };
     c.wr(bus, d, 0, res)?;
     // OF of the first 1-bit step (undefined above 1; Intel's behaviour).
@@ -704,10 +759,14 @@ fn bit_operand(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> Res<(u64, u32
     let off = c.rd(bus, d, 1)?;
     if d.ops[0].kind == OpK::Mem && d.ops[1].kind == OpK::Reg {
         let soff = sx(off, size);
-        let byte_off = (soff >> 3) as i64 & !((size as i64) - 1);
+        let byte_off = (soff >> 3) & !((size as i64) - 1);
         let ea = (c.ea(d) as i64).wrapping_add(byte_off) as u32;
         let ea = if d.asize == 2 { ea & 0xffff } else { ea };
-        let v = c.read_mem(bus, d.mseg as usize, ea, size)?;
+        let v = if d.rmw {
+            c.read_mem_rmw(bus, d.mseg as usize, ea, size)?
+        } else {
+            c.read_mem(bus, d.mseg as usize, ea, size)?
+        };
         Ok((v, (off as u32) & (bits - 1), Some(ea)))
     } else {
         let v = c.rd(bus, d, 0)?;
@@ -868,7 +927,10 @@ pub(crate) fn bound(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let idx = sx(c.reg_get(d.ops[0]), size);
     let ea = c.ea(d);
     let lo = sx(c.read_mem(bus, d.mseg as usize, ea, size)?, size);
-    let hi = sx(c.read_mem(bus, d.mseg as usize, ea.wrapping_add(size as u32), size)?, size);
+    let hi = sx(
+        c.read_mem(bus, d.mseg as usize, ea.wrapping_add(size as u32), size)?,
+        size,
+    );
     if idx < lo || idx > hi {
         return Err(Exc::fault(Vector::BR));
     }

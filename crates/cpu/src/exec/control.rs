@@ -16,9 +16,11 @@ use crate::task::TaskSource;
 
 type R = Res;
 
-pub(crate) fn jcc(c: &mut Cpu, d: &DecodedInsn, _bus: &mut dyn Bus) -> R {
-    if c.cond(d.insn.condition_code()) {
-        c.jump_near(d.insn.near_branch_target(), d.osize.max(2))?;
+/// Jcc, specialized per condition code (`CC` is `iced_x86::ConditionCode`
+/// as u8) so the condition is decided at decode time.
+pub(crate) fn jcc<const CC: u8>(c: &mut Cpu, d: &DecodedInsn, _bus: &mut dyn Bus) -> R {
+    if c.cond(crate::exec::cc_from_u8(CC)) {
+        c.jump_near(d.imm, d.osize.max(2))?;
     }
     Ok(())
 }
@@ -104,7 +106,11 @@ pub(crate) fn ret(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
         return Err(Exc::gp(0));
     }
     let ss = c.stack_size();
-    let imm = if d.ops[0].kind == OpK::Imm { d.imm & 0xffff } else { 0 };
+    let imm = if d.ops[0].kind == OpK::Imm {
+        d.imm & 0xffff
+    } else {
+        0
+    };
     let sp = c.gr(4, ss).wrapping_add(size as u64).wrapping_add(imm);
     c.sr(4, ss, sp);
     c.next_ip = t;
@@ -149,7 +155,12 @@ pub(crate) fn retf(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
 
 pub(crate) fn loop_(c: &mut Cpu, d: &DecodedInsn, _bus: &mut dyn Bus) -> R {
     let asz = match d.insn.code() {
-        Code::Loop_rel8_16_CX | Code::Loope_rel8_16_CX | Code::Loopne_rel8_16_CX => 2,
+        Code::Loop_rel8_16_CX
+        | Code::Loope_rel8_16_CX
+        | Code::Loopne_rel8_16_CX
+        | Code::Loop_rel8_32_CX
+        | Code::Loope_rel8_32_CX
+        | Code::Loopne_rel8_32_CX => 2,
         _ => 4,
     };
     let cx = c.gr(1, asz).wrapping_sub(1) & size_mask(asz);
@@ -182,17 +193,34 @@ pub(crate) fn int(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     c.soft_int(bus, (d.imm & 0xff) as u8, true)
 }
 
+/// INT3, INTO and ICEBP raise exceptions (#BP, #OF, #DB), so the exception
+/// bitmap intercepts them, as VMX does; INT n never is. RIP is already past
+/// the instruction (`software: true`).
+fn soft_exception_intercepted(c: &Cpu, vector: u8) -> R {
+    if c.exception_bitmap & (1 << vector) != 0 {
+        return Err(Exc::Exit(RunExit::Exception {
+            vector,
+            error_code: None,
+            software: true,
+        }));
+    }
+    Ok(())
+}
+
 pub(crate) fn int3(c: &mut Cpu, _d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    soft_exception_intercepted(c, Vector::BP as u8)?;
     c.soft_int(bus, Vector::BP as u8, true)
 }
 
 pub(crate) fn int1(c: &mut Cpu, _d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    soft_exception_intercepted(c, Vector::DB as u8)?;
     // ICEBP delivers #DB like a hardware exception: no gate DPL check.
     c.soft_int(bus, Vector::DB as u8, false)
 }
 
 pub(crate) fn into(c: &mut Cpu, _d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     if c.of() {
+        soft_exception_intercepted(c, Vector::OF as u8)?;
         c.soft_int(bus, Vector::OF as u8, true)
     } else {
         Ok(())
@@ -203,6 +231,8 @@ pub(crate) fn iret(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let size = c_op_size(d);
     c.sync_flags();
     let old = c.st.rflags;
+    // The report describes the IRET as it began (CS and CPL change).
+    let before = (c.st.seg[seg::CS].base, c.cpl, c.iopl());
     if !c.protected() {
         let ip = c.peek_stack(bus, 0, size)? as u32;
         let cs = c.peek_stack(bus, size as u32, 2)? as u16;
@@ -219,7 +249,7 @@ pub(crate) fn iret(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
         };
         c.st.rflags = (c.st.rflags & !mask) | (fl & mask) | FIXED1 as u64;
         c.after_flags_change();
-        c.note_sensitive(bus, SensitiveKind::Iret, fl, c.st.rflags);
+        c.note_sensitive_as(bus, SensitiveKind::Iret, fl, c.st.rflags, before);
         return Ok(());
     }
     if c.v86() {
@@ -259,7 +289,7 @@ pub(crate) fn iret(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
         return c.iret_to_v86(bus, off, sel, fl);
     }
     c.return_protected(bus, sel, off, size, 0, Some(fl))?;
-    c.note_sensitive(bus, SensitiveKind::Iret, fl, c.st.rflags);
+    c.note_sensitive_as(bus, SensitiveKind::Iret, fl, c.st.rflags, before);
     Ok(())
 }
 
@@ -279,7 +309,13 @@ impl Cpu {
     }
 
     /// Loads CS with a code descriptor at privilege `cpl`.
-    pub(crate) fn load_cs_desc(&mut self, bus: &mut dyn Bus, sel: u16, d: Descriptor, cpl: u8) -> Res {
+    pub(crate) fn load_cs_desc(
+        &mut self,
+        bus: &mut dyn Bus,
+        sel: u16,
+        d: Descriptor,
+        cpl: u8,
+    ) -> Res {
         self.set_accessed(bus, sel, d)?;
         let mut s = d.to_segment((sel & !3) | cpl as u16);
         s.attr |= attr::ACCESSED;
@@ -300,7 +336,14 @@ impl Cpu {
     }
 
     /// Far JMP or CALL to `sel:off` (SDM JMP/CALL pseudo-code).
-    pub(crate) fn far_transfer(&mut self, bus: &mut dyn Bus, sel: u16, off: u32, size: u8, call: bool) -> R {
+    pub(crate) fn far_transfer(
+        &mut self,
+        bus: &mut dyn Bus,
+        sel: u16,
+        off: u32,
+        size: u8,
+        call: bool,
+    ) -> R {
         let off = off & size_mask(size) as u32;
         if !self.protected() || self.v86() {
             if call {
@@ -352,7 +395,16 @@ impl Cpu {
                 }
                 let tss = (d.lo >> 16) as u16;
                 let td = self.read_descriptor(bus, tss, Vector::GP)?;
-                self.task_switch(bus, tss, td, if call { TaskSource::Call } else { TaskSource::Jmp })
+                self.task_switch(
+                    bus,
+                    tss,
+                    td,
+                    if call {
+                        TaskSource::Call
+                    } else {
+                        TaskSource::Jmp
+                    },
+                )
             }
             0x1 | 0x9 => {
                 if d.dpl() < cpl || d.dpl() < (sel & 3) as u8 {
@@ -361,7 +413,16 @@ impl Cpu {
                 if !d.present() {
                     return Err(Exc::fault_code(Vector::NP, e));
                 }
-                self.task_switch(bus, sel, d, if call { TaskSource::Call } else { TaskSource::Jmp })
+                self.task_switch(
+                    bus,
+                    sel,
+                    d,
+                    if call {
+                        TaskSource::Call
+                    } else {
+                        TaskSource::Jmp
+                    },
+                )
             }
             _ => Err(Exc::gp(e)),
         }
@@ -372,7 +433,12 @@ impl Cpu {
         let ss = self.stack_size();
         let sp = self.gr(4, ss) as u32;
         let m = size_mask(ss) as u32;
-        self.seg_lin(seg::SS, sp.wrapping_sub(2 * size as u32) & m, 2 * size, true)?;
+        self.seg_lin(
+            seg::SS,
+            sp.wrapping_sub(2 * size as u32) & m,
+            2 * size,
+            true,
+        )?;
         let cs = self.st.seg[seg::CS].selector as u64;
         let ret = self.next_ip;
         self.push(bus, size, cs)?;
@@ -423,7 +489,7 @@ impl Cpu {
             let ncpl = d.dpl();
             let (nss_sel, nsp) = self.tss_stack(bus, ncpl, false)?;
             let nss = self.check_new_ss(bus, nss_sel, ncpl, Vector::TS, 0)?;
-            let count = (g.hi & 0x1f) as u32;
+            let count = g.hi & 0x1f;
             let old_ss = self.st.seg[seg::SS].selector as u64;
             let old_sp = self.gr(4, self.stack_size());
             let mut params = Vec::with_capacity(count as usize);
@@ -475,12 +541,10 @@ impl Cpu {
             return Err(Exc::fault_code(err, ext));
         }
         let e = (sel & 0xfffc) as u32 + ext;
-        let d = self
-            .read_descriptor(bus, sel, err)
-            .map_err(|x| match x {
-                Exc::Fault { vector, .. } if vector == err as u8 => Exc::fault_code(err, e),
-                other => other,
-            })?;
+        let d = self.read_descriptor(bus, sel, err).map_err(|x| match x {
+            Exc::Fault { vector, .. } if vector == err as u8 => Exc::fault_code(err, e),
+            other => other,
+        })?;
         if (sel & 3) as u8 != cpl || d.dpl() != cpl || !d.is_code_data() || !d.writable_data() {
             return Err(Exc::fault_code(err, e));
         }
@@ -510,7 +574,14 @@ impl Cpu {
     }
 
     /// Writes at a linear address with an explicit privilege.
-    pub(crate) fn write_lin_slow_priv(&mut self, bus: &mut dyn Bus, lin: u32, size: u8, v: u64, user: bool) -> R {
+    pub(crate) fn write_lin_slow_priv(
+        &mut self,
+        bus: &mut dyn Bus,
+        lin: u32,
+        size: u8,
+        v: u64,
+        user: bool,
+    ) -> R {
         if user {
             let saved = self.cpl;
             self.cpl = 3;
@@ -572,7 +643,11 @@ impl Cpu {
             self.st.seg[seg::SS] = nss.to_segment(nss_sel);
             self.st.seg[seg::SS].attr |= attr::ACCESSED;
             let nssz = if self.st.seg[seg::SS].big() { 4 } else { 2 };
-            self.sr(4, nssz, (nsp as u64).wrapping_add(if flags.is_some() { 0 } else { imm as u64 }));
+            self.sr(
+                4,
+                nssz,
+                (nsp as u64).wrapping_add(if flags.is_some() { 0 } else { imm as u64 }),
+            );
             self.refresh_seg(seg::SS);
             // Data segments the outer level may not use become null.
             for s in [seg::ES, seg::DS, seg::FS, seg::GS] {
@@ -628,7 +703,11 @@ impl Cpu {
                 selector: v,
                 base: (v as u64) << 4,
                 limit: 0xffff,
-                attr: attr::P | attr::S | attr::RW | attr::ACCESSED | (3 << 5)
+                attr: attr::P
+                    | attr::S
+                    | attr::RW
+                    | attr::ACCESSED
+                    | (3 << 5)
                     | if s == seg::CS { attr::CODE } else { 0 },
             };
         }
@@ -662,6 +741,7 @@ impl Cpu {
         let ret = self.next_ip;
         self.sync_flags();
         self.deliver(bus, vector, None, check_dpl, false, ret)?;
+        self.stats.deliveries += 1;
         self.next_ip = self.st.rip;
         Ok(())
     }

@@ -1,20 +1,40 @@
-//! The x87 and SSE state instructions a kernel needs at boot and on context
-//! switch: FNINIT, FNSTSW, FNSTCW, FLDCW, FNCLEX, FWAIT, FNSTENV/FLDENV,
-//! FNSAVE/FRSTOR, FXSAVE/FXRSTOR, with #NM from CR0.TS/EM/MP.
+//! The x87 FPU: every x87 instruction on 80-bit extended precision, plus
+//! the SSE state instructions (FXSAVE/FXRSTOR), with #NM from CR0.TS/EM/MP
+//! and #MF for unmasked exceptions (CR0.NE = 1).
 //!
-//! x87 arithmetic is not modelled yet: those instructions raise #NM when
-//! CR0.EM/TS say so and #UD otherwise.
+//! The arithmetic lives in `fpu/soft.rs` (software 80-bit floating point
+//! with x87 rounding, precision control and exception rules). This file
+//! handles the register stack (TOP, tag word, stack overflow/underflow and
+//! their masked responses), the condition codes, the exception flags and
+//! their delivery, the last-instruction/data pointers and the memory forms.
+//!
+//! Transcendental instructions (F2XM1, FYL2X, FYL2XP1, FPTAN, FPATAN, FSIN,
+//! FCOS, FSINCOS) are computed through the host's f64 functions: their
+//! results carry about 53 significant bits, not the 64 of real hardware.
 
-use iced_x86::{Instruction, Mnemonic};
+mod soft;
+
+use iced_x86::{ConditionCode, Instruction, MemorySize, Mnemonic, Register};
 
 use crate::bus::Bus;
 use crate::cpu::Cpu;
 use crate::decode::{DecodedInsn, OpK};
 use crate::exception::{Exc, Res, Vector};
 use crate::exec::Handler;
-use crate::state::{cr, FpuState, F80};
+use crate::state::{cr, seg, FpuState, F80};
+
+use soft::{Class, Env, DE, IE, INDEFINITE, OE, PE, UE, ZE};
 
 type R = Res;
+
+/// FSW bits.
+const C0: u16 = 1 << 8;
+const C1: u16 = 1 << 9;
+const C2: u16 = 1 << 10;
+const C3: u16 = 1 << 14;
+const SF: u16 = 1 << 6;
+const ES: u16 = 1 << 7;
+const BUSY: u16 = 1 << 15;
 
 /// The handler for an x87/SSE-state instruction, if it is one.
 pub(crate) fn handler_for(insn: &Instruction) -> Option<Handler> {
@@ -32,7 +52,33 @@ pub(crate) fn handler_for(insn: &Instruction) -> Option<Handler> {
         Fldenv => fldenv,
         Fxsave => fxsave,
         Fxrstor => fxrstor,
+        Finit | Fstsw | Fstcw | Fclex | Fsave | Fstenv => waiting_control,
         Fnop => fnop,
+        // The 8087/287 FENI/FDISI/FSETPM execute as FNOP since the 387.
+        Feni | Fneni | Fdisi | Fndisi | Fsetpm | Fnsetpm => fnop,
+        Fld => fld,
+        Fst | Fstp | Fstpnce => fst,
+        Fild => fild,
+        Fist | Fistp | Fisttp => fist,
+        Fbld => fbld,
+        Fbstp => fbstp,
+        Fld1 | Fldz | Fldpi | Fldl2e | Fldl2t | Fldlg2 | Fldln2 => fldconst,
+        Fxch => fxch,
+        Ffree | Ffreep => ffree,
+        Fincstp | Fdecstp => fincdec,
+        Fadd | Faddp | Fiadd | Fsub | Fsubp | Fisub | Fsubr | Fsubrp | Fisubr | Fmul | Fmulp
+        | Fimul | Fdiv | Fdivp | Fidiv | Fdivr | Fdivrp | Fidivr => farith,
+        Fchs | Fabs => fsign,
+        Fsqrt | Frndint => funary,
+        Fscale => fscale,
+        Fxtract => fxtract,
+        Fprem | Fprem1 => fprem,
+        Fcom | Fcomp | Fcompp | Fucom | Fucomp | Fucompp | Ficom | Ficomp => fcom,
+        Ftst => ftst,
+        Fxam => fxam,
+        Fcomi | Fcomip | Fucomi | Fucomip => fcomi,
+        Fcmovb | Fcmove | Fcmovbe | Fcmovu | Fcmovnb | Fcmovne | Fcmovnbe | Fcmovnu => fcmov,
+        F2xm1 | Fyl2x | Fyl2xp1 | Fptan | Fpatan | Fsin | Fcos | Fsincos => ftrans,
         m if is_x87(m) => x87_unimplemented,
         _ => return None,
     })
@@ -51,13 +97,48 @@ fn nm_check(c: &Cpu) -> R {
     Ok(())
 }
 
+/// A pending unmasked exception (ES) raises #MF before a waiting x87
+/// instruction when CR0.NE = 1. With CR0.NE = 0 the PC routes it to FERR#
+/// and IRQ 13, which is not modelled: the instruction just runs.
+fn mf_check(c: &Cpu) -> R {
+    if c.st.fpu.fsw & ES != 0 && c.st.cr0 & cr::CR0_NE != 0 {
+        return Err(Exc::fault(Vector::MF));
+    }
+    Ok(())
+}
+
+/// Recomputes ES and B from the exception flags and masks (after FLDCW,
+/// FLDENV, FRSTOR, FXRSTOR).
+fn update_es(f: &mut FpuState) {
+    if f.fsw & !f.fcw & 0x3f != 0 {
+        f.fsw |= ES | BUSY;
+    } else {
+        f.fsw &= !(ES | BUSY);
+    }
+}
+
 fn x87_unimplemented(c: &mut Cpu, _d: &DecodedInsn, _bus: &mut dyn Bus) -> R {
     nm_check(c)?;
     Err(Exc::ud())
 }
 
-fn fnop(c: &mut Cpu, _d: &DecodedInsn, _bus: &mut dyn Bus) -> R {
-    nm_check(c)
+/// The WAIT-prefixed forms (FINIT, FSTSW, FSTCW, FCLEX, FSAVE, FSTENV) when
+/// the decoder joins them: the WAIT part first, then the no-wait part.
+fn waiting_control(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    use Mnemonic::*;
+    fwait(c, d, bus)?;
+    match d.insn.mnemonic() {
+        Finit => fninit(c, d, bus),
+        Fstsw => fnstsw(c, d, bus),
+        Fstcw => fnstcw(c, d, bus),
+        Fclex => fnclex(c, d, bus),
+        Fsave => fnsave(c, d, bus),
+        _ => fnstenv(c, d, bus),
+    }
+}
+
+fn fnop(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    begin(c, d, bus)
 }
 
 fn fninit(c: &mut Cpu, _d: &DecodedInsn, _bus: &mut dyn Bus) -> R {
@@ -95,8 +176,10 @@ fn fnstcw(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
 fn fldcw(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     nm_check(c)?;
     let ea = c.ea(d);
+    mf_check(c)?;
     let v = c.read_mem(bus, d.mseg as usize, ea, 2)? as u16;
-    c.st.fpu.fcw = v | 0x40;
+    c.st.fpu.fcw = (v & 0x1f3f) | 0x40;
+    update_es(&mut c.st.fpu);
     Ok(())
 }
 
@@ -110,7 +193,7 @@ fn fwait(c: &mut Cpu, _d: &DecodedInsn, _bus: &mut dyn Bus) -> R {
     if c.st.cr0 & (cr::CR0_MP | cr::CR0_TS) == (cr::CR0_MP | cr::CR0_TS) {
         return Err(Exc::fault(Vector::NM));
     }
-    Ok(())
+    mf_check(c)
 }
 
 /// Writes the FNSTENV image (28 bytes in 32-bit form, 14 in 16-bit form).
@@ -119,7 +202,7 @@ fn store_env(c: &mut Cpu, bus: &mut dyn Bus, s: usize, ea: u32, o32: bool) -> Re
     let vals: [u32; 7] = [
         f.fcw as u32 | 0xffff_0000,
         f.fsw as u32 | 0xffff_0000,
-        f.ftw as u32 | 0xffff_0000,
+        full_tags(&f) as u32 | 0xffff_0000,
         f.fip,
         f.fcs as u32 | ((f.fop as u32 & 0x7ff) << 16),
         f.fdp,
@@ -139,7 +222,7 @@ fn load_env(c: &mut Cpu, bus: &mut dyn Bus, s: usize, ea: u32, o32: bool) -> Res
         *x = c.read_mem(bus, s, ea.wrapping_add(i as u32 * w), w as u8)? as u32;
     }
     let f = &mut c.st.fpu;
-    f.fcw = v[0] as u16;
+    f.fcw = (v[0] as u16 & 0x1f3f) | 0x40;
     f.fsw = v[1] as u16;
     f.ftw = v[2] as u16;
     f.fip = v[3];
@@ -153,15 +236,23 @@ fn load_env(c: &mut Cpu, bus: &mut dyn Bus, s: usize, ea: u32, o32: bool) -> Res
 fn fnstenv(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     nm_check(c)?;
     let ea = c.ea(d);
-    store_env(c, bus, d.mseg as usize, ea, d.insn.code_size() != iced_x86::CodeSize::Code16 || d.osize == 4)?;
+    store_env(
+        c,
+        bus,
+        d.mseg as usize,
+        ea,
+        d.insn.code_size() != iced_x86::CodeSize::Code16 || d.osize == 4,
+    )?;
     c.st.fpu.fcw |= 0x3f;
     Ok(())
 }
 
 fn fldenv(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     nm_check(c)?;
+    mf_check(c)?;
     let ea = c.ea(d);
     load_env(c, bus, d.mseg as usize, ea, env32(d))?;
+    update_es(&mut c.st.fpu);
     Ok(())
 }
 
@@ -202,6 +293,7 @@ fn fnsave(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
 
 fn frstor(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     nm_check(c)?;
+    mf_check(c)?;
     let s = d.mseg as usize;
     let ea = c.ea(d);
     let n = load_env(c, bus, s, ea, env32(d))?;
@@ -210,6 +302,7 @@ fn frstor(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
         let r = read_f80(c, bus, s, ea.wrapping_add(n + 10 * i as u32))?;
         c.st.fpu.regs[(t + i) & 7] = r;
     }
+    update_es(&mut c.st.fpu);
     Ok(())
 }
 
@@ -291,8 +384,8 @@ fn fxrstor(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let abridged = img[4];
     let mut ftw = 0u16;
     for i in 0..8 {
-        // Non-empty registers get "valid" (00); a full tag would need the
-        // register's class, which only matters to FNSAVE/FSTENV readers.
+        // Non-empty registers get "valid" (00) here; FNSAVE/FNSTENV
+        // compute the full tags from the contents.
         if abridged & (1 << i) == 0 {
             ftw |= 3 << (2 * i);
         }
@@ -320,5 +413,940 @@ fn fxrstor(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
         x.copy_from_slice(&img[o..o + 16]);
         f.xmm[i] = u128::from_le_bytes(x);
     }
+    update_es(f);
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The register stack.
+
+fn set_top(f: &mut FpuState, t: usize) {
+    f.fsw = (f.fsw & !0x3800) | ((t as u16 & 7) << 11);
+}
+
+fn phys(f: &FpuState, i: usize) -> usize {
+    (top(f) + i) & 7
+}
+
+fn tag(f: &FpuState, p: usize) -> u16 {
+    (f.ftw >> (2 * p)) & 3
+}
+
+fn set_tag(f: &mut FpuState, p: usize, t: u16) {
+    f.ftw = (f.ftw & !(3 << (2 * p))) | (t << (2 * p));
+}
+
+fn is_empty(f: &FpuState, i: usize) -> bool {
+    tag(f, phys(f, i)) == 3
+}
+
+fn get(f: &FpuState, i: usize) -> F80 {
+    f.regs[phys(f, i)]
+}
+
+fn put(f: &mut FpuState, i: usize, v: F80) {
+    let p = phys(f, i);
+    f.regs[p] = v;
+    set_tag(f, p, soft::tag_of(v));
+}
+
+fn push(f: &mut FpuState, v: F80) {
+    let t = (top(f) + 7) & 7;
+    set_top(f, t);
+    put(f, 0, v);
+}
+
+fn pop(f: &mut FpuState) {
+    let p = phys(f, 0);
+    set_tag(f, p, 3);
+    set_top(f, top(f) + 1);
+}
+
+/// The tag word with the tags of non-empty registers computed from their
+/// contents, as FNSTENV/FNSAVE store it.
+fn full_tags(f: &FpuState) -> u16 {
+    let mut t = 0;
+    for p in 0..8 {
+        let v = if tag(f, p) == 3 {
+            3
+        } else {
+            soft::tag_of(f.regs[p])
+        };
+        t |= v << (2 * p);
+    }
+    t
+}
+
+/// ST(i) as a source: on an empty register, a stack underflow (the masked
+/// response reads the QNaN indefinite).
+fn src(f: &FpuState, env: &mut Env, i: usize) -> F80 {
+    if is_empty(f, i) {
+        underflow(env);
+        INDEFINITE
+    } else {
+        get(f, i)
+    }
+}
+
+fn underflow(env: &mut Env) {
+    env.flags |= IE;
+    if env.stack.is_none() {
+        env.stack = Some(false);
+    }
+}
+
+/// Checks that a push has room: the masked response to a stack overflow
+/// pushes the QNaN indefinite instead of `v`.
+fn push_value(f: &FpuState, env: &mut Env, v: F80) -> F80 {
+    if tag(f, (top(f) + 7) & 7) != 3 {
+        env.flags |= IE;
+        env.stack = Some(true);
+        INDEFINITE
+    } else {
+        v
+    }
+}
+
+/// Index of the ST(i) register operand `n`.
+fn st_op(d: &DecodedInsn, n: u32) -> usize {
+    (d.insn.op_register(n) as u32).wrapping_sub(Register::ST0 as u32) as usize & 7
+}
+
+/// ST(i) of one-register forms: the last operand, ST(1) without operands.
+fn st_last(d: &DecodedInsn) -> usize {
+    match d.insn.op_count() {
+        0 => 1,
+        n => st_op(d, n - 1),
+    }
+}
+
+fn has_mem(d: &DecodedInsn) -> bool {
+    d.ops[0].kind == OpK::Mem
+}
+
+// ---------------------------------------------------------------------------
+// Instruction prologue and epilogue.
+
+/// The opcode (FOP): the low three bits of the D8–DF byte and the ModR/M.
+fn opcode(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> u16 {
+    let lin0 = c.st.seg[seg::CS].base.wrapping_add(c.st.rip) as u32;
+    let mut byte = |c: &mut Cpu, k: u32| -> Option<u8> {
+        let p = c.translate_fetch(bus, lin0.wrapping_add(k)).ok()?;
+        c.read_phys(bus, p, 1).ok().map(|v| v as u8)
+    };
+    for k in 0..d.len as u32 {
+        match byte(c, k) {
+            Some(b @ 0xd8..=0xdf) => {
+                let modrm = byte(c, k + 1).unwrap_or(0);
+                return (((b & 7) as u16) << 8) | modrm as u16;
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    0
+}
+
+/// Common start of the non-control x87 instructions: #NM, pending #MF, and
+/// the last instruction (and data) pointers.
+fn begin(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    nm_check(c)?;
+    mf_check(c)?;
+    let fop = opcode(c, d, bus);
+    let f = &mut c.st.fpu;
+    f.fip = c.st.rip as u32;
+    f.fcs = c.st.seg[seg::CS].selector;
+    f.fop = fop & 0x7ff;
+    if has_mem(d) {
+        c.st.fpu.fdp = c.ea(d);
+        c.st.fpu.fds = c.st.seg[d.mseg as usize].selector;
+    }
+    Ok(())
+}
+
+/// Records the exceptions of an operation in the FSW. Returns false when an
+/// unmasked invalid-operation, zero-divide or denormal exception means the
+/// destination must not be written (nor the stack popped).
+fn finish(c: &mut Cpu, env: &Env) -> bool {
+    let f = &mut c.st.fpu;
+    let mut fl = env.flags & 0x3f;
+    if fl & DE != 0 && env.masks & DE == 0 {
+        // An unmasked denormal stops the operation before it computes.
+        fl &= IE | ZE | DE;
+    }
+    f.fsw |= fl;
+    f.fsw &= !C1;
+    if env.c1 {
+        f.fsw |= C1;
+    }
+    if let Some(over) = env.stack {
+        f.fsw |= SF;
+        f.fsw = (f.fsw & !C1) | if over { C1 } else { 0 };
+    }
+    if fl & !env.masks != 0 {
+        f.fsw |= ES | BUSY;
+    }
+    let ok = fl & (IE | ZE | DE) & !env.masks == 0;
+    if !ok && env.stack.is_none() {
+        f.fsw &= !C1;
+    }
+    ok
+}
+
+/// Whether a memory store may happen: unmasked IE, OE and UE suppress it.
+fn store_ok(env: &Env) -> bool {
+    env.flags & (IE | OE | UE) & !env.masks == 0
+}
+
+fn set_cc(c: &mut Cpu, bits: u16) {
+    let f = &mut c.st.fpu;
+    f.fsw = (f.fsw & !(C0 | C2 | C3)) | bits;
+}
+
+/// Reads a memory operand as an 80-bit value (FLD m32/m64/m80, FILD,
+/// FBLD and the memory forms of the arithmetic and compares).
+fn load_mem(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus, env: &mut Env) -> Res<F80> {
+    let ea = c.ea(d);
+    let s = d.mseg as usize;
+    Ok(match d.insn.memory_size() {
+        MemorySize::Float32 => soft::from_float(env, c.read_mem(bus, s, ea, 4)?, false),
+        MemorySize::Float64 => soft::from_float(env, c.read_mem(bus, s, ea, 8)?, true),
+        MemorySize::Float80 => read_f80(c, bus, s, ea)?,
+        MemorySize::Int16 => soft::from_i64(c.read_mem(bus, s, ea, 2)? as i16 as i64),
+        MemorySize::Int32 => soft::from_i64(c.read_mem(bus, s, ea, 4)? as i32 as i64),
+        MemorySize::Int64 => soft::from_i64(c.read_mem(bus, s, ea, 8)? as i64),
+        MemorySize::Bcd => {
+            let lo = c.read_mem(bus, s, ea, 8)?;
+            let hi = c.read_mem(bus, s, ea.wrapping_add(8), 2)?;
+            let mut b = [0u8; 10];
+            b[..8].copy_from_slice(&lo.to_le_bytes());
+            b[8..].copy_from_slice(&(hi as u16).to_le_bytes());
+            soft::from_bcd(b)
+        }
+        _ => return Err(Exc::ud()),
+    })
+}
+
+/// Reads the memory operand of an arithmetic or compare instruction. A
+/// float source keeps a signaling NaN signaling (the operation's NaN rules
+/// apply), and its denormal-operand exception is raised by `mem_denormal`
+/// only when the operation gets as far as looking at operand values.
+fn load_mem_op(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus, env: &mut Env) -> Res<(F80, bool)> {
+    let ea = c.ea(d);
+    let s = d.mseg as usize;
+    Ok(match d.insn.memory_size() {
+        MemorySize::Float32 => soft::from_float_raw(c.read_mem(bus, s, ea, 4)?, false),
+        MemorySize::Float64 => soft::from_float_raw(c.read_mem(bus, s, ea, 8)?, true),
+        _ => (load_mem(c, d, bus, env)?, false),
+    })
+}
+
+/// DE for a denormal memory source, unless NaN/unsupported operands or a
+/// zero divide took precedence.
+fn mem_denormal(env: &mut Env, denormal: bool, other: F80) {
+    if denormal
+        && env.flags & ZE == 0
+        && !matches!(
+            soft::classify(other),
+            Class::QNaN | Class::SNaN | Class::Unsupported
+        )
+    {
+        env.flags |= DE;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Loads and stores.
+
+fn fld(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    begin(c, d, bus)?;
+    let mut env = Env::full(c.st.fpu.fcw);
+    let v = if has_mem(d) {
+        load_mem(c, d, bus, &mut env)?
+    } else {
+        src(&c.st.fpu, &mut env, st_last(d))
+    };
+    let v = push_value(&c.st.fpu, &mut env, v);
+    // An unmasked denormal operand does not stop a load.
+    finish(c, &env);
+    if env.flags & IE & !env.masks == 0 {
+        push(&mut c.st.fpu, v);
+    }
+    Ok(())
+}
+
+fn fild(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    fld(c, d, bus)
+}
+
+fn fbld(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    fld(c, d, bus)
+}
+
+fn fldconst(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    use Mnemonic::*;
+    begin(c, d, bus)?;
+    let mut env = Env::full(c.st.fpu.fcw);
+    let rc = env.rc;
+    let v = match d.insn.mnemonic() {
+        Fld1 => F80 {
+            mantissa: 1 << 63,
+            sign_exp: 0x3fff,
+        },
+        Fldz => soft::zero(false),
+        Fldpi => soft::constant(rc, 0x4000, 0xc90f_daa2_2168_c234, true),
+        Fldl2e => soft::constant(rc, 0x3fff, 0xb8aa_3b29_5c17_f0bb, true),
+        Fldl2t => soft::constant(rc, 0x4000, 0xd49a_784b_cd1b_8afe, false),
+        Fldlg2 => soft::constant(rc, 0x3ffd, 0x9a20_9a84_fbcf_f798, true),
+        _ => soft::constant(rc, 0x3ffe, 0xb172_17f7_d1cf_79ab, true),
+    };
+    let v = push_value(&c.st.fpu, &mut env, v);
+    if finish(c, &env) {
+        push(&mut c.st.fpu, v);
+    }
+    Ok(())
+}
+
+fn fst(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    begin(c, d, bus)?;
+    let mut env = Env::full(c.st.fpu.fcw);
+    let popping = d.insn.mnemonic() != Mnemonic::Fst;
+    let v = src(&c.st.fpu, &mut env, 0);
+    if has_mem(d) {
+        let ea = c.ea(d);
+        let s = d.mseg as usize;
+        let (bits, size) = match d.insn.memory_size() {
+            MemorySize::Float32 => (soft::to_float(&mut env, v, false), 4),
+            MemorySize::Float64 => (soft::to_float(&mut env, v, true), 8),
+            _ => (0, 10),
+        };
+        let ok = store_ok(&env);
+        if !ok {
+            // No rounding happened for a store that does not take place.
+            env.flags &= !PE;
+            env.c1 = false;
+        }
+        if ok {
+            if size == 10 {
+                write_f80(c, bus, s, ea, v)?;
+            } else {
+                c.write_mem(bus, s, ea, size, bits)?;
+            }
+        }
+        if finish(c, &env) && ok && popping {
+            pop(&mut c.st.fpu);
+        }
+    } else {
+        let i = st_last(d);
+        if finish(c, &env) {
+            put(&mut c.st.fpu, i, v);
+            if popping {
+                pop(&mut c.st.fpu);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn fist(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    begin(c, d, bus)?;
+    let mut env = Env::full(c.st.fpu.fcw);
+    let m = d.insn.mnemonic();
+    let v = src(&c.st.fpu, &mut env, 0);
+    let size = match d.insn.memory_size() {
+        MemorySize::Int16 => 2u8,
+        MemorySize::Int32 => 4,
+        _ => 8,
+    };
+    let r = soft::to_int(&mut env, v, size as u32 * 8, m == Mnemonic::Fisttp);
+    let ok = store_ok(&env);
+    if ok {
+        let ea = c.ea(d);
+        c.write_mem(bus, d.mseg as usize, ea, size, r)?;
+    }
+    if finish(c, &env) && ok && m != Mnemonic::Fist {
+        pop(&mut c.st.fpu);
+    }
+    Ok(())
+}
+
+fn fbstp(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    begin(c, d, bus)?;
+    let mut env = Env::full(c.st.fpu.fcw);
+    let v = src(&c.st.fpu, &mut env, 0);
+    let bytes = soft::to_bcd(&mut env, v).unwrap_or([0, 0, 0, 0, 0, 0, 0, 0xc0, 0xff, 0xff]);
+    let ok = store_ok(&env);
+    if ok {
+        let ea = c.ea(d);
+        let s = d.mseg as usize;
+        let lo = u64::from_le_bytes(bytes[..8].try_into().unwrap_or([0; 8]));
+        c.write_mem(bus, s, ea, 8, lo)?;
+        c.write_mem(
+            bus,
+            s,
+            ea.wrapping_add(8),
+            2,
+            u16::from_le_bytes([bytes[8], bytes[9]]) as u64,
+        )?;
+    }
+    if finish(c, &env) && ok {
+        pop(&mut c.st.fpu);
+    }
+    Ok(())
+}
+
+fn fxch(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    begin(c, d, bus)?;
+    let mut env = Env::full(c.st.fpu.fcw);
+    let i = st_last(d);
+    let a = src(&c.st.fpu, &mut env, 0);
+    let b = src(&c.st.fpu, &mut env, i);
+    if finish(c, &env) {
+        put(&mut c.st.fpu, 0, b);
+        put(&mut c.st.fpu, i, a);
+    }
+    Ok(())
+}
+
+fn ffree(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    begin(c, d, bus)?;
+    let i = st_last(d);
+    let f = &mut c.st.fpu;
+    let p = phys(f, i);
+    set_tag(f, p, 3);
+    if d.insn.mnemonic() == Mnemonic::Ffreep {
+        pop(f);
+    }
+    Ok(())
+}
+
+fn fincdec(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    begin(c, d, bus)?;
+    let f = &mut c.st.fpu;
+    let t = if d.insn.mnemonic() == Mnemonic::Fincstp {
+        top(f) + 1
+    } else {
+        top(f) + 7
+    };
+    set_top(f, t);
+    f.fsw &= !C1;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Arithmetic.
+
+fn farith(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    use Mnemonic::*;
+    begin(c, d, bus)?;
+    let m = d.insn.mnemonic();
+    let (op, rev) = match m {
+        Fadd | Faddp | Fiadd => (0, false),
+        Fsub | Fsubp | Fisub => (1, false),
+        Fsubr | Fsubrp | Fisubr => (1, true),
+        Fmul | Fmulp | Fimul => (2, false),
+        Fdiv | Fdivp | Fidiv => (3, false),
+        _ => (3, true),
+    };
+    let popping = matches!(m, Faddp | Fsubp | Fsubrp | Fmulp | Fdivp | Fdivrp);
+    let mut env = Env::new(c.st.fpu.fcw);
+    let mut denormal = false;
+    let (dst, s) = if has_mem(d) {
+        let (v, dn) = load_mem_op(c, d, bus, &mut env)?;
+        denormal = dn;
+        (0, v)
+    } else if d.insn.op_count() < 2 {
+        (1, src(&c.st.fpu, &mut env, 0))
+    } else {
+        let s = src(&c.st.fpu, &mut env, st_op(d, 1));
+        (st_op(d, 0), s)
+    };
+    let a = src(&c.st.fpu, &mut env, dst);
+    let r = if env.stack.is_some() {
+        INDEFINITE
+    } else {
+        let (x, y) = if rev { (s, a) } else { (a, s) };
+        match op {
+            0 => soft::add(&mut env, x, y, false),
+            1 => soft::add(&mut env, x, y, true),
+            2 => soft::mul(&mut env, x, y),
+            _ => soft::div(&mut env, x, y),
+        }
+    };
+    mem_denormal(&mut env, denormal, a);
+    if finish(c, &env) {
+        put(&mut c.st.fpu, dst, r);
+        if popping {
+            pop(&mut c.st.fpu);
+        }
+    }
+    Ok(())
+}
+
+fn fsign(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    begin(c, d, bus)?;
+    let mut env = Env::full(c.st.fpu.fcw);
+    let mut v = src(&c.st.fpu, &mut env, 0);
+    if env.stack.is_none() {
+        if d.insn.mnemonic() == Mnemonic::Fchs {
+            v.sign_exp ^= 0x8000;
+        } else {
+            v.sign_exp &= 0x7fff;
+        }
+    }
+    if finish(c, &env) {
+        put(&mut c.st.fpu, 0, v);
+    }
+    Ok(())
+}
+
+fn funary(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    begin(c, d, bus)?;
+    let sqrt = d.insn.mnemonic() == Mnemonic::Fsqrt;
+    let mut env = if sqrt {
+        Env::new(c.st.fpu.fcw)
+    } else {
+        Env::full(c.st.fpu.fcw)
+    };
+    let v = src(&c.st.fpu, &mut env, 0);
+    let r = if env.stack.is_some() {
+        INDEFINITE
+    } else if sqrt {
+        soft::sqrt(&mut env, v)
+    } else {
+        soft::round_int(&mut env, v)
+    };
+    if finish(c, &env) {
+        put(&mut c.st.fpu, 0, r);
+    }
+    Ok(())
+}
+
+fn fscale(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    begin(c, d, bus)?;
+    let mut env = Env::full(c.st.fpu.fcw);
+    let a = src(&c.st.fpu, &mut env, 0);
+    let b = src(&c.st.fpu, &mut env, 1);
+    let r = if env.stack.is_some() {
+        INDEFINITE
+    } else {
+        soft::scale(&mut env, a, b)
+    };
+    if finish(c, &env) {
+        put(&mut c.st.fpu, 0, r);
+    }
+    Ok(())
+}
+
+fn fxtract(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    begin(c, d, bus)?;
+    let mut env = Env::full(c.st.fpu.fcw);
+    let a = src(&c.st.fpu, &mut env, 0);
+    let (e, s) = if env.stack.is_some() {
+        (INDEFINITE, INDEFINITE)
+    } else {
+        soft::extract(&mut env, a)
+    };
+    let s = push_value(&c.st.fpu, &mut env, s);
+    if finish(c, &env) {
+        put(&mut c.st.fpu, 0, e);
+        push(&mut c.st.fpu, s);
+    }
+    Ok(())
+}
+
+fn fprem(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    begin(c, d, bus)?;
+    let mut env = Env::full(c.st.fpu.fcw);
+    let a = src(&c.st.fpu, &mut env, 0);
+    let b = src(&c.st.fpu, &mut env, 1);
+    let (r, q, done) = if env.stack.is_some() {
+        (INDEFINITE, 0, true)
+    } else {
+        soft::prem(&mut env, a, b, d.insn.mnemonic() == Mnemonic::Fprem1)
+    };
+    env.c1 = q & 1 != 0;
+    if finish(c, &env) {
+        put(&mut c.st.fpu, 0, r);
+        let mut cc = 0;
+        if q & 4 != 0 {
+            cc |= C0;
+        }
+        if q & 2 != 0 {
+            cc |= C3;
+        }
+        if !done {
+            cc |= C2;
+        }
+        set_cc(c, cc);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Comparisons.
+
+fn cmp_cc(r: soft::Cmp) -> u16 {
+    match r {
+        soft::Cmp::Greater => 0,
+        soft::Cmp::Less => C0,
+        soft::Cmp::Equal => C3,
+        soft::Cmp::Unordered => C3 | C2 | C0,
+    }
+}
+
+fn fcom(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    use Mnemonic::*;
+    begin(c, d, bus)?;
+    let m = d.insn.mnemonic();
+    let quiet = matches!(m, Fucom | Fucomp | Fucompp);
+    let pops = match m {
+        Fcomp | Fucomp | Ficomp => 1,
+        Fcompp | Fucompp => 2,
+        _ => 0,
+    };
+    let mut env = Env::full(c.st.fpu.fcw);
+    let mut denormal = false;
+    let b = if has_mem(d) {
+        let (v, dn) = load_mem_op(c, d, bus, &mut env)?;
+        denormal = dn;
+        v
+    } else if matches!(m, Fcompp | Fucompp) {
+        src(&c.st.fpu, &mut env, 1)
+    } else {
+        src(&c.st.fpu, &mut env, st_last(d))
+    };
+    let a = src(&c.st.fpu, &mut env, 0);
+    let r = if env.stack.is_some() {
+        soft::Cmp::Unordered
+    } else {
+        soft::compare(&mut env, a, b, quiet)
+    };
+    mem_denormal(&mut env, denormal, a);
+    // The condition codes are set even when an unmasked exception
+    // suppresses the pops.
+    let ok = finish(c, &env);
+    set_cc(c, cmp_cc(r));
+    if ok {
+        for _ in 0..pops {
+            pop(&mut c.st.fpu);
+        }
+    }
+    Ok(())
+}
+
+fn ftst(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    begin(c, d, bus)?;
+    let mut env = Env::full(c.st.fpu.fcw);
+    let a = src(&c.st.fpu, &mut env, 0);
+    let r = if env.stack.is_some() {
+        soft::Cmp::Unordered
+    } else {
+        soft::compare(&mut env, a, soft::zero(false), false)
+    };
+    if finish(c, &env) {
+        set_cc(c, cmp_cc(r));
+    }
+    Ok(())
+}
+
+fn fxam(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    begin(c, d, bus)?;
+    let f = &c.st.fpu;
+    let v = get(f, 0);
+    let cc = if is_empty(f, 0) {
+        C3 | C0
+    } else {
+        match soft::classify(v) {
+            Class::Unsupported => 0,
+            Class::QNaN | Class::SNaN => C0,
+            Class::Normal => C2,
+            Class::Inf => C2 | C0,
+            Class::Zero => C3,
+            Class::Denormal => C3 | C2,
+        }
+    };
+    set_cc(c, cc);
+    let f = &mut c.st.fpu;
+    f.fsw = (f.fsw & !C1) | if soft::sign(v) { C1 } else { 0 };
+    Ok(())
+}
+
+fn fcomi(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    use crate::state::flags::{CF, PF, ZF};
+    use Mnemonic::*;
+    begin(c, d, bus)?;
+    let m = d.insn.mnemonic();
+    let mut env = Env::full(c.st.fpu.fcw);
+    let b = src(&c.st.fpu, &mut env, st_last(d));
+    let a = src(&c.st.fpu, &mut env, 0);
+    let r = if env.stack.is_some() {
+        soft::Cmp::Unordered
+    } else {
+        soft::compare(&mut env, a, b, matches!(m, Fucomi | Fucomip))
+    };
+    if finish(c, &env) {
+        let fl = match r {
+            soft::Cmp::Greater => 0,
+            soft::Cmp::Less => CF,
+            soft::Cmp::Equal => ZF,
+            soft::Cmp::Unordered => ZF | PF | CF,
+        };
+        c.set_arith_flags(fl);
+        if matches!(m, Fcomip | Fucomip) {
+            pop(&mut c.st.fpu);
+        }
+    }
+    Ok(())
+}
+
+fn fcmov(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    begin(c, d, bus)?;
+    let cond = match d.insn.mnemonic() {
+        Mnemonic::Fcmovb => ConditionCode::b,
+        Mnemonic::Fcmove => ConditionCode::e,
+        Mnemonic::Fcmovbe => ConditionCode::be,
+        Mnemonic::Fcmovu => ConditionCode::p,
+        Mnemonic::Fcmovnb => ConditionCode::ae,
+        Mnemonic::Fcmovne => ConditionCode::ne,
+        Mnemonic::Fcmovnbe => ConditionCode::a,
+        _ => ConditionCode::np,
+    };
+    let take = c.cond(cond);
+    let mut env = Env::full(c.st.fpu.fcw);
+    let i = st_last(d);
+    let b = src(&c.st.fpu, &mut env, i);
+    let a = src(&c.st.fpu, &mut env, 0);
+    if finish(c, &env) {
+        put(
+            &mut c.st.fpu,
+            0,
+            if take || env.stack.is_some() { b } else { a },
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Transcendental functions (f64 approximations).
+
+/// Result of an f64 approximation: inexact unless trivially exact; NaN from
+/// non-NaN operands is an invalid operation, ∞ from finite ones an overflow.
+fn approx(env: &mut Env, r: f64) -> F80 {
+    if r.is_nan() {
+        env.flags |= IE;
+        return INDEFINITE;
+    }
+    if r.is_infinite() {
+        env.flags |= OE | PE;
+        env.c1 = true;
+        return soft::inf(r < 0.0);
+    }
+    if r != 0.0 && r.abs() != 1.0 {
+        env.flags |= PE;
+    }
+    soft::from_f64(r)
+}
+
+/// Screens one operand of a transcendental: NaNs, unsupported values.
+fn trans_screen(env: &mut Env, v: F80) -> Result<Class, F80> {
+    let cl = soft::classify(v);
+    match cl {
+        Class::Unsupported => {
+            env.flags |= IE;
+            Err(INDEFINITE)
+        }
+        Class::SNaN => {
+            env.flags |= IE;
+            Err(F80 {
+                mantissa: v.mantissa | (1 << 62),
+                ..v
+            })
+        }
+        Class::QNaN => Err(v),
+        Class::Denormal => {
+            env.flags |= DE;
+            Ok(cl)
+        }
+        _ => Ok(cl),
+    }
+}
+
+fn nan_of_two(env: &mut Env, a: F80, b: F80) -> Option<F80> {
+    let (ca, cb) = (soft::classify(a), soft::classify(b));
+    let special = |c: Class| matches!(c, Class::QNaN | Class::SNaN | Class::Unsupported);
+    if !special(ca) && !special(cb) {
+        return None;
+    }
+    // Reuse the arithmetic's NaN rules.
+    Some(soft::add(env, a, b, false))
+}
+
+fn ftrans(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    use Mnemonic::*;
+    begin(c, d, bus)?;
+    let m = d.insn.mnemonic();
+    let mut env = Env::full(c.st.fpu.fcw);
+    let x = src(&c.st.fpu, &mut env, 0);
+    match m {
+        Fsin | Fcos | Fptan | Fsincos | F2xm1 => {
+            // One operand in ST0; FPTAN and FSINCOS push a second result.
+            let pushes = matches!(m, Fptan | Fsincos);
+            let mut out = (x, None);
+            let mut reduced = true;
+            if env.stack.is_some() {
+                out = (INDEFINITE, pushes.then_some(INDEFINITE));
+            } else {
+                match trans_screen(&mut env, x) {
+                    Err(n) => out = (n, pushes.then_some(n)),
+                    Ok(cl) => {
+                        let xf = soft::to_f64_approx(x);
+                        if m != F2xm1 && cl == Class::Inf {
+                            env.flags |= IE;
+                            out = (INDEFINITE, pushes.then_some(INDEFINITE));
+                        } else if m != F2xm1 && x.sign_exp & 0x7fff >= 0x403e {
+                            // |x| ≥ 2^63: out of range, C2 = 1, no change.
+                            reduced = false;
+                        } else if cl == Class::Zero {
+                            out = match m {
+                                Fsin | F2xm1 => (x, None),
+                                Fcos => (soft::from_f64(1.0), None),
+                                Fptan => (x, Some(soft::from_f64(1.0))),
+                                _ => (soft::from_f64(1.0), Some(x)),
+                            };
+                            if m == Fsincos {
+                                // ST0 = cos after the push, ST1 = sin.
+                                out = (x, Some(soft::from_f64(1.0)));
+                            }
+                        } else {
+                            out = match m {
+                                Fsin => (approx(&mut env, xf.sin()), None),
+                                Fcos => (approx(&mut env, xf.cos()), None),
+                                F2xm1 => {
+                                    let r = if cl == Class::Inf {
+                                        if soft::sign(x) {
+                                            -1.0
+                                        } else {
+                                            f64::INFINITY
+                                        }
+                                    } else {
+                                        (xf * std::f64::consts::LN_2).exp_m1()
+                                    };
+                                    if r.is_infinite() {
+                                        (soft::inf(false), None)
+                                    } else {
+                                        (approx(&mut env, r), None)
+                                    }
+                                }
+                                Fptan => (approx(&mut env, xf.tan()), Some(soft::from_f64(1.0))),
+                                _ => (approx(&mut env, xf.sin()), Some(approx(&mut env, xf.cos()))),
+                            };
+                        }
+                    }
+                }
+            }
+            let second = out.1.map(|v| push_value(&c.st.fpu, &mut env, v));
+            if finish(c, &env) {
+                if !reduced {
+                    set_cc(c, C2);
+                    return Ok(());
+                }
+                put(&mut c.st.fpu, 0, out.0);
+                if let Some(v) = second {
+                    push(&mut c.st.fpu, v);
+                }
+                let f = &mut c.st.fpu;
+                f.fsw &= !C2;
+            }
+        }
+        _ => {
+            // Two operands: ST1 op ST0 → ST1, then pop.
+            let y = src(&c.st.fpu, &mut env, 1);
+            let r = if env.stack.is_some() {
+                INDEFINITE
+            } else if let Some(n) = nan_of_two(&mut env, y, x) {
+                n
+            } else {
+                if soft::classify(x) == Class::Denormal || soft::classify(y) == Class::Denormal {
+                    env.flags |= DE;
+                }
+                two_operand(&mut env, m, x, y)
+            };
+            if finish(c, &env) {
+                put(&mut c.st.fpu, 1, r);
+                pop(&mut c.st.fpu);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// FYL2X, FYL2XP1 and FPATAN on non-NaN operands x = ST0, y = ST1.
+fn two_operand(env: &mut Env, m: Mnemonic, x: F80, y: F80) -> F80 {
+    let (cx, cy) = (soft::classify(x), soft::classify(y));
+    let (sx, sy) = (soft::sign(x), soft::sign(y));
+    let yf = soft::to_f64_approx(y);
+    let xf = soft::to_f64_approx(x);
+    match m {
+        Mnemonic::Fyl2x => {
+            if sx && cx != Class::Zero {
+                env.flags |= IE;
+                return INDEFINITE;
+            }
+            if cx == Class::Zero {
+                if cy == Class::Zero {
+                    env.flags |= IE;
+                    return INDEFINITE;
+                }
+                if cy != Class::Inf {
+                    env.flags |= ZE;
+                }
+                return soft::inf(!sy);
+            }
+            if cx == Class::Inf {
+                if cy == Class::Zero {
+                    env.flags |= IE;
+                    return INDEFINITE;
+                }
+                return soft::inf(sy);
+            }
+            let l = soft::log2_approx(x);
+            if cy == Class::Inf {
+                if l == 0.0 {
+                    env.flags |= IE;
+                    return INDEFINITE;
+                }
+                return soft::inf(sy != (l < 0.0));
+            }
+            if cy == Class::Zero || l == 0.0 {
+                return soft::zero(sy != (l < 0.0));
+            }
+            approx(env, yf * l)
+        }
+        Mnemonic::Fyl2xp1 => {
+            if cx == Class::Zero || cy == Class::Zero {
+                if cx != Class::Zero && cx == Class::Inf || cy == Class::Inf {
+                    env.flags |= IE;
+                    return INDEFINITE;
+                }
+                return soft::zero(sx != sy);
+            }
+            approx(env, yf * xf.ln_1p() / std::f64::consts::LN_2)
+        }
+        _ => {
+            if cx == Class::Zero && cy == Class::Zero {
+                // atan2(±0, +0) = ±0, atan2(±0, −0) = ±π.
+                return if sx {
+                    let pi = soft::constant(env.rc, 0x4000, 0xc90f_daa2_2168_c234, true);
+                    F80 {
+                        sign_exp: pi.sign_exp | ((sy as u16) << 15),
+                        ..pi
+                    }
+                } else {
+                    y
+                };
+            }
+            approx(env, yf.atan2(xf))
+        }
+    }
 }

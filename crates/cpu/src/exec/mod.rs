@@ -25,6 +25,58 @@ pub(crate) mod system;
 /// An instruction implementation.
 pub type Handler = fn(&mut Cpu, &DecodedInsn, &mut dyn Bus) -> Res;
 
+/// Operand-kind parameters for handlers specialized at decode time, so the
+/// hot forms (register, memory, immediate) need no run-time dispatch.
+pub(crate) const KR: u8 = 0;
+/// Memory operand.
+pub(crate) const KM: u8 = 1;
+/// Immediate operand.
+pub(crate) const KI: u8 = 2;
+/// Any kind: decided at run time.
+pub(crate) const KX: u8 = 3;
+
+fn kind_of(insn: &Instruction, i: u32) -> u8 {
+    use iced_x86::OpKind;
+    if i >= insn.op_count() {
+        return KX;
+    }
+    match insn.op_kind(i) {
+        OpKind::Register if crate::decode::gpr(insn.op_register(i)).is_some() => KR,
+        OpKind::Memory => KM,
+        OpKind::Immediate8
+        | OpKind::Immediate16
+        | OpKind::Immediate32
+        | OpKind::Immediate8to16
+        | OpKind::Immediate8to32 => KI,
+        _ => KX,
+    }
+}
+
+/// Picks the instantiation of a two-operand handler for the operand kinds.
+macro_rules! pick2 {
+    ($m:ident :: $f:ident, $insn:expr) => {
+        match (kind_of($insn, 0), kind_of($insn, 1)) {
+            (KR, KR) => $m::$f::<KR, KR>,
+            (KR, KM) => $m::$f::<KR, KM>,
+            (KR, KI) => $m::$f::<KR, KI>,
+            (KM, KR) => $m::$f::<KM, KR>,
+            (KM, KI) => $m::$f::<KM, KI>,
+            _ => $m::$f::<KX, KX>,
+        }
+    };
+}
+
+/// Picks the instantiation of a one-operand handler.
+macro_rules! pick1 {
+    ($m:ident :: $f:ident, $insn:expr) => {
+        match kind_of($insn, 0) {
+            KR => $m::$f::<KR>,
+            KM => $m::$f::<KM>,
+            _ => $m::$f::<KX>,
+        }
+    };
+}
+
 /// The operand-size attribute (2 or 4) of an instruction.
 pub fn op_size(insn: &Instruction, code_size: u8) -> u8 {
     match insn.op_code().operand_size() {
@@ -39,6 +91,32 @@ fn undefined(_: &mut Cpu, _: &DecodedInsn, _: &mut dyn Bus) -> Res {
     Err(Exc::ud())
 }
 
+/// The condition code with discriminant `v` (for const-generic handlers).
+#[inline(always)]
+pub(crate) const fn cc_from_u8(v: u8) -> ConditionCode {
+    use ConditionCode as C;
+    const ALL: [ConditionCode; 17] = [
+        C::None,
+        C::o,
+        C::no,
+        C::b,
+        C::ae,
+        C::e,
+        C::ne,
+        C::be,
+        C::a,
+        C::s,
+        C::ns,
+        C::p,
+        C::np,
+        C::l,
+        C::ge,
+        C::le,
+        C::g,
+    ];
+    ALL[v as usize]
+}
+
 /// Chooses the handler for an instruction.
 pub fn handler_for(insn: &Instruction) -> Handler {
     use Mnemonic::*;
@@ -49,21 +127,23 @@ pub fn handler_for(insn: &Instruction) -> Handler {
         return h;
     }
     match insn.mnemonic() {
-        Add => alu::add,
-        Or => alu::or,
-        Adc => alu::adc,
-        Sbb => alu::sbb,
-        And => alu::and,
-        Sub => alu::sub,
-        Xor => alu::xor,
-        Cmp => alu::cmp,
-        Test => alu::test,
-        Inc => alu::inc,
-        Dec => alu::dec,
+        Add => pick2!(alu::add, insn),
+        Or => pick2!(alu::or, insn),
+        Adc => pick2!(alu::adc, insn),
+        Sbb => pick2!(alu::sbb, insn),
+        And => pick2!(alu::and, insn),
+        Sub => pick2!(alu::sub, insn),
+        Xor => pick2!(alu::xor, insn),
+        Cmp => pick2!(alu::cmp, insn),
+        Test => pick2!(alu::test, insn),
+        Inc => pick1!(alu::inc, insn),
+        Dec => pick1!(alu::dec, insn),
         Neg => alu::neg,
         Not => alu::not,
         Mov => {
-            if insn.op0_register().is_segment_register() || insn.op1_register().is_segment_register() {
+            if insn.op0_register().is_segment_register()
+                || insn.op1_register().is_segment_register()
+            {
                 system::mov_seg
             } else if insn.op0_register().is_cr() || insn.op1_register().is_cr() {
                 system::mov_cr
@@ -72,7 +152,7 @@ pub fn handler_for(insn: &Instruction) -> Handler {
             } else if insn.op0_register().is_tr() || insn.op1_register().is_tr() {
                 undefined
             } else {
-                alu::mov
+                pick2!(alu::mov, insn)
             }
         }
         Movzx => alu::movzx,
@@ -131,7 +211,26 @@ pub fn handler_for(insn: &Instruction) -> Handler {
 
         Jmp => control::jmp,
         Ja | Jae | Jb | Jbe | Je | Jg | Jge | Jl | Jle | Jne | Jno | Jnp | Jns | Jo | Jp | Js => {
-            control::jcc
+            use ConditionCode as C;
+            match insn.condition_code() {
+                C::o => control::jcc::<{ C::o as u8 }>,
+                C::no => control::jcc::<{ C::no as u8 }>,
+                C::b => control::jcc::<{ C::b as u8 }>,
+                C::ae => control::jcc::<{ C::ae as u8 }>,
+                C::e => control::jcc::<{ C::e as u8 }>,
+                C::ne => control::jcc::<{ C::ne as u8 }>,
+                C::be => control::jcc::<{ C::be as u8 }>,
+                C::a => control::jcc::<{ C::a as u8 }>,
+                C::s => control::jcc::<{ C::s as u8 }>,
+                C::ns => control::jcc::<{ C::ns as u8 }>,
+                C::p => control::jcc::<{ C::p as u8 }>,
+                C::np => control::jcc::<{ C::np as u8 }>,
+                C::l => control::jcc::<{ C::l as u8 }>,
+                C::ge => control::jcc::<{ C::ge as u8 }>,
+                C::le => control::jcc::<{ C::le as u8 }>,
+                C::g => control::jcc::<{ C::g as u8 }>,
+                C::None => control::jcc::<{ C::None as u8 }>,
+            }
         }
         Call => control::call,
         Ret => control::ret,
@@ -256,6 +355,50 @@ impl Cpu {
         }
     }
 
+    /// Reads operand `i`, whose kind `K` is known at compile time.
+    #[inline(always)]
+    pub(crate) fn rdk<const K: u8>(
+        &mut self,
+        bus: &mut dyn Bus,
+        d: &DecodedInsn,
+        i: usize,
+    ) -> Res<u64> {
+        match K {
+            KR => Ok(self.reg_get(d.ops[i])),
+            KM => {
+                let ea = self.ea(d);
+                if i == 0 && d.rmw {
+                    return self.read_mem_rmw(bus, d.mseg as usize, ea, d.ops[i].size);
+                }
+                self.read_mem(bus, d.mseg as usize, ea, d.ops[i].size)
+            }
+            KI => Ok(d.imm & size_mask(d.ops[i].size.max(d.osize))),
+            _ => self.rd(bus, d, i),
+        }
+    }
+
+    /// Writes operand `i`, whose kind `K` is known at compile time.
+    #[inline(always)]
+    pub(crate) fn wrk<const K: u8>(
+        &mut self,
+        bus: &mut dyn Bus,
+        d: &DecodedInsn,
+        i: usize,
+        v: u64,
+    ) -> Res {
+        match K {
+            KR => {
+                self.reg_set(d.ops[i], v);
+                Ok(())
+            }
+            KM => {
+                let ea = self.ea(d);
+                self.write_mem(bus, d.mseg as usize, ea, d.ops[i].size, v)
+            }
+            _ => self.wr(bus, d, i, v),
+        }
+    }
+
     /// Reads operand `i`.
     #[inline(always)]
     pub(crate) fn rd(&mut self, bus: &mut dyn Bus, d: &DecodedInsn, i: usize) -> Res<u64> {
@@ -264,6 +407,9 @@ impl Cpu {
             OpK::Reg => Ok(self.reg_get(o)),
             OpK::Mem => {
                 let ea = self.ea(d);
+                if i == 0 && d.rmw {
+                    return self.read_mem_rmw(bus, d.mseg as usize, ea, o.size);
+                }
                 self.read_mem(bus, d.mseg as usize, ea, o.size)
             }
             OpK::Imm => Ok(d.imm & size_mask(o.size.max(d.osize))),
@@ -403,7 +549,15 @@ impl Cpu {
 
     /// Records lazily computed flags.
     #[inline(always)]
-    pub(crate) fn set_lazy(&mut self, op: FlagOp, size: u8, res: u64, a: u64, b: u64, carry_in: bool) {
+    pub(crate) fn set_lazy(
+        &mut self,
+        op: FlagOp,
+        size: u8,
+        res: u64,
+        a: u64,
+        b: u64,
+        carry_in: bool,
+    ) {
         self.lazy.op = op;
         self.lazy.size = size;
         self.lazy.res = res;
@@ -419,16 +573,39 @@ impl Cpu {
     }
 
     /// Reports a sensitive instruction to the bus (when enabled).
-    pub(crate) fn note_sensitive(&mut self, bus: &mut dyn Bus, kind: SensitiveKind, operand: u64, result: u64) {
+    pub(crate) fn note_sensitive(
+        &mut self,
+        bus: &mut dyn Bus,
+        kind: SensitiveKind,
+        operand: u64,
+        result: u64,
+    ) {
+        if !self.report_sensitive {
+            return;
+        }
+        let (cs_base, cpl, iopl) = (self.st.seg[seg::CS].base, self.cpl, self.iopl());
+        self.note_sensitive_as(bus, kind, operand, result, (cs_base, cpl, iopl));
+    }
+
+    /// Reports a sensitive instruction that already changed CS or the CPL
+    /// (IRET): `before` is (CS base, CPL, IOPL) as they were when it began.
+    pub(crate) fn note_sensitive_as(
+        &mut self,
+        bus: &mut dyn Bus,
+        kind: SensitiveKind,
+        operand: u64,
+        result: u64,
+        before: (u64, u8, u8),
+    ) {
         if !self.report_sensitive {
             return;
         }
         let ev = SensitiveEvent {
             kind,
-            linear_ip: self.st.seg[seg::CS].base.wrapping_add(self.st.rip),
+            linear_ip: before.0.wrapping_add(self.st.rip),
             ip: self.st.rip,
-            cpl: self.cpl,
-            iopl: self.iopl(),
+            cpl: before.1,
+            iopl: before.2,
             operand,
             result,
         };

@@ -79,7 +79,23 @@ pub(crate) fn pop(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     Ok(())
 }
 
+/// Runs `f`; if it faults, ESP is put back, so that an instruction that
+/// pushes several values can be restarted (its earlier stores below ESP
+/// stay, as on hardware).
+fn restartable(c: &mut Cpu, f: impl FnOnce(&mut Cpu) -> R) -> R {
+    let esp = c.st.gpr[4];
+    let r = f(c);
+    if r.is_err() {
+        c.st.gpr[4] = esp;
+    }
+    r
+}
+
 pub(crate) fn pusha(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    restartable(c, |c| pusha_body(c, d, bus))
+}
+
+fn pusha_body(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let size = stack_op_size(d);
     let ss = c.stack_size();
     let sp0 = c.gr(4, ss);
@@ -152,6 +168,10 @@ pub(crate) fn popf(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
 }
 
 pub(crate) fn enter(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    restartable(c, |c| enter_body(c, d, bus))
+}
+
+fn enter_body(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let size = stack_op_size(d);
     let alloc = d.insn.immediate16() as u64;
     let level = (d.insn.immediate8_2nd() & 0x1f) as u32;
@@ -170,8 +190,11 @@ pub(crate) fn enter(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
         c.push(bus, size, frame)?;
     }
     let nsp = c.gr(4, ss).wrapping_sub(alloc) & m;
-    // The final stack pointer must be writable (SDM: ENTER checks it).
-    c.seg_lin(seg::SS, nsp as u32, 1, true)?;
+    // The final stack pointer must be writable (SDM: ENTER checks it);
+    // Intel processors also check its page for writing.
+    let lin = c.seg_lin(seg::SS, nsp as u32, 1, true)?;
+    let user = c.cpl == 3;
+    c.translate(bus, lin, crate::mmu::AccessKind::Write, user)?;
     c.sr(5, size, frame);
     c.sr(4, ss, nsp);
     Ok(())

@@ -7,7 +7,7 @@ use iced_x86::OpKind;
 use crate::bus::{Bus, BusAction};
 use crate::cpu::{Cpu, RunExit};
 use crate::decode::{sreg, DecodedInsn};
-use crate::exception::{Exc, Res};
+use crate::exception::Res;
 use crate::flags::{size_mask, FlagOp};
 use crate::state::{flags::DF, seg};
 
@@ -58,7 +58,12 @@ fn step(c: &Cpu, size: u8) -> u64 {
 
 /// Runs `body` once or under REP. `body` returns whether to continue (for
 /// REPE/REPNE after comparing).
-fn run_rep(c: &mut Cpu, s: &Str, bus: &mut dyn Bus, mut body: impl FnMut(&mut Cpu, &mut dyn Bus) -> Res<bool>) -> R {
+fn run_rep(
+    c: &mut Cpu,
+    s: &Str,
+    bus: &mut dyn Bus,
+    mut body: impl FnMut(&mut Cpu, &mut dyn Bus) -> Res<bool>,
+) -> R {
     if s.rep == 0 {
         body(c, bus)?;
         return Ok(());
@@ -176,18 +181,15 @@ pub(crate) fn outs(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let s = str_info(d);
     let port = c.gr(2, 2) as u16;
     c.check_io(bus, port, s.size)?;
-    let mut stop = false;
     run_rep(c, &s, bus, |c, bus| {
         let v = c.read_mem(bus, s.src_seg, c.gr(6, s.asize) as u32, s.size)?;
         adv(c, 6, &s);
         if bus.io_out(port, s.size, v as u32) == BusAction::Stop {
-            stop = true;
-            return Ok(false);
+            // Stop after this iteration; `run_rep` leaves EIP on the REP
+            // when iterations remain (it sees `stop_block`).
+            c.pending_exit = Some(RunExit::BusStop);
+            c.stop_block = true;
         }
         Ok(true)
-    })?;
-    if stop {
-        return Err(Exc::Exit(RunExit::BusStop));
-    }
-    Ok(())
+    })
 }

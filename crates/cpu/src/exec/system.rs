@@ -195,7 +195,10 @@ pub(crate) fn lgdt_lidt(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
 fn c_osize16(d: &DecodedInsn) -> bool {
     matches!(
         d.insn.code(),
-        iced_x86::Code::Lgdt_m1632_16 | iced_x86::Code::Lidt_m1632_16 | iced_x86::Code::Sgdt_m1632_16 | iced_x86::Code::Sidt_m1632_16
+        iced_x86::Code::Lgdt_m1632_16
+            | iced_x86::Code::Lidt_m1632_16
+            | iced_x86::Code::Sgdt_m1632_16
+            | iced_x86::Code::Sidt_m1632_16
     )
 }
 
@@ -217,8 +220,18 @@ pub(crate) fn sgdt_sidt(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     // With a 16-bit operand size Intel processors store the full base
     // (the high byte undefined in the SDM; P6 stores it).
     c.write_mem(bus, d.mseg as usize, ea, 2, t.limit as u64)?;
-    c.write_mem(bus, d.mseg as usize, ea.wrapping_add(2), 4, t.base & 0xffff_ffff)?;
-    let kind = if gdt { SensitiveKind::Sgdt } else { SensitiveKind::Sidt };
+    c.write_mem(
+        bus,
+        d.mseg as usize,
+        ea.wrapping_add(2),
+        4,
+        t.base & 0xffff_ffff,
+    )?;
+    let kind = if gdt {
+        SensitiveKind::Sgdt
+    } else {
+        SensitiveKind::Sidt
+    };
     c.note_sensitive(bus, kind, 0, t.base);
     Ok(())
 }
@@ -381,7 +394,8 @@ pub(crate) fn lar(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     pm_only(c)?;
     let sel = c.rd(bus, d, 1)? as u16;
     let ok = probe(c, bus, sel)?.filter(|desc| {
-        visible(c, sel, *desc) && (desc.is_code_data() || matches!(desc.typ(), 1 | 2 | 3 | 4 | 5 | 9 | 0xb | 0xc))
+        visible(c, sel, *desc)
+            && (desc.is_code_data() || matches!(desc.typ(), 1 | 2 | 3 | 4 | 5 | 9 | 0xb | 0xc))
     });
     let res = ok.map(|desc| (desc.hi & 0x00f0_ff00) as u64);
     if let Some(v) = res {
@@ -395,8 +409,9 @@ pub(crate) fn lar(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
 pub(crate) fn lsl(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     pm_only(c)?;
     let sel = c.rd(bus, d, 1)? as u16;
-    let ok = probe(c, bus, sel)?
-        .filter(|desc| visible(c, sel, *desc) && (desc.is_code_data() || matches!(desc.typ(), 1 | 2 | 3 | 9 | 0xb)));
+    let ok = probe(c, bus, sel)?.filter(|desc| {
+        visible(c, sel, *desc) && (desc.is_code_data() || matches!(desc.typ(), 1 | 2 | 3 | 9 | 0xb))
+    });
     let res = ok.map(|desc| desc.to_segment(sel).limit as u64);
     if let Some(v) = res {
         c.reg_set(d.ops[0], v & size_mask(d.osize));
@@ -413,10 +428,18 @@ pub(crate) fn verr_verw(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let ok = probe(c, bus, sel)?.is_some_and(|desc| {
         desc.is_code_data()
             && visible(c, sel, desc)
-            && if write { desc.writable_data() } else { desc.readable() }
+            && if write {
+                desc.writable_data()
+            } else {
+                desc.readable()
+            }
     });
     set_zf(c, ok);
-    let kind = if write { SensitiveKind::Verw } else { SensitiveKind::Verr };
+    let kind = if write {
+        SensitiveKind::Verw
+    } else {
+        SensitiveKind::Verr
+    };
     c.note_sensitive(bus, kind, sel as u64, ok as u64);
     Ok(())
 }
@@ -523,7 +546,12 @@ pub(crate) fn sysenter(c: &mut Cpu, _d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     if cs & 0xfffc == 0 {
         return Err(Exc::gp(0));
     }
-    c.note_sensitive(bus, SensitiveKind::Sysenter, cs as u64, c.st.msr.sysenter_eip);
+    c.note_sensitive(
+        bus,
+        SensitiveKind::Sysenter,
+        cs as u64,
+        c.st.msr.sysenter_eip,
+    );
     c.sync_flags();
     c.st.rflags &= !((VM | IF | RF) as u64);
     c.st.seg[seg::CS] = Segment::flat32(cs & 0xfffc, true);

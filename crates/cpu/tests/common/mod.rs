@@ -19,6 +19,9 @@ pub struct TestBus {
     pub stop_port: Option<u16>,
     /// When set, the platform clock RDTSC counts from.
     pub tsc: Option<u64>,
+    /// MMIO writes seen; `mmio_stop` makes each one ask the CPU to stop.
+    pub mmio_writes: Vec<(u64, u8, u64)>,
+    pub mmio_stop: bool,
 }
 
 impl Bus for TestBus {
@@ -36,8 +39,13 @@ impl Bus for TestBus {
     fn mmio_read(&mut self, _addr: u64, _size: u8) -> u64 {
         0xffff_ffff_ffff_ffff
     }
-    fn mmio_write(&mut self, _addr: u64, _size: u8, _value: u64) -> BusAction {
-        BusAction::Continue
+    fn mmio_write(&mut self, addr: u64, size: u8, value: u64) -> BusAction {
+        self.mmio_writes.push((addr, size, value));
+        if self.mmio_stop {
+            BusAction::Stop
+        } else {
+            BusAction::Continue
+        }
     }
     fn interrupt_pending(&mut self) -> bool {
         self.irq.is_some()

@@ -97,7 +97,11 @@ pub const TRAP_GATE: u8 = 0xf;
 /// A gate descriptor (present).
 pub fn gate(ty: u8, sel: u16, off: u32, dpl: u8, params: u8) -> u64 {
     let lo = (off & 0xffff) | (sel as u32) << 16;
-    let hi = (off & 0xffff_0000) | 0x8000 | (dpl as u32) << 13 | (ty as u32) << 8 | (params & 0x1f) as u32;
+    let hi = (off & 0xffff_0000)
+        | 0x8000
+        | (dpl as u32) << 13
+        | (ty as u32) << 8
+        | (params & 0x1f) as u32;
     lo as u64 | (hi as u64) << 32
 }
 
@@ -233,7 +237,9 @@ impl Sys {
         st.tr.attr = (st.tr.attr & !0xf) | 0xb; // busy
         let mut tss_hi = self.ram().read_u32(GDT + TSS_SEL as u64 + 4).unwrap();
         tss_hi |= 2 << 8;
-        self.ram().write_u32(GDT + TSS_SEL as u64 + 4, tss_hi).unwrap();
+        self.ram()
+            .write_u32(GDT + TSS_SEL as u64 + 4, tss_hi)
+            .unwrap();
         st.ldtr = Segment::default();
         for s in 0..6 {
             st.seg[s] = self.seg(ss);
@@ -348,7 +354,9 @@ impl Sys {
     }
 
     pub fn set_pde(&self, lin: u32, v: u32) {
-        self.ram().write_u32(PD + 4 * (lin >> 22) as u64, v).unwrap();
+        self.ram()
+            .write_u32(PD + 4 * (lin >> 22) as u64, v)
+            .unwrap();
     }
 
     pub fn get_pde(&self, lin: u32) -> u32 {
@@ -397,7 +405,8 @@ pub fn ucode(
 }
 
 /// An assembly fragment.
-pub type Frag<'a> = Box<dyn FnOnce(&mut iced_x86::code_asm::CodeAssembler) -> Result<(), iced_x86::IcedError> + 'a>;
+pub type Frag<'a> =
+    Box<dyn FnOnce(&mut iced_x86::code_asm::CodeAssembler) -> Result<(), iced_x86::IcedError> + 'a>;
 
 /// Assembles fragments back to back from `ip`; returns the code and the
 /// address where each fragment starts (so a test knows the EIP of the

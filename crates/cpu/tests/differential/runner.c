@@ -6,7 +6,9 @@
  *   gcc -m32 -ffreestanding -nostdlib -static -fno-pie -no-pie -O2
  * and run under the kernel's IA32 compatibility mode. It maps four pages at
  * fixed addresses, the same ones the software CPU uses:
- *   0x10000000 code (RWX)   0x10100000 scratch data   0x10200000 stack
+ *   0x10000000 code (RWX, two pages: a case may start near the end of the
+ *              first so that its instructions cross into the second)
+ *   0x10100000 scratch data   0x10200000 stack
  *   0x10300000 control page (register staging, return path; never touched
  *              by generated code)
  * For each case of the batch file named by argv[1] it copies the code to
@@ -17,11 +19,16 @@
  *
  * Input (little-endian u32s): ncases, then per case
  *   code_len, eax ecx edx ebx esp ebp esi edi, eflags, seed, kind,
+ *   code_off (offset of the code in the code pages),
  *   code bytes padded to a multiple of 4.
  * Output: first a header record: magic 0x706f7065, cs ds es ss fs gs;
  * then per case: index, eax ecx edx ebx esp ebp esi edi, eflags,
+ *   signal (0 if the code reached its end), trapno, error code, eip, cr2,
  *   nscratch, (offset, value) * nscratch, nstack, (offset, value) * nstack.
- * A case that faults kills the process; the test restarts it after that case.
+ * A case that faults is caught by a signal handler (on its own stack) that
+ * records the registers, EFLAGS, the vector (trapno), error code, EIP and
+ * CR2 the kernel reports, and resumes the runner; anything else that kills
+ * the process makes the test restart it after that case.
  */
 typedef unsigned int u32;
 typedef unsigned char u8;
@@ -40,6 +47,7 @@ typedef unsigned char u8;
 #define CTL_OUT_ESP 0x4c
 #define CTL_SAVED_ESP 0x50
 #define CTL_OUT 0x1dc    /* pushal image then eflags (epilogue stack top 0x200) */
+#define CTL_FAULT 0x60   /* signal, trapno, err, eip, cr2 */
 
 void *memcpy(void *d, const void *s, unsigned long n)
 {
@@ -78,10 +86,10 @@ static void die(int code)
 		sys1(1, code);
 }
 
-static void map_fixed(u32 addr, u32 prot)
+static void map_fixed(u32 addr, u32 len, u32 prot)
 {
 	/* old_mmap (90) takes a pointer to its six arguments. */
-	u32 args[6] = { addr, PAGE, prot, 0x32 /* MAP_PRIVATE|MAP_ANONYMOUS|MAP_FIXED */, (u32)-1, 0 };
+	u32 args[6] = { addr, len, prot, 0x32 /* MAP_PRIVATE|MAP_ANONYMOUS|MAP_FIXED */, (u32)-1, 0 };
 	u32 r = (u32)sys1(90, (int)args);
 	if (r != addr)
 		die(3);
@@ -123,6 +131,7 @@ static void fill(u32 *dst, u32 seed, u32 kind)
 
 extern void run_case(void);
 extern void run_return(void);
+extern void fault_return(void);
 
 __asm__(
 	".text\n"
@@ -136,6 +145,10 @@ __asm__(
 	"  popfl\n"
 	"  movl 0x10300040, %esp\n"
 	"  jmp *0x10300044\n"
+	".globl fault_return\n"
+	"fault_return:\n"
+	"  movl $0x10300200, %esp\n"
+	"  jmp run_return\n"
 	".globl run_return\n"
 	"run_return:\n"
 	"  movl 0x10300050, %esp\n"
@@ -158,6 +171,55 @@ static const u8 epilogue[] = {
 	0x60,                               /* pushad */
 	0xff, 0x25, 0x48, 0x00, 0x30, 0x10, /* jmp [CTL+0x48] */
 };
+
+/* Signal handler: save the state at the fault, resume at fault_return. */
+static void on_fault(int sig, void *info, void *ucv)
+{
+	(void)info;
+	u32 *g = (u32 *)((u8 *)ucv + 20); /* uc_mcontext.gregs */
+	volatile u32 *ctl = (volatile u32 *)CTL;
+	volatile u32 *o = (volatile u32 *)(CTL + CTL_OUT);
+	/* gregs: gs fs es ds edi esi ebp esp ebx edx ecx eax trapno err eip
+	   cs efl uesp ss fpstate oldmask cr2 */
+	o[0] = g[4];
+	o[1] = g[5];
+	o[2] = g[6];
+	o[4] = g[8];
+	o[5] = g[9];
+	o[6] = g[10];
+	o[7] = g[11];
+	o[8] = g[16];
+	ctl[CTL_OUT_ESP / 4] = g[7];
+	ctl[CTL_FAULT / 4 + 0] = (u32)sig;
+	ctl[CTL_FAULT / 4 + 1] = g[12];
+	ctl[CTL_FAULT / 4 + 2] = g[13];
+	ctl[CTL_FAULT / 4 + 3] = g[14];
+	ctl[CTL_FAULT / 4 + 4] = g[21];
+	g[14] = (u32)fault_return;
+	g[16] = 0x202;
+}
+
+static u8 altstack[65536];
+
+static void install_handlers(void)
+{
+	u32 ss[3] = { (u32)altstack, 0, sizeof(altstack) };
+	if (sys3(186, (int)ss, 0, 0) != 0) /* sigaltstack */
+		die(9);
+	/* k_sigaction: handler, flags, restorer, mask (64 bits). SA_SIGINFO |
+	   SA_ONSTACK | SA_NODEFER; the vDSO provides the return trampoline. */
+	u32 act[5] = { (u32)on_fault, 0x4 | 0x08000000 | 0x40000000, 0, 0, 0 };
+	static const int sigs[] = { 4, 5, 7, 8, 11 };
+	for (u32 i = 0; i < sizeof(sigs) / sizeof(sigs[0]); i++) {
+		int r;
+		__asm__ volatile("int $0x80"
+				 : "=a"(r)
+				 : "a"(174), "b"(sigs[i]), "c"(act), "d"(0), "S"(8)
+				 : "memory");
+		if (r != 0)
+			die(10);
+	}
+}
 
 static u32 diff_page(u32 *out, const u32 *page, const u32 *init)
 {
@@ -194,13 +256,13 @@ void cmain(u32 *sp)
 		if (len == sizeof(inbuf))
 			die(7);
 	}
-	map_fixed(CODE, 7);
-	map_fixed(SCRATCH, 3);
-	map_fixed(STACK, 3);
-	map_fixed(CTL, 3);
+	map_fixed(CODE, 2 * PAGE, 7);
+	map_fixed(SCRATCH, PAGE, 3);
+	map_fixed(STACK, PAGE, 3);
+	map_fixed(CTL, PAGE, 3);
 	volatile u32 *ctl = (volatile u32 *)CTL;
-	ctl[CTL_ENTRY / 4] = CODE;
 	ctl[CTL_RET / 4] = (u32)run_return;
+	install_handlers();
 
 	u32 hdr[7];
 	unsigned short s;
@@ -218,13 +280,14 @@ void cmain(u32 *sp)
 	for (u32 c = 0; c < ncases; c++) {
 		u32 code_len = in[0];
 		const u32 *regs = in + 1; /* eax ecx edx ebx esp ebp esi edi */
-		u32 eflags = in[9], seed = in[10], kind = in[11];
-		const u8 *code = (const u8 *)(in + 12);
-		in += 12 + (code_len + 3) / 4;
-		if (code_len + sizeof(epilogue) > PAGE)
+		u32 eflags = in[9], seed = in[10], kind = in[11], off = in[12];
+		const u8 *code = (const u8 *)(in + 13);
+		in += 13 + (code_len + 3) / 4;
+		if (off + code_len + sizeof(epilogue) > 2 * PAGE)
 			die(8);
-		memcpy((void *)CODE, code, code_len);
-		memcpy((void *)(CODE + code_len), epilogue, sizeof(epilogue));
+		memcpy((void *)(CODE + off), code, code_len);
+		memcpy((void *)(CODE + off + code_len), epilogue, sizeof(epilogue));
+		ctl[CTL_ENTRY / 4] = CODE + off;
 		fill(init_scratch, seed, kind);
 		fill(init_stack, seed ^ 0x9e3779b9u, kind);
 		memcpy((void *)SCRATCH, init_scratch, PAGE);
@@ -240,6 +303,8 @@ void cmain(u32 *sp)
 		ctl[7] = regs[0];
 		ctl[8] = eflags;
 		ctl[CTL_INIT_ESP / 4] = regs[4];
+		for (u32 k = 0; k < 5; k++)
+			ctl[CTL_FAULT / 4 + k] = 0;
 		run_case();
 		volatile u32 *o = (volatile u32 *)(CTL + CTL_OUT);
 		u32 n = 0;
@@ -253,6 +318,8 @@ void cmain(u32 *sp)
 		outbuf[n++] = o[1]; /* esi */
 		outbuf[n++] = o[0]; /* edi */
 		outbuf[n++] = o[8]; /* eflags */
+		for (u32 k = 0; k < 5; k++)
+			outbuf[n++] = ctl[CTL_FAULT / 4 + k];
 		n += diff_page(outbuf + n, (const u32 *)SCRATCH, init_scratch);
 		n += diff_page(outbuf + n, (const u32 *)STACK, init_stack);
 		write_all(outbuf, n * 4);
