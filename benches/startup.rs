@@ -32,7 +32,11 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("startup");
     g.sample_size(20);
     g.bench_function("first serial line (interp, minios)", |b| {
-        b.iter_custom(|n| (0..n).map(|_| first_line(&["run", "--engine", "interp"])).sum())
+        b.iter_custom(|n| {
+            (0..n)
+                .map(|_| first_line(&["run", "--engine", "interp"]))
+                .sum()
+        })
     });
     g.bench_function("whole minios run (interp, virtual clock)", |b| {
         b.iter_custom(|n| {

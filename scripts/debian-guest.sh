@@ -9,6 +9,8 @@
 #   popek run --kernel "$KERNEL" --initrd "$INITRD" --cmdline "console=ttyS0"
 #
 # Needs root the first time (dpkg --add-architecture i386; apt-get update).
+# POPEK_BIN names the popek binary that builds the initramfs (default:
+# target/release/popek, built if missing); POPEK_CACHE the cache directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root_dir=$(pwd)
@@ -55,7 +57,7 @@ if [ -n "$init" ]; then
   initrd="$out/initrd-$(sha256sum "$init" | cut -c1-12).gz"
 fi
 if [ ! -f "$initrd" ]; then
-  popek="$root_dir/target/release/popek"
+  popek="${POPEK_BIN:-$root_dir/target/release/popek}"
   [ -x "$popek" ] || (cd "$root_dir" && cargo build --release -q >&2)
   "$popek" initramfs --busybox root/bin/busybox ${init:+--init "$init"} -o "$initrd" >&2
 fi

@@ -42,7 +42,11 @@ fn info() -> String {
 fn info_says(info: &str, item: &str) -> bool {
     info.lines()
         .find(|l| l.trim_start().starts_with(item))
-        .is_some_and(|l| l[l.find(item).unwrap() + item.len()..].trim_start().starts_with("yes"))
+        .is_some_and(|l| {
+            l[l.find(item).unwrap() + item.len()..]
+                .trim_start()
+                .starts_with("yes")
+        })
 }
 
 fn run_flat(name: &str, code: &[u8], format: &str) -> (i32, String, String) {
@@ -114,15 +118,17 @@ fn hw_triple_fault_is_reported_with_registers() {
     if !kvm() {
         return;
     }
-    // lidt [zero-limit IDT]; int 0x10 → triple fault.
-    let code = [
-        0x0f, 0x01, 0x1e, 0x0c, 0x7c, 0xcd, 0x10, 0xf4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-    ];
-    let (status, _, err) = run_flat("triple.bin", &code, "flat-real");
+    // ud2 in protected mode: the IDT (base 0) holds no gates → #NP → #DF →
+    // shutdown. (A real-mode zero-limit IDT would not do: kvm_pvm ignores
+    // the IDT limit in real mode and runs off into the vector table.)
+    let (status, _, err) = run_flat("triple.bin", &[0x0f, 0x0b], "flat-protected");
     assert_eq!(status, 4, "{err}");
     assert!(err.contains("the guest died on engine hw"), "{err}");
     assert!(err.contains("triple fault"), "{err}");
-    assert!(err.contains("EIP=") && err.contains("instruction at"), "{err}");
+    assert!(
+        err.contains("EIP=") && err.contains("instruction at"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -142,7 +148,11 @@ fn hw_keyboard_controller_reset_exits_zero() {
         return;
     }
     // mov al, 0xfe; out 0x64, al; jmp $
-    let (status, _, err) = run_flat("reset.bin", &[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe], "flat-real");
+    let (status, _, err) = run_flat(
+        "reset.bin",
+        &[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe],
+        "flat-real",
+    );
     assert_eq!(status, 0, "{err}");
 }
 
@@ -212,7 +222,10 @@ fn minios64_runs_its_checks_on_hw() {
     }
     let user_int = info_says(&i, "INT 0x80 from user mode");
     let (status, out, err) = popek(&["run", "--engine", "hw", "--guest", "minios64"]);
-    assert!(out.contains("minios: booting (x86-64"), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.contains("minios: booting (x86-64"),
+        "stdout:\n{out}\nstderr:\n{err}"
+    );
     let failed: Vec<&str> = out
         .lines()
         .filter_map(|l| l.strip_prefix("minios: check "))

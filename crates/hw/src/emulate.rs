@@ -156,7 +156,11 @@ pub fn emulate(
     match result {
         Some((lo, hi)) => {
             let v = if lar {
-                let mask = if dest.size() == 2 { 0xff00 } else { 0x00f0_ff00 };
+                let mask = if dest.size() == 2 {
+                    0xff00
+                } else {
+                    0x00f0_ff00
+                };
                 u64::from(hi & mask)
             } else {
                 let raw = (lo & 0xffff) | (hi & 0x000f_0000);
@@ -220,7 +224,10 @@ mod tests {
         let (mut s, mut mem) = setup();
         s.gpr[0] = 0x08;
         // lar edx, eax
-        assert_eq!(emulate(&mut s, &[0x0f, 0x02, 0xd0], 64, &mut mem), Some("lar"));
+        assert_eq!(
+            emulate(&mut s, &[0x0f, 0x02, 0xd0], 64, &mut mem),
+            Some("lar")
+        );
         assert_eq!(s.gpr[2], 0x00af_9b00 & 0x00f0_ff00);
         assert_ne!(s.rflags & u64::from(flags::ZF), 0);
         assert_eq!(s.rip, 0x103);
@@ -245,7 +252,10 @@ mod tests {
         let (mut s, mut mem) = setup();
         s.gpr[1] = 0x10;
         // lsl eax, ecx
-        assert_eq!(emulate(&mut s, &[0x0f, 0x03, 0xc1], 64, &mut mem), Some("lsl"));
+        assert_eq!(
+            emulate(&mut s, &[0x0f, 0x03, 0xc1], 64, &mut mem),
+            Some("lsl")
+        );
         assert_eq!(s.gpr[0], 0xffff_ffff);
         s.gpr[1] = 0x20;
         emulate(&mut s, &[0x0f, 0x03, 0xc1], 64, &mut mem).unwrap();

@@ -15,8 +15,8 @@
 //! 0x14000 PAE PDPT → 0x12000
 //! ```
 
-use iced_x86::code_asm::{CodeAssembler, IcedError};
 use iced_x86::code_asm::{al, ax, eax, ecx, edx, esp, ptr, rax, rsp};
+use iced_x86::code_asm::{CodeAssembler, IcedError};
 use popek_cpu::state::{attr, cr, seg, Segment, TableReg};
 use popek_cpu::CpuState;
 use popek_memory::{GuestRam, MemoryError};
@@ -283,7 +283,7 @@ pub fn user_mode(user: Body<'_>) -> TestGuest {
         a.iretq()
     });
     g.state.efer |= 1; // SCE
-    // Handler i: mov al, i; out 0xf4, al; hlt (16 bytes each); then SYSCALL's.
+                       // Handler i: mov al, i; out 0xf4, al; hlt (16 bytes each); then SYSCALL's.
     let mut handlers = Vec::new();
     for v in 0..=256u32 {
         let code = assemble(64, HANDLERS + u64::from(v) * 16, &|a| {

@@ -341,9 +341,7 @@ impl Hw {
         self.snap = None;
         match r {
             Err(e) if e.errno() == libc::EINTR => Ok(()),
-            Err(e) => Err(internal(format!(
-                "KVM_RUN (completing an I/O exit): {e}"
-            ))),
+            Err(e) => Err(internal(format!("KVM_RUN (completing an I/O exit): {e}"))),
             Ok(x) => Err(internal(format!(
                 "KVM_RUN with immediate_exit returned {x:?} instead of EINTR"
             ))),
@@ -407,10 +405,11 @@ impl Hw {
         let base = (run as *mut kvm_bindings::kvm_run).cast::<u8>();
         // SAFETY: KVM puts the data area inside the kvm_run mapping (checked
         // against its size above); nothing else aliases it until the next run.
-        let data = unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), len) };
+        let data =
+            unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), len) };
         self.io_pending = true;
         if u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_IN {
-            if port == HYPERCALL_PORT && size == 4 && count == 1 {
+            if port == HYPERCALL_PORT && size == 4 && count == 1 && self.doorbell_cpl()? < 3 {
                 // Complete the IN with EAX's own value, so that the VMM
                 // finds the hypercall number in EAX and RIP past the IN —
                 // the state the software engines stop with. (KVM writes the
@@ -422,11 +421,8 @@ impl Hw {
                     .rax;
                 data.copy_from_slice(&(rax as u32).to_le_bytes());
                 self.complete_io()?;
-                if self.fetch()?.state.cpl() < 3 {
-                    self.stats.hypercalls += 1;
-                    return Ok(Some(VmExit::Hypercall));
-                }
-                return Ok(None);
+                self.stats.hypercalls += 1;
+                return Ok(Some(VmExit::Hypercall));
             }
             for chunk in data.chunks_mut(usize::from(size)) {
                 let v = machine.io_in(port, size);
@@ -444,6 +440,21 @@ impl Hw {
             }
         }
         Ok(None)
+    }
+
+    /// The CPL of an IN at the doorbell port. The ABI accepts hypercalls
+    /// from CPL < 3 only; from user mode the IN is an ordinary port read
+    /// (on VT hardware it exits only when IOPL or the TSS bitmap allow it).
+    fn doorbell_cpl(&mut self) -> Result<u8, EngineError> {
+        let sregs = self
+            .vcpu
+            .get_sregs()
+            .map_err(|e| internal(format!("KVM_GET_SREGS: {e}")))?;
+        Ok(if sregs.cr0 & 1 == 0 {
+            0
+        } else {
+            sregs.ss.dpl & 3
+        })
     }
 
     /// Serves a `KVM_EXIT_MMIO`.
@@ -524,10 +535,16 @@ impl Hw {
         let n = (0..15)
             .take_while(|&i| self.peek_linear(lin + i as u64, &mut b[i..i + 1]).is_some())
             .count();
-        let mut dec =
-            iced_x86::Decoder::with_ip(code_bitness(&s), &b[..n], s.rip, iced_x86::DecoderOptions::NONE);
+        let mut dec = iced_x86::Decoder::with_ip(
+            code_bitness(&s),
+            &b[..n],
+            s.rip,
+            iced_x86::DecoderOptions::NONE,
+        );
         let insn = dec.decode();
-        if insn.code() != iced_x86::Code::Mov_cr_r32 || insn.op0_register() != iced_x86::Register::CR0 {
+        if insn.code() != iced_x86::Code::Mov_cr_r32
+            || insn.op0_register() != iced_x86::Register::CR0
+        {
             return None;
         }
         let src = insn.op1_register().full_register();
@@ -557,7 +574,10 @@ impl Hw {
         let mut bytes = [0u8; 15];
         let lin = state.seg[seg::CS].base.wrapping_add(state.rip);
         let n = (0..15)
-            .take_while(|&i| self.peek_linear(lin + i as u64, &mut bytes[i..i + 1]).is_some())
+            .take_while(|&i| {
+                self.peek_linear(lin + i as u64, &mut bytes[i..i + 1])
+                    .is_some()
+            })
             .count();
         struct Mem<'a>(&'a mut Hw);
         impl emulate::LinearRead for Mem<'_> {
@@ -596,7 +616,8 @@ impl Hw {
         };
         let mut insn = None;
         if sub == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION
-            && emu.flags & u64::from(kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
+            && emu.flags
+                & u64::from(kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
                 != 0
         {
             // SAFETY: the flag says the instruction bytes are present.
@@ -767,8 +788,9 @@ impl Engine for Hw {
             || state.tr != old.tr
             || state.gdtr != old.gdtr
             || state.idtr != old.idtr
-            || (state.cr0, state.cr2, state.cr3, state.cr4, state.cr8, state.efer)
-                != (old.cr0, old.cr2, old.cr3, old.cr4, old.cr8, old.efer)
+            || (
+                state.cr0, state.cr2, state.cr3, state.cr4, state.cr8, state.efer,
+            ) != (old.cr0, old.cr2, old.cr3, old.cr4, old.cr8, old.efer)
             || state.msr.apic_base != old.msr.apic_base
         {
             let s = regs::sregs_to_kvm(&state, &snap.sregs);
@@ -806,8 +828,8 @@ impl Engine for Hw {
                     ..Default::default()
                 })
                 .collect();
-            let msrs = Msrs::from_entries(&entries)
-                .map_err(|e| internal(format!("MSR list: {e:?}")))?;
+            let msrs =
+                Msrs::from_entries(&entries).map_err(|e| internal(format!("MSR list: {e:?}")))?;
             self.vcpu
                 .set_msrs(&msrs)
                 .map_err(|e| err("KVM_SET_MSRS", e))?;
@@ -847,7 +869,11 @@ impl Engine for Hw {
         let state = self.fetch().ok()?.state.clone();
         let mut pas = Vec::with_capacity(data.len());
         for i in 0..data.len() {
-            pas.push(walk::translate(&self.ram, &state, addr.wrapping_add(i as u64))?);
+            pas.push(walk::translate(
+                &self.ram,
+                &state,
+                addr.wrapping_add(i as u64),
+            )?);
         }
         for (pa, b) in pas.into_iter().zip(data) {
             self.ram.write(pa, &[*b]).ok()?;
@@ -873,7 +899,11 @@ impl Engine for Hw {
 }
 
 impl Hw {
-    fn run_loop(&mut self, machine: &mut Machine, deadline: Instant) -> Result<VmExit, EngineError> {
+    fn run_loop(
+        &mut self,
+        machine: &mut Machine,
+        deadline: Instant,
+    ) -> Result<VmExit, EngineError> {
         loop {
             self.offer_interrupt(machine)?;
             if self.halted {

@@ -233,9 +233,8 @@ impl Capabilities {
             Ok(())
         } else {
             Err(format!(
-                "the KVM here ({}) cannot run {what}: {}",
-                self.kind_name(),
-                check.detail
+                "the KVM here ({}) cannot run {what} (see `popek info`)",
+                self.kind_name()
             ))
         }
     }
@@ -488,10 +487,7 @@ pub fn probe_now() -> Capabilities {
     caps.paging32 = check(&guests::paged32(&|a| guests::debug_exit(a, 0x33)), 0x33);
     caps.pae = check(&guests::pae32(&|a| guests::debug_exit(a, 0x34)), 0x34);
     caps.long64 = check(&guests::long64(&|a| guests::debug_exit(a, 0x44)), 0x44);
-    caps.long_from32 = check(
-        &guests::long_from32(&|a| guests::debug_exit(a, 0x45)),
-        0x45,
-    );
+    caps.long_from32 = check(&guests::long_from32(&|a| guests::debug_exit(a, 0x45)), 0x45);
     caps.lar_cpl0 = lar_check();
     caps.user_int = vector_check(
         &guests::user_mode(&|a| {

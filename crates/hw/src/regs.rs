@@ -244,7 +244,9 @@ pub fn debugregs_to_kvm(s: &CpuState) -> kvm_debugregs {
 
 /// Stores `kvm_debugregs` into `s` (DR4/DR5 alias DR6/DR7).
 pub fn debugregs_from_kvm(k: &kvm_debugregs, s: &mut CpuState) {
-    s.dr = [k.db[0], k.db[1], k.db[2], k.db[3], k.dr6, k.dr7, k.dr6, k.dr7];
+    s.dr = [
+        k.db[0], k.db[1], k.db[2], k.db[3], k.dr6, k.dr7, k.dr6, k.dr7,
+    ];
 }
 
 /// MSR indices carried in [`Msrs`], in the order popek asks KVM for them
@@ -425,7 +427,10 @@ mod tests {
     fn real_mode_segments_are_usable() {
         let s = Segment::real(0x1000);
         let k = segment_to_kvm(&s);
-        assert_eq!((k.base, k.limit, k.present, k.unusable), (0x10000, 0xffff, 1, 0));
+        assert_eq!(
+            (k.base, k.limit, k.present, k.unusable),
+            (0x10000, 0xffff, 1, 0)
+        );
         assert_eq!(k.type_, 3);
     }
 

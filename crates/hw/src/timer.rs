@@ -80,9 +80,9 @@ impl SliceTimer {
     }
 
     fn create(tid: libc::pid_t) -> std::io::Result<SliceTimer> {
+        let mut timer: libc::timer_t = std::ptr::null_mut();
         // SAFETY: a zeroed sigevent is valid; we fill the fields timer_create
         // reads for SIGEV_THREAD_ID, and the out-pointer is a valid local.
-        let mut timer: libc::timer_t = std::ptr::null_mut();
         let r = unsafe {
             let mut sev: libc::sigevent = std::mem::zeroed();
             sev.sigev_notify = libc::SIGEV_THREAD_ID;

@@ -436,13 +436,14 @@ fn a_spinning_guest_returns_at_the_end_of_its_slice() {
 }
 
 /// Serves hypercalls with the VMM's own `hypercall::serve`.
-fn run_with_hypercalls(b: &mut Booted) -> (Option<StopReason>, popek_vmm::hypercall::HypercallStats) {
+fn run_with_hypercalls(
+    b: &mut Booted,
+) -> (Option<StopReason>, popek_vmm::hypercall::HypercallStats) {
     let mut stats = popek_vmm::hypercall::HypercallStats::default();
     for _ in 0..1000 {
         match b.hw.run(&mut b.machine, 200_000).unwrap() {
             VmExit::Hypercall => {
-                if let Some(r) =
-                    popek_vmm::hypercall::serve(&mut b.hw, &mut b.machine, &mut stats)
+                if let Some(r) = popek_vmm::hypercall::serve(&mut b.hw, &mut b.machine, &mut stats)
                 {
                     return (Some(r), stats);
                 }
@@ -451,7 +452,10 @@ fn run_with_hypercalls(b: &mut Booted) -> (Option<StopReason>, popek_vmm::hyperc
             VmExit::Budget => {}
             other => {
                 let st = b.hw.state();
-                panic!("unexpected exit {other:?}\n{}", popek_hw::register_dump(&st))
+                panic!(
+                    "unexpected exit {other:?}\n{}",
+                    popek_hw::register_dump(&st)
+                )
             }
         }
     }
@@ -496,10 +500,42 @@ fn hypercall_doorbell_from_a_64bit_guest() {
     assert_eq!(b.ram.read_u32(0x608).unwrap() as i32, -38, "ENOSYS");
     let mut q = [0u8; 8];
     b.ram.read(0x610, &mut q).unwrap();
-    assert_eq!(u64::from_le_bytes(q), 0x0bad_cafe_1234, "other registers kept");
+    assert_eq!(
+        u64::from_le_bytes(q),
+        0x0bad_cafe_1234,
+        "other registers kept"
+    );
     assert_eq!(stats.calls[0], 1);
     assert_eq!(stats.calls[1], 1);
     assert_eq!(b.hw.hw_stats().hypercalls, 4);
+}
+
+#[test]
+fn the_doorbell_is_no_hypercall_from_user_mode() {
+    let Some(caps) = caps() else { return };
+    if let Err(why) = caps.can_run(probe::GuestMode::Long64) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let g = guests::user_mode(&|a| {
+        a.mov(eax, 0u32)?; // HC_VERSION, were it a hypercall
+        a.mov(dx, 0x5650u32)?;
+        a.in_(eax, dx)?;
+        a.mov(rdi, 0x900u64)?;
+        a.mov(dword_ptr(rdi), eax)?;
+        a.syscall()
+    });
+    let mut b = boot(&g);
+    let end = run(&mut b);
+    assert_eq!(b.hw.hw_stats().hypercalls, 0);
+    if caps.user_io_protection.ok {
+        // IOPL 0, no I/O bitmap: #GP, as on hardware.
+        assert_eq!(end, GuestEnd::DebugExit(13));
+    } else {
+        // kvm_pvm performs the IN: an ordinary read of an unassigned port.
+        assert_eq!(end, GuestEnd::DebugExit(0x5c));
+        assert_eq!(b.ram.read_u32(0x900).unwrap(), 0xffff_ffff);
+    }
 }
 
 #[test]

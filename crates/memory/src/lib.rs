@@ -237,7 +237,9 @@ impl Drop for GuestRam {
 
 impl std::fmt::Debug for GuestRam {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GuestRam").field("size", &self.size).finish()
+        f.debug_struct("GuestRam")
+            .field("size", &self.size)
+            .finish()
     }
 }
 

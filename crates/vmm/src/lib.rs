@@ -310,6 +310,11 @@ impl Vm {
         if !(MIN_MEMORY..=MAX_MEMORY).contains(&cfg.memory) {
             return Err(VmError::Memory { size: cfg.memory });
         }
+        if cfg.engine == EngineKind::Hw && !cfg.engine.available() {
+            return Err(VmError::Engine(
+                "--engine hw: no usable KVM (/dev/kvm is absent or cannot be opened)".into(),
+            ));
+        }
         if !cfg.engine.available() {
             return Err(VmError::Engine(format!(
                 "--engine {}: this engine does not exist yet",
@@ -408,9 +413,7 @@ impl Vm {
                 let caps = popek_hw::probe();
                 if let Some(mode) = guest_mode(&cfg.kernel) {
                     if let Err(why) = caps.can_run(mode) {
-                        return Err(VmError::Engine(format!(
-                            "--engine hw: {name}: {why}"
-                        )));
+                        return Err(VmError::Engine(format!("--engine hw: {name}: {why}")));
                     }
                 }
                 Box::new(
@@ -587,5 +590,44 @@ impl Vm {
                 return o;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_mode_is_known_for_embedded_guests_and_flat_binaries() {
+        let emb = |n: &str| guest_mode(&KernelSource::Embedded(n.into()));
+        assert_eq!(emb("minios"), Some(GuestMode::Paged32));
+        assert_eq!(emb("minios-pv"), Some(GuestMode::Paged32));
+        assert_eq!(emb("minios64"), Some(GuestMode::LongFrom32));
+        assert_eq!(emb("minios64-pv"), Some(GuestMode::LongFrom32));
+        let file = |format| {
+            guest_mode(&KernelSource::File {
+                path: "k".into(),
+                format,
+            })
+        };
+        assert_eq!(
+            file(Some(FileFormat::FlatReal { load_addr: 0x7c00 })),
+            Some(GuestMode::Real)
+        );
+        assert_eq!(
+            file(Some(FileFormat::FlatProtected { load_addr: 0x1000 })),
+            Some(GuestMode::Protected32)
+        );
+        assert_eq!(file(Some(FileFormat::Linux)), Some(GuestMode::Paged32));
+        assert_eq!(
+            file(None),
+            None,
+            "a Multiboot file is found out at run time"
+        );
+    }
+
+    #[test]
+    fn unsupported_at_run_time_exits_2() {
+        assert_eq!(Outcome::Unsupported("x".into()).exit_status(), 2);
     }
 }

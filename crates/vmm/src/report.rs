@@ -21,7 +21,14 @@ pub fn cpu_dump(engine: &mut dyn Engine) -> String {
         *b = one[0];
         n = i + 1;
     }
-    let bitness = if cs.big() { 32 } else { 16 };
+    let long = s.efer & (1 << 10) != 0 && cs.attr & popek_cpu::state::attr::L != 0;
+    let bitness = if long {
+        64
+    } else if cs.big() {
+        32
+    } else {
+        16
+    };
     let mut text = String::from("(unreadable)");
     if n > 0 {
         let mut dec = Decoder::with_ip(bitness, &bytes[..n], s.rip, DecoderOptions::NONE);

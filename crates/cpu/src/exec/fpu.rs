@@ -8,11 +8,16 @@
 //! their masked responses), the condition codes, the exception flags and
 //! their delivery, the last-instruction/data pointers and the memory forms.
 //!
-//! Transcendental instructions (F2XM1, FYL2X, FYL2XP1, FPTAN, FPATAN, FSIN,
-//! FCOS, FSINCOS) are computed through the host's f64 functions: their
-//! results carry about 53 significant bits, not the 64 of real hardware.
+//! The transcendental instructions (F2XM1, FYL2X, FYL2XP1, FPTAN, FPATAN,
+//! FSIN, FCOS, FSINCOS) live in `fpu/trans.rs`: double-double evaluation
+//! rounded once, within an ulp of the hardware's results (which are not
+//! correctly rounded either), with the hardware's 66-bit π/2 for the
+//! argument reduction.
+//!
+//! `tests/x87.rs` checks all of this against the host's own x87.
 
 mod soft;
+mod trans;
 
 use iced_x86::{ConditionCode, Instruction, MemorySize, Mnemonic, Register};
 
@@ -749,9 +754,13 @@ fn fst(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
 }
 
 fn fist(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    let m = d.insn.mnemonic();
+    // FISTTP came with SSE3: #UD on a processor that does not report it.
+    if m == Mnemonic::Fisttp && c.cpuid.query(1, 0).ecx & 1 == 0 {
+        return Err(Exc::ud());
+    }
     begin(c, d, bus)?;
     let mut env = Env::full(c.st.fpu.fcw);
-    let m = d.insn.mnemonic();
     let v = src(&c.st.fpu, &mut env, 0);
     let size = match d.insn.memory_size() {
         MemorySize::Int16 => 2u8,
@@ -1130,24 +1139,6 @@ fn fcmov(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
 // ---------------------------------------------------------------------------
 // Transcendental functions (f64 approximations).
 
-/// Result of an f64 approximation: inexact unless trivially exact; NaN from
-/// non-NaN operands is an invalid operation, ∞ from finite ones an overflow.
-fn approx(env: &mut Env, r: f64) -> F80 {
-    if r.is_nan() {
-        env.flags |= IE;
-        return INDEFINITE;
-    }
-    if r.is_infinite() {
-        env.flags |= OE | PE;
-        env.c1 = true;
-        return soft::inf(r < 0.0);
-    }
-    if r != 0.0 && r.abs() != 1.0 {
-        env.flags |= PE;
-    }
-    soft::from_f64(r)
-}
-
 /// Screens one operand of a transcendental: NaNs, unsupported values.
 fn trans_screen(env: &mut Env, v: F80) -> Result<Class, F80> {
     let cl = soft::classify(v);
@@ -1200,7 +1191,6 @@ fn ftrans(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
                 match trans_screen(&mut env, x) {
                     Err(n) => out = (n, pushes.then_some(n)),
                     Ok(cl) => {
-                        let xf = soft::to_f64_approx(x);
                         if m != F2xm1 && cl == Class::Inf {
                             env.flags |= IE;
                             out = (INDEFINITE, pushes.then_some(INDEFINITE));
@@ -1218,28 +1208,29 @@ fn ftrans(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
                                 // ST0 = cos after the push, ST1 = sin.
                                 out = (x, Some(soft::from_f64(1.0)));
                             }
-                        } else {
-                            out = match m {
-                                Fsin => (approx(&mut env, xf.sin()), None),
-                                Fcos => (approx(&mut env, xf.cos()), None),
-                                F2xm1 => {
-                                    let r = if cl == Class::Inf {
-                                        if soft::sign(x) {
-                                            -1.0
-                                        } else {
-                                            f64::INFINITY
-                                        }
-                                    } else {
-                                        (xf * std::f64::consts::LN_2).exp_m1()
-                                    };
-                                    if r.is_infinite() {
-                                        (soft::inf(false), None)
-                                    } else {
-                                        (approx(&mut env, r), None)
-                                    }
+                        } else if m == F2xm1 {
+                            out = if cl == Class::Inf {
+                                if soft::sign(x) {
+                                    (soft::from_f64(-1.0), None)
+                                } else {
+                                    (x, None)
                                 }
-                                Fptan => (approx(&mut env, xf.tan()), Some(soft::from_f64(1.0))),
-                                _ => (approx(&mut env, xf.sin()), Some(approx(&mut env, xf.cos()))),
+                            } else {
+                                (trans::exp2m1(&mut env, x), None)
+                            };
+                        } else {
+                            let (s, c) = trans::sin_cos(x);
+                            out = match m {
+                                Fsin => (trans::to_f80(&mut env, s), None),
+                                Fcos => (trans::to_f80(&mut env, c), None),
+                                Fptan => (
+                                    trans::to_f80(&mut env, trans::tan(s, c)),
+                                    Some(soft::from_f64(1.0)),
+                                ),
+                                _ => {
+                                    let sv = trans::to_f80(&mut env, s);
+                                    (sv, Some(trans::to_f80(&mut env, c)))
+                                }
                             };
                         }
                     }
@@ -1267,10 +1258,13 @@ fn ftrans(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
             } else if let Some(n) = nan_of_two(&mut env, y, x) {
                 n
             } else {
-                if soft::classify(x) == Class::Denormal || soft::classify(y) == Class::Denormal {
+                let r = two_operand(&mut env, m, x, y);
+                let denormal =
+                    soft::classify(x) == Class::Denormal || soft::classify(y) == Class::Denormal;
+                if denormal && env.flags & (IE | ZE) == 0 {
                     env.flags |= DE;
                 }
-                two_operand(&mut env, m, x, y)
+                r
             };
             if finish(c, &env) {
                 put(&mut c.st.fpu, 1, r);
@@ -1285,8 +1279,7 @@ fn ftrans(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
 fn two_operand(env: &mut Env, m: Mnemonic, x: F80, y: F80) -> F80 {
     let (cx, cy) = (soft::classify(x), soft::classify(y));
     let (sx, sy) = (soft::sign(x), soft::sign(y));
-    let yf = soft::to_f64_approx(y);
-    let xf = soft::to_f64_approx(x);
+    let finite = |c: Class| matches!(c, Class::Normal | Class::Denormal);
     match m {
         Mnemonic::Fyl2x => {
             if sx && cx != Class::Zero {
@@ -1310,43 +1303,45 @@ fn two_operand(env: &mut Env, m: Mnemonic, x: F80, y: F80) -> F80 {
                 }
                 return soft::inf(sy);
             }
-            let l = soft::log2_approx(x);
+            // log2 x is negative below 1, zero at 1.
+            let one = x.sign_exp == 0x3fff && x.mantissa == 1 << 63;
+            let below = x.sign_exp < 0x3fff;
             if cy == Class::Inf {
-                if l == 0.0 {
+                if one {
                     env.flags |= IE;
                     return INDEFINITE;
                 }
-                return soft::inf(sy != (l < 0.0));
+                return soft::inf(sy != below);
             }
-            if cy == Class::Zero || l == 0.0 {
-                return soft::zero(sy != (l < 0.0));
+            if cy == Class::Zero || one {
+                return soft::zero(sy != below);
             }
-            approx(env, yf * l)
+            trans::yl2x(env, y, x)
         }
         Mnemonic::Fyl2xp1 => {
             if cx == Class::Zero || cy == Class::Zero {
-                if cx != Class::Zero && cx == Class::Inf || cy == Class::Inf {
+                if cx == Class::Inf || cy == Class::Inf {
                     env.flags |= IE;
                     return INDEFINITE;
                 }
                 return soft::zero(sx != sy);
             }
-            approx(env, yf * xf.ln_1p() / std::f64::consts::LN_2)
+            if !finite(cx) || !finite(cy) {
+                // Outside the documented domain: ∞ operands.
+                if cx == Class::Inf && sx {
+                    env.flags |= IE;
+                    return INDEFINITE;
+                }
+                return soft::inf(sx != sy);
+            }
+            trans::yl2xp1(env, y, x)
         }
         _ => {
-            if cx == Class::Zero && cy == Class::Zero {
-                // atan2(±0, +0) = ±0, atan2(±0, −0) = ±π.
-                return if sx {
-                    let pi = soft::constant(env.rc, 0x4000, 0xc90f_daa2_2168_c234, true);
-                    F80 {
-                        sign_exp: pi.sign_exp | ((sy as u16) << 15),
-                        ..pi
-                    }
-                } else {
-                    y
-                };
+            if finite(cx) && finite(cy) {
+                trans::atan2(env, y, x)
+            } else {
+                trans::atan2_special(env, y, x)
             }
-            approx(env, yf.atan2(xf))
         }
     }
 }

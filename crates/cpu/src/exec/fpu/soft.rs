@@ -1036,14 +1036,6 @@ pub fn constant(rc: u8, sign_exp: u16, trunc: u64, nearest_up: bool) -> F80 {
     }
 }
 
-/// Converts to f64 for the approximate transcendental functions (no
-/// exceptions; out-of-range values saturate to 0 or ∞).
-pub fn to_f64_approx(a: F80) -> f64 {
-    let mut e = Env::full(0x37f | 0x0c00);
-    e.rc = 0;
-    f64::from_bits(to_float(&mut e, a, true))
-}
-
 /// Converts an f64 exactly.
 pub fn from_f64(v: f64) -> F80 {
     let mut e = Env::full(0x37f);
@@ -1057,12 +1049,6 @@ pub fn tag_of(v: F80) -> u16 {
         Class::Zero => 1,
         _ => 2,
     }
-}
-
-/// Unpacked exponent and significand as f64 (for log2 of huge values).
-pub fn log2_approx(a: F80) -> f64 {
-    let x = unpack(a);
-    x.exp as f64 + ((x.sig as f64) / 9_223_372_036_854_775_808.0).log2()
 }
 
 /// BCD → 80 bits (FBLD).

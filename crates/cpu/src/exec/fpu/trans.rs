@@ -36,7 +36,10 @@ fn two_sum(a: f64, b: f64) -> DD {
 
 fn quick(a: f64, b: f64) -> DD {
     let s = a + b;
-    DD { hi: s, lo: b - (s - a) }
+    DD {
+        hi: s,
+        lo: b - (s - a),
+    }
 }
 
 fn two_prod(a: f64, b: f64) -> DD {
@@ -131,7 +134,11 @@ fn decompose(f: f64) -> (i64, i32) {
     let b = f.to_bits();
     let e = ((b >> 52) & 0x7ff) as i32;
     let frac = (b & ((1 << 52) - 1)) as i64;
-    let (m, e) = if e == 0 { (frac, -1074) } else { (frac | (1 << 52), e - 1075) };
+    let (m, e) = if e == 0 {
+        (frac, -1074)
+    } else {
+        (frac | (1 << 52), e - 1075)
+    };
     (if f < 0.0 { -m } else { m }, e)
 }
 
@@ -170,7 +177,18 @@ pub fn to_f80(env: &mut Env, x: XD) -> F80 {
     }
     let lz = mag.leading_zeros();
     let sig = (mag << lz) | sticky as u128;
-    soft::pack_full(env, neg, base + x.scale - lz as i32 + 127, sig)
+    let r = soft::pack_full(env, neg, base + x.scale - lz as i32 + 127, sig);
+    inexact(env, r)
+}
+
+/// The hardware reports its transcendental results as inexact even when
+/// they happen to be exact, and so a tiny one as an underflow.
+fn inexact(env: &mut Env, r: F80) -> F80 {
+    env.flags |= soft::PE;
+    if r.sign_exp & 0x7fff == 0 && env.masks & soft::UE != 0 {
+        env.flags |= soft::UE;
+    }
+    r
 }
 
 /// Σ of a power series in t: first term `t0`, each next term
@@ -257,8 +275,8 @@ fn neg_xd(x: XD) -> XD {
 /// tan x from sin and cos.
 pub fn tan(s: XD, c: XD) -> XD {
     if s.scale != 0 {
-        // Tiny x: tan x = x + x³/3.
-        let tiny = s.v.hi * 1e-40;
+        // Tiny x: tan x = x + x³/3 (`s` carries −x³/6).
+        let tiny = s.v.hi * 2e-40;
         return XD {
             v: quick(s.v.hi, s.v.lo + tiny),
             scale: s.scale,
@@ -279,7 +297,9 @@ fn atan_pos(t: DD) -> DD {
         t = t.div(ONE.add(ONE.add(t.mul(t)).sqrt()));
     }
     let t2 = t.mul(t);
-    let s = series(t, t2, |n| DD::new(-((2 * n - 1) as f64)).div(DD::new((2 * n + 1) as f64)));
+    let s = series(t, t2, |n| {
+        DD::new(-((2 * n - 1) as f64)).div(DD::new((2 * n + 1) as f64))
+    });
     let a = s.scale(3);
     if inv {
         PI_2.sub(a)
@@ -297,7 +317,8 @@ pub fn atan2(env: &mut Env, y: F80, x: F80) -> F80 {
         PI_2
     } else if d < -1000 {
         if !nx {
-            return soft::div(env, y, x);
+            let r = soft::div(env, y, x);
+            return inexact(env, r);
         }
         PI
     } else {
@@ -322,7 +343,10 @@ fn ln_dd(m: DD) -> DD {
 /// 2 atanh s.
 fn atanh2(s: DD) -> DD {
     let s2 = s.mul(s);
-    series(s, s2, |n| DD::new((2 * n - 1) as f64).div(DD::new((2 * n + 1) as f64))).scale(1)
+    series(s, s2, |n| {
+        DD::new((2 * n - 1) as f64).div(DD::new((2 * n + 1) as f64))
+    })
+    .scale(1)
 }
 
 /// log2 x for a finite positive x, as a double-double.
@@ -352,12 +376,38 @@ fn times(env: &mut Env, y: F80, l: XD) -> F80 {
 
 /// FYL2X: y × log2 x for finite nonzero y and finite positive x ≠ 1.
 pub fn yl2x(env: &mut Env, y: F80, x: F80) -> F80 {
-    times(env, y, XD { v: log2(x), scale: 0 })
+    times(
+        env,
+        y,
+        XD {
+            v: log2(x),
+            scale: 0,
+        },
+    )
 }
 
-/// log2 x as a double-double (0 for x = 1).
-pub fn log2_is_zero(x: F80) -> bool {
-    x.sign_exp == 0x3fff && x.mantissa == 1 << 63
+/// atan2 of special operands (a zero or an infinity; no NaNs), rounded.
+pub fn atan2_special(env: &mut Env, y: F80, x: F80) -> F80 {
+    use soft::Class::*;
+    let (cy, cx) = (soft::classify(y), soft::classify(x));
+    let (ny, nx) = (soft::sign(y), soft::sign(x));
+    let quarter = PI_2.scale(-1);
+    let a = match (cy, cx) {
+        (Zero, _) if !nx => return soft::zero(ny),
+        (Zero, _) => PI,
+        (Inf, Inf) if !nx => quarter,
+        (Inf, Inf) => PI.sub(quarter),
+        (Inf, _) | (_, Zero) => PI_2,
+        (_, Inf) if !nx => return soft::zero(ny),
+        _ => PI,
+    };
+    to_f80(
+        env,
+        XD {
+            v: if ny { a.neg() } else { a },
+            scale: 0,
+        },
+    )
 }
 
 /// FYL2XP1: y × log2(1 + x) for finite nonzero x and y.

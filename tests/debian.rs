@@ -1,0 +1,85 @@
+//! Debian i386 Linux (the stock `linux-image-6.1.0-*-686` kernel and
+//! `busybox-static`) boots on the software engines, runs commands and powers
+//! off. The guest is fetched from Debian's archive by
+//! `scripts/debian-guest.sh` (cached); if the archive cannot be reached the
+//! test fails and says so.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Upper bound for one boot-and-check run.
+const LIMIT: Duration = Duration::from_secs(300);
+
+fn guest() -> (PathBuf, PathBuf) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("bash")
+        .arg(root.join("scripts/debian-guest.sh"))
+        .arg("--init")
+        .arg(root.join("tests/debian/init-check.sh"))
+        .env("POPEK_BIN", env!("CARGO_BIN_EXE_popek"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("bash runs scripts/debian-guest.sh");
+    assert!(
+        out.status.success(),
+        "scripts/debian-guest.sh failed (is Debian's archive reachable?): {}",
+        out.status
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let kernel = PathBuf::from(lines.next().expect("kernel path"));
+    let initrd = PathBuf::from(lines.next().expect("initrd path"));
+    (kernel, initrd)
+}
+
+fn boot(engine: &str) {
+    let (kernel, initrd) = guest();
+    let start = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_popek"))
+        .args(["run", "--engine", engine, "--memory", "256M", "--cmdline", "console=ttyS0 quiet"])
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("popek starts");
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break Some(st);
+        }
+        if start.elapsed() > LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let tail: String = out.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+    let Some(status) = status else {
+        panic!("Debian on {engine} did not finish within {LIMIT:?}; last output:\n{tail}\nstderr:\n{err}");
+    };
+    eprintln!("Debian on {engine}: boot, checks and power-off in {:.1} s", start.elapsed().as_secs_f64());
+    assert!(out.contains("POPEK-INIT-MARKER"), "the kernel never reached /init:\n{tail}\nstderr:\n{err}");
+    assert!(out.contains("uname: Linux i686"), "{tail}");
+    assert!(out.contains("model name\t: popek virtual CPU"), "{tail}");
+    assert!(out.contains("arith: 42"), "{tail}");
+    // The first 16 hex digits of sha256("popek\n").
+    assert!(out.contains("sha: 9b0fc190f7460929"), "{tail}");
+    assert!(out.contains("awk: 0.333"), "x87 arithmetic in busybox awk:\n{tail}");
+    assert!(out.contains("POPEK-DONE"), "{tail}");
+    assert_eq!(status.code(), Some(0), "poweroff -f exits 0; stderr:\n{err}\n{tail}");
+}
+
+#[test]
+fn debian_boots_runs_commands_and_powers_off_on_interp() {
+    boot("interp");
+}

@@ -1,0 +1,15 @@
+#!/bin/sh
+# /init of the Debian boot test: prints a marker, runs a few commands whose
+# output the test checks, then powers off through ACPI.
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+echo "POPEK-INIT-MARKER"
+echo "uname: $(uname -s -m)"
+grep -m1 'model name' /proc/cpuinfo
+echo "proc entries: $(ls /proc | wc -l)"
+echo "dmesg lines: $(dmesg | wc -l)"
+echo "arith: $((6*7))"
+echo "sha: $(echo popek | sha256sum | cut -c1-16)"
+echo "awk: $(awk 'BEGIN { printf "%.3f", 1/3 }')"
+echo "POPEK-DONE"
+poweroff -f
