@@ -38,7 +38,15 @@ fn boot(engine: &str) {
     let (kernel, initrd) = guest();
     let start = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_popek"))
-        .args(["run", "--engine", engine, "--memory", "256M", "--cmdline", "console=ttyS0 quiet"])
+        .args([
+            "run",
+            "--engine",
+            engine,
+            "--memory",
+            "256M",
+            "--cmdline",
+            "console=ttyS0 quiet",
+        ])
         .arg("--kernel")
         .arg(&kernel)
         .arg("--initrd")
@@ -61,22 +69,53 @@ fn boot(engine: &str) {
     };
     let mut out = String::new();
     let mut err = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-    let tail: String = out.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let tail: String = out
+        .lines()
+        .rev()
+        .take(40)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n");
     let Some(status) = status else {
         panic!("Debian on {engine} did not finish within {LIMIT:?}; last output:\n{tail}\nstderr:\n{err}");
     };
-    eprintln!("Debian on {engine}: boot, checks and power-off in {:.1} s", start.elapsed().as_secs_f64());
-    assert!(out.contains("POPEK-INIT-MARKER"), "the kernel never reached /init:\n{tail}\nstderr:\n{err}");
+    eprintln!(
+        "Debian on {engine}: boot, checks and power-off in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    assert!(
+        out.contains("POPEK-INIT-MARKER"),
+        "the kernel never reached /init:\n{tail}\nstderr:\n{err}"
+    );
     assert!(out.contains("uname: Linux i686"), "{tail}");
     assert!(out.contains("model name\t: popek virtual CPU"), "{tail}");
     assert!(out.contains("arith: 42"), "{tail}");
     // The first 16 hex digits of sha256("popek\n").
     assert!(out.contains("sha: 9b0fc190f7460929"), "{tail}");
-    assert!(out.contains("awk: 0.333"), "x87 arithmetic in busybox awk:\n{tail}");
+    assert!(
+        out.contains("awk: 0.333"),
+        "x87 arithmetic in busybox awk:\n{tail}"
+    );
     assert!(out.contains("POPEK-DONE"), "{tail}");
-    assert_eq!(status.code(), Some(0), "poweroff -f exits 0; stderr:\n{err}\n{tail}");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "poweroff -f exits 0; stderr:\n{err}\n{tail}"
+    );
 }
 
 #[test]

@@ -135,7 +135,7 @@ mod pte {
 impl Cpu {
     /// Reads `size` (1, 2, 4 or 8) bytes at a linear address with the
     /// current privilege.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn read_lin(&mut self, bus: &mut dyn Bus, lin: u32, size: u8) -> Result<u64, Exc> {
         let user = self.cpl == 3;
         let e = &self.tlb.e[user as usize][((lin >> 12) as usize) % TLB_SIZE];
@@ -150,7 +150,7 @@ impl Cpu {
     }
 
     /// Writes `size` bytes at a linear address with the current privilege.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn write_lin(
         &mut self,
         bus: &mut dyn Bus,

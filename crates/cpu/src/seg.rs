@@ -105,7 +105,7 @@ impl Cpu {
 
     /// Linear address of `seg:off` for an access of `size` bytes, with every
     /// segmentation check (SDM 5.3, 5.5).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn seg_lin(&mut self, s: usize, off: u32, size: u8, write: bool) -> Res<u32> {
         let sg = &self.st.seg[s];
         let need = if write { SEG_W } else { SEG_R };
@@ -150,7 +150,7 @@ impl Cpu {
     }
 
     /// Reads `size` bytes at `seg:off`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn read_mem(&mut self, bus: &mut dyn Bus, s: usize, off: u32, size: u8) -> Res<u64> {
         let lin = self.seg_lin(s, off, size, false)?;
         self.read_lin(bus, lin, size)
@@ -187,7 +187,7 @@ impl Cpu {
     }
 
     /// Writes `size` bytes at `seg:off`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn write_mem(
         &mut self,
         bus: &mut dyn Bus,

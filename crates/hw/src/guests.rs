@@ -15,7 +15,7 @@
 //! 0x14000 PAE PDPT → 0x12000
 //! ```
 
-use iced_x86::code_asm::{al, ax, eax, ecx, edx, esp, ptr, rax, rsp};
+use iced_x86::code_asm::{al, ax, eax, ecx, edx, esp, ptr, qword_ptr, rax, rdi, rsp};
 use iced_x86::code_asm::{CodeAssembler, IcedError};
 use popek_cpu::state::{attr, cr, seg, Segment, TableReg};
 use popek_cpu::CpuState;
@@ -313,6 +313,72 @@ pub fn user_mode(user: Body<'_>) -> TestGuest {
     g.memory.push((0x1ff0, idtr.to_vec()));
     g.memory.push((TSS, tss.to_vec()));
     g.memory.push((USER_CODE, assemble(64, USER_CODE, user)));
+    g
+}
+
+/// A long-mode guest whose PIT ticks at 1 kHz (IRQ 0 → vector 0x20, a
+/// handler counting ticks at [0x3000]); it halts until `ticks` ticks came,
+/// with `before`/`after` run around the wait, then exits with 0x70.
+pub fn ticking(ticks: i32, before: Body<'_>, after: Body<'_>) -> TestGuest {
+    let handler = {
+        let mut a = CodeAssembler::new(64).expect("test guest assembles");
+        a.push(rax).expect("test guest assembles");
+        a.push(rdi).expect("test guest assembles");
+        a.mov(rdi, 0x3000u64).expect("test guest assembles");
+        a.inc(qword_ptr(rdi)).expect("test guest assembles");
+        a.mov(al, 0x20u32).expect("test guest assembles");
+        a.out(0x20, al).expect("test guest assembles");
+        a.pop(rdi).expect("test guest assembles");
+        a.pop(rax).expect("test guest assembles");
+        a.iretq().expect("test guest assembles");
+        a.assemble(0xa000).expect("test guest assembles")
+    };
+    let mut gate = [0u8; 16];
+    gate[0..2].copy_from_slice(&0xa000u16.to_le_bytes());
+    gate[2..4].copy_from_slice(&CS64.to_le_bytes());
+    gate[5] = 0x8e;
+    let mut idtr = [0u8; 10];
+    idtr[0..2].copy_from_slice(&(0x21u16 * 16 - 1).to_le_bytes());
+    idtr[2..10].copy_from_slice(&0x2000u64.to_le_bytes());
+    let mut g = long64(&|a| {
+        let outb = |a: &mut CodeAssembler, port: u32, v: u32| -> Result<(), IcedError> {
+            a.mov(al, v)?;
+            a.out(port, al)
+        };
+        for (p, v) in [
+            (0x20, 0x11),
+            (0x21, 0x20),
+            (0x21, 0x04),
+            (0x21, 0x01),
+            (0x21, 0xfe),
+            (0xa0, 0x11),
+            (0xa1, 0x28),
+            (0xa1, 0x02),
+            (0xa1, 0x01),
+            (0xa1, 0xff),
+        ] {
+            outb(a, p, v)?;
+        }
+        a.mov(rax, 0x1ff0u64)?;
+        a.lidt(ptr(rax))?;
+        before(a)?;
+        for (p, v) in [(0x43, 0x34), (0x40, 1193 & 0xff), (0x40, 1193 >> 8)] {
+            outb(a, p, v)?;
+        }
+        a.mov(rdi, 0x3000u64)?;
+        a.sti()?;
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.hlt()?;
+        a.cmp(qword_ptr(rdi), ticks)?;
+        a.jb(top)?;
+        a.cli()?;
+        after(a)?;
+        debug_exit(a, 0x70)
+    });
+    g.memory.push((0xa000, handler));
+    g.memory.push((0x2000 + 0x20 * 16, gate.to_vec()));
+    g.memory.push((0x1ff0, idtr.to_vec()));
     g
 }
 

@@ -27,7 +27,7 @@ use crate::guests::{self, TestGuest};
 use crate::Hw;
 
 /// Bump when the probe changes, so that cached results are redone.
-pub const PROBE_VERSION: u32 = 3;
+pub const PROBE_VERSION: u32 = 5;
 
 /// How a test guest ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,6 +60,15 @@ pub fn run_guest_stats(
     ram: u64,
     timeout: Duration,
 ) -> Result<(GuestEnd, crate::HwStats), String> {
+    run_guest_full(guest, ram, timeout).map(|(end, stats, _)| (end, stats))
+}
+
+/// As [`run_guest_stats`], also returning the guest RAM.
+pub fn run_guest_full(
+    guest: &TestGuest,
+    ram: u64,
+    timeout: Duration,
+) -> Result<(GuestEnd, crate::HwStats, Arc<GuestRam>), String> {
     let ram = Arc::new(GuestRam::new(ram).map_err(|e| e.to_string())?);
     let mut machine = Machine::new(
         MachineConfig {
@@ -74,7 +83,7 @@ pub fn run_guest_stats(
     hw.set_state(guest.state.clone())
         .map_err(|e| e.to_string())?;
     let end = run_until_end(&mut hw, &mut machine, timeout);
-    Ok((end, hw.hw_stats().clone()))
+    Ok((end, hw.hw_stats().clone(), ram))
 }
 
 /// The exit loop for test guests: like the VMM's, minus hypercalls and
@@ -201,6 +210,9 @@ pub struct Capabilities {
     /// `OUT` at CPL 3 with IOPL 0 and no I/O bitmap raises #GP (kvm_pvm
     /// performs the I/O instead).
     pub user_io_protection: Check,
+    /// The guest TSC runs at the machine's 1 GHz (`KVM_SET_TSC_KHZ` took
+    /// effect), measured against PIT ticks and host time.
+    pub tsc_scaling: Check,
     /// Mean port-I/O exit round trip in ns (guest OUT → popek → guest).
     pub io_exit_ns: u64,
 }
@@ -277,6 +289,7 @@ impl Capabilities {
             ("INT 0x80 from user mode", &self.user_int),
             ("SYSCALL from user mode", &self.user_syscall),
             ("I/O protection at CPL 3", &self.user_io_protection),
+            ("guest TSC at 1 GHz", &self.tsc_scaling),
         ] {
             s.push_str(&format!(
                 "  {name:<34} {:<4} {}\n",
@@ -388,7 +401,7 @@ fn vector_check(guest: &TestGuest, want: u8) -> Check {
         },
         Ok(GuestEnd::DebugExit(0x77)) => Check {
             ok: false,
-            detail: "the I/O was performed, no #GP".into(),
+            detail: "OUT 0xf4 at CPL 3 went through, no #GP".into(),
         },
         Ok(GuestEnd::DebugExit(v)) => Check {
             ok: false,
@@ -402,6 +415,48 @@ fn vector_check(guest: &TestGuest, want: u8) -> Check {
             ok: false,
             detail: e,
         },
+    }
+}
+
+/// RDTSC around 20 PIT ticks of 1 ms, against the host time of the run:
+/// about one guest cycle per nanosecond when the TSC is scaled to 1 GHz.
+fn tsc_check() -> Check {
+    use iced_x86::code_asm::*;
+    let store = |off: i32| {
+        move |a: &mut CodeAssembler| -> Result<(), IcedError> {
+            a.rdtsc()?;
+            a.mov(rsi, 0x3100u64)?;
+            a.mov(dword_ptr(rsi + off), eax)?;
+            a.mov(dword_ptr(rsi + off + 4), edx)
+        }
+    };
+    let (before, after) = (store(0), store(8));
+    let g = guests::ticking(20, &before, &after);
+    let start = Instant::now();
+    let ram = match run_guest_full(&g, guests::MIN_RAM, Duration::from_secs(2)) {
+        Ok((GuestEnd::DebugExit(0x70), _, ram)) => ram,
+        Ok((other, _, _)) => {
+            return Check {
+                ok: false,
+                detail: format!("unexpected end: {other:?}"),
+            }
+        }
+        Err(e) => {
+            return Check {
+                ok: false,
+                detail: e,
+            }
+        }
+    };
+    let wall_ns = start.elapsed().as_nanos() as f64;
+    let mut q = [0u8; 16];
+    let _ = ram.read(0x3100, &mut q);
+    let t0 = u64::from_le_bytes(q[..8].try_into().expect("8 bytes"));
+    let t1 = u64::from_le_bytes(q[8..].try_into().expect("8 bytes"));
+    let rate = t1.wrapping_sub(t0) as f64 / wall_ns;
+    Check {
+        ok: (0.5..1.3).contains(&rate),
+        detail: format!("guest TSC ≈ {rate:.2} GHz"),
     }
 }
 
@@ -475,6 +530,10 @@ pub fn probe_now() -> Capabilities {
             ok: false,
             detail: "not probed".into(),
         },
+        tsc_scaling: Check {
+            ok: false,
+            detail: "not probed".into(),
+        },
         io_exit_ns: 0,
     };
     if let Err(e) = kvm_ioctls::Kvm::new() {
@@ -515,6 +574,7 @@ pub fn probe_now() -> Capabilities {
         // Every mode works: whatever the module is called, it behaves as VT.
         caps.kind = KvmKind::Hardware;
     }
+    caps.tsc_scaling = tsc_check();
     caps.io_exit_ns = io_exit_ns();
     caps
 }
@@ -604,7 +664,8 @@ mod tests {
             lar_cpl0: ok.clone(),
             user_int: ok.clone(),
             user_syscall: ok.clone(),
-            user_io_protection: ok,
+            user_io_protection: ok.clone(),
+            tsc_scaling: ok,
             io_exit_ns: 8000,
         };
         assert!(c.can_run(GuestMode::Long64).is_ok());

@@ -62,7 +62,9 @@ impl EngineKind {
         match self {
             EngineKind::Interp => true,
             EngineKind::Hw => popek_hw::kvm_available(),
-            EngineKind::Bt | EngineKind::Trap => false,
+            // Emits x86-64 host code.
+            EngineKind::Bt => cfg!(all(target_arch = "x86_64", target_os = "linux")),
+            EngineKind::Trap => false,
         }
     }
 
@@ -138,13 +140,32 @@ pub fn guest_mode(kernel: &KernelSource) -> Option<GuestMode> {
         KernelSource::Embedded(n) if n.starts_with("minios64") => Some(GuestMode::LongFrom32),
         KernelSource::Embedded(n) if n.starts_with("minios") => Some(GuestMode::Paged32),
         KernelSource::Embedded(_) => None,
-        KernelSource::File { format, .. } => match format {
+        KernelSource::File { path, format } => match format {
             Some(FileFormat::FlatReal { .. }) => Some(GuestMode::Real),
             Some(FileFormat::FlatProtected { .. }) => Some(GuestMode::Protected32),
-            Some(FileFormat::Linux) => Some(GuestMode::Paged32),
-            Some(FileFormat::Multiboot) | None => None,
+            Some(FileFormat::Linux) | None => {
+                let image = std::fs::read(path).ok()?;
+                linux_64bit(&image).map(|long| {
+                    if long {
+                        GuestMode::Long64
+                    } else {
+                        GuestMode::Paged32
+                    }
+                })
+            }
+            Some(FileFormat::Multiboot) => None,
         },
     }
+}
+
+/// For a Linux bzImage: whether it is a 64-bit kernel (it has the 64-bit
+/// boot entry, `XLF_KERNEL_64`). `None` for anything else.
+pub fn linux_64bit(image: &[u8]) -> Option<bool> {
+    if !linux::is_bzimage(image) {
+        return None;
+    }
+    let h = linux::parse_header(image).ok()?;
+    Some(h.xloadflags & linux::XLF_KERNEL_64 != 0)
 }
 
 /// Where the kernel comes from.
@@ -390,7 +411,15 @@ impl Vm {
                     initrd: initrd.as_deref(),
                     acpi_rsdp_addr: Some(machine.rsdp_address()),
                 };
-                linux::load(&ram, &image, &p).map_err(|e| match e {
+                // A 64-bit kernel under hw takes the 64-bit entry (long
+                // mode, identity page tables): the only way in on a KVM
+                // without 32-bit paging, and the direct one on VT.
+                let load = if cfg.engine == EngineKind::Hw && linux_64bit(&image) == Some(true) {
+                    linux::load_64
+                } else {
+                    linux::load
+                };
+                load(&ram, &image, &p).map_err(|e| match e {
                     BootError::InitrdTooBig { .. } => VmError::Boot {
                         path: initrd_name.clone(),
                         source: e,
@@ -421,6 +450,10 @@ impl Vm {
                         .map_err(|e| VmError::Engine(format!("--engine hw: {e}")))?,
                 )
             }
+            EngineKind::Bt => Box::new(
+                popek_bt::Bt::new(&machine)
+                    .map_err(|e| VmError::Engine(format!("--engine bt: {e}")))?,
+            ),
             _ => Box::new(popek_interp::Interp::new(&machine)),
         };
         engine
@@ -618,12 +651,29 @@ mod tests {
             file(Some(FileFormat::FlatProtected { load_addr: 0x1000 })),
             Some(GuestMode::Protected32)
         );
-        assert_eq!(file(Some(FileFormat::Linux)), Some(GuestMode::Paged32));
         assert_eq!(
-            file(None),
+            file(Some(FileFormat::Linux)),
             None,
-            "a Multiboot file is found out at run time"
+            "unreadable: found out at run time"
         );
+        assert_eq!(file(None), None);
+        assert_eq!(file(Some(FileFormat::Multiboot)), None);
+    }
+
+    #[test]
+    fn linux_kernels_say_whether_they_are_64_bit() {
+        assert_eq!(linux_64bit(b"\x7fELF not a bzImage"), None);
+        let mut img = vec![0u8; 0x4000];
+        img[0x1f1] = 1; // setup_sects
+        img[0x1fe..0x200].copy_from_slice(&[0x55, 0xaa]);
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        img[0x211] = 1; // loadflags: LOADED_HIGH
+        if linux::is_bzimage(&img) && linux::parse_header(&img).is_ok() {
+            assert_eq!(linux_64bit(&img), Some(false));
+            img[0x236] = 1; // xloadflags: XLF_KERNEL_64
+            assert_eq!(linux_64bit(&img), Some(true));
+        }
     }
 
     #[test]

@@ -39,6 +39,52 @@ pub fn cpu_dump(engine: &mut dyn Engine) -> String {
         text = out;
     }
     let hex: Vec<String> = bytes[..n].iter().map(|b| format!("{b:02x}")).collect();
+    if long {
+        return format!(
+            "  RAX={:016x} RBX={:016x} RCX={:016x} RDX={:016x}\n  \
+             RSI={:016x} RDI={:016x} RBP={:016x} RSP={:016x}\n  \
+             R8 ={:016x} R9 ={:016x} R10={:016x} R11={:016x}\n  \
+             R12={:016x} R13={:016x} R14={:016x} R15={:016x}\n  \
+             RIP={:016x} RFLAGS={:08x} CPL={} CS={:04x} SS={:04x} EFER={:x}\n  \
+             CR0={:08x} CR2={:016x} CR3={:016x} CR4={:08x} GDTR={:x}/{:04x} IDTR={:x}/{:04x} TR={:04x}\n  \
+             instruction at {:04x}:{:016x}: {} [{}]",
+            g[0],
+            g[3],
+            g[1],
+            g[2],
+            g[6],
+            g[7],
+            g[5],
+            g[4],
+            g[8],
+            g[9],
+            g[10],
+            g[11],
+            g[12],
+            g[13],
+            g[14],
+            g[15],
+            s.rip,
+            s.rflags,
+            s.cpl(),
+            cs.selector,
+            s.seg[seg::SS].selector,
+            s.efer,
+            s.cr0,
+            s.cr2,
+            s.cr3,
+            s.cr4,
+            s.gdtr.base,
+            s.gdtr.limit,
+            s.idtr.base,
+            s.idtr.limit,
+            s.tr.selector,
+            cs.selector,
+            s.rip,
+            text,
+            hex.join(" ")
+        );
+    }
     format!(
         "  EAX={:08x} EBX={:08x} ECX={:08x} EDX={:08x} ESI={:08x} EDI={:08x} EBP={:08x} ESP={:08x}\n  \
          EIP={:08x} EFLAGS={:08x} CPL={} CS={:04x} SS={:04x} DS={:04x} ES={:04x}\n  \
@@ -77,6 +123,14 @@ pub fn cpu_dump(engine: &mut dyn Engine) -> String {
 
 /// The report for a guest that died.
 pub fn died(engine: &mut dyn Engine, reason: &str) -> String {
+    if reason.contains("RIP=") && reason.contains("instruction at") {
+        // The engine's report already has the registers and the
+        // instruction (the hw engine's KVM failure reports do).
+        return format!(
+            "popek: the guest died on engine {}: {reason}",
+            engine.name()
+        );
+    }
     format!(
         "popek: the guest died on engine {}: {reason}\n{}",
         engine.name(),

@@ -1,0 +1,446 @@
+//! The `bt` engine: binary translation of guest code into a translation
+//! cache of host x86-64 code (`docs/binary-translation.md`).
+//!
+//! The engine owns a [`popek_cpu::Cpu`]: its state is the virtual CPU, and
+//! its TLB, page walker, exception delivery and interpreter serve the
+//! translated code. Guest code in flat 32-bit protected mode is cut into
+//! translation units (TUs, [`translate`]) compiled into fragments (CCFs) of
+//! host code kept in a W^X translation cache ([`cache`]). The dispatcher
+//! ([`BtCore::run`]) looks the CCF for the current EIP up, calls it,
+//! delivers interrupts between CCFs and runs every call-out instruction on
+//! the interpreter. Anything the translator does not handle runs on the
+//! interpreter, so correctness never depends on coverage.
+//!
+//! Layout: `cache.rs` is the executable memory; `translate.rs` classifies
+//! and compiles; this file is the dispatcher, invalidation, statistics and
+//! the [`Engine`] implementation.
+
+pub mod cache;
+pub mod translate;
+
+use std::collections::HashMap;
+
+use popek_cpu::{Bus, Cpu, CpuState, RunExit};
+use popek_engine::{Engine, EngineError, VmExit};
+use popek_interp::{vm_exit, MachineBus, HYPERCALL_PORT};
+use popek_machine::Machine;
+
+use cache::CodeCache;
+use translate::{Ctx, Translation};
+
+/// Size of the translation cache.
+pub const CACHE_SIZE: usize = 32 << 20;
+
+/// Instructions the interpreter runs per dispatch in modes the translator
+/// does not handle (real mode, V86, 16-bit or non-flat code).
+const INTERP_CHUNK: u64 = 64;
+
+/// A compiled code fragment: `extern "sysv64" fn(state)`.
+type CcfFn = unsafe extern "sysv64" fn(*mut CpuState);
+
+/// What the dispatcher finds for one TU key.
+#[derive(Clone, Copy)]
+enum Entry {
+    /// A CCF of `insns` guest instructions.
+    Ccf {
+        code: *const u8,
+        bytes: u32,
+        insns: u32,
+        ident: u32,
+        inline: u32,
+    },
+    /// Run `run` instructions on the interpreter.
+    Interp { run: u32, callout: bool },
+}
+
+/// TU key: guest-physical address, EIP (branch targets are absolute) and
+/// CPL (inline sequences depend on it). CS is always flat 32-bit.
+type Key = (u64, u32, u8);
+
+/// Entries of the direct-mapped front of the TU map.
+const FAST: usize = 4096;
+
+/// The front-table slot of a key.
+#[inline(always)]
+fn fast_slot(k: &Key) -> usize {
+    let x = k.0 ^ (k.0 >> 12) ^ ((k.1 as u64) << 7) ^ k.2 as u64;
+    (x as usize) & (FAST - 1)
+}
+
+/// The engine's counters (see [`BtCore::stats`]).
+#[derive(Clone, Debug, Default)]
+pub struct BtStats {
+    /// TUs compiled into CCFs.
+    pub tus: u64,
+    /// Bytes of host code emitted.
+    pub ccf_bytes: u64,
+    /// Dispatcher lookups.
+    pub lookups: u64,
+    /// Lookups that found a translation.
+    pub hits: u64,
+    /// CCF executions.
+    pub ccf_runs: u64,
+    /// Static counts: instructions translated ident / inline; call-out
+    /// entries (designed / fallback).
+    pub static_ident: u64,
+    /// See `static_ident`.
+    pub static_inline: u64,
+    /// See `static_ident`.
+    pub static_callout: u64,
+    /// See `static_ident`.
+    pub static_fallback: u64,
+    /// Dynamic counts: guest instructions retired by ident / inline code.
+    pub dyn_ident: u64,
+    /// See `dyn_ident`.
+    pub dyn_inline: u64,
+    /// Interpreter runs started at a designed call-out / a fallback.
+    pub callouts: u64,
+    /// See `callouts`.
+    pub fallbacks: u64,
+    /// Guest instructions retired by the interpreter (call-outs, fallbacks,
+    /// untranslated modes, interrupt windows).
+    pub dyn_interp: u64,
+    /// Code pages whose translations were dropped.
+    pub invalidations: u64,
+    /// Whole-cache flushes (cache full or code cache flushed).
+    pub flushes: u64,
+}
+
+/// The translator and dispatcher around one software CPU, independent of
+/// the machine (tests drive it with any [`Bus`]).
+pub struct BtCore {
+    cpu: Cpu,
+    cache: CodeCache,
+    map: HashMap<Key, Entry>,
+    /// Direct-mapped front of `map`: most dispatches end here.
+    fast: Box<[Option<(Key, Entry)>]>,
+    page_keys: HashMap<u64, Vec<Key>>,
+    /// Counters.
+    pub stats: BtStats,
+}
+
+impl BtCore {
+    /// Wraps a CPU. Fails when the translation cache cannot be mapped.
+    pub fn new(mut cpu: Cpu) -> std::io::Result<BtCore> {
+        cpu.track_invalidations = true;
+        Ok(BtCore {
+            cpu,
+            cache: CodeCache::new(CACHE_SIZE)?,
+            map: HashMap::new(),
+            fast: vec![None; FAST].into_boxed_slice(),
+            page_keys: HashMap::new(),
+            stats: BtStats::default(),
+        })
+    }
+
+    /// The software CPU (state, configuration).
+    pub fn cpu(&mut self) -> &mut Cpu {
+        &mut self.cpu
+    }
+
+    /// Runs at most `budget` guest instructions, or until something needs
+    /// the caller — the same contract and the same results as
+    /// [`Cpu::run`].
+    pub fn run(&mut self, bus: &mut dyn Bus, budget: u64) -> RunExit {
+        self.cpu.prepare();
+        self.drain_invalidations();
+        let end = self.cpu.icount.saturating_add(budget);
+        loop {
+            let now = self.cpu.icount;
+            if now >= end {
+                return RunExit::Budget;
+            }
+            if let Some(exit) = self.step(bus, end - now) {
+                return exit;
+            }
+        }
+    }
+
+    /// One dispatch: one CCF, or one interpreter run (at most `remaining`
+    /// instructions). `Some(exit)` when the caller must see something.
+    pub fn step(&mut self, bus: &mut dyn Bus, remaining: u64) -> Option<RunExit> {
+        use popek_cpu::state::{cr, flags, seg};
+        let st = self.cpu.state();
+        let cs = &st.seg[seg::CS];
+        let flat = st.cr0 & cr::CR0_PE != 0
+            && st.rflags & (flags::VM | flags::TF) as u64 == 0
+            && cs.big()
+            && cs.limit == 0xffff_ffff
+            && cs.base == 0;
+        if !flat {
+            return self.interp(bus, remaining.min(INTERP_CHUNK), None);
+        }
+        if st.halted
+            || st.interrupt_shadow
+            || (st.rflags & flags::IF as u64 != 0 && bus.interrupt_pending())
+        {
+            // The interpreter delivers the interrupt (or wakes from HLT,
+            // or runs the one instruction in the shadow).
+            return self.interp(bus, 1, None);
+        }
+        let eip = st.rip as u32;
+        let Some(phys) = self.cpu.fetch_phys(bus) else {
+            return self.interp(bus, 1, None); // raises the fetch fault
+        };
+        let key = (phys, eip, self.cpu.cpl());
+        self.stats.lookups += 1;
+        let slot = fast_slot(&key);
+        let entry = match self.fast[slot] {
+            Some((k, e)) if k == key => {
+                self.stats.hits += 1;
+                e
+            }
+            _ => match self.map.get(&key) {
+                Some(e) => {
+                    self.stats.hits += 1;
+                    let e = *e;
+                    self.fast[slot] = Some((key, e));
+                    e
+                }
+                None => match self.translate(key) {
+                    Some(e) => {
+                        self.fast[slot] = Some((key, e));
+                        e
+                    }
+                    None => return self.interp(bus, 1, None),
+                },
+            },
+        };
+        match entry {
+            Entry::Ccf {
+                code,
+                insns,
+                ident,
+                inline,
+                ..
+            } => {
+                if insns as u64 > remaining {
+                    return self.interp(bus, remaining, None);
+                }
+                let st = self.cpu.state_ptr();
+                // SAFETY: `code` is the start of a CCF compiled by
+                // `translate::compile` into the live part of the RX cache
+                // (entries are dropped before the cache is reset). It
+                // follows the sysv64 ABI (saves RBX/RBP/R15, leaves RSP
+                // and DF as found, calls nothing) and accesses only the
+                // `CpuState` behind `st`, which `state_ptr` hands out with
+                // the flags materialized, and only the fields it permits.
+                unsafe {
+                    let f: CcfFn = std::mem::transmute::<*const u8, CcfFn>(code);
+                    f(st);
+                }
+                self.cpu.icount += insns as u64;
+                self.stats.ccf_runs += 1;
+                self.stats.dyn_ident += ident as u64;
+                self.stats.dyn_inline += inline as u64;
+                None
+            }
+            Entry::Interp { run, callout } => {
+                self.interp(bus, remaining.min(run as u64), Some(callout))
+            }
+        }
+    }
+
+    /// Runs `n` instructions on the interpreter.
+    fn interp(&mut self, bus: &mut dyn Bus, n: u64, callout: Option<bool>) -> Option<RunExit> {
+        match callout {
+            Some(true) => self.stats.callouts += 1,
+            Some(false) => self.stats.fallbacks += 1,
+            None => {}
+        }
+        let before = self.cpu.icount;
+        let exit = self.cpu.run(bus, n);
+        self.stats.dyn_interp += self.cpu.icount - before;
+        if self.cpu.has_invalidated_pages() {
+            self.drain_invalidations();
+        }
+        (exit != RunExit::Budget).then_some(exit)
+    }
+
+    /// Translates the code at `key` and caches the result.
+    fn translate(&mut self, key: Key) -> Option<Entry> {
+        let (phys, eip, cpl) = key;
+        let page_end = (phys | 0xfff) + 1;
+        if page_end > self.cpu.ram().size() {
+            return None; // code outside RAM (MMIO): interpret
+        }
+        let mut code = vec![0u8; (page_end - phys) as usize];
+        self.cpu.ram().read(phys, &mut code).ok()?;
+        let ctx = Ctx {
+            cpl,
+            inline_sensitive: !self.cpu.report_sensitive,
+        };
+        let entry = match translate::plan(&code, eip, ctx) {
+            Translation::Interp { run, callouts } => {
+                let callout = callouts > 0;
+                if callout {
+                    self.stats.static_callout += 1;
+                } else {
+                    self.stats.static_fallback += 1;
+                }
+                Entry::Interp { run, callout }
+            }
+            Translation::Tu(plan) => {
+                let mut host = translate::compile(&plan, self.cache.next_addr()).ok()?;
+                let mut at = self.cache.push(&host);
+                if at.is_none() {
+                    self.flush_all();
+                    host = translate::compile(&plan, self.cache.next_addr()).ok()?;
+                    at = self.cache.push(&host);
+                }
+                self.stats.tus += 1;
+                self.stats.ccf_bytes += host.len() as u64;
+                self.stats.static_ident += plan.ident as u64;
+                self.stats.static_inline += plan.inline as u64;
+                Entry::Ccf {
+                    code: at?,
+                    bytes: host.len() as u32,
+                    insns: plan.insns,
+                    ident: plan.ident,
+                    inline: plan.inline,
+                }
+            }
+        };
+        // Stores to this page now take the CPU's slow path, which reports
+        // the page through `take_invalidated_pages`.
+        self.cpu.mark_translated_page(phys >> 12);
+        self.map.insert(key, entry);
+        self.page_keys.entry(phys >> 12).or_default().push(key);
+        Some(entry)
+    }
+
+    /// Drops the translations of code pages the CPU saw written.
+    fn drain_invalidations(&mut self) {
+        for page in self.cpu.take_invalidated_pages() {
+            if page == u64::MAX {
+                self.flush_all();
+                continue;
+            }
+            if let Some(keys) = self.page_keys.remove(&page) {
+                self.stats.invalidations += 1;
+                for k in keys {
+                    self.map.remove(&k);
+                    let slot = fast_slot(&k);
+                    if matches!(self.fast[slot], Some((fk, _)) if fk == k) {
+                        self.fast[slot] = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops every translation and empties the cache.
+    pub fn flush_all(&mut self) {
+        self.map.clear();
+        self.fast.iter_mut().for_each(|e| *e = None);
+        self.page_keys.clear();
+        self.cache.reset();
+        self.stats.flushes += 1;
+    }
+
+    /// The CCF compiled for guest-physical `phys` (any EIP/CPL), as host
+    /// code bytes and their address, for dumps and documentation.
+    pub fn ccf_at(&self, phys: u64) -> Option<(u64, &[u8])> {
+        self.map.iter().find_map(|(k, e)| match *e {
+            Entry::Ccf { code, bytes, .. } if k.0 == phys => {
+                Some((code as u64, self.cache.bytes(code, bytes as usize)))
+            }
+            _ => None,
+        })
+    }
+
+    /// Statistics as `(name, value)` pairs.
+    pub fn stats_list(&self) -> Vec<(&'static str, u64)> {
+        let s = &self.stats;
+        vec![
+            ("instructions", self.cpu.icount),
+            ("TUs translated", s.tus),
+            ("CCF bytes", s.ccf_bytes),
+            ("translation cache bytes in use", self.cache.used() as u64),
+            ("dispatches", s.lookups),
+            ("cache hits", s.hits),
+            (
+                "cache hit rate (per mille)",
+                (s.hits * 1000).checked_div(s.lookups).unwrap_or(0),
+            ),
+            ("CCF executions", s.ccf_runs),
+            ("ident instructions (static)", s.static_ident),
+            ("inline instructions (static)", s.static_inline),
+            ("call-out sites (static)", s.static_callout),
+            ("fallback sites (static)", s.static_fallback),
+            ("ident instructions (dynamic)", s.dyn_ident),
+            ("inline instructions (dynamic)", s.dyn_inline),
+            ("call-outs (dynamic)", s.callouts),
+            ("fallbacks (dynamic)", s.fallbacks),
+            ("instructions interpreted", s.dyn_interp),
+            ("code pages invalidated", s.invalidations),
+            ("cache flushes", s.flushes),
+            ("chained exits", 0),
+        ]
+    }
+}
+
+/// The `bt` engine.
+pub struct Bt {
+    core: BtCore,
+}
+
+impl Bt {
+    /// An engine whose CPU uses the machine's RAM.
+    pub fn new(machine: &Machine) -> Result<Bt, EngineError> {
+        let mut cpu = Cpu::new(machine.ram().clone());
+        cpu.hypercall_port = Some(HYPERCALL_PORT);
+        let core = BtCore::new(cpu).map_err(|e| EngineError::Internal {
+            engine: "bt",
+            reason: format!("cannot map the translation cache: {e}"),
+        })?;
+        Ok(Bt { core })
+    }
+
+    /// The translator core, for tests and tools.
+    pub fn core(&mut self) -> &mut BtCore {
+        &mut self.core
+    }
+}
+
+impl Engine for Bt {
+    fn name(&self) -> &'static str {
+        "bt"
+    }
+
+    fn run(&mut self, machine: &mut Machine, budget: u64) -> Result<VmExit, EngineError> {
+        let mut bus = MachineBus::new(machine);
+        Ok(vm_exit(self.core.run(&mut bus, budget)))
+    }
+
+    fn state(&mut self) -> CpuState {
+        self.core.cpu.state().clone()
+    }
+
+    fn set_state(&mut self, state: CpuState) -> Result<(), EngineError> {
+        if state.efer & (1 << 10) != 0 {
+            return Err(EngineError::Unsupported {
+                engine: "bt",
+                reason: "long mode is not implemented by the software CPU yet".into(),
+            });
+        }
+        self.core.cpu.set_state(state);
+        Ok(())
+    }
+
+    fn instructions(&self) -> u64 {
+        self.core.cpu.icount
+    }
+
+    fn peek_linear(&mut self, addr: u64, buf: &mut [u8]) -> Option<()> {
+        self.core.cpu.peek_linear(addr, buf)
+    }
+
+    fn poke_linear(&mut self, addr: u64, data: &[u8]) -> Option<()> {
+        self.core.cpu.poke_linear(addr, data)
+    }
+
+    fn stats(&self) -> Vec<(&'static str, u64)> {
+        self.core.stats_list()
+    }
+}

@@ -1,0 +1,567 @@
+//! The translator: guest instructions → a translation unit (TU) → a
+//! compiled code fragment (CCF) of host x86-64 code.
+//!
+//! Each guest instruction is classified:
+//!
+//! * **ident** — safe, emitted as the same host instruction with the guest
+//!   registers mapped onto host registers (see [`map_reg`]); the host's
+//!   arithmetic flags are the guest's for the whole fragment;
+//! * **inline** — a simple sensitive instruction emitted as a short sequence
+//!   on the virtual CPU state (`CpuState` through `r15`);
+//! * **call-out** — everything else: the dispatcher runs it on the
+//!   interpreter (`Cpu::run(bus, n)`), counted as a designed call-out
+//!   (system and sensitive instructions) or a fallback (ordinary
+//!   instructions the translator does not cover yet).
+//!
+//! A TU is the longest run of ident/inline instructions from one guest
+//! EIP, ending at a direct jump (JMP/Jcc rel, translated), STI, the first
+//! call-out instruction (not included: the next dispatch runs it), the page
+//! end or [`MAX_TU`] instructions.
+
+use iced_x86::code_asm::*;
+use iced_x86::{
+    Code, ConditionCode, Decoder, DecoderOptions, Encoder, FlowControl, Instruction, Mnemonic,
+    OpKind, Register,
+};
+use popek_cpu::{CpuState, Segment};
+
+/// Largest number of guest instructions in one TU.
+pub const MAX_TU: usize = 64;
+/// Largest number of instructions one call-out entry runs on the
+/// interpreter.
+pub const MAX_CALLOUT_RUN: usize = 16;
+
+/// The guest arithmetic flags (CF, PF, AF, ZF, SF, OF).
+const ARITH: i32 = 0x8d5;
+const IF: i32 = 0x200;
+
+const OFF_GPR: i32 = std::mem::offset_of!(CpuState, gpr) as i32;
+const OFF_RIP: i32 = std::mem::offset_of!(CpuState, rip) as i32;
+const OFF_RFLAGS: i32 = std::mem::offset_of!(CpuState, rflags) as i32;
+const OFF_CR0: i32 = std::mem::offset_of!(CpuState, cr0) as i32;
+const OFF_SHADOW: i32 = std::mem::offset_of!(CpuState, interrupt_shadow) as i32;
+const OFF_LDTR_SEL: i32 =
+    (std::mem::offset_of!(CpuState, ldtr) + std::mem::offset_of!(Segment, selector)) as i32;
+const OFF_TR_SEL: i32 =
+    (std::mem::offset_of!(CpuState, tr) + std::mem::offset_of!(Segment, selector)) as i32;
+
+/// How one guest instruction is executed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// The same host instruction.
+    Ident,
+    /// A short emitted sequence on the virtual CPU.
+    Inline,
+    /// A designed call-out: system/sensitive work for the interpreter.
+    Callout,
+    /// Not translated yet: run on the interpreter.
+    Fallback,
+}
+
+/// One translated instruction of a TU.
+#[derive(Clone, Debug)]
+enum Item {
+    /// Emit this (register-mapped) host instruction.
+    Ident(Instruction),
+    /// Nothing to emit (NOP).
+    Nop,
+    /// CLI at CPL 0.
+    Cli,
+    /// STI at CPL 0 (ends the TU: interrupt shadow).
+    Sti,
+    /// Store a 16-bit field of `CpuState` (SLDT/STR/SMSW) into a register:
+    /// (field offset, host register, operand size, zero-extend from 16).
+    StoreReg(i32, Register, u32),
+    /// Direct jump to the target (ends the TU).
+    Jmp(u32),
+    /// Conditional jump: condition, target, fall-through (ends the TU).
+    Jcc(ConditionCode, u32, u32),
+}
+
+/// A planned TU: what to emit, and the counts.
+pub struct Plan {
+    items: Vec<Item>,
+    /// EIP after the last instruction (for TUs that do not end in a jump).
+    pub next_eip: u32,
+    /// Guest instructions.
+    pub insns: u32,
+    /// Of which ident.
+    pub ident: u32,
+    /// Of which inline.
+    pub inline: u32,
+}
+
+/// What the translator made of the code at one EIP.
+pub enum Translation {
+    /// A TU to compile.
+    Tu(Plan),
+    /// The first instruction is a call-out: run `run` instructions on the
+    /// interpreter; `callouts` of the first `run` are designed call-outs,
+    /// the rest fallbacks.
+    Interp {
+        /// Instructions to run.
+        run: u32,
+        /// How many of them are designed call-outs.
+        callouts: u32,
+    },
+}
+
+/// Translation context: what the TU key fixes.
+#[derive(Clone, Copy, Debug)]
+pub struct Ctx {
+    /// The CPL the TU runs at.
+    pub cpl: u8,
+    /// Inline sensitive instructions (off while the CPU reports them).
+    pub inline_sensitive: bool,
+}
+
+/// Plans the TU for `code` (the guest bytes from `eip` to the end of its
+/// page; flat 32-bit protected mode).
+pub fn plan(code: &[u8], eip: u32, ctx: Ctx) -> Translation {
+    let mut dec = Decoder::with_ip(32, code, eip as u64, DecoderOptions::NONE);
+    let mut p = Plan {
+        items: Vec::new(),
+        next_eip: eip,
+        insns: 0,
+        ident: 0,
+        inline: 0,
+    };
+    while (p.insns as usize) < MAX_TU && dec.can_decode() {
+        let ins = dec.decode();
+        if ins.is_invalid() {
+            break; // undecodable or straddling the page end: a call-out
+        }
+        let Some((item, class)) = classify(&ins, ctx) else {
+            break;
+        };
+        p.insns += 1;
+        match class {
+            Class::Inline => p.inline += 1,
+            _ => p.ident += 1,
+        }
+        p.next_eip = ins.next_ip32();
+        let ends = matches!(item, Item::Sti | Item::Jmp(_) | Item::Jcc(..));
+        p.items.push(item);
+        if ends {
+            break;
+        }
+    }
+    if p.insns > 0 {
+        return Translation::Tu(p);
+    }
+    // A call-out: count how far the interpreter may run (up to the next
+    // translatable instruction or control transfer).
+    let mut dec = Decoder::with_ip(32, code, eip as u64, DecoderOptions::NONE);
+    let (mut run, mut callouts) = (0, 0);
+    while (run as usize) < MAX_CALLOUT_RUN && dec.can_decode() {
+        let ins = dec.decode();
+        if run > 0 && (ins.is_invalid() || classify(&ins, ctx).is_some()) {
+            break;
+        }
+        run += 1;
+        if !ins.is_invalid() && is_system(&ins) {
+            callouts += 1;
+        }
+        if ins.is_invalid() || ins.flow_control() != FlowControl::Next {
+            break;
+        }
+    }
+    Translation::Interp {
+        run: run.max(1),
+        callouts,
+    }
+}
+
+/// Designed call-outs: system and sensitive instructions (the rest of the
+/// untranslated instructions are fallbacks).
+pub fn is_system(ins: &Instruction) -> bool {
+    use Mnemonic::*;
+    for i in 0..ins.op_count() {
+        if ins.op_kind(i) == OpKind::Register {
+            let r = ins.op_register(i);
+            if r.is_segment_register() || r.is_cr() || r.is_dr() || r.is_tr() {
+                return true;
+            }
+        }
+    }
+    matches!(
+        ins.mnemonic(),
+        In | Out
+            | Insb
+            | Insw
+            | Insd
+            | Outsb
+            | Outsw
+            | Outsd
+            | Hlt
+            | Cli
+            | Sti
+            | Pushf
+            | Pushfd
+            | Popf
+            | Popfd
+            | Lgdt
+            | Lidt
+            | Lldt
+            | Ltr
+            | Sgdt
+            | Sidt
+            | Sldt
+            | Str
+            | Smsw
+            | Lmsw
+            | Clts
+            | Invlpg
+            | Invd
+            | Wbinvd
+            | Int
+            | Int1
+            | Int3
+            | Into
+            | Iret
+            | Iretd
+            | Retf
+            | Cpuid
+            | Rdtsc
+            | Rdmsr
+            | Wrmsr
+            | Rdpmc
+            | Lar
+            | Lsl
+            | Verr
+            | Verw
+            | Sysenter
+            | Sysexit
+            | Lds
+            | Les
+            | Lfs
+            | Lgs
+            | Lss
+    ) || (matches!(ins.mnemonic(), Call | Jmp)
+        && matches!(ins.op0_kind(), OpKind::FarBranch16 | OpKind::FarBranch32))
+        || (matches!(ins.mnemonic(), Call | Jmp)
+            && ins.op0_kind() == OpKind::Memory
+            && matches!(ins.memory_size(), iced_x86::MemorySize::SegPtr16 | iced_x86::MemorySize::SegPtr32))
+}
+
+/// Guest register → host register for the duration of a CCF: the same
+/// register except ESP, which lives in R8 (the host RSP stays the host's).
+pub fn map_reg(r: Register) -> Option<Register> {
+    use Register::*;
+    Some(match r {
+        EAX | ECX | EDX | EBX | EBP | ESI | EDI => r,
+        AX | CX | DX | BX | BP | SI | DI => r,
+        AL | CL | DL | BL | AH | CH | DH | BH => r,
+        ESP => R8D,
+        SP => R8W,
+        _ => return Option::None,
+    })
+}
+
+fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
+    use Mnemonic::*;
+    if ins.has_lock_prefix() {
+        return None; // #UD on registers; memory forms are call-outs anyway
+    }
+    let m = ins.mnemonic();
+    match m {
+        Jmp | Jo | Jno | Jb | Jae | Je | Jne | Jbe | Ja | Js | Jns | Jp | Jnp | Jl | Jge | Jle
+        | Jg => {
+            // Near relative forms with a 32-bit operand size only (o16
+            // truncates EIP; CS is flat, so no limit check is needed).
+            if !matches!(ins.op0_kind(), OpKind::NearBranch32) {
+                return None;
+            }
+            let target = ins.near_branch32();
+            if m == Jmp {
+                return Some((Item::Jmp(target), Class::Ident));
+            }
+            return Some((
+                Item::Jcc(ins.condition_code(), target, ins.next_ip32()),
+                Class::Ident,
+            ));
+        }
+        Nop if ins.code() == Code::Nopd || ins.code() == Code::Nopw || ins.op_count() <= 1 => {
+            return Some((Item::Nop, Class::Ident));
+        }
+        Cli if ctx.cpl == 0 => return Some((Item::Cli, Class::Inline)),
+        Sti if ctx.cpl == 0 => return Some((Item::Sti, Class::Inline)),
+        Smsw | Sldt | Str if ctx.cpl == 0 && ctx.inline_sensitive => {
+            if ins.op0_kind() != OpKind::Register {
+                return None;
+            }
+            let r = ins.op0_register();
+            let host = map_reg(r)?;
+            let size = r.size() as u32;
+            if size != 2 && size != 4 {
+                return None;
+            }
+            let off = match m {
+                Smsw => OFF_CR0,
+                Sldt => OFF_LDTR_SEL,
+                _ => OFF_TR_SEL,
+            };
+            return Some((Item::StoreReg(off, host, size), Class::Inline));
+        }
+        _ => {}
+    }
+    let ok = matches!(
+        m,
+        Add | Or
+            | Adc
+            | Sbb
+            | And
+            | Sub
+            | Xor
+            | Cmp
+            | Test
+            | Inc
+            | Dec
+            | Neg
+            | Not
+            | Mov
+            | Movzx
+            | Movsx
+            | Lea
+            | Shl
+            | Sal
+            | Shr
+            | Sar
+            | Rol
+            | Ror
+            | Rcl
+            | Rcr
+            | Xchg
+            | Bswap
+            | Cbw
+            | Cwde
+            | Cwd
+            | Cdq
+            | Clc
+            | Stc
+            | Cmc
+            | Lahf
+            | Sahf
+            | Seto
+            | Setno
+            | Setb
+            | Setae
+            | Sete
+            | Setne
+            | Setbe
+            | Seta
+            | Sets
+            | Setns
+            | Setp
+            | Setnp
+            | Setl
+            | Setge
+            | Setle
+            | Setg
+            | Cmovo
+            | Cmovno
+            | Cmovb
+            | Cmovae
+            | Cmove
+            | Cmovne
+            | Cmovbe
+            | Cmova
+            | Cmovs
+            | Cmovns
+            | Cmovp
+            | Cmovnp
+            | Cmovl
+            | Cmovge
+            | Cmovle
+            | Cmovg
+    );
+    if !ok {
+        return None;
+    }
+    if m == Bswap && ins.op0_register().size() != 4 {
+        return None; // BSWAP r16 is undefined
+    }
+    // Rebuild the forms that do not exist in 64-bit mode.
+    let mut h = match ins.code() {
+        Code::Inc_r32 => Instruction::with1(Code::Inc_rm32, ins.op0_register()).ok()?,
+        Code::Inc_r16 => Instruction::with1(Code::Inc_rm16, ins.op0_register()).ok()?,
+        Code::Dec_r32 => Instruction::with1(Code::Dec_rm32, ins.op0_register()).ok()?,
+        Code::Dec_r16 => Instruction::with1(Code::Dec_rm16, ins.op0_register()).ok()?,
+        _ => *ins,
+    };
+    h.set_segment_prefix(Register::None);
+    for i in 0..h.op_count() {
+        match h.op_kind(i) {
+            OpKind::Register => {
+                let r = map_reg(h.op_register(i))?;
+                h.set_op_register(i, r);
+            }
+            OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32 => {}
+            OpKind::Memory if m == Lea => {
+                // LEA computes, it does not access memory. 32-bit
+                // addressing only (16-bit forms do not exist in 64-bit mode).
+                let base = h.memory_base();
+                let index = h.memory_index();
+                if base != Register::None {
+                    h.set_memory_base(map_reg(base).filter(|r| r.size() >= 4)?);
+                }
+                if index != Register::None {
+                    h.set_memory_index(map_reg(index).filter(|r| r.size() >= 4)?);
+                }
+                if base == Register::None && index == Register::None {
+                    // `lea r, [disp32]`: a move of the displacement.
+                    let r = h.op0_register();
+                    let v = ins.memory_displacement32();
+                    let mov = if r.size() == 4 {
+                        Instruction::with2(Code::Mov_r32_imm32, r, v).ok()?
+                    } else {
+                        Instruction::with2(Code::Mov_r16_imm16, r, v & 0xffff).ok()?
+                    };
+                    return encodable(mov).map(|i| (Item::Ident(i), Class::Ident));
+                }
+            }
+            _ => return None,
+        }
+    }
+    encodable(h).map(|i| (Item::Ident(i), Class::Ident))
+}
+
+/// `Some(i)` when the host encoder accepts `i` in 64-bit mode (e.g. AH
+/// cannot appear beside R8).
+fn encodable(i: Instruction) -> Option<Instruction> {
+    let mut e = Encoder::new(64);
+    e.encode(&i, 0).ok().map(|_| i)
+}
+
+/// The guest GPRs in `CpuState.gpr` order, as host registers.
+const HOST_GPRS: [AsmRegister64; 8] = [rax, rcx, rdx, rbx, r8, rbp, rsi, rdi];
+
+/// Compiles a plan into host code for address `ip`.
+///
+/// The fragment is an `extern "sysv64" fn(*mut CpuState)`: it saves the
+/// callee-saved registers it uses (RBX, RBP, R15), keeps the state pointer
+/// in R15, loads the eight guest GPRs into host registers and the guest
+/// arithmetic flags into RFLAGS, runs the body, and on every exit stores
+/// flags, GPRs and the next EIP back.
+pub fn compile(p: &Plan, ip: u64) -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    a.push(rbx)?;
+    a.push(rbp)?;
+    a.push(r15)?;
+    a.mov(r15, rdi)?;
+    for (i, r) in HOST_GPRS.iter().enumerate() {
+        a.mov(*r, qword_ptr(r15 + OFF_GPR + 8 * i as i32))?;
+    }
+    a.mov(r9, qword_ptr(r15 + OFF_RFLAGS))?;
+    a.and(r9d, ARITH)?;
+    a.or(r9d, 2)?;
+    a.push(r9)?;
+    a.popfq()?;
+    let mut ended = false;
+    for item in &p.items {
+        match *item {
+            Item::Ident(i) => a.add_instruction(i)?,
+            Item::Nop => {}
+            Item::Cli => {
+                a.pushfq()?;
+                a.and(qword_ptr(r15 + OFF_RFLAGS), !IF)?;
+                a.popfq()?;
+            }
+            Item::Sti => {
+                // IF 0 → 1 starts the interrupt shadow (SDM: STI).
+                let mut set = a.create_label();
+                a.pushfq()?;
+                a.test(dword_ptr(r15 + OFF_RFLAGS), IF)?;
+                a.jnz(set)?;
+                a.mov(byte_ptr(r15 + OFF_SHADOW), 1)?;
+                a.set_label(&mut set)?;
+                a.or(qword_ptr(r15 + OFF_RFLAGS), IF)?;
+                a.popfq()?;
+                emit_exit(&mut a, p.next_eip)?;
+                ended = true;
+            }
+            Item::StoreReg(off, r, size) => {
+                let ins = if off == OFF_CR0 {
+                    // SMSW r: CR0 (low 32 bits, or low 16 merged).
+                    if size == 4 {
+                        Instruction::with2(Code::Mov_r32_rm32, r, mem(off))
+                    } else {
+                        Instruction::with2(Code::Mov_r16_rm16, r, mem(off))
+                    }
+                } else if size == 4 {
+                    Instruction::with2(Code::Movzx_r32_rm16, r, mem(off))
+                } else {
+                    Instruction::with2(Code::Mov_r16_rm16, r, mem(off))
+                }?;
+                a.add_instruction(ins)?;
+            }
+            Item::Jmp(t) => {
+                emit_exit(&mut a, t)?;
+                ended = true;
+            }
+            Item::Jcc(cc, t, f) => {
+                let mut taken = a.create_label();
+                jcc(&mut a, cc, taken)?;
+                emit_exit(&mut a, f)?;
+                a.set_label(&mut taken)?;
+                emit_exit(&mut a, t)?;
+                ended = true;
+            }
+        }
+    }
+    if !ended {
+        emit_exit(&mut a, p.next_eip)?;
+    }
+    a.assemble(ip)
+}
+
+fn mem(off: i32) -> iced_x86::MemoryOperand {
+    iced_x86::MemoryOperand::with_base_displ(Register::R15, off as i64)
+}
+
+/// Writes flags, GPRs and EIP back and returns.
+fn emit_exit(a: &mut CodeAssembler, eip: u32) -> Result<(), IcedError> {
+    a.pushfq()?;
+    a.pop(r9)?;
+    a.and(r9d, ARITH)?;
+    a.mov(r10, qword_ptr(r15 + OFF_RFLAGS))?;
+    a.and(r10, !ARITH)?;
+    a.or(r10, r9)?;
+    a.mov(qword_ptr(r15 + OFF_RFLAGS), r10)?;
+    for (i, r) in HOST_GPRS.iter().enumerate() {
+        a.mov(qword_ptr(r15 + OFF_GPR + 8 * i as i32), *r)?;
+    }
+    a.mov(r9d, eip)?;
+    a.mov(qword_ptr(r15 + OFF_RIP), r9)?;
+    a.pop(r15)?;
+    a.pop(rbp)?;
+    a.pop(rbx)?;
+    a.ret()
+}
+
+fn jcc(a: &mut CodeAssembler, cc: ConditionCode, l: CodeLabel) -> Result<(), IcedError> {
+    use ConditionCode as C;
+    match cc {
+        C::o => a.jo(l),
+        C::no => a.jno(l),
+        C::b => a.jb(l),
+        C::ae => a.jae(l),
+        C::e => a.je(l),
+        C::ne => a.jne(l),
+        C::be => a.jbe(l),
+        C::a => a.ja(l),
+        C::s => a.js(l),
+        C::ns => a.jns(l),
+        C::p => a.jp(l),
+        C::np => a.jnp(l),
+        C::l => a.jl(l),
+        C::ge => a.jge(l),
+        C::le => a.jle(l),
+        C::g => a.jg(l),
+        C::None => a.jmp(l),
+    }
+}

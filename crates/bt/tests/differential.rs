@@ -1,0 +1,480 @@
+//! `bt` held to `interp`: seeded random instruction sequences run on the
+//! binary translator (`BtCore`) and on the reference interpreter (`Cpu::run`)
+//! from the same state and memory; after every dispatch of the translator
+//! (one CCF, or one interpreter run for call-outs) and after every
+//! exception the whole `CpuState`, the instruction count and the data
+//! pages are compared.
+//!
+//! Flat 32-bit protected mode, paging off, at CPL 0 (with the inline CLI,
+//! STI, SMSW, SLDT, STR) and CPL 3 (where those are call-outs or #GP). Every
+//! exception stops both CPUs (`exception_bitmap`), which ends a case, as
+//! does the final HLT (Halted at CPL 0, #GP at CPL 3). The sequences mix
+//! ident candidates (ALU register/immediate forms in all sizes, MOV,
+//! MOVZX/MOVSX, LEA, shifts and rotates, XCHG, BSWAP, CBW…CDQ, flag ops,
+//! SETcc, CMOVcc, forward Jcc/JMP) with call-outs (memory operands, PUSH/
+//! POP, MUL/IMUL/DIV, PUSHFD/POPFD, stores into the code ahead: self-
+//! modifying code) and faults (#UD, #DE, #GP).
+//!
+//! `POPEK_BT_DIFF_CASES` (default 3000) and `POPEK_BT_DIFF_SEED` scale it.
+
+use std::sync::Arc;
+
+use iced_x86::code_asm::*;
+use popek_bt::BtCore;
+use popek_cpu::{Bus, BusAction, Cpu, CpuState, RunExit};
+use popek_memory::GuestRam;
+
+const CODE: u64 = 0x10000;
+const DATA: u64 = 0x30000;
+const RAM: u64 = 1 << 20;
+
+/// A bus with nothing on it (deterministic MMIO and ports).
+struct Quiet;
+
+impl Bus for Quiet {
+    fn io_in(&mut self, port: u16, _size: u8) -> u32 {
+        port as u32 ^ 0x1234
+    }
+    fn io_out(&mut self, _port: u16, _size: u8, _value: u32) -> BusAction {
+        BusAction::Continue
+    }
+    fn mmio_read(&mut self, addr: u64, _size: u8) -> u64 {
+        addr ^ 0x5555_5555
+    }
+    fn mmio_write(&mut self, _addr: u64, _size: u8, _value: u64) -> BusAction {
+        BusAction::Continue
+    }
+    fn interrupt_pending(&mut self) -> bool {
+        false
+    }
+    fn acknowledge_interrupt(&mut self) -> u8 {
+        0
+    }
+    fn clock(&mut self, instructions: u64) -> u64 {
+        instructions
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn imm(&mut self) -> i32 {
+        match self.below(4) {
+            0 => self.below(4) as i32 - 1,
+            1 => [0x7fff_ffff, i32::MIN, 0x80, 0x7f, 0xff, 0x8000][self.below(6) as usize],
+            _ => self.next() as i32,
+        }
+    }
+}
+
+const R32: [AsmRegister32; 8] = [eax, ecx, edx, ebx, esp, ebp, esi, edi];
+const R16: [AsmRegister16; 8] = [ax, cx, dx, bx, sp, bp, si, di];
+const R8: [AsmRegister8; 8] = [al, cl, dl, bl, ah, ch, dh, bh];
+
+/// Mostly not ESP (a wild ESP makes the PUSH/POP call-outs uninteresting).
+fn reg(r: &mut Rng) -> usize {
+    if r.below(16) == 0 {
+        4
+    } else {
+        [0, 1, 2, 3, 5, 6, 7][r.below(7) as usize]
+    }
+}
+
+macro_rules! alu {
+    ($a:expr, $op:expr, $d:expr, $s:expr) => {
+        match $op {
+            0 => $a.add($d, $s),
+            1 => $a.or($d, $s),
+            2 => $a.adc($d, $s),
+            3 => $a.sbb($d, $s),
+            4 => $a.and($d, $s),
+            5 => $a.sub($d, $s),
+            6 => $a.xor($d, $s),
+            7 => $a.cmp($d, $s),
+            _ => $a.test($d, $s),
+        }
+        .unwrap()
+    };
+}
+
+macro_rules! shift {
+    ($a:expr, $op:expr, $d:expr, $s:expr) => {
+        match $op {
+            0 => $a.shl($d, $s),
+            1 => $a.shr($d, $s),
+            2 => $a.sar($d, $s),
+            3 => $a.rol($d, $s),
+            4 => $a.ror($d, $s),
+            5 => $a.rcl($d, $s),
+            _ => $a.rcr($d, $s),
+        }
+        .unwrap()
+    };
+}
+
+macro_rules! cc {
+    ($a:expr, $c:expr, $set:ident, $($name:ident),*) => {{
+        let mut i = 0;
+        $( if $c == i { $a.$name($set).unwrap(); } i += 1; )*
+        let _ = i;
+    }};
+}
+
+/// One random instruction (or a small group) at CPL `cpl`.
+fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
+    let (d, s) = (reg(r), reg(r));
+    match r.below(40) {
+        0..=5 => {
+            let op = r.below(9);
+            match r.below(6) {
+                0 => alu!(a, op, R32[d], R32[s]),
+                1 => alu!(a, op, R16[d], R16[s]),
+                2 => alu!(a, op, R8[r.below(8) as usize], R8[r.below(8) as usize]),
+                3 => alu!(a, op, R32[d], r.imm()),
+                4 => alu!(a, op, R16[d], r.imm() as i16 as i32),
+                _ => alu!(a, op, R8[r.below(8) as usize], r.imm() as i8 as i32),
+            }
+        }
+        6..=7 => {
+            let w = r.below(3);
+            match (r.below(4), w) {
+                (0, 0) => a.inc(R32[d]),
+                (0, 1) => a.inc(R16[d]),
+                (0, _) => a.inc(R8[d]),
+                (1, 0) => a.dec(R32[d]),
+                (1, 1) => a.dec(R16[d]),
+                (1, _) => a.dec(R8[d]),
+                (2, 0) => a.neg(R32[d]),
+                (2, 1) => a.neg(R16[d]),
+                (2, _) => a.neg(R8[d]),
+                (_, 0) => a.not(R32[d]),
+                (_, 1) => a.not(R16[d]),
+                (_, _) => a.not(R8[d]),
+            }
+            .unwrap()
+        }
+        8..=10 => match r.below(7) {
+            0 => a.mov(R32[d], r.imm()).unwrap(),
+            1 => a.mov(R32[d], R32[s]).unwrap(),
+            2 => a.mov(R16[d], R16[s]).unwrap(),
+            3 => a.mov(R8[r.below(8) as usize], R8[r.below(8) as usize]).unwrap(),
+            4 => a.movzx(R32[d], R8[r.below(8) as usize]).unwrap(),
+            5 => a.movsx(R32[d], R16[s]).unwrap(),
+            _ => a.movsx(R16[d], R8[r.below(8) as usize]).unwrap(),
+        },
+        11..=12 => {
+            let disp = r.imm();
+            let ix = [0, 1, 2, 3, 5, 6, 7][r.below(7) as usize];
+            let m = match r.below(4) {
+                0 => R32[s] + disp,
+                1 => R32[s] + R32[ix] * [1, 2, 4, 8][r.below(4) as usize] + disp,
+                2 => R32[ix] * [1, 2, 4, 8][r.below(4) as usize] + disp,
+                _ => R32[s] + 0,
+            };
+            if r.below(4) == 0 {
+                a.lea(R16[d], dword_ptr(m)).unwrap()
+            } else {
+                a.lea(R32[d], dword_ptr(m)).unwrap()
+            }
+        }
+        13..=15 => {
+            let op = r.below(7);
+            let count = match r.below(4) {
+                0 => 1,
+                1 => r.below(40) as i32,
+                _ => r.below(256) as i32,
+            };
+            match (r.below(3), r.below(3)) {
+                (0, 0) => shift!(a, op, R32[d], count),
+                (0, 1) => shift!(a, op, R16[d], count),
+                (0, _) => shift!(a, op, R8[d], count),
+                (1, 0) => shift!(a, op, R32[d], cl),
+                (1, 1) => shift!(a, op, R16[d], cl),
+                (1, _) => shift!(a, op, R8[d], cl),
+                (_, _) => shift!(a, op, R32[d], 1),
+            }
+        }
+        16 => match r.below(4) {
+            0 => a.xchg(R32[d], R32[s]).unwrap(),
+            1 => a.xchg(R16[d], R16[s]).unwrap(),
+            2 => a.xchg(R8[r.below(8) as usize], R8[r.below(8) as usize]).unwrap(),
+            _ => a.bswap(R32[d]).unwrap(),
+        },
+        17 => match r.below(10) {
+            0 => a.cbw().unwrap(),
+            1 => a.cwde().unwrap(),
+            2 => a.cwd().unwrap(),
+            3 => a.cdq().unwrap(),
+            4 => a.clc().unwrap(),
+            5 => a.stc().unwrap(),
+            6 => a.cmc().unwrap(),
+            7 => a.lahf().unwrap(),
+            8 => a.sahf().unwrap(),
+            _ => a.nop().unwrap(),
+        },
+        18..=19 => {
+            let c = r.below(16);
+            let x = R8[r.below(8) as usize];
+            cc!(a, c, x, seto, setno, setb, setae, sete, setne, setbe, seta, sets, setns, setp, setnp, setl, setge, setle, setg);
+        }
+        20..=21 => {
+            let c = r.below(16);
+            let (x, y) = (R32[d], R32[s]);
+            macro_rules! cm {
+                ($($n:ident),*) => {{ let mut i = 0; $( if c == i { a.$n(x, y).unwrap(); } i += 1; )* let _ = i; }};
+            }
+            cm!(cmovo, cmovno, cmovb, cmovae, cmove, cmovne, cmovbe, cmova, cmovs, cmovns, cmovp, cmovnp, cmovl, cmovge, cmovle, cmovg);
+        }
+        22..=24 => {
+            // Forward Jcc/JMP over one instruction.
+            let mut l = a.create_label();
+            let c = r.below(17);
+            macro_rules! j {
+                ($($n:ident),*) => {{ let mut i = 0; $( if c == i { a.$n(l).unwrap(); } i += 1; )* let _ = i; }};
+            }
+            j!(jo, jno, jb, jae, je, jne, jbe, ja, js, jns, jp, jnp, jl, jge, jle, jg, jmp);
+            gen_plain(a, r);
+            a.set_label(&mut l).unwrap();
+            gen_plain(a, r);
+        }
+        25..=28 => {
+            // Memory call-outs on the data page.
+            let m = DATA as i32 + (r.below(0xff0) as i32);
+            match r.below(5) {
+                0 => a.mov(dword_ptr(m), R32[s]).unwrap(),
+                1 => a.add(R32[d], dword_ptr(m)).unwrap(),
+                2 => a.mov(R16[d], word_ptr(m)).unwrap(),
+                3 => a.xor(byte_ptr(m), R8[s]).unwrap(),
+                _ => a.inc(dword_ptr(m)).unwrap(),
+            }
+        }
+        29..=30 => match r.below(5) {
+            0 => {
+                a.push(R32[s]).unwrap();
+                a.pop(R32[d]).unwrap();
+            }
+            1 => a.imul_2(R32[d], R32[s]).unwrap(),
+            2 => a.mul(R32[s]).unwrap(),
+            3 => {
+                a.pushfd().unwrap();
+                a.pop(R32[d]).unwrap();
+            }
+            _ => {
+                a.push(R32[s]).unwrap();
+                a.popfd().unwrap();
+            }
+        },
+        31 => {
+            if r.below(4) == 0 {
+                a.div(R32[s]).unwrap(); // #DE when it does not fit
+            } else {
+                a.nop().unwrap();
+            }
+        }
+        32..=34 if cpl == 0 => match r.below(5) {
+            0 => a.cli().unwrap(),
+            1 => a.sti().unwrap(),
+            2 => a.smsw(R32[d]).unwrap(),
+            3 => a.sldt(R16[d]).unwrap(),
+            _ => a.str(R32[d]).unwrap(),
+        },
+        35 => {
+            if r.below(8) == 0 {
+                match r.below(3) {
+                    0 => a.ud2().unwrap(),
+                    1 => a.cli().unwrap(), // #GP at CPL 3
+                    _ => a.int3().unwrap(),
+                }
+            } else {
+                a.nop().unwrap();
+            }
+        }
+        _ => gen_plain(a, r),
+    }
+}
+
+/// A plain ALU instruction (for jump shadows).
+fn gen_plain(a: &mut CodeAssembler, r: &mut Rng) {
+    let (d, s) = (reg(r), reg(r));
+    alu!(a, r.below(9), R32[d], R32[s]);
+}
+
+fn machine(code: &[u8], cpl: u8, r: &mut Rng) -> (Cpu, Vec<u8>) {
+    let ram = Arc::new(GuestRam::new(RAM).unwrap());
+    ram.write(CODE, code).unwrap();
+    let data: Vec<u8> = (0..4096).map(|_| r.next() as u8).collect();
+    ram.write(DATA, &data).unwrap();
+    let mut cpu = Cpu::new(ram);
+    let mut s = if cpl == 0 {
+        CpuState::flat_protected(0x08, 0x10)
+    } else {
+        CpuState::flat_protected(0x1b, 0x23)
+    };
+    s.rip = CODE;
+    for (i, g) in s.gpr.iter_mut().take(8).enumerate() {
+        *g = if i == 4 {
+            0x8000
+        } else {
+            r.next() & 0xffff_ffff
+        };
+    }
+    s.rflags = 2 | (r.next() & 0x8d5) | if r.below(2) == 0 { 0x200 } else { 0 };
+    s.ldtr.selector = r.next() as u16;
+    s.tr.selector = r.next() as u16;
+    cpu.set_state(s);
+    cpu.exception_bitmap = !0;
+    (cpu, data)
+}
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| {
+            v.strip_prefix("0x")
+                .map_or_else(|| v.parse().ok(), |h| u64::from_str_radix(h, 16).ok())
+        })
+        .unwrap_or(default)
+}
+
+#[derive(Default)]
+struct Tally {
+    cases: u64,
+    dispatches: u64,
+    exceptions: u64,
+    ccf_runs: u64,
+    mismatches: Vec<String>,
+}
+
+fn run_case(seed: u64, case: u64, t: &mut Tally) {
+    let mut r = Rng(seed ^ case.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let cpl = if r.below(2) == 0 { 0 } else { 3 };
+    let mut a = CodeAssembler::new(32).unwrap();
+    let n = 1 + r.below(40);
+    for _ in 0..n {
+        gen_one(&mut a, &mut r, cpl);
+    }
+    // Self-modifying code: a store into the code ahead sometimes.
+    a.hlt().unwrap();
+    let mut code = a.assemble(CODE).unwrap();
+    if r.below(8) == 0 && code.len() > 16 {
+        // Prepend nothing: overwrite a random later byte through a store
+        // placed at the start (mov byte [CODE+k], imm8 is 7 bytes).
+        let k = 7 + r.below(code.len() as u64 - 8) as i32;
+        let mut b = CodeAssembler::new(32).unwrap();
+        b.mov(byte_ptr(CODE as i32 + k), r.next() as u8 as i32).unwrap();
+        let mut pre = b.assemble(CODE).unwrap();
+        if pre.len() == 7 {
+            // Replace the first 7 bytes' worth by shifting: simply run the
+            // store first and the sequence after it (addresses are absolute
+            // only in memory operands, and jumps are relative).
+            pre.extend_from_slice(&code);
+            code = pre;
+        }
+    }
+    let (cpu_b, data) = machine(&code, cpl, &mut Rng(case + 1));
+    let (mut cpu_i, _) = machine(&code, cpl, &mut Rng(case + 1));
+    let mut bt = BtCore::new(cpu_b).unwrap();
+    let (mut bus_b, mut bus_i) = (Quiet, Quiet);
+    t.cases += 1;
+    let _ = data;
+    for _ in 0..10_000 {
+        let before = bt.cpu().icount;
+        let runs = bt.stats.ccf_runs;
+        let exit_b = bt.step(&mut bus_b, 100_000);
+        let n = bt.cpu().icount - before;
+        t.dispatches += 1;
+        t.ccf_runs += bt.stats.ccf_runs - runs;
+        let mut exit_i = if n > 0 {
+            cpu_i.run(&mut bus_i, n)
+        } else {
+            RunExit::Budget
+        };
+        if exit_b.is_some() && exit_i == RunExit::Budget {
+            exit_i = cpu_i.run(&mut bus_i, 1);
+        }
+        let exit_b = exit_b.unwrap_or(RunExit::Budget);
+        let (st_b, st_i) = (bt.cpu().state().clone(), cpu_i.state().clone());
+        let mut mem_b = vec![0u8; 4096];
+        let mut mem_i = vec![0u8; 4096];
+        bt.cpu().ram().read(DATA, &mut mem_b).unwrap();
+        cpu_i.ram().read(DATA, &mut mem_i).unwrap();
+        if exit_b != exit_i || st_b != st_i || mem_b != mem_i || bt.cpu().icount != cpu_i.icount {
+            t.mismatches.push(format!(
+                "case {case} (seed {seed:#x}, cpl {cpl}) after {} instructions: exit bt {exit_b:?} interp {exit_i:?}\n  gpr bt {:x?}\n  gpr in {:x?}\n  rip {:#x}/{:#x} rflags {:#x}/{:#x} data equal {}\n  code {:02x?}",
+                bt.cpu().icount,
+                &st_b.gpr[..8],
+                &st_i.gpr[..8],
+                st_b.rip,
+                st_i.rip,
+                st_b.rflags,
+                st_i.rflags,
+                mem_b == mem_i,
+                code
+            ));
+            return;
+        }
+        if exit_b != RunExit::Budget {
+            if matches!(exit_b, RunExit::Exception { .. }) {
+                t.exceptions += 1;
+            }
+            return;
+        }
+    }
+}
+
+#[test]
+fn bt_matches_interp_on_random_sequences() {
+    let seed = env("POPEK_BT_DIFF_SEED", 0x5eed_b7);
+    let cases = env("POPEK_BT_DIFF_CASES", 3000);
+    let mut t = Tally::default();
+    for case in 0..cases {
+        run_case(seed, case, &mut t);
+    }
+    eprintln!(
+        "bt vs interp: {} sequences, {} dispatches ({} CCF runs), {} ended in an exception, {} mismatches",
+        t.cases,
+        t.dispatches,
+        t.ccf_runs,
+        t.exceptions,
+        t.mismatches.len()
+    );
+    for m in t.mismatches.iter().take(5) {
+        eprintln!("{m}");
+    }
+    assert!(t.ccf_runs > t.cases, "the translator ran: {}", t.ccf_runs);
+    assert!(t.mismatches.is_empty(), "{} mismatches", t.mismatches.len());
+}
+
+/// A store into a translated instruction takes effect the next time it
+/// runs: the CCF is dropped and retranslated.
+#[test]
+fn self_modifying_code_invalidates_the_ccf() {
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut top = a.create_label();
+    a.mov(ecx, 2).unwrap(); // 5 bytes: the next instruction's imm32 is at +6
+    a.set_label(&mut top).unwrap();
+    a.mov(eax, 0x1111_1111).unwrap();
+    a.add(ebx, eax).unwrap();
+    a.mov(dword_ptr(CODE as i32 + 6), 0x2222_2222).unwrap();
+    a.dec(ecx).unwrap();
+    a.jne(top).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let (mut cpu, _) = machine(&code, 0, &mut Rng(7));
+    cpu.state_mut().gpr[3] = 0;
+    let mut bt = BtCore::new(cpu).unwrap();
+    assert_eq!(bt.run(&mut Quiet, 1000), RunExit::Halted);
+    assert_eq!(bt.cpu().state().gpr[3] as u32, 0x3333_3333);
+    assert!(bt.stats.invalidations >= 1, "{:?}", bt.stats);
+    assert!(bt.stats.tus >= 2);
+}
