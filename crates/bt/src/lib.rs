@@ -35,8 +35,9 @@ pub const CACHE_SIZE: usize = 32 << 20;
 /// does not handle (real mode, V86, 16-bit or non-flat code).
 const INTERP_CHUNK: u64 = 64;
 
-/// A compiled code fragment: `extern "sysv64" fn(state)`.
-type CcfFn = unsafe extern "sysv64" fn(*mut CpuState);
+/// A compiled code fragment: `extern "sysv64" fn(state) -> retired`
+/// (see [`translate::compile`]).
+type CcfFn = unsafe extern "sysv64" fn(*mut CpuState) -> u64;
 
 /// What the dispatcher finds for one TU key.
 #[derive(Clone, Copy)]
@@ -100,6 +101,9 @@ pub struct BtStats {
     /// Guest instructions retired by the interpreter (call-outs, fallbacks,
     /// untranslated modes, interrupt windows).
     pub dyn_interp: u64,
+    /// Inline TLB probes that missed (the instruction ran on the
+    /// interpreter).
+    pub tlb_misses: u64,
     /// Code pages whose translations were dropped.
     pub invalidations: u64,
     /// Whole-cache flushes (cache full or code cache flushed).
@@ -162,6 +166,10 @@ impl BtCore {
         use popek_cpu::state::{cr, flags, seg};
         let st = self.cpu.state();
         let cs = &st.seg[seg::CS];
+        let flat_data = [seg::DS, seg::ES, seg::SS].iter().all(|&i| {
+            let s = &st.seg[i];
+            s.base == 0 && s.limit == 0xffff_ffff && s.present() && s.typ() & 0b1110 == 0b0010
+        });
         let flat = st.cr0 & cr::CR0_PE != 0
             && st.rflags & (flags::VM | flags::TF) as u64 == 0
             && cs.big()
@@ -182,7 +190,7 @@ impl BtCore {
         let Some(phys) = self.cpu.fetch_phys(bus) else {
             return self.interp(bus, 1, None); // raises the fetch fault
         };
-        let key = (phys, eip, self.cpu.cpl());
+        let key = (phys, eip, self.cpu.cpl() | (flat_data as u8) << 2);
         self.stats.lookups += 1;
         let slot = fast_slot(&key);
         let entry = match self.fast[slot] {
@@ -225,15 +233,24 @@ impl BtCore {
                 // and DF as found, calls nothing) and accesses only the
                 // `CpuState` behind `st`, which `state_ptr` hands out with
                 // the flags materialized, and only the fields it permits.
-                unsafe {
+                let ret = unsafe {
                     let f: CcfFn = std::mem::transmute::<*const u8, CcfFn>(code);
-                    f(st);
-                }
-                self.cpu.icount += insns as u64;
+                    f(st)
+                };
                 self.stats.ccf_runs += 1;
-                self.stats.dyn_ident += ident as u64;
-                self.stats.dyn_inline += inline as u64;
-                None
+                if ret == translate::FULL {
+                    self.cpu.icount += insns as u64;
+                    self.stats.dyn_ident += ident as u64;
+                    self.stats.dyn_inline += inline as u64;
+                    return None;
+                }
+                // Left early: an inline TLB probe missed before the
+                // instruction at EIP, which the interpreter now runs.
+                let n = ret as u32 as u64;
+                self.cpu.icount += n;
+                self.stats.dyn_ident += n;
+                self.stats.tlb_misses += 1;
+                self.interp(bus, 1, None)
             }
             Entry::Interp { run, callout } => {
                 self.interp(bus, remaining.min(run as u64), Some(callout))
@@ -267,9 +284,20 @@ impl BtCore {
         let mut code = vec![0u8; (page_end - phys) as usize];
         self.cpu.ram().read(phys, &mut code).ok()?;
         let ctx = Ctx {
-            cpl,
+            cpl: cpl & 3,
             inline_sensitive: !self.cpu.report_sensitive,
+            flat_data: cpl & 4 != 0,
         };
+        let l = self.cpu.tlb_layout();
+        let probe = translate::Probe {
+            set_base: l.base as u64 + if cpl & 3 == 3 { l.set_stride as u64 } else { 0 },
+            entries: l.entries as u32,
+            entry_shift: l.entry_size.trailing_zeros(),
+            read_tag: l.read_tag as i32,
+            write_tag: l.write_tag as i32,
+            host: l.host as i32,
+        };
+        debug_assert!(l.entry_size.is_power_of_two() && l.entries.is_power_of_two());
         let entry = match translate::plan(&code, eip, ctx) {
             Translation::Interp { run, callouts } => {
                 let callout = callouts > 0;
@@ -281,11 +309,11 @@ impl BtCore {
                 Entry::Interp { run, callout }
             }
             Translation::Tu(plan) => {
-                let mut host = translate::compile(&plan, self.cache.next_addr()).ok()?;
+                let mut host = translate::compile(&plan, self.cache.next_addr(), &probe).ok()?;
                 let mut at = self.cache.push(&host);
                 if at.is_none() {
                     self.flush_all();
-                    host = translate::compile(&plan, self.cache.next_addr()).ok()?;
+                    host = translate::compile(&plan, self.cache.next_addr(), &probe).ok()?;
                     at = self.cache.push(&host);
                 }
                 self.stats.tus += 1;
@@ -373,6 +401,7 @@ impl BtCore {
             ("call-outs (dynamic)", s.callouts),
             ("fallbacks (dynamic)", s.fallbacks),
             ("instructions interpreted", s.dyn_interp),
+            ("inline TLB misses", s.tlb_misses),
             ("code pages invalidated", s.invalidations),
             ("cache flushes", s.flushes),
             ("chained exits", 0),

@@ -63,6 +63,11 @@ pub enum Class {
 enum Item {
     /// Emit this (register-mapped) host instruction.
     Ident(Instruction),
+    /// An ident instruction with a memory operand, rewritten to access
+    /// `[r11]`: compute the guest linear address, probe the CPU's TLB, run
+    /// it on a hit, leave the CCF before it (the interpreter runs it) on a
+    /// miss.
+    Mem(Box<MemInsn>),
     /// Nothing to emit (NOP).
     Nop,
     /// CLI at CPL 0.
@@ -76,6 +81,29 @@ enum Item {
     Jmp(u32),
     /// Conditional jump: condition, target, fall-through (ends the TU).
     Jcc(ConditionCode, u32, u32),
+}
+
+/// A memory instruction of a TU (see [`Item::Mem`]).
+#[derive(Clone, Debug)]
+struct MemInsn {
+    /// The host instruction, memory operand `[r11]`.
+    ins: Instruction,
+    /// Its guest EIP (where a miss leaves the CCF).
+    eip: u32,
+    /// Guest instructions of the TU before it.
+    before: u32,
+    /// Address: host base and index registers (32-bit), scale, displacement.
+    base: Register,
+    index: Register,
+    scale: u32,
+    disp: u32,
+    /// Access size in bytes.
+    size: u32,
+    /// Needs the write tag (store or read-modify-write).
+    write: bool,
+    /// The host flags must be the guest's before the instruction runs
+    /// (it reads them, or does not overwrite all six).
+    flags_live: bool,
 }
 
 /// A planned TU: what to emit, and the counts.
@@ -113,6 +141,10 @@ pub struct Ctx {
     pub cpl: u8,
     /// Inline sensitive instructions (off while the CPU reports them).
     pub inline_sensitive: bool,
+    /// DS, ES and SS are flat (base 0, limit 4 GiB, present, writable,
+    /// expand-up): memory operands through them are ident with an inline
+    /// TLB probe.
+    pub flat_data: bool,
 }
 
 /// Plans the TU for `code` (the guest bytes from `eip` to the end of its
@@ -131,9 +163,12 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx) -> Translation {
         if ins.is_invalid() {
             break; // undecodable or straddling the page end: a call-out
         }
-        let Some((item, class)) = classify(&ins, ctx) else {
+        let Some((mut item, class)) = classify(&ins, ctx) else {
             break;
         };
+        if let Item::Mem(m) = &mut item {
+            m.before = p.insns;
+        }
         p.insns += 1;
         match class {
             Class::Inline => p.inline += 1,
@@ -390,6 +425,7 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
         _ => *ins,
     };
     h.set_segment_prefix(Register::None);
+    let mut mem_op = false;
     for i in 0..h.op_count() {
         match h.op_kind(i) {
             OpKind::Register => {
@@ -424,10 +460,62 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
                     return encodable(mov).map(|i| (Item::Ident(i), Class::Ident));
                 }
             }
+            OpKind::Memory if ctx.flat_data && !mem_op => mem_op = true,
             _ => return None,
         }
     }
+    if mem_op {
+        return mem_form(ins, h, m).map(|mi| (Item::Mem(Box::new(mi)), Class::Ident));
+    }
     encodable(h).map(|i| (Item::Ident(i), Class::Ident))
+}
+
+/// The `[r11]` form of an ident instruction with a memory operand, or
+/// `None` (call-out) for what the inline path does not cover: segments
+/// other than DS/ES/SS, 16-bit addressing, moffs forms.
+fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic) -> Option<MemInsn> {
+    use iced_x86::RflagsBits as F;
+    if !matches!(
+        guest.memory_segment(),
+        Register::DS | Register::ES | Register::SS
+    ) {
+        return None;
+    }
+    let map32 = |r: Register| -> Option<Register> {
+        if r == Register::None {
+            Some(r)
+        } else {
+            map_reg(r).filter(|r| r.size() == 4)
+        }
+    };
+    let base = map32(guest.memory_base())?;
+    let index = map32(guest.memory_index())?;
+    let size = guest.memory_size().size() as u32;
+    if !matches!(size, 1 | 2 | 4) {
+        return None;
+    }
+    h.set_memory_base(Register::R11);
+    h.set_memory_index(Register::None);
+    h.set_memory_index_scale(1);
+    h.set_memory_displacement64(0);
+    h.set_memory_displ_size(0);
+    let h = encodable(h)?;
+    let write = (guest.op0_kind() == OpKind::Memory && !matches!(m, Mnemonic::Cmp | Mnemonic::Test))
+        || m == Mnemonic::Xchg;
+    let arith = F::OF | F::SF | F::ZF | F::AF | F::CF | F::PF;
+    let flags_live = guest.rflags_read() & arith != 0 || guest.rflags_modified() & arith != arith;
+    Some(MemInsn {
+        ins: h,
+        eip: guest.ip32(),
+        before: 0,
+        base,
+        index,
+        scale: guest.memory_index_scale(),
+        disp: guest.memory_displacement32(),
+        size,
+        write,
+        flags_live,
+    })
 }
 
 /// `Some(i)` when the host encoder accepts `i` in 64-bit mode (e.g. AH
@@ -442,15 +530,17 @@ const HOST_GPRS: [AsmRegister64; 8] = [rax, rcx, rdx, rbx, r8, rbp, rsi, rdi];
 
 /// Compiles a plan into host code for address `ip`.
 ///
-/// The fragment is an `extern "sysv64" fn(*mut CpuState)`: it saves the
-/// callee-saved registers it uses (RBX, RBP, R15), keeps the state pointer
+/// The fragment is an `extern "sysv64" fn(*mut CpuState) -> u64`: it saves
+/// the callee-saved registers it uses (RBX, RBP, R12, R15), keeps the state pointer
 /// in R15, loads the eight guest GPRs into host registers and the guest
 /// arithmetic flags into RFLAGS, runs the body, and on every exit stores
-/// flags, GPRs and the next EIP back.
-pub fn compile(p: &Plan, ip: u64) -> Result<Vec<u8>, IcedError> {
+/// flags, GPRs and the next EIP back. It returns [`FULL`] when the whole TU
+/// ran, else the number of instructions retired | [`SLOW_PATH`].
+pub fn compile(p: &Plan, ip: u64, tlb: &Probe) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     a.push(rbx)?;
     a.push(rbp)?;
+    a.push(r12)?;
     a.push(r15)?;
     a.mov(r15, rdi)?;
     for (i, r) in HOST_GPRS.iter().enumerate() {
@@ -462,9 +552,15 @@ pub fn compile(p: &Plan, ip: u64) -> Result<Vec<u8>, IcedError> {
     a.push(r9)?;
     a.popfq()?;
     let mut ended = false;
+    let mut slow: Vec<(CodeLabel, u32, u32)> = Vec::new();
     for item in &p.items {
         match *item {
             Item::Ident(i) => a.add_instruction(i)?,
+            Item::Mem(ref m) => {
+                let miss = a.create_label();
+                emit_probe(&mut a, m, tlb, miss)?;
+                slow.push((miss, m.eip, m.before));
+            }
             Item::Nop => {}
             Item::Cli => {
                 a.pushfq()?;
@@ -516,15 +612,100 @@ pub fn compile(p: &Plan, ip: u64) -> Result<Vec<u8>, IcedError> {
     if !ended {
         emit_exit(&mut a, p.next_eip)?;
     }
+    for (mut l, eip, before) in slow {
+        // TLB miss: the guest flags back, leave before the instruction and
+        // have the dispatcher run it on the interpreter (which walks the
+        // page tables, faults precisely or reaches MMIO).
+        a.set_label(&mut l)?;
+        a.push(r12)?;
+        a.popfq()?;
+        emit_exit_n(&mut a, eip, before as u64 | SLOW_PATH)?;
+    }
     a.assemble(ip)
+}
+
+/// Bit of a CCF's return value: the instruction at the returned EIP must
+/// run on the interpreter (an inline TLB probe missed).
+pub const SLOW_PATH: u64 = 1 << 32;
+
+/// What the inline TLB probe needs from the CPU (`popek_cpu::mmu::TlbLayout`
+/// for the TU's privilege set).
+#[derive(Clone, Copy, Debug)]
+pub struct Probe {
+    /// Address of entry 0 of the set (supervisor or user).
+    pub set_base: u64,
+    /// Entries (a power of two).
+    pub entries: u32,
+    /// log2 of the entry size.
+    pub entry_shift: u32,
+    /// Offsets of the read tag, write tag and host address in an entry.
+    pub read_tag: i32,
+    /// See `read_tag`.
+    pub write_tag: i32,
+    /// See `read_tag`.
+    pub host: i32,
+}
+
+/// Guest linear address → R9, TLB entry → R10, host address → R11; jumps
+/// to `miss` (guest flags saved in R12) unless the access can go straight
+/// to host memory; then runs the instruction.
+fn emit_probe(a: &mut CodeAssembler, m: &MemInsn, t: &Probe, miss: CodeLabel) -> Result<(), IcedError> {
+    a.pushfq()?;
+    a.pop(r12)?;
+    if m.base == Register::None && m.index == Register::None {
+        a.mov(r9d, m.disp)?;
+    } else {
+        let mo = iced_x86::MemoryOperand::new(
+            m.base,
+            m.index,
+            m.scale,
+            m.disp as i32 as i64,
+            if m.disp != 0 { 4 } else { 0 },
+            false,
+            Register::None,
+        );
+        a.add_instruction(Instruction::with2(Code::Lea_r32_m, Register::R9D, mo)?)?;
+    }
+    a.mov(r10d, r9d)?;
+    a.shr(r10d, 12)?;
+    a.and(r10d, (t.entries - 1) as i32)?;
+    a.shl(r10, t.entry_shift)?;
+    a.mov(r11, t.set_base)?;
+    a.add(r10, r11)?;
+    a.mov(r11d, r9d)?;
+    a.and(r11d, !0xfff)?;
+    a.or(r11d, 1)?;
+    let tag = if m.write { t.write_tag } else { t.read_tag };
+    a.cmp(r11d, dword_ptr(r10 + tag))?;
+    a.jne(miss)?;
+    a.mov(r11d, r9d)?;
+    a.and(r11d, 0xfff)?;
+    a.cmp(r11d, (0x1000 - m.size) as i32)?;
+    a.ja(miss)?;
+    a.add(r11, qword_ptr(r10 + t.host))?;
+    if m.flags_live {
+        a.push(r12)?;
+        a.popfq()?;
+    }
+    a.add_instruction(m.ins)
 }
 
 fn mem(off: i32) -> iced_x86::MemoryOperand {
     iced_x86::MemoryOperand::with_base_displ(Register::R15, off as i64)
 }
 
-/// Writes flags, GPRs and EIP back and returns.
+/// Writes flags, GPRs and EIP back and returns 0 (the whole TU ran; the
+/// dispatcher knows its length).
 fn emit_exit(a: &mut CodeAssembler, eip: u32) -> Result<(), IcedError> {
+    emit_exit_n(a, eip, FULL)
+}
+
+/// A CCF's return value when every instruction of the TU ran.
+pub const FULL: u64 = 0xffff_ffff;
+
+/// Writes flags, GPRs and EIP back and returns `ret`: [`FULL`], or the
+/// number of guest instructions retired plus flag bits ([`SLOW_PATH`]).
+fn emit_exit_n(a: &mut CodeAssembler, eip: u32, ret: u64) -> Result<(), IcedError> {
     a.pushfq()?;
     a.pop(r9)?;
     a.and(r9d, ARITH)?;
@@ -537,7 +718,9 @@ fn emit_exit(a: &mut CodeAssembler, eip: u32) -> Result<(), IcedError> {
     }
     a.mov(r9d, eip)?;
     a.mov(qword_ptr(r15 + OFF_RIP), r9)?;
+    a.mov(rax, ret)?;
     a.pop(r15)?;
+    a.pop(r12)?;
     a.pop(rbp)?;
     a.pop(rbx)?;
     a.ret()

@@ -24,8 +24,10 @@ pub enum AccessKind {
     Fetch,
 }
 
-/// One TLB entry (per privilege class).
+/// One TLB entry (per privilege class). `#[repr(C)]`: generated code probes
+/// it at the offsets [`TlbLayout`] publishes.
 #[derive(Clone, Copy, Debug)]
+#[repr(C)]
 pub(crate) struct TlbEntry {
     /// `linear page | 1` when this entry translates the page at all.
     vtag: u32,
@@ -57,10 +59,53 @@ const INVALID: TlbEntry = TlbEntry {
 
 /// The software TLB: one direct-mapped array for supervisor accesses and one
 /// for user accesses.
+#[repr(C)]
 pub struct Tlb {
     e: [[TlbEntry; TLB_SIZE]; 2],
     /// Some entry may be a piece of a 4 MiB page.
     has_big: bool,
+}
+
+/// Where generated code (the binary translator) finds the software TLB: the
+/// entry for linear address `lin` at privilege set `s` (0 supervisor, 1
+/// user, CPL 3) is at `base + s * set_stride + ((lin >> 12) % entries) *
+/// entry_size`; an access of `n` bytes may go straight to `host + (lin &
+/// 0xfff)` when `(lin & 0xfff) + n <= 0x1000` and the 32-bit tag at
+/// `read_tag` (reads) or `write_tag` (writes, read-modify-writes) equals
+/// `(lin & !0xfff) | 1`. Anything else must take the CPU's slow path (it
+/// walks the page tables, sets A/D bits, raises #PF, invalidates code).
+#[derive(Clone, Copy, Debug)]
+pub struct TlbLayout {
+    /// Address of entry 0 of the supervisor set. Stable for the CPU's
+    /// lifetime (the TLB is boxed and flushed in place).
+    pub base: *const u8,
+    /// Entries per set.
+    pub entries: usize,
+    /// Bytes per entry.
+    pub entry_size: usize,
+    /// Bytes from one set to the next.
+    pub set_stride: usize,
+    /// Offset of the read tag (u32) in an entry.
+    pub read_tag: usize,
+    /// Offset of the write tag (u32).
+    pub write_tag: usize,
+    /// Offset of the host address of the page (usize).
+    pub host: usize,
+}
+
+impl Cpu {
+    /// The software TLB's layout, for generated code.
+    pub fn tlb_layout(&self) -> TlbLayout {
+        TlbLayout {
+            base: self.tlb.e.as_ptr() as *const u8,
+            entries: TLB_SIZE,
+            entry_size: std::mem::size_of::<TlbEntry>(),
+            set_stride: std::mem::size_of::<[TlbEntry; TLB_SIZE]>(),
+            read_tag: std::mem::offset_of!(TlbEntry, read_tag),
+            write_tag: std::mem::offset_of!(TlbEntry, write_tag),
+            host: std::mem::offset_of!(TlbEntry, host),
+        }
+    }
 }
 
 impl Tlb {
