@@ -3,6 +3,8 @@
 //!
 //!     cargo bench --bench startup
 
+#![allow(missing_docs)] // criterion_group! generates an undocumented function.
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -16,6 +16,39 @@ fn popek(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// The guest measured its TSC against the PIT (the machine's TSC is a
+/// nominal 1 GHz on the software engines) and every bench line carries
+/// `ns_per_iter=`, which at 1 GHz equals `cycles_per_iter` to within the
+/// calibration error.
+fn assert_tsc_calibrated_and_ns(out: &str) {
+    let mhz: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("minios: tsc MHz="))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no `minios: tsc MHz=` line:\n{out}"));
+    assert!(
+        (990.0..=1010.0).contains(&mhz),
+        "TSC {mhz} MHz, want ~1000:\n{out}"
+    );
+    let mut lines = 0;
+    for l in out.lines().filter(|l| l.starts_with("minios: bench ")) {
+        let field = |k: &str| -> f64 {
+            l.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(k))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{k} missing in {l}"))
+        };
+        let (cycles, ns) = (field("cycles_per_iter="), field("ns_per_iter="));
+        assert!(
+            (ns - cycles).abs() <= 1.0 + cycles * 0.02,
+            "at ~1 GHz ns ≈ cycles: {l}"
+        );
+        lines += 1;
+    }
+    assert_eq!(lines, 8, "{out}");
+}
+
 #[test]
 fn minios_passes_its_checks_on_interp_and_powers_off() {
     let (code, out, err) = popek(&["run", "--engine", "interp", "--clock", "virtual"]);
@@ -43,6 +76,7 @@ fn minios_passes_its_checks_on_interp_and_powers_off() {
             "benchmark {bench} missing:\n{out}"
         );
     }
+    assert_tsc_calibrated_and_ns(&out);
     assert_eq!(code, 0, "power-off exits 0; stderr:\n{err}");
 }
 
@@ -62,5 +96,6 @@ fn paravirtual_minios_passes_its_checks_on_interp() {
         "stdout:\n{out}\nstderr:\n{err}"
     );
     assert!(!out.contains("FAILED"), "{out}");
+    assert_tsc_calibrated_and_ns(&out);
     assert_eq!(code, 0, "stderr:\n{err}");
 }

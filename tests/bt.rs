@@ -32,15 +32,23 @@ fn bt_matches_interp(guest: &str) {
     // The translator really ran: CCFs executed and ident code retired.
     let stat = |name: &str| -> u64 {
         err.lines()
-            .find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().parse().unwrap_or(0)))
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix(name)
+                    .map(|v| v.trim().parse().unwrap_or(0))
+            })
             .unwrap_or_else(|| panic!("no `{name}` in --stats:\n{err}"))
     };
     assert!(stat("TUs translated") > 100, "{err}");
     assert!(stat("ident instructions (dynamic)") > 1_000_000, "{err}");
-    let (icode, iout, ierr) =
-        popek(&["run", "--engine", "interp", "--guest", guest, "--clock", "virtual"]);
+    let (icode, iout, ierr) = popek(&[
+        "run", "--engine", "interp", "--guest", guest, "--clock", "virtual",
+    ]);
     assert_eq!(icode, 0, "{ierr}");
-    assert_eq!(out, iout, "bt and interp print the same with a virtual clock");
+    assert_eq!(
+        out, iout,
+        "bt and interp print the same with a virtual clock"
+    );
 }
 
 #[test]

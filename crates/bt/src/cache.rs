@@ -113,13 +113,13 @@ impl CodeCache {
     }
 
     /// The executable bytes at `addr` (a fragment's address), for dumps.
-    pub fn bytes(&self, addr: *const u8, len: usize) -> &[u8] {
-        let off = addr as usize - self.rx as usize;
-        assert!(off + len <= self.used);
+    pub fn bytes(&self, addr: u64, len: usize) -> &[u8] {
+        let off = (addr as usize).wrapping_sub(self.rx as usize);
+        assert!(off <= self.used && len <= self.used - off);
         // SAFETY: checked above to lie within the used part of the RX view,
         // which is readable and only written through the RW view while no
         // `&self` borrow exists (`push` takes `&mut self`).
-        unsafe { std::slice::from_raw_parts(addr, len) }
+        unsafe { std::slice::from_raw_parts(self.rx.add(off), len) }
     }
 }
 

@@ -18,7 +18,7 @@
 pub mod cache;
 pub mod translate;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use popek_cpu::{Bus, Cpu, CpuState, RunExit};
 use popek_engine::{Engine, EngineError, VmExit};
@@ -30,6 +30,15 @@ use translate::{Ctx, Translation};
 
 /// Size of the translation cache.
 pub const CACHE_SIZE: usize = 32 << 20;
+
+/// Slow-path exits of one inline memory instruction after which it is
+/// retranslated as a call-out (adaptive BT).
+const ADAPT_MISSES: u32 = 8;
+
+/// Instructions the interpreter runs after an inline TLB miss (the TLB
+/// fill, a fault or MMIO; running on avoids translating a fresh TU at each
+/// following EIP when misses repeat).
+const MISS_RUN: u64 = 64;
 
 /// Instructions the interpreter runs per dispatch in modes the translator
 /// does not handle (real mode, V86, 16-bit or non-flat code).
@@ -104,6 +113,10 @@ pub struct BtStats {
     /// Inline TLB probes that missed (the instruction ran on the
     /// interpreter).
     pub tlb_misses: u64,
+    /// Instructions retranslated as call-outs because they kept missing.
+    pub adapted: u64,
+    /// TUs the assembler refused (interpreted instead; expected 0).
+    pub compile_errors: u64,
     /// Code pages whose translations were dropped.
     pub invalidations: u64,
     /// Whole-cache flushes (cache full or code cache flushed).
@@ -119,6 +132,10 @@ pub struct BtCore {
     /// Direct-mapped front of `map`: most dispatches end here.
     fast: Box<[Option<(Key, Entry)>]>,
     page_keys: HashMap<u64, Vec<Key>>,
+    /// Slow-path exits per guest-physical instruction address.
+    misses: HashMap<u64, u32>,
+    /// Instructions (guest-physical) retranslated as call-outs.
+    forced: HashSet<u64>,
     /// Counters.
     pub stats: BtStats,
 }
@@ -133,6 +150,8 @@ impl BtCore {
             map: HashMap::new(),
             fast: vec![None; FAST].into_boxed_slice(),
             page_keys: HashMap::new(),
+            misses: HashMap::new(),
+            forced: HashSet::new(),
             stats: BtStats::default(),
         })
     }
@@ -169,7 +188,7 @@ impl BtCore {
         let flat_data = [seg::DS, seg::ES, seg::SS].iter().all(|&i| {
             let s = &st.seg[i];
             s.base == 0 && s.limit == 0xffff_ffff && s.present() && s.typ() & 0b1110 == 0b0010
-        });
+        }) && st.seg[seg::SS].big();
         let flat = st.cr0 & cr::CR0_PE != 0
             && st.rflags & (flags::VM | flags::TF) as u64 == 0
             && cs.big()
@@ -250,7 +269,18 @@ impl BtCore {
                 self.cpu.icount += n;
                 self.stats.dyn_ident += n;
                 self.stats.tlb_misses += 1;
-                self.interp(bus, 1, None)
+                let at = phys + (self.cpu.state().rip as u32).wrapping_sub(eip) as u64;
+                let count = self.misses.entry(at).or_insert(0);
+                *count += 1;
+                if *count >= ADAPT_MISSES && at >> 12 == phys >> 12 {
+                    // Adaptive BT: this access keeps missing (MMIO, a code
+                    // page, page-crossing): make it a call-out.
+                    self.forced.insert(at);
+                    self.misses.remove(&at);
+                    self.drop_key(key);
+                    self.stats.adapted += 1;
+                }
+                self.interp(bus, (remaining - n).min(MISS_RUN), None)
             }
             Entry::Interp { run, callout } => {
                 self.interp(bus, remaining.min(run as u64), Some(callout))
@@ -298,7 +328,8 @@ impl BtCore {
             host: l.host as i32,
         };
         debug_assert!(l.entry_size.is_power_of_two() && l.entries.is_power_of_two());
-        let entry = match translate::plan(&code, eip, ctx) {
+        let forced = |e: u32| self.forced.contains(&(phys + e.wrapping_sub(eip) as u64));
+        let entry = match translate::plan(&code, eip, ctx, &forced) {
             Translation::Interp { run, callouts } => {
                 let callout = callouts > 0;
                 if callout {
@@ -309,7 +340,18 @@ impl BtCore {
                 Entry::Interp { run, callout }
             }
             Translation::Tu(plan) => {
-                let mut host = translate::compile(&plan, self.cache.next_addr(), &probe).ok()?;
+                let Ok(mut host) = translate::compile(&plan, self.cache.next_addr(), &probe) else {
+                    // Never expected (each instruction was test-encoded):
+                    // interpret this code from now on.
+                    self.stats.compile_errors += 1;
+                    let e = Entry::Interp {
+                        run: 1,
+                        callout: false,
+                    };
+                    self.map.insert(key, e);
+                    self.page_keys.entry(phys >> 12).or_default().push(key);
+                    return Some(e);
+                };
                 let mut at = self.cache.push(&host);
                 if at.is_none() {
                     self.flush_all();
@@ -337,6 +379,15 @@ impl BtCore {
         Some(entry)
     }
 
+    /// Forgets one translation (it is retranslated at the next dispatch).
+    fn drop_key(&mut self, k: Key) {
+        self.map.remove(&k);
+        let slot = fast_slot(&k);
+        if matches!(self.fast[slot], Some((fk, _)) if fk == k) {
+            self.fast[slot] = None;
+        }
+    }
+
     /// Drops the translations of code pages the CPU saw written.
     fn drain_invalidations(&mut self) {
         for page in self.cpu.take_invalidated_pages() {
@@ -347,12 +398,10 @@ impl BtCore {
             if let Some(keys) = self.page_keys.remove(&page) {
                 self.stats.invalidations += 1;
                 for k in keys {
-                    self.map.remove(&k);
-                    let slot = fast_slot(&k);
-                    if matches!(self.fast[slot], Some((fk, _)) if fk == k) {
-                        self.fast[slot] = None;
-                    }
+                    self.drop_key(k);
                 }
+                self.forced.retain(|a| a >> 12 != page);
+                self.misses.retain(|a, _| a >> 12 != page);
             }
         }
     }
@@ -360,6 +409,8 @@ impl BtCore {
     /// Drops every translation and empties the cache.
     pub fn flush_all(&mut self) {
         self.map.clear();
+        self.forced.clear();
+        self.misses.clear();
         self.fast.iter_mut().for_each(|e| *e = None);
         self.page_keys.clear();
         self.cache.reset();
@@ -371,7 +422,7 @@ impl BtCore {
     pub fn ccf_at(&self, phys: u64) -> Option<(u64, &[u8])> {
         self.map.iter().find_map(|(k, e)| match *e {
             Entry::Ccf { code, bytes, .. } if k.0 == phys => {
-                Some((code as u64, self.cache.bytes(code, bytes as usize)))
+                Some((code as u64, self.cache.bytes(code as u64, bytes as usize)))
             }
             _ => None,
         })
@@ -402,8 +453,10 @@ impl BtCore {
             ("fallbacks (dynamic)", s.fallbacks),
             ("instructions interpreted", s.dyn_interp),
             ("inline TLB misses", s.tlb_misses),
+            ("adaptive retranslations", s.adapted),
             ("code pages invalidated", s.invalidations),
             ("cache flushes", s.flushes),
+            ("compile errors", s.compile_errors),
             ("chained exits", 0),
         ]
     }

@@ -86,7 +86,10 @@ enum Item {
 /// A memory instruction of a TU (see [`Item::Mem`]).
 #[derive(Clone, Debug)]
 struct MemInsn {
-    /// The host instruction, memory operand `[r11]`.
+    /// What runs on a hit.
+    op: MemOp,
+    /// The host instruction, memory operand `[r11]` (for `MemOp::Insn`;
+    /// flag queries use it for every kind).
     ins: Instruction,
     /// Its guest EIP (where a miss leaves the CCF).
     eip: u32,
@@ -104,6 +107,23 @@ struct MemInsn {
     /// The host flags must be the guest's before the instruction runs
     /// (it reads them, or does not overwrite all six).
     flags_live: bool,
+}
+
+/// The access a [`MemInsn`] makes once its probe hit (`r11` = host address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MemOp {
+    /// The rewritten instruction.
+    Insn,
+    /// PUSH r32 (the value before the decrement) or PUSH imm.
+    PushReg(Register),
+    /// See `PushReg`.
+    PushImm(u32),
+    /// POP r32 (not ESP).
+    Pop(Register),
+    /// CALL rel32: push the return address, jump (ends the TU).
+    Call { ret: u32, target: u32 },
+    /// RET / RET imm16: pop EIP, release `imm` more bytes (ends the TU).
+    Ret(u32),
 }
 
 /// A planned TU: what to emit, and the counts.
@@ -149,7 +169,10 @@ pub struct Ctx {
 
 /// Plans the TU for `code` (the guest bytes from `eip` to the end of its
 /// page; flat 32-bit protected mode).
-pub fn plan(code: &[u8], eip: u32, ctx: Ctx) -> Translation {
+///
+/// `forced(eip)` names instructions that must be call-outs even if they
+/// could be translated (adaptive BT: inline accesses that keep missing).
+pub fn plan(code: &[u8], eip: u32, ctx: Ctx, forced: &dyn Fn(u32) -> bool) -> Translation {
     let mut dec = Decoder::with_ip(32, code, eip as u64, DecoderOptions::NONE);
     let mut p = Plan {
         items: Vec::new(),
@@ -163,6 +186,9 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx) -> Translation {
         if ins.is_invalid() {
             break; // undecodable or straddling the page end: a call-out
         }
+        if forced(ins.ip32()) {
+            break;
+        }
         let Some((mut item, class)) = classify(&ins, ctx) else {
             break;
         };
@@ -175,13 +201,18 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx) -> Translation {
             _ => p.ident += 1,
         }
         p.next_eip = ins.next_ip32();
-        let ends = matches!(item, Item::Sti | Item::Jmp(_) | Item::Jcc(..));
+        let ends = match &item {
+            Item::Sti | Item::Jmp(_) | Item::Jcc(..) => true,
+            Item::Mem(m) => matches!(m.op, MemOp::Call { .. } | MemOp::Ret(_)),
+            _ => false,
+        };
         p.items.push(item);
         if ends {
             break;
         }
     }
     if p.insns > 0 {
+        flags_liveness(&mut p.items);
         return Translation::Tu(p);
     }
     // A call-out: count how far the interpreter may run (up to the next
@@ -190,7 +221,7 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx) -> Translation {
     let (mut run, mut callouts) = (0, 0);
     while (run as usize) < MAX_CALLOUT_RUN && dec.can_decode() {
         let ins = dec.decode();
-        if run > 0 && (ins.is_invalid() || classify(&ins, ctx).is_some()) {
+        if run > 0 && (ins.is_invalid() || (classify(&ins, ctx).is_some() && !forced(ins.ip32()))) {
             break;
         }
         run += 1;
@@ -204,6 +235,47 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx) -> Translation {
     Translation::Interp {
         run: run.max(1),
         callouts,
+    }
+}
+
+const ARITH_BITS: u32 = iced_x86::RflagsBits::OF
+    | iced_x86::RflagsBits::SF
+    | iced_x86::RflagsBits::ZF
+    | iced_x86::RflagsBits::AF
+    | iced_x86::RflagsBits::CF
+    | iced_x86::RflagsBits::PF;
+
+/// Clears `flags_live` of memory instructions whose probe may leave the
+/// host flags clobbered on a hit: those followed, before any flag read,
+/// any possible exit (another probe, an inline sequence, the TU end), by an
+/// instruction that overwrites all six arithmetic flags. Saves a POPFQ.
+fn flags_liveness(items: &mut [Item]) {
+    for i in 0..items.len() {
+        let Item::Mem(m) = &items[i] else { continue };
+        if !m.flags_live || m.ins.rflags_read() & ARITH_BITS != 0 {
+            continue;
+        }
+        let mut dead = false;
+        for it in &items[i + 1..] {
+            match it {
+                Item::Nop => continue,
+                Item::Ident(h) => {
+                    if h.rflags_read() & ARITH_BITS != 0 {
+                        break;
+                    }
+                    if h.rflags_modified() & ARITH_BITS == ARITH_BITS {
+                        dead = true;
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
+        if dead {
+            if let Item::Mem(m) = &mut items[i] {
+                m.flags_live = false;
+            }
+        }
     }
 }
 
@@ -276,7 +348,10 @@ pub fn is_system(ins: &Instruction) -> bool {
         && matches!(ins.op0_kind(), OpKind::FarBranch16 | OpKind::FarBranch32))
         || (matches!(ins.mnemonic(), Call | Jmp)
             && ins.op0_kind() == OpKind::Memory
-            && matches!(ins.memory_size(), iced_x86::MemorySize::SegPtr16 | iced_x86::MemorySize::SegPtr32))
+            && matches!(
+                ins.memory_size(),
+                iced_x86::MemorySize::SegPtr16 | iced_x86::MemorySize::SegPtr32
+            ))
 }
 
 /// Guest register → host register for the duration of a CCF: the same
@@ -339,6 +414,11 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
             return Some((Item::StoreReg(off, host, size), Class::Inline));
         }
         _ => {}
+    }
+    if ctx.flat_data {
+        if let Some(mi) = stack_op(ins) {
+            return Some((Item::Mem(Box::new(mi)), Class::Ident));
+        }
     }
     let ok = matches!(
         m,
@@ -500,11 +580,13 @@ fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic) -> Option<MemI
     h.set_memory_displacement64(0);
     h.set_memory_displ_size(0);
     let h = encodable(h)?;
-    let write = (guest.op0_kind() == OpKind::Memory && !matches!(m, Mnemonic::Cmp | Mnemonic::Test))
+    let write = (guest.op0_kind() == OpKind::Memory
+        && !matches!(m, Mnemonic::Cmp | Mnemonic::Test))
         || m == Mnemonic::Xchg;
     let arith = F::OF | F::SF | F::ZF | F::AF | F::CF | F::PF;
     let flags_live = guest.rflags_read() & arith != 0 || guest.rflags_modified() & arith != arith;
     Some(MemInsn {
+        op: MemOp::Insn,
         ins: h,
         eip: guest.ip32(),
         before: 0,
@@ -518,9 +600,49 @@ fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic) -> Option<MemI
     })
 }
 
+/// PUSH/POP/CALL/RET on a flat 32-bit stack through the inline probe.
+fn stack_op(ins: &Instruction) -> Option<MemInsn> {
+    let (op, disp, write) = match ins.code() {
+        Code::Push_r32 => (MemOp::PushReg(map_reg(ins.op0_register())?), -4i32, true),
+        Code::Pushd_imm32 | Code::Pushd_imm8 => (MemOp::PushImm(ins.immediate32()), -4, true),
+        Code::Pop_r32 if ins.op0_register() != Register::ESP => {
+            (MemOp::Pop(map_reg(ins.op0_register())?), 0, false)
+        }
+        Code::Call_rel32_32 => (
+            MemOp::Call {
+                ret: ins.next_ip32(),
+                target: ins.near_branch32(),
+            },
+            -4,
+            true,
+        ),
+        Code::Retnd => (MemOp::Ret(0), 0, false),
+        Code::Retnd_imm16 => (MemOp::Ret(ins.immediate16() as u32), 0, false),
+        _ => return None,
+    };
+    let mut ins0 = *ins;
+    ins0.set_ip(0);
+    Some(MemInsn {
+        op,
+        ins: ins0,
+        eip: ins.ip32(),
+        before: 0,
+        base: Register::R8D,
+        index: Register::None,
+        scale: 1,
+        disp: disp as u32,
+        size: 4,
+        write,
+        // PUSH/POP change no flags; CALL/RET leave the CCF.
+        flags_live: true,
+    })
+}
+
 /// `Some(i)` when the host encoder accepts `i` in 64-bit mode (e.g. AH
 /// cannot appear beside R8).
-fn encodable(i: Instruction) -> Option<Instruction> {
+fn encodable(mut i: Instruction) -> Option<Instruction> {
+    // CodeAssembler treats a non-zero IP as a label: drop the guest's.
+    i.set_ip(0);
     let mut e = Encoder::new(64);
     e.encode(&i, 0).ok().map(|_| i)
 }
@@ -560,6 +682,17 @@ pub fn compile(p: &Plan, ip: u64, tlb: &Probe) -> Result<Vec<u8>, IcedError> {
                 let miss = a.create_label();
                 emit_probe(&mut a, m, tlb, miss)?;
                 slow.push((miss, m.eip, m.before));
+                match m.op {
+                    MemOp::Call { target, .. } => {
+                        emit_exit(&mut a, target)?;
+                        ended = true;
+                    }
+                    MemOp::Ret(_) => {
+                        emit_exit_reg(&mut a)?;
+                        ended = true;
+                    }
+                    _ => {}
+                }
             }
             Item::Nop => {}
             Item::Cli => {
@@ -649,7 +782,12 @@ pub struct Probe {
 /// Guest linear address → R9, TLB entry → R10, host address → R11; jumps
 /// to `miss` (guest flags saved in R12) unless the access can go straight
 /// to host memory; then runs the instruction.
-fn emit_probe(a: &mut CodeAssembler, m: &MemInsn, t: &Probe, miss: CodeLabel) -> Result<(), IcedError> {
+fn emit_probe(
+    a: &mut CodeAssembler,
+    m: &MemInsn,
+    t: &Probe,
+    miss: CodeLabel,
+) -> Result<(), IcedError> {
     a.pushfq()?;
     a.pop(r12)?;
     if m.base == Register::None && m.index == Register::None {
@@ -687,7 +825,59 @@ fn emit_probe(a: &mut CodeAssembler, m: &MemInsn, t: &Probe, miss: CodeLabel) ->
         a.push(r12)?;
         a.popfq()?;
     }
-    a.add_instruction(m.ins)
+    // Flags are the guest's from here on: flag-neutral code only (MOV, LEA).
+    match m.op {
+        MemOp::Insn => a.add_instruction(m.ins),
+        MemOp::PushReg(r) => {
+            a.add_instruction(Instruction::with2(
+                Code::Mov_rm32_r32,
+                iced_x86::MemoryOperand::with_base(Register::R11),
+                r,
+            )?)?;
+            a.lea(r8d, dword_ptr(r8 - 4))
+        }
+        MemOp::PushImm(v) => {
+            a.mov(dword_ptr(r11), v)?;
+            a.lea(r8d, dword_ptr(r8 - 4))
+        }
+        MemOp::Pop(r) => {
+            a.add_instruction(Instruction::with2(
+                Code::Mov_r32_rm32,
+                r,
+                iced_x86::MemoryOperand::with_base(Register::R11),
+            )?)?;
+            a.lea(r8d, dword_ptr(r8 + 4))
+        }
+        MemOp::Call { ret, .. } => {
+            a.mov(dword_ptr(r11), ret)?;
+            a.lea(r8d, dword_ptr(r8 - 4))
+        }
+        MemOp::Ret(imm) => {
+            a.mov(r11d, dword_ptr(r11))?;
+            a.lea(r8d, dword_ptr(r8 + (4 + imm as i32)))
+        }
+    }
+}
+
+/// Exit with EIP = R11 (a RET's popped address).
+fn emit_exit_reg(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.pushfq()?;
+    a.pop(r9)?;
+    a.and(r9d, ARITH)?;
+    a.mov(r10, qword_ptr(r15 + OFF_RFLAGS))?;
+    a.and(r10, !ARITH)?;
+    a.or(r10, r9)?;
+    a.mov(qword_ptr(r15 + OFF_RFLAGS), r10)?;
+    for (i, r) in HOST_GPRS.iter().enumerate() {
+        a.mov(qword_ptr(r15 + OFF_GPR + 8 * i as i32), *r)?;
+    }
+    a.mov(qword_ptr(r15 + OFF_RIP), r11)?;
+    a.mov(rax, FULL)?;
+    a.pop(r15)?;
+    a.pop(r12)?;
+    a.pop(rbp)?;
+    a.pop(rbx)?;
+    a.ret()
 }
 
 fn mem(off: i32) -> iced_x86::MemoryOperand {
@@ -746,5 +936,74 @@ fn jcc(a: &mut CodeAssembler, cc: ConditionCode, l: CodeLabel) -> Result<(), Ice
         C::le => a.jle(l),
         C::g => a.jg(l),
         C::None => a.jmp(l),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe() -> Probe {
+        Probe {
+            set_base: 0x1000,
+            entries: 1024,
+            entry_shift: 5,
+            read_tag: 4,
+            write_tag: 8,
+            host: 24,
+        }
+    }
+
+    fn compiles(code: &[u8]) -> usize {
+        let ctx = Ctx {
+            cpl: 0,
+            inline_sensitive: true,
+            flat_data: true,
+        };
+        match plan(code, 0x1000, ctx, &|_| false) {
+            Translation::Tu(p) => {
+                compile(&p, 0x10_0000, &probe()).unwrap();
+                p.insns as usize
+            }
+            Translation::Interp { .. } => 0,
+        }
+    }
+
+    /// The worked example of `docs/binary-translation.md`: prints the CCF
+    /// of a small loop (`cargo test -p popek-bt worked_example --
+    /// --nocapture`).
+    #[test]
+    fn worked_example() {
+        use iced_x86::{Formatter, IntelFormatter};
+        // top: add eax,[ebx+ecx*4] / inc ecx / cmp ecx,edx / jne top
+        let code = [0x03, 0x04, 0x8b, 0x41, 0x39, 0xd1, 0x75, 0xf8];
+        let ctx = Ctx {
+            cpl: 0,
+            inline_sensitive: true,
+            flat_data: true,
+        };
+        let Translation::Tu(p) = plan(&code, 0x1000, ctx, &|_| false) else {
+            panic!("not translated")
+        };
+        assert_eq!((p.insns, p.ident), (4, 4));
+        let host = compile(&p, 0x7f00_0000_0000, &probe()).unwrap();
+        let mut dec = Decoder::with_ip(64, &host, 0x7f00_0000_0000, DecoderOptions::NONE);
+        let mut f = IntelFormatter::new();
+        let mut out = String::new();
+        for i in dec.iter() {
+            out.push_str(&format!("{:5x}  ", i.ip() & 0xfff));
+            f.format(&i, &mut out);
+            out.push('\n');
+        }
+        println!("{} bytes\n{out}", host.len());
+    }
+
+    #[test]
+    fn memory_operands_compile() {
+        // add [eax], al; mov ecx, [ebx+esi*4+0x10]; mov [esp+4], edx; hlt
+        let code = [
+            0x00, 0x00, 0x8b, 0x4c, 0xb3, 0x10, 0x89, 0x54, 0x24, 0x04, 0xf4,
+        ];
+        assert_eq!(compiles(&code), 3);
     }
 }

@@ -11,9 +11,10 @@
 //! does the final HLT (Halted at CPL 0, #GP at CPL 3). The sequences mix
 //! ident candidates (ALU register/immediate forms in all sizes, MOV,
 //! MOVZX/MOVSX, LEA, shifts and rotates, XCHG, BSWAP, CBW…CDQ, flag ops,
-//! SETcc, CMOVcc, forward Jcc/JMP) with call-outs (memory operands, PUSH/
-//! POP, MUL/IMUL/DIV, PUSHFD/POPFD, stores into the code ahead: self-
-//! modifying code) and faults (#UD, #DE, #GP).
+//! SETcc, CMOVcc, forward Jcc/JMP, memory operands, PUSH/POP, CALL/RET and
+//! RET imm16 — the memory ones through the inline TLB probe) with call-outs
+//! (MUL/IMUL/DIV, PUSHFD/POPFD, stores into the code ahead: self-modifying
+//! code, a wild ESP) and faults (#UD, #DE, #GP).
 //!
 //! `POPEK_BT_DIFF_CASES` (default 3000) and `POPEK_BT_DIFF_SEED` scale it.
 
@@ -133,7 +134,7 @@ macro_rules! cc {
 /// One random instruction (or a small group) at CPL `cpl`.
 fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
     let (d, s) = (reg(r), reg(r));
-    match r.below(40) {
+    match r.below(42) {
         0..=5 => {
             let op = r.below(9);
             match r.below(6) {
@@ -167,7 +168,9 @@ fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
             0 => a.mov(R32[d], r.imm()).unwrap(),
             1 => a.mov(R32[d], R32[s]).unwrap(),
             2 => a.mov(R16[d], R16[s]).unwrap(),
-            3 => a.mov(R8[r.below(8) as usize], R8[r.below(8) as usize]).unwrap(),
+            3 => a
+                .mov(R8[r.below(8) as usize], R8[r.below(8) as usize])
+                .unwrap(),
             4 => a.movzx(R32[d], R8[r.below(8) as usize]).unwrap(),
             5 => a.movsx(R32[d], R16[s]).unwrap(),
             _ => a.movsx(R16[d], R8[r.below(8) as usize]).unwrap(),
@@ -207,7 +210,9 @@ fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
         16 => match r.below(4) {
             0 => a.xchg(R32[d], R32[s]).unwrap(),
             1 => a.xchg(R16[d], R16[s]).unwrap(),
-            2 => a.xchg(R8[r.below(8) as usize], R8[r.below(8) as usize]).unwrap(),
+            2 => a
+                .xchg(R8[r.below(8) as usize], R8[r.below(8) as usize])
+                .unwrap(),
             _ => a.bswap(R32[d]).unwrap(),
         },
         17 => match r.below(10) {
@@ -225,7 +230,10 @@ fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
         18..=19 => {
             let c = r.below(16);
             let x = R8[r.below(8) as usize];
-            cc!(a, c, x, seto, setno, setb, setae, sete, setne, setbe, seta, sets, setns, setp, setnp, setl, setge, setle, setg);
+            cc!(
+                a, c, x, seto, setno, setb, setae, sete, setne, setbe, seta, sets, setns, setp,
+                setnp, setl, setge, setle, setg
+            );
         }
         20..=21 => {
             let c = r.below(16);
@@ -233,7 +241,10 @@ fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
             macro_rules! cm {
                 ($($n:ident),*) => {{ let mut i = 0; $( if c == i { a.$n(x, y).unwrap(); } i += 1; )* let _ = i; }};
             }
-            cm!(cmovo, cmovno, cmovb, cmovae, cmove, cmovne, cmovbe, cmova, cmovs, cmovns, cmovp, cmovnp, cmovl, cmovge, cmovle, cmovg);
+            cm!(
+                cmovo, cmovno, cmovb, cmovae, cmove, cmovne, cmovbe, cmova, cmovs, cmovns, cmovp,
+                cmovnp, cmovl, cmovge, cmovle, cmovg
+            );
         }
         22..=24 => {
             // Forward Jcc/JMP over one instruction.
@@ -274,6 +285,36 @@ fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
                 a.popfd().unwrap();
             }
         },
+        36..=37 => {
+            // CALL/RET: call over a return stub, or call into a POP.
+            let mut l1 = a.create_label();
+            let mut l2 = a.create_label();
+            match r.below(3) {
+                0 => {
+                    a.call(l1).unwrap();
+                    gen_plain(a, r);
+                    a.set_label(&mut l1).unwrap();
+                    a.pop(R32[reg(r)]).unwrap();
+                }
+                1 => {
+                    a.call(l1).unwrap();
+                    a.jmp(l2).unwrap();
+                    a.set_label(&mut l1).unwrap();
+                    a.ret().unwrap();
+                    a.set_label(&mut l2).unwrap();
+                    gen_plain(a, r);
+                }
+                _ => {
+                    a.push(r.imm()).unwrap();
+                    a.call(l1).unwrap();
+                    a.jmp(l2).unwrap();
+                    a.set_label(&mut l1).unwrap();
+                    a.ret_1(4).unwrap();
+                    a.set_label(&mut l2).unwrap();
+                    gen_plain(a, r);
+                }
+            }
+        }
         31 => {
             if r.below(4) == 0 {
                 a.div(R32[s]).unwrap(); // #DE when it does not fit
@@ -371,7 +412,8 @@ fn run_case(seed: u64, case: u64, t: &mut Tally) {
         // placed at the start (mov byte [CODE+k], imm8 is 7 bytes).
         let k = 7 + r.below(code.len() as u64 - 8) as i32;
         let mut b = CodeAssembler::new(32).unwrap();
-        b.mov(byte_ptr(CODE as i32 + k), r.next() as u8 as i32).unwrap();
+        b.mov(byte_ptr(CODE as i32 + k), r.next() as u8 as i32)
+            .unwrap();
         let mut pre = b.assemble(CODE).unwrap();
         if pre.len() == 7 {
             // Replace the first 7 bytes' worth by shifting: simply run the
@@ -387,7 +429,7 @@ fn run_case(seed: u64, case: u64, t: &mut Tally) {
     let (mut bus_b, mut bus_i) = (Quiet, Quiet);
     t.cases += 1;
     let _ = data;
-    for _ in 0..10_000 {
+    for _ in 0..2_000 {
         let before = bt.cpu().icount;
         let runs = bt.stats.ccf_runs;
         let exit_b = bt.step(&mut bus_b, 100_000);
@@ -404,10 +446,14 @@ fn run_case(seed: u64, case: u64, t: &mut Tally) {
         }
         let exit_b = exit_b.unwrap_or(RunExit::Budget);
         let (st_b, st_i) = (bt.cpu().state().clone(), cpu_i.state().clone());
-        let mut mem_b = vec![0u8; 4096];
-        let mut mem_i = vec![0u8; 4096];
-        bt.cpu().ram().read(DATA, &mut mem_b).unwrap();
-        cpu_i.ram().read(DATA, &mut mem_i).unwrap();
+        // The data page, the stack page below 0x8000 and the code pages.
+        let mut mem_b = vec![0u8; 3 * 4096];
+        let mut mem_i = vec![0u8; 3 * 4096];
+        for (i, at) in [DATA, 0x7000, CODE].into_iter().enumerate() {
+            let r = i * 4096..(i + 1) * 4096;
+            bt.cpu().ram().read(at, &mut mem_b[r.clone()]).unwrap();
+            cpu_i.ram().read(at, &mut mem_i[r]).unwrap();
+        }
         if exit_b != exit_i || st_b != st_i || mem_b != mem_i || bt.cpu().icount != cpu_i.icount {
             t.mismatches.push(format!(
                 "case {case} (seed {seed:#x}, cpl {cpl}) after {} instructions: exit bt {exit_b:?} interp {exit_i:?}\n  gpr bt {:x?}\n  gpr in {:x?}\n  rip {:#x}/{:#x} rflags {:#x}/{:#x} data equal {}\n  code {:02x?}",
@@ -423,6 +469,12 @@ fn run_case(seed: u64, case: u64, t: &mut Tally) {
             ));
             return;
         }
+        if std::env::var("POPEK_BT_DIFF_TRACE").is_ok() {
+            eprintln!(
+                "rip {:#x} n {n} exit {exit_b:?} stats {:?}",
+                st_b.rip, bt.stats
+            );
+        }
         if exit_b != RunExit::Budget {
             if matches!(exit_b, RunExit::Exception { .. }) {
                 t.exceptions += 1;
@@ -434,11 +486,26 @@ fn run_case(seed: u64, case: u64, t: &mut Tally) {
 
 #[test]
 fn bt_matches_interp_on_random_sequences() {
-    let seed = env("POPEK_BT_DIFF_SEED", 0x5eed_b7);
+    let seed = env("POPEK_BT_DIFF_SEED", 0x005e_edb7);
     let cases = env("POPEK_BT_DIFF_CASES", 3000);
     let mut t = Tally::default();
+    let only = std::env::var("POPEK_BT_DIFF_ONLY")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
     for case in 0..cases {
+        if only.is_some_and(|o| o != case) {
+            continue;
+        }
+        let t0 = std::time::Instant::now();
+        let d0 = t.dispatches;
         run_case(seed, case, &mut t);
+        if std::env::var("POPEK_BT_DIFF_SLOW").is_ok() && t0.elapsed().as_millis() > 30 {
+            eprintln!(
+                "case {case}: {:?}, {} dispatches",
+                t0.elapsed(),
+                t.dispatches - d0
+            );
+        }
     }
     eprintln!(
         "bt vs interp: {} sequences, {} dispatches ({} CCF runs), {} ended in an exception, {} mismatches",
@@ -461,11 +528,15 @@ fn bt_matches_interp_on_random_sequences() {
 fn self_modifying_code_invalidates_the_ccf() {
     let mut a = CodeAssembler::new(32).unwrap();
     let mut top = a.create_label();
-    a.mov(ecx, 2).unwrap(); // 5 bytes: the next instruction's imm32 is at +6
+    let mut skip = a.create_label();
+    a.mov(ecx, 40).unwrap(); // 5 bytes: the next instruction's imm32 is at +6
     a.set_label(&mut top).unwrap();
     a.mov(eax, 0x1111_1111).unwrap();
     a.add(ebx, eax).unwrap();
+    a.cmp(ecx, 40).unwrap();
+    a.jne(skip).unwrap();
     a.mov(dword_ptr(CODE as i32 + 6), 0x2222_2222).unwrap();
+    a.set_label(&mut skip).unwrap();
     a.dec(ecx).unwrap();
     a.jne(top).unwrap();
     a.hlt().unwrap();
@@ -473,8 +544,14 @@ fn self_modifying_code_invalidates_the_ccf() {
     let (mut cpu, _) = machine(&code, 0, &mut Rng(7));
     cpu.state_mut().gpr[3] = 0;
     let mut bt = BtCore::new(cpu).unwrap();
-    assert_eq!(bt.run(&mut Quiet, 1000), RunExit::Halted);
-    assert_eq!(bt.cpu().state().gpr[3] as u32, 0x3333_3333);
+    assert_eq!(bt.run(&mut Quiet, 10_000), RunExit::Halted);
+    let want = 0x1111_1111u32.wrapping_add(39u32.wrapping_mul(0x2222_2222));
+    assert_eq!(bt.cpu().state().gpr[3] as u32, want);
     assert!(bt.stats.invalidations >= 1, "{:?}", bt.stats);
-    assert!(bt.stats.tus >= 2);
+    assert!(bt.stats.tus >= 2, "{:?}", bt.stats);
+    assert!(
+        bt.stats.ccf_runs >= 20,
+        "the new code ran translated: {:?}",
+        bt.stats
+    );
 }

@@ -243,6 +243,30 @@ impl std::fmt::Debug for GuestRam {
     }
 }
 
+impl GuestRam {
+    /// Bytes of guest RAM the host has actually backed with memory (pages
+    /// the guest, a loader or a device touched), from `mincore(2)`.
+    pub fn resident_bytes(&self) -> u64 {
+        let page = 4096usize;
+        let pages = (self.size as usize).div_ceil(page);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `ptr`/`size` describe our own live mapping and `vec` has
+        // one byte per page, as mincore requires.
+        let r = unsafe { libc::mincore(self.ptr.cast(), self.size as usize, vec.as_mut_ptr()) };
+        if r != 0 {
+            return 0;
+        }
+        vec.iter().filter(|b| *b & 1 != 0).count() as u64 * page as u64
+    }
+}
+
+/// This process's resident set size in bytes, from `/proc/self/statm`.
+pub fn process_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,28 +301,4 @@ mod tests {
         assert_eq!(GuestRam::new(1).unwrap().size(), PAGE_SIZE);
         assert!(GuestRam::new(0).is_err());
     }
-}
-
-impl GuestRam {
-    /// Bytes of guest RAM the host has actually backed with memory (pages
-    /// the guest, a loader or a device touched), from `mincore(2)`.
-    pub fn resident_bytes(&self) -> u64 {
-        let page = 4096usize;
-        let pages = (self.size as usize).div_ceil(page);
-        let mut vec = vec![0u8; pages];
-        // SAFETY: `ptr`/`size` describe our own live mapping and `vec` has
-        // one byte per page, as mincore requires.
-        let r = unsafe { libc::mincore(self.ptr.cast(), self.size as usize, vec.as_mut_ptr()) };
-        if r != 0 {
-            return 0;
-        }
-        vec.iter().filter(|b| *b & 1 != 0).count() as u64 * page as u64
-    }
-}
-
-/// This process's resident set size in bytes, from `/proc/self/statm`.
-pub fn process_rss() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
 }

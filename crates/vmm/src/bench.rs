@@ -3,9 +3,14 @@
 //!
 //! Each engine runs the build of minios it can run correctly (`minios-pv`
 //! under `trap`, `minios64` under `hw` on a KVM without 32-bit paging,
-//! `minios` elsewhere). Figures are TSC cycles per operation as the guest
-//! measures them; the machine's TSC runs at a nominal 1 GHz on the host
-//! clock, so a cycle is a nanosecond of real time.
+//! `minios` elsewhere). Figures are nanoseconds per operation: minios counts
+//! TSC cycles (RDTSC at ring 3) and converts them with the TSC rate it
+//! measured against the PIT at boot (`minios: tsc MHz=...`), printing
+//! `ns_per_iter=` beside `cycles_per_iter=`. The TSC rate differs per engine
+//! (the software engines' machine TSC is a nominal 1 GHz; under `hw` the
+//! guest sees the host's TSC, e.g. 2.6 GHz, where the KVM does not apply
+//! `KVM_SET_TSC_KHZ`), so only nanoseconds compare across columns; the raw
+//! cycle counts are shown separately, with each column's TSC rate.
 
 use std::fmt::Write as _;
 use std::io::Write;
@@ -27,8 +32,9 @@ pub const BENCHES: [&str; 8] = [
     "compute",
 ];
 
-/// The classic paper's figures (Adams & Agesen, ASPLOS 2006), cycles per
-/// operation: (benchmark, software VMM (BT), hardware VMM (VT-x)).
+/// The classic paper's figures (Adams & Agesen, ASPLOS 2006), CPU cycles
+/// per operation on a 3.8 GHz Pentium 4: (benchmark, software VMM (BT),
+/// hardware VMM (VT-x)).
 pub const PAPER: [(&str, u64, u64); 3] = [
     ("in", 210, 15_826),
     ("ptemod", 391, 12_733),
@@ -42,10 +48,39 @@ pub struct Column {
     pub engine: &'static str,
     /// The guest build it ran, or why it did not run.
     pub guest: String,
-    /// Cycles per operation for each of [`BENCHES`], when measured.
+    /// Guest TSC cycles per operation for each of [`BENCHES`], when
+    /// measured (at this column's TSC rate, [`Column::tsc_mhz`]).
     pub cycles: Vec<Option<u64>>,
+    /// Nanoseconds per operation for each of [`BENCHES`], as the guest
+    /// converted them (its `ns_per_iter=`).
+    pub ns: Vec<Option<f64>>,
+    /// The guest's TSC rate as it measured it against the PIT, MHz.
+    pub tsc_mhz: Option<f64>,
     /// Whether the engine exists and ran.
     pub ran: bool,
+}
+
+impl Column {
+    /// A column for an engine that did not run (`why`).
+    fn missing(engine: EngineKind, why: String) -> Column {
+        Column {
+            engine: engine.name(),
+            guest: why,
+            cycles: vec![None; BENCHES.len()],
+            ns: vec![None; BENCHES.len()],
+            tsc_mhz: None,
+            ran: false,
+        }
+    }
+
+    /// Nanoseconds per operation of benchmark `i`: the guest's own
+    /// `ns_per_iter`, else its cycles at its measured TSC rate.
+    pub fn time_ns(&self, i: usize) -> Option<f64> {
+        self.ns[i].or_else(|| {
+            let mhz = self.tsc_mhz.filter(|m| *m > 0.0)?;
+            Some(self.cycles[i]? as f64 * 1000.0 / mhz)
+        })
+    }
 }
 
 #[derive(Clone, Default)]
@@ -63,8 +98,9 @@ impl Write for Capture {
     }
 }
 
-/// Parses `minios: bench NAME iters=N cycles_per_iter=C` lines.
-pub fn parse(output: &str) -> Vec<Option<u64>> {
+/// The value of `key=` in the `minios: bench NAME ...` line of each of
+/// [`BENCHES`].
+fn parse_field<T: std::str::FromStr>(output: &str, key: &str) -> Vec<Option<T>> {
     BENCHES
         .iter()
         .map(|b| {
@@ -72,11 +108,49 @@ pub fn parse(output: &str) -> Vec<Option<u64>> {
             output.lines().find_map(|l| {
                 let rest = l.strip_prefix(&prefix)?;
                 rest.split_whitespace()
-                    .find_map(|kv| kv.strip_prefix("cycles_per_iter="))
+                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
                     .and_then(|v| v.parse().ok())
             })
         })
         .collect()
+}
+
+/// Parses the `cycles_per_iter=C` of `minios: bench NAME iters=N
+/// cycles_per_iter=C ns_per_iter=T` lines (TSC cycles).
+pub fn parse(output: &str) -> Vec<Option<u64>> {
+    parse_field(output, "cycles_per_iter")
+}
+
+/// Parses the `ns_per_iter=T` of the bench lines (nanoseconds, decimal).
+pub fn parse_ns(output: &str) -> Vec<Option<f64>> {
+    parse_field::<f64>(output, "ns_per_iter")
+        .into_iter()
+        .map(|v| v.filter(|x| x.is_finite() && *x >= 0.0))
+        .collect()
+}
+
+/// Parses `minios: tsc MHz=F ...`: the TSC rate the guest measured.
+pub fn parse_tsc_mhz(output: &str) -> Option<f64> {
+    output.lines().find_map(|l| {
+        l.strip_prefix("minios: tsc ")?
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("MHz="))?
+            .parse::<f64>()
+            .ok()
+            .filter(|m| m.is_finite() && *m > 0.0)
+    })
+}
+
+/// A column from a run's console output.
+fn measured(engine: EngineKind, guest: String, text: &str, ran: bool) -> Column {
+    Column {
+        engine: engine.name(),
+        guest,
+        cycles: parse(text),
+        ns: parse_ns(text),
+        tsc_mhz: parse_tsc_mhz(text),
+        ran,
+    }
 }
 
 /// The guest build each engine runs.
@@ -92,12 +166,7 @@ pub fn guest_for(engine: EngineKind) -> &'static str {
 pub fn run_engine(engine: EngineKind) -> Column {
     let guest = guest_for(engine);
     if !engine.available() {
-        return Column {
-            engine: engine.name(),
-            guest: "not built yet".into(),
-            cycles: vec![None; BENCHES.len()],
-            ran: false,
-        };
+        return Column::missing(engine, "not built yet".into());
     }
     let cfg = VmConfig {
         memory: 256 << 20,
@@ -115,49 +184,59 @@ pub fn run_engine(engine: EngineKind) -> Column {
         .map(|v| String::from_utf8_lossy(&v).into_owned())
         .unwrap_or_default();
     match outcome {
-        Ok(Outcome::PowerOff) => Column {
-            engine: engine.name(),
-            guest: guest.into(),
-            cycles: parse(&text),
-            ran: true,
-        },
-        Ok(o) => Column {
-            engine: engine.name(),
-            guest: format!("{guest}: ended with status {}", o.exit_status()),
-            cycles: parse(&text),
-            ran: false,
-        },
-        Err(e) => Column {
-            engine: engine.name(),
-            guest: format!("{guest}: {e}"),
-            cycles: vec![None; BENCHES.len()],
-            ran: false,
-        },
+        Ok(Outcome::PowerOff) => measured(engine, guest.into(), &text, true),
+        Ok(o) => measured(
+            engine,
+            format!("{guest}: ended with status {}", o.exit_status()),
+            &text,
+            false,
+        ),
+        Err(e) => Column::missing(engine, format!("{guest}: {e}")),
     }
 }
 
-/// The table as text: cycles/op and the ratio to the fastest engine.
+/// A time in ns with the precision that matters at its size.
+fn fmt_ns(v: f64) -> String {
+    if v < 10.0 {
+        format!("{v:.2}")
+    } else if v < 1000.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+/// The table as text: nanoseconds per operation and the ratio to the
+/// fastest engine (in ns), then each column's TSC rate and raw TSC cycles.
 pub fn table(cols: &[Column]) -> String {
+    const W: usize = 22;
     let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "time per operation in ns (guest TSC calibrated against the PIT); (ratio to the fastest engine)"
+    );
     let _ = write!(s, "{:<10}", "benchmark");
     for c in cols {
         let _ = write!(
             s,
-            " | {:>20}",
+            " | {:>W$}",
             format!("{} ({})", c.engine, short(&c.guest))
         );
     }
-    let _ = writeln!(s, " | paper BT / VT-x");
+    let _ = writeln!(s, " | paper BT / VT-x (cycles)");
     for (i, b) in BENCHES.iter().enumerate() {
-        let best = cols.iter().filter_map(|c| c.cycles[i]).min();
+        let best = cols
+            .iter()
+            .filter_map(|c| c.time_ns(i))
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.min(v))));
         let _ = write!(s, "{b:<10}");
         for c in cols {
-            let cell = match (c.cycles[i], best) {
-                (Some(v), Some(m)) if m > 0 => format!("{v} ({:.1}x)", v as f64 / m as f64),
-                (Some(v), _) => v.to_string(),
+            let cell = match (c.time_ns(i), best) {
+                (Some(v), Some(m)) if m > 0.0 => format!("{} ({:.1}x)", fmt_ns(v), v / m),
+                (Some(v), _) => fmt_ns(v),
                 (None, _) => "-".into(),
             };
-            let _ = write!(s, " | {cell:>20}");
+            let _ = write!(s, " | {cell:>W$}");
         }
         match PAPER.iter().find(|p| p.0 == *b) {
             Some((_, bt, vt)) => {
@@ -166,6 +245,28 @@ pub fn table(cols: &[Column]) -> String {
             None => {
                 let _ = writeln!(s, " |");
             }
+        }
+    }
+    // The raw counts: TSC cycles at each column's own rate.
+    if cols.iter().any(|c| c.cycles.iter().any(Option::is_some)) {
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "guest TSC cycles per operation (each column at its own TSC rate: not comparable across engines)"
+        );
+        let _ = write!(s, "{:<10}", "TSC MHz");
+        for c in cols {
+            let mhz = c.tsc_mhz.map_or("-".into(), |m| format!("{m:.1}"));
+            let _ = write!(s, " | {mhz:>W$}");
+        }
+        let _ = writeln!(s);
+        for (i, b) in BENCHES.iter().enumerate() {
+            let _ = write!(s, "{b:<10}");
+            for c in cols {
+                let cell = c.cycles[i].map_or("-".into(), |v| v.to_string());
+                let _ = write!(s, " | {cell:>W$}");
+            }
+            let _ = writeln!(s);
         }
     }
     s
@@ -191,19 +292,28 @@ fn json_str(s: &str) -> String {
     o
 }
 
-/// The table as JSON.
+/// The table as JSON: per engine, ns per operation (`ns`, the figure to
+/// compare), the raw TSC cycles (`cycles`) and the TSC rate (`tsc_mhz`).
 pub fn json(cols: &[Column]) -> String {
     let mut s = String::from(
-        "{\n  \"unit\": \"TSC cycles per operation (1 GHz nominal TSC = ns)\",\n  \"engines\": [\n",
+        "{\n  \"unit\": \"ns per operation (guest TSC calibrated against the PIT); cycles: guest TSC cycles at tsc_mhz\",\n  \"engines\": [\n",
     );
     for (ci, c) in cols.iter().enumerate() {
+        let mhz = c.tsc_mhz.map_or("null".to_string(), |m| format!("{m:.3}"));
         let _ = write!(
             s,
-            "    {{\"engine\": {}, \"guest\": {}, \"ran\": {}, \"cycles\": {{",
+            "    {{\"engine\": {}, \"guest\": {}, \"ran\": {}, \"tsc_mhz\": {mhz}, \"ns\": {{",
             json_str(c.engine),
             json_str(&c.guest),
             c.ran
         );
+        for (i, b) in BENCHES.iter().enumerate() {
+            let v = c
+                .time_ns(i)
+                .map_or("null".to_string(), |v| format!("{v:.2}"));
+            let _ = write!(s, "{}\"{b}\": {v}", if i > 0 { ", " } else { "" });
+        }
+        let _ = write!(s, "}}, \"cycles\": {{");
         for (i, b) in BENCHES.iter().enumerate() {
             let v = c.cycles[i].map_or("null".to_string(), |v| v.to_string());
             let _ = write!(s, "{}\"{b}\": {v}", if i > 0 { ", " } else { "" });
@@ -214,31 +324,34 @@ pub fn json(cols: &[Column]) -> String {
     s
 }
 
-/// The table as an SVG bar chart (log scale, one group per benchmark).
+/// The table as an SVG bar chart of ns per operation (log scale, one group
+/// per benchmark).
 pub fn svg(cols: &[Column]) -> String {
     let colors = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2"];
     let ran: Vec<&Column> = cols.iter().filter(|c| c.ran).collect();
     let (w, h, left, top, bottom) = (900.0, 420.0, 70.0, 40.0, 60.0);
     let plot_h = h - top - bottom;
-    let max = ran
+    let values: Vec<f64> = ran
         .iter()
-        .flat_map(|c| c.cycles.iter().flatten())
-        .copied()
-        .max()
-        .unwrap_or(10)
-        .max(10) as f64;
-    let lmax = max.log10().ceil();
+        .flat_map(|c| (0..BENCHES.len()).filter_map(|i| c.time_ns(i)))
+        .filter(|v| *v > 0.0)
+        .collect();
+    let max = values.iter().copied().fold(10.0f64, f64::max);
+    let min = values.iter().copied().fold(1.0f64, f64::min).max(1e-3);
+    // Decades from lmin (≤ 1 ns) to lmax; a bar's height is its log.
+    let (lmin, lmax) = (min.log10().floor(), max.log10().ceil());
+    let span = (lmax - lmin).max(1.0);
     let group_w = (w - left - 20.0) / BENCHES.len() as f64;
     let bar_w = (group_w - 10.0) / ran.len().max(1) as f64;
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <text x=\"{left}\" y=\"20\" font-size=\"15\">minios micro-benchmarks: cycles per operation (log scale)</text>\n"
+         <text x=\"{left}\" y=\"20\" font-size=\"15\">minios micro-benchmarks: ns per operation (log scale; guest TSC calibrated against the PIT)</text>\n"
     );
-    for d in 0..=(lmax as i32) {
-        let y = top + plot_h - plot_h * d as f64 / lmax;
+    for d in (lmin as i32)..=(lmax as i32) {
+        let y = top + plot_h - plot_h * (f64::from(d) - lmin) / span;
         let _ = writeln!(
             s,
-            "<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">1e{d}</text>",
+            "<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">1e{d} ns</text>",
             w - 20.0,
             left - 6.0,
             y + 4.0
@@ -247,16 +360,17 @@ pub fn svg(cols: &[Column]) -> String {
     for (bi, b) in BENCHES.iter().enumerate() {
         let gx = left + bi as f64 * group_w + 5.0;
         for (ci, c) in ran.iter().enumerate() {
-            if let Some(v) = c.cycles[bi] {
-                let bh = plot_h * (v.max(1) as f64).log10() / lmax;
+            if let Some(v) = c.time_ns(bi) {
+                let bh = (plot_h * (v.max(min).log10() - lmin) / span).max(1.0);
                 let x = gx + ci as f64 * bar_w;
                 let _ = writeln!(
                     s,
-                    "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{}\"><title>{} {b}: {v}</title></rect>",
+                    "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{}\"><title>{} {b}: {} ns</title></rect>",
                     top + plot_h - bh,
                     bar_w - 2.0,
                     colors[ci % colors.len()],
-                    c.engine
+                    c.engine,
+                    fmt_ns(v)
                 );
             }
         }
@@ -288,6 +402,17 @@ pub fn svg(cols: &[Column]) -> String {
 mod tests {
     use super::*;
 
+    fn col(engine: &'static str, cycles: u64, ns: Option<f64>, mhz: Option<f64>) -> Column {
+        Column {
+            engine,
+            guest: "minios".into(),
+            cycles: vec![Some(cycles); 8],
+            ns: vec![ns; 8],
+            tsc_mhz: mhz,
+            ran: true,
+        }
+    }
+
     #[test]
     fn parses_bench_lines() {
         let out = "minios: bench syscall iters=10 cycles_per_iter=718\nnoise\nminios: bench compute iters=2 cycles_per_iter=99\n";
@@ -295,31 +420,87 @@ mod tests {
         assert_eq!(v[0], Some(718));
         assert_eq!(v[1], None);
         assert_eq!(v[7], Some(99));
+        // Lines without ns_per_iter (older guests) have no ns.
+        assert_eq!(parse_ns(out), vec![None; 8]);
+        assert_eq!(parse_tsc_mhz(out), None);
     }
 
     #[test]
-    fn table_ratios_are_against_the_fastest() {
+    fn parses_ns_and_the_tsc_rate() {
+        let out = "minios: tsc MHz=2600.581 (against PIT counter 2: shortest of 3 runs of 10 ms)\n\
+                   minios: bench syscall iters=10000 cycles_per_iter=248468 ns_per_iter=96029.57\n\
+                   minios: bench callret iters=100000 cycles_per_iter=0 ns_per_iter=0.25\n\
+                   minios: bench in iters=1 cycles_per_iter=5 ns_per_iter=nan\n";
+        assert_eq!(parse(out)[0], Some(248_468));
+        let ns = parse_ns(out);
+        assert_eq!(ns[0], Some(96029.57));
+        assert_eq!(ns[2], Some(0.25));
+        assert_eq!(ns[1], None, "not a finite number");
+        assert_eq!(
+            parse(out)[2],
+            Some(0),
+            "cycles_per_iter is not confused with ns_per_iter"
+        );
+        assert_eq!(parse_tsc_mhz(out), Some(2600.581));
+        assert_eq!(parse_tsc_mhz("minios: tsc calibration failed\n"), None);
+    }
+
+    #[test]
+    fn time_ns_prefers_the_guests_ns_then_converts_cycles() {
+        let c = col("hw", 2600, Some(1000.5), Some(2600.0));
+        assert_eq!(c.time_ns(0), Some(1000.5));
+        let c = col("hw", 2600, None, Some(2600.0));
+        assert_eq!(c.time_ns(0), Some(1000.0));
+        let c = col("hw", 2600, None, None);
+        assert_eq!(c.time_ns(0), None, "cycles of an unknown rate are not ns");
+    }
+
+    #[test]
+    fn table_ratios_are_against_the_fastest_in_ns() {
+        // interp: 100 cycles at 1 GHz = 100 ns; hw: 130 cycles at 2.6 GHz =
+        // 50 ns. In cycles interp would look faster; in ns hw is.
         let cols = vec![
-            Column {
-                engine: "interp",
-                guest: "minios".into(),
-                cycles: vec![Some(100); 8],
-                ran: true,
-            },
-            Column {
-                engine: "bt",
-                guest: "minios".into(),
-                cycles: vec![Some(50); 8],
-                ran: true,
-            },
+            col("interp", 100, Some(100.0), Some(1000.0)),
+            col("hw", 130, Some(50.0), Some(2600.0)),
         ];
         let t = table(&cols);
-        assert!(t.contains("100 (2.0x)"), "{t}");
-        assert!(t.contains("50 (1.0x)"), "{t}");
+        assert!(t.contains("100.0 (2.0x)"), "{t}");
+        assert!(t.contains("50.0 (1.0x)"), "{t}");
         assert!(t.contains("210 / 15826"), "{t}");
+        assert!(t.contains("time per operation in ns"), "{t}");
+        assert!(t.contains("guest TSC cycles per operation"), "{t}");
+        assert!(
+            t.contains("2600.0") && t.contains("1000.0"),
+            "TSC rates:\n{t}"
+        );
         let j = json(&cols);
-        assert!(j.contains("\"syscall\": 100"), "{j}");
+        assert!(j.contains("\"ns\": {\"syscall\": 100.00"), "{j}");
+        assert!(j.contains("\"cycles\": {\"syscall\": 130"), "{j}");
+        assert!(j.contains("\"tsc_mhz\": 2600.000"), "{j}");
+        assert!(j.contains("ns per operation"), "{j}");
         let g = svg(&cols);
         assert!(g.starts_with("<svg") && g.contains("<rect"), "{g}");
+        assert!(
+            g.contains("ns per operation") && g.contains("hw syscall: 50.0 ns"),
+            "{g}"
+        );
+    }
+
+    #[test]
+    fn sub_nanosecond_times_and_missing_engines_render() {
+        let mut fast = col("hw", 0, Some(0.25), Some(2600.0));
+        fast.ns[1] = None;
+        fast.cycles[1] = None;
+        let missing = Column::missing(EngineKind::Bt, "not built yet".into());
+        let cols = vec![fast, missing];
+        let t = table(&cols);
+        assert!(t.contains("0.25 (1.0x)"), "{t}");
+        assert!(t.contains(" - "), "{t}");
+        let g = svg(&cols);
+        assert!(g.contains("1e-1 ns"), "an axis below 1 ns:\n{g}");
+        assert!(!g.contains("NaN") && !g.contains("inf"), "{g}");
+        let j = json(&cols);
+        assert!(j.contains("\"tsc_mhz\": null"), "{j}");
+        assert!(j.contains("\"in\": null"), "{j}");
     }
 }

@@ -82,6 +82,28 @@ mod tests {
     }
 
     #[test]
+    fn loader_e820_map_agrees_with_the_machine_layout() {
+        use popek_machine::memmap;
+        let map = popek_boot::e820::e820_map(256 << 20);
+        let ram: Vec<_> = map
+            .iter()
+            .filter(|e| e.kind == popek_boot::e820::E820Type::Ram)
+            .map(|e| (e.addr, e.addr + e.size))
+            .collect();
+        assert_eq!(
+            ram,
+            vec![
+                (0, memmap::LOW_RAM_END),
+                (memmap::HIGH_RAM_START, 256 << 20)
+            ]
+        );
+        // The ACPI tables' BIOS area is reserved, never usable RAM.
+        assert!(map.iter().any(|e| e.addr <= memmap::BIOS_AREA_START
+            && e.addr + e.size >= memmap::HIGH_RAM_START
+            && e.kind != popek_boot::e820::E820Type::Ram));
+    }
+
+    #[test]
     fn real_entry_uses_segment_arithmetic() {
         let e = EntryState::new(EntryMode::Real { cs: 0x1000 }, 0x10);
         let s = entry_cpu_state(&e);

@@ -29,6 +29,9 @@ pub const MIN_MEMORY: u64 = 2 << 20;
 /// Largest `--memory`.
 pub const MAX_MEMORY: u64 = 3 << 30;
 
+// `--memory` never reaches the machine's MMIO window.
+const _: () = assert!(MAX_MEMORY <= popek_machine::memmap::MAX_RAM);
+
 /// Instructions per engine slice between clock updates and input polls.
 const SLICE: u64 = 200_000;
 

@@ -1,6 +1,8 @@
 /*
- * The minios system-call ABI (int 0x80): EAX = number, arguments in EBX, ECX,
- * EDX; the result comes back in EAX (negative on error).
+ * The minios system-call ABI: a number and up to three arguments, the result
+ * (negative on error). The instruction and registers are the architecture's
+ * (arch/ARCH/usys_arch.h): i386 int 0x80 with EAX = number, arguments in EBX,
+ * ECX, EDX; x86-64 SYSCALL with RAX = number, arguments in RDI, RSI, RDX.
  * Shared by the kernel and the user programs.
  */
 #ifndef MINIOS_ABI_H
@@ -23,6 +25,7 @@
 
 #define STAT_PREEMPTIONS 0 /* timer-driven switches away from a ring-3 process */
 #define STAT_SWITCHES 1    /* all context switches */
+#define STAT_TSC_KHZ 2     /* the TSC rate measured at boot, kHz (0: unknown) */
 
 /* Programs that spawn() can start (all linked into the image). */
 #define PROG_INIT 0

@@ -7,6 +7,10 @@
 #include "abi.h"
 #include "arch.h"
 
+/* The trap-frame vector of a system call: INT 0x80 on i386; on x86-64 the
+ * SYSCALL entry (trap.S) builds its frame with this vector. */
+#define T_SYSCALL 0x80
+
 static inline int tf_from_user(const struct trapframe *tf) { return (tf->cs & 3) == 3; }
 
 /* console.c */
@@ -36,6 +40,8 @@ void pic_init(void);
 void pic_eoi(u32 irq);
 void pit_init(u32 hz);
 #define TIMER_HZ 100
+extern u32 tsc_khz; /* measured at boot; 0 if calibration failed */
+void tsc_calibrate(void);
 
 /* desc.c (arch) */
 extern u64 gdt[GDT_ENTRIES];
@@ -95,6 +101,7 @@ void timer_start(void);
 
 /* trap.c */
 void trap(struct trapframe *tf);
+extern u32 stat_syscall_faults; /* x86-64: SYSCALLs completed from #PF (arch.h) */
 extern volatile uptr probe_pf_active, probe_pf_cr2, probe_pf_err, probe_pf_count;
 extern volatile uptr probe_de_count, probe_de_eip, probe_de_vector;
 

@@ -6,13 +6,10 @@
 #include "abi.h"
 #include "lib.h"
 
-/* int $0x80: EAX = number, arguments in EBX, ECX, EDX (RAX.. on x86-64). */
-static inline sptr sys3(uptr n, uptr a, uptr b, uptr c)
-{
-	sptr r;
-	__asm__ volatile("int $0x80" : "=a"(r) : "a"(n), "b"(a), "c"(b), "d"(c) : "memory");
-	return r;
-}
+/* sys3(n, a, b, c): the system-call instruction of the architecture
+ * (arch/ARCH/usys_arch.h: i386 int 0x80, x86-64 SYSCALL). Programs use the
+ * u_* stubs below, the same on both. */
+#include "usys_arch.h"
 static inline void __attribute__((noreturn)) u_exit(s32 code)
 {
 	sys3(SYS_EXIT, (uptr)(sptr)code, 0, 0);

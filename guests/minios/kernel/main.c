@@ -85,6 +85,7 @@ void kmain(u32 magic, uptr mbi_addr)
 #endif
 	desc_init();
 	pic_init();
+	tsc_calibrate();
 	mmu_init(top);
 	proc_init();
 	kprintf("minios: memory %lu KiB, %u free pages, kernel end %p\n", top >> 10, pages_free(),

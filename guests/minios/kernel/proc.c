@@ -133,6 +133,9 @@ void proc_exit(s32 code)
 {
 	struct proc *p = current;
 	if (p == init_proc) {
+		if (stat_syscall_faults)
+			kprintf("minios: %u system calls came through the #PF at LSTAR\n",
+				stat_syscall_faults);
 		if (code == 0) {
 			kprintf("minios: init exited 0, powering off\n");
 			machine_power_off();
@@ -265,6 +268,7 @@ void syscall(struct trapframe *tf)
 	case SYS_STAT:
 		r = a == STAT_PREEMPTIONS ? (s32)stat_preemptions
 		  : a == STAT_SWITCHES	  ? (s32)stat_switches
+		  : a == STAT_TSC_KHZ	  ? (s32)tsc_khz
 					  : -HC_EINVAL;
 		break;
 	default: r = -HC_ENOSYS; break;

@@ -14,8 +14,9 @@ static void __attribute__((noreturn)) unexpected(struct trapframe *tf, uptr cr2)
 {
 	const char *n = tf->vector < ARRAY_SIZE(names) ? names[tf->vector] : "trap";
 	if (tf_from_user(tf)) {
-		kprintf("minios: pid %u killed: %s (vector %lu) err=%lx ip=%lx cr2=%lx\n", current->pid,
-			n, tf->vector, tf->err, tf->ip, cr2);
+		kprintf("minios: pid %u killed: %s (vector %lu) err=%lx ip=%lx cr2=%lx cs=%lx sp=%lx "
+			"flags=%lx\n",
+			current->pid, n, tf->vector, tf->err, tf->ip, cr2, tf->cs, tf->sp, tf->flags);
 		proc_exit(-(s32)tf->vector - 1);
 	}
 	panic("%s (vector %lu) in kernel: err=%lx ip=%lx cs=%lx flags=%lx cr2=%lx ax=%lx bx=%lx "
@@ -24,9 +25,20 @@ static void __attribute__((noreturn)) unexpected(struct trapframe *tf, uptr cr2)
 	      tf->si, tf->di, tf->bp);
 }
 
+u32 stat_syscall_faults;
+
 static void page_fault(struct trapframe *tf)
 {
 	uptr cr2 = read_cr2();
+	/* x86-64: a SYSCALL that reached LSTAR still at CPL 3 (arch.h). */
+	if (tf_from_user(tf) && arch_syscall_fault(tf, cr2)) {
+		if (!stat_syscall_faults++)
+			kprintf("minios: SYSCALL from ring 3 reached LSTAR still at CPL 3 (a #PF on "
+				"the entry page): the kernel completes system calls from its #PF "
+				"handler\n");
+		syscall(tf);
+		return;
+	}
 	/* The self-check probe: record, then map the page so the access retries. */
 	if (probe_pf_active && (cr2 & PAGE_MASK) == PROBE_VA) {
 		probe_pf_cr2 = cr2;
@@ -64,7 +76,7 @@ static void divide_error(struct trapframe *tf)
 void trap(struct trapframe *tf)
 {
 	uptr v = tf->vector;
-	if (v == 0x80) {
+	if (v == T_SYSCALL) {
 		syscall(tf);
 	} else if (v == 32) {
 		jiffies++;

@@ -1,7 +1,10 @@
 /*
  * The micro-benchmarks, one per PROG_BENCH process. Each prints
- *   minios: bench NAME iters=N cycles_per_iter=C
- * with C = TSC cycles / N (RDTSC at ring 3), and exits 0 (non-zero on error).
+ *   minios: bench NAME iters=N cycles_per_iter=C ns_per_iter=T
+ * with C = TSC cycles / N (RDTSC at ring 3) and T the same in nanoseconds
+ * (two decimals), converted with the TSC rate the kernel measured against
+ * the PIT at boot (SYS_STAT STAT_TSC_KHZ; T is left out if that failed), and
+ * exits 0 (non-zero on error).
  * Iteration counts are modest so that a slow software CPU finishes quickly.
  */
 #include "usys.h"
@@ -19,7 +22,15 @@ static __attribute__((noinline)) u32 leaf(u32 x)
 static void report(const char *name, u32 iters, u64 t0, u64 t1)
 {
 	u64 per = udivmod64(t1 - t0, iters, NULL);
-	uprintf("minios: bench %s iters=%u cycles_per_iter=%llu\n", name, iters, per);
+	u32 khz = (u32)u_stat(STAT_TSC_KHZ);
+	if ((s32)khz <= 0) {
+		uprintf("minios: bench %s iters=%u cycles_per_iter=%llu\n", name, iters, per);
+		return;
+	}
+	/* hundredths of a ns per iteration: cycles * 1e8 / (kHz * N) */
+	u64 cns = udivmod64((t1 - t0) * 100000000ull, (u64)khz * iters, NULL);
+	uprintf("minios: bench %s iters=%u cycles_per_iter=%llu ns_per_iter=%llu.%02llu\n", name,
+		iters, per, udivmod64(cns, 100, NULL), cns - udivmod64(cns, 100, NULL) * 100);
 }
 
 void prog_bench(u32 which)

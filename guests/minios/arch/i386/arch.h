@@ -24,6 +24,13 @@ struct trapframe {
 /* System-call arguments: EBX, ECX, EDX. */
 #define SYSCALL_ARG0(tf) ((tf)->bx)
 #define SYSCALL_ARG1(tf) ((tf)->cx)
+/* i386 system calls are INT 0x80 only (see arch/x86_64/arch.h). */
+static inline int arch_syscall_fault(struct trapframe *tf, uptr cr2)
+{
+	(void)tf;
+	(void)cr2;
+	return 0;
+}
 
 /* A new process: entry(arg) with a return address that calls exit. The top
  * user stack page is at kernel address `page`, user address USER_STACK_TOP -

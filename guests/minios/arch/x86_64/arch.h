@@ -21,9 +21,40 @@ struct trapframe {
 #define SWTCH_REGS 6 /* callee-saved registers swtch pushes */
 /* LAR of KERNEL_CS: P, DPL 0, code, readable; G, L (accessed bit masked). */
 #define LAR_KERNEL_CS 0x00a09a00u
-/* System-call arguments: EBX, ECX, EDX (RBX, RCX, RDX), as on i386. */
-#define SYSCALL_ARG0(tf) ((tf)->bx)
-#define SYSCALL_ARG1(tf) ((tf)->cx)
+/* System calls come through SYSCALL (trap.S: syscall_entry builds a trap
+ * frame with vector T_SYSCALL). SYSCALL itself overwrites RCX (return RIP)
+ * and R11 (RFLAGS), so the arguments are in RDI, RSI, RDX, as in Linux's
+ * x86-64 ABI; the number in RAX, the result in RAX. */
+#define SYSCALL_ARG0(tf) ((tf)->di)
+#define SYSCALL_ARG1(tf) ((tf)->si)
+
+/* SYSCALL's entry (trap.S). */
+extern char syscall_entry[];
+
+/*
+ * A SYSCALL that did not leave ring 3. On kvm_pvm (a software KVM that runs
+ * the guest at hardware CPL 3 with its own event ABI, which minios does not
+ * speak) a user-mode SYSCALL jumps to LSTAR with RCX/R11 set and the SFMASK
+ * bits cleared, but stays at CPL 3 on the user stack; fetching the
+ * supervisor-only entry page then raises #PF, delivered through the IDT to
+ * the kernel stack like any exception. The frame then holds exactly the
+ * state SYSCALL produced, so the kernel completes the system call from it:
+ * the return address is RCX, the user's RFLAGS are R11. A program that jumps
+ * to syscall_entry itself gets nothing more than a system call with the RIP
+ * and flags it chose (flags sanitised, RIP must be a canonical user address,
+ * else the fault kills it as before). Returns 1 if tf is such a system call
+ * (and rewrites ip/flags for the return), 0 otherwise.
+ */
+static inline int arch_syscall_fault(struct trapframe *tf, uptr cr2)
+{
+	if (tf->vector != 14 || tf->ip != (uptr)syscall_entry || cr2 != (uptr)syscall_entry ||
+	    (tf->cx >> 47) != 0)
+		return 0;
+	tf->ip = tf->cx;
+	/* CF PF AF ZF SF TF DF OF AC ID from R11; IF on, IOPL 0 */
+	tf->flags = (tf->r11 & 0x240dd5u) | EFLAGS_IF | 0x2;
+	return 1;
+}
 
 /* A new process: entry(arg) (arg in RDI) with a return address that calls
  * exit. The top user stack page is at kernel address `page`. */

@@ -15,8 +15,10 @@
 
 #define KERNEL_CS 0x08
 #define KERNEL_DS 0x10
-#define USER_CS 0x1b  /* GDT index 3, RPL 3 */
-#define USER_DS 0x23  /* GDT index 4, RPL 3; also the kernel's DS/ES/FS/GS */
+/* User data below user code: SYSRET loads SS = STAR[63:48] + 8 and
+ * CS = STAR[63:48] + 16 (both | 3), so the pair must be in that order. */
+#define USER_DS 0x1b  /* GDT index 3, RPL 3; also the kernel's DS/ES/FS/GS */
+#define USER_CS 0x23  /* GDT index 4, RPL 3 */
 #define TSS_SEL 0x28
 
 #define PTE_P 0x001u

@@ -30,9 +30,15 @@ static void set_gate(int v, uptr off, u8 type)
 	idt[2 * v + 1] = off >> 32;
 }
 
+/* The kernel stack of the current process for SYSCALL (trap.S): SYSCALL
+ * does not switch stacks, and minios (one CPU, no per-CPU GS area) keeps
+ * it in a plain variable instead of behind SWAPGS. */
+uptr syscall_kstack;
+
 void tss_set_kernel_stack(uptr sp0)
 {
 	tss.rsp0 = sp0; /* read by the CPU (or the VMM) on each ring 3 -> 0 transition */
+	syscall_kstack = sp0;
 }
 
 void desc_init(void)
@@ -40,8 +46,8 @@ void desc_init(void)
 	gdt[0] = 0;
 	gdt[1] = desc(0, 0xfffff, 0x9a, 0xa); /* KERNEL_CS: 64-bit code (L) */
 	gdt[2] = desc(0, 0xfffff, 0x92, 0xc); /* KERNEL_DS */
-	gdt[3] = desc(0, 0xfffff, 0xfa, 0xa); /* USER_CS: 64-bit code, DPL 3 */
-	gdt[4] = desc(0, 0xfffff, 0xf2, 0xc); /* USER_DS */
+	gdt[3] = desc(0, 0xfffff, 0xf2, 0xc); /* USER_DS (SYSRET's SS) */
+	gdt[4] = desc(0, 0xfffff, 0xfa, 0xa); /* USER_CS: 64-bit code, DPL 3 (SYSRET's CS) */
 	uptr t = (uptr)&tss;
 	gdt[5] = desc((u32)t, sizeof(tss) - 1, 0x89, 0x0); /* available 64-bit TSS */
 	gdt[6] = t >> 32;
@@ -53,9 +59,10 @@ void desc_init(void)
 	tss.iomap[BENCH_PORT / 8] &= (u8)~(1u << (BENCH_PORT % 8));
 #endif
 
+	/* All gates DPL 0: system calls enter through SYSCALL (entry.S sets
+	 * EFER.SCE, STAR, LSTAR and SFMASK), not INT 0x80, on x86-64. */
 	for (int v = 0; v < 256; v++)
 		set_gate(v, (uptr)trap_vectors + 16 * v, 0x8e);
-	set_gate(0x80, (uptr)trap_vectors + 16 * 0x80, 0xee);
 
 	lgdt((uptr)gdt, GDT_LIMIT);
 	/* Reload CS with a far return, then the data segments (see arch/i386/desc.c). */

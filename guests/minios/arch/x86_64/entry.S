@@ -48,7 +48,21 @@ _start:
 	movl %eax, %cr4
 	movl $0xc0000080, %ecx          /* EFER */
 	rdmsr
-	orl $0x100, %eax                /* LME */
+	orl $0x101, %eax                /* LME, and SCE: SYSCALL/SYSRET */
+	wrmsr
+	/* System calls (arch/x86_64/trap.S, syscall_entry). Set here, at boot,
+	 * in both flavours: the PV kernel makes no privileged instruction after
+	 * this switch (docs/hypercalls.md). */
+	movl $0xc0000081, %ecx          /* STAR */
+	xorl %eax, %eax                 /* (the 32-bit SYSCALL EIP: unused) */
+	movl $0x00100008, %edx          /* SYSCALL: CS 0x08, SS 0x10; SYSRET: SS 0x10+8|3, CS 0x10+16|3 */
+	wrmsr
+	movl $0xc0000082, %ecx          /* LSTAR: the 64-bit entry */
+	movl $syscall_entry, %eax
+	xorl %edx, %edx
+	wrmsr
+	movl $0xc0000084, %ecx          /* SFMASK: RFLAGS bits SYSCALL clears */
+	movl $0x47700, %eax             /* TF, IF, DF, IOPL, NT, AC */
 	wrmsr
 	movl %cr0, %eax
 	orl $0x80000001, %eax           /* PG (and PE): long mode is active now */

@@ -2,9 +2,9 @@
 	.text
 	.globl user_exit_trampoline
 user_exit_trampoline:
-	movslq %eax, %rbx
+	movslq %eax, %rdi
 	movl $0, %eax                   /* SYS_EXIT */
-	int $0x80
+	syscall
 1:	jmp 1b
 
 /* u32 u_divzero_loop(u32 n): see arch/i386/user/uasm.S. */
