@@ -256,7 +256,8 @@ pub fn long_from32(body: Body<'_>) -> TestGuest {
 /// A long-mode guest that drops to user mode (CPL 3, IRETQ) and runs
 /// `user` there. Its IDT sends every exception and `INT n` (gates DPL 3) to
 /// a handler that ends the guest with debug-exit value = the vector;
-/// SYSCALL (EFER.SCE set, LSTAR) ends it with 0x5c. The kernel stack for
+/// SYSCALL (EFER.SCE set, LSTAR) ends it with 0x5c at CPL 0 (0x5d if the
+/// CPU reached LSTAR but stayed at CPL 3). The kernel stack for
 /// events from user mode is TSS.RSP0 = 0x6800.
 pub fn user_mode(user: Body<'_>) -> TestGuest {
     const HANDLERS: u64 = 0xa000;
@@ -287,7 +288,18 @@ pub fn user_mode(user: Body<'_>) -> TestGuest {
     let mut handlers = Vec::new();
     for v in 0..=256u32 {
         let code = assemble(64, HANDLERS + u64::from(v) * 16, &|a| {
-            debug_exit(a, if v == 256 { 0x5c } else { v as u8 })
+            if v < 256 {
+                return debug_exit(a, v as u8);
+            }
+            // SYSCALL's handler: 0x5c at CPL 0 as the architecture says; 0x5d
+            // if the CPU jumped to LSTAR but stayed at CPL 3 (kvm_pvm does).
+            let mut at_cpl3 = a.create_label();
+            a.mov(eax, iced_x86::code_asm::cs)?;
+            a.test(al, 3)?;
+            a.jnz(at_cpl3)?;
+            debug_exit(a, 0x5c)?;
+            a.set_label(&mut at_cpl3)?;
+            debug_exit(a, 0x5d)
         });
         let mut slot = code;
         slot.resize(16, 0x90);

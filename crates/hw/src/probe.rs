@@ -27,7 +27,7 @@ use crate::guests::{self, TestGuest};
 use crate::Hw;
 
 /// Bump when the probe changes, so that cached results are redone.
-pub const PROBE_VERSION: u32 = 5;
+pub const PROBE_VERSION: u32 = 6;
 
 /// How a test guest ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -205,7 +205,7 @@ pub struct Capabilities {
     /// `INT 0x80` from user mode reaches the guest's DPL-3 gate (kvm_pvm
     /// raises #UD instead).
     pub user_int: Check,
-    /// `SYSCALL` from user mode reaches the guest's LSTAR.
+    /// `SYSCALL` from user mode reaches the guest's LSTAR at CPL 0.
     pub user_syscall: Check,
     /// `OUT` at CPL 3 with IOPL 0 and no I/O bitmap raises #GP (kvm_pvm
     /// performs the I/O instead).
@@ -402,6 +402,10 @@ fn vector_check(guest: &TestGuest, want: u8) -> Check {
         Ok(GuestEnd::DebugExit(0x77)) => Check {
             ok: false,
             detail: "OUT 0xf4 at CPL 3 went through, no #GP".into(),
+        },
+        Ok(GuestEnd::DebugExit(0x5d)) => Check {
+            ok: false,
+            detail: "SYSCALL reached LSTAR but the CPU stayed at CPL 3".into(),
         },
         Ok(GuestEnd::DebugExit(v)) => Check {
             ok: false,
