@@ -102,6 +102,16 @@ impl CodeCache {
         Some(unsafe { self.rx.add(at) })
     }
 
+    /// Overwrites code at an executable address (a chain link). The caller
+    /// guarantees that no CCF is running (the dispatcher is
+    /// single-threaded and patches only between calls).
+    pub fn write_at(&mut self, addr: u64, data: &[u8]) {
+        let off = (addr as usize).wrapping_sub(self.rx as usize);
+        assert!(off <= self.used && data.len() <= self.used - off);
+        // SAFETY: checked to lie inside the used part of the RW view.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.rw.add(off), data.len()) };
+    }
+
     /// Bytes in use.
     pub fn used(&self) -> usize {
         self.used

@@ -6,9 +6,10 @@
 //! translated code. Guest code in flat 32-bit protected mode is cut into
 //! translation units (TUs, [`translate`]) compiled into fragments (CCFs) of
 //! host code kept in a W^X translation cache ([`cache`]). The dispatcher
-//! ([`BtCore::run`]) looks the CCF for the current EIP up, calls it,
-//! delivers interrupts between CCFs and runs every call-out instruction on
-//! the interpreter. Anything the translator does not handle runs on the
+//! ([`BtCore::run`]) looks the CCF for the current EIP up and calls it;
+//! CCFs chain directly into CCFs of the same page for a bounded number of
+//! transfers; the dispatcher delivers interrupts between dispatches and
+//! runs every call-out instruction on the interpreter. Anything the translator does not handle runs on the
 //! interpreter, so correctness never depends on coverage.
 //!
 //! Layout: `cache.rs` is the executable memory; `translate.rs` classifies
@@ -46,7 +47,20 @@ const INTERP_CHUNK: u64 = 64;
 
 /// A compiled code fragment: `extern "sysv64" fn(state) -> retired`
 /// (see [`translate::compile`]).
-type CcfFn = unsafe extern "sysv64" fn(*mut CpuState) -> u64;
+type CcfFn = unsafe extern "sysv64" fn(*mut CpuState, u64) -> CcfRet;
+
+/// What a CCF returns (in RAX:RDX).
+#[repr(C)]
+struct CcfRet {
+    /// Guest instructions retired, | `translate::SLOW_PATH`.
+    retired: u64,
+    /// The chain budget left.
+    chain: u64,
+}
+
+/// Most CCFs one dispatch runs through chaining (bounds the time between
+/// interrupt checks together with `MAX_TU`).
+const CHAIN_MAX: u64 = 32;
 
 /// What the dispatcher finds for one TU key.
 #[derive(Clone, Copy)]
@@ -54,6 +68,8 @@ enum Entry {
     /// A CCF of `insns` guest instructions.
     Ccf {
         code: *const u8,
+        /// Chained entry (registers already loaded).
+        body: *const u8,
         bytes: u32,
         insns: u32,
         ident: u32,
@@ -113,6 +129,10 @@ pub struct BtStats {
     /// Inline TLB probes that missed (the instruction ran on the
     /// interpreter).
     pub tlb_misses: u64,
+    /// Chained transfers between CCFs (no dispatcher in between).
+    pub chains: u64,
+    /// Chain links patched.
+    pub links: u64,
     /// Instructions retranslated as call-outs because they kept missing.
     pub adapted: u64,
     /// TUs the assembler refused (interpreted instead; expected 0).
@@ -132,6 +152,9 @@ pub struct BtCore {
     /// Direct-mapped front of `map`: most dispatches end here.
     fast: Box<[Option<(Key, Entry)>]>,
     page_keys: HashMap<u64, Vec<Key>>,
+    /// Chain sites (RX addresses of `jmp rel32` displacements) waiting for
+    /// the CCF of a key.
+    pending: HashMap<Key, Vec<u64>>,
     /// Slow-path exits per guest-physical instruction address.
     misses: HashMap<u64, u32>,
     /// Instructions (guest-physical) retranslated as call-outs.
@@ -150,6 +173,7 @@ impl BtCore {
             map: HashMap::new(),
             fast: vec![None; FAST].into_boxed_slice(),
             page_keys: HashMap::new(),
+            pending: HashMap::new(),
             misses: HashMap::new(),
             forced: HashSet::new(),
             stats: BtStats::default(),
@@ -179,8 +203,9 @@ impl BtCore {
         }
     }
 
-    /// One dispatch: one CCF, or one interpreter run (at most `remaining`
-    /// instructions). `Some(exit)` when the caller must see something.
+    /// One dispatch: one CCF (and the CCFs it chains into), or one
+    /// interpreter run; at most `remaining` instructions. `Some(exit)` when
+    /// the caller must see something.
     pub fn step(&mut self, bus: &mut dyn Bus, remaining: u64) -> Option<RunExit> {
         use popek_cpu::state::{cr, flags, seg};
         let st = self.cpu.state();
@@ -245,39 +270,58 @@ impl BtCore {
                     return self.interp(bus, remaining, None);
                 }
                 let st = self.cpu.state_ptr();
+                let budget = (remaining / translate::MAX_TU as u64).clamp(1, CHAIN_MAX);
                 // SAFETY: `code` is the start of a CCF compiled by
                 // `translate::compile` into the live part of the RX cache
-                // (entries are dropped before the cache is reset). It
-                // follows the sysv64 ABI (saves RBX/RBP/R15, leaves RSP
-                // and DF as found, calls nothing) and accesses only the
-                // `CpuState` behind `st`, which `state_ptr` hands out with
-                // the flags materialized, and only the fields it permits.
+                // (entries are dropped before the cache is reset, and chain
+                // sites only point at CCFs of the same page, dropped
+                // together). It follows the sysv64 ABI (saves RBX, RBP and
+                // R12–R15, leaves RSP and DF as found, calls nothing) and
+                // accesses only the `CpuState` behind `st`, which
+                // `state_ptr` hands out with the flags materialized, the
+                // fields it permits, and guest RAM through the CPU's TLB
+                // entries (host pointers into the live guest mapping).
+                // `budget` ≥ 1 and ≤ remaining / MAX_TU, so the chain
+                // retires at most `remaining` instructions.
                 let ret = unsafe {
                     let f: CcfFn = std::mem::transmute::<*const u8, CcfFn>(code);
-                    f(st)
+                    f(st, budget)
                 };
-                self.stats.ccf_runs += 1;
-                if ret == translate::FULL {
-                    self.cpu.icount += insns as u64;
-                    self.stats.dyn_ident += ident as u64;
-                    self.stats.dyn_inline += inline as u64;
+                let chains = if ret.chain == 0 {
+                    budget - 1
+                } else {
+                    budget - ret.chain
+                };
+                self.stats.ccf_runs += 1 + chains;
+                self.stats.chains += chains;
+                let n = ret.retired as u32 as u64;
+                self.cpu.icount += n;
+                let slow = ret.retired & translate::SLOW_PATH != 0;
+                let inl = if !slow || chains > 0 {
+                    inline as u64
+                } else {
+                    0
+                };
+                self.stats.dyn_inline += inl;
+                self.stats.dyn_ident += n - inl.min(n);
+                let _ = (insns, ident);
+                if !slow {
                     return None;
                 }
                 // Left early: an inline TLB probe missed before the
-                // instruction at EIP, which the interpreter now runs.
-                let n = ret as u32 as u64;
-                self.cpu.icount += n;
-                self.stats.dyn_ident += n;
+                // instruction at EIP (same page: chains stay in it), which
+                // the interpreter now runs.
                 self.stats.tlb_misses += 1;
                 let at = phys + (self.cpu.state().rip as u32).wrapping_sub(eip) as u64;
                 let count = self.misses.entry(at).or_insert(0);
                 *count += 1;
                 if *count >= ADAPT_MISSES && at >> 12 == phys >> 12 {
                     // Adaptive BT: this access keeps missing (MMIO, a code
-                    // page, page-crossing): make it a call-out.
+                    // page, page-crossing): retranslate the page with it as
+                    // a call-out.
                     self.forced.insert(at);
                     self.misses.remove(&at);
-                    self.drop_key(key);
+                    self.drop_page(phys >> 12);
                     self.stats.adapted += 1;
                 }
                 self.interp(bus, (remaining - n).min(MISS_RUN), None)
@@ -340,7 +384,9 @@ impl BtCore {
                 Entry::Interp { run, callout }
             }
             Translation::Tu(plan) => {
-                let Ok(mut host) = translate::compile(&plan, self.cache.next_addr(), &probe) else {
+                let page = eip >> 12;
+                let Ok(mut host) = translate::compile(&plan, self.cache.next_addr(), &probe, page)
+                else {
                     // Never expected (each instruction was test-encoded):
                     // interpret this code from now on.
                     self.stats.compile_errors += 1;
@@ -352,19 +398,40 @@ impl BtCore {
                     self.page_keys.entry(phys >> 12).or_default().push(key);
                     return Some(e);
                 };
-                let mut at = self.cache.push(&host);
+                let mut at = self.cache.push(&host.code);
                 if at.is_none() {
                     self.flush_all();
-                    host = translate::compile(&plan, self.cache.next_addr(), &probe).ok()?;
-                    at = self.cache.push(&host);
+                    host = translate::compile(&plan, self.cache.next_addr(), &probe, page).ok()?;
+                    at = self.cache.push(&host.code);
                 }
+                let at = at?;
                 self.stats.tus += 1;
-                self.stats.ccf_bytes += host.len() as u64;
+                self.stats.ccf_bytes += host.code.len() as u64;
+                // Chaining: link this CCF's exits to CCFs of the same page
+                // that exist, and have future ones link them.
+                let body = at as u64 + host.body;
+                for &(off, target) in &host.sites {
+                    let site = at as u64 + off;
+                    let tkey = ((phys & !0xfff) | (target & 0xfff) as u64, target, cpl);
+                    match self.map.get(&tkey) {
+                        Some(Entry::Ccf { body: tb, .. }) => {
+                            let tb = *tb as u64;
+                            self.link(site, tb);
+                        }
+                        _ => self.pending.entry(tkey).or_default().push(site),
+                    }
+                }
+                if let Some(sites) = self.pending.remove(&key) {
+                    for site in sites {
+                        self.link(site, body);
+                    }
+                }
                 self.stats.static_ident += plan.ident as u64;
                 self.stats.static_inline += plan.inline as u64;
                 Entry::Ccf {
-                    code: at?,
-                    bytes: host.len() as u32,
+                    code: at,
+                    body: body as *const u8,
+                    bytes: host.code.len() as u32,
                     insns: plan.insns,
                     ident: plan.ident,
                     inline: plan.inline,
@@ -379,7 +446,27 @@ impl BtCore {
         Some(entry)
     }
 
-    /// Forgets one translation (it is retranslated at the next dispatch).
+    /// Points a chain site at a CCF body.
+    fn link(&mut self, site: u64, body: u64) {
+        let mut rel = [0u8; 4];
+        translate::patch(&mut rel, site, body);
+        self.cache.write_at(site, &rel);
+        self.stats.links += 1;
+    }
+
+    /// Forgets every translation of a physical page (with the chain links
+    /// between them: chains never leave a page).
+    fn drop_page(&mut self, page: u64) {
+        if let Some(keys) = self.page_keys.remove(&page) {
+            self.stats.invalidations += 1;
+            for k in keys {
+                self.drop_key(k);
+            }
+        }
+        self.pending.retain(|k, _| k.0 >> 12 != page);
+    }
+
+    /// Forgets one translation (only with its whole page: see `drop_page`).
     fn drop_key(&mut self, k: Key) {
         self.map.remove(&k);
         let slot = fast_slot(&k);
@@ -395,20 +482,16 @@ impl BtCore {
                 self.flush_all();
                 continue;
             }
-            if let Some(keys) = self.page_keys.remove(&page) {
-                self.stats.invalidations += 1;
-                for k in keys {
-                    self.drop_key(k);
-                }
-                self.forced.retain(|a| a >> 12 != page);
-                self.misses.retain(|a, _| a >> 12 != page);
-            }
+            self.drop_page(page);
+            self.forced.retain(|a| a >> 12 != page);
+            self.misses.retain(|a, _| a >> 12 != page);
         }
     }
 
     /// Drops every translation and empties the cache.
     pub fn flush_all(&mut self) {
         self.map.clear();
+        self.pending.clear();
         self.forced.clear();
         self.misses.clear();
         self.fast.iter_mut().for_each(|e| *e = None);
@@ -457,7 +540,12 @@ impl BtCore {
             ("code pages invalidated", s.invalidations),
             ("cache flushes", s.flushes),
             ("compile errors", s.compile_errors),
-            ("chained exits", 0),
+            ("chained transfers", s.chains),
+            (
+                "chaining rate (per mille of CCF executions)",
+                (s.chains * 1000).checked_div(s.ccf_runs).unwrap_or(0),
+            ),
+            ("chain links patched", s.links),
         ]
     }
 }

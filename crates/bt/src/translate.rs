@@ -604,7 +604,9 @@ fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic) -> Option<MemI
 fn stack_op(ins: &Instruction) -> Option<MemInsn> {
     let (op, disp, write) = match ins.code() {
         Code::Push_r32 => (MemOp::PushReg(map_reg(ins.op0_register())?), -4i32, true),
-        Code::Pushd_imm32 | Code::Pushd_imm8 => (MemOp::PushImm(ins.immediate32()), -4, true),
+        Code::Pushd_imm32 => (MemOp::PushImm(ins.immediate32()), -4, true),
+        // Sign-extended (`6A ib`).
+        Code::Pushd_imm8 => (MemOp::PushImm(ins.immediate8to32() as u32), -4, true),
         Code::Pop_r32 if ins.op0_register() != Register::ESP => {
             (MemOp::Pop(map_reg(ins.op0_register())?), 0, false)
         }
@@ -650,21 +652,39 @@ fn encodable(mut i: Instruction) -> Option<Instruction> {
 /// The guest GPRs in `CpuState.gpr` order, as host registers.
 const HOST_GPRS: [AsmRegister64; 8] = [rax, rcx, rdx, rbx, r8, rbp, rsi, rdi];
 
+/// A compiled TU.
+pub struct Compiled {
+    /// Host code.
+    pub code: Vec<u8>,
+    /// Offset of the chained entry (after the prologue and the loads): the
+    /// host registers already hold the guest's.
+    pub body: u64,
+    /// Chainable exits: offset of a `jmp rel32`'s displacement and the guest
+    /// EIP it leaves for (same page as the TU). Initially the jump leads to
+    /// the exit stub; [`patch`] points it at the target's body.
+    pub sites: Vec<(u64, u32)>,
+}
+
 /// Compiles a plan into host code for address `ip`.
 ///
-/// The fragment is an `extern "sysv64" fn(*mut CpuState) -> u64`: it saves
-/// the callee-saved registers it uses (RBX, RBP, R12, R15), keeps the state pointer
-/// in R15, loads the eight guest GPRs into host registers and the guest
-/// arithmetic flags into RFLAGS, runs the body, and on every exit stores
-/// flags, GPRs and the next EIP back. It returns [`FULL`] when the whole TU
-/// ran, else the number of instructions retired | [`SLOW_PATH`].
-pub fn compile(p: &Plan, ip: u64, tlb: &Probe) -> Result<Vec<u8>, IcedError> {
+/// The fragment is an `extern "sysv64" fn(*mut CpuState, chain: u64) ->
+/// (u64, u64)`: it saves the callee-saved registers (RBX, RBP, R12–R15),
+/// keeps the state pointer in R15, the chain budget in R13 and the
+/// instructions retired in R14, loads the eight guest GPRs into host
+/// registers and the guest arithmetic flags into RFLAGS, runs the body,
+/// and on every exit stores flags, GPRs and the next EIP back. It returns
+/// the instructions retired (| [`SLOW_PATH`]) and what is left of the chain
+/// budget. An exit to a known EIP in the same page may jump straight to
+/// the body of that TU's CCF while the chain budget lasts (chaining).
+pub fn compile(p: &Plan, ip: u64, tlb: &Probe, page: u32) -> Result<Compiled, IcedError> {
     let mut a = CodeAssembler::new(64)?;
-    a.push(rbx)?;
-    a.push(rbp)?;
-    a.push(r12)?;
-    a.push(r15)?;
+    a.set_prefer_short_branch(false);
+    for r in [rbx, rbp, r12, r13, r14, r15] {
+        a.push(r)?;
+    }
     a.mov(r15, rdi)?;
+    a.mov(r13, rsi)?;
+    a.xor(r14d, r14d)?;
     for (i, r) in HOST_GPRS.iter().enumerate() {
         a.mov(*r, qword_ptr(r15 + OFF_GPR + 8 * i as i32))?;
     }
@@ -673,6 +693,13 @@ pub fn compile(p: &Plan, ip: u64, tlb: &Probe) -> Result<Vec<u8>, IcedError> {
     a.or(r9d, 2)?;
     a.push(r9)?;
     a.popfq()?;
+    let mut body = a.create_label();
+    a.set_label(&mut body)?;
+    let mut ex = Exits {
+        page,
+        n: p.insns,
+        sites: Vec::new(),
+    };
     let mut ended = false;
     let mut slow: Vec<(CodeLabel, u32, u32)> = Vec::new();
     for item in &p.items {
@@ -684,10 +711,11 @@ pub fn compile(p: &Plan, ip: u64, tlb: &Probe) -> Result<Vec<u8>, IcedError> {
                 slow.push((miss, m.eip, m.before));
                 match m.op {
                     MemOp::Call { target, .. } => {
-                        emit_exit(&mut a, target)?;
+                        ex.exit(&mut a, target)?;
                         ended = true;
                     }
                     MemOp::Ret(_) => {
+                        a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
                         emit_exit_reg(&mut a)?;
                         ended = true;
                     }
@@ -701,7 +729,8 @@ pub fn compile(p: &Plan, ip: u64, tlb: &Probe) -> Result<Vec<u8>, IcedError> {
                 a.popfq()?;
             }
             Item::Sti => {
-                // IF 0 → 1 starts the interrupt shadow (SDM: STI).
+                // IF 0 → 1 starts the interrupt shadow (SDM: STI); never
+                // chained: the dispatcher must see the shadow.
                 let mut set = a.create_label();
                 a.pushfq()?;
                 a.test(dword_ptr(r15 + OFF_RFLAGS), IF)?;
@@ -710,7 +739,8 @@ pub fn compile(p: &Plan, ip: u64, tlb: &Probe) -> Result<Vec<u8>, IcedError> {
                 a.set_label(&mut set)?;
                 a.or(qword_ptr(r15 + OFF_RFLAGS), IF)?;
                 a.popfq()?;
-                emit_exit(&mut a, p.next_eip)?;
+                a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
+                emit_store_exit(&mut a, Some(p.next_eip), false)?;
                 ended = true;
             }
             Item::StoreReg(off, r, size) => {
@@ -729,21 +759,21 @@ pub fn compile(p: &Plan, ip: u64, tlb: &Probe) -> Result<Vec<u8>, IcedError> {
                 a.add_instruction(ins)?;
             }
             Item::Jmp(t) => {
-                emit_exit(&mut a, t)?;
+                ex.exit(&mut a, t)?;
                 ended = true;
             }
             Item::Jcc(cc, t, f) => {
                 let mut taken = a.create_label();
                 jcc(&mut a, cc, taken)?;
-                emit_exit(&mut a, f)?;
+                ex.exit(&mut a, f)?;
                 a.set_label(&mut taken)?;
-                emit_exit(&mut a, t)?;
+                ex.exit(&mut a, t)?;
                 ended = true;
             }
         }
     }
     if !ended {
-        emit_exit(&mut a, p.next_eip)?;
+        ex.exit(&mut a, p.next_eip)?;
     }
     for (mut l, eip, before) in slow {
         // TLB miss: the guest flags back, leave before the instruction and
@@ -752,9 +782,69 @@ pub fn compile(p: &Plan, ip: u64, tlb: &Probe) -> Result<Vec<u8>, IcedError> {
         a.set_label(&mut l)?;
         a.push(r12)?;
         a.popfq()?;
-        emit_exit_n(&mut a, eip, before as u64 | SLOW_PATH)?;
+        a.lea(r14, qword_ptr(r14 + before as i32))?;
+        emit_store_exit(&mut a, Some(eip), true)?;
     }
-    a.assemble(ip)
+    let r = a.assemble_options(
+        ip,
+        iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS
+            | iced_x86::BlockEncoderOptions::DONT_FIX_BRANCHES,
+    )?;
+    let body = r.label_ip(&body)? - ip;
+    let mut sites = Vec::new();
+    for (l, t) in ex.sites {
+        // The displacement follows the E9 opcode.
+        sites.push((r.label_ip(&l)? - ip + 1, t));
+    }
+    let code = r.inner.code_buffer;
+    for &(off, _) in &sites {
+        assert_eq!(code[off as usize - 1], 0xe9, "chain site is a jmp rel32");
+    }
+    Ok(Compiled { code, body, sites })
+}
+
+/// The exits of one CCF being compiled.
+struct Exits {
+    /// The TU's linear page (`eip >> 12`): exits within it may chain.
+    page: u32,
+    /// Instructions of the TU.
+    n: u32,
+    /// Chain sites: label on the `jmp rel32`, target EIP.
+    sites: Vec<(CodeLabel, u32)>,
+}
+
+impl Exits {
+    /// Leaves the TU for `eip` (all of it retired): through a chain site
+    /// when `eip` is in the same page, else straight to the dispatcher.
+    fn exit(&mut self, a: &mut CodeAssembler, eip: u32) -> Result<(), IcedError> {
+        a.lea(r14, qword_ptr(r14 + self.n as i32))?;
+        if eip >> 12 == self.page {
+            // Flag-neutral budget check: LEA and XCHG change no flags,
+            // JRCXZ reads none.
+            let mut no = a.create_label();
+            let mut site = a.create_label();
+            let mut stub = a.create_label();
+            a.lea(r13, qword_ptr(r13 - 1))?;
+            a.xchg(rcx, r13)?;
+            a.jrcxz(no)?;
+            a.xchg(rcx, r13)?;
+            a.set_label(&mut site)?;
+            a.jmp(stub)?;
+            a.set_label(&mut no)?;
+            a.xchg(rcx, r13)?;
+            a.set_label(&mut stub)?;
+            self.sites.push((site, eip));
+        }
+        emit_store_exit(a, Some(eip), false)
+    }
+}
+
+/// Points the chain site at `site` (an RW address of a rel32 whose RX
+/// address is `site_rx`) to `target_rx`.
+pub fn patch(site_rw: &mut [u8; 4], site_rx: u64, target_rx: u64) {
+    let rel = target_rx.wrapping_sub(site_rx + 4) as i64;
+    debug_assert!(i32::try_from(rel).is_ok());
+    *site_rw = (rel as i32).to_le_bytes();
 }
 
 /// Bit of a CCF's return value: the instruction at the returned EIP must
@@ -861,41 +951,16 @@ fn emit_probe(
 
 /// Exit with EIP = R11 (a RET's popped address).
 fn emit_exit_reg(a: &mut CodeAssembler) -> Result<(), IcedError> {
-    a.pushfq()?;
-    a.pop(r9)?;
-    a.and(r9d, ARITH)?;
-    a.mov(r10, qword_ptr(r15 + OFF_RFLAGS))?;
-    a.and(r10, !ARITH)?;
-    a.or(r10, r9)?;
-    a.mov(qword_ptr(r15 + OFF_RFLAGS), r10)?;
-    for (i, r) in HOST_GPRS.iter().enumerate() {
-        a.mov(qword_ptr(r15 + OFF_GPR + 8 * i as i32), *r)?;
-    }
-    a.mov(qword_ptr(r15 + OFF_RIP), r11)?;
-    a.mov(rax, FULL)?;
-    a.pop(r15)?;
-    a.pop(r12)?;
-    a.pop(rbp)?;
-    a.pop(rbx)?;
-    a.ret()
+    emit_store_exit(a, None, false)
 }
 
 fn mem(off: i32) -> iced_x86::MemoryOperand {
     iced_x86::MemoryOperand::with_base_displ(Register::R15, off as i64)
 }
 
-/// Writes flags, GPRs and EIP back and returns 0 (the whole TU ran; the
-/// dispatcher knows its length).
-fn emit_exit(a: &mut CodeAssembler, eip: u32) -> Result<(), IcedError> {
-    emit_exit_n(a, eip, FULL)
-}
-
-/// A CCF's return value when every instruction of the TU ran.
-pub const FULL: u64 = 0xffff_ffff;
-
-/// Writes flags, GPRs and EIP back and returns `ret`: [`FULL`], or the
-/// number of guest instructions retired plus flag bits ([`SLOW_PATH`]).
-fn emit_exit_n(a: &mut CodeAssembler, eip: u32, ret: u64) -> Result<(), IcedError> {
+/// Writes flags, GPRs and EIP (`eip`, or R11 when `None`) back and
+/// returns (R14 | [`SLOW_PATH`] if `slow`, R13).
+fn emit_store_exit(a: &mut CodeAssembler, eip: Option<u32>, slow: bool) -> Result<(), IcedError> {
     a.pushfq()?;
     a.pop(r9)?;
     a.and(r9d, ARITH)?;
@@ -906,13 +971,21 @@ fn emit_exit_n(a: &mut CodeAssembler, eip: u32, ret: u64) -> Result<(), IcedErro
     for (i, r) in HOST_GPRS.iter().enumerate() {
         a.mov(qword_ptr(r15 + OFF_GPR + 8 * i as i32), *r)?;
     }
-    a.mov(r9d, eip)?;
-    a.mov(qword_ptr(r15 + OFF_RIP), r9)?;
-    a.mov(rax, ret)?;
-    a.pop(r15)?;
-    a.pop(r12)?;
-    a.pop(rbp)?;
-    a.pop(rbx)?;
+    match eip {
+        Some(e) => {
+            a.mov(r9d, e)?;
+            a.mov(qword_ptr(r15 + OFF_RIP), r9)?;
+        }
+        None => a.mov(qword_ptr(r15 + OFF_RIP), r11)?,
+    }
+    a.mov(rax, r14)?;
+    if slow {
+        a.bts(rax, 32)?;
+    }
+    a.mov(rdx, r13)?;
+    for r in [r15, r14, r13, r12, rbp, rbx] {
+        a.pop(r)?;
+    }
     a.ret()
 }
 
@@ -962,7 +1035,7 @@ mod tests {
         };
         match plan(code, 0x1000, ctx, &|_| false) {
             Translation::Tu(p) => {
-                compile(&p, 0x10_0000, &probe()).unwrap();
+                compile(&p, 0x10_0000, &probe(), 1).unwrap();
                 p.insns as usize
             }
             Translation::Interp { .. } => 0,
@@ -986,7 +1059,9 @@ mod tests {
             panic!("not translated")
         };
         assert_eq!((p.insns, p.ident), (4, 4));
-        let host = compile(&p, 0x7f00_0000_0000, &probe()).unwrap();
+        let c = compile(&p, 0x7f00_0000_0000, &probe(), 1).unwrap();
+        assert_eq!(c.sites.len(), 2, "both Jcc exits chain");
+        let host = c.code;
         let mut dec = Decoder::with_ip(64, &host, 0x7f00_0000_0000, DecoderOptions::NONE);
         let mut f = IntelFormatter::new();
         let mut out = String::new();

@@ -454,6 +454,17 @@ fn run_case(seed: u64, case: u64, t: &mut Tally) {
             bt.cpu().ram().read(at, &mut mem_b[r.clone()]).unwrap();
             cpu_i.ram().read(at, &mut mem_i[r]).unwrap();
         }
+        if mem_b != mem_i && std::env::var("POPEK_BT_DIFF_TRACE").is_ok() {
+            for (i, (x, y)) in mem_b.iter().zip(&mem_i).enumerate() {
+                if x != y {
+                    eprintln!(
+                        "mem diff at region {} +{:#x}: bt {x:#x} interp {y:#x}",
+                        i / 4096,
+                        i % 4096
+                    );
+                }
+            }
+        }
         if exit_b != exit_i || st_b != st_i || mem_b != mem_i || bt.cpu().icount != cpu_i.icount {
             t.mismatches.push(format!(
                 "case {case} (seed {seed:#x}, cpl {cpl}) after {} instructions: exit bt {exit_b:?} interp {exit_i:?}\n  gpr bt {:x?}\n  gpr in {:x?}\n  rip {:#x}/{:#x} rflags {:#x}/{:#x} data equal {}\n  code {:02x?}",
@@ -554,4 +565,44 @@ fn self_modifying_code_invalidates_the_ccf() {
         "the new code ran translated: {:?}",
         bt.stats
     );
+}
+
+/// A loop whose TUs chain into each other stops exactly at every budget,
+/// in the same state as the interpreter.
+#[test]
+fn chained_loops_stop_exactly_at_the_budget() {
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut top = a.create_label();
+    let mut skip = a.create_label();
+    a.mov(ecx, 700).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.add(eax, dword_ptr(ecx * 4 + DATA as i32 - 0x800))
+        .unwrap();
+    a.inc(ebx).unwrap();
+    a.test(ebx, 3).unwrap();
+    a.jne(skip).unwrap();
+    a.mov(dword_ptr(DATA as i32 + 8), ebx).unwrap();
+    a.push(eax).unwrap();
+    a.pop(edx).unwrap();
+    a.set_label(&mut skip).unwrap();
+    a.dec(ecx).unwrap();
+    a.jne(top).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let (cpu_b, _) = machine(&code, 0, &mut Rng(3));
+    let (mut cpu_i, _) = machine(&code, 0, &mut Rng(3));
+    let mut bt = BtCore::new(cpu_b).unwrap();
+    let mut r = Rng(99);
+    loop {
+        let budget = 1 + r.below(400);
+        let eb = bt.run(&mut Quiet, budget);
+        let ei = cpu_i.run(&mut Quiet, budget);
+        assert_eq!(eb, ei);
+        assert_eq!(bt.cpu().icount, cpu_i.icount);
+        assert_eq!(bt.cpu().state(), cpu_i.state());
+        if eb != RunExit::Budget {
+            break;
+        }
+    }
+    assert!(bt.stats.chains > 100, "{:?}", bt.stats);
 }
