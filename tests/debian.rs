@@ -122,3 +122,8 @@ fn boot(engine: &str) {
 fn debian_boots_runs_commands_and_powers_off_on_interp() {
     boot("interp");
 }
+
+#[test]
+fn debian_boots_runs_commands_and_powers_off_on_bt() {
+    boot("bt");
+}

@@ -94,3 +94,24 @@ fn invalid_opcode_without_handler_dies_cleanly() {
         "the report names the instruction: {err}"
     );
 }
+
+#[test]
+fn exception_loop_is_no_progress() {
+    // The #UD vector points at 0000:0000, which holds an invalid opcode:
+    // every delivery faults again and no instruction ever retires.
+    // xor ax,ax; mov ds,ax; mov word [0x18],0; mov word [0x1a],0;
+    // mov word [0],0xffff; ud2
+    let code = [
+        0x31, 0xc0, 0x8e, 0xd8, 0xc7, 0x06, 0x18, 0x00, 0x00, 0x00, 0xc7, 0x06, 0x1a, 0x00, 0x00,
+        0x00, 0xc7, 0x06, 0x00, 0x00, 0xff, 0xff, 0x0f, 0x0b,
+    ];
+    for engine in ["interp", "bt"] {
+        let (status, _, err) = run_flat(
+            "ud-loop.bin",
+            &code,
+            &["--engine", engine, "--clock", "virtual"],
+        );
+        assert_eq!(status, 6, "{engine}: {err}");
+        assert!(err.contains("retires no instructions"), "{engine}: {err}");
+    }
+}

@@ -192,13 +192,20 @@ impl BtCore {
         self.cpu.prepare();
         self.drain_invalidations();
         let end = self.cpu.icount.saturating_add(budget);
+        // Dispatches that retire nothing (an exception loop, an interrupt
+        // storm) count against the budget, as in `Cpu::run`, so `run`
+        // always returns.
+        let mut stalls = 0u64;
         loop {
             let now = self.cpu.icount;
-            if now >= end {
+            if now.saturating_add(stalls) >= end {
                 return RunExit::Budget;
             }
-            if let Some(exit) = self.step(bus, end - now) {
+            if let Some(exit) = self.step(bus, end - now - stalls) {
                 return exit;
+            }
+            if self.cpu.icount == now {
+                stalls += 1;
             }
         }
     }

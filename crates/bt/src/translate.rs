@@ -263,7 +263,20 @@ fn flags_liveness(items: &mut [Item]) {
                     if h.rflags_read() & ARITH_BITS != 0 {
                         break;
                     }
-                    if h.rflags_modified() & ARITH_BITS == ARITH_BITS {
+                    // Shifts and rotates leave the flags alone when the
+                    // (masked) count is 0: never an overwrite.
+                    let shift = matches!(
+                        h.mnemonic(),
+                        Mnemonic::Shl
+                            | Mnemonic::Sal
+                            | Mnemonic::Shr
+                            | Mnemonic::Sar
+                            | Mnemonic::Rol
+                            | Mnemonic::Ror
+                            | Mnemonic::Rcl
+                            | Mnemonic::Rcr
+                    );
+                    if !shift && h.rflags_modified() & ARITH_BITS == ARITH_BITS {
                         dead = true;
                         break;
                     }
@@ -584,7 +597,20 @@ fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic) -> Option<MemI
         && !matches!(m, Mnemonic::Cmp | Mnemonic::Test))
         || m == Mnemonic::Xchg;
     let arith = F::OF | F::SF | F::ZF | F::AF | F::CF | F::PF;
-    let flags_live = guest.rflags_read() & arith != 0 || guest.rflags_modified() & arith != arith;
+    // Shifts and rotates keep the flags when the count is 0.
+    let shift = matches!(
+        m,
+        Mnemonic::Shl
+            | Mnemonic::Sal
+            | Mnemonic::Shr
+            | Mnemonic::Sar
+            | Mnemonic::Rol
+            | Mnemonic::Ror
+            | Mnemonic::Rcl
+            | Mnemonic::Rcr
+    );
+    let flags_live =
+        shift || guest.rflags_read() & arith != 0 || guest.rflags_modified() & arith != arith;
     Some(MemInsn {
         op: MemOp::Insn,
         ins: h,

@@ -16,7 +16,9 @@
 //! (MUL/IMUL/DIV, PUSHFD/POPFD, stores into the code ahead: self-modifying
 //! code, a wild ESP) and faults (#UD, #DE, #GP).
 //!
-//! `POPEK_BT_DIFF_CASES` (default 3000) and `POPEK_BT_DIFF_SEED` scale it.
+//! `POPEK_BT_DIFF_CASES` (default 10 000) and `POPEK_BT_DIFF_SEED` scale it;
+//! `POPEK_BT_DIFF_ONLY=i` runs case `i`, `POPEK_BT_DIFF_TRACE=1` prints each
+//! dispatch and memory difference, `POPEK_BT_DIFF_SLOW=1` the slow cases.
 
 use std::sync::Arc;
 
@@ -271,7 +273,11 @@ fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
         }
         29..=30 => match r.below(5) {
             0 => {
-                a.push(R32[s]).unwrap();
+                if r.below(2) == 0 {
+                    a.push(R32[s]).unwrap();
+                } else {
+                    a.push(r.imm() as i8 as i32).unwrap(); // 6A ib, sign-extended
+                }
                 a.pop(R32[d]).unwrap();
             }
             1 => a.imul_2(R32[d], R32[s]).unwrap(),
@@ -498,7 +504,7 @@ fn run_case(seed: u64, case: u64, t: &mut Tally) {
 #[test]
 fn bt_matches_interp_on_random_sequences() {
     let seed = env("POPEK_BT_DIFF_SEED", 0x005e_edb7);
-    let cases = env("POPEK_BT_DIFF_CASES", 3000);
+    let cases = env("POPEK_BT_DIFF_CASES", 10_000);
     let mut t = Tally::default();
     let only = std::env::var("POPEK_BT_DIFF_ONLY")
         .ok()

@@ -320,11 +320,16 @@ impl Cpu {
     pub fn run(&mut self, bus: &mut dyn Bus, budget: u64) -> RunExit {
         self.prepare();
         let end = self.icount.saturating_add(budget);
+        // Events delivered without an instruction retiring (an exception
+        // whose handler faults again, an interrupt storm) count against the
+        // budget too, so `run` always returns to its caller even when the
+        // guest makes no progress at all.
+        let mut stalls = 0u64;
         loop {
             if let Some(x) = self.pending_exit.take() {
                 return x;
             }
-            if self.icount >= end {
+            if self.icount.saturating_add(stalls) >= end {
                 return RunExit::Budget;
             }
             let mut single = false;
@@ -338,6 +343,7 @@ impl Cpu {
                 if let Err(exit) = self.deliver_external(bus, vector) {
                     return exit;
                 }
+                stalls += 1;
                 continue;
             }
             if self.st.halted {
@@ -347,6 +353,7 @@ impl Cpu {
             let block = match self.lookup_block(bus) {
                 Ok(b) => b,
                 Err(Exc::Fault { vector, code }) => {
+                    stalls += 1;
                     if let Err(exit) = self.fault(bus, vector, code) {
                         return exit;
                     }
@@ -385,6 +392,7 @@ impl Cpu {
                     }
                     Err(Exc::Fault { vector, code }) => {
                         self.stop_block = false;
+                        stalls += 1;
                         if let Err(exit) = self.fault(bus, vector, code) {
                             return exit;
                         }

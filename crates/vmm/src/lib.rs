@@ -32,6 +32,9 @@ pub const MAX_MEMORY: u64 = 3 << 30;
 // `--memory` never reaches the machine's MMIO window.
 const _: () = assert!(MAX_MEMORY <= popek_machine::memmap::MAX_RAM);
 
+/// The internal marker of `run_limited` running out of instructions.
+const LIMIT_REACHED: &str = "instruction limit reached";
+
 /// Instructions per engine slice between clock updates and input polls.
 const SLICE: u64 = 200_000;
 
@@ -79,7 +82,7 @@ impl EngineKind {
 
     /// VISION's `--engine auto` rule for this guest, given what exists:
     /// `hw` on a hardware-backed KVM that can run the guest's CPU mode;
-    /// else `bt` (not built yet); else `interp`, which runs every 32-bit
+    /// else `bt` (once it beats `interp`); else `interp`, which runs every 32-bit
     /// guest; else `hw` on a software KVM such as kvm_pvm — today that is
     /// the 64-bit guests. Returns the engine and the reason, in words.
     pub fn auto_for(kernel: &KernelSource) -> (EngineKind, String) {
@@ -94,7 +97,7 @@ impl EngineKind {
             } else {
                 (
                     EngineKind::Interp,
-                    "no usable /dev/kvm; bt: not built yet (issue 6); the reference software CPU runs every 32-bit guest".into(),
+                    "no usable /dev/kvm; bt: works but is not yet faster than interp on system code (issue 6); the reference software CPU runs every 32-bit guest".into(),
                 )
             };
         }
@@ -105,7 +108,7 @@ impl EngineKind {
         if software && !long {
             return (
                 EngineKind::Interp,
-                "the KVM here is software (kvm_pvm), so hw is only for guests no software engine can run; bt: not built yet (issue 6); the reference software CPU runs every 32-bit guest".into(),
+                "the KVM here is software (kvm_pvm), so hw is only for guests no software engine can run; bt: works but is not yet faster than interp on system code (issue 6); the reference software CPU runs every 32-bit guest".into(),
             );
         }
         let caps = popek_hw::probe();
@@ -561,8 +564,30 @@ impl Vm {
 
     /// Runs the guest until it ends.
     pub fn run(&mut self) -> Outcome {
+        match self.run_limited(u64::MAX) {
+            Some(o) => o,
+            None => Outcome::NoProgress("the instruction limit was reached".into()),
+        }
+    }
+
+    /// Runs the guest until it ends or has retired about `limit`
+    /// instructions in all (then `None`): for tests and fuzzing, where a
+    /// guest that spins forever is legitimate and must be cut short.
+    pub fn run_limited(&mut self, limit: u64) -> Option<Outcome> {
+        Some(self.run_loop(limit))
+            .filter(|o| !matches!(o, Outcome::NoProgress(r) if r == LIMIT_REACHED))
+    }
+
+    fn run_loop(&mut self, limit: u64) -> Outcome {
+        // Watchdog: whole slices in which not one instruction retired.
+        let mut stuck_slices = 0;
         loop {
-            let exit = match self.engine.run(&mut self.machine, SLICE) {
+            if self.engine.instructions() >= limit {
+                return Outcome::NoProgress(LIMIT_REACHED.into());
+            }
+            let before = self.engine.instructions();
+            let budget = SLICE.min(limit - before);
+            let exit = match self.engine.run(&mut self.machine, budget) {
                 Ok(x) => x,
                 Err(EngineError::Unsupported { engine, reason }) => {
                     return Outcome::Unsupported(format!(
@@ -583,7 +608,20 @@ impl Vm {
                 );
             }
             match exit {
-                VmExit::Budget => {}
+                VmExit::Budget => {
+                    if self.engine.instructions() == before {
+                        stuck_slices += 1;
+                        if stuck_slices >= 3 {
+                            return Outcome::NoProgress(report::no_progress(
+                                self.engine.as_mut(),
+                                "the guest retires no instructions: every attempt to run one raises \
+                                 another exception or interrupt (an exception loop)",
+                            ));
+                        }
+                    } else {
+                        stuck_slices = 0;
+                    }
+                }
                 VmExit::Halt => {
                     if let Some(o) = self.wait_halted() {
                         return o;
