@@ -249,6 +249,10 @@ struct RunArgs {
     /// Print engine statistics when the guest ends.
     #[arg(long)]
     stats: bool,
+    /// When the guest ends, print the bt engine's translation (TU and CCF)
+    /// of the guest code at this guest-physical address.
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    dump_ccf: Option<u64>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -287,6 +291,7 @@ fn default_run() -> RunArgs {
         load_addr: 0x7c00,
         clock: ClockArg::Host,
         stats: false,
+        dump_ccf: None,
     }
 }
 
@@ -349,6 +354,15 @@ fn run(a: RunArgs) -> u8 {
         Outcome::Unsupported(r) => eprintln!("popek: {r}"),
         Outcome::Quit => eprintln!("popek: quit from the console"),
         _ => {}
+    }
+    if let Some(addr) = a.dump_ccf {
+        match vm.engine.dump_translation(addr) {
+            Some(text) => eprint!("{text}"),
+            None => eprintln!(
+                "popek: --dump-ccf {addr:#x}: engine {} has no translation there",
+                vm.engine.name()
+            ),
+        }
     }
     if a.stats {
         eprintln!("popek: {} statistics:", vm.engine.name());

@@ -60,3 +60,45 @@ fn minios_passes_its_checks_on_bt_like_interp() {
 fn paravirtual_minios_passes_its_checks_on_bt_like_interp() {
     bt_matches_interp("minios-pv");
 }
+
+#[test]
+fn dump_ccf_shows_the_tu_and_its_host_code() {
+    // At 0x100000: mov ecx, 1000 ; l: add eax, ecx ; dec ecx ; jnz l ;
+    // mov al, 0 ; out 0xf4, al
+    let code = [
+        0xb9, 0xe8, 0x03, 0x00, 0x00, 0x01, 0xc8, 0x49, 0x75, 0xfb, 0xb0, 0x00, 0xe6, 0xf4,
+    ];
+    let dir = std::env::temp_dir().join(format!("popek-dump-ccf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("loop.bin");
+    std::fs::write(&path, code).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_popek"))
+        .args([
+            "run",
+            "--engine",
+            "bt",
+            "--memory",
+            "4M",
+            "--format",
+            "flat-protected",
+        ])
+        .args([
+            "--load-addr",
+            "0x100000",
+            "--dump-ccf",
+            "0x100005",
+            "--kernel",
+        ])
+        .arg(&path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("TU at guest-physical 0x100005"), "{err}");
+    assert!(
+        err.contains("add eax,ecx") && err.contains("dec ecx"),
+        "{err}"
+    );
+    assert!(err.contains("CCF at host"), "{err}");
+}

@@ -518,6 +518,47 @@ impl BtCore {
         })
     }
 
+    /// The CCF at guest-physical `phys` as text: the guest instructions of
+    /// its TU, then the host code, both disassembled.
+    pub fn dump_ccf(&self, phys: u64) -> Option<String> {
+        use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter};
+        use std::fmt::Write as _;
+        let (insns, guest_len) = self.map.iter().find_map(|(k, e)| match *e {
+            Entry::Ccf { insns, .. } if k.0 == phys => Some((insns, 15 * insns as usize)),
+            _ => None,
+        })?;
+        let (addr, host) = self.ccf_at(phys)?;
+        let mut out = String::new();
+        let mut fmt = IntelFormatter::new();
+        let mut text = String::new();
+        let mut guest = vec![0u8; guest_len.min(4096 - (phys as usize & 0xfff))];
+        self.cpu.ram().read(phys, &mut guest).ok()?;
+        let _ = writeln!(
+            out,
+            "TU at guest-physical {phys:#x}: {insns} guest instructions"
+        );
+        let mut dec = Decoder::with_ip(32, &guest, phys, DecoderOptions::NONE);
+        let mut insn = Instruction::default();
+        for _ in 0..insns {
+            if !dec.can_decode() {
+                break;
+            }
+            dec.decode_out(&mut insn);
+            text.clear();
+            fmt.format(&insn, &mut text);
+            let _ = writeln!(out, "  {:08x}  {text}", insn.ip());
+        }
+        let _ = writeln!(out, "CCF at host {addr:#x}: {} bytes", host.len());
+        let mut dec = Decoder::with_ip(64, host, addr, DecoderOptions::NONE);
+        while dec.can_decode() {
+            dec.decode_out(&mut insn);
+            text.clear();
+            fmt.format(&insn, &mut text);
+            let _ = writeln!(out, "  {:016x}  {text}", insn.ip());
+        }
+        Some(out)
+    }
+
     /// Statistics as `(name, value)` pairs.
     pub fn stats_list(&self) -> Vec<(&'static str, u64)> {
         let s = &self.stats;
@@ -583,6 +624,10 @@ impl Bt {
 impl Engine for Bt {
     fn name(&self) -> &'static str {
         "bt"
+    }
+
+    fn dump_translation(&mut self, phys: u64) -> Option<String> {
+        self.core.dump_ccf(phys)
     }
 
     fn run(&mut self, machine: &mut Machine, budget: u64) -> Result<VmExit, EngineError> {

@@ -123,6 +123,13 @@ pub trait Engine {
     /// VMM services such as hypercalls), or `None` where it is unmapped.
     fn poke_linear(&mut self, addr: u64, data: &[u8]) -> Option<()>;
 
+    /// The translation the engine keeps for the guest code at guest-physical
+    /// `phys`, disassembled (guest instructions, then the host code), for
+    /// `popek run --dump-ccf`. Engines that translate nothing answer `None`.
+    fn dump_translation(&mut self, _phys: u64) -> Option<String> {
+        None
+    }
+
     /// Engine statistics as `(name, value)` pairs, for `--stats`.
     fn stats(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
