@@ -634,7 +634,9 @@ fn szp(v: u8) -> u32 {
     f
 }
 
-pub(crate) fn daa(c: &mut Cpu, _d: &DecodedInsn, _bus: &mut dyn Bus) -> R {
+/// DAA (`add`) and DAS: adjust AL after a packed-BCD addition or
+/// subtraction (SDM pseudo-code; OF is undefined, Intel processors clear it).
+fn decimal_adjust(c: &mut Cpu, add: bool) -> R {
     let old_al = c.gr(0, 1) as u8;
     let old_cf = c.cf();
     let af_in = c.eflags() & AF != 0;
@@ -642,12 +644,21 @@ pub(crate) fn daa(c: &mut Cpu, _d: &DecodedInsn, _bus: &mut dyn Bus) -> R {
     let mut cf = false;
     let mut af = false;
     if old_al & 0xf > 9 || af_in {
-        al = al.wrapping_add(6);
-        cf = old_cf || old_al > 0xf9;
+        if add {
+            al = al.wrapping_add(6);
+            cf = old_cf || old_al > 0xf9;
+        } else {
+            al = al.wrapping_sub(6);
+            cf = old_cf || old_al < 6;
+        }
         af = true;
     }
     if old_al > 0x99 || old_cf {
-        al = al.wrapping_add(0x60);
+        al = if add {
+            al.wrapping_add(0x60)
+        } else {
+            al.wrapping_sub(0x60)
+        };
         cf = true;
     }
     c.sr(0, 1, al as u64);
@@ -658,38 +669,16 @@ pub(crate) fn daa(c: &mut Cpu, _d: &DecodedInsn, _bus: &mut dyn Bus) -> R {
     if af {
         f |= AF;
     }
-    // OF is undefined; Intel processors clear it.
     c.set_arith_flags(f);
     Ok(())
 }
 
+pub(crate) fn daa(c: &mut Cpu, _d: &DecodedInsn, _bus: &mut dyn Bus) -> R {
+    decimal_adjust(c, true)
+}
+
 pub(crate) fn das(c: &mut Cpu, _d: &DecodedInsn, _bus: &mut dyn Bus) -> R {
-    let old_al = c.gr(0, 1) as u8;
-    let old_cf = c.cf();
-    let af_in = c.eflags() & AF != 0;
-    let mut al = old_al;
-    let mut cf = false;
-    let mut af = false;
-    if old_al & 0xf > 9 || af_in {
-        al = al.wrapping_sub(6);
-        cf = old_cf || old_al < 6;
-        af = true;
-    }
-    if old_al > 0x99 || old_cf {
-        al = al.wrapping_sub(0x60);
-        cf = true;
-    }
-    c.sr(0, 1, al as u64);
-    let mut f = szp(al);
-    if cf {
-        f |= CF;
-    }
-    if af {
-        f |= AF;
-    }
-    // OF is undefined; Intel processors clear it.
-    c.set_arith_flags(f);
-    Ok(())
+    decimal_adjust(c, false)
 }
 
 fn aaa_aas(c: &mut Cpu, add: bool) -> R {
@@ -848,11 +837,10 @@ pub(crate) fn setcc(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
 pub(crate) fn cmovcc(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     // The source is read (and may fault) whatever the condition.
     let v = c.rd(bus, d, 1)?;
+    // (A false 32-bit CMOV still zero-extends in 64-bit mode; in 32-bit
+    // mode it changes nothing.)
     if c.cond(d.insn.condition_code()) {
         c.wr(bus, d, 0, v)?;
-    } else if d.osize == 4 {
-        // A 32-bit CMOV zero-extends even when false (64-bit mode only
-        // observes it); nothing to do in 32-bit mode.
     }
     Ok(())
 }
