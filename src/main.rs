@@ -41,6 +41,106 @@ enum Command {
     Info(InfoArgs),
     /// Build a busybox initramfs (newc cpio, gzip) for a Linux guest.
     Initramfs(InitramfsArgs),
+    /// Run a guest under the trap engine and print the x86-gap audit: every
+    /// sensitive but unprivileged instruction it ran deprivileged, how often
+    /// the result differed from ring 0, and what that did.
+    Audit(AuditArgs),
+}
+
+#[derive(Args, Clone)]
+struct AuditArgs {
+    #[command(flatten)]
+    vm: RunArgs,
+    /// Print the report as JSON on stdout (the guest's console goes to
+    /// stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+fn audit(a: AuditArgs) -> u8 {
+    let mut r = a.vm;
+    if !matches!(r.engine, EngineArg::Auto | EngineArg::Trap) {
+        eprintln!("popek: audit runs the guest under --engine trap only");
+        return 2;
+    }
+    r.engine = EngineArg::Trap;
+    let console: Box<dyn Write + Send> = if a.json {
+        Box::new(std::io::stderr())
+    } else {
+        Box::new(std::io::stdout())
+    };
+    let mut vm = match make_vm(&r, console) {
+        Ok(vm) => vm,
+        Err(code) => return code,
+    };
+    vm.engine.set_trace_traps(r.trace.is_some());
+    let outcome = vm.run();
+    let _ = std::io::stdout().flush();
+    let status = outcome.exit_status();
+    let ending = match &outcome {
+        Outcome::Died(t) | Outcome::NoProgress(t) | Outcome::Unsupported(t) => t.clone(),
+        o => format!("{o:?}"),
+    };
+    let rows = vm.engine.audit().unwrap_or_default();
+    let stats: Vec<(String, u64)> = vm
+        .engine
+        .stats()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .chain(vm.engine.detail_stats())
+        .collect();
+    if a.json {
+        let rows_json: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "instruction": r.instruction,
+                    "count": r.count,
+                    "differed": r.differed,
+                    "first_address": r.first_address,
+                    "first_differed_address": r.first_differed_address,
+                    "consequence": r.consequence,
+                })
+            })
+            .collect();
+        let stats_json: serde_json::Map<String, serde_json::Value> = stats
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::from(*v)))
+            .collect();
+        let doc = serde_json::json!({
+            "engine": "trap",
+            "guest_exit_status": status,
+            "guest_ending": ending,
+            "instructions": rows_json,
+            "stats": stats_json,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        return 0;
+    }
+    println!();
+    println!("popek audit: the guest ended with status {status}");
+    for l in ending.lines() {
+        println!("  {l}");
+    }
+    println!();
+    println!(
+        "{:<30} {:>9} {:>9}  {:<10}  consequence",
+        "instruction", "count", "differed", "first at"
+    );
+    for r in &rows {
+        println!(
+            "{:<30} {:>9} {:>9}  {:#010x}  {}",
+            r.instruction, r.count, r.differed, r.first_address, r.consequence
+        );
+    }
+    if rows.is_empty() {
+        println!("(no gap instruction ran deprivileged)");
+    }
+    println!();
+    for (k, v) in &stats {
+        println!("  {k:<40} {v}");
+    }
+    0
 }
 
 #[derive(Args, Clone)]
@@ -196,6 +296,12 @@ enum EngineArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum TraceArg {
+    /// Every trap the trap engine handles.
+    Traps,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum ClockArg {
     /// Timers follow the host clock (a guest `sleep 1` takes one second).
     Host,
@@ -249,6 +355,10 @@ struct RunArgs {
     /// Print engine statistics when the guest ends.
     #[arg(long)]
     stats: bool,
+    /// Print events as they happen: `traps` (trap engine: vector, guest EIP,
+    /// instruction, action) on stderr.
+    #[arg(long, value_enum, value_name = "WHAT")]
+    trace: Option<TraceArg>,
     /// When the guest ends, print the bt engine's translation (TU and CCF)
     /// of the guest code at this guest-physical address.
     #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
@@ -291,12 +401,15 @@ fn default_run() -> RunArgs {
         load_addr: 0x7c00,
         clock: ClockArg::Host,
         stats: false,
+        trace: None,
         dump_ccf: None,
     }
 }
 
-fn run(a: RunArgs) -> u8 {
-    let kernel = match a.kernel {
+/// Builds the VM `popek run` and `popek audit` describe; `Err` is the exit
+/// status after the message.
+fn make_vm(a: &RunArgs, console: Box<dyn Write + Send>) -> Result<Vm, u8> {
+    let kernel = match a.kernel.clone() {
         Some(path) => {
             let format = match a.format {
                 FormatArg::Auto => None,
@@ -327,21 +440,28 @@ fn run(a: RunArgs) -> u8 {
     let cfg = VmConfig {
         memory: a.memory,
         kernel,
-        initrd: a.initrd,
-        cmdline: a.cmdline,
+        initrd: a.initrd.clone(),
+        cmdline: a.cmdline.clone(),
         engine,
         clock: match a.clock {
             ClockArg::Host => ClockMode::Host,
             ClockArg::Virtual => ClockMode::Virtual,
         },
     };
-    let mut vm = match Vm::new(&cfg, Box::new(std::io::stdout())) {
+    Vm::new(&cfg, console).map_err(|e| {
+        eprintln!("popek: {e}");
+        2
+    })
+}
+
+fn run(a: RunArgs) -> u8 {
+    let mut vm = match make_vm(&a, Box::new(std::io::stdout())) {
         Ok(vm) => vm,
-        Err(e) => {
-            eprintln!("popek: {e}");
-            return 2;
-        }
+        Err(code) => return code,
     };
+    if a.trace.is_some() {
+        vm.engine.set_trace_traps(true);
+    }
     let raw = console::enter_raw_mode();
     vm.set_input(console::spawn_reader());
     let outcome = vm.run();
@@ -367,6 +487,9 @@ fn run(a: RunArgs) -> u8 {
     if a.stats {
         eprintln!("popek: {} statistics:", vm.engine.name());
         for (k, v) in vm.engine.stats() {
+            eprintln!("  {k:<28} {v}");
+        }
+        for (k, v) in vm.engine.detail_stats() {
             eprintln!("  {k:<28} {v}");
         }
         let touched = vm.machine.ram().resident_bytes();
@@ -395,6 +518,7 @@ fn main() -> ExitCode {
         Some(Command::Initramfs(a)) => initramfs(a),
         Some(Command::Bench(a)) => bench(a),
         Some(Command::Info(a)) => info(a),
+        Some(Command::Audit(a)) => audit(a),
         Some(Command::Guests) => {
             for g in popek_guests::NAMES {
                 println!("{g}");

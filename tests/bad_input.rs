@@ -90,12 +90,25 @@ fn unknown_guest() {
 }
 
 #[test]
-fn engine_not_built_yet_says_so() {
-    // (`hw` exists where /dev/kvm opens: tests/hw.rs; `bt`: tests/bt.rs.)
-    let (code, err) = popek(&["run", "--engine", "trap"]);
+fn trap_refuses_what_it_cannot_deprivilege() {
+    // Real mode has no rings to deprivilege into: one clear line, exit 2.
+    let p = temp_file("real.bin", &[0xf4]);
+    let (code, err) = popek(&[
+        "run",
+        "--engine",
+        "trap",
+        "--kernel",
+        p.to_str().unwrap(),
+        "--format",
+        "flat-real",
+    ]);
     assert_eq!(code, 2, "trap: {err}");
-    assert!(err.contains("does not exist yet"), "{err}");
+    assert!(err.contains("real mode"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    // The shuffled physical map moves 64 KiB chunks.
+    let (code, err) = popek(&["run", "--engine", "trap", "--memory", "2100K"]);
+    assert_eq!(code, 2, "trap: {err}");
+    assert!(err.contains("multiple of 64 KiB"), "{err}");
 }
 
 #[test]

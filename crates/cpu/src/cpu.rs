@@ -195,6 +195,29 @@ impl Cpu {
         &mut self.st
     }
 
+    /// Sets a general-purpose register (index as in [`CpuState::gpr`])
+    /// without the cache re-derivation [`Cpu::state_mut`] implies: for a
+    /// monitor completing an instruction it emulated.
+    pub fn set_gpr(&mut self, index: usize, value: u64) {
+        self.st.gpr[index & 15] = value;
+    }
+
+    /// Sets EIP without re-deriving caches (see [`Cpu::set_gpr`]).
+    pub fn set_rip(&mut self, rip: u64) {
+        self.st.rip = rip;
+    }
+
+    /// Flushes the whole TLB, as a monitor does after changing page tables
+    /// the CPU walks (MOV to CR3 on the real CPU).
+    pub fn flush_tlb(&mut self) {
+        self.tlb.flush_all();
+    }
+
+    /// Flushes the TLB entries of one linear page (INVLPG on the real CPU).
+    pub fn flush_tlb_page(&mut self, lin: u32) {
+        self.invlpg(lin);
+    }
+
     /// What [`Cpu::run`] does on entry, for engines that execute guest code
     /// themselves between runs: re-derives the caches after
     /// [`Cpu::state_mut`]/[`Cpu::set_state`] and drops decoded code from

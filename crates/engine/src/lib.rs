@@ -92,6 +92,26 @@ pub enum EngineError {
     },
 }
 
+/// One row of an x86-gap audit (the `trap` engine's `popek audit`): a
+/// sensitive but unprivileged instruction the deprivileged guest executed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRow {
+    /// The instruction (e.g. `POPF`, `MOV r, CS`).
+    pub instruction: String,
+    /// How many times it ran.
+    pub count: u64,
+    /// How many of those runs gave a result other than virtual ring 0 (or
+    /// the guest's virtual CPL) would have.
+    pub differed: u64,
+    /// Guest linear address of its first run.
+    pub first_address: u64,
+    /// Guest linear address of its first differing run.
+    pub first_differed_address: Option<u64>,
+    /// The consequence, in words (of the first differing run, else of the
+    /// first run).
+    pub consequence: String,
+}
+
 /// A way of running one vCPU.
 pub trait Engine {
     /// Short name: `interp`, `trap`, `bt`, `hw`.
@@ -128,6 +148,33 @@ pub trait Engine {
     /// `popek run --dump-ccf`. Engines that translate nothing answer `None`.
     fn dump_translation(&mut self, _phys: u64) -> Option<String> {
         None
+    }
+
+    /// The x86-gap audit, for engines that deprivilege the guest (`trap`).
+    fn audit(&self) -> Option<Vec<AuditRow>> {
+        None
+    }
+
+    /// What the engine knows about why the guest stopped making progress
+    /// (e.g. the gap instruction that left the virtual IF clear), for the
+    /// watchdog's report.
+    fn stall_hint(&mut self) -> Option<String> {
+        None
+    }
+
+    /// Drops the engine's cached translation of one guest-linear page (the
+    /// `HC_INVLPG` hypercall). Engines whose TLB is flushed by
+    /// [`Engine::set_state`] anyway ignore it.
+    fn invalidate_page(&mut self, _lin: u64) {}
+
+    /// Prints each trap as it is handled (`popek run --trace traps`).
+    /// Engines without traps ignore it.
+    fn set_trace_traps(&mut self, _on: bool) {}
+
+    /// Counts keyed by names only known at run time (the `trap` engine's
+    /// traps by kind), for `--stats`.
+    fn detail_stats(&self) -> Vec<(String, u64)> {
+        Vec::new()
     }
 
     /// Engine statistics as `(name, value)` pairs, for `--stats`.

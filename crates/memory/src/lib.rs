@@ -46,6 +46,9 @@ pub struct GuestRam {
     /// One bit per page written by something other than a CPU engine.
     external_dirty: Box<[AtomicU64]>,
     any_external_dirty: AtomicBool,
+    /// The memfd behind the mapping, when it was made shareable
+    /// ([`GuestRam::new_shareable`]), so other views can map the same pages.
+    fd: Option<std::os::fd::OwnedFd>,
 }
 
 // SAFETY: the mapping is owned by this value and lives until drop; all
@@ -89,14 +92,128 @@ impl GuestRam {
                 reason: std::io::Error::last_os_error().to_string(),
             });
         }
+        Ok(Self::from_mapping(ptr.cast(), size, None))
+    }
+
+    fn from_mapping(ptr: *mut u8, size: u64, fd: Option<std::os::fd::OwnedFd>) -> GuestRam {
         let pages = size / PAGE_SIZE;
         let words = pages.div_ceil(64) as usize;
-        Ok(GuestRam {
-            ptr: ptr.cast(),
+        GuestRam {
+            ptr,
             size,
             external_dirty: (0..words).map(|_| AtomicU64::new(0)).collect(),
             any_external_dirty: AtomicBool::new(false),
-        })
+            fd,
+        }
+    }
+
+    /// Maps `size` bytes of zeroed guest RAM backed by a memfd, so that
+    /// [`GuestRam::new_view`] can map the same pages elsewhere (the `trap`
+    /// engine's host-physical space, where guest frames sit shuffled).
+    pub fn new_shareable(size: u64) -> Result<Self, MemoryError> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let size = size.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let map_err = |reason: String| MemoryError::Map { size, reason };
+        if size == 0 {
+            return Err(map_err("size is zero".into()));
+        }
+        let len = usize::try_from(size).map_err(|_| map_err("too large".into()))?;
+        // SAFETY: memfd_create takes a NUL-terminated name and flags; the
+        // result is checked.
+        let raw = unsafe { libc::memfd_create(c"popek-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(map_err(std::io::Error::last_os_error().to_string()));
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ftruncate on our own memfd.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
+            return Err(map_err(std::io::Error::last_os_error().to_string()));
+        }
+        // SAFETY: a shared mapping of the whole memfd at an address the
+        // kernel chooses; checked against MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(map_err(std::io::Error::last_os_error().to_string()));
+        }
+        Ok(Self::from_mapping(ptr.cast(), size, Some(fd)))
+    }
+
+    /// A second view of a shareable RAM (see [`GuestRam::new_shareable`]):
+    /// `chunks.len()` chunks of `chunk` bytes, view chunk `i` showing source
+    /// chunk `chunks[i]` (the same memory, not a copy), followed by `extra`
+    /// bytes of private zeroed memory. `chunk` must be a multiple of the page
+    /// size and `chunks` a permutation covering the whole source.
+    pub fn new_view(
+        src: &GuestRam,
+        chunk: u64,
+        chunks: &[u64],
+        extra: u64,
+    ) -> Result<Self, MemoryError> {
+        use std::os::fd::AsRawFd;
+        let extra = extra.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let size = src.size + extra;
+        let map_err = |reason: String| MemoryError::Map { size, reason };
+        let fd = src
+            .fd
+            .as_ref()
+            .ok_or_else(|| map_err("the source RAM is not shareable".into()))?;
+        let mut seen = vec![false; chunks.len()];
+        let permutation = chunk % PAGE_SIZE == 0
+            && chunk > 0
+            && chunks.len() as u64 * chunk == src.size
+            && chunks.iter().all(|&c| {
+                (c as usize) < seen.len() && !std::mem::replace(&mut seen[c as usize], true)
+            });
+        if !permutation {
+            return Err(map_err(
+                "the chunk map is not a permutation of the source".into(),
+            ));
+        }
+        // SAFETY: as in `new`: an anonymous private mapping for the whole
+        // view, whose first part is then replaced chunk by chunk.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(map_err(std::io::Error::last_os_error().to_string()));
+        }
+        let view = Self::from_mapping(ptr.cast(), size, None);
+        for (i, &c) in chunks.iter().enumerate() {
+            // SAFETY: MAP_FIXED over a range inside the view's own mapping
+            // (`i * chunk + chunk <= src.size <= size`), from the source's
+            // memfd at an offset inside it.
+            let r = unsafe {
+                libc::mmap(
+                    view.ptr.add((i as u64 * chunk) as usize).cast(),
+                    chunk as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    fd.as_raw_fd(),
+                    (c * chunk) as libc::off_t,
+                )
+            };
+            if r == libc::MAP_FAILED {
+                return Err(map_err(std::io::Error::last_os_error().to_string()));
+            }
+        }
+        Ok(view)
     }
 
     /// Size of RAM in bytes.
@@ -294,6 +411,22 @@ mod tests {
         assert_eq!(ram.take_external_writes(), vec![1, 2, 0x80]);
         assert!(!ram.has_external_writes());
         assert!(ram.take_external_writes().is_empty());
+    }
+
+    #[test]
+    fn a_view_shows_the_same_memory_shuffled() {
+        let ram = GuestRam::new_shareable(4 * 0x10000).unwrap();
+        let view = GuestRam::new_view(&ram, 0x10000, &[2, 0, 3, 1], 0x3000).unwrap();
+        assert_eq!(view.size(), 4 * 0x10000 + 0x3000);
+        ram.write_u32(2 * 0x10000 + 8, 0x1234_5678).unwrap();
+        assert_eq!(view.read_u32(8).unwrap(), 0x1234_5678);
+        view.write_u32(3 * 0x10000 + 4, 0xabcd).unwrap();
+        assert_eq!(ram.read_u32(0x10000 + 4).unwrap(), 0xabcd);
+        // The extra part is private memory.
+        view.write_u32(4 * 0x10000, 7).unwrap();
+        assert_eq!(view.read_u32(4 * 0x10000).unwrap(), 7);
+        assert!(GuestRam::new_view(&ram, 0x10000, &[0, 0, 1, 2], 0).is_err());
+        assert!(GuestRam::new_view(&GuestRam::new(0x10000).unwrap(), 0x10000, &[0], 0).is_err());
     }
 
     #[test]

@@ -134,7 +134,12 @@ pub fn serve(
         }
         nr::READ_CR3 => s.cr3 as i32,
         nr::READ_CR2 => s.cr2 as i32,
-        nr::INVLPG => 0, // set_state below flushes the engine's TLB
+        nr::INVLPG => {
+            // set_state below flushes interp's and bt's TLB; a shadow-paging
+            // engine drops that page's shadow entry here.
+            engine.invalidate_page(b as u64);
+            0
+        }
         nr::LOAD_GDT | nr::LOAD_IDT => {
             if c > 0xffff {
                 EINVAL

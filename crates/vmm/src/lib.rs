@@ -70,7 +70,8 @@ impl EngineKind {
             EngineKind::Hw => popek_hw::kvm_available(),
             // Emits x86-64 host code.
             EngineKind::Bt => cfg!(all(target_arch = "x86_64", target_os = "linux")),
-            EngineKind::Trap => false,
+            // memfd-backed RAM with a second, shuffled mapping.
+            EngineKind::Trap => cfg!(target_os = "linux"),
         }
     }
 
@@ -348,7 +349,14 @@ impl Vm {
                 cfg.engine.name()
             )));
         }
-        let ram = Arc::new(GuestRam::new(cfg.memory).map_err(|e| VmError::Setup(e.to_string()))?);
+        // trap's CPU sees guest RAM through a second, shuffled mapping of
+        // the same pages: that needs memfd-backed RAM.
+        let ram = if cfg.engine == EngineKind::Trap {
+            GuestRam::new_shareable(cfg.memory)
+        } else {
+            GuestRam::new(cfg.memory)
+        };
+        let ram = Arc::new(ram.map_err(|e| VmError::Setup(e.to_string()))?);
         let machine = Machine::new(MachineConfig { clock: cfg.clock }, ram.clone(), console)
             .map_err(|e| VmError::Setup(e.to_string()))?;
         let initrd = cfg.initrd.as_ref().map(read_file).transpose()?;
@@ -460,7 +468,11 @@ impl Vm {
                 popek_bt::Bt::new(&machine)
                     .map_err(|e| VmError::Engine(format!("--engine bt: {e}")))?,
             ),
-            _ => Box::new(popek_interp::Interp::new(&machine)),
+            EngineKind::Trap => Box::new(
+                popek_trap::Trap::new(&machine)
+                    .map_err(|e| VmError::Engine(format!("--engine trap: {e}")))?,
+            ),
+            EngineKind::Interp => Box::new(popek_interp::Interp::new(&machine)),
         };
         engine
             .set_state(boot::entry_cpu_state(&entry))

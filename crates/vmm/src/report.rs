@@ -140,8 +140,12 @@ pub fn died(engine: &mut dyn Engine, reason: &str) -> String {
 
 /// The report for a guest that stopped making progress.
 pub fn no_progress(engine: &mut dyn Engine, reason: &str) -> String {
+    let hint = engine
+        .stall_hint()
+        .map(|h| format!("\n{h}"))
+        .unwrap_or_default();
     format!(
-        "popek: no progress on engine {}: {reason}\n{}",
+        "popek: no progress on engine {}: {reason}{hint}\n{}",
         engine.name(),
         cpu_dump(engine)
     )
