@@ -212,6 +212,8 @@ pub struct Trap {
     /// The CPU runs an instruction the monitor is emulating: its sensitive
     /// reports are not gap events (the instruction trapped).
     emulating: bool,
+    /// The trapping instruction's text, for `--trace traps`.
+    trace_text: Option<String>,
 }
 
 /// Exception names for traces and reports.
@@ -269,6 +271,7 @@ impl Trap {
             last_cli: None,
             depth: 0,
             emulating: false,
+            trace_text: None,
         };
         t.write_idt_and_tss();
         Ok(t)
@@ -321,15 +324,22 @@ impl Trap {
         if !self.trace {
             return;
         }
-        let text = self
-            .fetch()
+        let text = match self.trace_text.take() {
+            Some(t) => t,
+            None => self.fetch_text(),
+        };
+        eprintln!("trap {vector:<4} eip={eip:08x}  {text:<28} -> {action}");
+    }
+
+    /// The instruction at CS:EIP, as text.
+    fn fetch_text(&mut self) -> String {
+        self.fetch()
             .map(|i| {
                 let mut s = String::new();
                 iced_x86::GasFormatter::new().format(&i, &mut s);
                 s
             })
-            .unwrap_or_else(|| "?".into());
-        eprintln!("trap {vector:<4} eip={eip:08x}  {text:<28} -> {action}");
+            .unwrap_or_else(|| "?".into())
     }
 
     // ----- guest memory, through the guest's own page tables -----
@@ -1135,6 +1145,10 @@ impl Trap {
     }
 
     fn exception(&mut self, machine: &mut Machine, vector: u8, code: Option<u32>) -> Handled {
+        if self.trace {
+            // Decoded before the handler moves EIP (or CS).
+            self.trace_text = Some(self.fetch_text());
+        }
         match vector {
             14 => self.page_fault(machine, code.unwrap_or(0)),
             13 => self.general_protection(machine, code.unwrap_or(0)),
@@ -1678,7 +1692,8 @@ impl Trap {
             }
         };
         let (new_eip, sel) = (word(0), word(1) as u16);
-        if sel & 3 != 0 {
+        // RPL 1 is ring 0's selector as the real CPU showed it (PUSH CS).
+        if sel & 3 > 1 {
             return self.reflect_gp(code, "far return to an outer ring");
         }
         let ok = self
@@ -1893,6 +1908,14 @@ impl Trap {
             .guest_descriptor(sel)
             .filter(|d| d.is_code_data() && d.present());
         if code & 3 == 0 && gd.is_some_and(|d| d.is_code() && d.dpl() == 0) && self.cpu.cpl() == 1 {
+            if let Some(i) = self.fetch().filter(|i| {
+                matches!(
+                    i.mnemonic(),
+                    Mnemonic::Iret | Mnemonic::Iretd | Mnemonic::Retf
+                )
+            }) {
+                return self.same_ring_return(&i, code);
+            }
             return self.far_to_kernel(sel, code);
         }
         let user_seg = self.cpu.cpl() == 1
@@ -2409,26 +2432,40 @@ impl Engine for Trap {
     }
 
     fn stall_hint(&mut self) -> Option<String> {
-        if self.v.vif {
+        let rows: Vec<AuditRow> = self
+            .audit
+            .rows()
+            .into_iter()
+            .filter(|r| r.differed > 0)
+            .collect();
+        if self.v.vif && rows.is_empty() {
             return None;
         }
-        let mut s = String::from(
-            "popek: the audit explains it: the guest kernel runs at ring 1 with IOPL 0, so the \
-             CPU ignores its attempts to set IF with POPF or IRET (x86 gap), and the virtual IF \
-             stayed 0",
-        );
-        if let Some(l) = &self.audit.last_if_loss {
-            s.push_str(&format!(
-                ".\n  last lost attempt: {} at {:#010x} (CPL{}): {}",
-                l.instruction, l.address, l.cpl, l.consequence
-            ));
+        let mut s = if self.v.vif {
+            String::from(
+                "popek: the audit: the deprivileged guest kernel saw results that differ from ring 0",
+            )
+        } else {
+            String::from(
+                "popek: the audit explains it: the guest kernel runs at ring 1 with IOPL 0, so the \
+                 CPU ignores its attempts to set IF with POPF or IRET (x86 gap), and the virtual IF \
+                 stayed 0",
+            )
+        };
+        if !self.v.vif {
+            if let Some(l) = &self.audit.last_if_loss {
+                s.push_str(&format!(
+                    ".\n  last lost attempt: {} at {:#010x} (CPL{}): {}",
+                    l.instruction, l.address, l.cpl, l.consequence
+                ));
+            }
+            if let Some(a) = self.last_cli {
+                s.push_str(&format!(
+                    "\n  IF was last cleared by the emulated CLI at {a:#010x}"
+                ));
+            }
         }
-        if let Some(a) = self.last_cli {
-            s.push_str(&format!(
-                "\n  IF was last cleared by the emulated CLI at {a:#010x}"
-            ));
-        }
-        for r in self.audit.rows().iter().filter(|r| r.differed > 0) {
+        for r in &rows {
             s.push_str(&format!(
                 "\n  {:<28} ran {:>8}, differed {:>8}: {}",
                 r.instruction, r.count, r.differed, r.consequence

@@ -322,6 +322,67 @@ pub struct Vm {
     /// Hypercall statistics.
     pub hypercalls: hypercall::HypercallStats,
     input: Option<Receiver<ConsoleEvent>>,
+    /// Set when the guest's console printed a kernel panic.
+    panic: Arc<PanicWatch>,
+}
+
+/// What a guest kernel prints when it gives up; after it, a guest makes no
+/// progress however many instructions it retires (Linux spins in `panic()`
+/// unless booted with `panic=N`).
+const PANIC_MARKERS: [&str; 2] = ["Kernel panic - not syncing", "minios: panic"];
+
+/// Instructions a panicking guest may still run (to finish its report).
+const PANIC_GRACE: u64 = 50_000_000;
+
+/// Watches the console for [`PANIC_MARKERS`] (the serial console is the one
+/// channel every guest has: a pvpanic device would need a guest driver).
+#[derive(Default)]
+struct PanicWatch {
+    line: std::sync::Mutex<(Vec<u8>, Option<String>)>,
+}
+
+impl PanicWatch {
+    fn feed(&self, bytes: &[u8]) {
+        let Ok(mut g) = self.line.lock() else {
+            return;
+        };
+        if g.1.is_some() {
+            return;
+        }
+        for &b in bytes {
+            if b == b'\n' {
+                let text = String::from_utf8_lossy(&g.0).trim().to_string();
+                if PANIC_MARKERS.iter().any(|m| text.contains(m)) {
+                    g.1 = Some(text);
+                    return;
+                }
+                g.0.clear();
+            } else if g.0.len() < 512 {
+                g.0.push(b);
+            }
+        }
+    }
+
+    fn panicked(&self) -> Option<String> {
+        self.line.lock().ok().and_then(|g| g.1.clone())
+    }
+}
+
+/// The console writer, teeing into the panic watch.
+struct WatchedConsole {
+    inner: Box<dyn Write + Send>,
+    watch: Arc<PanicWatch>,
+}
+
+impl Write for WatchedConsole {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.watch.feed(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 fn read_file(path: &PathBuf) -> Result<Vec<u8>, VmError> {
@@ -357,6 +418,11 @@ impl Vm {
             GuestRam::new(cfg.memory)
         };
         let ram = Arc::new(ram.map_err(|e| VmError::Setup(e.to_string()))?);
+        let panic = Arc::new(PanicWatch::default());
+        let console = Box::new(WatchedConsole {
+            inner: console,
+            watch: panic.clone(),
+        });
         let machine = Machine::new(MachineConfig { clock: cfg.clock }, ram.clone(), console)
             .map_err(|e| VmError::Setup(e.to_string()))?;
         let initrd = cfg.initrd.as_ref().map(read_file).transpose()?;
@@ -482,6 +548,7 @@ impl Vm {
             engine,
             hypercalls: hypercall::HypercallStats::default(),
             input: None,
+            panic,
         })
     }
 
@@ -593,7 +660,17 @@ impl Vm {
     fn run_loop(&mut self, limit: u64) -> Outcome {
         // Watchdog: whole slices in which not one instruction retired.
         let mut stuck_slices = 0;
+        let mut panicked_at: Option<u64> = None;
         loop {
+            if let Some(line) = self.panic.panicked() {
+                let at = *panicked_at.get_or_insert(self.engine.instructions());
+                if self.engine.instructions() - at >= PANIC_GRACE {
+                    return Outcome::NoProgress(report::no_progress(
+                        self.engine.as_mut(),
+                        &format!("the guest kernel panicked (\"{line}\"); it will not go on"),
+                    ));
+                }
+            }
             if self.engine.instructions() >= limit {
                 return Outcome::NoProgress(LIMIT_REACHED.into());
             }
