@@ -83,6 +83,8 @@ pub struct Cpu {
     pub(crate) pending_exit: Option<RunExit>,
     /// State was handed out mutably: re-derive caches before running.
     pub(crate) needs_refresh: bool,
+    /// CR0, CR3, CR4 and EFER when [`Cpu::state_mut`] handed out the state.
+    paging_key: (u64, u64, u64, u64),
     /// Instructions retired.
     pub icount: u64,
     /// CPUID answers.
@@ -145,6 +147,7 @@ impl Cpu {
             stop_block: false,
             pending_exit: None,
             needs_refresh: false,
+            paging_key: (0, 0, 0, 0),
             icount: 0,
             cpuid: CpuidModel::default(),
             exception_bitmap: 0,
@@ -166,10 +169,15 @@ impl Cpu {
     }
 
     /// Mutable architectural state. Changing control registers, segments or
-    /// mode through this is allowed; the CPU re-derives its caches and
-    /// flushes its TLB.
+    /// mode through this is allowed; the CPU re-derives its caches, and
+    /// flushes its TLB when CR0, CR3, CR4 or EFER changed (a monitor that
+    /// changes the page tables the CPU walks flushes it itself, as MOV to
+    /// CR3 or INVLPG would on hardware).
     pub fn state_mut(&mut self) -> &mut CpuState {
         self.sync_flags();
+        if !self.needs_refresh {
+            self.paging_key = (self.st.cr0, self.st.cr3, self.st.cr4, self.st.efer);
+        }
         self.dirty_state_pending();
         &mut self.st
     }
@@ -207,6 +215,18 @@ impl Cpu {
         self.st.rip = rip;
     }
 
+    /// Tells the CPU that something outside it wrote physical memory: code
+    /// it decoded from those pages is dropped (cheaper than
+    /// `GuestRam::write`'s page record when the writer holds the CPU).
+    pub fn note_phys_write(&mut self, phys: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        for page in (phys >> 12)..=((phys + len - 1) >> 12) {
+            self.invalidate_code_page(page);
+        }
+    }
+
     /// Flushes the whole TLB, as a monitor does after changing page tables
     /// the CPU walks (MOV to CR3 on the real CPU).
     pub fn flush_tlb(&mut self) {
@@ -224,7 +244,12 @@ impl Cpu {
     /// pages written from outside the CPU (`GuestRam::take_external_writes`).
     pub fn prepare(&mut self) {
         if self.needs_refresh {
-            self.refresh_all();
+            let key = (self.st.cr0, self.st.cr3, self.st.cr4, self.st.efer);
+            if key == self.paging_key {
+                self.refresh_segments();
+            } else {
+                self.refresh_all();
+            }
         }
         if self.ram.has_external_writes() {
             for page in self.ram.take_external_writes() {
@@ -276,12 +301,17 @@ impl Cpu {
 
     /// Re-derives cached state (CPL, segment fast paths) and flushes the TLB.
     pub(crate) fn refresh_all(&mut self) {
+        self.refresh_segments();
+        self.tlb.flush_all();
+    }
+
+    /// Re-derives the CPL and the segment fast paths.
+    fn refresh_segments(&mut self) {
         self.needs_refresh = false;
         self.cpl = self.st.cpl();
         for s in 0..6 {
             self.refresh_seg(s);
         }
-        self.tlb.flush_all();
     }
 
     /// Writes the lazily held arithmetic flags into `st.rflags`.

@@ -258,6 +258,21 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Copies `data` into guest memory at `addr` without recording the pages
+    /// as externally written: for memory no engine decodes code from (a
+    /// monitor's own tables), or when the caller tells its CPU itself.
+    pub fn write_untracked(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let off = self.check(addr, data.len() as u64)?;
+        // SAFETY: as in `write`.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(off), data.len()) };
+        Ok(())
+    }
+
+    /// [`GuestRam::write_untracked`] of a little-endian 32-bit value.
+    pub fn write_u32_untracked(&self, addr: u64, v: u32) -> Result<(), MemoryError> {
+        self.write_untracked(addr, &v.to_le_bytes())
+    }
+
     /// Fills `len` bytes at `addr` with `byte`.
     pub fn fill(&self, addr: u64, len: u64, byte: u8) -> Result<(), MemoryError> {
         let off = self.check(addr, len)?;

@@ -300,18 +300,18 @@ impl Trap {
         let gate = desc::idt_gate();
         for v in 0..256u64 {
             let a = self.pool(IDT_PAGE) + v * 8;
-            let _ = self.hram.write_u32(a, gate.lo);
-            let _ = self.hram.write_u32(a + 4, gate.hi);
+            let _ = self.hram.write_u32_untracked(a, gate.lo);
+            let _ = self.hram.write_u32_untracked(a + 4, gate.hi);
         }
         let tss = self.pool(TSS_PAGE);
-        let _ = self.hram.fill(tss, 4096, 0);
-        let _ = self.hram.write_u32(tss + 8, desc::VMM_DS as u32);
+        shadow::zero(&self.hram, tss, 4096);
+        let _ = self.hram.write_u32_untracked(tss + 8, desc::VMM_DS as u32);
         // I/O map base past the limit: no port is granted below ring 0.
-        let _ = self.hram.write_u16(tss + 0x66, 104);
+        let _ = self.hram.write_untracked(tss + 0x66, &104u16.to_le_bytes());
         for (sel, d) in desc::vmm_descriptors() {
             let a = self.pool(GDT_PAGE) + sel as u64;
-            let _ = self.hram.write_u32(a, d.lo);
-            let _ = self.hram.write_u32(a + 4, d.hi);
+            let _ = self.hram.write_u32_untracked(a, d.lo);
+            let _ = self.hram.write_u32_untracked(a + 4, d.hi);
         }
     }
 
@@ -354,7 +354,7 @@ impl Trap {
 
     fn gwrite32(&self, gpp: u64, v: u32) {
         if let Some(h) = self.map.to_host(gpp) {
-            let _ = self.hram.write_u32(h, v);
+            let _ = self.hram.write_u32_untracked(h, v);
         }
     }
 
@@ -484,7 +484,8 @@ impl Trap {
             let page = g >> 12;
             let before = self.snapshot_if_tracked(page);
             if let Some(h) = self.map.to_host(g) {
-                let _ = self.hram.write(h, &data[off..off + n]);
+                let _ = self.hram.write_untracked(h, &data[off..off + n]);
+                self.cpu.note_phys_write(h, n as u64);
             }
             if let Some(before) = before {
                 self.resync_table_page(page, &before);
@@ -708,7 +709,7 @@ impl Trap {
     /// Rebuilds the shadow GDT from the guest's.
     fn sync_gdt(&mut self) {
         let base = self.pool(GDT_PAGE);
-        let _ = self.hram.fill(base, desc::GUEST_GDT_END as u64, 0);
+        shadow::zero(&self.hram, base, desc::GUEST_GDT_END as u64);
         self.dpl3.clear();
         let end = (self.v.gdtr.limit as u32 + 1).min(desc::GUEST_GDT_END);
         let mut raw = vec![0u8; end as usize];
@@ -724,8 +725,8 @@ impl Trap {
                 self.dpl3.push(i as u16);
             }
             let s = desc::shadow_descriptor(d, self.user_view);
-            let _ = self.hram.write_u32(base + i as u64 * 8, s.lo);
-            let _ = self.hram.write_u32(base + i as u64 * 8 + 4, s.hi);
+            let _ = self.hram.write_u32_untracked(base + i as u64 * 8, s.lo);
+            let _ = self.hram.write_u32_untracked(base + i as u64 * 8 + 4, s.hi);
         }
     }
 
@@ -740,7 +741,7 @@ impl Trap {
             let a = base + i as u64 * 8 + 4;
             if let Ok(hi) = self.hram.read_u32(a) {
                 let hi = if user { hi | 1 << 15 } else { hi & !(1 << 15) };
-                let _ = self.hram.write_u32(a, hi);
+                let _ = self.hram.write_u32_untracked(a, hi);
             }
         }
     }
@@ -899,7 +900,12 @@ impl Trap {
         r.halted = false;
         r.interrupt_shadow = false;
         r.cr2 = self.cpu.state().cr2;
-        self.cpu.set_state(r);
+        if segs_changed {
+            self.cpu.set_state(r);
+        } else {
+            // Registers only (a hypercall's result, IF): no TLB flush.
+            *self.cpu.state_mut() = r;
+        }
         self.started = true;
         self.user_view = vcpl == 3;
         if gdt_changed {

@@ -49,6 +49,11 @@ pub mod pte {
     pub const PS: u32 = 0x80;
 }
 
+/// Zeroes monitor memory (never code: no CPU invalidation needed).
+pub fn zero(hram: &GuestRam, addr: u64, len: u64) {
+    let _ = hram.write_untracked(addr, &vec![0u8; len as usize]);
+}
+
 /// What a guest page-table page is used as by the current shadow.
 #[derive(Default)]
 struct Uses {
@@ -99,9 +104,9 @@ impl Shadow {
         };
         for k in 0..PT_FIRST {
             let e = (s.page(k) as u32) | pte::P | pte::W | pte::A | pte::D;
-            let _ = hram.write_u32(s.page(VMM_PT) + k * 4, e);
+            let _ = hram.write_u32_untracked(s.page(VMM_PT) + k * 4, e);
         }
-        let _ = hram.write_u32(
+        let _ = hram.write_u32_untracked(
             s.page(SPD) + 1023 * 4,
             s.page(VMM_PT) as u32 | pte::P | pte::W | pte::A,
         );
@@ -124,7 +129,7 @@ impl Shadow {
         for i in 0..1023 {
             if let Some((k, _)) = self.pts[i].take() {
                 self.free.push(k);
-                let _ = hram.write_u32(self.page(SPD) + i as u64 * 4, 0);
+                let _ = hram.write_u32_untracked(self.page(SPD) + i as u64 * 4, 0);
             }
         }
         self.tracked.clear();
@@ -182,9 +187,9 @@ impl Shadow {
                 let Some(k) = self.free.pop() else {
                     return false;
                 };
-                let _ = hram.fill(self.page(k), 4096, 0);
+                zero(hram, self.page(k), 4096);
                 self.pts[i] = Some((k, src_pt));
-                let _ = hram.write_u32(
+                let _ = hram.write_u32_untracked(
                     self.page(SPD) + i as u64 * 4,
                     self.page(k) as u32 | pte::P | pte::W | pte::U | pte::A,
                 );
@@ -194,7 +199,7 @@ impl Shadow {
                 k
             }
         };
-        let _ = hram.write_u32(self.page(k) + j * 4, host as u32 | flags);
+        let _ = hram.write_u32_untracked(self.page(k) + j * 4, host as u32 | flags);
         if flags & pte::W != 0 {
             if let Some(g) = gpp_page {
                 self.writable.insert(g);
@@ -235,7 +240,7 @@ impl Shadow {
                     continue;
                 };
                 if e & pte::P != 0 && e & pte::W != 0 && (e & !0xfff) as u64 == host {
-                    let _ = hram.write_u32(base + j * 4, e & !pte::W);
+                    let _ = hram.write_u32_untracked(base + j * 4, e & !pte::W);
                 }
             }
         }
@@ -250,7 +255,7 @@ impl Shadow {
         if let Some((k, _)) = self.pts[i] {
             let a = self.page(k) + ((lin >> 12) & 0x3ff) as u64 * 4;
             if hram.read_u32(a).unwrap_or(0) != 0 {
-                let _ = hram.write_u32(a, 0);
+                let _ = hram.write_u32_untracked(a, 0);
                 self.stats.zaps += 1;
             }
         }
@@ -264,7 +269,7 @@ impl Shadow {
         if let Some((k, src)) = self.pts[i].take() {
             self.untrack_pt(src, i);
             self.free.push(k);
-            let _ = hram.write_u32(self.page(SPD) + i as u64 * 4, 0);
+            let _ = hram.write_u32_untracked(self.page(SPD) + i as u64 * 4, 0);
             self.stats.zaps += 1;
         }
     }

@@ -58,6 +58,10 @@ pub struct Column {
     pub tsc_mhz: Option<f64>,
     /// Whether the engine exists and ran.
     pub ran: bool,
+    /// Traps the engine handled per operation of each benchmark (`trap`
+    /// only): the engine's trap count between the benchmark's result line
+    /// and the previous one, over its iterations.
+    pub traps_per_op: Vec<Option<f64>>,
 }
 
 impl Column {
@@ -70,6 +74,7 @@ impl Column {
             ns: vec![None; BENCHES.len()],
             tsc_mhz: None,
             ran: false,
+            traps_per_op: vec![None; BENCHES.len()],
         }
     }
 
@@ -150,8 +155,12 @@ fn measured(engine: EngineKind, guest: String, text: &str, ran: bool) -> Column 
         ns: parse_ns(text),
         tsc_mhz: parse_tsc_mhz(text),
         ran,
+        traps_per_op: vec![None; BENCHES.len()],
     }
 }
+
+/// Instructions between trap-count samples while `trap` runs the suite.
+const TRAP_SAMPLE: u64 = 20_000;
 
 /// The guest build each engine runs.
 pub fn guest_for(engine: EngineKind) -> &'static str {
@@ -177,14 +186,57 @@ pub fn run_engine(engine: EngineKind) -> Column {
         clock: ClockMode::Host,
     };
     let cap = Capture::default();
-    let outcome = Vm::new(&cfg, Box::new(cap.clone())).map(|mut vm| vm.run());
-    let text = cap
-        .0
-        .lock()
-        .map(|v| String::from_utf8_lossy(&v).into_owned())
-        .unwrap_or_default();
+    let text_now = || {
+        cap.0
+            .lock()
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default()
+    };
+    let mut marks: Vec<Option<u64>> = vec![None; BENCHES.len() + 1];
+    let outcome = Vm::new(&cfg, Box::new(cap.clone())).map(|mut vm| {
+        if engine != EngineKind::Trap {
+            return vm.run();
+        }
+        // Snapshot the trap count as each result line appears (the line
+        // before the first benchmark's is the scheduler's).
+        loop {
+            let limit = vm.engine.instructions() + TRAP_SAMPLE;
+            let done = vm.run_limited(limit);
+            let text = text_now();
+            let traps = vm
+                .engine
+                .stats()
+                .iter()
+                .find(|(k, _)| *k == "traps")
+                .map(|(_, v)| *v);
+            for (i, m) in marks.iter_mut().enumerate() {
+                let line = match i {
+                    0 => "minios: sched ".to_string(),
+                    i => format!("minios: bench {} ", BENCHES[i - 1]),
+                };
+                if m.is_none() && text.contains(&line) {
+                    *m = traps;
+                }
+            }
+            if let Some(o) = done {
+                return o;
+            }
+        }
+    });
+    let text = text_now();
+    let iters: Vec<Option<u64>> = parse_field(&text, "iters");
+    let traps_per_op: Vec<Option<f64>> = (0..BENCHES.len())
+        .map(|i| {
+            let (a, b, n) = (marks[i]?, marks[i + 1]?, iters[i]?);
+            (n > 0 && b >= a).then(|| (b - a) as f64 / n as f64)
+        })
+        .collect();
+    let with_traps = |mut c: Column| {
+        c.traps_per_op = traps_per_op.clone();
+        c
+    };
     match outcome {
-        Ok(Outcome::PowerOff) => measured(engine, guest.into(), &text, true),
+        Ok(Outcome::PowerOff) => with_traps(measured(engine, guest.into(), &text, true)),
         Ok(o) => measured(
             engine,
             format!("{guest}: ended with status {}", o.exit_status()),
@@ -245,6 +297,22 @@ pub fn table(cols: &[Column]) -> String {
             None => {
                 let _ = writeln!(s, " |");
             }
+        }
+    }
+    // Traps per operation, for the engines that trap.
+    for c in cols
+        .iter()
+        .filter(|c| c.traps_per_op.iter().any(Option::is_some))
+    {
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "{}: traps per operation (trap count between result lines / iterations)",
+            c.engine
+        );
+        for (i, b) in BENCHES.iter().enumerate() {
+            let cell = c.traps_per_op[i].map_or("-".into(), |v| format!("{v:.2}"));
+            let _ = writeln!(s, "{b:<10} {cell:>10}");
         }
     }
     // The raw counts: TSC cycles at each column's own rate.
@@ -316,6 +384,11 @@ pub fn json(cols: &[Column]) -> String {
         let _ = write!(s, "}}, \"cycles\": {{");
         for (i, b) in BENCHES.iter().enumerate() {
             let v = c.cycles[i].map_or("null".to_string(), |v| v.to_string());
+            let _ = write!(s, "{}\"{b}\": {v}", if i > 0 { ", " } else { "" });
+        }
+        let _ = write!(s, "}}, \"traps_per_op\": {{");
+        for (i, b) in BENCHES.iter().enumerate() {
+            let v = c.traps_per_op[i].map_or("null".to_string(), |v| format!("{v:.3}"));
             let _ = write!(s, "{}\"{b}\": {v}", if i > 0 { ", " } else { "" });
         }
         let _ = writeln!(s, "}}}}{}", if ci + 1 < cols.len() { "," } else { "" });
@@ -410,6 +483,7 @@ mod tests {
             ns: vec![ns; 8],
             tsc_mhz: mhz,
             ran: true,
+            traps_per_op: vec![None; BENCHES.len()],
         }
     }
 
