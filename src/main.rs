@@ -79,7 +79,10 @@ fn audit(a: AuditArgs) -> u8 {
     let status = outcome.exit_status();
     let ending = match &outcome {
         Outcome::Died(t) | Outcome::NoProgress(t) | Outcome::Unsupported(t) => t.clone(),
-        o => format!("{o:?}"),
+        Outcome::PowerOff => "the guest powered off".into(),
+        Outcome::Reset => "the guest reset the machine".into(),
+        Outcome::DebugExit(v) => format!("the guest wrote {v} to the debug-exit port"),
+        Outcome::Quit => "quit from the console".into(),
     };
     let rows = vm.engine.audit().unwrap_or_default();
     let stats: Vec<(String, u64)> = vm

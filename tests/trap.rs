@@ -77,6 +77,15 @@ fn paravirtual_minios_passes_with_zero_gap_events() {
     assert!(stat(&v, "CR3 switches") > 10, "{v}");
     assert!(stat(&v, "trap: #GP hypercall") > 1000, "{v}");
     assert!(stat(&v, "trap: irq 0x20 (reflected)") > 3, "{v}");
+    // gpp != hpp: the shadow PTEs carried host-physical addresses of a
+    // shuffled map, and the guest still saw its own memory.
+    assert!(
+        stat(
+            &v,
+            "64 KiB chunks of guest RAM at another host-physical address"
+        ) > 1000,
+        "{v}"
+    );
 }
 
 /// The instruction whose result each native self-check observes.

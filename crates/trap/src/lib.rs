@@ -2506,6 +2506,10 @@ impl Engine for Trap {
             ("shadow syncs (whole shadow rebuilt)", sh.syncs),
             ("shadow PTEs filled", sh.fills),
             ("shadow entries dropped", sh.zaps),
+            (
+                "64 KiB chunks of guest RAM at another host-physical address",
+                self.map.moved_chunks() as u64,
+            ),
             ("gap instructions executed", self.audit.events),
             ("gap instructions that differed", self.audit.differed),
         ]
