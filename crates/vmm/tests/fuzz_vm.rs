@@ -185,3 +185,13 @@ fn random_guests_never_crash_popek_on_bt() {
     fuzz(EngineKind::Bt, false);
     fuzz(EngineKind::Bt, true);
 }
+
+#[test]
+fn random_guests_never_crash_popek_on_trap() {
+    if !EngineKind::Trap.available() {
+        eprintln!("skipped: the trap engine is not available on this host");
+        return;
+    }
+    // Protected mode only: trap refuses real mode before the guest runs.
+    fuzz(EngineKind::Trap, true);
+}
