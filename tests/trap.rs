@@ -236,3 +236,34 @@ fn trace_traps_shows_vector_eip_instruction_and_action() {
         "a CR3 load"
     );
 }
+
+#[test]
+fn native_minios_runs_to_the_end_when_told_to_go_on() {
+    // The gap breaks minios's self-checks, not the kernel: with
+    // `checks=continue` it schedules, runs its benchmarks (CLI, port I/O,
+    // CR3 loads and page-table stores all trapping) and powers off.
+    let (code, out, err) = popek(&[
+        "run",
+        "--engine",
+        "trap",
+        "--cmdline",
+        "checks=continue",
+        "--stats",
+    ]);
+    assert!(out.contains("checks FAILED"), "{out}");
+    assert!(out.contains("going on despite the failed checks"), "{out}");
+    assert!(out.contains("minios: sched ok"), "{out}");
+    assert!(out.contains("minios: bench forkwait "), "{out}");
+    assert_eq!(code, 0, "powered off: {err}");
+    let stat = |name: &str| -> u64 {
+        err.lines()
+            .find_map(|l| l.trim().strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name}: {err}"))
+    };
+    assert!(stat("write-protect traps") > 0, "{err}");
+    assert!(stat("trap: #GP cli") > 0, "{err}");
+    assert!(stat("trap: #GP in") > 10_000, "{err}");
+    assert!(stat("trap: #GP mov cr3") > 100, "{err}");
+    assert!(stat("trap: #NP iret to ring 3") > 10_000, "{err}");
+    assert!(stat("trap: #GP iret to ring 0 (emulated)") > 0, "{err}");
+}

@@ -1984,9 +1984,16 @@ impl Trap {
     /// Runs one instruction with the user segments shown, then hides them
     /// again if the CPU is still in ring 1.
     fn step_shown(&mut self, machine: &mut Machine) -> Handled {
+        if self.depth > 4 {
+            // Nested single steps that keep faulting: retry from the run
+            // loop (the watchdog ends a true livelock).
+            return Ok(Flow::Continue);
+        }
         self.set_view(true);
         let was = std::mem::replace(&mut self.emulating, true);
+        self.depth += 1;
         let exit = self.run_cpu(machine, 1);
+        self.depth -= 1;
         self.emulating = was;
         let cpl = self.cpu.cpl();
         self.set_view(cpl == 3);
