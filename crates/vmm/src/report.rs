@@ -131,8 +131,12 @@ pub fn died(engine: &mut dyn Engine, reason: &str) -> String {
             engine.name()
         );
     }
+    let hint = engine
+        .stall_hint()
+        .map(|h| format!("\n{h}"))
+        .unwrap_or_default();
     format!(
-        "popek: the guest died on engine {}: {reason}\n{}",
+        "popek: the guest died on engine {}: {reason}{hint}\n{}",
         engine.name(),
         cpu_dump(engine)
     )
