@@ -2529,3 +2529,137 @@ impl Trap {
         &self.stats.traps
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::code_asm::*;
+    use popek_machine::{ClockMode, MachineConfig};
+
+    const PD: u64 = 0x10000;
+    const PT0: u64 = 0x11000;
+    const PT1: u64 = 0x12000;
+    const CODE: u64 = 0x100000;
+
+    /// A machine with 4 MiB of RAM, identity-mapped (supervisor) by PT0,
+    /// and PT1 behind PDE 1 (linear 4–8 MiB), empty.
+    fn machine() -> Machine {
+        let ram = Arc::new(GuestRam::new_shareable(4 << 20).unwrap());
+        let m = Machine::new(
+            MachineConfig {
+                clock: ClockMode::Virtual,
+            },
+            ram.clone(),
+            Box::new(std::io::sink()),
+        )
+        .unwrap();
+        ram.write_u32(PD, PT0 as u32 | 3).unwrap();
+        ram.write_u32(PD + 4, PT1 as u32 | 7).unwrap();
+        for p in 0..1024u64 {
+            ram.write_u32(PT0 + p * 4, (p << 12) as u32 | 3).unwrap();
+        }
+        ram.write_u32(0x20000, 0xaaaa_aaaa).unwrap();
+        ram.write_u32(0x30000, 0xbbbb_bbbb).unwrap();
+        m
+    }
+
+    /// Runs `code` at ring 0 (virtually) with paging on until HLT.
+    fn run(m: &mut Machine, build: impl FnOnce(&mut CodeAssembler)) -> Trap {
+        let mut a = CodeAssembler::new(32).unwrap();
+        build(&mut a);
+        a.hlt().unwrap();
+        let bytes = a.assemble(CODE).unwrap();
+        m.ram().write(CODE, &bytes).unwrap();
+        let mut t = Trap::new(m).unwrap();
+        let mut s = CpuState::flat_protected(0x08, 0x10);
+        s.rip = CODE;
+        s.cr0 |= cr::CR0_PG | cr::CR0_WP;
+        s.cr3 = PD;
+        s.gpr[4] = 0x90000;
+        t.set_state(s).unwrap();
+        let exit = t.run(m, 100_000).unwrap();
+        assert_eq!(exit, VmExit::Halt, "{:?}", t.state());
+        t
+    }
+
+    #[test]
+    fn hidden_faults_fill_the_shadow_with_host_addresses_and_set_guest_a_d() {
+        let mut m = machine();
+        let ram = m.ram().clone();
+        ram.write_u32(PT1, 0x20000 | 7).unwrap();
+        let mut t = run(&mut m, |a| {
+            a.mov(eax, dword_ptr(0x400000)).unwrap();
+            a.mov(dword_ptr(0x400004), 5u32).unwrap();
+        });
+        assert_eq!(t.state().gpr[0] as u32, 0xaaaa_aaaa);
+        assert_eq!(ram.read_u32(0x20004).unwrap(), 5);
+        let pte = ram.read_u32(PT1).unwrap();
+        assert_eq!(pte & (pte::A | pte::D), pte::A | pte::D, "{pte:#x}");
+        assert!(t.stats.hidden_pf >= 2);
+        assert_eq!(t.stats.true_pf, 0);
+        // The CPU's page tables hold host-physical addresses.
+        let spd = t.shadow.root();
+        let hram = t.hram.clone();
+        let spde = hram.read_u32(spd + 4).unwrap();
+        let spte = hram.read_u32((spde & !0xfff) as u64).unwrap();
+        let host = (spte & !0xfff) as u64;
+        assert_eq!(host, t.map.to_host(0x20000).unwrap());
+        assert_ne!(host, 0x20000, "the map moved this chunk");
+    }
+
+    #[test]
+    fn stores_to_guest_page_tables_trap_and_resync_the_shadow() {
+        let mut m = machine();
+        let ram = m.ram().clone();
+        ram.write_u32(PT1, 0x20000 | 7).unwrap();
+        let t = run(&mut m, |a| {
+            a.mov(eax, dword_ptr(0x400000)).unwrap();
+            // Remap the page: PT1 is a page table the shadow uses.
+            a.mov(dword_ptr(PT1 as u32), 0x30000u32 | 7).unwrap();
+            a.mov(ebx, dword_ptr(0x400000)).unwrap();
+        });
+        let mut t = t;
+        let st = t.state();
+        assert_eq!(st.gpr[0] as u32, 0xaaaa_aaaa);
+        assert_eq!(st.gpr[3] as u32, 0xbbbb_bbbb, "the new mapping is seen");
+        assert!(t.stats.wp_traps >= 1);
+    }
+
+    #[test]
+    fn true_faults_reach_the_guest_with_its_cr2_and_error_code() {
+        let mut m = machine();
+        let ram = m.ram().clone();
+        // An IDT at 0x50000 whose #PF gate (vector 14) goes to a handler
+        // that stores CR2 and the error code, then halts.
+        let handler = 0x108000u32;
+        let gate_lo = (0x08u32 << 16) | (handler & 0xffff);
+        let gate_hi = (handler & 0xffff_0000) | 0x8e00;
+        ram.write_u32(0x50000 + 14 * 8, gate_lo).unwrap();
+        ram.write_u32(0x50000 + 14 * 8 + 4, gate_hi).unwrap();
+        // A GDT: null, code 0x08, data 0x10.
+        ram.write_u64(0x60008, 0x00cf_9a00_0000_ffff).unwrap();
+        ram.write_u64(0x60010, 0x00cf_9200_0000_ffff).unwrap();
+        let mut h = CodeAssembler::new(32).unwrap();
+        h.pop(ecx).unwrap();
+        h.mov(edx, cr2).unwrap();
+        h.hlt().unwrap();
+        let hb = h.assemble(handler as u64).unwrap();
+        ram.write(handler as u64, &hb).unwrap();
+        let desc_at = 0x70000u32;
+        ram.write_u16(desc_at as u64, 0x7ff).unwrap();
+        ram.write_u32(desc_at as u64 + 2, 0x50000).unwrap();
+        ram.write_u16(desc_at as u64 + 8, 0x17).unwrap();
+        ram.write_u32(desc_at as u64 + 10, 0x60000).unwrap();
+        let mut t = run(&mut m, |a| {
+            a.lgdt(ptr(desc_at + 8)).unwrap();
+            a.lidt(ptr(desc_at)).unwrap();
+            // PDE 1's table is empty: a true fault.
+            a.mov(dword_ptr(0x401234), 1u32).unwrap();
+        });
+        let st = t.state();
+        assert_eq!(st.gpr[2] as u32, 0x401234, "CR2");
+        assert_eq!(st.gpr[1] as u32, 2, "not present, write, supervisor");
+        assert_eq!(t.stats.true_pf, 1);
+        assert_eq!(st.seg[seg::CS].selector, 0x08, "the guest sees ring 0");
+    }
+}
