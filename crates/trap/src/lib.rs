@@ -568,6 +568,9 @@ impl Trap {
         if self.gram.read(page << 12, &mut after).is_err() {
             return;
         }
+        if self.shadow.is_gdt(page) && before != after.as_slice() {
+            self.sync_gdt();
+        }
         let (pd, pts) = self.shadow.uses(page);
         let mut flush_all = false;
         for e in 0..1024usize {
@@ -716,6 +719,25 @@ impl Trap {
         if self.guest_read(self.v.gdtr.base as u32, &mut raw).is_err() {
             return;
         }
+        // Write-protect the guest's GDT pages: stores to them resync this.
+        let mut pages = Vec::new();
+        let first = self.v.gdtr.base as u32 & !0xfff;
+        let last = (self.v.gdtr.base as u32).wrapping_add(end.saturating_sub(1)) & !0xfff;
+        let mut lin = first;
+        loop {
+            if let Ok(w) = self.walk(lin, false, false) {
+                let g = w.gpp >> 12;
+                if !pages.iter().any(|&(p, _)| p == g) {
+                    pages.push((g, self.host_page(w.gpp)));
+                }
+            }
+            if lin == last {
+                break;
+            }
+            lin = lin.wrapping_add(0x1000);
+        }
+        self.shadow.set_gdt_pages(&self.hram, &pages);
+        self.cpu.flush_tlb();
         for i in 1..(end / 8) as usize {
             let d = Descriptor {
                 lo: u32::from_le_bytes(raw[i * 8..i * 8 + 4].try_into().unwrap()),

@@ -86,6 +86,9 @@ pub struct Shadow {
     tracked: HashMap<u64, Uses>,
     /// Guest pages some shadow PTE maps writable.
     writable: HashSet<u64>,
+    /// Guest pages holding the guest's GDT (write-protected too, so the
+    /// shadow GDT follows stores to it).
+    gdt: HashSet<u64>,
     /// Counters.
     pub stats: ShadowStats,
 }
@@ -100,6 +103,7 @@ impl Shadow {
             free: (PT_FIRST..PT_FIRST + PT_COUNT).rev().collect(),
             tracked: HashMap::new(),
             writable: HashSet::new(),
+            gdt: HashSet::new(),
             stats: ShadowStats::default(),
         };
         for k in 0..PT_FIRST {
@@ -143,7 +147,23 @@ impl Shadow {
     /// True when stores to this guest page must trap (it is a page table
     /// the shadow derives from).
     pub fn is_tracked(&self, gpp_page: u64) -> bool {
-        self.tracked.contains_key(&gpp_page)
+        self.tracked.contains_key(&gpp_page) || self.gdt.contains(&gpp_page)
+    }
+
+    /// True when the page holds part of the guest's GDT.
+    pub fn is_gdt(&self, gpp_page: u64) -> bool {
+        self.gdt.contains(&gpp_page)
+    }
+
+    /// Sets the guest pages holding its GDT, as (gpp page number, hpp
+    /// address); shadow PTEs mapping them writable lose W.
+    pub fn set_gdt_pages(&mut self, hram: &GuestRam, pages: &[(u64, u64)]) {
+        self.gdt = pages.iter().map(|&(g, _)| g).collect();
+        for &(g, h) in pages {
+            if self.writable.remove(&g) {
+                self.downgrade(hram, h);
+            }
+        }
     }
 
     /// The uses of a tracked page: (is the PD, PDE indices it is the PT of).
