@@ -1192,17 +1192,23 @@ impl Trap {
         }
     }
 
-    /// Decodes the instruction at CS:EIP (through the shadow).
+    /// Decodes the instruction at CS:EIP, read through the guest's own page
+    /// tables (the shadow may not map it yet: an instruction-fetch fault).
     fn fetch(&mut self) -> Option<Instruction> {
         let st = self.cpu.state();
-        let lin = st.seg[seg::CS].base.wrapping_add(st.rip);
+        let lin = st.seg[seg::CS].base.wrapping_add(st.rip) as u32;
         let bits = if st.seg[seg::CS].big() { 32 } else { 16 };
         let rip = st.rip;
         let mut bytes = [0u8; 15];
         let mut n = 0;
+        // Byte by byte: the instruction may end where the next page is
+        // unmapped.
         for (i, b) in bytes.iter_mut().enumerate() {
             let mut one = [0u8];
-            if self.cpu.peek_linear(lin + i as u64, &mut one).is_none() {
+            if self
+                .guest_read_as(lin.wrapping_add(i as u32), &mut one, false)
+                .is_err()
+            {
                 break;
             }
             *b = one[0];
@@ -1824,7 +1830,28 @@ impl Trap {
                     }
                     self.count("#GP hypercall");
                     if self.trace {
-                        self.trace_line("#GP", eip, &format!("hypercall {nr}"));
+                        const NAMES: [&str; 18] = [
+                            "VERSION",
+                            "CONSOLE_WRITE",
+                            "EXIT",
+                            "POWER_OFF",
+                            "IRQ_DISABLE",
+                            "IRQ_ENABLE",
+                            "SAVE_FL",
+                            "RESTORE_FL",
+                            "HALT",
+                            "WRITE_CR3",
+                            "READ_CR3",
+                            "READ_CR2",
+                            "INVLPG",
+                            "LOAD_GDT",
+                            "LOAD_IDT",
+                            "LOAD_TR",
+                            "PORT_IN",
+                            "PORT_OUT",
+                        ];
+                        let name = NAMES.get(nr as usize).copied().unwrap_or("unknown");
+                        self.trace_line("#GP", eip, &format!("hypercall {nr} (HC_{name})"));
                     }
                     self.skip(i);
                     return Ok(Flow::Exit(VmExit::Hypercall));
