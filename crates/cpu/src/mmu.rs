@@ -488,6 +488,34 @@ impl Cpu {
         Ok(phys | (lin & 0xfff) as u64)
     }
 
+    /// The host address of linear `lin` for direct access by a string
+    /// instruction's fast path: translates (raising #PF, setting A/D) like an
+    /// access of the first byte, then answers only when the TLB entry allows
+    /// direct host access for the whole page (RAM, and for writes: writable,
+    /// dirty, no decoded code). `None` means "take the per-element path".
+    pub(crate) fn direct_ptr(
+        &mut self,
+        bus: &mut dyn Bus,
+        lin: u32,
+        write: bool,
+    ) -> Result<Option<*mut u8>, Exc> {
+        let user = self.cpl == 3;
+        let kind = if write {
+            AccessKind::Write
+        } else {
+            AccessKind::Read
+        };
+        self.translate(bus, lin, kind, user)?;
+        let e = &self.tlb.e[user as usize][((lin >> 12) as usize) % TLB_SIZE];
+        let tag = (lin & !0xfff) | 1;
+        let ok = if write {
+            e.write_tag == tag
+        } else {
+            e.read_tag == tag
+        };
+        Ok(ok.then(|| (e.host + (lin & 0xfff) as usize) as *mut u8))
+    }
+
     /// Invalidates the translation of one linear page (INVLPG).
     pub(crate) fn invlpg(&mut self, lin: u32) {
         self.tlb.flush_page(lin);

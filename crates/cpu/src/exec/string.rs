@@ -95,8 +95,99 @@ fn adv(c: &mut Cpu, reg: usize, s: &Str) {
     c.sr(reg, s.asize, v);
 }
 
+/// Whether the REP fast path applies: forward, 32-bit addressing, flat
+/// expand-up segments (base 0, 4 GiB limit) with the needed access.
+fn flat_forward(c: &Cpu, s: &Str, src: Option<usize>) -> bool {
+    use crate::seg::{SEG_R, SEG_W};
+    let flat = |i: usize, need: u8| {
+        let g = &c.st.seg[i];
+        g.base == 0 && g.limit == u32::MAX && c.seg_ok[i] & need != 0
+    };
+    s.rep == 1
+        && s.asize == 4
+        && c.st.rflags & DF as u64 == 0
+        && flat(seg::ES, SEG_W)
+        && src.is_none_or(|i| flat(i, SEG_R))
+}
+
+/// Elements of `size` bytes from `addr` to the end of its page.
+fn to_page_end(addr: u32, size: u8) -> u32 {
+    (0x1000 - (addr & 0xfff)) / size as u32
+}
+
+/// REP STOS/MOVS a page at a time, straight on host memory, while the
+/// pages are RAM the TLB allows direct access to (no MMIO, no decoded code,
+/// D already set); anything else falls back to one element per iteration.
+/// Registers are updated after each chunk, so a fault is precise. At most
+/// `CHUNK` elements per step, as on the slow path.
+fn rep_fast(c: &mut Cpu, s: &Str, bus: &mut dyn Bus, movs: bool) -> Res<bool> {
+    let mut done = 0u32;
+    while done < CHUNK {
+        let ecx = c.st.gpr[1] as u32;
+        if ecx == 0 {
+            return Ok(true);
+        }
+        let edi = c.st.gpr[7] as u32;
+        let esi = c.st.gpr[6] as u32;
+        if edi % s.size as u32 != 0 || (movs && esi % s.size as u32 != 0) {
+            return Ok(false); // elements would straddle pages
+        }
+        let mut n = ecx.min(to_page_end(edi, s.size)).min(CHUNK - done);
+        if movs {
+            n = n.min(to_page_end(esi, s.size));
+        }
+        let bytes = n as usize * s.size as usize;
+        let Some(dst) = c.direct_ptr(bus, edi, true)? else {
+            return Ok(false);
+        };
+        if movs {
+            let Some(src) = c.direct_ptr(bus, esi, false)? else {
+                return Ok(false);
+            };
+            if (src as usize).abs_diff(dst as usize) < bytes {
+                return Ok(false); // overlapping: element order matters
+            }
+            // SAFETY: both ranges lie within one RAM page each (n is cut at
+            // both page ends) of the guest mapping, and do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(src, dst, bytes) };
+            c.st.gpr[6] = esi.wrapping_add(bytes as u32) as u64;
+        } else {
+            let v = c.st.gpr[0];
+            if s.size == 1 {
+                // SAFETY: the range lies within one RAM page of the guest
+                // mapping (n is cut at the page end).
+                unsafe { std::ptr::write_bytes(dst, v as u8, bytes) };
+            } else {
+                let pat = v.to_le_bytes();
+                for k in 0..n as usize {
+                    // SAFETY: as above; element k ends inside the page.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            pat.as_ptr(),
+                            dst.add(k * s.size as usize),
+                            s.size as usize,
+                        )
+                    };
+                }
+            }
+        }
+        c.st.gpr[7] = edi.wrapping_add(bytes as u32) as u64;
+        c.st.gpr[1] = (ecx - n) as u64;
+        done += n;
+    }
+    if c.st.gpr[1] as u32 != 0 {
+        // Re-execute this instruction: RIP stays (interrupts, budget).
+        c.next_ip = c.st.rip;
+        c.stop_block = true;
+    }
+    Ok(true)
+}
+
 pub(crate) fn movs(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let s = str_info(d);
+    if flat_forward(c, &s, Some(s.src_seg)) && rep_fast(c, &s, bus, true)? {
+        return Ok(());
+    }
     run_rep(c, &s, bus, |c, bus| {
         let v = c.read_mem(bus, s.src_seg, c.gr(6, s.asize) as u32, s.size)?;
         c.write_mem(bus, seg::ES, c.gr(7, s.asize) as u32, s.size, v)?;
@@ -108,6 +199,9 @@ pub(crate) fn movs(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
 
 pub(crate) fn stos(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let s = str_info(d);
+    if flat_forward(c, &s, None) && rep_fast(c, &s, bus, false)? {
+        return Ok(());
+    }
     run_rep(c, &s, bus, |c, bus| {
         let v = c.gr(0, s.size);
         c.write_mem(bus, seg::ES, c.gr(7, s.asize) as u32, s.size, v)?;
