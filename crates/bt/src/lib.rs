@@ -141,6 +141,14 @@ pub struct BtStats {
     pub invalidations: u64,
     /// Whole-cache flushes (cache full or code cache flushed).
     pub flushes: u64,
+    /// Indirect transfers (RET) that found their target in the inline
+    /// indirect-branch table (counted in the records; see `BtCore::ib_hits`).
+    pub ib_hits: u64,
+    /// Indirect transfers that returned to the dispatcher (not in the
+    /// table, TLB changed, or the chain budget ran out).
+    pub ib_exits: u64,
+    /// Indirect-branch table records written by the dispatcher.
+    pub ib_fills: u64,
 }
 
 /// The translator and dispatcher around one software CPU, independent of
@@ -159,6 +167,10 @@ pub struct BtCore {
     misses: HashMap<u64, u32>,
     /// Instructions (guest-physical) retranslated as call-outs.
     forced: HashSet<u64>,
+    /// The indirect-branch table CCFs probe at RET (see
+    /// `translate::IbTable`): records of 8 u64, filled by the dispatcher
+    /// for each CCF it enters, cleared with the CCF.
+    ib: Vec<[u64; 8]>,
     /// Counters.
     pub stats: BtStats,
 }
@@ -176,6 +188,7 @@ impl BtCore {
             pending: HashMap::new(),
             misses: HashMap::new(),
             forced: HashSet::new(),
+            ib: vec![[0u64; 8]; translate::IB_SLOTS],
             stats: BtStats::default(),
         })
     }
@@ -265,6 +278,9 @@ impl BtCore {
                 },
             },
         };
+        if let Entry::Ccf { body, .. } = entry {
+            self.ib_fill(key, body as u64);
+        }
         match entry {
             Entry::Ccf {
                 code,
@@ -312,6 +328,9 @@ impl BtCore {
                 self.stats.dyn_inline += inl;
                 self.stats.dyn_ident += n - inl.min(n);
                 let _ = (insns, ident);
+                if ret.retired & translate::IB_EXIT != 0 {
+                    self.stats.ib_exits += 1;
+                }
                 if !slow {
                     return None;
                 }
@@ -337,6 +356,39 @@ impl BtCore {
                 self.interp(bus, remaining.min(run as u64), Some(callout))
             }
         }
+    }
+
+    /// Records the CCF body of `key` in the indirect-branch table, with
+    /// what a CCF must check before entering it: the TLB entry of the
+    /// EIP's page (in the key's privilege set) must still map it, readable,
+    /// to the key's physical page.
+    fn ib_fill(&mut self, key: Key, body: u64) {
+        let (phys, eip, ctx) = key;
+        let r = &mut self.ib[eip as usize & (translate::IB_SLOTS - 1)];
+        let k = eip as u64 | (ctx as u64) << 32 | 1 << 40;
+        if r[0] == k && r[4] == body {
+            return;
+        }
+        let l = self.cpu.tlb_layout();
+        let set = if ctx & 3 == 3 { l.set_stride } else { 0 };
+        let idx = (eip as usize >> 12) & (l.entries - 1);
+        self.stats.ib_hits += r[5];
+        *r = [
+            k,
+            (l.base as usize + set + idx * l.entry_size) as u64,
+            (eip & !0xfff) as u64 | 1,
+            self.cpu.ram().host_ptr() as u64 + (phys & !0xfff),
+            body,
+            0,
+            0,
+            0,
+        ];
+        self.stats.ib_fills += 1;
+    }
+
+    /// Indirect-branch table hits so far.
+    fn ib_hits(&self) -> u64 {
+        self.stats.ib_hits + self.ib.iter().map(|r| r[5]).sum::<u64>()
     }
 
     /// Runs `n` instructions on the interpreter.
@@ -392,7 +444,12 @@ impl BtCore {
             }
             Translation::Tu(plan) => {
                 let page = eip >> 12;
-                let Ok(mut host) = translate::compile(&plan, self.cache.next_addr(), &probe, page)
+                let ib = translate::IbTable {
+                    base: self.ib.as_ptr() as u64,
+                    key_bits: (cpl as u64) << 32 | 1 << 40,
+                };
+                let Ok(mut host) =
+                    translate::compile(&plan, self.cache.next_addr(), &probe, page, Some(&ib))
                 else {
                     // Never expected (each instruction was test-encoded):
                     // interpret this code from now on.
@@ -408,7 +465,9 @@ impl BtCore {
                 let mut at = self.cache.push(&host.code);
                 if at.is_none() {
                     self.flush_all();
-                    host = translate::compile(&plan, self.cache.next_addr(), &probe, page).ok()?;
+                    host =
+                        translate::compile(&plan, self.cache.next_addr(), &probe, page, Some(&ib))
+                            .ok()?;
                     at = self.cache.push(&host.code);
                 }
                 let at = at?;
@@ -475,7 +534,13 @@ impl BtCore {
 
     /// Forgets one translation (only with its whole page: see `drop_page`).
     fn drop_key(&mut self, k: Key) {
-        self.map.remove(&k);
+        if let Some(Entry::Ccf { body, .. }) = self.map.remove(&k) {
+            let r = &mut self.ib[k.1 as usize & (translate::IB_SLOTS - 1)];
+            if r[4] == body as u64 {
+                self.stats.ib_hits += r[5];
+                *r = [0; 8];
+            }
+        }
         let slot = fast_slot(&k);
         if matches!(self.fast[slot], Some((fk, _)) if fk == k) {
             self.fast[slot] = None;
@@ -503,6 +568,8 @@ impl BtCore {
         self.misses.clear();
         self.fast.iter_mut().for_each(|e| *e = None);
         self.page_keys.clear();
+        self.stats.ib_hits = self.ib_hits();
+        self.ib.iter_mut().for_each(|r| *r = [0; 8]);
         self.cache.reset();
         self.stats.flushes += 1;
     }
@@ -594,6 +661,15 @@ impl BtCore {
                 (s.chains * 1000).checked_div(s.ccf_runs).unwrap_or(0),
             ),
             ("chain links patched", s.links),
+            ("indirect-branch table hits", self.ib_hits()),
+            ("indirect-branch exits to the dispatcher", s.ib_exits),
+            (
+                "indirect-branch hit rate (per mille)",
+                (self.ib_hits() * 1000)
+                    .checked_div(self.ib_hits() + s.ib_exits)
+                    .unwrap_or(0),
+            ),
+            ("indirect-branch records filled", s.ib_fills),
         ]
     }
 }

@@ -702,7 +702,13 @@ pub struct Compiled {
 /// the instructions retired (| [`SLOW_PATH`]) and what is left of the chain
 /// budget. An exit to a known EIP in the same page may jump straight to
 /// the body of that TU's CCF while the chain budget lasts (chaining).
-pub fn compile(p: &Plan, ip: u64, tlb: &Probe, page: u32) -> Result<Compiled, IcedError> {
+pub fn compile(
+    p: &Plan,
+    ip: u64,
+    tlb: &Probe,
+    page: u32,
+    ib: Option<&IbTable>,
+) -> Result<Compiled, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     a.set_prefer_short_branch(false);
     for r in [rbx, rbp, r12, r13, r14, r15] {
@@ -742,7 +748,7 @@ pub fn compile(p: &Plan, ip: u64, tlb: &Probe, page: u32) -> Result<Compiled, Ic
                     }
                     MemOp::Ret(_) => {
                         a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
-                        emit_exit_reg(&mut a)?;
+                        emit_indirect_exit(&mut a, ib, tlb)?;
                         ended = true;
                     }
                     _ => {}
@@ -766,7 +772,7 @@ pub fn compile(p: &Plan, ip: u64, tlb: &Probe, page: u32) -> Result<Compiled, Ic
                 a.or(qword_ptr(r15 + OFF_RFLAGS), IF)?;
                 a.popfq()?;
                 a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
-                emit_store_exit(&mut a, Some(p.next_eip), false)?;
+                emit_store_exit(&mut a, Some(p.next_eip), None)?;
                 ended = true;
             }
             Item::StoreReg(off, r, size) => {
@@ -809,7 +815,7 @@ pub fn compile(p: &Plan, ip: u64, tlb: &Probe, page: u32) -> Result<Compiled, Ic
         a.push(r12)?;
         a.popfq()?;
         a.lea(r14, qword_ptr(r14 + before as i32))?;
-        emit_store_exit(&mut a, Some(eip), true)?;
+        emit_store_exit(&mut a, Some(eip), Some(32))?;
     }
     let r = a.assemble_options(
         ip,
@@ -861,7 +867,7 @@ impl Exits {
             a.set_label(&mut stub)?;
             self.sites.push((site, eip));
         }
-        emit_store_exit(a, Some(eip), false)
+        emit_store_exit(a, Some(eip), None)
     }
 }
 
@@ -975,18 +981,119 @@ fn emit_probe(
     }
 }
 
-/// Exit with EIP = R11 (a RET's popped address).
-fn emit_exit_reg(a: &mut CodeAssembler) -> Result<(), IcedError> {
-    emit_store_exit(a, None, false)
+/// The indirect-branch table a CCF probes inline (see [`emit_indirect_exit`]).
+#[derive(Clone, Copy, Debug)]
+pub struct IbTable {
+    /// Address of record 0: [`IB_SLOTS`] records of [`IB_RECORD`] bytes.
+    pub base: u64,
+    /// The TU context bits of the key (`ctx << 32 | 1 << 40`).
+    pub key_bits: u64,
+}
+
+/// Records in the indirect-branch table (indexed by the low 16 bits of
+/// the target EIP: MOVZX is the flag-free way to mask it).
+pub const IB_SLOTS: usize = 1 << 16;
+/// Bytes per record: key (EIP | context), TLB entry address, expected read
+/// tag, expected host page, CCF body, padding.
+pub const IB_RECORD: usize = 64;
+
+/// An indirect transfer's exit, EIP in R11 (zero-extended): while the
+/// chain budget lasts, look the target up in the indirect-branch table and
+/// jump to its CCF's body when the record is for this EIP and context and
+/// the CPU's TLB still maps the target's page, readable, to the same
+/// physical page the TU was translated from (what the dispatcher's
+/// `fetch_phys` + key lookup would find); else store and return to the
+/// dispatcher. Touches no flags: LEA/MOV/NOT compute differences, JRCXZ
+/// tests them (guest RCX waits in R12).
+fn emit_indirect_exit(
+    a: &mut CodeAssembler,
+    ib: Option<&IbTable>,
+    tlb: &Probe,
+) -> Result<(), IcedError> {
+    let Some(ib) = ib else {
+        return emit_store_exit(a, None, Some(IB_EXIT_BIT));
+    };
+    let mut nob = a.create_label();
+    let mut look = a.create_label();
+    let mut exit = a.create_label();
+    let mut miss = a.create_label();
+    let mut miss2 = a.create_label();
+    a.lea(r13, qword_ptr(r13 - 1))?;
+    a.xchg(rcx, r13)?;
+    a.jrcxz(nob)?;
+    a.xchg(rcx, r13)?;
+    a.jmp(look)?;
+    a.set_label(&mut nob)?;
+    a.xchg(rcx, r13)?;
+    a.jmp(exit)?;
+    a.set_label(&mut look)?;
+    a.mov(r12, rcx)?;
+    a.movzx(r10d, r11w)?;
+    a.lea(r10, qword_ptr(r10 * 8))?;
+    a.lea(r10, qword_ptr(r10 * 8))?;
+    a.mov(r9, ib.base)?;
+    a.lea(r10, qword_ptr(r9 + r10))?;
+    // Key: EIP | context.
+    a.mov(r9, ib.key_bits)?;
+    a.lea(r9, qword_ptr(r9 + r11))?;
+    a.mov(rcx, qword_ptr(r10))?;
+    a.not(rcx)?;
+    a.lea(rcx, qword_ptr(r9 + rcx + 1))?;
+    let mut ok = a.create_label();
+    a.jrcxz(ok)?;
+    a.jmp(miss)?;
+    a.set_label(&mut ok)?;
+    // The TLB entry's read tag: the page is mapped and readable (= may be
+    // fetched: no NX) at this privilege.
+    a.mov(r9, qword_ptr(r10 + 8))?;
+    a.mov(ecx, dword_ptr(r9 + tlb.read_tag))?;
+    a.not(rcx)?;
+    a.mov(r11, qword_ptr(r10 + 16))?;
+    a.lea(rcx, qword_ptr(r11 + rcx + 1))?;
+    let mut ok = a.create_label();
+    a.jrcxz(ok)?;
+    a.jmp(miss2)?;
+    a.set_label(&mut ok)?;
+    // … to the same physical page.
+    a.mov(rcx, qword_ptr(r9 + tlb.host))?;
+    a.not(rcx)?;
+    a.mov(r11, qword_ptr(r10 + 24))?;
+    a.lea(rcx, qword_ptr(r11 + rcx + 1))?;
+    let mut ok = a.create_label();
+    a.jrcxz(ok)?;
+    a.jmp(miss2)?;
+    a.set_label(&mut ok)?;
+    // Hit: count it in the record (flag-free), go.
+    a.mov(rcx, qword_ptr(r10 + 40))?;
+    a.lea(rcx, qword_ptr(rcx + 1))?;
+    a.mov(qword_ptr(r10 + 40), rcx)?;
+    a.mov(rcx, r12)?;
+    a.jmp(qword_ptr(r10 + 32))?;
+    a.set_label(&mut miss2)?;
+    a.mov(r11d, dword_ptr(r10))?;
+    a.set_label(&mut miss)?;
+    a.mov(rcx, r12)?;
+    a.lea(r13, qword_ptr(r13 + 1))?;
+    a.set_label(&mut exit)?;
+    emit_store_exit(a, None, Some(IB_EXIT_BIT))
 }
 
 fn mem(off: i32) -> iced_x86::MemoryOperand {
     iced_x86::MemoryOperand::with_base_displ(Register::R15, off as i64)
 }
 
+/// Bit of a CCF's return value: it left at an indirect transfer (RET) whose
+/// target the inline lookup did not find (or the chain budget ran out).
+pub const IB_EXIT: u64 = 1 << IB_EXIT_BIT;
+const IB_EXIT_BIT: u32 = 33;
+
 /// Writes flags, GPRs and EIP (`eip`, or R11 when `None`) back and
-/// returns (R14 | [`SLOW_PATH`] if `slow`, R13).
-fn emit_store_exit(a: &mut CodeAssembler, eip: Option<u32>, slow: bool) -> Result<(), IcedError> {
+/// returns (R14 | bit `mark` (e.g. [`SLOW_PATH`]), R13).
+fn emit_store_exit(
+    a: &mut CodeAssembler,
+    eip: Option<u32>,
+    mark: Option<u32>,
+) -> Result<(), IcedError> {
     a.pushfq()?;
     a.pop(r9)?;
     a.and(r9d, ARITH)?;
@@ -1005,8 +1112,8 @@ fn emit_store_exit(a: &mut CodeAssembler, eip: Option<u32>, slow: bool) -> Resul
         None => a.mov(qword_ptr(r15 + OFF_RIP), r11)?,
     }
     a.mov(rax, r14)?;
-    if slow {
-        a.bts(rax, 32)?;
+    if let Some(bit) = mark {
+        a.bts(rax, bit)?;
     }
     a.mov(rdx, r13)?;
     for r in [r15, r14, r13, r12, rbp, rbx] {
@@ -1061,7 +1168,7 @@ mod tests {
         };
         match plan(code, 0x1000, ctx, &|_| false) {
             Translation::Tu(p) => {
-                compile(&p, 0x10_0000, &probe(), 1).unwrap();
+                compile(&p, 0x10_0000, &probe(), 1, None).unwrap();
                 p.insns as usize
             }
             Translation::Interp { .. } => 0,
@@ -1085,7 +1192,7 @@ mod tests {
             panic!("not translated")
         };
         assert_eq!((p.insns, p.ident), (4, 4));
-        let c = compile(&p, 0x7f00_0000_0000, &probe(), 1).unwrap();
+        let c = compile(&p, 0x7f00_0000_0000, &probe(), 1, None).unwrap();
         assert_eq!(c.sites.len(), 2, "both Jcc exits chain");
         let host = c.code;
         let mut dec = Decoder::with_ip(64, &host, 0x7f00_0000_0000, DecoderOptions::NONE);

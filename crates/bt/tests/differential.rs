@@ -399,6 +399,7 @@ struct Tally {
     dispatches: u64,
     exceptions: u64,
     ccf_runs: u64,
+    ib_hits: u64,
     mismatches: Vec<String>,
 }
 
@@ -407,8 +408,22 @@ fn run_case(seed: u64, case: u64, t: &mut Tally) {
     let cpl = if r.below(2) == 0 { 0 } else { 3 };
     let mut a = CodeAssembler::new(32).unwrap();
     let n = 1 + r.below(40);
+    // Half of the cases run their sequence three times (a counter at the
+    // end of the data page, beyond the generated stores), so that chains,
+    // the indirect-branch table (RET to a known CCF) and retranslations
+    // after stores get exercised.
+    let looped = Rng(case ^ 0x1009).below(2) == 0;
+    let mut top = a.create_label();
+    if looped {
+        a.mov(dword_ptr(DATA as i32 + 0xffc), 3).unwrap();
+        a.set_label(&mut top).unwrap();
+    }
     for _ in 0..n {
         gen_one(&mut a, &mut r, cpl);
+    }
+    if looped {
+        a.dec(dword_ptr(DATA as i32 + 0xffc)).unwrap();
+        a.jne(top).unwrap();
     }
     // Self-modifying code: a store into the code ahead sometimes.
     a.hlt().unwrap();
@@ -493,6 +508,11 @@ fn run_case(seed: u64, case: u64, t: &mut Tally) {
             );
         }
         if exit_b != RunExit::Budget {
+            t.ib_hits += bt
+                .stats_list()
+                .iter()
+                .find(|(k, _)| *k == "indirect-branch table hits")
+                .map_or(0, |x| x.1);
             if matches!(exit_b, RunExit::Exception { .. }) {
                 t.exceptions += 1;
             }
@@ -525,10 +545,11 @@ fn bt_matches_interp_on_random_sequences() {
         }
     }
     eprintln!(
-        "bt vs interp: {} sequences, {} dispatches ({} CCF runs), {} ended in an exception, {} mismatches",
+        "bt vs interp: {} sequences, {} dispatches ({} CCF runs, {} indirect-branch table hits), {} ended in an exception, {} mismatches",
         t.cases,
         t.dispatches,
         t.ccf_runs,
+        t.ib_hits,
         t.exceptions,
         t.mismatches.len()
     );
@@ -536,6 +557,11 @@ fn bt_matches_interp_on_random_sequences() {
         eprintln!("{m}");
     }
     assert!(t.ccf_runs > t.cases, "the translator ran: {}", t.ccf_runs);
+    assert!(
+        cases < 1000 || t.ib_hits > 0,
+        "RETs found their CCF inline: {}",
+        t.ib_hits
+    );
     assert!(t.mismatches.is_empty(), "{} mismatches", t.mismatches.len());
 }
 
@@ -611,4 +637,51 @@ fn chained_loops_stop_exactly_at_the_budget() {
         }
     }
     assert!(bt.stats.chains > 100, "{:?}", bt.stats);
+}
+
+/// A loop calling a function: its RET finds the caller's CCF in the
+/// indirect-branch table; every budget stops in the interpreter's state.
+#[test]
+fn returns_through_the_indirect_branch_table_stop_exactly() {
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut top = a.create_label();
+    let mut f = a.create_label();
+    let mut done = a.create_label();
+    a.mov(ecx, 500).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.call(f).unwrap();
+    a.inc(ebx).unwrap();
+    a.dec(ecx).unwrap();
+    a.jne(top).unwrap();
+    a.jmp(done).unwrap();
+    a.set_label(&mut f).unwrap();
+    a.add(eax, dword_ptr(ecx * 4 + DATA as i32 - 0x800))
+        .unwrap();
+    a.cmp(eax, ebx).unwrap(); // flags live across the RET
+    a.ret().unwrap();
+    a.set_label(&mut done).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let (cpu_b, _) = machine(&code, 3, &mut Rng(5));
+    let (mut cpu_i, _) = machine(&code, 3, &mut Rng(5));
+    let mut bt = BtCore::new(cpu_b).unwrap();
+    let mut r = Rng(77);
+    loop {
+        let budget = 1 + r.below(600);
+        let eb = bt.run(&mut Quiet, budget);
+        let ei = cpu_i.run(&mut Quiet, budget);
+        assert_eq!(eb, ei);
+        assert_eq!(bt.cpu().icount, cpu_i.icount);
+        assert_eq!(bt.cpu().state(), cpu_i.state());
+        if eb != RunExit::Budget {
+            break;
+        }
+    }
+    let hits = bt
+        .stats_list()
+        .iter()
+        .find(|(k, _)| *k == "indirect-branch table hits")
+        .unwrap()
+        .1;
+    assert!(hits > 100, "{:?}", bt.stats);
 }
