@@ -171,6 +171,9 @@ pub struct BtCore {
     /// `translate::IbTable`): records of 8 u64, filled by the dispatcher
     /// for each CCF it enters, cleared with the CCF.
     ib: Vec<[u64; 8]>,
+    /// Emit the flag-free BMI2 TLB probe (default: when the host has
+    /// BMI2; tests turn it off to cover the PUSHFQ/POPFQ probe).
+    pub bmi2: bool,
     /// Counters.
     pub stats: BtStats,
 }
@@ -189,6 +192,7 @@ impl BtCore {
             misses: HashMap::new(),
             forced: HashSet::new(),
             ib: vec![[0u64; 8]; translate::IB_SLOTS],
+            bmi2: std::arch::is_x86_feature_detected!("bmi2"),
             stats: BtStats::default(),
         })
     }
@@ -429,6 +433,7 @@ impl BtCore {
             read_tag: l.read_tag as i32,
             write_tag: l.write_tag as i32,
             host: l.host as i32,
+            bmi2: self.bmi2,
         };
         debug_assert!(l.entry_size.is_power_of_two() && l.entries.is_power_of_two());
         let forced = |e: u32| self.forced.contains(&(phys + e.wrapping_sub(eip) as u64));

@@ -727,6 +727,7 @@ pub fn compile(
     a.popfq()?;
     let mut body = a.create_label();
     a.set_label(&mut body)?;
+    let mut consts = (a.create_label(), a.create_label());
     let mut ex = Exits {
         page,
         n: p.insns,
@@ -739,7 +740,7 @@ pub fn compile(
             Item::Ident(i) => a.add_instruction(i)?,
             Item::Mem(ref m) => {
                 let miss = a.create_label();
-                emit_probe(&mut a, m, tlb, miss)?;
+                emit_probe(&mut a, m, tlb, miss, consts)?;
                 slow.push((miss, m.eip, m.before));
                 match m.op {
                     MemOp::Call { target, .. } => {
@@ -812,10 +813,21 @@ pub fn compile(
         // have the dispatcher run it on the interpreter (which walks the
         // page tables, faults precisely or reaches MMIO).
         a.set_label(&mut l)?;
-        a.push(r12)?;
-        a.popfq()?;
+        if tlb.bmi2 {
+            a.mov(rcx, r12)?;
+        } else {
+            a.push(r12)?;
+            a.popfq()?;
+        }
         a.lea(r14, qword_ptr(r14 + before as i32))?;
         emit_store_exit(&mut a, Some(eip), Some(32))?;
+    }
+    if tlb.bmi2 {
+        // The flag-free probe's masks: TLB index bits, page bits.
+        a.set_label(&mut consts.0)?;
+        a.dd(&[(tlb.entries - 1) << 12])?;
+        a.set_label(&mut consts.1)?;
+        a.dd(&[0xffff_f000])?;
     }
     let r = a.assemble_options(
         ip,
@@ -899,6 +911,9 @@ pub struct Probe {
     pub write_tag: i32,
     /// See `read_tag`.
     pub host: i32,
+    /// The host has BMI2: the probe is flag-free (PEXT/PDEP, LEA, JRCXZ)
+    /// and the guest flags stay in RFLAGS throughout.
+    pub bmi2: bool,
 }
 
 /// Guest linear address → R9, TLB entry → R10, host address → R11; jumps
@@ -909,7 +924,12 @@ fn emit_probe(
     m: &MemInsn,
     t: &Probe,
     miss: CodeLabel,
+    consts: (CodeLabel, CodeLabel),
 ) -> Result<(), IcedError> {
+    if t.bmi2 {
+        emit_probe_bmi2(a, m, t, miss, consts)?;
+        return emit_access(a, m);
+    }
     a.pushfq()?;
     a.pop(r12)?;
     if m.base == Register::None && m.index == Register::None {
@@ -947,7 +967,75 @@ fn emit_probe(
         a.push(r12)?;
         a.popfq()?;
     }
-    // Flags are the guest's from here on: flag-neutral code only (MOV, LEA).
+    emit_access(a, m)
+}
+
+/// The flag-free probe (BMI2): R9 = guest linear address, R10 = TLB entry,
+/// R11 = host address on a hit; a miss jumps to `miss` with every guest
+/// register and flag intact. One comparison covers both the tag and page
+/// crossing: the tag must equal the page of the access's *last* byte | 1
+/// (the entry is the first byte's, so a crossing access never matches).
+/// Guest RCX waits in R12 while JRCXZ tests the difference.
+fn emit_probe_bmi2(
+    a: &mut CodeAssembler,
+    m: &MemInsn,
+    t: &Probe,
+    miss: CodeLabel,
+    consts: (CodeLabel, CodeLabel),
+) -> Result<(), IcedError> {
+    if m.base == Register::None && m.index == Register::None {
+        a.mov(r9d, m.disp)?;
+    } else {
+        let mo = iced_x86::MemoryOperand::new(
+            m.base,
+            m.index,
+            m.scale,
+            m.disp as i32 as i64,
+            if m.disp != 0 { 4 } else { 0 },
+            false,
+            Register::None,
+        );
+        a.add_instruction(Instruction::with2(Code::Lea_r32_m, Register::R9D, mo)?)?;
+    }
+    // Entry = set + index << shift (LEA scales: shift 3..=6).
+    a.pext(r10d, r9d, dword_ptr(consts.0))?;
+    a.mov(r11, t.set_base)?;
+    let s = t.entry_shift;
+    if s > 3 {
+        a.lea(r10, qword_ptr(r10 * 8))?;
+    }
+    let rest = if s > 3 { s - 3 } else { s };
+    a.lea(r10, qword_ptr(r11 + r10 * (1u32 << rest)))?;
+    // Page of the last byte.
+    a.lea(r11d, dword_ptr(r9 + (m.size as i32 - 1)))?;
+    a.pext(r11d, r11d, dword_ptr(consts.1))?;
+    a.pdep(r11d, r11d, dword_ptr(consts.1))?;
+    let tag = if m.write { t.write_tag } else { t.read_tag };
+    a.mov(r12, rcx)?;
+    a.mov(ecx, dword_ptr(r10 + tag))?;
+    a.not(ecx)?;
+    a.lea(ecx, dword_ptr(r11 + rcx + 2))?; // (page | 1) - tag
+                                           // A miss leaves with guest RCX still in R12 (the stub restores it).
+    let mut hit = a.create_label();
+    a.jrcxz(hit)?;
+    a.jmp(miss)?;
+    a.set_label(&mut hit)?;
+    a.mov(rcx, r12)?;
+    // Host address = host page + (lin - page).
+    a.not(r11)?;
+    a.lea(r11, qword_ptr(r9 + r11 + 1))?;
+    a.add_instruction(Instruction::with2(
+        Code::Mov_r64_rm64,
+        Register::R10,
+        iced_x86::MemoryOperand::with_base_displ(Register::R10, t.host as i64),
+    )?)?;
+    a.lea(r11, qword_ptr(r10 + r11))
+}
+
+/// The access of a memory instruction whose probe hit (R11 = host
+/// address); the guest flags are in RFLAGS.
+fn emit_access(a: &mut CodeAssembler, m: &MemInsn) -> Result<(), IcedError> {
+    // Flag-neutral code only around the instruction (MOV, LEA).
     match m.op {
         MemOp::Insn => a.add_instruction(m.ins),
         MemOp::PushReg(r) => {
@@ -1157,6 +1245,7 @@ mod tests {
             read_tag: 4,
             write_tag: 8,
             host: 24,
+            bmi2: std::arch::is_x86_feature_detected!("bmi2"),
         }
     }
 
