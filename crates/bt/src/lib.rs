@@ -36,6 +36,10 @@ pub const CACHE_SIZE: usize = 32 << 20;
 /// retranslated as a call-out (adaptive BT).
 const ADAPT_MISSES: u32 = 8;
 
+/// The window (guest instructions from an access's first slow-path exit)
+/// in which `ADAPT_MISSES` exits make it a call-out.
+const ADAPT_WINDOW: u64 = 1 << 20;
+
 /// Instructions the interpreter runs after an inline TLB miss (the TLB
 /// fill, a fault or MMIO; running on avoids translating a fresh TU at each
 /// following EIP when misses repeat).
@@ -75,8 +79,9 @@ enum Entry {
         ident: u32,
         inline: u32,
     },
-    /// Run `run` instructions on the interpreter.
-    Interp { run: u32, callout: bool },
+    /// Run `run` instructions on the interpreter (`first`: the first
+    /// one's mnemonic, for the profile).
+    Interp { run: u32, callout: bool, first: u32 },
 }
 
 /// TU key: guest-physical address, EIP (branch targets are absolute) and
@@ -164,7 +169,7 @@ pub struct BtCore {
     /// the CCF of a key.
     pending: HashMap<Key, Vec<u64>>,
     /// Slow-path exits per guest-physical instruction address.
-    misses: HashMap<u64, u32>,
+    misses: HashMap<u64, (u32, u64)>,
     /// Instructions (guest-physical) retranslated as call-outs.
     forced: HashSet<u64>,
     /// The indirect-branch table CCFs probe at RET (see
@@ -174,6 +179,9 @@ pub struct BtCore {
     /// Emit the flag-free BMI2 TLB probe (default: when the host has
     /// BMI2; tests turn it off to cover the PUSHFQ/POPFQ probe).
     pub bmi2: bool,
+    /// Interpreter entries per first mnemonic (`POPEK_BT_PROFILE` set:
+    /// printed to stderr when the engine is dropped).
+    profile: Option<Vec<u64>>,
     /// Counters.
     pub stats: BtStats,
 }
@@ -193,6 +201,8 @@ impl BtCore {
             forced: HashSet::new(),
             ib: vec![[0u64; 8]; translate::IB_SLOTS],
             bmi2: std::arch::is_x86_feature_detected!("bmi2"),
+            profile: std::env::var_os("POPEK_BT_PROFILE")
+                .map(|_| vec![0; iced_x86::Code::values().len() * 4]),
             stats: BtStats::default(),
         })
     }
@@ -339,24 +349,40 @@ impl BtCore {
                     return None;
                 }
                 // Left early: an inline TLB probe missed before the
-                // instruction at EIP (same page: chains stay in it), which
-                // the interpreter now runs.
+                // instruction at EIP (maybe in another CCF reached through
+                // a chain), which the interpreter now runs.
                 self.stats.tlb_misses += 1;
-                let at = phys + (self.cpu.state().rip as u32).wrapping_sub(eip) as u64;
-                let count = self.misses.entry(at).or_insert(0);
+                let Some(at) = self.cpu.fetch_phys(bus) else {
+                    return self.interp(bus, 1, None);
+                };
+                // Misses count within a window of instructions: the TLB
+                // refill after a CR3 load or a conflict makes an access miss
+                // now and then, which is no reason to interpret it forever.
+                let now = self.cpu.icount;
+                let (count, since) = self.misses.entry(at).or_insert((0, now));
+                if now - *since > ADAPT_WINDOW {
+                    (*count, *since) = (0, now);
+                }
                 *count += 1;
-                if *count >= ADAPT_MISSES && at >> 12 == phys >> 12 {
+                if *count >= ADAPT_MISSES {
                     // Adaptive BT: this access keeps missing (MMIO, a code
                     // page, page-crossing): retranslate the page with it as
                     // a call-out.
                     self.forced.insert(at);
                     self.misses.remove(&at);
-                    self.drop_page(phys >> 12);
+                    self.drop_page(at >> 12);
                     self.stats.adapted += 1;
                 }
                 self.interp(bus, (remaining - n).min(MISS_RUN), None)
             }
-            Entry::Interp { run, callout } => {
+            Entry::Interp {
+                run,
+                callout,
+                first,
+            } => {
+                if let Some(p) = self.profile.as_mut() {
+                    p[first as usize] += 1;
+                }
                 self.interp(bus, remaining.min(run as u64), Some(callout))
             }
         }
@@ -438,14 +464,22 @@ impl BtCore {
         debug_assert!(l.entry_size.is_power_of_two() && l.entries.is_power_of_two());
         let forced = |e: u32| self.forced.contains(&(phys + e.wrapping_sub(eip) as u64));
         let entry = match translate::plan(&code, eip, ctx, &forced) {
-            Translation::Interp { run, callouts } => {
+            Translation::Interp {
+                run,
+                callouts,
+                first,
+            } => {
                 let callout = callouts > 0;
                 if callout {
                     self.stats.static_callout += 1;
                 } else {
                     self.stats.static_fallback += 1;
                 }
-                Entry::Interp { run, callout }
+                Entry::Interp {
+                    run,
+                    callout,
+                    first,
+                }
             }
             Translation::Tu(plan) => {
                 let page = eip >> 12;
@@ -462,6 +496,7 @@ impl BtCore {
                     let e = Entry::Interp {
                         run: 1,
                         callout: false,
+                        first: 0,
                     };
                     self.map.insert(key, e);
                     self.page_keys.entry(phys >> 12).or_default().push(key);
@@ -676,6 +711,25 @@ impl BtCore {
             ),
             ("indirect-branch records filled", s.ib_fills),
         ]
+    }
+}
+
+impl Drop for BtCore {
+    fn drop(&mut self) {
+        let Some(p) = &self.profile else { return };
+        let mut v: Vec<(u64, usize)> = p
+            .iter()
+            .enumerate()
+            .filter(|x| *x.1 > 0)
+            .map(|(i, n)| (*n, i))
+            .collect();
+        v.sort_by(|a, b| b.cmp(a));
+        eprintln!("popek-bt: interpreter entries by first instruction:");
+        let codes: Vec<iced_x86::Code> = iced_x86::Code::values().collect();
+        for (n, i) in v.iter().take(40) {
+            let seg = ["", " fs:", " gs:", " seg:"][i % 4];
+            eprintln!("  {:?}{seg} {n}", codes[i / 4]);
+        }
     }
 }
 

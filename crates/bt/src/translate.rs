@@ -151,6 +151,9 @@ pub enum Translation {
         run: u32,
         /// How many of them are designed call-outs.
         callouts: u32,
+        /// The first instruction's form (`Code`) * 4 + its segment prefix
+        /// (0 none, 1 FS, 2 GS, 3 other), for the fallback profile.
+        first: u32,
     },
 }
 
@@ -219,10 +222,21 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx, forced: &dyn Fn(u32) -> bool) -> Tr
     // translatable instruction or control transfer).
     let mut dec = Decoder::with_ip(32, code, eip as u64, DecoderOptions::NONE);
     let (mut run, mut callouts) = (0, 0);
+    let mut first = 0u32;
     while (run as usize) < MAX_CALLOUT_RUN && dec.can_decode() {
         let ins = dec.decode();
         if run > 0 && (ins.is_invalid() || (classify(&ins, ctx).is_some() && !forced(ins.ip32()))) {
             break;
+        }
+        if run == 0 {
+            // Form and segment (for the profile).
+            let seg = match ins.segment_prefix() {
+                Register::FS => 1,
+                Register::GS => 2,
+                Register::None => 0,
+                _ => 3,
+            };
+            first = ins.code() as u32 * 4 + seg;
         }
         run += 1;
         if !ins.is_invalid() && is_system(&ins) {
@@ -235,6 +249,7 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx, forced: &dyn Fn(u32) -> bool) -> Tr
     Translation::Interp {
         run: run.max(1),
         callouts,
+        first,
     }
 }
 
@@ -502,6 +517,8 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
             | Cmovge
             | Cmovle
             | Cmovg
+            | Imul
+            | Mul
     );
     if !ok {
         return None;
@@ -594,7 +611,10 @@ fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic) -> Option<MemI
     h.set_memory_displ_size(0);
     let h = encodable(h)?;
     let write = (guest.op0_kind() == OpKind::Memory
-        && !matches!(m, Mnemonic::Cmp | Mnemonic::Test))
+        && !matches!(
+            m,
+            Mnemonic::Cmp | Mnemonic::Test | Mnemonic::Mul | Mnemonic::Imul
+        ))
         || m == Mnemonic::Xchg;
     let arith = F::OF | F::SF | F::ZF | F::AF | F::CF | F::PF;
     // Shifts and rotates keep the flags when the count is 0.

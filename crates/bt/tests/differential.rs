@@ -346,6 +346,19 @@ fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
                 a.nop().unwrap();
             }
         }
+        38 => {
+            let m = DATA as i32 + (r.below(0xff0) as i32);
+            match r.below(8) {
+                0 => a.imul_3(R32[d], R32[s], r.imm()).unwrap(),
+                1 => a.imul(R32[s]).unwrap(),
+                2 => a.imul_2(R16[d], R16[s]).unwrap(),
+                3 => a.mul(R8[r.below(8) as usize]).unwrap(),
+                4 => a.imul(R8[r.below(8) as usize]).unwrap(),
+                5 => a.imul_2(R32[d], dword_ptr(m)).unwrap(),
+                6 => a.mul(dword_ptr(m)).unwrap(),
+                _ => a.mul(R16[s]).unwrap(),
+            }
+        }
         _ => gen_plain(a, r),
     }
 }
