@@ -202,7 +202,7 @@ impl BtCore {
             ib: vec![[0u64; 8]; translate::IB_SLOTS],
             bmi2: std::arch::is_x86_feature_detected!("bmi2"),
             profile: std::env::var_os("POPEK_BT_PROFILE")
-                .map(|_| vec![0; iced_x86::Code::values().len() * 4]),
+                .map(|_| vec![0; iced_x86::Code::values().len() * 16]),
             stats: BtStats::default(),
         })
     }
@@ -268,7 +268,26 @@ impl BtCore {
         let Some(phys) = self.cpu.fetch_phys(bus) else {
             return self.interp(bus, 1, None); // raises the fetch fault
         };
-        let key = (phys, eip, self.cpu.cpl() | (flat_data as u8) << 2);
+        let st = self.cpu.state();
+        // FS and GS usable by the inline probe: present, writable,
+        // expand-up data with a 4 GiB limit (their base is read at run time).
+        let seg_ok = |i: usize| {
+            let s = &st.seg[i];
+            s.limit == 0xffff_ffff
+                && s.present()
+                && s.attr & popek_cpu::state::attr::S != 0
+                && s.typ() & 0b1110 == 0b0010
+        };
+        let fs_gs = if self.bmi2 {
+            seg_ok(seg::FS) as u8 | (seg_ok(seg::GS) as u8) << 1
+        } else {
+            0
+        };
+        let key = (
+            phys,
+            eip,
+            self.cpu.cpl() | (flat_data as u8) << 2 | fs_gs << 3,
+        );
         self.stats.lookups += 1;
         let slot = fast_slot(&key);
         let entry = match self.fast[slot] {
@@ -450,6 +469,7 @@ impl BtCore {
             cpl: cpl & 3,
             inline_sensitive: !self.cpu.report_sensitive,
             flat_data: cpl & 4 != 0,
+            fs_gs: (cpl >> 3) & 3,
         };
         let l = self.cpu.tlb_layout();
         let probe = translate::Probe {
@@ -727,8 +747,9 @@ impl Drop for BtCore {
         eprintln!("popek-bt: interpreter entries by first instruction:");
         let codes: Vec<iced_x86::Code> = iced_x86::Code::values().collect();
         for (n, i) in v.iter().take(40) {
-            let seg = ["", " fs:", " gs:", " seg:"][i % 4];
-            eprintln!("  {:?}{seg} {n}", codes[i / 4]);
+            let why = ["", " (adaptive)", " (non-flat data)", ""][i % 4];
+            let seg = ["", " fs:", " gs:", " seg:"][i / 4 % 4];
+            eprintln!("  {:?}{seg}{why} {n}", codes[i / 16]);
         }
     }
 }

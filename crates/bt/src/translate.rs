@@ -39,6 +39,9 @@ const OFF_GPR: i32 = std::mem::offset_of!(CpuState, gpr) as i32;
 const OFF_RIP: i32 = std::mem::offset_of!(CpuState, rip) as i32;
 const OFF_RFLAGS: i32 = std::mem::offset_of!(CpuState, rflags) as i32;
 const OFF_CR0: i32 = std::mem::offset_of!(CpuState, cr0) as i32;
+const OFF_SEG_BASE: i32 =
+    (std::mem::offset_of!(CpuState, seg) + std::mem::offset_of!(Segment, base)) as i32;
+const SEG_SIZE: i32 = std::mem::size_of::<Segment>() as i32;
 const OFF_SHADOW: i32 = std::mem::offset_of!(CpuState, interrupt_shadow) as i32;
 const OFF_LDTR_SEL: i32 =
     (std::mem::offset_of!(CpuState, ldtr) + std::mem::offset_of!(Segment, selector)) as i32;
@@ -102,6 +105,8 @@ struct MemInsn {
     disp: u32,
     /// Access size in bytes.
     size: u32,
+    /// `CpuState` offset of the segment base to add (FS/GS operands).
+    seg_base: Option<i32>,
     /// Needs the write tag (store or read-modify-write).
     write: bool,
     /// The host flags must be the guest's before the instruction runs
@@ -151,8 +156,10 @@ pub enum Translation {
         run: u32,
         /// How many of them are designed call-outs.
         callouts: u32,
-        /// The first instruction's form (`Code`) * 4 + its segment prefix
-        /// (0 none, 1 FS, 2 GS, 3 other), for the fallback profile.
+        /// For the fallback profile: `(code * 4 + segment) * 4 + why`, the
+        /// first instruction's form (`Code`), its segment prefix (0 none,
+        /// 1 FS, 2 GS, 3 other) and why it is interpreted (0 not
+        /// translated, 1 adaptive call-out, 2 non-flat data segments).
         first: u32,
     },
 }
@@ -168,6 +175,11 @@ pub struct Ctx {
     /// expand-up): memory operands through them are ident with an inline
     /// TLB probe.
     pub flat_data: bool,
+    /// FS (bit 0) and GS (bit 1) are present writable expand-up data
+    /// segments with a 4 GiB limit: memory operands through them are ident
+    /// with the segment base (read from `CpuState` at run time) added and
+    /// the limit checked in the inline probe (BMI2 hosts only).
+    pub fs_gs: u8,
 }
 
 /// Plans the TU for `code` (the guest bytes from `eip` to the end of its
@@ -236,7 +248,14 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx, forced: &dyn Fn(u32) -> bool) -> Tr
                 Register::None => 0,
                 _ => 3,
             };
-            first = ins.code() as u32 * 4 + seg;
+            let why = if forced(ins.ip32()) {
+                1
+            } else if !ctx.flat_data {
+                2
+            } else {
+                0
+            };
+            first = (ins.code() as u32 * 4 + seg) * 4 + why;
         }
         run += 1;
         if !ins.is_invalid() && is_system(&ins) {
@@ -526,8 +545,23 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
     if m == Bswap && ins.op0_register().size() != 4 {
         return None; // BSWAP r16 is undefined
     }
-    // Rebuild the forms that do not exist in 64-bit mode.
+    // Rebuild the forms that do not exist in 64-bit mode (and the moffs
+    // forms, which take no base register).
+    let moffs = |code: Code, r: Register, load: bool| -> Option<Instruction> {
+        let mo = iced_x86::MemoryOperand::with_base_displ(Register::R11, 0);
+        if load {
+            Instruction::with2(code, r, mo).ok()
+        } else {
+            Instruction::with2(code, mo, r).ok()
+        }
+    };
     let mut h = match ins.code() {
+        Code::Mov_AL_moffs8 => moffs(Code::Mov_r8_rm8, Register::AL, true)?,
+        Code::Mov_AX_moffs16 => moffs(Code::Mov_r16_rm16, Register::AX, true)?,
+        Code::Mov_EAX_moffs32 => moffs(Code::Mov_r32_rm32, Register::EAX, true)?,
+        Code::Mov_moffs8_AL => moffs(Code::Mov_rm8_r8, Register::AL, false)?,
+        Code::Mov_moffs16_AX => moffs(Code::Mov_rm16_r16, Register::AX, false)?,
+        Code::Mov_moffs32_EAX => moffs(Code::Mov_rm32_r32, Register::EAX, false)?,
         Code::Inc_r32 => Instruction::with1(Code::Inc_rm32, ins.op0_register()).ok()?,
         Code::Inc_r16 => Instruction::with1(Code::Inc_rm16, ins.op0_register()).ok()?,
         Code::Dec_r32 => Instruction::with1(Code::Dec_rm32, ins.op0_register()).ok()?,
@@ -575,7 +609,7 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
         }
     }
     if mem_op {
-        return mem_form(ins, h, m).map(|mi| (Item::Mem(Box::new(mi)), Class::Ident));
+        return mem_form(ins, h, m, ctx).map(|mi| (Item::Mem(Box::new(mi)), Class::Ident));
     }
     encodable(h).map(|i| (Item::Ident(i), Class::Ident))
 }
@@ -583,14 +617,14 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
 /// The `[r11]` form of an ident instruction with a memory operand, or
 /// `None` (call-out) for what the inline path does not cover: segments
 /// other than DS/ES/SS, 16-bit addressing, moffs forms.
-fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic) -> Option<MemInsn> {
+fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic, ctx: Ctx) -> Option<MemInsn> {
     use iced_x86::RflagsBits as F;
-    if !matches!(
-        guest.memory_segment(),
-        Register::DS | Register::ES | Register::SS
-    ) {
-        return None;
-    }
+    let seg_base = match guest.memory_segment() {
+        Register::DS | Register::ES | Register::SS => None,
+        Register::FS if ctx.fs_gs & 1 != 0 => Some(OFF_SEG_BASE + 4 * SEG_SIZE),
+        Register::GS if ctx.fs_gs & 2 != 0 => Some(OFF_SEG_BASE + 5 * SEG_SIZE),
+        _ => return None,
+    };
     let map32 = |r: Register| -> Option<Register> {
         if r == Register::None {
             Some(r)
@@ -641,6 +675,7 @@ fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic) -> Option<MemI
         scale: guest.memory_index_scale(),
         disp: guest.memory_displacement32(),
         size,
+        seg_base,
         write,
         flags_live,
     })
@@ -680,6 +715,7 @@ fn stack_op(ins: &Instruction) -> Option<MemInsn> {
         scale: 1,
         disp: disp as u32,
         size: 4,
+        seg_base: None,
         write,
         // PUSH/POP change no flags; CALL/RET leave the CCF.
         flags_live: true,
@@ -747,7 +783,11 @@ pub fn compile(
     a.popfq()?;
     let mut body = a.create_label();
     a.set_label(&mut body)?;
-    let mut consts = (a.create_label(), a.create_label());
+    let mut consts = Consts {
+        idx: a.create_label(),
+        page: a.create_label(),
+        bit32: a.create_label(),
+    };
     let mut ex = Exits {
         page,
         n: p.insns,
@@ -844,10 +884,12 @@ pub fn compile(
     }
     if tlb.bmi2 {
         // The flag-free probe's masks: TLB index bits, page bits.
-        a.set_label(&mut consts.0)?;
+        a.set_label(&mut consts.idx)?;
         a.dd(&[(tlb.entries - 1) << 12])?;
-        a.set_label(&mut consts.1)?;
-        a.dd(&[0xffff_f000])?;
+        a.set_label(&mut consts.page)?;
+        a.dq(&[0x1_ffff_f000])?;
+        a.set_label(&mut consts.bit32)?;
+        a.dq(&[1 << 32])?;
     }
     let r = a.assemble_options(
         ip,
@@ -936,6 +978,17 @@ pub struct Probe {
     pub bmi2: bool,
 }
 
+/// Labels of the flag-free probe's masks (emitted after the code).
+#[derive(Clone, Copy)]
+struct Consts {
+    /// TLB index bits of a linear address (dword).
+    idx: CodeLabel,
+    /// Page bits of a 33-bit address (qword).
+    page: CodeLabel,
+    /// Bit 32 (qword).
+    bit32: CodeLabel,
+}
+
 /// Guest linear address → R9, TLB entry → R10, host address → R11; jumps
 /// to `miss` (guest flags saved in R12) unless the access can go straight
 /// to host memory; then runs the instruction.
@@ -944,7 +997,7 @@ fn emit_probe(
     m: &MemInsn,
     t: &Probe,
     miss: CodeLabel,
-    consts: (CodeLabel, CodeLabel),
+    consts: Consts,
 ) -> Result<(), IcedError> {
     if t.bmi2 {
         emit_probe_bmi2(a, m, t, miss, consts)?;
@@ -1001,7 +1054,7 @@ fn emit_probe_bmi2(
     m: &MemInsn,
     t: &Probe,
     miss: CodeLabel,
-    consts: (CodeLabel, CodeLabel),
+    consts: Consts,
 ) -> Result<(), IcedError> {
     if m.base == Register::None && m.index == Register::None {
         a.mov(r9d, m.disp)?;
@@ -1017,8 +1070,23 @@ fn emit_probe_bmi2(
         );
         a.add_instruction(Instruction::with2(Code::Lea_r32_m, Register::R9D, mo)?)?;
     }
+    if let Some(off) = m.seg_base {
+        // FS/GS: the offset's last byte must not pass the 4 GiB limit
+        // (#GP): bit 32 of offset + size - 1, kept in bit 32 of R9 (where
+        // it fails the tag comparison), then linear = base + offset.
+        if m.size > 1 {
+            a.lea(r10, qword_ptr(r9 + (m.size as i32 - 1)))?;
+            a.pext(r10, r10, qword_ptr(consts.bit32))?;
+            a.pdep(r10, r10, qword_ptr(consts.bit32))?;
+        }
+        a.mov(r11d, dword_ptr(r15 + off))?;
+        a.lea(r9d, dword_ptr(r9 + r11))?;
+        if m.size > 1 {
+            a.lea(r9, qword_ptr(r9 + r10))?;
+        }
+    }
     // Entry = set + index << shift (LEA scales: shift 3..=6).
-    a.pext(r10d, r9d, dword_ptr(consts.0))?;
+    a.pext(r10d, r9d, dword_ptr(consts.idx))?;
     a.mov(r11, t.set_base)?;
     let s = t.entry_shift;
     if s > 3 {
@@ -1026,15 +1094,15 @@ fn emit_probe_bmi2(
     }
     let rest = if s > 3 { s - 3 } else { s };
     a.lea(r10, qword_ptr(r11 + r10 * (1u32 << rest)))?;
-    // Page of the last byte.
-    a.lea(r11d, dword_ptr(r9 + (m.size as i32 - 1)))?;
-    a.pext(r11d, r11d, dword_ptr(consts.1))?;
-    a.pdep(r11d, r11d, dword_ptr(consts.1))?;
+    // Page of the last byte, 33 bits (a wrap past 4 GiB never matches).
+    a.lea(r11, qword_ptr(r9 + (m.size as i32 - 1)))?;
+    a.pext(r11, r11, qword_ptr(consts.page))?;
+    a.pdep(r11, r11, qword_ptr(consts.page))?;
     let tag = if m.write { t.write_tag } else { t.read_tag };
     a.mov(r12, rcx)?;
     a.mov(ecx, dword_ptr(r10 + tag))?;
-    a.not(ecx)?;
-    a.lea(ecx, dword_ptr(r11 + rcx + 2))?; // (page | 1) - tag
+    a.not(rcx)?;
+    a.lea(rcx, qword_ptr(r11 + rcx + 2))?; // (page | 1) - tag
                                            // A miss leaves with guest RCX still in R12 (the stub restores it).
     let mut hit = a.create_label();
     a.jrcxz(hit)?;
@@ -1274,6 +1342,7 @@ mod tests {
             cpl: 0,
             inline_sensitive: true,
             flat_data: true,
+            fs_gs: 0,
         };
         match plan(code, 0x1000, ctx, &|_| false) {
             Translation::Tu(p) => {
@@ -1296,6 +1365,7 @@ mod tests {
             cpl: 0,
             inline_sensitive: true,
             flat_data: true,
+            fs_gs: 0,
         };
         let Translation::Tu(p) = plan(&code, 0x1000, ctx, &|_| false) else {
             panic!("not translated")
@@ -1313,6 +1383,32 @@ mod tests {
             out.push('\n');
         }
         println!("{} bytes\n{out}", host.len());
+    }
+
+    #[test]
+    fn fs_gs_operands_compile_when_usable() {
+        // mov eax, fs:[0x10]; add gs:[ebx+4], ecx; mov fs:[0x20], eax (moffs)
+        let code = [
+            0x64, 0x8b, 0x05, 0x10, 0, 0, 0, 0x65, 0x01, 0x4b, 0x04, 0x64, 0xa3, 0x20, 0, 0, 0,
+        ];
+        for (fs_gs, want) in [(3, 3), (0, 0)] {
+            let ctx = Ctx {
+                cpl: 0,
+                inline_sensitive: true,
+                flat_data: true,
+                fs_gs,
+            };
+            let n = match plan(&code, 0x1000, ctx, &|_| false) {
+                Translation::Tu(p) => {
+                    let mut t = probe();
+                    t.bmi2 = true;
+                    compile(&p, 0x10_0000, &t, 1, None).unwrap();
+                    p.insns
+                }
+                Translation::Interp { .. } => 0,
+            };
+            assert_eq!(n, want);
+        }
     }
 
     #[test]

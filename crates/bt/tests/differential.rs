@@ -23,6 +23,7 @@
 use std::sync::Arc;
 
 use iced_x86::code_asm::*;
+use iced_x86::{Code, Instruction, MemoryOperand, Register};
 use popek_bt::BtCore;
 use popek_cpu::{Bus, BusAction, Cpu, CpuState, RunExit};
 use popek_memory::GuestRam;
@@ -346,6 +347,58 @@ fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
                 a.nop().unwrap();
             }
         }
+        39 => {
+            // FS/GS operands: FS-relative to the data page (by its base),
+            // GS-relative, and offsets whose last byte passes 4 GiB (#GP).
+            let disp = match r.below(6) {
+                0 => -(r.below(4) as i32) - 1,
+                1 => 0x1000 + r.below(0xff0) as i32,
+                2 => 0x2000 + r.below(0xff0) as i32, // FS base 0xffff_f000: wraps
+                _ => r.below(0x7f0) as i32,
+            };
+            let seg_fs = r.below(2) == 0;
+            let mut ins = match r.below(5) {
+                0 => Instruction::with2(
+                    Code::Mov_r32_rm32,
+                    Register::EAX,
+                    MemoryOperand::with_base_displ(Register::None, disp as u32 as i64),
+                ),
+                1 => Instruction::with2(
+                    Code::Add_rm32_r32,
+                    MemoryOperand::with_base_displ(Register::None, disp as u32 as i64),
+                    Register::ECX,
+                ),
+                2 => Instruction::with2(
+                    Code::Mov_rm8_r8,
+                    MemoryOperand::with_base_displ(Register::None, disp as u32 as i64),
+                    Register::DL,
+                ),
+                3 => Instruction::with2(
+                    Code::Mov_EAX_moffs32,
+                    Register::EAX,
+                    MemoryOperand::with_base_displ(Register::None, disp as u32 as i64),
+                ),
+                _ => Instruction::with2(
+                    Code::Sub_r32_rm32,
+                    Register::EBX,
+                    MemoryOperand::new(
+                        Register::ESI,
+                        Register::None,
+                        1,
+                        (disp & 0xff) as i64,
+                        1,
+                        false,
+                        Register::None,
+                    ),
+                ),
+            }
+            .unwrap();
+            ins.set_segment_prefix(if seg_fs { Register::FS } else { Register::GS });
+            if ins.code() == Code::Mov_EAX_moffs32 {
+                ins.set_memory_displ_size(4);
+            }
+            a.add_instruction(ins).unwrap();
+        }
         38 => {
             let m = DATA as i32 + (r.below(0xff0) as i32);
             match r.below(8) {
@@ -387,6 +440,14 @@ fn machine(code: &[u8], cpl: u8, r: &mut Rng) -> (Cpu, Vec<u8>) {
         } else {
             r.next() & 0xffff_ffff
         };
+    }
+    // FS: flat but based (DATA - 0x1000, 0 or near the top, so that
+    // linear addresses wrap); GS: based, sometimes with a small limit (its
+    // operands are then call-outs that may fault).
+    s.seg[4].base = [DATA - 0x1000, 0, 0xffff_f000][r.below(3) as usize];
+    s.seg[5].base = DATA + 0x800;
+    if r.below(2) == 0 {
+        s.seg[5].limit = 0x7ff;
     }
     s.rflags = 2 | (r.next() & 0x8d5) | if r.below(2) == 0 { 0x200 } else { 0 };
     s.ldtr.selector = r.next() as u16;
