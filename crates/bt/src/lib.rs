@@ -179,6 +179,8 @@ pub struct BtCore {
     /// Emit the flag-free BMI2 TLB probe (default: when the host has
     /// BMI2; tests turn it off to cover the PUSHFQ/POPFQ probe).
     pub bmi2: bool,
+    /// The access of the last slow-path exit (`translate::Probe::exit_info`).
+    exit_info: Box<[u64; 3]>,
     /// Interpreter entries per first mnemonic (`POPEK_BT_PROFILE` set:
     /// printed to stderr when the engine is dropped).
     profile: Option<Vec<u64>>,
@@ -201,6 +203,7 @@ impl BtCore {
             forced: HashSet::new(),
             ib: vec![[0u64; 8]; translate::IB_SLOTS],
             bmi2: std::arch::is_x86_feature_detected!("bmi2"),
+            exit_info: Box::new([0; 3]),
             profile: std::env::var_os("POPEK_BT_PROFILE")
                 .map(|_| vec![0; iced_x86::Code::values().len() * 16]),
             stats: BtStats::default(),
@@ -374,9 +377,15 @@ impl BtCore {
                 let Some(at) = self.cpu.fetch_phys(bus) else {
                     return self.interp(bus, 1, None);
                 };
-                // Misses count within a window of instructions: the TLB
-                // refill after a CR3 load or a conflict makes an access miss
-                // now and then, which is no reason to interpret it forever.
+                let info = [self.exit_info[0], self.exit_info[1]];
+                let set = (self.cpu.cpl() == 3) as usize;
+                let exit = self.interp(bus, (remaining - n).min(MISS_RUN), None);
+                if self.tlb_would_hit(set, info) {
+                    // A plain TLB miss (after a CR3 load, a conflict),
+                    // filled now: no reason to interpret the access.
+                    return exit;
+                }
+                // Misses count within a window of instructions.
                 let now = self.cpu.icount;
                 let (count, since) = self.misses.entry(at).or_insert((0, now));
                 if now - *since > ADAPT_WINDOW {
@@ -387,12 +396,18 @@ impl BtCore {
                     // Adaptive BT: this access keeps missing (MMIO, a code
                     // page, page-crossing): retranslate the page with it as
                     // a call-out.
+                    if self.profile.is_some() {
+                        eprintln!(
+                            "popek-bt: adaptive call-out at phys {at:#x} eip {:#x}: lin {:#x} size/write {:#x} cpl {}",
+                            self.cpu.state().rip, info[0], info[1], set
+                        );
+                    }
                     self.forced.insert(at);
                     self.misses.remove(&at);
                     self.drop_page(at >> 12);
                     self.stats.adapted += 1;
                 }
-                self.interp(bus, (remaining - n).min(MISS_RUN), None)
+                exit
             }
             Entry::Interp {
                 run,
@@ -433,6 +448,25 @@ impl BtCore {
             0,
         ];
         self.stats.ib_fills += 1;
+    }
+
+    /// True when the TLB (privilege set `set`) now lets the access of a
+    /// slow-path exit (`exit_info`) go to host memory: the miss was a
+    /// plain TLB miss.
+    fn tlb_would_hit(&self, set: usize, info: [u64; 2]) -> bool {
+        let (lin, size, write) = (info[0], info[1] & 0xff, info[1] & 0x100 != 0);
+        if lin >> 32 != 0 || (lin & 0xfff) + size > 0x1000 {
+            return false;
+        }
+        let l = self.cpu.tlb_layout();
+        let idx = (lin as usize >> 12) & (l.entries - 1);
+        let off =
+            set * l.set_stride + idx * l.entry_size + if write { l.write_tag } else { l.read_tag };
+        // SAFETY: `tlb_layout` describes the CPU's live, boxed TLB; the
+        // offset stays inside it (set < 2, idx < entries, a u32 tag field
+        // of an entry), and nothing writes it during this read.
+        let tag = unsafe { std::ptr::read_unaligned(l.base.add(off) as *const u32) };
+        tag == (lin as u32 & !0xfff) | 1
     }
 
     /// Indirect-branch table hits so far.
@@ -479,6 +513,7 @@ impl BtCore {
             read_tag: l.read_tag as i32,
             write_tag: l.write_tag as i32,
             host: l.host as i32,
+            exit_info: self.exit_info.as_ptr() as u64,
             bmi2: self.bmi2,
         };
         debug_assert!(l.entry_size.is_power_of_two() && l.entries.is_power_of_two());

@@ -82,6 +82,8 @@ enum Item {
     StoreReg(i32, Register, u32),
     /// Direct jump to the target (ends the TU).
     Jmp(u32),
+    /// JMP r32: leave for the register's value (ends the TU).
+    JmpReg(Register),
     /// Conditional jump: condition, target, fall-through (ends the TU).
     Jcc(ConditionCode, u32, u32),
 }
@@ -107,6 +109,9 @@ struct MemInsn {
     size: u32,
     /// `CpuState` offset of the segment base to add (FS/GS operands).
     seg_base: Option<i32>,
+    /// A read before this access (PUSH m32, CALL m32: the source), its
+    /// value kept in the scratch slot (`Probe::exit_info` + 16).
+    pre: Option<Box<MemInsn>>,
     /// Needs the write tag (store or read-modify-write).
     write: bool,
     /// The host flags must be the guest's before the instruction runs
@@ -129,6 +134,15 @@ enum MemOp {
     Call { ret: u32, target: u32 },
     /// RET / RET imm16: pop EIP, release `imm` more bytes (ends the TU).
     Ret(u32),
+    /// Load the dword into the scratch slot (a `pre` read).
+    ToScratch,
+    /// PUSH of the scratch slot (PUSH m32).
+    PushScratch,
+    /// CALL r32 (`Some`) or CALL m32 (`None`: the target is in the scratch
+    /// slot): push the return address, leave for the target (ends the TU).
+    CallInd { ret: u32, src: Option<Register> },
+    /// JMP m32: leave for the dword read (ends the TU).
+    JmpMem,
 }
 
 /// A planned TU: what to emit, and the counts.
@@ -209,6 +223,9 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx, forced: &dyn Fn(u32) -> bool) -> Tr
         };
         if let Item::Mem(m) = &mut item {
             m.before = p.insns;
+            if let Some(pre) = &mut m.pre {
+                pre.before = p.insns;
+            }
         }
         p.insns += 1;
         match class {
@@ -217,8 +234,11 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx, forced: &dyn Fn(u32) -> bool) -> Tr
         }
         p.next_eip = ins.next_ip32();
         let ends = match &item {
-            Item::Sti | Item::Jmp(_) | Item::Jcc(..) => true,
-            Item::Mem(m) => matches!(m.op, MemOp::Call { .. } | MemOp::Ret(_)),
+            Item::Sti | Item::Jmp(_) | Item::Jcc(..) | Item::JmpReg(_) => true,
+            Item::Mem(m) => matches!(
+                m.op,
+                MemOp::Call { .. } | MemOp::Ret(_) | MemOp::CallInd { .. } | MemOp::JmpMem
+            ),
             _ => false,
         };
         p.items.push(item);
@@ -462,8 +482,14 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
         }
         _ => {}
     }
+    if ins.code() == Code::Jmp_rm32 && ins.op0_kind() == OpKind::Register {
+        return Some((Item::JmpReg(map_reg(ins.op0_register())?), Class::Ident));
+    }
     if ctx.flat_data {
         if let Some(mi) = stack_op(ins) {
+            return Some((Item::Mem(Box::new(mi)), Class::Ident));
+        }
+        if let Some(mi) = indirect_mem_op(ins, ctx) {
             return Some((Item::Mem(Box::new(mi)), Class::Ident));
         }
     }
@@ -614,11 +640,11 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
     encodable(h).map(|i| (Item::Ident(i), Class::Ident))
 }
 
-/// The `[r11]` form of an ident instruction with a memory operand, or
-/// `None` (call-out) for what the inline path does not cover: segments
-/// other than DS/ES/SS, 16-bit addressing, moffs forms.
-fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic, ctx: Ctx) -> Option<MemInsn> {
-    use iced_x86::RflagsBits as F;
+/// The address of a guest memory operand the inline probe can compute:
+/// host base and index registers (32-bit) and the `CpuState` offset of the
+/// segment base to add (FS/GS), or `None` (other segments, 16-bit
+/// addressing).
+fn mem_addr(guest: &Instruction, ctx: Ctx) -> Option<(Register, Register, Option<i32>)> {
     let seg_base = match guest.memory_segment() {
         Register::DS | Register::ES | Register::SS => None,
         Register::FS if ctx.fs_gs & 1 != 0 => Some(OFF_SEG_BASE + 4 * SEG_SIZE),
@@ -632,8 +658,76 @@ fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic, ctx: Ctx) -> O
             map_reg(r).filter(|r| r.size() == 4)
         }
     };
-    let base = map32(guest.memory_base())?;
-    let index = map32(guest.memory_index())?;
+    Some((
+        map32(guest.memory_base())?,
+        map32(guest.memory_index())?,
+        seg_base,
+    ))
+}
+
+/// JMP m32, PUSH m32, CALL r32 and CALL m32 (flat 32-bit stack).
+fn indirect_mem_op(ins: &Instruction, ctx: Ctx) -> Option<MemInsn> {
+    let read = |op: MemOp| -> Option<MemInsn> {
+        let (base, index, seg_base) = mem_addr(ins, ctx)?;
+        Some(MemInsn {
+            op,
+            ins: Instruction::default(),
+            eip: ins.ip32(),
+            before: 0,
+            base,
+            index,
+            scale: ins.memory_index_scale(),
+            disp: ins.memory_displacement32(),
+            size: 4,
+            seg_base,
+            pre: None,
+            write: false,
+            flags_live: true,
+        })
+    };
+    let push = |op: MemOp, pre: Option<MemInsn>| MemInsn {
+        op,
+        ins: Instruction::default(),
+        eip: ins.ip32(),
+        before: 0,
+        base: Register::R8D,
+        index: Register::None,
+        scale: 1,
+        disp: -4i32 as u32,
+        size: 4,
+        seg_base: None,
+        pre: pre.map(Box::new),
+        write: true,
+        flags_live: true,
+    };
+    let mem = ins.op_count() == 1 && ins.op0_kind() == OpKind::Memory;
+    match ins.code() {
+        Code::Jmp_rm32 if mem => read(MemOp::JmpMem),
+        Code::Push_rm32 if mem => Some(push(MemOp::PushScratch, Some(read(MemOp::ToScratch)?))),
+        Code::Call_rm32 if mem => Some(push(
+            MemOp::CallInd {
+                ret: ins.next_ip32(),
+                src: None,
+            },
+            Some(read(MemOp::ToScratch)?),
+        )),
+        Code::Call_rm32 => Some(push(
+            MemOp::CallInd {
+                ret: ins.next_ip32(),
+                src: Some(map_reg(ins.op0_register())?),
+            },
+            None,
+        )),
+        _ => None,
+    }
+}
+
+/// The `[r11]` form of an ident instruction with a memory operand, or
+/// `None` (call-out) for what the inline path does not cover: segments
+/// other than DS/ES/SS, 16-bit addressing, moffs forms.
+fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic, ctx: Ctx) -> Option<MemInsn> {
+    use iced_x86::RflagsBits as F;
+    let (base, index, seg_base) = mem_addr(guest, ctx)?;
     let size = guest.memory_size().size() as u32;
     if !matches!(size, 1 | 2 | 4) {
         return None;
@@ -676,6 +770,7 @@ fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic, ctx: Ctx) -> O
         disp: guest.memory_displacement32(),
         size,
         seg_base,
+        pre: None,
         write,
         flags_live,
     })
@@ -716,6 +811,7 @@ fn stack_op(ins: &Instruction) -> Option<MemInsn> {
         disp: disp as u32,
         size: 4,
         seg_base: None,
+        pre: None,
         write,
         // PUSH/POP change no flags; CALL/RET leave the CCF.
         flags_live: true,
@@ -794,17 +890,27 @@ pub fn compile(
         sites: Vec::new(),
     };
     let mut ended = false;
-    let mut slow: Vec<(CodeLabel, u32, u32)> = Vec::new();
+    let mut slow: Vec<(CodeLabel, &MemInsn)> = Vec::new();
     for item in &p.items {
         match *item {
             Item::Ident(i) => a.add_instruction(i)?,
             Item::Mem(ref m) => {
+                if let Some(pre) = &m.pre {
+                    let miss = a.create_label();
+                    emit_probe(&mut a, pre, tlb, miss, consts)?;
+                    slow.push((miss, pre));
+                }
                 let miss = a.create_label();
                 emit_probe(&mut a, m, tlb, miss, consts)?;
-                slow.push((miss, m.eip, m.before));
+                slow.push((miss, m));
                 match m.op {
                     MemOp::Call { target, .. } => {
                         ex.exit(&mut a, target)?;
+                        ended = true;
+                    }
+                    MemOp::CallInd { .. } | MemOp::JmpMem => {
+                        a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
+                        emit_indirect_exit(&mut a, ib, tlb)?;
                         ended = true;
                     }
                     MemOp::Ret(_) => {
@@ -855,6 +961,12 @@ pub fn compile(
                 ex.exit(&mut a, t)?;
                 ended = true;
             }
+            Item::JmpReg(r) => {
+                a.add_instruction(Instruction::with2(Code::Mov_r32_rm32, Register::R11D, r)?)?;
+                a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
+                emit_indirect_exit(&mut a, ib, tlb)?;
+                ended = true;
+            }
             Item::Jcc(cc, t, f) => {
                 let mut taken = a.create_label();
                 jcc(&mut a, cc, taken)?;
@@ -868,7 +980,7 @@ pub fn compile(
     if !ended {
         ex.exit(&mut a, p.next_eip)?;
     }
-    for (mut l, eip, before) in slow {
+    for (mut l, m) in slow {
         // TLB miss: the guest flags back, leave before the instruction and
         // have the dispatcher run it on the interpreter (which walks the
         // page tables, faults precisely or reaches MMIO).
@@ -879,8 +991,12 @@ pub fn compile(
             a.push(r12)?;
             a.popfq()?;
         }
-        a.lea(r14, qword_ptr(r14 + before as i32))?;
-        emit_store_exit(&mut a, Some(eip), Some(32))?;
+        // Tell the dispatcher the access (adaptive BT looks at it).
+        a.mov(r10, tlb.exit_info)?;
+        a.mov(qword_ptr(r10), r9)?;
+        a.mov(qword_ptr(r10 + 8), (m.size | (m.write as u32) << 8) as i32)?;
+        a.lea(r14, qword_ptr(r14 + m.before as i32))?;
+        emit_store_exit(&mut a, Some(m.eip), Some(32))?;
     }
     if tlb.bmi2 {
         // The flag-free probe's masks: TLB index bits, page bits.
@@ -973,6 +1089,10 @@ pub struct Probe {
     pub write_tag: i32,
     /// See `read_tag`.
     pub host: i32,
+    /// Where a slow-path exit leaves its access for the dispatcher: two
+    /// u64, the linear address (bit 32: past 4 GiB) and `size | write << 8`;
+    /// a third is scratch for two-access instructions (PUSH m32, CALL m32).
+    pub exit_info: u64,
     /// The host has BMI2: the probe is flag-free (PEXT/PDEP, LEA, JRCXZ)
     /// and the guest flags stay in RFLAGS throughout.
     pub bmi2: bool,
@@ -1001,7 +1121,7 @@ fn emit_probe(
 ) -> Result<(), IcedError> {
     if t.bmi2 {
         emit_probe_bmi2(a, m, t, miss, consts)?;
-        return emit_access(a, m);
+        return emit_access(a, m, t);
     }
     a.pushfq()?;
     a.pop(r12)?;
@@ -1040,7 +1160,7 @@ fn emit_probe(
         a.push(r12)?;
         a.popfq()?;
     }
-    emit_access(a, m)
+    emit_access(a, m, t)
 }
 
 /// The flag-free probe (BMI2): R9 = guest linear address, R10 = TLB entry,
@@ -1122,7 +1242,8 @@ fn emit_probe_bmi2(
 
 /// The access of a memory instruction whose probe hit (R11 = host
 /// address); the guest flags are in RFLAGS.
-fn emit_access(a: &mut CodeAssembler, m: &MemInsn) -> Result<(), IcedError> {
+fn emit_access(a: &mut CodeAssembler, m: &MemInsn, t: &Probe) -> Result<(), IcedError> {
+    let scratch = t.exit_info + 16;
     // Flag-neutral code only around the instruction (MOV, LEA).
     match m.op {
         MemOp::Insn => a.add_instruction(m.ins),
@@ -1154,6 +1275,31 @@ fn emit_access(a: &mut CodeAssembler, m: &MemInsn) -> Result<(), IcedError> {
             a.mov(r11d, dword_ptr(r11))?;
             a.lea(r8d, dword_ptr(r8 + (4 + imm as i32)))
         }
+        MemOp::ToScratch => {
+            a.mov(r9d, dword_ptr(r11))?;
+            a.mov(r10, scratch)?;
+            a.mov(qword_ptr(r10), r9)
+        }
+        MemOp::PushScratch => {
+            a.mov(r10, scratch)?;
+            a.mov(r10d, dword_ptr(r10))?;
+            a.mov(dword_ptr(r11), r10d)?;
+            a.lea(r8d, dword_ptr(r8 - 4))
+        }
+        MemOp::CallInd { ret, src } => {
+            a.mov(dword_ptr(r11), ret)?;
+            match src {
+                Some(r) => {
+                    a.add_instruction(Instruction::with2(Code::Mov_r32_rm32, Register::R11D, r)?)?
+                }
+                None => {
+                    a.mov(r11, scratch)?;
+                    a.mov(r11d, dword_ptr(r11))?;
+                }
+            }
+            a.lea(r8d, dword_ptr(r8 - 4))
+        }
+        MemOp::JmpMem => a.mov(r11d, dword_ptr(r11)),
     }
 }
 
@@ -1333,6 +1479,7 @@ mod tests {
             read_tag: 4,
             write_tag: 8,
             host: 24,
+            exit_info: 0x2000,
             bmi2: std::arch::is_x86_feature_detected!("bmi2"),
         }
     }

@@ -137,7 +137,7 @@ macro_rules! cc {
 /// One random instruction (or a small group) at CPL `cpl`.
 fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
     let (d, s) = (reg(r), reg(r));
-    match r.below(42) {
+    match r.below(43) {
         0..=5 => {
             let op = r.below(9);
             match r.below(6) {
@@ -398,6 +398,38 @@ fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
                 ins.set_memory_displ_size(4);
             }
             a.add_instruction(ins).unwrap();
+        }
+        40 => {
+            // Indirect transfers: CALL/JMP r32 and m32 to the code just
+            // after them (the address from call/pop), PUSH m32.
+            let rr = [0usize, 1, 2, 3, 5, 6, 7][r.below(7) as usize];
+            let m = DATA as i32 + (r.below(0xff0) as i32);
+            let kind = r.below(5);
+            let mid = |b: &mut CodeAssembler| match kind {
+                0 => b.jmp(R32[rr]).unwrap(),
+                1 => b.call(R32[rr]).unwrap(),
+                2 => {
+                    b.mov(dword_ptr(m), R32[rr]).unwrap();
+                    b.jmp(dword_ptr(m)).unwrap();
+                }
+                3 => {
+                    b.mov(dword_ptr(m), R32[rr]).unwrap();
+                    b.call(dword_ptr(m)).unwrap();
+                }
+                _ => {
+                    b.push(dword_ptr(m)).unwrap();
+                    b.pop(R32[reg(&mut Rng(m as u64 | 1))]).unwrap();
+                }
+            };
+            let mut b = CodeAssembler::new(32).unwrap();
+            mid(&mut b);
+            let len = b.assemble(0).unwrap().len() as i32;
+            let mut n = a.create_label();
+            a.call(n).unwrap();
+            a.set_label(&mut n).unwrap();
+            a.pop(R32[rr]).unwrap();
+            a.lea(R32[rr], dword_ptr(R32[rr] + (1 + 3 + len))).unwrap();
+            mid(a);
         }
         38 => {
             let m = DATA as i32 + (r.below(0xff0) as i32);
