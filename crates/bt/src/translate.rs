@@ -888,6 +888,8 @@ pub fn compile(
         page,
         n: p.insns,
         sites: Vec::new(),
+        ib: ib.copied(),
+        tlb: *tlb,
     };
     let mut ended = false;
     let mut slow: Vec<(CodeLabel, &MemInsn)> = Vec::new();
@@ -1033,13 +1035,23 @@ struct Exits {
     n: u32,
     /// Chain sites: label on the `jmp rel32`, target EIP.
     sites: Vec<(CodeLabel, u32)>,
+    /// The indirect-branch table (exits to other pages go through it).
+    ib: Option<IbTable>,
+    /// The TLB layout (for the indirect-branch table's checks).
+    tlb: Probe,
 }
 
 impl Exits {
     /// Leaves the TU for `eip` (all of it retired): through a chain site
-    /// when `eip` is in the same page, else straight to the dispatcher.
+    /// when `eip` is in the same page, else through the indirect-branch
+    /// table (which checks that the TLB still maps the target's page to
+    /// the physical page its CCF was translated from) or the dispatcher.
     fn exit(&mut self, a: &mut CodeAssembler, eip: u32) -> Result<(), IcedError> {
         a.lea(r14, qword_ptr(r14 + self.n as i32))?;
+        if eip >> 12 != self.page && self.ib.is_some() {
+            a.mov(r11d, eip)?;
+            return emit_indirect_exit(a, self.ib.as_ref(), &self.tlb);
+        }
         if eip >> 12 == self.page {
             // Flag-neutral budget check: LEA and XCHG change no flags,
             // JRCXZ reads none.
