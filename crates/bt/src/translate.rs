@@ -441,6 +441,14 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
         return None; // #UD on registers; memory forms are call-outs anyway
     }
     let m = ins.mnemonic();
+    if ins.code() == Code::Jmp_rm32 && ins.op0_kind() == OpKind::Register {
+        return Some((Item::JmpReg(map_reg(ins.op0_register())?), Class::Ident));
+    }
+    if ctx.flat_data {
+        if let Some(mi) = indirect_mem_op(ins, ctx) {
+            return Some((Item::Mem(Box::new(mi)), Class::Ident));
+        }
+    }
     match m {
         Jmp | Jo | Jno | Jb | Jae | Je | Jne | Jbe | Ja | Js | Jns | Jp | Jnp | Jl | Jge | Jle
         | Jg => {
@@ -458,6 +466,7 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
                 Class::Ident,
             ));
         }
+        Pause => return Some((Item::Nop, Class::Ident)),
         Nop if ins.code() == Code::Nopd || ins.code() == Code::Nopw || ins.op_count() <= 1 => {
             return Some((Item::Nop, Class::Ident));
         }
@@ -482,14 +491,8 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
         }
         _ => {}
     }
-    if ins.code() == Code::Jmp_rm32 && ins.op0_kind() == OpKind::Register {
-        return Some((Item::JmpReg(map_reg(ins.op0_register())?), Class::Ident));
-    }
     if ctx.flat_data {
         if let Some(mi) = stack_op(ins) {
-            return Some((Item::Mem(Box::new(mi)), Class::Ident));
-        }
-        if let Some(mi) = indirect_mem_op(ins, ctx) {
             return Some((Item::Mem(Box::new(mi)), Class::Ident));
         }
     }
