@@ -437,10 +437,37 @@ pub fn map_reg(r: Register) -> Option<Register> {
 
 fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
     use Mnemonic::*;
-    if ins.has_lock_prefix() {
-        return None; // #UD on registers; memory forms are call-outs anyway
-    }
     let m = ins.mnemonic();
+    if ins.has_lock_prefix()
+        && !(ins.op0_kind() == OpKind::Memory
+            && matches!(
+                m,
+                Add | Or
+                    | Adc
+                    | Sbb
+                    | And
+                    | Sub
+                    | Xor
+                    | Inc
+                    | Dec
+                    | Neg
+                    | Not
+                    | Xchg
+                    | Cmpxchg
+                    | Xadd
+                    | Bts
+                    | Btr
+                    | Btc
+            ))
+    {
+        return None; // #UD
+    }
+    if matches!(m, Bt | Bts | Btr | Btc)
+        && ins.op0_kind() == OpKind::Memory
+        && ins.op1_kind() == OpKind::Register
+    {
+        return None; // the bit offset reaches beyond the operand
+    }
     if ins.code() == Code::Jmp_rm32 && ins.op0_kind() == OpKind::Register {
         return Some((Item::JmpReg(map_reg(ins.op0_register())?), Class::Ident));
     }
@@ -567,6 +594,12 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
             | Cmovg
             | Imul
             | Mul
+            | Bt
+            | Bts
+            | Btr
+            | Btc
+            | Cmpxchg
+            | Xadd
     );
     if !ok {
         return None;
@@ -598,6 +631,8 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
         _ => *ins,
     };
     h.set_segment_prefix(Register::None);
+    // One virtual CPU: a locked access is an ordinary one.
+    h.set_has_lock_prefix(false);
     let mut mem_op = false;
     for i in 0..h.op_count() {
         match h.op_kind(i) {
@@ -744,7 +779,7 @@ fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic, ctx: Ctx) -> O
     let write = (guest.op0_kind() == OpKind::Memory
         && !matches!(
             m,
-            Mnemonic::Cmp | Mnemonic::Test | Mnemonic::Mul | Mnemonic::Imul
+            Mnemonic::Cmp | Mnemonic::Test | Mnemonic::Mul | Mnemonic::Imul | Mnemonic::Bt
         ))
         || m == Mnemonic::Xchg;
     let arith = F::OF | F::SF | F::ZF | F::AF | F::CF | F::PF;

@@ -137,7 +137,7 @@ macro_rules! cc {
 /// One random instruction (or a small group) at CPL `cpl`.
 fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
     let (d, s) = (reg(r), reg(r));
-    match r.below(43) {
+    match r.below(44) {
         0..=5 => {
             let op = r.below(9);
             match r.below(6) {
@@ -430,6 +430,22 @@ fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
             a.pop(R32[rr]).unwrap();
             a.lea(R32[rr], dword_ptr(R32[rr] + (1 + 3 + len))).unwrap();
             mid(a);
+        }
+        41 => {
+            let m = DATA as i32 + (r.below(0xff0) as i32);
+            let bit = r.below(40) as i32;
+            match r.below(10) {
+                0 => a.bt(R32[d], R32[s]).unwrap(),
+                1 => a.bts(R32[d], bit).unwrap(),
+                2 => a.btr(R16[d], R16[s]).unwrap(),
+                3 => a.btc(R32[d], bit).unwrap(),
+                4 => a.bt(dword_ptr(m), bit).unwrap(),
+                5 => a.bts(dword_ptr(m), bit).unwrap(),
+                6 => a.cmpxchg(R32[d], R32[s]).unwrap(),
+                7 => a.lock().cmpxchg(dword_ptr(m), R32[s]).unwrap(),
+                8 => a.xadd(dword_ptr(m), R32[s]).unwrap(),
+                _ => a.lock().add(dword_ptr(m), R32[s]).unwrap(),
+            }
         }
         38 => {
             let m = DATA as i32 + (r.below(0xff0) as i32);
