@@ -40,6 +40,12 @@ const ADAPT_MISSES: u32 = 8;
 /// in which `ADAPT_MISSES` exits make it a call-out.
 const ADAPT_WINDOW: u64 = 1 << 20;
 
+/// Guest instructions after which an adaptive call-out is translated
+/// again (what made it miss, e.g. a TLB conflict with the code page while
+/// a loop streamed through memory, may be gone).
+/// The delay doubles each time the same site is made a call-out again.
+const ADAPT_RETRY: u64 = 1 << 20;
+
 /// Instructions the interpreter runs after an inline TLB miss (the TLB
 /// fill, a fault or MMIO; running on avoids translating a fresh TU at each
 /// following EIP when misses repeat).
@@ -170,8 +176,13 @@ pub struct BtCore {
     pending: HashMap<Key, Vec<u64>>,
     /// Slow-path exits per guest-physical instruction address.
     misses: HashMap<u64, (u32, u64)>,
-    /// Instructions (guest-physical) retranslated as call-outs.
-    forced: HashSet<u64>,
+    /// Instructions (guest-physical) retranslated as call-outs
+    /// (with the instruction count when it may be translated again).
+    forced: HashMap<u64, u64>,
+    /// How often each site was made a call-out (the retry delay doubles).
+    forced_times: HashMap<u64, u32>,
+    /// When `forced` is next swept for sites to retry (instruction count).
+    next_retry: u64,
     /// The indirect-branch table CCFs probe at RET (see
     /// `translate::IbTable`): records of 8 u64, filled by the dispatcher
     /// for each CCF it enters, cleared with the CCF.
@@ -184,6 +195,9 @@ pub struct BtCore {
     /// Interpreter entries per first mnemonic (`POPEK_BT_PROFILE` set:
     /// printed to stderr when the engine is dropped).
     profile: Option<Vec<u64>>,
+    /// With `POPEK_BT_PROFILE`: `/tmp/perf-PID.map`, naming each CCF for
+    /// `perf report`.
+    perf_map: Option<std::fs::File>,
     /// Counters.
     pub stats: BtStats,
 }
@@ -200,10 +214,15 @@ impl BtCore {
             page_keys: HashMap::new(),
             pending: HashMap::new(),
             misses: HashMap::new(),
-            forced: HashSet::new(),
+            forced: HashMap::new(),
+            forced_times: HashMap::new(),
+            next_retry: ADAPT_RETRY,
             ib: vec![[0u64; 8]; translate::IB_SLOTS],
             bmi2: std::arch::is_x86_feature_detected!("bmi2"),
             exit_info: Box::new([0; 3]),
+            perf_map: std::env::var_os("POPEK_BT_PROFILE").and_then(|_| {
+                std::fs::File::create(format!("/tmp/perf-{}.map", std::process::id())).ok()
+            }),
             profile: std::env::var_os("POPEK_BT_PROFILE")
                 .map(|_| vec![0; iced_x86::Code::values().len() * 16]),
             stats: BtStats::default(),
@@ -221,6 +240,9 @@ impl BtCore {
     pub fn run(&mut self, bus: &mut dyn Bus, budget: u64) -> RunExit {
         self.cpu.prepare();
         self.drain_invalidations();
+        if self.cpu.icount >= self.next_retry {
+            self.retry_forced();
+        }
         let end = self.cpu.icount.saturating_add(budget);
         // Dispatches that retire nothing (an exception loop, an interrupt
         // storm) count against the budget, as in `Cpu::run`, so `run`
@@ -402,7 +424,10 @@ impl BtCore {
                             self.cpu.state().rip, info[0], info[1], set
                         );
                     }
-                    self.forced.insert(at);
+                    let times = self.forced_times.entry(at).or_insert(0);
+                    let delay = ADAPT_RETRY << (*times).min(10);
+                    *times += 1;
+                    self.forced.insert(at, self.cpu.icount + delay);
                     self.misses.remove(&at);
                     self.drop_page(at >> 12);
                     self.stats.adapted += 1;
@@ -419,6 +444,27 @@ impl BtCore {
                 }
                 self.interp(bus, remaining.min(run as u64), Some(callout))
             }
+        }
+    }
+
+    /// Translates adaptive call-outs whose delay is over again (their
+    /// pages are dropped; those that keep missing come back, later).
+    fn retry_forced(&mut self) {
+        let now = self.cpu.icount;
+        self.next_retry = now + ADAPT_RETRY;
+        let old: Vec<u64> = self
+            .forced
+            .iter()
+            .filter(|&(_, &t)| now >= t)
+            .map(|(&a, _)| a)
+            .collect();
+        let mut pages = HashSet::new();
+        for a in old {
+            self.forced.remove(&a);
+            pages.insert(a >> 12);
+        }
+        for p in pages {
+            self.drop_page(p);
         }
     }
 
@@ -517,7 +563,10 @@ impl BtCore {
             bmi2: self.bmi2,
         };
         debug_assert!(l.entry_size.is_power_of_two() && l.entries.is_power_of_two());
-        let forced = |e: u32| self.forced.contains(&(phys + e.wrapping_sub(eip) as u64));
+        let forced = |e: u32| {
+            self.forced
+                .contains_key(&(phys + e.wrapping_sub(eip) as u64))
+        };
         let entry = match translate::plan(&code, eip, ctx, &forced) {
             Translation::Interp {
                 run,
@@ -568,6 +617,16 @@ impl BtCore {
                 let at = at?;
                 self.stats.tus += 1;
                 self.stats.ccf_bytes += host.code.len() as u64;
+                if let Some(f) = self.perf_map.as_mut() {
+                    use std::io::Write as _;
+                    let _ = writeln!(
+                        f,
+                        "{:x} {:x} tu_{eip:08x}_p{phys:x}_c{cpl}_n{}",
+                        at as u64,
+                        host.code.len(),
+                        plan.insns
+                    );
+                }
                 // Chaining: link this CCF's exits to CCFs of the same page
                 // that exist, and have future ones link them.
                 let body = at as u64 + host.body;
@@ -650,7 +709,7 @@ impl BtCore {
                 continue;
             }
             self.drop_page(page);
-            self.forced.retain(|a| a >> 12 != page);
+            self.forced.retain(|a, _| a >> 12 != page);
             self.misses.retain(|a, _| a >> 12 != page);
         }
     }
@@ -771,6 +830,14 @@ impl BtCore {
 
 impl Drop for BtCore {
     fn drop(&mut self) {
+        if let Ok(list) = std::env::var("POPEK_BT_DUMP") {
+            for a in list.split(',') {
+                let a = u64::from_str_radix(a.trim_start_matches("0x"), 16).unwrap_or(0);
+                if let Some(d) = self.dump_ccf(a) {
+                    eprintln!("{d}");
+                }
+            }
+        }
         let Some(p) = &self.profile else { return };
         let mut v: Vec<(u64, usize)> = p
             .iter()

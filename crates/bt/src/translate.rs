@@ -84,6 +84,9 @@ enum Item {
     Jmp(u32),
     /// JMP r32: leave for the register's value (ends the TU).
     JmpReg(Register),
+    /// DIV/IDIV r32 (divisor register, signed, guest EIP, instructions
+    /// before it): checked for #DE first, which leaves to the interpreter.
+    Div(Register, bool, u32, u32),
     /// Conditional jump: condition, target, fall-through (ends the TU).
     Jcc(ConditionCode, u32, u32),
 }
@@ -143,6 +146,8 @@ enum MemOp {
     CallInd { ret: u32, src: Option<Register> },
     /// JMP m32: leave for the dword read (ends the TU).
     JmpMem,
+    /// DIV/IDIV m32 (signed): see `Item::Div`.
+    Div(bool),
 }
 
 /// A planned TU: what to emit, and the counts.
@@ -221,6 +226,9 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx, forced: &dyn Fn(u32) -> bool) -> Tr
         let Some((mut item, class)) = classify(&ins, ctx) else {
             break;
         };
+        if let Item::Div(_, _, _, before) = &mut item {
+            *before = p.insns;
+        }
         if let Item::Mem(m) = &mut item {
             m.before = p.insns;
             if let Some(pre) = &mut m.pre {
@@ -308,6 +316,9 @@ fn flags_liveness(items: &mut [Item]) {
         let Item::Mem(m) = &items[i] else { continue };
         if !m.flags_live || m.ins.rflags_read() & ARITH_BITS != 0 {
             continue;
+        }
+        if matches!(m.op, MemOp::Div(_)) {
+            continue; // may leave (for #DE) after the probe
         }
         let mut dead = false;
         for it in &items[i + 1..] {
@@ -522,6 +533,33 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
         if let Some(mi) = stack_op(ins) {
             return Some((Item::Mem(Box::new(mi)), Class::Ident));
         }
+    }
+    if matches!(ins.code(), Code::Div_rm32 | Code::Idiv_rm32) {
+        let signed = ins.code() == Code::Idiv_rm32;
+        if ins.op0_kind() == OpKind::Register {
+            let r = map_reg(ins.op0_register())?;
+            return Some((Item::Div(r, signed, ins.ip32(), 0), Class::Ident));
+        }
+        if !ctx.flat_data {
+            return None;
+        }
+        let (base, index, seg_base) = mem_addr(ins, ctx)?;
+        let mi = MemInsn {
+            op: MemOp::Div(signed),
+            ins: Instruction::default(),
+            eip: ins.ip32(),
+            before: 0,
+            base,
+            index,
+            scale: ins.memory_index_scale(),
+            disp: ins.memory_displacement32(),
+            size: 4,
+            seg_base,
+            pre: None,
+            write: false,
+            flags_live: true,
+        };
+        return Some((Item::Mem(Box::new(mi)), Class::Ident));
     }
     let ok = matches!(
         m,
@@ -1001,6 +1039,9 @@ pub fn compile(
                 ex.exit(&mut a, t)?;
                 ended = true;
             }
+            Item::Div(r, signed, eip, before) => {
+                emit_div(&mut a, r, signed, eip, before, tlb)?;
+            }
             Item::JmpReg(r) => {
                 a.add_instruction(Instruction::with2(Code::Mov_r32_rm32, Register::R11D, r)?)?;
                 a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
@@ -1290,6 +1331,61 @@ fn emit_probe_bmi2(
     a.lea(r11, qword_ptr(r10 + r11))
 }
 
+/// DIV/IDIV of EDX:EAX by `src` (a guest register or R9D): runs on the
+/// host when it cannot raise #DE (unsigned: divisor ≠ 0 and EDX < divisor;
+/// signed: divisor ≠ 0, EDX:EAX is EAX sign-extended and not INT_MIN / -1);
+/// otherwise leaves before it for the interpreter (a slow-path exit, so
+/// the dispatcher interprets it: #DE, or the rare wide dividend). The guest
+/// flags are kept around it (the interpreter leaves them unchanged).
+fn emit_div(
+    a: &mut CodeAssembler,
+    src: Register,
+    signed: bool,
+    eip: u32,
+    before: u32,
+    t: &Probe,
+) -> Result<(), IcedError> {
+    let reg = |c: Code, x: Register, y: Register| Instruction::with2(c, x, y);
+    let mut fail = a.create_label();
+    let mut done = a.create_label();
+    a.pushfq()?;
+    a.pop(r10)?;
+    a.add_instruction(reg(Code::Test_rm32_r32, src, src)?)?;
+    a.jz(fail)?;
+    if signed {
+        a.mov(r11d, eax)?;
+        a.sar(r11d, 31)?;
+        a.cmp(r11d, edx)?;
+        a.jne(fail)?;
+        let mut ok = a.create_label();
+        a.add_instruction(Instruction::with2(Code::Cmp_rm32_imm8, src, -1)?)?;
+        a.jne(ok)?;
+        a.cmp(eax, i32::MIN)?;
+        a.je(fail)?;
+        a.set_label(&mut ok)?;
+        a.add_instruction(Instruction::with1(Code::Idiv_rm32, src)?)?;
+    } else {
+        a.add_instruction(reg(Code::Cmp_r32_rm32, Register::EDX, src)?)?;
+        a.jae(fail)?;
+        a.add_instruction(Instruction::with1(Code::Div_rm32, src)?)?;
+    }
+    a.push(r10)?;
+    a.popfq()?;
+    a.jmp(done)?;
+    a.set_label(&mut fail)?;
+    a.push(r10)?;
+    a.popfq()?;
+    // No access to report: bit 32 keeps adaptive BT from taking it for a
+    // TLB miss.
+    a.mov(r10, t.exit_info)?;
+    a.mov(r9, 1u64 << 32)?;
+    a.mov(qword_ptr(r10), r9)?;
+    a.mov(qword_ptr(r10 + 8), 4)?;
+    a.lea(r14, qword_ptr(r14 + before as i32))?;
+    emit_store_exit(a, Some(eip), Some(32))?;
+    a.set_label(&mut done)
+}
+
 /// The access of a memory instruction whose probe hit (R11 = host
 /// address); the guest flags are in RFLAGS.
 fn emit_access(a: &mut CodeAssembler, m: &MemInsn, t: &Probe) -> Result<(), IcedError> {
@@ -1350,6 +1446,10 @@ fn emit_access(a: &mut CodeAssembler, m: &MemInsn, t: &Probe) -> Result<(), Iced
             a.lea(r8d, dword_ptr(r8 - 4))
         }
         MemOp::JmpMem => a.mov(r11d, dword_ptr(r11)),
+        MemOp::Div(signed) => {
+            a.mov(r9d, dword_ptr(r11))?;
+            emit_div(a, Register::R9D, signed, m.eip, m.before, t)
+        }
     }
 }
 

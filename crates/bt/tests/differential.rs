@@ -137,7 +137,7 @@ macro_rules! cc {
 /// One random instruction (or a small group) at CPL `cpl`.
 fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
     let (d, s) = (reg(r), reg(r));
-    match r.below(44) {
+    match r.below(45) {
         0..=5 => {
             let op = r.below(9);
             match r.below(6) {
@@ -445,6 +445,21 @@ fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
                 7 => a.lock().cmpxchg(dword_ptr(m), R32[s]).unwrap(),
                 8 => a.xadd(dword_ptr(m), R32[s]).unwrap(),
                 _ => a.lock().add(dword_ptr(m), R32[s]).unwrap(),
+            }
+        }
+        42 => {
+            // DIV/IDIV, mostly not faulting (EDX prepared), sometimes #DE.
+            let m = DATA as i32 + (r.below(0xff0) as i32);
+            match r.below(3) {
+                0 => a.xor(edx, edx).unwrap(),
+                1 => a.cdq().unwrap(),
+                _ => {}
+            }
+            match r.below(4) {
+                0 => a.div(R32[s]).unwrap(),
+                1 => a.idiv(R32[s]).unwrap(),
+                2 => a.div(dword_ptr(m)).unwrap(),
+                _ => a.idiv(dword_ptr(m)).unwrap(),
             }
         }
         38 => {
