@@ -115,6 +115,9 @@ struct MemInsn {
     /// A read before this access (PUSH m32, CALL m32: the source), its
     /// value kept in the scratch slot (`Probe::exit_info` + 16).
     pre: Option<Box<MemInsn>>,
+    /// The host register `ins` addresses memory through instead of R11
+    /// (its guest value waits in R12).
+    via: Option<Register>,
     /// Needs the write tag (store or read-modify-write).
     write: bool,
     /// The host flags must be the guest's before the instruction runs
@@ -556,6 +559,7 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
             size: 4,
             seg_base,
             pre: None,
+            via: None,
             write: false,
             flags_live: true,
         };
@@ -757,6 +761,7 @@ fn indirect_mem_op(ins: &Instruction, ctx: Ctx) -> Option<MemInsn> {
             size: 4,
             seg_base,
             pre: None,
+            via: None,
             write: false,
             flags_live: true,
         })
@@ -773,6 +778,7 @@ fn indirect_mem_op(ins: &Instruction, ctx: Ctx) -> Option<MemInsn> {
         size: 4,
         seg_base: None,
         pre: pre.map(Box::new),
+        via: None,
         write: true,
         flags_live: true,
     };
@@ -813,7 +819,24 @@ fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic, ctx: Ctx) -> O
     h.set_memory_index_scale(1);
     h.set_memory_displacement64(0);
     h.set_memory_displ_size(0);
-    let h = encodable(h)?;
+    // AH/BH/CH/DH exclude a REX prefix, so [r11] cannot be the address:
+    // borrow RSI, RDI or RBP (one the instruction does not name) for it.
+    let mut via = None;
+    let h = match encodable(h) {
+        Some(h) => h,
+        None => {
+            let used: Vec<Register> = (0..h.op_count())
+                .filter(|&i| h.op_kind(i) == OpKind::Register)
+                .map(|i| h.op_register(i).full_register())
+                .collect();
+            let x = [Register::RSI, Register::RDI, Register::RBP]
+                .into_iter()
+                .find(|x| !used.contains(x))?;
+            h.set_memory_base(x);
+            via = Some(x);
+            encodable(h)?
+        }
+    };
     let write = (guest.op0_kind() == OpKind::Memory
         && !matches!(
             m,
@@ -847,6 +870,7 @@ fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic, ctx: Ctx) -> O
         size,
         seg_base,
         pre: None,
+        via,
         write,
         flags_live,
     })
@@ -888,6 +912,7 @@ fn stack_op(ins: &Instruction) -> Option<MemInsn> {
         size: 4,
         seg_base: None,
         pre: None,
+        via: None,
         write,
         // PUSH/POP change no flags; CALL/RET leave the CCF.
         flags_live: true,
@@ -1392,7 +1417,16 @@ fn emit_access(a: &mut CodeAssembler, m: &MemInsn, t: &Probe) -> Result<(), Iced
     let scratch = t.exit_info + 16;
     // Flag-neutral code only around the instruction (MOV, LEA).
     match m.op {
-        MemOp::Insn => a.add_instruction(m.ins),
+        MemOp::Insn => match m.via {
+            None => a.add_instruction(m.ins),
+            Some(x) => {
+                let mov = |d: Register, s: Register| Instruction::with2(Code::Mov_r64_rm64, d, s);
+                a.add_instruction(mov(Register::R12, x)?)?;
+                a.add_instruction(mov(x, Register::R11)?)?;
+                a.add_instruction(m.ins)?;
+                a.add_instruction(mov(x, Register::R12)?)
+            }
+        },
         MemOp::PushReg(r) => {
             a.add_instruction(Instruction::with2(
                 Code::Mov_rm32_r32,
@@ -1706,6 +1740,13 @@ mod tests {
             };
             assert_eq!(n, want);
         }
+    }
+
+    #[test]
+    fn high_byte_registers_with_memory_compile() {
+        // cmp [ebx], ah; mov dh, [esi+4]; hlt
+        let code = [0x38, 0x23, 0x8a, 0x76, 0x04, 0xf4];
+        assert_eq!(compiles(&code), 2);
     }
 
     #[test]
