@@ -140,6 +140,8 @@ enum MemOp {
     Call { ret: u32, target: u32 },
     /// RET / RET imm16: pop EIP, release `imm` more bytes (ends the TU).
     Ret(u32),
+    /// LEAVE: ESP = EBP + 4, EBP = the dword at EBP.
+    Leave,
     /// Load the dword into the scratch slot (a `pre` read).
     ToScratch,
     /// PUSH of the scratch slot (PUSH m32).
@@ -894,6 +896,7 @@ fn stack_op(ins: &Instruction) -> Option<MemInsn> {
             -4,
             true,
         ),
+        Code::Leaved => (MemOp::Leave, 0, false),
         Code::Retnd => (MemOp::Ret(0), 0, false),
         Code::Retnd_imm16 => (MemOp::Ret(ins.immediate16() as u32), 0, false),
         _ => return None,
@@ -905,7 +908,11 @@ fn stack_op(ins: &Instruction) -> Option<MemInsn> {
         ins: ins0,
         eip: ins.ip32(),
         before: 0,
-        base: Register::R8D,
+        base: if op == MemOp::Leave {
+            Register::EBP
+        } else {
+            Register::R8D
+        },
         index: Register::None,
         scale: 1,
         disp: disp as u32,
@@ -1454,6 +1461,10 @@ fn emit_access(a: &mut CodeAssembler, m: &MemInsn, t: &Probe) -> Result<(), Iced
         MemOp::Ret(imm) => {
             a.mov(r11d, dword_ptr(r11))?;
             a.lea(r8d, dword_ptr(r8 + (4 + imm as i32)))
+        }
+        MemOp::Leave => {
+            a.lea(r8d, dword_ptr(rbp + 4))?;
+            a.mov(ebp, dword_ptr(r11))
         }
         MemOp::ToScratch => {
             a.mov(r9d, dword_ptr(r11))?;

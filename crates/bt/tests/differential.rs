@@ -137,7 +137,7 @@ macro_rules! cc {
 /// One random instruction (or a small group) at CPL `cpl`.
 fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
     let (d, s) = (reg(r), reg(r));
-    match r.below(45) {
+    match r.below(46) {
         0..=5 => {
             let op = r.below(9);
             match r.below(6) {
@@ -271,6 +271,14 @@ fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
                 3 => a.xor(byte_ptr(m), R8[s]).unwrap(),
                 _ => a.inc(dword_ptr(m)).unwrap(),
             }
+        }
+        43 => {
+            // A frame: PUSH EBP / MOV EBP,ESP / … / LEAVE.
+            a.push(ebp).unwrap();
+            a.mov(ebp, esp).unwrap();
+            a.push(R32[s]).unwrap();
+            gen_plain(a, r);
+            a.leave().unwrap();
         }
         29..=30 => match r.below(5) {
             0 => {
