@@ -7,7 +7,9 @@
 //! translation units (TUs, [`translate`]) compiled into fragments (CCFs) of
 //! host code kept in a W^X translation cache ([`cache`]). The dispatcher
 //! ([`BtCore::run`]) looks the CCF for the current EIP up and calls it;
-//! CCFs chain directly into CCFs of the same page for a bounded number of
+//! CCFs chain directly into CCFs of the same page, and through an inline
+//! indirect-branch table (RET, indirect and cross-page transfers) into any
+//! CCF whose page the TLB still maps the same way, for a bounded number of
 //! transfers; the dispatcher delivers interrupts between dispatches and
 //! runs every call-out instruction on the interpreter. Anything the translator does not handle runs on the
 //! interpreter, so correctness never depends on coverage.

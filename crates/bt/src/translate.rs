@@ -977,14 +977,32 @@ pub fn compile(
     a.mov(r15, rdi)?;
     a.mov(r13, rsi)?;
     a.xor(r14d, r14d)?;
-    for (i, r) in HOST_GPRS.iter().enumerate() {
-        a.mov(*r, qword_ptr(r15 + OFF_GPR + 8 * i as i32))?;
+    if tlb.bmi2 {
+        // The guest flags without POPFQ (microcoded, slow): OF from
+        // ADD AL,7Fh on AL = OF (1 + 7Fh overflows), then SAHF for SF ZF AF
+        // PF CF (it leaves OF alone). Any host with BMI2 has LAHF/SAHF in
+        // 64-bit mode.
+        a.mov(rax, qword_ptr(r15 + OFF_RFLAGS))?;
+        a.mov(ecx, eax)?;
+        a.shr(ecx, 11)?;
+        a.and(ecx, 1)?;
+        a.mov(ah, al)?;
+        a.mov(al, cl)?;
+        a.add(al, 0x7f)?;
+        a.sahf()?;
+        for (i, r) in HOST_GPRS.iter().enumerate() {
+            a.mov(*r, qword_ptr(r15 + OFF_GPR + 8 * i as i32))?;
+        }
+    } else {
+        for (i, r) in HOST_GPRS.iter().enumerate() {
+            a.mov(*r, qword_ptr(r15 + OFF_GPR + 8 * i as i32))?;
+        }
+        a.mov(r9, qword_ptr(r15 + OFF_RFLAGS))?;
+        a.and(r9d, ARITH)?;
+        a.or(r9d, 2)?;
+        a.push(r9)?;
+        a.popfq()?;
     }
-    a.mov(r9, qword_ptr(r15 + OFF_RFLAGS))?;
-    a.and(r9d, ARITH)?;
-    a.or(r9d, 2)?;
-    a.push(r9)?;
-    a.popfq()?;
     let mut body = a.create_label();
     a.set_label(&mut body)?;
     let mut consts = Consts {
