@@ -7,7 +7,9 @@
 //! translation units (TUs, [`translate`]) compiled into fragments (CCFs) of
 //! host code kept in a W^X translation cache ([`cache`]). The dispatcher
 //! ([`BtCore::run`]) looks the CCF for the current EIP up and calls it;
-//! CCFs chain directly into CCFs of the same page for a bounded number of
+//! CCFs chain directly into CCFs of the same page, and through an inline
+//! indirect-branch table (RET, indirect and cross-page transfers) into any
+//! CCF whose page the TLB still maps the same way, for a bounded number of
 //! transfers; the dispatcher delivers interrupts between dispatches and
 //! runs every call-out instruction on the interpreter. Anything the translator does not handle runs on the
 //! interpreter, so correctness never depends on coverage.
@@ -35,6 +37,16 @@ pub const CACHE_SIZE: usize = 32 << 20;
 /// Slow-path exits of one inline memory instruction after which it is
 /// retranslated as a call-out (adaptive BT).
 const ADAPT_MISSES: u32 = 8;
+
+/// The window (guest instructions from an access's first slow-path exit)
+/// in which `ADAPT_MISSES` exits make it a call-out.
+const ADAPT_WINDOW: u64 = 1 << 20;
+
+/// Guest instructions after which an adaptive call-out is translated
+/// again (what made it miss, e.g. a TLB conflict with the code page while
+/// a loop streamed through memory, may be gone).
+/// The delay doubles each time the same site is made a call-out again.
+const ADAPT_RETRY: u64 = 1 << 20;
 
 /// Instructions the interpreter runs after an inline TLB miss (the TLB
 /// fill, a fault or MMIO; running on avoids translating a fresh TU at each
@@ -75,8 +87,9 @@ enum Entry {
         ident: u32,
         inline: u32,
     },
-    /// Run `run` instructions on the interpreter.
-    Interp { run: u32, callout: bool },
+    /// Run `run` instructions on the interpreter (`first`: the first
+    /// one's mnemonic, for the profile).
+    Interp { run: u32, callout: bool, first: u32 },
 }
 
 /// TU key: guest-physical address, EIP (branch targets are absolute) and
@@ -141,6 +154,14 @@ pub struct BtStats {
     pub invalidations: u64,
     /// Whole-cache flushes (cache full or code cache flushed).
     pub flushes: u64,
+    /// Indirect transfers (RET) that found their target in the inline
+    /// indirect-branch table (counted in the records; see `BtCore::ib_hits`).
+    pub ib_hits: u64,
+    /// Indirect transfers that returned to the dispatcher (not in the
+    /// table, TLB changed, or the chain budget ran out).
+    pub ib_exits: u64,
+    /// Indirect-branch table records written by the dispatcher.
+    pub ib_fills: u64,
 }
 
 /// The translator and dispatcher around one software CPU, independent of
@@ -156,9 +177,29 @@ pub struct BtCore {
     /// the CCF of a key.
     pending: HashMap<Key, Vec<u64>>,
     /// Slow-path exits per guest-physical instruction address.
-    misses: HashMap<u64, u32>,
-    /// Instructions (guest-physical) retranslated as call-outs.
-    forced: HashSet<u64>,
+    misses: HashMap<u64, (u32, u64)>,
+    /// Instructions (guest-physical) retranslated as call-outs
+    /// (with the instruction count when it may be translated again).
+    forced: HashMap<u64, u64>,
+    /// How often each site was made a call-out (the retry delay doubles).
+    forced_times: HashMap<u64, u32>,
+    /// When `forced` is next swept for sites to retry (instruction count).
+    next_retry: u64,
+    /// The indirect-branch table CCFs probe at RET (see
+    /// `translate::IbTable`): records of 8 u64, filled by the dispatcher
+    /// for each CCF it enters, cleared with the CCF.
+    ib: Vec<[u64; 8]>,
+    /// Emit the flag-free BMI2 TLB probe (default: when the host has
+    /// BMI2; tests turn it off to cover the PUSHFQ/POPFQ probe).
+    pub bmi2: bool,
+    /// The access of the last slow-path exit (`translate::Probe::exit_info`).
+    exit_info: Box<[u64; 3]>,
+    /// Interpreter entries per first mnemonic (`POPEK_BT_PROFILE` set:
+    /// printed to stderr when the engine is dropped).
+    profile: Option<Vec<u64>>,
+    /// With `POPEK_BT_PROFILE`: `/tmp/perf-PID.map`, naming each CCF for
+    /// `perf report`.
+    perf_map: Option<std::fs::File>,
     /// Counters.
     pub stats: BtStats,
 }
@@ -175,7 +216,17 @@ impl BtCore {
             page_keys: HashMap::new(),
             pending: HashMap::new(),
             misses: HashMap::new(),
-            forced: HashSet::new(),
+            forced: HashMap::new(),
+            forced_times: HashMap::new(),
+            next_retry: ADAPT_RETRY,
+            ib: vec![[0u64; 8]; translate::IB_SLOTS],
+            bmi2: std::arch::is_x86_feature_detected!("bmi2"),
+            exit_info: Box::new([0; 3]),
+            perf_map: std::env::var_os("POPEK_BT_PROFILE").and_then(|_| {
+                std::fs::File::create(format!("/tmp/perf-{}.map", std::process::id())).ok()
+            }),
+            profile: std::env::var_os("POPEK_BT_PROFILE")
+                .map(|_| vec![0; iced_x86::Code::values().len() * 16]),
             stats: BtStats::default(),
         })
     }
@@ -191,6 +242,9 @@ impl BtCore {
     pub fn run(&mut self, bus: &mut dyn Bus, budget: u64) -> RunExit {
         self.cpu.prepare();
         self.drain_invalidations();
+        if self.cpu.icount >= self.next_retry {
+            self.retry_forced();
+        }
         let end = self.cpu.icount.saturating_add(budget);
         // Dispatches that retire nothing (an exception loop, an interrupt
         // storm) count against the budget, as in `Cpu::run`, so `run`
@@ -241,7 +295,26 @@ impl BtCore {
         let Some(phys) = self.cpu.fetch_phys(bus) else {
             return self.interp(bus, 1, None); // raises the fetch fault
         };
-        let key = (phys, eip, self.cpu.cpl() | (flat_data as u8) << 2);
+        let st = self.cpu.state();
+        // FS and GS usable by the inline probe: present, writable,
+        // expand-up data with a 4 GiB limit (their base is read at run time).
+        let seg_ok = |i: usize| {
+            let s = &st.seg[i];
+            s.limit == 0xffff_ffff
+                && s.present()
+                && s.attr & popek_cpu::state::attr::S != 0
+                && s.typ() & 0b1110 == 0b0010
+        };
+        let fs_gs = if self.bmi2 {
+            seg_ok(seg::FS) as u8 | (seg_ok(seg::GS) as u8) << 1
+        } else {
+            0
+        };
+        let key = (
+            phys,
+            eip,
+            self.cpu.cpl() | (flat_data as u8) << 2 | fs_gs << 3,
+        );
         self.stats.lookups += 1;
         let slot = fast_slot(&key);
         let entry = match self.fast[slot] {
@@ -265,6 +338,9 @@ impl BtCore {
                 },
             },
         };
+        if let Entry::Ccf { body, .. } = entry {
+            self.ib_fill(key, body as u64);
+        }
         match entry {
             Entry::Ccf {
                 code,
@@ -312,31 +388,138 @@ impl BtCore {
                 self.stats.dyn_inline += inl;
                 self.stats.dyn_ident += n - inl.min(n);
                 let _ = (insns, ident);
+                if ret.retired & translate::IB_EXIT != 0 {
+                    self.stats.ib_exits += 1;
+                }
                 if !slow {
                     return None;
                 }
                 // Left early: an inline TLB probe missed before the
-                // instruction at EIP (same page: chains stay in it), which
-                // the interpreter now runs.
+                // instruction at EIP (maybe in another CCF reached through
+                // a chain), which the interpreter now runs.
                 self.stats.tlb_misses += 1;
-                let at = phys + (self.cpu.state().rip as u32).wrapping_sub(eip) as u64;
-                let count = self.misses.entry(at).or_insert(0);
+                let Some(at) = self.cpu.fetch_phys(bus) else {
+                    return self.interp(bus, 1, None);
+                };
+                let info = [self.exit_info[0], self.exit_info[1]];
+                let set = (self.cpu.cpl() == 3) as usize;
+                let exit = self.interp(bus, (remaining - n).min(MISS_RUN), None);
+                if self.tlb_would_hit(set, info) {
+                    // A plain TLB miss (after a CR3 load, a conflict),
+                    // filled now: no reason to interpret the access.
+                    return exit;
+                }
+                // Misses count within a window of instructions.
+                let now = self.cpu.icount;
+                let (count, since) = self.misses.entry(at).or_insert((0, now));
+                if now - *since > ADAPT_WINDOW {
+                    (*count, *since) = (0, now);
+                }
                 *count += 1;
-                if *count >= ADAPT_MISSES && at >> 12 == phys >> 12 {
+                if *count >= ADAPT_MISSES {
                     // Adaptive BT: this access keeps missing (MMIO, a code
                     // page, page-crossing): retranslate the page with it as
                     // a call-out.
-                    self.forced.insert(at);
+                    if self.profile.is_some() {
+                        eprintln!(
+                            "popek-bt: adaptive call-out at phys {at:#x} eip {:#x}: lin {:#x} size/write {:#x} cpl {}",
+                            self.cpu.state().rip, info[0], info[1], set
+                        );
+                    }
+                    let times = self.forced_times.entry(at).or_insert(0);
+                    let delay = ADAPT_RETRY << (*times).min(10);
+                    *times += 1;
+                    self.forced.insert(at, self.cpu.icount + delay);
                     self.misses.remove(&at);
-                    self.drop_page(phys >> 12);
+                    self.drop_page(at >> 12);
                     self.stats.adapted += 1;
                 }
-                self.interp(bus, (remaining - n).min(MISS_RUN), None)
+                exit
             }
-            Entry::Interp { run, callout } => {
+            Entry::Interp {
+                run,
+                callout,
+                first,
+            } => {
+                if let Some(p) = self.profile.as_mut() {
+                    p[first as usize] += 1;
+                }
                 self.interp(bus, remaining.min(run as u64), Some(callout))
             }
         }
+    }
+
+    /// Translates adaptive call-outs whose delay is over again (their
+    /// pages are dropped; those that keep missing come back, later).
+    fn retry_forced(&mut self) {
+        let now = self.cpu.icount;
+        self.next_retry = now + ADAPT_RETRY;
+        let old: Vec<u64> = self
+            .forced
+            .iter()
+            .filter(|&(_, &t)| now >= t)
+            .map(|(&a, _)| a)
+            .collect();
+        let mut pages = HashSet::new();
+        for a in old {
+            self.forced.remove(&a);
+            pages.insert(a >> 12);
+        }
+        for p in pages {
+            self.drop_page(p);
+        }
+    }
+
+    /// Records the CCF body of `key` in the indirect-branch table, with
+    /// what a CCF must check before entering it: the TLB entry of the
+    /// EIP's page (in the key's privilege set) must still map it, readable,
+    /// to the key's physical page.
+    fn ib_fill(&mut self, key: Key, body: u64) {
+        let (phys, eip, ctx) = key;
+        let r = &mut self.ib[eip as usize & (translate::IB_SLOTS - 1)];
+        let k = eip as u64 | (ctx as u64) << 32 | 1 << 40;
+        if r[0] == k && r[4] == body {
+            return;
+        }
+        let l = self.cpu.tlb_layout();
+        let set = if ctx & 3 == 3 { l.set_stride } else { 0 };
+        let idx = (eip as usize >> 12) & (l.entries - 1);
+        self.stats.ib_hits += r[5];
+        *r = [
+            k,
+            (l.base as usize + set + idx * l.entry_size) as u64,
+            (eip & !0xfff) as u64 | 1,
+            self.cpu.ram().host_ptr() as u64 + (phys & !0xfff),
+            body,
+            0,
+            0,
+            0,
+        ];
+        self.stats.ib_fills += 1;
+    }
+
+    /// True when the TLB (privilege set `set`) now lets the access of a
+    /// slow-path exit (`exit_info`) go to host memory: the miss was a
+    /// plain TLB miss.
+    fn tlb_would_hit(&self, set: usize, info: [u64; 2]) -> bool {
+        let (lin, size, write) = (info[0], info[1] & 0xff, info[1] & 0x100 != 0);
+        if lin >> 32 != 0 || (lin & 0xfff) + size > 0x1000 {
+            return false;
+        }
+        let l = self.cpu.tlb_layout();
+        let idx = (lin as usize >> 12) & (l.entries - 1);
+        let off =
+            set * l.set_stride + idx * l.entry_size + if write { l.write_tag } else { l.read_tag };
+        // SAFETY: `tlb_layout` describes the CPU's live, boxed TLB; the
+        // offset stays inside it (set < 2, idx < entries, a u32 tag field
+        // of an entry), and nothing writes it during this read.
+        let tag = unsafe { std::ptr::read_unaligned(l.base.add(off) as *const u32) };
+        tag == (lin as u32 & !0xfff) | 1
+    }
+
+    /// Indirect-branch table hits so far.
+    fn ib_hits(&self) -> u64 {
+        self.stats.ib_hits + self.ib.iter().map(|r| r[5]).sum::<u64>()
     }
 
     /// Runs `n` instructions on the interpreter.
@@ -368,6 +551,7 @@ impl BtCore {
             cpl: cpl & 3,
             inline_sensitive: !self.cpu.report_sensitive,
             flat_data: cpl & 4 != 0,
+            fs_gs: (cpl >> 3) & 3,
         };
         let l = self.cpu.tlb_layout();
         let probe = translate::Probe {
@@ -377,22 +561,40 @@ impl BtCore {
             read_tag: l.read_tag as i32,
             write_tag: l.write_tag as i32,
             host: l.host as i32,
+            exit_info: self.exit_info.as_ptr() as u64,
+            bmi2: self.bmi2,
         };
         debug_assert!(l.entry_size.is_power_of_two() && l.entries.is_power_of_two());
-        let forced = |e: u32| self.forced.contains(&(phys + e.wrapping_sub(eip) as u64));
+        let forced = |e: u32| {
+            self.forced
+                .contains_key(&(phys + e.wrapping_sub(eip) as u64))
+        };
         let entry = match translate::plan(&code, eip, ctx, &forced) {
-            Translation::Interp { run, callouts } => {
+            Translation::Interp {
+                run,
+                callouts,
+                first,
+            } => {
                 let callout = callouts > 0;
                 if callout {
                     self.stats.static_callout += 1;
                 } else {
                     self.stats.static_fallback += 1;
                 }
-                Entry::Interp { run, callout }
+                Entry::Interp {
+                    run,
+                    callout,
+                    first,
+                }
             }
             Translation::Tu(plan) => {
                 let page = eip >> 12;
-                let Ok(mut host) = translate::compile(&plan, self.cache.next_addr(), &probe, page)
+                let ib = translate::IbTable {
+                    base: self.ib.as_ptr() as u64,
+                    key_bits: (cpl as u64) << 32 | 1 << 40,
+                };
+                let Ok(mut host) =
+                    translate::compile(&plan, self.cache.next_addr(), &probe, page, Some(&ib))
                 else {
                     // Never expected (each instruction was test-encoded):
                     // interpret this code from now on.
@@ -400,6 +602,7 @@ impl BtCore {
                     let e = Entry::Interp {
                         run: 1,
                         callout: false,
+                        first: 0,
                     };
                     self.map.insert(key, e);
                     self.page_keys.entry(phys >> 12).or_default().push(key);
@@ -408,12 +611,24 @@ impl BtCore {
                 let mut at = self.cache.push(&host.code);
                 if at.is_none() {
                     self.flush_all();
-                    host = translate::compile(&plan, self.cache.next_addr(), &probe, page).ok()?;
+                    host =
+                        translate::compile(&plan, self.cache.next_addr(), &probe, page, Some(&ib))
+                            .ok()?;
                     at = self.cache.push(&host.code);
                 }
                 let at = at?;
                 self.stats.tus += 1;
                 self.stats.ccf_bytes += host.code.len() as u64;
+                if let Some(f) = self.perf_map.as_mut() {
+                    use std::io::Write as _;
+                    let _ = writeln!(
+                        f,
+                        "{:x} {:x} tu_{eip:08x}_p{phys:x}_c{cpl}_n{}",
+                        at as u64,
+                        host.code.len(),
+                        plan.insns
+                    );
+                }
                 // Chaining: link this CCF's exits to CCFs of the same page
                 // that exist, and have future ones link them.
                 let body = at as u64 + host.body;
@@ -475,7 +690,13 @@ impl BtCore {
 
     /// Forgets one translation (only with its whole page: see `drop_page`).
     fn drop_key(&mut self, k: Key) {
-        self.map.remove(&k);
+        if let Some(Entry::Ccf { body, .. }) = self.map.remove(&k) {
+            let r = &mut self.ib[k.1 as usize & (translate::IB_SLOTS - 1)];
+            if r[4] == body as u64 {
+                self.stats.ib_hits += r[5];
+                *r = [0; 8];
+            }
+        }
         let slot = fast_slot(&k);
         if matches!(self.fast[slot], Some((fk, _)) if fk == k) {
             self.fast[slot] = None;
@@ -490,7 +711,7 @@ impl BtCore {
                 continue;
             }
             self.drop_page(page);
-            self.forced.retain(|a| a >> 12 != page);
+            self.forced.retain(|a, _| a >> 12 != page);
             self.misses.retain(|a, _| a >> 12 != page);
         }
     }
@@ -503,6 +724,8 @@ impl BtCore {
         self.misses.clear();
         self.fast.iter_mut().for_each(|e| *e = None);
         self.page_keys.clear();
+        self.stats.ib_hits = self.ib_hits();
+        self.ib.iter_mut().for_each(|r| *r = [0; 8]);
         self.cache.reset();
         self.stats.flushes += 1;
     }
@@ -594,7 +817,44 @@ impl BtCore {
                 (s.chains * 1000).checked_div(s.ccf_runs).unwrap_or(0),
             ),
             ("chain links patched", s.links),
+            ("indirect-branch table hits", self.ib_hits()),
+            ("indirect-branch exits to the dispatcher", s.ib_exits),
+            (
+                "indirect-branch hit rate (per mille)",
+                (self.ib_hits() * 1000)
+                    .checked_div(self.ib_hits() + s.ib_exits)
+                    .unwrap_or(0),
+            ),
+            ("indirect-branch records filled", s.ib_fills),
         ]
+    }
+}
+
+impl Drop for BtCore {
+    fn drop(&mut self) {
+        if let Ok(list) = std::env::var("POPEK_BT_DUMP") {
+            for a in list.split(',') {
+                let a = u64::from_str_radix(a.trim_start_matches("0x"), 16).unwrap_or(0);
+                if let Some(d) = self.dump_ccf(a) {
+                    eprintln!("{d}");
+                }
+            }
+        }
+        let Some(p) = &self.profile else { return };
+        let mut v: Vec<(u64, usize)> = p
+            .iter()
+            .enumerate()
+            .filter(|x| *x.1 > 0)
+            .map(|(i, n)| (*n, i))
+            .collect();
+        v.sort_by(|a, b| b.cmp(a));
+        eprintln!("popek-bt: interpreter entries by first instruction:");
+        let codes: Vec<iced_x86::Code> = iced_x86::Code::values().collect();
+        for (n, i) in v.iter().take(40) {
+            let why = ["", " (adaptive)", " (non-flat data)", ""][i % 4];
+            let seg = ["", " fs:", " gs:", " seg:"][i / 4 % 4];
+            eprintln!("  {:?}{seg}{why} {n}", codes[i / 16]);
+        }
     }
 }
 

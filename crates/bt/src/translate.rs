@@ -39,6 +39,9 @@ const OFF_GPR: i32 = std::mem::offset_of!(CpuState, gpr) as i32;
 const OFF_RIP: i32 = std::mem::offset_of!(CpuState, rip) as i32;
 const OFF_RFLAGS: i32 = std::mem::offset_of!(CpuState, rflags) as i32;
 const OFF_CR0: i32 = std::mem::offset_of!(CpuState, cr0) as i32;
+const OFF_SEG_BASE: i32 =
+    (std::mem::offset_of!(CpuState, seg) + std::mem::offset_of!(Segment, base)) as i32;
+const SEG_SIZE: i32 = std::mem::size_of::<Segment>() as i32;
 const OFF_SHADOW: i32 = std::mem::offset_of!(CpuState, interrupt_shadow) as i32;
 const OFF_LDTR_SEL: i32 =
     (std::mem::offset_of!(CpuState, ldtr) + std::mem::offset_of!(Segment, selector)) as i32;
@@ -79,6 +82,11 @@ enum Item {
     StoreReg(i32, Register, u32),
     /// Direct jump to the target (ends the TU).
     Jmp(u32),
+    /// JMP r32: leave for the register's value (ends the TU).
+    JmpReg(Register),
+    /// DIV/IDIV r32 (divisor register, signed, guest EIP, instructions
+    /// before it): checked for #DE first, which leaves to the interpreter.
+    Div(Register, bool, u32, u32),
     /// Conditional jump: condition, target, fall-through (ends the TU).
     Jcc(ConditionCode, u32, u32),
 }
@@ -102,6 +110,14 @@ struct MemInsn {
     disp: u32,
     /// Access size in bytes.
     size: u32,
+    /// `CpuState` offset of the segment base to add (FS/GS operands).
+    seg_base: Option<i32>,
+    /// A read before this access (PUSH m32, CALL m32: the source), its
+    /// value kept in the scratch slot (`Probe::exit_info` + 16).
+    pre: Option<Box<MemInsn>>,
+    /// The host register `ins` addresses memory through instead of R11
+    /// (its guest value waits in R12).
+    via: Option<Register>,
     /// Needs the write tag (store or read-modify-write).
     write: bool,
     /// The host flags must be the guest's before the instruction runs
@@ -124,6 +140,19 @@ enum MemOp {
     Call { ret: u32, target: u32 },
     /// RET / RET imm16: pop EIP, release `imm` more bytes (ends the TU).
     Ret(u32),
+    /// LEAVE: ESP = EBP + 4, EBP = the dword at EBP.
+    Leave,
+    /// Load the dword into the scratch slot (a `pre` read).
+    ToScratch,
+    /// PUSH of the scratch slot (PUSH m32).
+    PushScratch,
+    /// CALL r32 (`Some`) or CALL m32 (`None`: the target is in the scratch
+    /// slot): push the return address, leave for the target (ends the TU).
+    CallInd { ret: u32, src: Option<Register> },
+    /// JMP m32: leave for the dword read (ends the TU).
+    JmpMem,
+    /// DIV/IDIV m32 (signed): see `Item::Div`.
+    Div(bool),
 }
 
 /// A planned TU: what to emit, and the counts.
@@ -151,6 +180,11 @@ pub enum Translation {
         run: u32,
         /// How many of them are designed call-outs.
         callouts: u32,
+        /// For the fallback profile: `(code * 4 + segment) * 4 + why`, the
+        /// first instruction's form (`Code`), its segment prefix (0 none,
+        /// 1 FS, 2 GS, 3 other) and why it is interpreted (0 not
+        /// translated, 1 adaptive call-out, 2 non-flat data segments).
+        first: u32,
     },
 }
 
@@ -165,6 +199,11 @@ pub struct Ctx {
     /// expand-up): memory operands through them are ident with an inline
     /// TLB probe.
     pub flat_data: bool,
+    /// FS (bit 0) and GS (bit 1) are present writable expand-up data
+    /// segments with a 4 GiB limit: memory operands through them are ident
+    /// with the segment base (read from `CpuState` at run time) added and
+    /// the limit checked in the inline probe (BMI2 hosts only).
+    pub fs_gs: u8,
 }
 
 /// Plans the TU for `code` (the guest bytes from `eip` to the end of its
@@ -192,8 +231,14 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx, forced: &dyn Fn(u32) -> bool) -> Tr
         let Some((mut item, class)) = classify(&ins, ctx) else {
             break;
         };
+        if let Item::Div(_, _, _, before) = &mut item {
+            *before = p.insns;
+        }
         if let Item::Mem(m) = &mut item {
             m.before = p.insns;
+            if let Some(pre) = &mut m.pre {
+                pre.before = p.insns;
+            }
         }
         p.insns += 1;
         match class {
@@ -202,8 +247,11 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx, forced: &dyn Fn(u32) -> bool) -> Tr
         }
         p.next_eip = ins.next_ip32();
         let ends = match &item {
-            Item::Sti | Item::Jmp(_) | Item::Jcc(..) => true,
-            Item::Mem(m) => matches!(m.op, MemOp::Call { .. } | MemOp::Ret(_)),
+            Item::Sti | Item::Jmp(_) | Item::Jcc(..) | Item::JmpReg(_) => true,
+            Item::Mem(m) => matches!(
+                m.op,
+                MemOp::Call { .. } | MemOp::Ret(_) | MemOp::CallInd { .. } | MemOp::JmpMem
+            ),
             _ => false,
         };
         p.items.push(item);
@@ -219,10 +267,28 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx, forced: &dyn Fn(u32) -> bool) -> Tr
     // translatable instruction or control transfer).
     let mut dec = Decoder::with_ip(32, code, eip as u64, DecoderOptions::NONE);
     let (mut run, mut callouts) = (0, 0);
+    let mut first = 0u32;
     while (run as usize) < MAX_CALLOUT_RUN && dec.can_decode() {
         let ins = dec.decode();
         if run > 0 && (ins.is_invalid() || (classify(&ins, ctx).is_some() && !forced(ins.ip32()))) {
             break;
+        }
+        if run == 0 {
+            // Form and segment (for the profile).
+            let seg = match ins.segment_prefix() {
+                Register::FS => 1,
+                Register::GS => 2,
+                Register::None => 0,
+                _ => 3,
+            };
+            let why = if forced(ins.ip32()) {
+                1
+            } else if !ctx.flat_data {
+                2
+            } else {
+                0
+            };
+            first = (ins.code() as u32 * 4 + seg) * 4 + why;
         }
         run += 1;
         if !ins.is_invalid() && is_system(&ins) {
@@ -235,6 +301,7 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx, forced: &dyn Fn(u32) -> bool) -> Tr
     Translation::Interp {
         run: run.max(1),
         callouts,
+        first,
     }
 }
 
@@ -254,6 +321,9 @@ fn flags_liveness(items: &mut [Item]) {
         let Item::Mem(m) = &items[i] else { continue };
         if !m.flags_live || m.ins.rflags_read() & ARITH_BITS != 0 {
             continue;
+        }
+        if matches!(m.op, MemOp::Div(_)) {
+            continue; // may leave (for #DE) after the probe
         }
         let mut dead = false;
         for it in &items[i + 1..] {
@@ -383,10 +453,45 @@ pub fn map_reg(r: Register) -> Option<Register> {
 
 fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
     use Mnemonic::*;
-    if ins.has_lock_prefix() {
-        return None; // #UD on registers; memory forms are call-outs anyway
-    }
     let m = ins.mnemonic();
+    if ins.has_lock_prefix()
+        && !(ins.op0_kind() == OpKind::Memory
+            && matches!(
+                m,
+                Add | Or
+                    | Adc
+                    | Sbb
+                    | And
+                    | Sub
+                    | Xor
+                    | Inc
+                    | Dec
+                    | Neg
+                    | Not
+                    | Xchg
+                    | Cmpxchg
+                    | Xadd
+                    | Bts
+                    | Btr
+                    | Btc
+            ))
+    {
+        return None; // #UD
+    }
+    if matches!(m, Bt | Bts | Btr | Btc)
+        && ins.op0_kind() == OpKind::Memory
+        && ins.op1_kind() == OpKind::Register
+    {
+        return None; // the bit offset reaches beyond the operand
+    }
+    if ins.code() == Code::Jmp_rm32 && ins.op0_kind() == OpKind::Register {
+        return Some((Item::JmpReg(map_reg(ins.op0_register())?), Class::Ident));
+    }
+    if ctx.flat_data {
+        if let Some(mi) = indirect_mem_op(ins, ctx) {
+            return Some((Item::Mem(Box::new(mi)), Class::Ident));
+        }
+    }
     match m {
         Jmp | Jo | Jno | Jb | Jae | Je | Jne | Jbe | Ja | Js | Jns | Jp | Jnp | Jl | Jge | Jle
         | Jg => {
@@ -404,6 +509,7 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
                 Class::Ident,
             ));
         }
+        Pause => return Some((Item::Nop, Class::Ident)),
         Nop if ins.code() == Code::Nopd || ins.code() == Code::Nopw || ins.op_count() <= 1 => {
             return Some((Item::Nop, Class::Ident));
         }
@@ -432,6 +538,34 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
         if let Some(mi) = stack_op(ins) {
             return Some((Item::Mem(Box::new(mi)), Class::Ident));
         }
+    }
+    if matches!(ins.code(), Code::Div_rm32 | Code::Idiv_rm32) {
+        let signed = ins.code() == Code::Idiv_rm32;
+        if ins.op0_kind() == OpKind::Register {
+            let r = map_reg(ins.op0_register())?;
+            return Some((Item::Div(r, signed, ins.ip32(), 0), Class::Ident));
+        }
+        if !ctx.flat_data {
+            return None;
+        }
+        let (base, index, seg_base) = mem_addr(ins, ctx)?;
+        let mi = MemInsn {
+            op: MemOp::Div(signed),
+            ins: Instruction::default(),
+            eip: ins.ip32(),
+            before: 0,
+            base,
+            index,
+            scale: ins.memory_index_scale(),
+            disp: ins.memory_displacement32(),
+            size: 4,
+            seg_base,
+            pre: None,
+            via: None,
+            write: false,
+            flags_live: true,
+        };
+        return Some((Item::Mem(Box::new(mi)), Class::Ident));
     }
     let ok = matches!(
         m,
@@ -502,6 +636,14 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
             | Cmovge
             | Cmovle
             | Cmovg
+            | Imul
+            | Mul
+            | Bt
+            | Bts
+            | Btr
+            | Btc
+            | Cmpxchg
+            | Xadd
     );
     if !ok {
         return None;
@@ -509,8 +651,23 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
     if m == Bswap && ins.op0_register().size() != 4 {
         return None; // BSWAP r16 is undefined
     }
-    // Rebuild the forms that do not exist in 64-bit mode.
+    // Rebuild the forms that do not exist in 64-bit mode (and the moffs
+    // forms, which take no base register).
+    let moffs = |code: Code, r: Register, load: bool| -> Option<Instruction> {
+        let mo = iced_x86::MemoryOperand::with_base_displ(Register::R11, 0);
+        if load {
+            Instruction::with2(code, r, mo).ok()
+        } else {
+            Instruction::with2(code, mo, r).ok()
+        }
+    };
     let mut h = match ins.code() {
+        Code::Mov_AL_moffs8 => moffs(Code::Mov_r8_rm8, Register::AL, true)?,
+        Code::Mov_AX_moffs16 => moffs(Code::Mov_r16_rm16, Register::AX, true)?,
+        Code::Mov_EAX_moffs32 => moffs(Code::Mov_r32_rm32, Register::EAX, true)?,
+        Code::Mov_moffs8_AL => moffs(Code::Mov_rm8_r8, Register::AL, false)?,
+        Code::Mov_moffs16_AX => moffs(Code::Mov_rm16_r16, Register::AX, false)?,
+        Code::Mov_moffs32_EAX => moffs(Code::Mov_rm32_r32, Register::EAX, false)?,
         Code::Inc_r32 => Instruction::with1(Code::Inc_rm32, ins.op0_register()).ok()?,
         Code::Inc_r16 => Instruction::with1(Code::Inc_rm16, ins.op0_register()).ok()?,
         Code::Dec_r32 => Instruction::with1(Code::Dec_rm32, ins.op0_register()).ok()?,
@@ -518,6 +675,8 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
         _ => *ins,
     };
     h.set_segment_prefix(Register::None);
+    // One virtual CPU: a locked access is an ordinary one.
+    h.set_has_lock_prefix(false);
     let mut mem_op = false;
     for i in 0..h.op_count() {
         match h.op_kind(i) {
@@ -558,22 +717,22 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
         }
     }
     if mem_op {
-        return mem_form(ins, h, m).map(|mi| (Item::Mem(Box::new(mi)), Class::Ident));
+        return mem_form(ins, h, m, ctx).map(|mi| (Item::Mem(Box::new(mi)), Class::Ident));
     }
     encodable(h).map(|i| (Item::Ident(i), Class::Ident))
 }
 
-/// The `[r11]` form of an ident instruction with a memory operand, or
-/// `None` (call-out) for what the inline path does not cover: segments
-/// other than DS/ES/SS, 16-bit addressing, moffs forms.
-fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic) -> Option<MemInsn> {
-    use iced_x86::RflagsBits as F;
-    if !matches!(
-        guest.memory_segment(),
-        Register::DS | Register::ES | Register::SS
-    ) {
-        return None;
-    }
+/// The address of a guest memory operand the inline probe can compute:
+/// host base and index registers (32-bit) and the `CpuState` offset of the
+/// segment base to add (FS/GS), or `None` (other segments, 16-bit
+/// addressing).
+fn mem_addr(guest: &Instruction, ctx: Ctx) -> Option<(Register, Register, Option<i32>)> {
+    let seg_base = match guest.memory_segment() {
+        Register::DS | Register::ES | Register::SS => None,
+        Register::FS if ctx.fs_gs & 1 != 0 => Some(OFF_SEG_BASE + 4 * SEG_SIZE),
+        Register::GS if ctx.fs_gs & 2 != 0 => Some(OFF_SEG_BASE + 5 * SEG_SIZE),
+        _ => return None,
+    };
     let map32 = |r: Register| -> Option<Register> {
         if r == Register::None {
             Some(r)
@@ -581,8 +740,78 @@ fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic) -> Option<MemI
             map_reg(r).filter(|r| r.size() == 4)
         }
     };
-    let base = map32(guest.memory_base())?;
-    let index = map32(guest.memory_index())?;
+    Some((
+        map32(guest.memory_base())?,
+        map32(guest.memory_index())?,
+        seg_base,
+    ))
+}
+
+/// JMP m32, PUSH m32, CALL r32 and CALL m32 (flat 32-bit stack).
+fn indirect_mem_op(ins: &Instruction, ctx: Ctx) -> Option<MemInsn> {
+    let read = |op: MemOp| -> Option<MemInsn> {
+        let (base, index, seg_base) = mem_addr(ins, ctx)?;
+        Some(MemInsn {
+            op,
+            ins: Instruction::default(),
+            eip: ins.ip32(),
+            before: 0,
+            base,
+            index,
+            scale: ins.memory_index_scale(),
+            disp: ins.memory_displacement32(),
+            size: 4,
+            seg_base,
+            pre: None,
+            via: None,
+            write: false,
+            flags_live: true,
+        })
+    };
+    let push = |op: MemOp, pre: Option<MemInsn>| MemInsn {
+        op,
+        ins: Instruction::default(),
+        eip: ins.ip32(),
+        before: 0,
+        base: Register::R8D,
+        index: Register::None,
+        scale: 1,
+        disp: -4i32 as u32,
+        size: 4,
+        seg_base: None,
+        pre: pre.map(Box::new),
+        via: None,
+        write: true,
+        flags_live: true,
+    };
+    let mem = ins.op_count() == 1 && ins.op0_kind() == OpKind::Memory;
+    match ins.code() {
+        Code::Jmp_rm32 if mem => read(MemOp::JmpMem),
+        Code::Push_rm32 if mem => Some(push(MemOp::PushScratch, Some(read(MemOp::ToScratch)?))),
+        Code::Call_rm32 if mem => Some(push(
+            MemOp::CallInd {
+                ret: ins.next_ip32(),
+                src: None,
+            },
+            Some(read(MemOp::ToScratch)?),
+        )),
+        Code::Call_rm32 => Some(push(
+            MemOp::CallInd {
+                ret: ins.next_ip32(),
+                src: Some(map_reg(ins.op0_register())?),
+            },
+            None,
+        )),
+        _ => None,
+    }
+}
+
+/// The `[r11]` form of an ident instruction with a memory operand, or
+/// `None` (call-out) for what the inline path does not cover: segments
+/// other than DS/ES/SS, 16-bit addressing, moffs forms.
+fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic, ctx: Ctx) -> Option<MemInsn> {
+    use iced_x86::RflagsBits as F;
+    let (base, index, seg_base) = mem_addr(guest, ctx)?;
     let size = guest.memory_size().size() as u32;
     if !matches!(size, 1 | 2 | 4) {
         return None;
@@ -592,9 +821,29 @@ fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic) -> Option<MemI
     h.set_memory_index_scale(1);
     h.set_memory_displacement64(0);
     h.set_memory_displ_size(0);
-    let h = encodable(h)?;
+    // AH/BH/CH/DH exclude a REX prefix, so [r11] cannot be the address:
+    // borrow RSI, RDI or RBP (one the instruction does not name) for it.
+    let mut via = None;
+    let h = match encodable(h) {
+        Some(h) => h,
+        None => {
+            let used: Vec<Register> = (0..h.op_count())
+                .filter(|&i| h.op_kind(i) == OpKind::Register)
+                .map(|i| h.op_register(i).full_register())
+                .collect();
+            let x = [Register::RSI, Register::RDI, Register::RBP]
+                .into_iter()
+                .find(|x| !used.contains(x))?;
+            h.set_memory_base(x);
+            via = Some(x);
+            encodable(h)?
+        }
+    };
     let write = (guest.op0_kind() == OpKind::Memory
-        && !matches!(m, Mnemonic::Cmp | Mnemonic::Test))
+        && !matches!(
+            m,
+            Mnemonic::Cmp | Mnemonic::Test | Mnemonic::Mul | Mnemonic::Imul | Mnemonic::Bt
+        ))
         || m == Mnemonic::Xchg;
     let arith = F::OF | F::SF | F::ZF | F::AF | F::CF | F::PF;
     // Shifts and rotates keep the flags when the count is 0.
@@ -621,6 +870,9 @@ fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic) -> Option<MemI
         scale: guest.memory_index_scale(),
         disp: guest.memory_displacement32(),
         size,
+        seg_base,
+        pre: None,
+        via,
         write,
         flags_live,
     })
@@ -644,6 +896,7 @@ fn stack_op(ins: &Instruction) -> Option<MemInsn> {
             -4,
             true,
         ),
+        Code::Leaved => (MemOp::Leave, 0, false),
         Code::Retnd => (MemOp::Ret(0), 0, false),
         Code::Retnd_imm16 => (MemOp::Ret(ins.immediate16() as u32), 0, false),
         _ => return None,
@@ -655,11 +908,18 @@ fn stack_op(ins: &Instruction) -> Option<MemInsn> {
         ins: ins0,
         eip: ins.ip32(),
         before: 0,
-        base: Register::R8D,
+        base: if op == MemOp::Leave {
+            Register::EBP
+        } else {
+            Register::R8D
+        },
         index: Register::None,
         scale: 1,
         disp: disp as u32,
         size: 4,
+        seg_base: None,
+        pre: None,
+        via: None,
         write,
         // PUSH/POP change no flags; CALL/RET leave the CCF.
         flags_live: true,
@@ -702,7 +962,13 @@ pub struct Compiled {
 /// the instructions retired (| [`SLOW_PATH`]) and what is left of the chain
 /// budget. An exit to a known EIP in the same page may jump straight to
 /// the body of that TU's CCF while the chain budget lasts (chaining).
-pub fn compile(p: &Plan, ip: u64, tlb: &Probe, page: u32) -> Result<Compiled, IcedError> {
+pub fn compile(
+    p: &Plan,
+    ip: u64,
+    tlb: &Probe,
+    page: u32,
+    ib: Option<&IbTable>,
+) -> Result<Compiled, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     a.set_prefer_short_branch(false);
     for r in [rbx, rbp, r12, r13, r14, r15] {
@@ -711,38 +977,73 @@ pub fn compile(p: &Plan, ip: u64, tlb: &Probe, page: u32) -> Result<Compiled, Ic
     a.mov(r15, rdi)?;
     a.mov(r13, rsi)?;
     a.xor(r14d, r14d)?;
-    for (i, r) in HOST_GPRS.iter().enumerate() {
-        a.mov(*r, qword_ptr(r15 + OFF_GPR + 8 * i as i32))?;
+    if tlb.bmi2 {
+        // The guest flags without POPFQ (microcoded, slow): OF from
+        // ADD AL,7Fh on AL = OF (1 + 7Fh overflows), then SAHF for SF ZF AF
+        // PF CF (it leaves OF alone). Any host with BMI2 has LAHF/SAHF in
+        // 64-bit mode.
+        a.mov(rax, qword_ptr(r15 + OFF_RFLAGS))?;
+        a.mov(ecx, eax)?;
+        a.shr(ecx, 11)?;
+        a.and(ecx, 1)?;
+        a.mov(ah, al)?;
+        a.mov(al, cl)?;
+        a.add(al, 0x7f)?;
+        a.sahf()?;
+        for (i, r) in HOST_GPRS.iter().enumerate() {
+            a.mov(*r, qword_ptr(r15 + OFF_GPR + 8 * i as i32))?;
+        }
+    } else {
+        for (i, r) in HOST_GPRS.iter().enumerate() {
+            a.mov(*r, qword_ptr(r15 + OFF_GPR + 8 * i as i32))?;
+        }
+        a.mov(r9, qword_ptr(r15 + OFF_RFLAGS))?;
+        a.and(r9d, ARITH)?;
+        a.or(r9d, 2)?;
+        a.push(r9)?;
+        a.popfq()?;
     }
-    a.mov(r9, qword_ptr(r15 + OFF_RFLAGS))?;
-    a.and(r9d, ARITH)?;
-    a.or(r9d, 2)?;
-    a.push(r9)?;
-    a.popfq()?;
     let mut body = a.create_label();
     a.set_label(&mut body)?;
+    let mut consts = Consts {
+        idx: a.create_label(),
+        page: a.create_label(),
+        bit32: a.create_label(),
+    };
     let mut ex = Exits {
         page,
         n: p.insns,
         sites: Vec::new(),
+        ib: ib.copied(),
+        tlb: *tlb,
     };
     let mut ended = false;
-    let mut slow: Vec<(CodeLabel, u32, u32)> = Vec::new();
+    let mut slow: Vec<(CodeLabel, &MemInsn)> = Vec::new();
     for item in &p.items {
         match *item {
             Item::Ident(i) => a.add_instruction(i)?,
             Item::Mem(ref m) => {
+                if let Some(pre) = &m.pre {
+                    let miss = a.create_label();
+                    emit_probe(&mut a, pre, tlb, miss, consts)?;
+                    slow.push((miss, pre));
+                }
                 let miss = a.create_label();
-                emit_probe(&mut a, m, tlb, miss)?;
-                slow.push((miss, m.eip, m.before));
+                emit_probe(&mut a, m, tlb, miss, consts)?;
+                slow.push((miss, m));
                 match m.op {
                     MemOp::Call { target, .. } => {
                         ex.exit(&mut a, target)?;
                         ended = true;
                     }
+                    MemOp::CallInd { .. } | MemOp::JmpMem => {
+                        a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
+                        emit_indirect_exit(&mut a, ib, tlb)?;
+                        ended = true;
+                    }
                     MemOp::Ret(_) => {
                         a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
-                        emit_exit_reg(&mut a)?;
+                        emit_indirect_exit(&mut a, ib, tlb)?;
                         ended = true;
                     }
                     _ => {}
@@ -766,7 +1067,7 @@ pub fn compile(p: &Plan, ip: u64, tlb: &Probe, page: u32) -> Result<Compiled, Ic
                 a.or(qword_ptr(r15 + OFF_RFLAGS), IF)?;
                 a.popfq()?;
                 a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
-                emit_store_exit(&mut a, Some(p.next_eip), false)?;
+                emit_store_exit(&mut a, Some(p.next_eip), None)?;
                 ended = true;
             }
             Item::StoreReg(off, r, size) => {
@@ -788,6 +1089,15 @@ pub fn compile(p: &Plan, ip: u64, tlb: &Probe, page: u32) -> Result<Compiled, Ic
                 ex.exit(&mut a, t)?;
                 ended = true;
             }
+            Item::Div(r, signed, eip, before) => {
+                emit_div(&mut a, r, signed, eip, before, tlb)?;
+            }
+            Item::JmpReg(r) => {
+                a.add_instruction(Instruction::with2(Code::Mov_r32_rm32, Register::R11D, r)?)?;
+                a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
+                emit_indirect_exit(&mut a, ib, tlb)?;
+                ended = true;
+            }
             Item::Jcc(cc, t, f) => {
                 let mut taken = a.create_label();
                 jcc(&mut a, cc, taken)?;
@@ -801,15 +1111,32 @@ pub fn compile(p: &Plan, ip: u64, tlb: &Probe, page: u32) -> Result<Compiled, Ic
     if !ended {
         ex.exit(&mut a, p.next_eip)?;
     }
-    for (mut l, eip, before) in slow {
+    for (mut l, m) in slow {
         // TLB miss: the guest flags back, leave before the instruction and
         // have the dispatcher run it on the interpreter (which walks the
         // page tables, faults precisely or reaches MMIO).
         a.set_label(&mut l)?;
-        a.push(r12)?;
-        a.popfq()?;
-        a.lea(r14, qword_ptr(r14 + before as i32))?;
-        emit_store_exit(&mut a, Some(eip), true)?;
+        if tlb.bmi2 {
+            a.mov(rcx, r12)?;
+        } else {
+            a.push(r12)?;
+            a.popfq()?;
+        }
+        // Tell the dispatcher the access (adaptive BT looks at it).
+        a.mov(r10, tlb.exit_info)?;
+        a.mov(qword_ptr(r10), r9)?;
+        a.mov(qword_ptr(r10 + 8), (m.size | (m.write as u32) << 8) as i32)?;
+        a.lea(r14, qword_ptr(r14 + m.before as i32))?;
+        emit_store_exit(&mut a, Some(m.eip), Some(32))?;
+    }
+    if tlb.bmi2 {
+        // The flag-free probe's masks: TLB index bits, page bits.
+        a.set_label(&mut consts.idx)?;
+        a.dd(&[(tlb.entries - 1) << 12])?;
+        a.set_label(&mut consts.page)?;
+        a.dq(&[0x1_ffff_f000])?;
+        a.set_label(&mut consts.bit32)?;
+        a.dq(&[1 << 32])?;
     }
     let r = a.assemble_options(
         ip,
@@ -837,13 +1164,23 @@ struct Exits {
     n: u32,
     /// Chain sites: label on the `jmp rel32`, target EIP.
     sites: Vec<(CodeLabel, u32)>,
+    /// The indirect-branch table (exits to other pages go through it).
+    ib: Option<IbTable>,
+    /// The TLB layout (for the indirect-branch table's checks).
+    tlb: Probe,
 }
 
 impl Exits {
     /// Leaves the TU for `eip` (all of it retired): through a chain site
-    /// when `eip` is in the same page, else straight to the dispatcher.
+    /// when `eip` is in the same page, else through the indirect-branch
+    /// table (which checks that the TLB still maps the target's page to
+    /// the physical page its CCF was translated from) or the dispatcher.
     fn exit(&mut self, a: &mut CodeAssembler, eip: u32) -> Result<(), IcedError> {
         a.lea(r14, qword_ptr(r14 + self.n as i32))?;
+        if eip >> 12 != self.page && self.ib.is_some() {
+            a.mov(r11d, eip)?;
+            return emit_indirect_exit(a, self.ib.as_ref(), &self.tlb);
+        }
         if eip >> 12 == self.page {
             // Flag-neutral budget check: LEA and XCHG change no flags,
             // JRCXZ reads none.
@@ -861,7 +1198,7 @@ impl Exits {
             a.set_label(&mut stub)?;
             self.sites.push((site, eip));
         }
-        emit_store_exit(a, Some(eip), false)
+        emit_store_exit(a, Some(eip), None)
     }
 }
 
@@ -893,6 +1230,24 @@ pub struct Probe {
     pub write_tag: i32,
     /// See `read_tag`.
     pub host: i32,
+    /// Where a slow-path exit leaves its access for the dispatcher: two
+    /// u64, the linear address (bit 32: past 4 GiB) and `size | write << 8`;
+    /// a third is scratch for two-access instructions (PUSH m32, CALL m32).
+    pub exit_info: u64,
+    /// The host has BMI2: the probe is flag-free (PEXT/PDEP, LEA, JRCXZ)
+    /// and the guest flags stay in RFLAGS throughout.
+    pub bmi2: bool,
+}
+
+/// Labels of the flag-free probe's masks (emitted after the code).
+#[derive(Clone, Copy)]
+struct Consts {
+    /// TLB index bits of a linear address (dword).
+    idx: CodeLabel,
+    /// Page bits of a 33-bit address (qword).
+    page: CodeLabel,
+    /// Bit 32 (qword).
+    bit32: CodeLabel,
 }
 
 /// Guest linear address → R9, TLB entry → R10, host address → R11; jumps
@@ -903,7 +1258,12 @@ fn emit_probe(
     m: &MemInsn,
     t: &Probe,
     miss: CodeLabel,
+    consts: Consts,
 ) -> Result<(), IcedError> {
+    if t.bmi2 {
+        emit_probe_bmi2(a, m, t, miss, consts)?;
+        return emit_access(a, m, t);
+    }
     a.pushfq()?;
     a.pop(r12)?;
     if m.base == Register::None && m.index == Register::None {
@@ -941,9 +1301,157 @@ fn emit_probe(
         a.push(r12)?;
         a.popfq()?;
     }
-    // Flags are the guest's from here on: flag-neutral code only (MOV, LEA).
+    emit_access(a, m, t)
+}
+
+/// The flag-free probe (BMI2): R9 = guest linear address, R10 = TLB entry,
+/// R11 = host address on a hit; a miss jumps to `miss` with every guest
+/// register and flag intact. One comparison covers both the tag and page
+/// crossing: the tag must equal the page of the access's *last* byte | 1
+/// (the entry is the first byte's, so a crossing access never matches).
+/// Guest RCX waits in R12 while JRCXZ tests the difference.
+fn emit_probe_bmi2(
+    a: &mut CodeAssembler,
+    m: &MemInsn,
+    t: &Probe,
+    miss: CodeLabel,
+    consts: Consts,
+) -> Result<(), IcedError> {
+    if m.base == Register::None && m.index == Register::None {
+        a.mov(r9d, m.disp)?;
+    } else {
+        let mo = iced_x86::MemoryOperand::new(
+            m.base,
+            m.index,
+            m.scale,
+            m.disp as i32 as i64,
+            if m.disp != 0 { 4 } else { 0 },
+            false,
+            Register::None,
+        );
+        a.add_instruction(Instruction::with2(Code::Lea_r32_m, Register::R9D, mo)?)?;
+    }
+    if let Some(off) = m.seg_base {
+        // FS/GS: the offset's last byte must not pass the 4 GiB limit
+        // (#GP): bit 32 of offset + size - 1, kept in bit 32 of R9 (where
+        // it fails the tag comparison), then linear = base + offset.
+        if m.size > 1 {
+            a.lea(r10, qword_ptr(r9 + (m.size as i32 - 1)))?;
+            a.pext(r10, r10, qword_ptr(consts.bit32))?;
+            a.pdep(r10, r10, qword_ptr(consts.bit32))?;
+        }
+        a.mov(r11d, dword_ptr(r15 + off))?;
+        a.lea(r9d, dword_ptr(r9 + r11))?;
+        if m.size > 1 {
+            a.lea(r9, qword_ptr(r9 + r10))?;
+        }
+    }
+    // Entry = set + index << shift (LEA scales: shift 3..=6).
+    a.pext(r10d, r9d, dword_ptr(consts.idx))?;
+    a.mov(r11, t.set_base)?;
+    let s = t.entry_shift;
+    if s > 3 {
+        a.lea(r10, qword_ptr(r10 * 8))?;
+    }
+    let rest = if s > 3 { s - 3 } else { s };
+    a.lea(r10, qword_ptr(r11 + r10 * (1u32 << rest)))?;
+    // Page of the last byte, 33 bits (a wrap past 4 GiB never matches).
+    a.lea(r11, qword_ptr(r9 + (m.size as i32 - 1)))?;
+    a.pext(r11, r11, qword_ptr(consts.page))?;
+    a.pdep(r11, r11, qword_ptr(consts.page))?;
+    let tag = if m.write { t.write_tag } else { t.read_tag };
+    a.mov(r12, rcx)?;
+    a.mov(ecx, dword_ptr(r10 + tag))?;
+    a.not(rcx)?;
+    a.lea(rcx, qword_ptr(r11 + rcx + 2))?; // (page | 1) - tag
+                                           // A miss leaves with guest RCX still in R12 (the stub restores it).
+    let mut hit = a.create_label();
+    a.jrcxz(hit)?;
+    a.jmp(miss)?;
+    a.set_label(&mut hit)?;
+    a.mov(rcx, r12)?;
+    // Host address = host page + (lin - page).
+    a.not(r11)?;
+    a.lea(r11, qword_ptr(r9 + r11 + 1))?;
+    a.add_instruction(Instruction::with2(
+        Code::Mov_r64_rm64,
+        Register::R10,
+        iced_x86::MemoryOperand::with_base_displ(Register::R10, t.host as i64),
+    )?)?;
+    a.lea(r11, qword_ptr(r10 + r11))
+}
+
+/// DIV/IDIV of EDX:EAX by `src` (a guest register or R9D): runs on the
+/// host when it cannot raise #DE (unsigned: divisor ≠ 0 and EDX < divisor;
+/// signed: divisor ≠ 0, EDX:EAX is EAX sign-extended and not INT_MIN / -1);
+/// otherwise leaves before it for the interpreter (a slow-path exit, so
+/// the dispatcher interprets it: #DE, or the rare wide dividend). The guest
+/// flags are kept around it (the interpreter leaves them unchanged).
+fn emit_div(
+    a: &mut CodeAssembler,
+    src: Register,
+    signed: bool,
+    eip: u32,
+    before: u32,
+    t: &Probe,
+) -> Result<(), IcedError> {
+    let reg = |c: Code, x: Register, y: Register| Instruction::with2(c, x, y);
+    let mut fail = a.create_label();
+    let mut done = a.create_label();
+    a.pushfq()?;
+    a.pop(r10)?;
+    a.add_instruction(reg(Code::Test_rm32_r32, src, src)?)?;
+    a.jz(fail)?;
+    if signed {
+        a.mov(r11d, eax)?;
+        a.sar(r11d, 31)?;
+        a.cmp(r11d, edx)?;
+        a.jne(fail)?;
+        let mut ok = a.create_label();
+        a.add_instruction(Instruction::with2(Code::Cmp_rm32_imm8, src, -1)?)?;
+        a.jne(ok)?;
+        a.cmp(eax, i32::MIN)?;
+        a.je(fail)?;
+        a.set_label(&mut ok)?;
+        a.add_instruction(Instruction::with1(Code::Idiv_rm32, src)?)?;
+    } else {
+        a.add_instruction(reg(Code::Cmp_r32_rm32, Register::EDX, src)?)?;
+        a.jae(fail)?;
+        a.add_instruction(Instruction::with1(Code::Div_rm32, src)?)?;
+    }
+    a.push(r10)?;
+    a.popfq()?;
+    a.jmp(done)?;
+    a.set_label(&mut fail)?;
+    a.push(r10)?;
+    a.popfq()?;
+    // No access to report: bit 32 keeps adaptive BT from taking it for a
+    // TLB miss.
+    a.mov(r10, t.exit_info)?;
+    a.mov(r9, 1u64 << 32)?;
+    a.mov(qword_ptr(r10), r9)?;
+    a.mov(qword_ptr(r10 + 8), 4)?;
+    a.lea(r14, qword_ptr(r14 + before as i32))?;
+    emit_store_exit(a, Some(eip), Some(32))?;
+    a.set_label(&mut done)
+}
+
+/// The access of a memory instruction whose probe hit (R11 = host
+/// address); the guest flags are in RFLAGS.
+fn emit_access(a: &mut CodeAssembler, m: &MemInsn, t: &Probe) -> Result<(), IcedError> {
+    let scratch = t.exit_info + 16;
+    // Flag-neutral code only around the instruction (MOV, LEA).
     match m.op {
-        MemOp::Insn => a.add_instruction(m.ins),
+        MemOp::Insn => match m.via {
+            None => a.add_instruction(m.ins),
+            Some(x) => {
+                let mov = |d: Register, s: Register| Instruction::with2(Code::Mov_r64_rm64, d, s);
+                a.add_instruction(mov(Register::R12, x)?)?;
+                a.add_instruction(mov(x, Register::R11)?)?;
+                a.add_instruction(m.ins)?;
+                a.add_instruction(mov(x, Register::R12)?)
+            }
+        },
         MemOp::PushReg(r) => {
             a.add_instruction(Instruction::with2(
                 Code::Mov_rm32_r32,
@@ -972,21 +1480,155 @@ fn emit_probe(
             a.mov(r11d, dword_ptr(r11))?;
             a.lea(r8d, dword_ptr(r8 + (4 + imm as i32)))
         }
+        MemOp::Leave => {
+            a.lea(r8d, dword_ptr(rbp + 4))?;
+            a.mov(ebp, dword_ptr(r11))
+        }
+        MemOp::ToScratch => {
+            a.mov(r9d, dword_ptr(r11))?;
+            a.mov(r10, scratch)?;
+            a.mov(qword_ptr(r10), r9)
+        }
+        MemOp::PushScratch => {
+            a.mov(r10, scratch)?;
+            a.mov(r10d, dword_ptr(r10))?;
+            a.mov(dword_ptr(r11), r10d)?;
+            a.lea(r8d, dword_ptr(r8 - 4))
+        }
+        MemOp::CallInd { ret, src } => {
+            a.mov(dword_ptr(r11), ret)?;
+            match src {
+                Some(r) => {
+                    a.add_instruction(Instruction::with2(Code::Mov_r32_rm32, Register::R11D, r)?)?
+                }
+                None => {
+                    a.mov(r11, scratch)?;
+                    a.mov(r11d, dword_ptr(r11))?;
+                }
+            }
+            a.lea(r8d, dword_ptr(r8 - 4))
+        }
+        MemOp::JmpMem => a.mov(r11d, dword_ptr(r11)),
+        MemOp::Div(signed) => {
+            a.mov(r9d, dword_ptr(r11))?;
+            emit_div(a, Register::R9D, signed, m.eip, m.before, t)
+        }
     }
 }
 
-/// Exit with EIP = R11 (a RET's popped address).
-fn emit_exit_reg(a: &mut CodeAssembler) -> Result<(), IcedError> {
-    emit_store_exit(a, None, false)
+/// The indirect-branch table a CCF probes inline (see [`emit_indirect_exit`]).
+#[derive(Clone, Copy, Debug)]
+pub struct IbTable {
+    /// Address of record 0: [`IB_SLOTS`] records of [`IB_RECORD`] bytes.
+    pub base: u64,
+    /// The TU context bits of the key (`ctx << 32 | 1 << 40`).
+    pub key_bits: u64,
+}
+
+/// Records in the indirect-branch table (indexed by the low 16 bits of
+/// the target EIP: MOVZX is the flag-free way to mask it).
+pub const IB_SLOTS: usize = 1 << 16;
+/// Bytes per record: key (EIP | context), TLB entry address, expected read
+/// tag, expected host page, CCF body, padding.
+pub const IB_RECORD: usize = 64;
+
+/// An indirect transfer's exit, EIP in R11 (zero-extended): while the
+/// chain budget lasts, look the target up in the indirect-branch table and
+/// jump to its CCF's body when the record is for this EIP and context and
+/// the CPU's TLB still maps the target's page, readable, to the same
+/// physical page the TU was translated from (what the dispatcher's
+/// `fetch_phys` + key lookup would find); else store and return to the
+/// dispatcher. Touches no flags: LEA/MOV/NOT compute differences, JRCXZ
+/// tests them (guest RCX waits in R12).
+fn emit_indirect_exit(
+    a: &mut CodeAssembler,
+    ib: Option<&IbTable>,
+    tlb: &Probe,
+) -> Result<(), IcedError> {
+    let Some(ib) = ib else {
+        return emit_store_exit(a, None, Some(IB_EXIT_BIT));
+    };
+    let mut nob = a.create_label();
+    let mut look = a.create_label();
+    let mut exit = a.create_label();
+    let mut miss = a.create_label();
+    let mut miss2 = a.create_label();
+    a.lea(r13, qword_ptr(r13 - 1))?;
+    a.xchg(rcx, r13)?;
+    a.jrcxz(nob)?;
+    a.xchg(rcx, r13)?;
+    a.jmp(look)?;
+    a.set_label(&mut nob)?;
+    a.xchg(rcx, r13)?;
+    a.jmp(exit)?;
+    a.set_label(&mut look)?;
+    a.mov(r12, rcx)?;
+    a.movzx(r10d, r11w)?;
+    a.lea(r10, qword_ptr(r10 * 8))?;
+    a.lea(r10, qword_ptr(r10 * 8))?;
+    a.mov(r9, ib.base)?;
+    a.lea(r10, qword_ptr(r9 + r10))?;
+    // Key: EIP | context.
+    a.mov(r9, ib.key_bits)?;
+    a.lea(r9, qword_ptr(r9 + r11))?;
+    a.mov(rcx, qword_ptr(r10))?;
+    a.not(rcx)?;
+    a.lea(rcx, qword_ptr(r9 + rcx + 1))?;
+    let mut ok = a.create_label();
+    a.jrcxz(ok)?;
+    a.jmp(miss)?;
+    a.set_label(&mut ok)?;
+    // The TLB entry's read tag: the page is mapped and readable (= may be
+    // fetched: no NX) at this privilege.
+    a.mov(r9, qword_ptr(r10 + 8))?;
+    a.mov(ecx, dword_ptr(r9 + tlb.read_tag))?;
+    a.not(rcx)?;
+    a.mov(r11, qword_ptr(r10 + 16))?;
+    a.lea(rcx, qword_ptr(r11 + rcx + 1))?;
+    let mut ok = a.create_label();
+    a.jrcxz(ok)?;
+    a.jmp(miss2)?;
+    a.set_label(&mut ok)?;
+    // … to the same physical page.
+    a.mov(rcx, qword_ptr(r9 + tlb.host))?;
+    a.not(rcx)?;
+    a.mov(r11, qword_ptr(r10 + 24))?;
+    a.lea(rcx, qword_ptr(r11 + rcx + 1))?;
+    let mut ok = a.create_label();
+    a.jrcxz(ok)?;
+    a.jmp(miss2)?;
+    a.set_label(&mut ok)?;
+    // Hit: count it in the record (flag-free), go.
+    a.mov(rcx, qword_ptr(r10 + 40))?;
+    a.lea(rcx, qword_ptr(rcx + 1))?;
+    a.mov(qword_ptr(r10 + 40), rcx)?;
+    a.mov(rcx, r12)?;
+    a.jmp(qword_ptr(r10 + 32))?;
+    a.set_label(&mut miss2)?;
+    a.mov(r11d, dword_ptr(r10))?;
+    a.set_label(&mut miss)?;
+    a.mov(rcx, r12)?;
+    a.lea(r13, qword_ptr(r13 + 1))?;
+    a.set_label(&mut exit)?;
+    emit_store_exit(a, None, Some(IB_EXIT_BIT))
 }
 
 fn mem(off: i32) -> iced_x86::MemoryOperand {
     iced_x86::MemoryOperand::with_base_displ(Register::R15, off as i64)
 }
 
+/// Bit of a CCF's return value: it left at an indirect transfer (RET) whose
+/// target the inline lookup did not find (or the chain budget ran out).
+pub const IB_EXIT: u64 = 1 << IB_EXIT_BIT;
+const IB_EXIT_BIT: u32 = 33;
+
 /// Writes flags, GPRs and EIP (`eip`, or R11 when `None`) back and
-/// returns (R14 | [`SLOW_PATH`] if `slow`, R13).
-fn emit_store_exit(a: &mut CodeAssembler, eip: Option<u32>, slow: bool) -> Result<(), IcedError> {
+/// returns (R14 | bit `mark` (e.g. [`SLOW_PATH`]), R13).
+fn emit_store_exit(
+    a: &mut CodeAssembler,
+    eip: Option<u32>,
+    mark: Option<u32>,
+) -> Result<(), IcedError> {
     a.pushfq()?;
     a.pop(r9)?;
     a.and(r9d, ARITH)?;
@@ -1005,8 +1647,8 @@ fn emit_store_exit(a: &mut CodeAssembler, eip: Option<u32>, slow: bool) -> Resul
         None => a.mov(qword_ptr(r15 + OFF_RIP), r11)?,
     }
     a.mov(rax, r14)?;
-    if slow {
-        a.bts(rax, 32)?;
+    if let Some(bit) = mark {
+        a.bts(rax, bit)?;
     }
     a.mov(rdx, r13)?;
     for r in [r15, r14, r13, r12, rbp, rbx] {
@@ -1050,6 +1692,8 @@ mod tests {
             read_tag: 4,
             write_tag: 8,
             host: 24,
+            exit_info: 0x2000,
+            bmi2: std::arch::is_x86_feature_detected!("bmi2"),
         }
     }
 
@@ -1058,10 +1702,11 @@ mod tests {
             cpl: 0,
             inline_sensitive: true,
             flat_data: true,
+            fs_gs: 0,
         };
         match plan(code, 0x1000, ctx, &|_| false) {
             Translation::Tu(p) => {
-                compile(&p, 0x10_0000, &probe(), 1).unwrap();
+                compile(&p, 0x10_0000, &probe(), 1, None).unwrap();
                 p.insns as usize
             }
             Translation::Interp { .. } => 0,
@@ -1080,12 +1725,13 @@ mod tests {
             cpl: 0,
             inline_sensitive: true,
             flat_data: true,
+            fs_gs: 0,
         };
         let Translation::Tu(p) = plan(&code, 0x1000, ctx, &|_| false) else {
             panic!("not translated")
         };
         assert_eq!((p.insns, p.ident), (4, 4));
-        let c = compile(&p, 0x7f00_0000_0000, &probe(), 1).unwrap();
+        let c = compile(&p, 0x7f00_0000_0000, &probe(), 1, None).unwrap();
         assert_eq!(c.sites.len(), 2, "both Jcc exits chain");
         let host = c.code;
         let mut dec = Decoder::with_ip(64, &host, 0x7f00_0000_0000, DecoderOptions::NONE);
@@ -1097,6 +1743,39 @@ mod tests {
             out.push('\n');
         }
         println!("{} bytes\n{out}", host.len());
+    }
+
+    #[test]
+    fn fs_gs_operands_compile_when_usable() {
+        // mov eax, fs:[0x10]; add gs:[ebx+4], ecx; mov fs:[0x20], eax (moffs)
+        let code = [
+            0x64, 0x8b, 0x05, 0x10, 0, 0, 0, 0x65, 0x01, 0x4b, 0x04, 0x64, 0xa3, 0x20, 0, 0, 0,
+        ];
+        for (fs_gs, want) in [(3, 3), (0, 0)] {
+            let ctx = Ctx {
+                cpl: 0,
+                inline_sensitive: true,
+                flat_data: true,
+                fs_gs,
+            };
+            let n = match plan(&code, 0x1000, ctx, &|_| false) {
+                Translation::Tu(p) => {
+                    let mut t = probe();
+                    t.bmi2 = true;
+                    compile(&p, 0x10_0000, &t, 1, None).unwrap();
+                    p.insns
+                }
+                Translation::Interp { .. } => 0,
+            };
+            assert_eq!(n, want);
+        }
+    }
+
+    #[test]
+    fn high_byte_registers_with_memory_compile() {
+        // cmp [ebx], ah; mov dh, [esi+4]; hlt
+        let code = [0x38, 0x23, 0x8a, 0x76, 0x04, 0xf4];
+        assert_eq!(compiles(&code), 2);
     }
 
     #[test]

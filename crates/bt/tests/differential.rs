@@ -23,6 +23,7 @@
 use std::sync::Arc;
 
 use iced_x86::code_asm::*;
+use iced_x86::{Code, Instruction, MemoryOperand, Register};
 use popek_bt::BtCore;
 use popek_cpu::{Bus, BusAction, Cpu, CpuState, RunExit};
 use popek_memory::GuestRam;
@@ -136,7 +137,7 @@ macro_rules! cc {
 /// One random instruction (or a small group) at CPL `cpl`.
 fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
     let (d, s) = (reg(r), reg(r));
-    match r.below(42) {
+    match r.below(46) {
         0..=5 => {
             let op = r.below(9);
             match r.below(6) {
@@ -271,6 +272,14 @@ fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
                 _ => a.inc(dword_ptr(m)).unwrap(),
             }
         }
+        43 => {
+            // A frame: PUSH EBP / MOV EBP,ESP / … / LEAVE.
+            a.push(ebp).unwrap();
+            a.mov(ebp, esp).unwrap();
+            a.push(R32[s]).unwrap();
+            gen_plain(a, r);
+            a.leave().unwrap();
+        }
         29..=30 => match r.below(5) {
             0 => {
                 if r.below(2) == 0 {
@@ -346,6 +355,134 @@ fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
                 a.nop().unwrap();
             }
         }
+        39 => {
+            // FS/GS operands: FS-relative to the data page (by its base),
+            // GS-relative, and offsets whose last byte passes 4 GiB (#GP).
+            let disp = match r.below(6) {
+                0 => -(r.below(4) as i32) - 1,
+                1 => 0x1000 + r.below(0xff0) as i32,
+                2 => 0x2000 + r.below(0xff0) as i32, // FS base 0xffff_f000: wraps
+                _ => r.below(0x7f0) as i32,
+            };
+            let seg_fs = r.below(2) == 0;
+            let mut ins = match r.below(5) {
+                0 => Instruction::with2(
+                    Code::Mov_r32_rm32,
+                    Register::EAX,
+                    MemoryOperand::with_base_displ(Register::None, disp as u32 as i64),
+                ),
+                1 => Instruction::with2(
+                    Code::Add_rm32_r32,
+                    MemoryOperand::with_base_displ(Register::None, disp as u32 as i64),
+                    Register::ECX,
+                ),
+                2 => Instruction::with2(
+                    Code::Mov_rm8_r8,
+                    MemoryOperand::with_base_displ(Register::None, disp as u32 as i64),
+                    Register::DL,
+                ),
+                3 => Instruction::with2(
+                    Code::Mov_EAX_moffs32,
+                    Register::EAX,
+                    MemoryOperand::with_base_displ(Register::None, disp as u32 as i64),
+                ),
+                _ => Instruction::with2(
+                    Code::Sub_r32_rm32,
+                    Register::EBX,
+                    MemoryOperand::new(
+                        Register::ESI,
+                        Register::None,
+                        1,
+                        (disp & 0xff) as i64,
+                        1,
+                        false,
+                        Register::None,
+                    ),
+                ),
+            }
+            .unwrap();
+            ins.set_segment_prefix(if seg_fs { Register::FS } else { Register::GS });
+            if ins.code() == Code::Mov_EAX_moffs32 {
+                ins.set_memory_displ_size(4);
+            }
+            a.add_instruction(ins).unwrap();
+        }
+        40 => {
+            // Indirect transfers: CALL/JMP r32 and m32 to the code just
+            // after them (the address from call/pop), PUSH m32.
+            let rr = [0usize, 1, 2, 3, 5, 6, 7][r.below(7) as usize];
+            let m = DATA as i32 + (r.below(0xff0) as i32);
+            let kind = r.below(5);
+            let mid = |b: &mut CodeAssembler| match kind {
+                0 => b.jmp(R32[rr]).unwrap(),
+                1 => b.call(R32[rr]).unwrap(),
+                2 => {
+                    b.mov(dword_ptr(m), R32[rr]).unwrap();
+                    b.jmp(dword_ptr(m)).unwrap();
+                }
+                3 => {
+                    b.mov(dword_ptr(m), R32[rr]).unwrap();
+                    b.call(dword_ptr(m)).unwrap();
+                }
+                _ => {
+                    b.push(dword_ptr(m)).unwrap();
+                    b.pop(R32[reg(&mut Rng(m as u64 | 1))]).unwrap();
+                }
+            };
+            let mut b = CodeAssembler::new(32).unwrap();
+            mid(&mut b);
+            let len = b.assemble(0).unwrap().len() as i32;
+            let mut n = a.create_label();
+            a.call(n).unwrap();
+            a.set_label(&mut n).unwrap();
+            a.pop(R32[rr]).unwrap();
+            a.lea(R32[rr], dword_ptr(R32[rr] + (1 + 3 + len))).unwrap();
+            mid(a);
+        }
+        41 => {
+            let m = DATA as i32 + (r.below(0xff0) as i32);
+            let bit = r.below(40) as i32;
+            match r.below(10) {
+                0 => a.bt(R32[d], R32[s]).unwrap(),
+                1 => a.bts(R32[d], bit).unwrap(),
+                2 => a.btr(R16[d], R16[s]).unwrap(),
+                3 => a.btc(R32[d], bit).unwrap(),
+                4 => a.bt(dword_ptr(m), bit).unwrap(),
+                5 => a.bts(dword_ptr(m), bit).unwrap(),
+                6 => a.cmpxchg(R32[d], R32[s]).unwrap(),
+                7 => a.lock().cmpxchg(dword_ptr(m), R32[s]).unwrap(),
+                8 => a.xadd(dword_ptr(m), R32[s]).unwrap(),
+                _ => a.lock().add(dword_ptr(m), R32[s]).unwrap(),
+            }
+        }
+        42 => {
+            // DIV/IDIV, mostly not faulting (EDX prepared), sometimes #DE.
+            let m = DATA as i32 + (r.below(0xff0) as i32);
+            match r.below(3) {
+                0 => a.xor(edx, edx).unwrap(),
+                1 => a.cdq().unwrap(),
+                _ => {}
+            }
+            match r.below(4) {
+                0 => a.div(R32[s]).unwrap(),
+                1 => a.idiv(R32[s]).unwrap(),
+                2 => a.div(dword_ptr(m)).unwrap(),
+                _ => a.idiv(dword_ptr(m)).unwrap(),
+            }
+        }
+        38 => {
+            let m = DATA as i32 + (r.below(0xff0) as i32);
+            match r.below(8) {
+                0 => a.imul_3(R32[d], R32[s], r.imm()).unwrap(),
+                1 => a.imul(R32[s]).unwrap(),
+                2 => a.imul_2(R16[d], R16[s]).unwrap(),
+                3 => a.mul(R8[r.below(8) as usize]).unwrap(),
+                4 => a.imul(R8[r.below(8) as usize]).unwrap(),
+                5 => a.imul_2(R32[d], dword_ptr(m)).unwrap(),
+                6 => a.mul(dword_ptr(m)).unwrap(),
+                _ => a.mul(R16[s]).unwrap(),
+            }
+        }
         _ => gen_plain(a, r),
     }
 }
@@ -375,6 +512,14 @@ fn machine(code: &[u8], cpl: u8, r: &mut Rng) -> (Cpu, Vec<u8>) {
             r.next() & 0xffff_ffff
         };
     }
+    // FS: flat but based (DATA - 0x1000, 0 or near the top, so that
+    // linear addresses wrap); GS: based, sometimes with a small limit (its
+    // operands are then call-outs that may fault).
+    s.seg[4].base = [DATA - 0x1000, 0, 0xffff_f000][r.below(3) as usize];
+    s.seg[5].base = DATA + 0x800;
+    if r.below(2) == 0 {
+        s.seg[5].limit = 0x7ff;
+    }
     s.rflags = 2 | (r.next() & 0x8d5) | if r.below(2) == 0 { 0x200 } else { 0 };
     s.ldtr.selector = r.next() as u16;
     s.tr.selector = r.next() as u16;
@@ -399,6 +544,7 @@ struct Tally {
     dispatches: u64,
     exceptions: u64,
     ccf_runs: u64,
+    ib_hits: u64,
     mismatches: Vec<String>,
 }
 
@@ -407,8 +553,22 @@ fn run_case(seed: u64, case: u64, t: &mut Tally) {
     let cpl = if r.below(2) == 0 { 0 } else { 3 };
     let mut a = CodeAssembler::new(32).unwrap();
     let n = 1 + r.below(40);
+    // Half of the cases run their sequence three times (a counter at the
+    // end of the data page, beyond the generated stores), so that chains,
+    // the indirect-branch table (RET to a known CCF) and retranslations
+    // after stores get exercised.
+    let looped = Rng(case ^ 0x1009).below(2) == 0;
+    let mut top = a.create_label();
+    if looped {
+        a.mov(dword_ptr(DATA as i32 + 0xffc), 3).unwrap();
+        a.set_label(&mut top).unwrap();
+    }
     for _ in 0..n {
         gen_one(&mut a, &mut r, cpl);
+    }
+    if looped {
+        a.dec(dword_ptr(DATA as i32 + 0xffc)).unwrap();
+        a.jne(top).unwrap();
     }
     // Self-modifying code: a store into the code ahead sometimes.
     a.hlt().unwrap();
@@ -432,6 +592,9 @@ fn run_case(seed: u64, case: u64, t: &mut Tally) {
     let (cpu_b, data) = machine(&code, cpl, &mut Rng(case + 1));
     let (mut cpu_i, _) = machine(&code, cpl, &mut Rng(case + 1));
     let mut bt = BtCore::new(cpu_b).unwrap();
+    // A quarter of the cases cover the PUSHFQ/POPFQ probe of hosts
+    // without BMI2.
+    bt.bmi2 &= case % 4 != 0;
     let (mut bus_b, mut bus_i) = (Quiet, Quiet);
     t.cases += 1;
     let _ = data;
@@ -493,6 +656,11 @@ fn run_case(seed: u64, case: u64, t: &mut Tally) {
             );
         }
         if exit_b != RunExit::Budget {
+            t.ib_hits += bt
+                .stats_list()
+                .iter()
+                .find(|(k, _)| *k == "indirect-branch table hits")
+                .map_or(0, |x| x.1);
             if matches!(exit_b, RunExit::Exception { .. }) {
                 t.exceptions += 1;
             }
@@ -525,10 +693,11 @@ fn bt_matches_interp_on_random_sequences() {
         }
     }
     eprintln!(
-        "bt vs interp: {} sequences, {} dispatches ({} CCF runs), {} ended in an exception, {} mismatches",
+        "bt vs interp: {} sequences, {} dispatches ({} CCF runs, {} indirect-branch table hits), {} ended in an exception, {} mismatches",
         t.cases,
         t.dispatches,
         t.ccf_runs,
+        t.ib_hits,
         t.exceptions,
         t.mismatches.len()
     );
@@ -536,6 +705,11 @@ fn bt_matches_interp_on_random_sequences() {
         eprintln!("{m}");
     }
     assert!(t.ccf_runs > t.cases, "the translator ran: {}", t.ccf_runs);
+    assert!(
+        cases < 1000 || t.ib_hits > 0,
+        "RETs found their CCF inline: {}",
+        t.ib_hits
+    );
     assert!(t.mismatches.is_empty(), "{} mismatches", t.mismatches.len());
 }
 
@@ -611,4 +785,51 @@ fn chained_loops_stop_exactly_at_the_budget() {
         }
     }
     assert!(bt.stats.chains > 100, "{:?}", bt.stats);
+}
+
+/// A loop calling a function: its RET finds the caller's CCF in the
+/// indirect-branch table; every budget stops in the interpreter's state.
+#[test]
+fn returns_through_the_indirect_branch_table_stop_exactly() {
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut top = a.create_label();
+    let mut f = a.create_label();
+    let mut done = a.create_label();
+    a.mov(ecx, 500).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.call(f).unwrap();
+    a.inc(ebx).unwrap();
+    a.dec(ecx).unwrap();
+    a.jne(top).unwrap();
+    a.jmp(done).unwrap();
+    a.set_label(&mut f).unwrap();
+    a.add(eax, dword_ptr(ecx * 4 + DATA as i32 - 0x800))
+        .unwrap();
+    a.cmp(eax, ebx).unwrap(); // flags live across the RET
+    a.ret().unwrap();
+    a.set_label(&mut done).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let (cpu_b, _) = machine(&code, 3, &mut Rng(5));
+    let (mut cpu_i, _) = machine(&code, 3, &mut Rng(5));
+    let mut bt = BtCore::new(cpu_b).unwrap();
+    let mut r = Rng(77);
+    loop {
+        let budget = 1 + r.below(600);
+        let eb = bt.run(&mut Quiet, budget);
+        let ei = cpu_i.run(&mut Quiet, budget);
+        assert_eq!(eb, ei);
+        assert_eq!(bt.cpu().icount, cpu_i.icount);
+        assert_eq!(bt.cpu().state(), cpu_i.state());
+        if eb != RunExit::Budget {
+            break;
+        }
+    }
+    let hits = bt
+        .stats_list()
+        .iter()
+        .find(|(k, _)| *k == "indirect-branch table hits")
+        .unwrap()
+        .1;
+    assert!(hits > 100, "{:?}", bt.stats);
 }
