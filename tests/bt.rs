@@ -90,6 +90,7 @@ fn dump_ccf_shows_the_tu_and_its_host_code() {
             "--kernel",
         ])
         .arg(&path)
+        .env("POPEK_BT_HOT_AFTER", "1")
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();

@@ -592,6 +592,7 @@ fn run_case(seed: u64, case: u64, t: &mut Tally) {
     let (cpu_b, data) = machine(&code, cpl, &mut Rng(case + 1));
     let (mut cpu_i, _) = machine(&code, cpl, &mut Rng(case + 1));
     let mut bt = BtCore::new(cpu_b).unwrap();
+    bt.set_hot_after(1);
     // A quarter of the cases cover the PUSHFQ/POPFQ probe of hosts
     // without BMI2.
     bt.bmi2 &= case % 4 != 0;
@@ -735,6 +736,7 @@ fn self_modifying_code_invalidates_the_ccf() {
     let (mut cpu, _) = machine(&code, 0, &mut Rng(7));
     cpu.state_mut().gpr[3] = 0;
     let mut bt = BtCore::new(cpu).unwrap();
+    bt.set_hot_after(1);
     assert_eq!(bt.run(&mut Quiet, 10_000), RunExit::Halted);
     let want = 0x1111_1111u32.wrapping_add(39u32.wrapping_mul(0x2222_2222));
     assert_eq!(bt.cpu().state().gpr[3] as u32, want);
@@ -772,6 +774,7 @@ fn chained_loops_stop_exactly_at_the_budget() {
     let (cpu_b, _) = machine(&code, 0, &mut Rng(3));
     let (mut cpu_i, _) = machine(&code, 0, &mut Rng(3));
     let mut bt = BtCore::new(cpu_b).unwrap();
+    bt.set_hot_after(1);
     let mut r = Rng(99);
     loop {
         let budget = 1 + r.below(400);
@@ -813,6 +816,7 @@ fn returns_through_the_indirect_branch_table_stop_exactly() {
     let (cpu_b, _) = machine(&code, 3, &mut Rng(5));
     let (mut cpu_i, _) = machine(&code, 3, &mut Rng(5));
     let mut bt = BtCore::new(cpu_b).unwrap();
+    bt.set_hot_after(1);
     let mut r = Rng(77);
     loop {
         let budget = 1 + r.below(600);
