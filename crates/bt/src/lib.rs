@@ -519,7 +519,9 @@ impl BtCore {
             return;
         }
         let l = self.cpu.tlb_layout();
-        let set = if ctx & 3 == 3 { l.set_stride } else { 0 };
+        // The target must still be fetchable: check the instruction-fetch
+        // entry of its page.
+        let set = l.fetch_sets + if ctx & 3 == 3 { l.set_stride } else { 0 };
         let idx = (eip as usize >> 12) & (l.entries - 1);
         self.stats.ib_hits += r[5];
         *r = [

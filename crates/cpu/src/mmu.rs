@@ -57,11 +57,13 @@ const INVALID: TlbEntry = TlbEntry {
     host: 0,
 };
 
-/// The software TLB: one direct-mapped array for supervisor accesses and one
-/// for user accesses.
+/// The software TLB: direct-mapped arrays for supervisor and user data
+/// accesses (sets 0 and 1), and for supervisor and user instruction
+/// fetches (sets 2 and 3: a split TLB, so a loop's code page and the data
+/// page it walks never evict each other).
 #[repr(C)]
 pub struct Tlb {
-    e: [[TlbEntry; TLB_SIZE]; 2],
+    e: [[TlbEntry; TLB_SIZE]; 4],
     /// Some entry may be a piece of a 4 MiB page.
     has_big: bool,
 }
@@ -91,6 +93,9 @@ pub struct TlbLayout {
     pub write_tag: usize,
     /// Offset of the host address of the page (usize).
     pub host: usize,
+    /// Bytes from `base` to the supervisor instruction-fetch set (the user
+    /// one follows at `set_stride`): where a code page's translation lives.
+    pub fetch_sets: usize,
 }
 
 impl Cpu {
@@ -104,6 +109,7 @@ impl Cpu {
             read_tag: std::mem::offset_of!(TlbEntry, read_tag),
             write_tag: std::mem::offset_of!(TlbEntry, write_tag),
             host: std::mem::offset_of!(TlbEntry, host),
+            fetch_sets: 2 * std::mem::size_of::<[TlbEntry; TLB_SIZE]>(),
         }
     }
 }
@@ -111,14 +117,14 @@ impl Cpu {
 impl Tlb {
     pub(crate) fn new() -> Box<Tlb> {
         Box::new(Tlb {
-            e: [[INVALID; TLB_SIZE]; 2],
+            e: [[INVALID; TLB_SIZE]; 4],
             has_big: false,
         })
     }
 
     /// Forgets everything, global pages included.
     pub(crate) fn flush_all(&mut self) {
-        self.e = [[INVALID; TLB_SIZE]; 2];
+        self.e = [[INVALID; TLB_SIZE]; 4];
         self.has_big = false;
     }
 
@@ -164,6 +170,13 @@ impl Tlb {
             }
         }
     }
+}
+
+/// The TLB set for an access: data (0 supervisor, 1 user) or instruction
+/// fetch (2, 3).
+#[inline(always)]
+fn tlb_set(kind: AccessKind, user: bool) -> usize {
+    user as usize + if kind == AccessKind::Fetch { 2 } else { 0 }
 }
 
 /// Page-table entry bits.
@@ -347,7 +360,7 @@ impl Cpu {
         kind: AccessKind,
         user: bool,
     ) -> Result<u64, Exc> {
-        let set = user as usize;
+        let set = tlb_set(kind, user);
         let idx = ((lin >> 12) as usize) % TLB_SIZE;
         let tag = (lin & !0xfff) | 1;
         let e = &self.tlb.e[set][idx];
@@ -365,7 +378,7 @@ impl Cpu {
         kind: AccessKind,
         user: bool,
     ) -> Result<u64, Exc> {
-        let set = user as usize;
+        let set = tlb_set(kind, user);
         let idx = ((lin >> 12) as usize) % TLB_SIZE;
         let tag = (lin & !0xfff) | 1;
         if self.st.cr0 & cr::CR0_PG == 0 {
@@ -474,7 +487,7 @@ impl Cpu {
         let writable = may_write && new & pte::D != 0;
         let idx = ((lin >> 12) as usize) % TLB_SIZE;
         self.fill(
-            user as usize,
+            tlb_set(kind, user),
             idx,
             (lin & !0xfff) | 1,
             phys,
@@ -482,7 +495,7 @@ impl Cpu {
             global,
         );
         if big {
-            self.tlb.e[user as usize][idx].big = true;
+            self.tlb.e[tlb_set(kind, user)][idx].big = true;
             self.tlb.has_big = true;
         }
         Ok(phys | (lin & 0xfff) as u64)
