@@ -83,7 +83,8 @@ fn minios_passes_its_checks_on_interp_and_powers_off() {
 #[test]
 fn no_arguments_boots_minios_on_the_auto_engine() {
     let (code, out, err) = popek(&[]);
-    assert!(err.contains("engine auto -> interp"), "{err}");
+    // No hardware KVM here: the binary translator (x86-64 Linux hosts).
+    assert!(err.contains("engine auto -> bt"), "{err}");
     assert!(out.contains("minios: all checks passed"), "{out}");
     assert_eq!(code, 0);
 }

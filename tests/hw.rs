@@ -228,8 +228,8 @@ fn auto_keeps_the_i386_minios_off_a_software_kvm() {
         return;
     }
     assert!(
-        i.contains("engine auto for minios: interp"),
-        "VISION: interp runs every 32-bit guest:\n{i}"
+        i.contains("engine auto for minios: bt"),
+        "VISION: bt (software) runs every 32-bit guest:\n{i}"
     );
     assert!(
         i.contains("engine auto for minios64: hw"),
