@@ -91,7 +91,7 @@ impl EngineKind {
         let (soft, soft_why) = if EngineKind::Bt.available() {
             (
                 EngineKind::Bt,
-                "bt, the binary translator, runs every 32-bit guest (≈ 3× interp on Linux, 10× on compute loops)",
+                "bt, the binary translator, runs every 32-bit guest (5–9× interp on Debian, ≈ 10× on compute loops)",
             )
         } else {
             (
