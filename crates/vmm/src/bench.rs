@@ -62,6 +62,9 @@ pub struct Column {
     /// only): the engine's trap count between the benchmark's result line
     /// and the previous one, over its iterations.
     pub traps_per_op: Vec<Option<f64>>,
+    /// The engine's `--stats` at the end of the run (TUs, CCF bytes,
+    /// ident/inline/call-out counts for `bt`; traps for `trap`; ...).
+    pub stats: Vec<(String, u64)>,
 }
 
 impl Column {
@@ -75,6 +78,7 @@ impl Column {
             tsc_mhz: None,
             ran: false,
             traps_per_op: vec![None; BENCHES.len()],
+            stats: Vec::new(),
         }
     }
 
@@ -156,6 +160,7 @@ fn measured(engine: EngineKind, guest: String, text: &str, ran: bool) -> Column 
         tsc_mhz: parse_tsc_mhz(text),
         ran,
         traps_per_op: vec![None; BENCHES.len()],
+        stats: Vec::new(),
     }
 }
 
@@ -193,9 +198,19 @@ pub fn run_engine(engine: EngineKind) -> Column {
             .unwrap_or_default()
     };
     let mut marks: Vec<Option<u64>> = vec![None; BENCHES.len() + 1];
+    let mut stats: Vec<(String, u64)> = Vec::new();
     let outcome = Vm::new(&cfg, Box::new(cap.clone())).map(|mut vm| {
+        let grab = |vm: &Vm| -> Vec<(String, u64)> {
+            vm.engine
+                .stats()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect()
+        };
         if engine != EngineKind::Trap {
-            return vm.run();
+            let o = vm.run();
+            stats = grab(&vm);
+            return o;
         }
         // Snapshot the trap count as each result line appears (the line
         // before the first benchmark's is the scheduler's).
@@ -219,6 +234,7 @@ pub fn run_engine(engine: EngineKind) -> Column {
                 }
             }
             if let Some(o) = done {
+                stats = grab(&vm);
                 return o;
             }
         }
@@ -233,6 +249,7 @@ pub fn run_engine(engine: EngineKind) -> Column {
         .collect();
     let with_traps = |mut c: Column| {
         c.traps_per_op = traps_per_op.clone();
+        c.stats = stats.clone();
         c
     };
     match outcome {
@@ -297,6 +314,19 @@ pub fn table(cols: &[Column]) -> String {
             None => {
                 let _ = writeln!(s, " |");
             }
+        }
+    }
+    // Each engine's statistics for the whole run.
+    for c in cols.iter().filter(|c| !c.stats.is_empty()) {
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "{} statistics (whole run of {}):",
+            c.engine,
+            short(&c.guest)
+        );
+        for (k, v) in &c.stats {
+            let _ = writeln!(s, "  {k:<48} {v}");
         }
     }
     // Traps per operation, for the engines that trap.
@@ -385,6 +415,10 @@ pub fn json(cols: &[Column]) -> String {
         for (i, b) in BENCHES.iter().enumerate() {
             let v = c.cycles[i].map_or("null".to_string(), |v| v.to_string());
             let _ = write!(s, "{}\"{b}\": {v}", if i > 0 { ", " } else { "" });
+        }
+        let _ = write!(s, "}}, \"stats\": {{");
+        for (i, (k, v)) in c.stats.iter().enumerate() {
+            let _ = write!(s, "{}{}: {v}", if i > 0 { ", " } else { "" }, json_str(k));
         }
         let _ = write!(s, "}}, \"traps_per_op\": {{");
         for (i, b) in BENCHES.iter().enumerate() {
@@ -484,6 +518,7 @@ mod tests {
             tsc_mhz: mhz,
             ran: true,
             traps_per_op: vec![None; BENCHES.len()],
+            stats: Vec::new(),
         }
     }
 
