@@ -205,6 +205,7 @@ pub fn run_engine(engine: EngineKind) -> Column {
                 .stats()
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
+                .chain(vm.engine.detail_stats())
                 .collect()
         };
         if engine != EngineKind::Trap {
