@@ -701,7 +701,7 @@ impl Trap {
             return None;
         }
         let mut b = [0u8; 8];
-        self.guest_read(self.v.gdtr.base as u32 + off, &mut b)
+        self.guest_read((self.v.gdtr.base as u32).wrapping_add(off), &mut b)
             .ok()?;
         Some(Descriptor {
             lo: u32::from_le_bytes(b[..4].try_into().unwrap()),
@@ -1006,8 +1006,11 @@ impl Trap {
             return Err(DeliveryError::Fault(13, Some(idt_err)));
         }
         let mut g = [0u8; 8];
-        self.guest_read(self.v.idtr.base as u32 + vector as u32 * 8, &mut g)
-            .map_err(|(lin, err)| self.pf(lin, err))?;
+        self.guest_read(
+            (self.v.idtr.base as u32).wrapping_add(vector as u32 * 8),
+            &mut g,
+        )
+        .map_err(|(lin, err)| self.pf(lin, err))?;
         let lo = u32::from_le_bytes(g[..4].try_into().unwrap());
         let hi = u32::from_le_bytes(g[4..].try_into().unwrap());
         let ty = (hi >> 8) & 0x1f;
@@ -1061,8 +1064,12 @@ impl Trap {
         let (new_ss, new_esp, frame): (Option<u16>, u32, Vec<u32>) = if target_dpl < vcpl {
             // To ring 0 from ring 3: the stack from the guest's TSS.
             let tss = self.v.tr.base as u32;
-            let esp0 = self.read_u32_lin(tss + 4).map_err(|(l, e)| self.pf(l, e))?;
-            let ss0 = self.read_u32_lin(tss + 8).map_err(|(l, e)| self.pf(l, e))? as u16;
+            let esp0 = self
+                .read_u32_lin(tss.wrapping_add(4))
+                .map_err(|(l, e)| self.pf(l, e))?;
+            let ss0 = self
+                .read_u32_lin(tss.wrapping_add(8))
+                .map_err(|(l, e)| self.pf(l, e))? as u16;
             let mut f = vec![
                 st.seg[seg::SS].selector as u32,
                 st.gpr[4] as u32,
@@ -1384,7 +1391,7 @@ impl Trap {
         let tss = self.v.tr.base as u32;
         let limit = self.v.tr.limit;
         let mut b = [0u8; 2];
-        if limit < 0x67 || self.guest_read(tss + 0x66, &mut b).is_err() {
+        if limit < 0x67 || self.guest_read(tss.wrapping_add(0x66), &mut b).is_err() {
             return false;
         }
         let base = u16::from_le_bytes(b) as u32;
@@ -1393,7 +1400,7 @@ impl Trap {
             return false;
         }
         let mut w = [0u8; 2];
-        if self.guest_read(tss + first, &mut w).is_err() {
+        if self.guest_read(tss.wrapping_add(first), &mut w).is_err() {
             return false;
         }
         let bits = u16::from_le_bytes(w) >> (port % 8);
@@ -1546,7 +1553,7 @@ impl Trap {
                         return self.reflect_gp((sel & !3) as u32, "LTR of a non-TSS");
                     };
                     let busy = d.hi | (2 << 8);
-                    let at = self.v.gdtr.base as u32 + (sel & !7) as u32 + 4;
+                    let at = (self.v.gdtr.base as u32).wrapping_add((sel & !7) as u32 + 4);
                     let _ = self.guest_write(at, &busy.to_le_bytes());
                     self.v.tr = Descriptor { lo: d.lo, hi: busy }.to_segment(sel);
                     action = format!("virtual TR := {sel:#x} (the guest's TSS)");
@@ -1992,7 +1999,8 @@ impl Trap {
                 2
             };
             let st = self.cpu.state().clone();
-            let lin = (st.seg[seg::SS].base as u32).wrapping_add(st.gpr[4] as u32 + 2 * size);
+            let lin = (st.seg[seg::SS].base as u32)
+                .wrapping_add((st.gpr[4] as u32).wrapping_add(2 * size));
             let f = match self.read_u32_lin(lin) {
                 Ok(f) => f,
                 Err((l, e)) => {
