@@ -75,14 +75,13 @@ pub fn shadow_descriptor(d: Descriptor, user_view: bool) -> Descriptor {
     let base = seg.base as u32;
     if !expand_down && (base as u64 + seg.limit as u64) > SEG_TOP as u64 {
         let limit = SEG_TOP.saturating_sub(base);
-        let (field, g) = if hi & (1 << 23) != 0 {
-            (limit >> 12, true)
-        } else if limit <= 0xfffff {
-            (limit, false)
+        // The limit field in the descriptor's own granularity (a byte-granular
+        // limit above 1 MiB cannot be expressed: 1 MiB is the closest below).
+        let field = if hi & (1 << 23) != 0 {
+            limit >> 12
         } else {
-            (0xfffff, false)
+            limit.min(0xfffff)
         };
-        let _ = g;
         lo = (lo & 0xffff_0000) | (field & 0xffff);
         hi = (hi & !0xf_0000) | (field & 0xf_0000);
     }

@@ -277,19 +277,9 @@ impl Trap {
         Ok(t)
     }
 
-    /// The physical map (for tests: it is not the identity).
-    pub fn phys_map(&self) -> &PhysMap {
-        &self.map
-    }
-
     /// The software CPU (real state: ring 1, shadow tables).
     pub fn cpu(&mut self) -> &mut Cpu {
         &mut self.cpu
-    }
-
-    /// The virtual CPU.
-    pub fn virt(&self) -> &Virt {
-        &self.v
     }
 
     fn pool(&self, page: u64) -> u64 {
@@ -2577,13 +2567,6 @@ impl Engine for Trap {
             ("gap instructions executed", self.audit.events),
             ("gap instructions that differed", self.audit.differed),
         ]
-    }
-}
-
-impl Trap {
-    /// Traps by kind, for `--stats` and `popek bench`.
-    pub fn traps_by_kind(&self) -> &BTreeMap<String, u64> {
-        &self.stats.traps
     }
 }
 
