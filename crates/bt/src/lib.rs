@@ -100,8 +100,11 @@ enum Entry {
 }
 
 /// TU key: guest-physical address, EIP (branch targets are absolute) and
-/// CPL (inline sequences depend on it). CS is always flat 32-bit.
-type Key = (u64, u32, u8);
+/// the context bits: CPL (bits 0–1; inline sequences depend on it), data
+/// segments usable inline (bit 2), FS/GS usable (bits 3–4), 16-bit code
+/// (bit 5) and, for 16-bit code, CS base & 0xfff (bits 8–19: which EIPs
+/// share a page). 32-bit code runs with a flat CS.
+type Key = (u64, u32, u32);
 
 /// Entries of the direct-mapped front of the TU map.
 const FAST: usize = 4096;
@@ -299,18 +302,47 @@ impl BtCore {
         use popek_cpu::state::{cr, flags, seg};
         let st = self.cpu.state();
         let cs = &st.seg[seg::CS];
-        let flat_data = [seg::DS, seg::ES, seg::SS].iter().all(|&i| {
-            let s = &st.seg[i];
-            s.base == 0 && s.limit == 0xffff_ffff && s.present() && s.typ() & 0b1110 == 0b0010
-        }) && st.seg[seg::SS].big();
-        let flat = st.cr0 & cr::CR0_PE != 0
-            && st.rflags & (flags::VM | flags::TF) as u64 == 0
+        let plain = st.rflags & (flags::VM | flags::TF) as u64 == 0;
+        let code32 = plain
+            && st.cr0 & cr::CR0_PE != 0
             && cs.big()
             && cs.limit == 0xffff_ffff
             && cs.base == 0;
-        if !flat {
+        // 16-bit code (real mode or a 16-bit code segment) whose limit
+        // every IP satisfies; the 16-bit probe needs BMI2.
+        let code16 = !code32 && plain && self.bmi2 && !cs.big() && cs.limit >= 0xffff;
+        if !code32 && !code16 {
             return self.interp(bus, remaining.min(INTERP_CHUNK), None);
         }
+        // Present, writable, expand-up data with at least this limit.
+        let usable = |i: usize, limit: u32| {
+            let s = &st.seg[i];
+            s.limit >= limit
+                && s.present()
+                && s.attr & popek_cpu::state::attr::S != 0
+                && s.typ() & 0b1110 == 0b0010
+        };
+        let (data_ok, fs_gs, cs_lo) = if code16 {
+            let ok = [seg::DS, seg::ES, seg::SS]
+                .iter()
+                .all(|&i| usable(i, 0xffff))
+                && !st.seg[seg::SS].big();
+            let fs_gs = usable(seg::FS, 0xffff) as u32 | (usable(seg::GS, 0xffff) as u32) << 1;
+            (ok, fs_gs, cs.base as u32 & 0xfff)
+        } else {
+            let ok = [seg::DS, seg::ES, seg::SS].iter().all(|&i| {
+                let s = &st.seg[i];
+                s.base == 0 && s.limit == 0xffff_ffff && s.present() && s.typ() & 0b1110 == 0b0010
+            }) && st.seg[seg::SS].big();
+            // FS and GS usable by the inline probe: a 4 GiB limit (their
+            // base is read at run time).
+            let fs_gs = if self.bmi2 {
+                usable(seg::FS, 0xffff_ffff) as u32 | (usable(seg::GS, 0xffff_ffff) as u32) << 1
+            } else {
+                0
+            };
+            (ok, fs_gs, 0)
+        };
         if st.halted
             || st.interrupt_shadow
             || (st.rflags & flags::IF as u64 != 0 && bus.interrupt_pending())
@@ -323,25 +355,14 @@ impl BtCore {
         let Some(phys) = self.cpu.fetch_phys(bus) else {
             return self.interp(bus, 1, None); // raises the fetch fault
         };
-        let st = self.cpu.state();
-        // FS and GS usable by the inline probe: present, writable,
-        // expand-up data with a 4 GiB limit (their base is read at run time).
-        let seg_ok = |i: usize| {
-            let s = &st.seg[i];
-            s.limit == 0xffff_ffff
-                && s.present()
-                && s.attr & popek_cpu::state::attr::S != 0
-                && s.typ() & 0b1110 == 0b0010
-        };
-        let fs_gs = if self.bmi2 {
-            seg_ok(seg::FS) as u8 | (seg_ok(seg::GS) as u8) << 1
-        } else {
-            0
-        };
         let key = (
             phys,
             eip,
-            self.cpu.cpl() | (flat_data as u8) << 2 | fs_gs << 3,
+            self.cpu.cpl() as u32
+                | (data_ok as u32) << 2
+                | fs_gs << 3
+                | (code16 as u32) << 5
+                | cs_lo << 8,
         );
         self.stats.lookups += 1;
         let slot = fast_slot(&key);
@@ -376,7 +397,9 @@ impl BtCore {
             },
         };
         if let Entry::Ccf { body, .. } = entry {
-            self.ib_fill(key, body as u64);
+            if !code16 {
+                self.ib_fill(key, body as u64);
+            }
         }
         match entry {
             Entry::Ccf {
@@ -514,7 +537,7 @@ impl BtCore {
     fn ib_fill(&mut self, key: Key, body: u64) {
         let (phys, eip, ctx) = key;
         let r = &mut self.ib[eip as usize & (translate::IB_SLOTS - 1)];
-        let k = eip as u64 | (ctx as u64) << 32 | 1 << 40;
+        let k = eip as u64 | (ctx as u64) << 32 | 1 << 63;
         if r[0] == k && r[4] == body {
             return;
         }
@@ -580,6 +603,8 @@ impl BtCore {
     /// Translates the code at `key` and caches the result.
     fn translate(&mut self, key: Key) -> Option<Entry> {
         let (phys, eip, cpl) = key;
+        let code16 = cpl & 0x20 != 0;
+        let cs_lo = cpl >> 8;
         let page_end = (phys | 0xfff) + 1;
         if page_end > self.cpu.ram().size() {
             return None; // code outside RAM (MMIO): interpret
@@ -587,10 +612,12 @@ impl BtCore {
         let mut code = vec![0u8; (page_end - phys) as usize];
         self.cpu.ram().read(phys, &mut code).ok()?;
         let ctx = Ctx {
-            cpl: cpl & 3,
+            cpl: (cpl & 3) as u8,
             inline_sensitive: !self.cpu.report_sensitive,
             flat_data: cpl & 4 != 0,
-            fs_gs: (cpl >> 3) & 3,
+            fs_gs: ((cpl >> 3) & 3) as u8,
+            code16,
+            cs_lo,
         };
         let l = self.cpu.tlb_layout();
         let probe = translate::Probe {
@@ -627,13 +654,16 @@ impl BtCore {
                 }
             }
             Translation::Tu(plan) => {
-                let page = eip >> 12;
+                let page = (cs_lo + eip) >> 12;
                 let ib = translate::IbTable {
                     base: self.ib.as_ptr() as u64,
-                    key_bits: (cpl as u64) << 32 | 1 << 40,
+                    key_bits: (cpl as u64) << 32 | 1 << 63,
                 };
+                // 16-bit code: no indirect-branch table (its records know
+                // EIPs, not CS bases).
+                let ib = (!code16).then_some(&ib);
                 let Ok(mut host) =
-                    translate::compile(&plan, self.cache.next_addr(), &probe, page, Some(&ib))
+                    translate::compile(&plan, self.cache.next_addr(), &probe, page, ib)
                 else {
                     // Never expected (each instruction was test-encoded):
                     // interpret this code from now on.
@@ -651,8 +681,7 @@ impl BtCore {
                 if at.is_none() {
                     self.flush_all();
                     host =
-                        translate::compile(&plan, self.cache.next_addr(), &probe, page, Some(&ib))
-                            .ok()?;
+                        translate::compile(&plan, self.cache.next_addr(), &probe, page, ib).ok()?;
                     at = self.cache.push(&host.code);
                 }
                 let at = at?;
@@ -673,7 +702,11 @@ impl BtCore {
                 let body = at as u64 + host.body;
                 for &(off, target) in &host.sites {
                     let site = at as u64 + off;
-                    let tkey = ((phys & !0xfff) | (target & 0xfff) as u64, target, cpl);
+                    let tkey = (
+                        (phys & !0xfff) | ((cs_lo + target) & 0xfff) as u64,
+                        target,
+                        cpl,
+                    );
                     match self.map.get(&tkey) {
                         Some(Entry::Ccf { body: tb, .. }) => {
                             let tb = *tb as u64;

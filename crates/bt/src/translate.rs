@@ -47,6 +47,17 @@ const OFF_LDTR_SEL: i32 =
     (std::mem::offset_of!(CpuState, ldtr) + std::mem::offset_of!(Segment, selector)) as i32;
 const OFF_TR_SEL: i32 =
     (std::mem::offset_of!(CpuState, tr) + std::mem::offset_of!(Segment, selector)) as i32;
+const OFF_SEG_SEL: i32 =
+    (std::mem::offset_of!(CpuState, seg) + std::mem::offset_of!(Segment, selector)) as i32;
+const OFF_GDTR: i32 = std::mem::offset_of!(CpuState, gdtr) as i32;
+const OFF_IDTR: i32 = std::mem::offset_of!(CpuState, idtr) as i32;
+const OFF_TABLE_BASE: i32 = std::mem::offset_of!(popek_cpu::state::TableReg, base) as i32;
+const OFF_TABLE_LIMIT: i32 = std::mem::offset_of!(popek_cpu::state::TableReg, limit) as i32;
+/// What POPF writes at CPL 0 (SDM: every flag but VM, RF, VIF, VIP).
+const POPF_MASK: i32 = ARITH | 0x100 | IF | 0x400 | 0x3000 | 0x4000 | 0x4_0000 | 0x20_0000;
+/// VM and RF: cleared in the image PUSHF stores.
+const VM_RF: i32 = 0x3_0000;
+const TF: i32 = 0x100;
 
 /// How one guest instruction is executed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,8 +121,13 @@ struct MemInsn {
     disp: u32,
     /// Access size in bytes.
     size: u32,
-    /// `CpuState` offset of the segment base to add (FS/GS operands).
+    /// `CpuState` offset of the segment base to add (FS/GS operands, and
+    /// every segment in 16-bit code).
     seg_base: Option<i32>,
+    /// 16-bit addressing (16-bit code): the offset wraps at 64 KiB and its
+    /// last byte must stay within it (the segment limit is at least
+    /// 0xffff); stack operations move SP, not ESP.
+    addr16: bool,
     /// A read before this access (PUSH m32, CALL m32: the source), its
     /// value kept in the scratch slot (`Probe::exit_info` + 16).
     pre: Option<Box<MemInsn>>,
@@ -153,6 +169,23 @@ enum MemOp {
     JmpMem,
     /// DIV/IDIV m32 (signed): see `Item::Div`.
     Div(bool),
+    /// PUSHFD: the guest flags (arithmetic ones from RFLAGS, the others
+    /// from `CpuState`), VM and RF clear.
+    PushFlags,
+    /// POPFD at CPL 0: arithmetic flags to RFLAGS, the rest to `CpuState`;
+    /// leaves the CCF for the dispatcher (at `next`, the TU's `before + 1`
+    /// instructions retired) when it sets TF or turns IF on (a pending
+    /// interrupt is due), else goes on.
+    PopFlags { next: u32 },
+    /// SGDT/SIDT m: the 16-bit limit and the 32-bit base of the table
+    /// register at this `CpuState` offset.
+    StoreTable(i32),
+    /// A 16-bit field of `CpuState` (selector, CR0's low word) to memory.
+    StoreSel(i32),
+    /// PUSH Sreg: the selector at this `CpuState` offset written as a
+    /// word into a slot of `-disp` bytes (Intel writes 16 bits of a
+    /// 32-bit slot).
+    PushSel(i32),
 }
 
 /// A planned TU: what to emit, and the counts.
@@ -166,6 +199,8 @@ pub struct Plan {
     pub ident: u32,
     /// Of which inline.
     pub inline: u32,
+    /// CS base & 0xfff (see [`Ctx::cs_lo`]).
+    pub cs_lo: u32,
 }
 
 /// What the translator made of the code at one EIP.
@@ -203,7 +238,16 @@ pub struct Ctx {
     /// segments with a 4 GiB limit: memory operands through them are ident
     /// with the segment base (read from `CpuState` at run time) added and
     /// the limit checked in the inline probe (BMI2 hosts only).
+    /// In 16-bit code: the same with a limit of at least 0xffff.
     pub fs_gs: u8,
+    /// 16-bit code (CS.D = 0, real or protected mode; BMI2 hosts only).
+    /// `flat_data` then means: DS, ES and SS are present writable
+    /// expand-up data segments with limits of at least 0xffff and SS is a
+    /// 16-bit stack; memory operands add the segment base (read at run
+    /// time) to the 16-bit offset.
+    pub code16: bool,
+    /// CS base & 0xfff (16-bit code): which EIPs share a linear page.
+    pub cs_lo: u32,
 }
 
 /// Plans the TU for `code` (the guest bytes from `eip` to the end of its
@@ -212,13 +256,22 @@ pub struct Ctx {
 /// `forced(eip)` names instructions that must be call-outs even if they
 /// could be translated (adaptive BT: inline accesses that keep missing).
 pub fn plan(code: &[u8], eip: u32, ctx: Ctx, forced: &dyn Fn(u32) -> bool) -> Translation {
-    let mut dec = Decoder::with_ip(32, code, eip as u64, DecoderOptions::NONE);
+    let bits = if ctx.code16 { 16 } else { 32 };
+    // 16-bit code: an instruction may not run past offset 0xffff (the
+    // interpreter raises the #GP).
+    let code = if ctx.code16 {
+        &code[..code.len().min(0x1_0000 - eip as usize)]
+    } else {
+        code
+    };
+    let mut dec = Decoder::with_ip(bits, code, eip as u64, DecoderOptions::NONE);
     let mut p = Plan {
         items: Vec::new(),
         next_eip: eip,
         insns: 0,
         ident: 0,
         inline: 0,
+        cs_lo: ctx.cs_lo,
     };
     while (p.insns as usize) < MAX_TU && dec.can_decode() {
         let ins = dec.decode();
@@ -245,7 +298,7 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx, forced: &dyn Fn(u32) -> bool) -> Tr
             Class::Inline => p.inline += 1,
             _ => p.ident += 1,
         }
-        p.next_eip = ins.next_ip32();
+        p.next_eip = next_ip(&ins, ctx);
         let ends = match &item {
             Item::Sti | Item::Jmp(_) | Item::Jcc(..) | Item::JmpReg(_) => true,
             Item::Mem(m) => matches!(
@@ -265,7 +318,7 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx, forced: &dyn Fn(u32) -> bool) -> Tr
     }
     // A call-out: count how far the interpreter may run (up to the next
     // translatable instruction or control transfer).
-    let mut dec = Decoder::with_ip(32, code, eip as u64, DecoderOptions::NONE);
+    let mut dec = Decoder::with_ip(bits, code, eip as u64, DecoderOptions::NONE);
     let (mut run, mut callouts) = (0, 0);
     let mut first = 0u32;
     while (run as usize) < MAX_CALLOUT_RUN && dec.can_decode() {
@@ -302,6 +355,15 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx, forced: &dyn Fn(u32) -> bool) -> Tr
         run: run.max(1),
         callouts,
         first,
+    }
+}
+
+/// The EIP after `ins` (IP wraps at 64 KiB in 16-bit code).
+fn next_ip(ins: &Instruction, ctx: Ctx) -> u32 {
+    if ctx.code16 {
+        ins.next_ip32() & 0xffff
+    } else {
+        ins.next_ip32()
     }
 }
 
@@ -484,10 +546,10 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
     {
         return None; // the bit offset reaches beyond the operand
     }
-    if ins.code() == Code::Jmp_rm32 && ins.op0_kind() == OpKind::Register {
+    if ins.code() == Code::Jmp_rm32 && ins.op0_kind() == OpKind::Register && !ctx.code16 {
         return Some((Item::JmpReg(map_reg(ins.op0_register())?), Class::Ident));
     }
-    if ctx.flat_data {
+    if ctx.flat_data && !ctx.code16 {
         if let Some(mi) = indirect_mem_op(ins, ctx) {
             return Some((Item::Mem(Box::new(mi)), Class::Ident));
         }
@@ -495,17 +557,28 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
     match m {
         Jmp | Jo | Jno | Jb | Jae | Je | Jne | Jbe | Ja | Js | Jns | Jp | Jnp | Jl | Jge | Jle
         | Jg => {
-            // Near relative forms with a 32-bit operand size only (o16
-            // truncates EIP; CS is flat, so no limit check is needed).
-            if !matches!(ins.op0_kind(), OpKind::NearBranch32) {
+            // Near relative forms with the code's own operand size only:
+            // o16 in 32-bit code truncates EIP, o32 in 16-bit code may
+            // pass the CS limit (flat 32-bit CS needs no limit check, and
+            // 16-bit code runs only with a limit of at least 0xffff).
+            let want = if ctx.code16 {
+                OpKind::NearBranch16
+            } else {
+                OpKind::NearBranch32
+            };
+            if ins.op0_kind() != want {
                 return None;
             }
-            let target = ins.near_branch32();
+            let target = if ctx.code16 {
+                ins.near_branch16() as u32
+            } else {
+                ins.near_branch32()
+            };
             if m == Jmp {
                 return Some((Item::Jmp(target), Class::Ident));
             }
             return Some((
-                Item::Jcc(ins.condition_code(), target, ins.next_ip32()),
+                Item::Jcc(ins.condition_code(), target, next_ip(ins, ctx)),
                 Class::Ident,
             ));
         }
@@ -515,10 +588,12 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
         }
         Cli if ctx.cpl == 0 => return Some((Item::Cli, Class::Inline)),
         Sti if ctx.cpl == 0 => return Some((Item::Sti, Class::Inline)),
-        Smsw | Sldt | Str if ctx.cpl == 0 && ctx.inline_sensitive => {
-            if ins.op0_kind() != OpKind::Register {
-                return None;
-            }
+        Smsw | Sldt | Str
+            if ctx.cpl == 0
+                && ctx.inline_sensitive
+                && ins.op0_kind() == OpKind::Register
+                && !ctx.code16 =>
+        {
             let r = ins.op0_register();
             let host = map_reg(r)?;
             let size = r.size() as u32;
@@ -534,8 +609,11 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
         }
         _ => {}
     }
+    if let Some(x) = inline_op(ins, ctx) {
+        return Some(x);
+    }
     if ctx.flat_data {
-        if let Some(mi) = stack_op(ins) {
+        if let Some(mi) = stack_op(ins, ctx) {
             return Some((Item::Mem(Box::new(mi)), Class::Ident));
         }
     }
@@ -548,23 +626,14 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
         if !ctx.flat_data {
             return None;
         }
-        let (base, index, seg_base) = mem_addr(ins, ctx)?;
-        let mi = MemInsn {
-            op: MemOp::Div(signed),
-            ins: Instruction::default(),
-            eip: ins.ip32(),
-            before: 0,
-            base,
-            index,
-            scale: ins.memory_index_scale(),
-            disp: ins.memory_displacement32(),
-            size: 4,
-            seg_base,
-            pre: None,
-            via: None,
-            write: false,
-            flags_live: true,
-        };
+        let mut mi = MemInsn::new(
+            MemOp::Div(signed),
+            Instruction::default(),
+            mem_addr(ins, ctx)?,
+            4,
+            false,
+        );
+        mi.eip = ins.ip32();
         return Some((Item::Mem(Box::new(mi)), Class::Ident));
     }
     let ok = matches!(
@@ -690,15 +759,33 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
             | OpKind::Immediate8to16
             | OpKind::Immediate8to32 => {}
             OpKind::Memory if m == Lea => {
-                // LEA computes, it does not access memory. 32-bit
-                // addressing only (16-bit forms do not exist in 64-bit mode).
+                // LEA computes, it does not access memory. 16-bit
+                // addressing does not exist in 64-bit mode: into a 16-bit
+                // register the 32-bit sum of the same registers has the
+                // same low 16 bits.
                 let base = h.memory_base();
                 let index = h.memory_index();
+                let addr16 = is_addr16(ins);
+                if addr16 && h.op0_register().size() != 2 {
+                    return None;
+                }
+                let wide = |r: Register| {
+                    if addr16 {
+                        map_reg(r.full_register32())
+                    } else {
+                        map_reg(r).filter(|r| r.size() >= 4)
+                    }
+                };
                 if base != Register::None {
-                    h.set_memory_base(map_reg(base).filter(|r| r.size() >= 4)?);
+                    h.set_memory_base(wide(base)?);
                 }
                 if index != Register::None {
-                    h.set_memory_index(map_reg(index).filter(|r| r.size() >= 4)?);
+                    h.set_memory_index(wide(index)?);
+                }
+                if addr16 {
+                    let d = ins.memory_displacement32() & 0xffff;
+                    h.set_memory_displacement64(d as u64);
+                    h.set_memory_displ_size(if d != 0 { 4 } else { 0 });
                 }
                 if base == Register::None && index == Register::None {
                     // `lea r, [disp32]`: a move of the displacement.
@@ -722,67 +809,237 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
     encodable(h).map(|i| (Item::Ident(i), Class::Ident))
 }
 
-/// The address of a guest memory operand the inline probe can compute:
-/// host base and index registers (32-bit) and the `CpuState` offset of the
-/// segment base to add (FS/GS), or `None` (other segments, 16-bit
-/// addressing).
-fn mem_addr(guest: &Instruction, ctx: Ctx) -> Option<(Register, Register, Option<i32>)> {
-    let seg_base = match guest.memory_segment() {
-        Register::DS | Register::ES | Register::SS => None,
-        Register::FS if ctx.fs_gs & 1 != 0 => Some(OFF_SEG_BASE + 4 * SEG_SIZE),
-        Register::GS if ctx.fs_gs & 2 != 0 => Some(OFF_SEG_BASE + 5 * SEG_SIZE),
+/// The address of a guest memory operand, as the inline probe forms it.
+#[derive(Clone, Copy, Debug)]
+struct Addr {
+    /// Host base and index registers (32-bit), scale, displacement.
+    base: Register,
+    index: Register,
+    scale: u32,
+    disp: u32,
+    /// `CpuState` offset of the segment base to add.
+    seg_base: Option<i32>,
+    /// 16-bit addressing (see [`MemInsn::addr16`]).
+    addr16: bool,
+}
+
+impl MemInsn {
+    /// A memory instruction at `ins`'s EIP (the other fields default:
+    /// no pre-read, no `via`, guest flags live).
+    fn new(op: MemOp, ins: Instruction, a: Addr, size: u32, write: bool) -> MemInsn {
+        let mut h = ins;
+        h.set_ip(0);
+        MemInsn {
+            op,
+            ins: h,
+            eip: ins.ip32(),
+            before: 0,
+            base: a.base,
+            index: a.index,
+            scale: a.scale,
+            disp: a.disp,
+            size,
+            seg_base: a.seg_base,
+            addr16: a.addr16,
+            pre: None,
+            via: None,
+            write,
+            flags_live: true,
+        }
+    }
+}
+
+/// The operand of `ins` uses 16-bit addressing.
+fn is_addr16(ins: &Instruction) -> bool {
+    let (b, x) = (ins.memory_base(), ins.memory_index());
+    b.size() == 2
+        || x.size() == 2
+        || (b == Register::None && x == Register::None && ins.memory_displ_size() == 2)
+}
+
+/// `CpuState` offset of segment register `r`'s base.
+fn seg_base_off(r: Register) -> Option<i32> {
+    let i = match r {
+        Register::ES => 0,
+        Register::CS => 1,
+        Register::SS => 2,
+        Register::DS => 3,
+        Register::FS => 4,
+        Register::GS => 5,
         _ => return None,
+    };
+    Some(OFF_SEG_BASE + i * SEG_SIZE)
+}
+
+/// The address of a guest memory operand the inline probe can compute, or
+/// `None`: in 32-bit code 32-bit addressing through DS/ES/SS (flat) and
+/// usable FS/GS (their base added); in 16-bit code 16-bit addressing
+/// through usable DS/ES/SS/FS/GS (the base always added).
+fn mem_addr(guest: &Instruction, ctx: Ctx) -> Option<Addr> {
+    let seg = guest.memory_segment();
+    let usable = match seg {
+        Register::DS | Register::ES | Register::SS => ctx.flat_data,
+        Register::FS => ctx.fs_gs & 1 != 0,
+        Register::GS => ctx.fs_gs & 2 != 0,
+        _ => false,
+    };
+    if !usable {
+        return None;
+    }
+    let addr16 = is_addr16(guest);
+    if addr16 != ctx.code16 {
+        return None;
+    }
+    let seg_base = if ctx.code16 || matches!(seg, Register::FS | Register::GS) {
+        Some(seg_base_off(seg)?)
+    } else {
+        None
     };
     let map32 = |r: Register| -> Option<Register> {
         if r == Register::None {
             Some(r)
+        } else if addr16 {
+            map_reg(r.full_register32())
         } else {
             map_reg(r).filter(|r| r.size() == 4)
         }
     };
-    Some((
-        map32(guest.memory_base())?,
-        map32(guest.memory_index())?,
+    let disp = guest.memory_displacement32();
+    Some(Addr {
+        base: map32(guest.memory_base())?,
+        index: map32(guest.memory_index())?,
+        scale: guest.memory_index_scale(),
+        disp: if addr16 { disp & 0xffff } else { disp },
         seg_base,
-    ))
+        addr16,
+    })
+}
+
+/// The stack slot below the stack pointer (`slot` bytes) or at it.
+fn stack_addr(ctx: Ctx, disp: i32) -> Addr {
+    Addr {
+        base: Register::R8D,
+        index: Register::None,
+        scale: 1,
+        disp: disp as u32,
+        seg_base: ctx.code16.then_some(OFF_SEG_BASE + 2 * SEG_SIZE),
+        addr16: ctx.code16,
+    }
+}
+
+/// Inline sequences on the virtual CPU with a memory access: PUSHFD,
+/// POPFD (CPL 0), SGDT/SIDT m (CPL 0), MOV r/m, Sreg, PUSH Sreg,
+/// SLDT/STR/SMSW m16 (CPL 0).
+fn inline_op(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
+    use Mnemonic::*;
+    let m = ins.mnemonic();
+    let sel_off = |r: Register| -> Option<i32> {
+        let b = seg_base_off(r)?;
+        Some(b - OFF_SEG_BASE + OFF_SEG_SEL)
+    };
+    let mem = |op: MemOp, a: Addr, size: u32| -> Option<(Item, Class)> {
+        let mi = MemInsn::new(op, *ins, a, size, true);
+        Some((Item::Mem(Box::new(mi)), Class::Inline))
+    };
+    match m {
+        Mov if ins.op1_kind() == OpKind::Register && ins.op1_register().is_segment_register() => {
+            let r = ins.op1_register();
+            if matches!(r, Register::CS | Register::SS) && !ctx.inline_sensitive {
+                return None; // the audit counts these
+            }
+            let off = sel_off(r)?;
+            if ins.op0_kind() == OpKind::Register {
+                let d = ins.op0_register();
+                let host = map_reg(d)?;
+                // To a 32-bit register zero-extended (P6 and later).
+                return Some((Item::StoreReg(off, host, d.size() as u32), Class::Inline));
+            }
+            if !ctx.flat_data {
+                return None;
+            }
+            mem(MemOp::StoreSel(off), mem_addr(ins, ctx)?, 2)
+        }
+        Push if ins.op0_kind() == OpKind::Register
+            && ins.op0_register().is_segment_register()
+            && ctx.flat_data =>
+        {
+            let r = ins.op0_register();
+            if matches!(r, Register::CS | Register::SS) && !ctx.inline_sensitive {
+                return None;
+            }
+            let slot = match ins.code() {
+                Code::Pushd_ES
+                | Code::Pushd_CS
+                | Code::Pushd_SS
+                | Code::Pushd_DS
+                | Code::Pushd_FS
+                | Code::Pushd_GS
+                    if !ctx.code16 =>
+                {
+                    4
+                }
+                Code::Pushw_ES
+                | Code::Pushw_CS
+                | Code::Pushw_SS
+                | Code::Pushw_DS
+                | Code::Pushw_FS
+                | Code::Pushw_GS
+                    if ctx.code16 =>
+                {
+                    2
+                }
+                _ => return None,
+            };
+            mem(MemOp::PushSel(sel_off(r)?), stack_addr(ctx, -slot), 2)
+        }
+        // The rest: 32-bit code on a flat stack, with the virtual CPU's
+        // sensitive state not reported (audit runs interpret them).
+        _ if ctx.code16 || !ctx.flat_data || !ctx.inline_sensitive => None,
+        Pushfd => mem(MemOp::PushFlags, stack_addr(ctx, -4), 4),
+        Popfd if ctx.cpl == 0 => {
+            let mut mi = MemInsn::new(
+                MemOp::PopFlags {
+                    next: next_ip(ins, ctx),
+                },
+                *ins,
+                stack_addr(ctx, 0),
+                4,
+                false,
+            );
+            mi.flags_live = false; // POPF sets all six
+            Some((Item::Mem(Box::new(mi)), Class::Inline))
+        }
+        Sgdt | Sidt if ctx.cpl == 0 && ins.code() != Code::Sgdt_m1632_16 => {
+            if ins.code() == Code::Sidt_m1632_16 || ins.op0_kind() != OpKind::Memory {
+                return None;
+            }
+            let off = if m == Sgdt { OFF_GDTR } else { OFF_IDTR };
+            mem(MemOp::StoreTable(off), mem_addr(ins, ctx)?, 6)
+        }
+        Sldt | Str | Smsw if ctx.cpl == 0 && ins.op0_kind() == OpKind::Memory => {
+            let off = match m {
+                Smsw => OFF_CR0,
+                Sldt => OFF_LDTR_SEL,
+                _ => OFF_TR_SEL,
+            };
+            mem(MemOp::StoreSel(off), mem_addr(ins, ctx)?, 2)
+        }
+        _ => None,
+    }
 }
 
 /// JMP m32, PUSH m32, CALL r32 and CALL m32 (flat 32-bit stack).
 fn indirect_mem_op(ins: &Instruction, ctx: Ctx) -> Option<MemInsn> {
     let read = |op: MemOp| -> Option<MemInsn> {
-        let (base, index, seg_base) = mem_addr(ins, ctx)?;
-        Some(MemInsn {
-            op,
-            ins: Instruction::default(),
-            eip: ins.ip32(),
-            before: 0,
-            base,
-            index,
-            scale: ins.memory_index_scale(),
-            disp: ins.memory_displacement32(),
-            size: 4,
-            seg_base,
-            pre: None,
-            via: None,
-            write: false,
-            flags_live: true,
-        })
+        let mut mi = MemInsn::new(op, Instruction::default(), mem_addr(ins, ctx)?, 4, false);
+        mi.eip = ins.ip32();
+        Some(mi)
     };
-    let push = |op: MemOp, pre: Option<MemInsn>| MemInsn {
-        op,
-        ins: Instruction::default(),
-        eip: ins.ip32(),
-        before: 0,
-        base: Register::R8D,
-        index: Register::None,
-        scale: 1,
-        disp: -4i32 as u32,
-        size: 4,
-        seg_base: None,
-        pre: pre.map(Box::new),
-        via: None,
-        write: true,
-        flags_live: true,
+    let push = |op: MemOp, pre: Option<MemInsn>| {
+        let mut mi = MemInsn::new(op, Instruction::default(), stack_addr(ctx, -4), 4, true);
+        mi.eip = ins.ip32();
+        mi.pre = pre.map(Box::new);
+        mi
     };
     let mem = ins.op_count() == 1 && ins.op0_kind() == OpKind::Memory;
     match ins.code() {
@@ -811,7 +1068,7 @@ fn indirect_mem_op(ins: &Instruction, ctx: Ctx) -> Option<MemInsn> {
 /// other than DS/ES/SS, 16-bit addressing, moffs forms.
 fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic, ctx: Ctx) -> Option<MemInsn> {
     use iced_x86::RflagsBits as F;
-    let (base, index, seg_base) = mem_addr(guest, ctx)?;
+    let addr = mem_addr(guest, ctx)?;
     let size = guest.memory_size().size() as u32;
     if !matches!(size, 1 | 2 | 4) {
         return None;
@@ -860,70 +1117,69 @@ fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic, ctx: Ctx) -> O
     );
     let flags_live =
         shift || guest.rflags_read() & arith != 0 || guest.rflags_modified() & arith != arith;
-    Some(MemInsn {
-        op: MemOp::Insn,
-        ins: h,
-        eip: guest.ip32(),
-        before: 0,
-        base,
-        index,
-        scale: guest.memory_index_scale(),
-        disp: guest.memory_displacement32(),
-        size,
-        seg_base,
-        pre: None,
-        via,
-        write,
-        flags_live,
-    })
+    let mut mi = MemInsn::new(MemOp::Insn, h, addr, size, write);
+    mi.eip = guest.ip32();
+    mi.via = via;
+    mi.flags_live = flags_live;
+    Some(mi)
 }
 
-/// PUSH/POP/CALL/RET on a flat 32-bit stack through the inline probe.
-fn stack_op(ins: &Instruction) -> Option<MemInsn> {
-    let (op, disp, write) = match ins.code() {
-        Code::Push_r32 => (MemOp::PushReg(map_reg(ins.op0_register())?), -4i32, true),
-        Code::Pushd_imm32 => (MemOp::PushImm(ins.immediate32()), -4, true),
+/// PUSH/POP/CALL/RET through the inline probe: on a flat 32-bit stack in
+/// 32-bit code, on a 16-bit stack (SP) in 16-bit code (with either
+/// operand size for PUSH/POP; the code's own for CALL/RET).
+fn stack_op(ins: &Instruction, ctx: Ctx) -> Option<MemInsn> {
+    let c16 = ctx.code16;
+    let reg = |ok: bool| -> Option<Register> {
+        let r = ins.op0_register();
+        (ok && r.full_register32() != Register::ESP).then_some(())?;
+        map_reg(r)
+    };
+    let (op, disp, size, write) = match ins.code() {
+        Code::Push_r32 => (MemOp::PushReg(map_reg(ins.op0_register())?), -4i32, 4, true),
+        Code::Push_r16 if c16 => (MemOp::PushReg(map_reg(ins.op0_register())?), -2, 2, true),
+        Code::Pushd_imm32 => (MemOp::PushImm(ins.immediate32()), -4, 4, true),
         // Sign-extended (`6A ib`).
-        Code::Pushd_imm8 => (MemOp::PushImm(ins.immediate8to32() as u32), -4, true),
-        Code::Pop_r32 if ins.op0_register() != Register::ESP => {
-            (MemOp::Pop(map_reg(ins.op0_register())?), 0, false)
-        }
-        Code::Call_rel32_32 => (
+        Code::Pushd_imm8 => (MemOp::PushImm(ins.immediate8to32() as u32), -4, 4, true),
+        Code::Push_imm16 if c16 => (MemOp::PushImm(ins.immediate16() as u32), -2, 2, true),
+        Code::Pushw_imm8 if c16 => (
+            MemOp::PushImm(ins.immediate8to16() as u16 as u32),
+            -2,
+            2,
+            true,
+        ),
+        Code::Pop_r32 => (MemOp::Pop(reg(true)?), 0, 4, false),
+        Code::Pop_r16 if c16 => (MemOp::Pop(reg(true)?), 0, 2, false),
+        Code::Call_rel32_32 if !c16 => (
             MemOp::Call {
                 ret: ins.next_ip32(),
                 target: ins.near_branch32(),
             },
             -4,
+            4,
             true,
         ),
-        Code::Leaved => (MemOp::Leave, 0, false),
-        Code::Retnd => (MemOp::Ret(0), 0, false),
-        Code::Retnd_imm16 => (MemOp::Ret(ins.immediate16() as u32), 0, false),
+        Code::Call_rel16 if c16 => (
+            MemOp::Call {
+                ret: next_ip(ins, ctx),
+                target: ins.near_branch16() as u32,
+            },
+            -2,
+            2,
+            true,
+        ),
+        Code::Leaved if !c16 => (MemOp::Leave, 0, 4, false),
+        Code::Retnd if !c16 => (MemOp::Ret(0), 0, 4, false),
+        Code::Retnd_imm16 if !c16 => (MemOp::Ret(ins.immediate16() as u32), 0, 4, false),
+        Code::Retnw if c16 => (MemOp::Ret(0), 0, 2, false),
+        Code::Retnw_imm16 if c16 => (MemOp::Ret(ins.immediate16() as u32), 0, 2, false),
         _ => return None,
     };
-    let mut ins0 = *ins;
-    ins0.set_ip(0);
-    Some(MemInsn {
-        op,
-        ins: ins0,
-        eip: ins.ip32(),
-        before: 0,
-        base: if op == MemOp::Leave {
-            Register::EBP
-        } else {
-            Register::R8D
-        },
-        index: Register::None,
-        scale: 1,
-        disp: disp as u32,
-        size: 4,
-        seg_base: None,
-        pre: None,
-        via: None,
-        write,
-        // PUSH/POP change no flags; CALL/RET leave the CCF.
-        flags_live: true,
-    })
+    let mut a = stack_addr(ctx, disp);
+    if op == MemOp::Leave {
+        a.base = Register::EBP;
+    }
+    // PUSH/POP change no flags; CALL/RET leave the CCF.
+    Some(MemInsn::new(op, *ins, a, size, write))
 }
 
 /// `Some(i)` when the host encoder accepts `i` in 64-bit mode (e.g. AH
@@ -1009,8 +1265,10 @@ pub fn compile(
         idx: a.create_label(),
         page: a.create_label(),
         bit32: a.create_label(),
+        bit16: a.create_label(),
     };
     let mut ex = Exits {
+        cs_lo: p.cs_lo,
         page,
         n: p.insns,
         sites: Vec::new(),
@@ -1137,6 +1395,8 @@ pub fn compile(
         a.dq(&[0x1_ffff_f000])?;
         a.set_label(&mut consts.bit32)?;
         a.dq(&[1 << 32])?;
+        a.set_label(&mut consts.bit16)?;
+        a.dq(&[1 << 16])?;
     }
     let r = a.assemble_options(
         ip,
@@ -1158,7 +1418,10 @@ pub fn compile(
 
 /// The exits of one CCF being compiled.
 struct Exits {
-    /// The TU's linear page (`eip >> 12`): exits within it may chain.
+    /// CS base & 0xfff.
+    cs_lo: u32,
+    /// The TU's linear page (`(cs_lo + eip) >> 12`): exits within it may
+    /// chain.
     page: u32,
     /// Instructions of the TU.
     n: u32,
@@ -1177,11 +1440,12 @@ impl Exits {
     /// the physical page its CCF was translated from) or the dispatcher.
     fn exit(&mut self, a: &mut CodeAssembler, eip: u32) -> Result<(), IcedError> {
         a.lea(r14, qword_ptr(r14 + self.n as i32))?;
-        if eip >> 12 != self.page && self.ib.is_some() {
+        let same = (self.cs_lo + eip) >> 12 == self.page;
+        if !same && self.ib.is_some() {
             a.mov(r11d, eip)?;
             return emit_indirect_exit(a, self.ib.as_ref(), &self.tlb);
         }
-        if eip >> 12 == self.page {
+        if same {
             // Flag-neutral budget check: LEA and XCHG change no flags,
             // JRCXZ reads none.
             let mut no = a.create_label();
@@ -1248,6 +1512,8 @@ struct Consts {
     page: CodeLabel,
     /// Bit 32 (qword).
     bit32: CodeLabel,
+    /// Bit 16 (qword).
+    bit16: CodeLabel,
 }
 
 /// Guest linear address → R9, TLB entry → R10, host address → R11; jumps
@@ -1264,6 +1530,8 @@ fn emit_probe(
         emit_probe_bmi2(a, m, t, miss, consts)?;
         return emit_access(a, m, t);
     }
+    // Without BMI2 there are neither FS/GS nor 16-bit TUs.
+    debug_assert!(m.seg_base.is_none() && !m.addr16);
     a.pushfq()?;
     a.pop(r12)?;
     if m.base == Register::None && m.index == Register::None {
@@ -1331,13 +1599,19 @@ fn emit_probe_bmi2(
         );
         a.add_instruction(Instruction::with2(Code::Lea_r32_m, Register::R9D, mo)?)?;
     }
+    if m.addr16 {
+        a.movzx(r9d, r9w)?;
+    }
     if let Some(off) = m.seg_base {
-        // FS/GS: the offset's last byte must not pass the 4 GiB limit
-        // (#GP): bit 32 of offset + size - 1, kept in bit 32 of R9 (where
-        // it fails the tag comparison), then linear = base + offset.
+        // The offset's last byte must not pass the 4 GiB limit (FS/GS in
+        // 32-bit code) or 0xffff (16-bit code: the limit is at least
+        // that; beyond, the interpreter checks): bit 32 (16) of offset +
+        // size - 1, kept in bit 32 of R9 (where it fails the tag
+        // comparison), then linear = base + offset.
         if m.size > 1 {
+            let bit = if m.addr16 { consts.bit16 } else { consts.bit32 };
             a.lea(r10, qword_ptr(r9 + (m.size as i32 - 1)))?;
-            a.pext(r10, r10, qword_ptr(consts.bit32))?;
+            a.pext(r10, r10, qword_ptr(bit))?;
             a.pdep(r10, r10, qword_ptr(consts.bit32))?;
         }
         a.mov(r11d, dword_ptr(r15 + off))?;
@@ -1453,32 +1727,46 @@ fn emit_access(a: &mut CodeAssembler, m: &MemInsn, t: &Probe) -> Result<(), Iced
             }
         },
         MemOp::PushReg(r) => {
-            a.add_instruction(Instruction::with2(
-                Code::Mov_rm32_r32,
-                iced_x86::MemoryOperand::with_base(Register::R11),
-                r,
-            )?)?;
-            a.lea(r8d, dword_ptr(r8 - 4))
+            let code = if m.size == 4 {
+                Code::Mov_rm32_r32
+            } else {
+                Code::Mov_rm16_r16
+            };
+            a.add_instruction(Instruction::with2(code, at11(), r)?)?;
+            sp_add(a, -(m.size as i32), m.addr16)
         }
         MemOp::PushImm(v) => {
-            a.mov(dword_ptr(r11), v)?;
-            a.lea(r8d, dword_ptr(r8 - 4))
+            if m.size == 4 {
+                a.mov(dword_ptr(r11), v)?;
+            } else {
+                a.mov(word_ptr(r11), v)?;
+            }
+            sp_add(a, -(m.size as i32), m.addr16)
         }
         MemOp::Pop(r) => {
-            a.add_instruction(Instruction::with2(
-                Code::Mov_r32_rm32,
-                r,
-                iced_x86::MemoryOperand::with_base(Register::R11),
-            )?)?;
-            a.lea(r8d, dword_ptr(r8 + 4))
+            let code = if m.size == 4 {
+                Code::Mov_r32_rm32
+            } else {
+                Code::Mov_r16_rm16
+            };
+            a.add_instruction(Instruction::with2(code, r, at11())?)?;
+            sp_add(a, m.size as i32, m.addr16)
         }
         MemOp::Call { ret, .. } => {
-            a.mov(dword_ptr(r11), ret)?;
-            a.lea(r8d, dword_ptr(r8 - 4))
+            if m.size == 4 {
+                a.mov(dword_ptr(r11), ret)?;
+            } else {
+                a.mov(word_ptr(r11), ret)?;
+            }
+            sp_add(a, -(m.size as i32), m.addr16)
         }
         MemOp::Ret(imm) => {
-            a.mov(r11d, dword_ptr(r11))?;
-            a.lea(r8d, dword_ptr(r8 + (4 + imm as i32)))
+            if m.size == 4 {
+                a.mov(r11d, dword_ptr(r11))?;
+            } else {
+                a.movzx(r11d, word_ptr(r11))?;
+            }
+            sp_add(a, m.size as i32 + imm as i32, m.addr16)
         }
         MemOp::Leave => {
             a.lea(r8d, dword_ptr(rbp + 4))?;
@@ -1513,6 +1801,88 @@ fn emit_access(a: &mut CodeAssembler, m: &MemInsn, t: &Probe) -> Result<(), Iced
             a.mov(r9d, dword_ptr(r11))?;
             emit_div(a, Register::R9D, signed, m.eip, m.before, t)
         }
+        MemOp::PushFlags => {
+            // The guest image: arithmetic flags from RFLAGS, the others
+            // from `CpuState`, VM and RF clear; RFLAGS restored after.
+            a.pushfq()?;
+            a.pop(r12)?;
+            a.mov(r9, r12)?;
+            a.and(r9d, ARITH)?;
+            a.mov(r10, qword_ptr(r15 + OFF_RFLAGS))?;
+            a.and(r10, !(ARITH | VM_RF))?;
+            a.or(r10, r9)?;
+            a.mov(dword_ptr(r11), r10d)?;
+            a.lea(r8d, dword_ptr(r8 - 4))?;
+            a.push(r12)?;
+            a.popfq()
+        }
+        MemOp::PopFlags { next } => {
+            a.mov(r9d, dword_ptr(r11))?;
+            a.lea(r8d, dword_ptr(r8 + 4))?;
+            a.mov(r10, qword_ptr(r15 + OFF_RFLAGS))?;
+            a.mov(r12, r10)?;
+            a.and(r10, !POPF_MASK)?;
+            a.mov(r11d, r9d)?;
+            a.and(r11d, POPF_MASK)?;
+            a.or(r10, r11)?;
+            a.or(r10, 2)?;
+            a.mov(qword_ptr(r15 + OFF_RFLAGS), r10)?;
+            a.and(r9d, ARITH)?;
+            // TF set (the trap after the next instruction), or IF turned
+            // on (an interrupt may be due now): the dispatcher decides.
+            let mut leave = a.create_label();
+            let mut stay = a.create_label();
+            a.test(r10d, TF)?;
+            a.jnz(leave)?;
+            a.test(r10d, IF)?;
+            a.jz(stay)?;
+            a.test(r12d, IF)?;
+            a.jz(leave)?;
+            a.set_label(&mut stay)?;
+            a.push(r9)?;
+            a.popfq()?;
+            let mut done = a.create_label();
+            a.jmp(done)?;
+            a.set_label(&mut leave)?;
+            a.push(r9)?;
+            a.popfq()?;
+            a.lea(r14, qword_ptr(r14 + (m.before as i32 + 1)))?;
+            emit_store_exit(a, Some(next), None)?;
+            a.set_label(&mut done)
+        }
+        MemOp::StoreTable(off) => {
+            a.movzx(r9d, word_ptr(r15 + (off + OFF_TABLE_LIMIT)))?;
+            a.mov(word_ptr(r11), r9w)?;
+            a.mov(r9d, dword_ptr(r15 + (off + OFF_TABLE_BASE)))?;
+            a.mov(dword_ptr(r11 + 2), r9d)
+        }
+        MemOp::StoreSel(off) => {
+            a.movzx(r9d, word_ptr(r15 + off))?;
+            a.mov(word_ptr(r11), r9w)
+        }
+        MemOp::PushSel(off) => {
+            a.movzx(r9d, word_ptr(r15 + off))?;
+            a.mov(word_ptr(r11), r9w)?;
+            sp_add(a, m.disp as i32, m.addr16)
+        }
+    }
+}
+
+/// `[r11]`.
+fn at11() -> iced_x86::MemoryOperand {
+    iced_x86::MemoryOperand::with_base(Register::R11)
+}
+
+/// ESP += `delta` (SP for a 16-bit stack), flag-free.
+fn sp_add(a: &mut CodeAssembler, delta: i32, sp16: bool) -> Result<(), IcedError> {
+    if sp16 {
+        a.add_instruction(Instruction::with2(
+            Code::Lea_r16_m,
+            Register::R8W,
+            iced_x86::MemoryOperand::with_base_displ(Register::R8, delta as i64),
+        )?)
+    } else {
+        a.lea(r8d, dword_ptr(r8 + delta))
     }
 }
 
@@ -1703,6 +2073,8 @@ mod tests {
             inline_sensitive: true,
             flat_data: true,
             fs_gs: 0,
+            code16: false,
+            cs_lo: 0,
         };
         match plan(code, 0x1000, ctx, &|_| false) {
             Translation::Tu(p) => {
@@ -1711,6 +2083,117 @@ mod tests {
             }
             Translation::Interp { .. } => 0,
         }
+    }
+
+    fn plan_ctx(code: &[u8], ctx: Ctx) -> Option<Plan> {
+        match plan(code, 0x1000, ctx, &|_| false) {
+            Translation::Tu(p) => {
+                compile(&p, 0x10_0000, &probe(), 1, None).unwrap();
+                Some(p)
+            }
+            Translation::Interp { .. } => None,
+        }
+    }
+
+    /// PUSHFD, POPFD, SGDT/SIDT m, segment-register reads, SLDT/STR m are
+    /// inline at CPL 0 in flat 32-bit code; at CPL 3 only the segment
+    /// reads and PUSHFD are; CS/SS reads stay call-outs while the CPU
+    /// reports sensitive instructions (the audit).
+    #[test]
+    fn sensitive_reads_are_inline() {
+        let mut a = CodeAssembler::new(32).unwrap();
+        a.pushfd().unwrap();
+        a.mov(eax, ds).unwrap();
+        a.mov(word_ptr(ebx + 4), fs).unwrap();
+        a.push(es).unwrap();
+        a.mov(cx, ss).unwrap();
+        a.popfd().unwrap();
+        a.sgdt(ptr(edi)).unwrap();
+        a.sidt(ptr(edi + 8)).unwrap();
+        a.sldt(word_ptr(edi)).unwrap();
+        a.str(word_ptr(edi + 2)).unwrap();
+        a.smsw(word_ptr(edi + 4)).unwrap();
+        let code = a.assemble(0x1000).unwrap();
+        let mut ctx = Ctx {
+            cpl: 0,
+            inline_sensitive: true,
+            flat_data: true,
+            fs_gs: 1,
+            code16: false,
+            cs_lo: 0,
+        };
+        if !probe().bmi2 {
+            ctx.fs_gs = 0;
+        }
+        let p = plan_ctx(&code, ctx).unwrap();
+        let want = if probe().bmi2 { 11 } else { 2 };
+        assert_eq!((p.insns, p.inline), (want, want));
+        ctx.cpl = 3;
+        let p = plan_ctx(&code, ctx).unwrap();
+        assert_eq!(
+            (p.insns, p.inline),
+            (if probe().bmi2 { 5 } else { 2 }, p.insns)
+        );
+        ctx.cpl = 0;
+        ctx.inline_sensitive = false;
+        let p = plan_ctx(&code, ctx);
+        assert!(p.is_none(), "PUSHFD is a call-out while the audit runs");
+    }
+
+    /// 16-bit code: ALU, 16-bit memory operands through segment bases,
+    /// PUSH/POP, CALL rel16 translate; o32 jumps and 32-bit addressing do
+    /// not.
+    #[test]
+    fn code16_translates() {
+        let mut a = CodeAssembler::new(16).unwrap();
+        a.add(ax, bx).unwrap();
+        a.mov(cx, 5).unwrap();
+        a.add_instruction(
+            Instruction::with2(
+                Code::Mov_r16_rm16,
+                Register::DX,
+                iced_x86::MemoryOperand::new(
+                    Register::BX,
+                    Register::SI,
+                    1,
+                    4,
+                    1,
+                    false,
+                    Register::None,
+                ),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        a.push(dx).unwrap();
+        a.pop(ax).unwrap();
+        a.push(es).unwrap();
+        a.lea(di, ptr(bp + di + 6)).unwrap();
+        a.add(dword_ptr(ebx), eax).unwrap(); // 32-bit addressing: a call-out
+        let code = a.assemble(0x1000).unwrap();
+        let ctx = Ctx {
+            cpl: 0,
+            inline_sensitive: true,
+            flat_data: true,
+            fs_gs: 0,
+            code16: true,
+            cs_lo: 0x340,
+        };
+        if !probe().bmi2 {
+            return; // the 16-bit probe needs BMI2
+        }
+        let p = plan_ctx(&code, ctx).unwrap();
+        assert_eq!(p.insns, 7);
+        // Data segments not usable: register-only instructions still are.
+        let p = plan_ctx(
+            &code,
+            Ctx {
+                flat_data: false,
+                ..ctx
+            },
+        )
+        .unwrap();
+        assert_eq!(p.insns, 2);
     }
 
     /// The worked example of `docs/binary-translation.md`: prints the CCF
@@ -1726,6 +2209,8 @@ mod tests {
             inline_sensitive: true,
             flat_data: true,
             fs_gs: 0,
+            code16: false,
+            cs_lo: 0,
         };
         let Translation::Tu(p) = plan(&code, 0x1000, ctx, &|_| false) else {
             panic!("not translated")
@@ -1757,6 +2242,8 @@ mod tests {
                 inline_sensitive: true,
                 flat_data: true,
                 fs_gs,
+                code16: false,
+                cs_lo: 0,
             };
             let n = match plan(&code, 0x1000, ctx, &|_| false) {
                 Translation::Tu(p) => {

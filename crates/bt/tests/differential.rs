@@ -137,7 +137,7 @@ macro_rules! cc {
 /// One random instruction (or a small group) at CPL `cpl`.
 fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
     let (d, s) = (reg(r), reg(r));
-    match r.below(46) {
+    match r.below(48) {
         0..=5 => {
             let op = r.below(9);
             match r.below(6) {
@@ -483,6 +483,54 @@ fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
                 _ => a.mul(R16[s]).unwrap(),
             }
         }
+        46 => {
+            // Reads of the virtual CPU: segment registers (to registers,
+            // memory, the stack), and at CPL 0 the descriptor-table
+            // registers, LDTR, TR and the MSW to memory.
+            let m = DATA as i32 + (r.below(0xffc) as i32);
+            let sr = [es, cs, ss, ds, fs, gs][r.below(6) as usize];
+            match r.below(if cpl == 0 { 9 } else { 4 }) {
+                0 => a.mov(R32[d], sr).unwrap(),
+                1 => a.mov(R16[d], sr).unwrap(),
+                2 => a.mov(word_ptr(m), sr).unwrap(),
+                3 => {
+                    a.push(sr).unwrap();
+                    a.pop(R32[d]).unwrap();
+                }
+                4 => a.sgdt(ptr(m)).unwrap(),
+                5 => a.sidt(ptr(m)).unwrap(),
+                6 => a.sldt(word_ptr(m)).unwrap(),
+                7 => a.str(word_ptr(m)).unwrap(),
+                _ => a.smsw(word_ptr(m)).unwrap(),
+            }
+        }
+        47 => {
+            // PUSHFD/POPFD with IF turning on and off (and rarely TF,
+            // which traps after the next instruction).
+            let mut v = 2 | (r.next() as i32 & 0x8d5) | (r.next() as i32 & 0x200);
+            if r.below(16) == 0 {
+                v |= 0x100;
+            }
+            if r.below(8) == 0 {
+                v |= (r.next() as i32) & 0x24_7400; // DF NT AC ID IOPL
+            }
+            match r.below(3) {
+                0 => {
+                    a.push(v).unwrap();
+                    a.popfd().unwrap();
+                }
+                1 => {
+                    a.pushfd().unwrap();
+                    a.xor(dword_ptr(esp), 0x200).unwrap();
+                    a.popfd().unwrap();
+                }
+                _ => {
+                    a.pushfd().unwrap();
+                    gen_plain(a, r);
+                    a.popfd().unwrap();
+                }
+            }
+        }
         _ => gen_plain(a, r),
     }
 }
@@ -590,15 +638,30 @@ fn run_case(seed: u64, case: u64, t: &mut Tally) {
         }
     }
     let (cpu_b, data) = machine(&code, cpl, &mut Rng(case + 1));
-    let (mut cpu_i, _) = machine(&code, cpl, &mut Rng(case + 1));
+    let (cpu_i, _) = machine(&code, cpl, &mut Rng(case + 1));
     let mut bt = BtCore::new(cpu_b).unwrap();
     bt.set_hot_after(1);
     // A quarter of the cases cover the PUSHFQ/POPFQ probe of hosts
     // without BMI2.
     bt.bmi2 &= case % 4 != 0;
+    let _ = data;
+    let what = format!("case {case} (seed {seed:#x}, cpl {cpl})");
+    compare(&what, &code, bt, cpu_i, &[DATA, 0x7000, CODE], t);
+}
+
+/// Runs `bt` and the interpreter `cpu_i` side by side, dispatch by
+/// dispatch, comparing state, instruction count and the pages at
+/// `regions` after each (and all of RAM at the end); records a mismatch.
+fn compare(
+    what: &str,
+    code: &[u8],
+    mut bt: BtCore,
+    mut cpu_i: Cpu,
+    regions: &[u64],
+    t: &mut Tally,
+) {
     let (mut bus_b, mut bus_i) = (Quiet, Quiet);
     t.cases += 1;
-    let _ = data;
     for _ in 0..2_000 {
         let before = bt.cpu().icount;
         let runs = bt.stats.ccf_runs;
@@ -616,13 +679,20 @@ fn run_case(seed: u64, case: u64, t: &mut Tally) {
         }
         let exit_b = exit_b.unwrap_or(RunExit::Budget);
         let (st_b, st_i) = (bt.cpu().state().clone(), cpu_i.state().clone());
-        // The data page, the stack page below 0x8000 and the code pages.
-        let mut mem_b = vec![0u8; 3 * 4096];
-        let mut mem_i = vec![0u8; 3 * 4096];
-        for (i, at) in [DATA, 0x7000, CODE].into_iter().enumerate() {
+        let pages = regions.len();
+        let mut mem_b = vec![0u8; pages * 4096];
+        let mut mem_i = vec![0u8; pages * 4096];
+        for (i, &at) in regions.iter().enumerate() {
             let r = i * 4096..(i + 1) * 4096;
             bt.cpu().ram().read(at, &mut mem_b[r.clone()]).unwrap();
             cpu_i.ram().read(at, &mut mem_i[r]).unwrap();
+        }
+        if exit_b != RunExit::Budget {
+            // The end: all of RAM.
+            mem_b = vec![0u8; RAM as usize];
+            mem_i = vec![0u8; RAM as usize];
+            bt.cpu().ram().read(0, &mut mem_b).unwrap();
+            cpu_i.ram().read(0, &mut mem_i).unwrap();
         }
         if mem_b != mem_i && std::env::var("POPEK_BT_DIFF_TRACE").is_ok() {
             for (i, (x, y)) in mem_b.iter().zip(&mem_i).enumerate() {
@@ -637,7 +707,7 @@ fn run_case(seed: u64, case: u64, t: &mut Tally) {
         }
         if exit_b != exit_i || st_b != st_i || mem_b != mem_i || bt.cpu().icount != cpu_i.icount {
             t.mismatches.push(format!(
-                "case {case} (seed {seed:#x}, cpl {cpl}) after {} instructions: exit bt {exit_b:?} interp {exit_i:?}\n  gpr bt {:x?}\n  gpr in {:x?}\n  rip {:#x}/{:#x} rflags {:#x}/{:#x} data equal {}\n  code {:02x?}",
+                "{what} after {} instructions: exit bt {exit_b:?} interp {exit_i:?}\n  gpr bt {:x?}\n  gpr in {:x?}\n  rip {:#x}/{:#x} rflags {:#x}/{:#x} memory equal {}\n  code {:02x?}",
                 bt.cpu().icount,
                 &st_b.gpr[..8],
                 &st_i.gpr[..8],
@@ -836,4 +906,459 @@ fn returns_through_the_indirect_branch_table_stop_exactly() {
         .unwrap()
         .1;
     assert!(hits > 100, "{:?}", bt.stats);
+}
+
+/// A memory operand with 16-bit addressing (`[bx+si+disp]` and the
+/// other forms), through `seg` (`None`: the default).
+fn mem16(r: &mut Rng, seg: Register) -> MemoryOperand {
+    let (base, index) = [
+        (Register::BX, Register::SI),
+        (Register::BX, Register::DI),
+        (Register::BP, Register::SI),
+        (Register::BP, Register::DI),
+        (Register::SI, Register::None),
+        (Register::DI, Register::None),
+        (Register::BP, Register::None),
+        (Register::BX, Register::None),
+        (Register::None, Register::None),
+    ][r.below(9) as usize];
+    let (disp, size) = match r.below(3) {
+        0 if base != Register::None => (0, 0),
+        1 if base != Register::None => (r.next() as i8 as i64, 1),
+        _ => (r.below(0x1_0000) as i64, 2),
+    };
+    let disp = if size == 1 { disp as u16 as i64 } else { disp };
+    MemoryOperand::new(base, index, 1, disp, size, false, seg)
+}
+
+/// One random instruction (or a small group) of 16-bit code.
+fn gen16(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
+    let r16 = [
+        Register::AX,
+        Register::CX,
+        Register::DX,
+        Register::BX,
+        Register::SP,
+        Register::BP,
+        Register::SI,
+        Register::DI,
+    ];
+    let rb = [
+        Register::AL,
+        Register::CL,
+        Register::DL,
+        Register::BL,
+        Register::AH,
+        Register::CH,
+        Register::DH,
+        Register::BH,
+    ];
+    let (d, s) = (reg(r), reg(r));
+    let seg = [
+        Register::None,
+        Register::None,
+        Register::None,
+        Register::ES,
+        Register::SS,
+        Register::DS,
+        Register::FS,
+        Register::GS,
+        Register::CS,
+    ][r.below(9) as usize];
+    let op = r.below(9);
+    let alu16 = [
+        Code::Add_rm16_r16,
+        Code::Or_rm16_r16,
+        Code::Adc_rm16_r16,
+        Code::Sbb_rm16_r16,
+        Code::And_rm16_r16,
+        Code::Sub_rm16_r16,
+        Code::Xor_rm16_r16,
+        Code::Cmp_rm16_r16,
+        Code::Test_rm16_r16,
+    ][op as usize];
+    let ins = |i: Result<Instruction, IcedError>| i.unwrap();
+    let add = |a: &mut CodeAssembler, i: Instruction| a.add_instruction(i).unwrap();
+    match r.below(20) {
+        0..=3 => match r.below(4) {
+            0 => alu!(a, op, R16[d], R16[s]),
+            1 => alu!(a, op, R8[r.below(8) as usize], R8[r.below(8) as usize]),
+            2 => alu!(a, op, R16[d], r.imm() as i16 as i32),
+            _ => alu!(a, op, R32[d], R32[s]), // o32
+        },
+        4..=6 => {
+            // Memory operands, sometimes with the base prepared to stay
+            // in the first page of the segment.
+            if r.below(2) == 0 {
+                let b =
+                    [Register::BX, Register::BP, Register::SI, Register::DI][r.below(4) as usize];
+                add(
+                    a,
+                    ins(Instruction::with2(
+                        Code::Mov_r16_imm16,
+                        b,
+                        r.below(0x800) as u32,
+                    )),
+                );
+            }
+            let m = mem16(r, seg);
+            let i = match r.below(8) {
+                0 => Instruction::with2(alu16, m, r16[s]),
+                1 => Instruction::with2(Code::Mov_r16_rm16, r16[d], m),
+                2 => Instruction::with2(Code::Mov_rm8_r8, m, rb[r.below(8) as usize]),
+                3 => Instruction::with2(
+                    Code::Add_r32_rm32,
+                    [Register::EAX, Register::ECX, Register::EDX, Register::EBX][d & 3],
+                    m,
+                ),
+                4 => Instruction::with1(Code::Inc_rm16, m),
+                5 => Instruction::with2(Code::Movzx_r16_rm8, r16[d], m),
+                6 => Instruction::with2(Code::Mov_rm16_imm16, m, r.next() as u16 as u32),
+                _ => Instruction::with2(Code::Lea_r16_m, r16[d], m),
+            };
+            add(a, ins(i));
+        }
+        7 => {
+            let c = r.below(4) as i32;
+            match r.below(3) {
+                0 => shift!(a, op % 7, R16[d], c),
+                1 => shift!(a, op % 7, R8[d], cl),
+                _ => shift!(a, op % 7, R16[d], 1),
+            }
+        }
+        8..=9 => {
+            // The stack: PUSH/POP of both sizes, immediates, segment
+            // registers; sometimes from an odd or tiny Register::SP (wraps, #Register::SS).
+            if r.below(16) == 0 {
+                add(
+                    a,
+                    ins(Instruction::with2(
+                        Code::Mov_r16_imm16,
+                        Register::SP,
+                        r.below(6) as u32,
+                    )),
+                );
+            }
+            let sr = [es, cs, ss, ds, fs, gs][r.below(6) as usize];
+            match r.below(6) {
+                0 => {
+                    a.push(R16[s]).unwrap();
+                    a.pop(R16[d]).unwrap();
+                }
+                1 => {
+                    a.push(R32[s]).unwrap();
+                    a.pop(R32[d]).unwrap();
+                }
+                2 => {
+                    a.push(r.imm() as i16 as i32).unwrap();
+                    a.pop(R16[d]).unwrap();
+                }
+                3 => {
+                    a.push(sr).unwrap();
+                    a.pop(R16[d]).unwrap();
+                }
+                4 => a.mov(R16[d], sr).unwrap(),
+                _ => {
+                    a.pushf().unwrap();
+                    a.popf().unwrap();
+                }
+            }
+        }
+        10..=11 => {
+            // CALL/RET (rel16, RET imm16).
+            let mut l1 = a.create_label();
+            let mut l2 = a.create_label();
+            match r.below(2) {
+                0 => {
+                    a.call(l1).unwrap();
+                    a.jmp(l2).unwrap();
+                    a.set_label(&mut l1).unwrap();
+                    a.ret().unwrap();
+                    a.set_label(&mut l2).unwrap();
+                    alu!(a, op, R16[d], R16[s]);
+                }
+                _ => {
+                    a.push(r.imm() as i16 as i32).unwrap();
+                    a.call(l1).unwrap();
+                    a.jmp(l2).unwrap();
+                    a.set_label(&mut l1).unwrap();
+                    a.ret_1(2).unwrap();
+                    a.set_label(&mut l2).unwrap();
+                    alu!(a, op, R16[d], R16[s]);
+                }
+            }
+        }
+        12..=13 => {
+            // A forward Jcc/JMP over one instruction.
+            let mut l = a.create_label();
+            match r.below(4) {
+                0 => a.jmp(l).unwrap(),
+                1 => a.je(l).unwrap(),
+                2 => a.jb(l).unwrap(),
+                _ => a.jg(l).unwrap(),
+            }
+            alu!(a, op, R16[d], R16[s]);
+            a.set_label(&mut l).unwrap();
+        }
+        14 => match r.below(6) {
+            0 => a.mov(R16[d], r.imm() as i16 as i32).unwrap(),
+            1 => a.movsx(R16[d], R8[r.below(8) as usize]).unwrap(),
+            2 => a.xchg(R16[d], R16[s]).unwrap(),
+            3 => a.cbw().unwrap(),
+            4 => a.cwd().unwrap(),
+            _ => a.inc(R16[d]).unwrap(),
+        },
+        15 if cpl == 0 => match r.below(2) {
+            0 => a.cli().unwrap(),
+            _ => a.sti().unwrap(),
+        },
+        16 => {
+            // Self-modifying code through Register::ES (= Register::CS in some cases).
+            let m = MemoryOperand::new(
+                Register::None,
+                Register::None,
+                1,
+                r.below(0x1_0000) as i64,
+                2,
+                false,
+                Register::ES,
+            );
+            add(
+                a,
+                ins(Instruction::with2(
+                    Code::Mov_rm8_imm8,
+                    m,
+                    r.next() as u8 as u32,
+                )),
+            );
+        }
+        17 => match r.below(3) {
+            0 => a.div(R16[s]).unwrap(),
+            1 => a.mul(R16[s]).unwrap(),
+            _ => a.imul_2(R16[d], R16[s]).unwrap(),
+        },
+        _ => alu!(a, op, R16[d], R16[s]),
+    }
+}
+
+/// The 16-bit machine: real mode (`mode` 0) or a 16-bit code segment at
+/// CPL 0 (1) or 3 (2), paging off. Register::CS's base puts IP 0 at `CODE - base`
+/// (a random page offset); Register::DS's base is the data page's; Register::ES is Register::DS, Register::CS (for
+/// stores into the code) or another base; Register::SS:SP tops at 0x8000; Register::FS and
+/// Register::GS have other bases, Register::GS sometimes a small limit (its operands are then
+/// call-outs).
+fn machine16(code: &[u8], mode: u8, r: &mut Rng) -> (Cpu, u64) {
+    use popek_cpu::state::attr;
+    use popek_cpu::Segment;
+    let ram = Arc::new(GuestRam::new(RAM).unwrap());
+    ram.write(CODE, code).unwrap();
+    let data: Vec<u8> = (0..0x1_0000).map(|_| r.next() as u8).collect();
+    ram.write(DATA, &data).unwrap();
+    let mut cpu = Cpu::new(ram);
+    let cs_sel = 0x1000 - r.below(0xf00) as u16;
+    let cs_base = (cs_sel as u64) << 4;
+    let mut s = if mode == 0 {
+        let mut s = CpuState::reset();
+        s.cr0 &= !1;
+        s.seg = [Segment::real(0); 6];
+        s.seg[1] = Segment::real(cs_sel);
+        s.seg[1].attr |= attr::CODE;
+        s
+    } else {
+        let rpl = if mode == 2 { 3 } else { 0 };
+        let mut s = CpuState::flat_protected(0x08 | rpl, 0x10 | rpl);
+        for g in s.seg.iter_mut() {
+            g.attr &= !(attr::DB | attr::G);
+            g.limit = 0xffff;
+        }
+        s.seg[1].base = cs_base;
+        s
+    };
+    let es_base = [DATA, cs_base, DATA - 0x8000][r.below(3) as usize];
+    s.seg[0].base = es_base;
+    s.seg[2].base = 0;
+    s.seg[3].base = DATA;
+    s.seg[4].base = DATA + 0x100;
+    s.seg[5].base = DATA + 0x800;
+    if mode == 0 {
+        for i in [0, 3, 4, 5] {
+            s.seg[i].selector = (s.seg[i].base >> 4) as u16;
+        }
+    }
+    if r.below(2) == 0 {
+        s.seg[5].limit = 0x7ff;
+    }
+    s.rip = CODE - cs_base;
+    for (i, g) in s.gpr.iter_mut().take(8).enumerate() {
+        *g = if i == 4 {
+            0x8000
+        } else {
+            r.next() & 0xffff_ffff
+        };
+    }
+    s.rflags = 2 | (r.next() & 0x8d5) | if r.below(2) == 0 { 0x200 } else { 0 };
+    let ip = s.rip;
+    cpu.set_state(s);
+    cpu.exception_bitmap = !0;
+    (cpu, ip)
+}
+
+fn run_case16(seed: u64, case: u64, t: &mut Tally) {
+    let mut r = Rng(seed ^ case.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mode = r.below(3) as u8;
+    let cpl = if mode == 2 { 3 } else { 0 };
+    let ip = machine16(&[], mode, &mut Rng(case + 1)).1;
+    let mut a = CodeAssembler::new(16).unwrap();
+    let n = 1 + r.below(40);
+    let looped = Rng(case ^ 0x1009).below(2) == 0;
+    let mut top = a.create_label();
+    let counter = MemoryOperand::new(
+        Register::None,
+        Register::None,
+        1,
+        0xffe,
+        2,
+        false,
+        Register::DS,
+    );
+    if looped {
+        a.add_instruction(Instruction::with2(Code::Mov_rm16_imm16, counter, 3).unwrap())
+            .unwrap();
+        a.set_label(&mut top).unwrap();
+    }
+    for _ in 0..n {
+        gen16(&mut a, &mut r, cpl);
+    }
+    if looped {
+        a.add_instruction(Instruction::with1(Code::Dec_rm16, counter).unwrap())
+            .unwrap();
+        a.jne(top).unwrap();
+    }
+    a.hlt().unwrap();
+    let code = a.assemble(ip).unwrap();
+    let (cpu_b, _) = machine16(&code, mode, &mut Rng(case + 1));
+    let (cpu_i, _) = machine16(&code, mode, &mut Rng(case + 1));
+    let mut bt = BtCore::new(cpu_b).unwrap();
+    bt.set_hot_after(1);
+    let what = format!("16-bit case {case} (seed {seed:#x}, mode {mode})");
+    compare(&what, &code, bt, cpu_i, &[DATA, 0x7000, CODE], t);
+}
+
+/// 16-bit code (real mode, 16-bit protected mode at CPL 0 and 3) on `bt`
+/// and on the interpreter: memory operands with 16-bit addressing through
+/// every segment, Register::SP wrapping, CALL/RET rel16, PUSH Sreg, segment bases
+/// that are not page-aligned (chaining by linear page).
+#[test]
+fn bt_matches_interp_on_random_16bit_sequences() {
+    let seed = env("POPEK_BT_DIFF_SEED", 0x005e_edb7);
+    let cases = env("POPEK_BT_DIFF_CASES", 10_000) / 2;
+    let mut t = Tally::default();
+    let only = std::env::var("POPEK_BT_DIFF_ONLY")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    let before = std::time::Instant::now();
+    let mut ccf16 = 0;
+    for case in 0..cases {
+        if only.is_some_and(|o| o != case) {
+            continue;
+        }
+        let runs = t.ccf_runs;
+        run_case16(seed, case, &mut t);
+        ccf16 += (t.ccf_runs > runs) as u64;
+    }
+    eprintln!(
+        "bt vs interp, 16-bit code: {} sequences ({} ran translated code), {} dispatches ({} CCF runs), {} ended in an exception, {} mismatches, {:?}",
+        t.cases,
+        ccf16,
+        t.dispatches,
+        t.ccf_runs,
+        t.exceptions,
+        t.mismatches.len(),
+        before.elapsed()
+    );
+    for m in t.mismatches.iter().take(5) {
+        eprintln!("{m}");
+    }
+    if std::arch::is_x86_feature_detected!("bmi2") {
+        assert!(t.ccf_runs > t.cases, "the translator ran: {}", t.ccf_runs);
+    } else {
+        eprintln!("no BMI2 on this host: 16-bit code is interpreted");
+    }
+    assert!(t.mismatches.is_empty(), "{} mismatches", t.mismatches.len());
+}
+
+/// A real-mode loop (CS base not page-aligned) with 16-bit memory
+/// operands, PUSH/POP and CALL/RET runs translated, stopping exactly at
+/// every budget in the interpreter's state.
+#[test]
+fn real_mode_loop_runs_translated() {
+    if !std::arch::is_x86_feature_detected!("bmi2") {
+        eprintln!("skipped: no BMI2 on this host (16-bit code is interpreted)");
+        return;
+    }
+    let (probe, ip) = machine16(&[], 0, &mut Rng(11));
+    drop(probe);
+    let mut a = CodeAssembler::new(16).unwrap();
+    let mut top = a.create_label();
+    let mut f = a.create_label();
+    let mut done = a.create_label();
+    a.mov(cx, 2000).unwrap();
+    a.xor(si, si).unwrap();
+    a.set_label(&mut top).unwrap();
+    let m = MemoryOperand::new(Register::BX, Register::SI, 1, 0, 0, false, Register::None);
+    a.add_instruction(Instruction::with2(Code::Add_r16_rm16, Register::AX, m).unwrap())
+        .unwrap();
+    a.add(si, 2).unwrap();
+    a.and(si, 0x7fe).unwrap();
+    a.push(ax).unwrap();
+    a.call(f).unwrap();
+    a.pop(dx).unwrap();
+    a.dec(cx).unwrap();
+    a.jne(top).unwrap();
+    a.jmp(done).unwrap();
+    a.set_label(&mut f).unwrap();
+    let m = MemoryOperand::new(
+        Register::BP,
+        Register::None,
+        1,
+        0x40,
+        1,
+        false,
+        Register::DS,
+    );
+    a.add_instruction(Instruction::with2(Code::Mov_rm16_r16, m, Register::AX).unwrap())
+        .unwrap();
+    a.ret().unwrap();
+    a.set_label(&mut done).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(ip).unwrap();
+    let (cpu_b, _) = machine16(&code, 0, &mut Rng(11));
+    let (mut cpu_i, _) = machine16(&code, 0, &mut Rng(11));
+    let mut bt = BtCore::new(cpu_b).unwrap();
+    bt.set_hot_after(1);
+    let mut r = Rng(5);
+    loop {
+        let budget = 1 + r.below(500);
+        let eb = bt.run(&mut Quiet, budget);
+        let ei = cpu_i.run(&mut Quiet, budget);
+        assert_eq!(eb, ei);
+        assert_eq!(bt.cpu().icount, cpu_i.icount);
+        assert_eq!(bt.cpu().state(), cpu_i.state());
+        if eb != RunExit::Budget {
+            break;
+        }
+    }
+    assert_eq!(bt.cpu().state().gpr[1] & 0xffff, 0, "the loop ran out");
+    let mut mb = vec![0u8; RAM as usize];
+    let mut mi = vec![0u8; RAM as usize];
+    bt.cpu().ram().read(0, &mut mb).unwrap();
+    cpu_i.ram().read(0, &mut mi).unwrap();
+    assert!(mb == mi, "memory differs");
+    let total = bt.cpu().icount;
+    let s = &bt.stats;
+    assert!(
+        s.dyn_interp * 20 < total,
+        "mostly translated: {} of {total} interpreted ({s:?})",
+        s.dyn_interp
+    );
 }
