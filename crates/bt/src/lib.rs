@@ -818,8 +818,11 @@ impl BtCore {
     pub fn dump_ccf(&self, phys: u64) -> Option<String> {
         use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter};
         use std::fmt::Write as _;
-        let (insns, guest_len) = self.map.iter().find_map(|(k, e)| match *e {
-            Entry::Ccf { insns, .. } if k.0 == phys => Some((insns, 15 * insns as usize)),
+        let (insns, guest_len, bits, eip) = self.map.iter().find_map(|(k, e)| match *e {
+            Entry::Ccf { insns, .. } if k.0 == phys => {
+                let bits = if k.2 & 0x20 != 0 { 16 } else { 32 };
+                Some((insns, 15 * insns as usize, bits, k.1))
+            }
             _ => None,
         })?;
         let (addr, host) = self.ccf_at(phys)?;
@@ -830,9 +833,9 @@ impl BtCore {
         self.cpu.ram().read(phys, &mut guest).ok()?;
         let _ = writeln!(
             out,
-            "TU at guest-physical {phys:#x}: {insns} guest instructions"
+            "TU at guest-physical {phys:#x} (EIP {eip:#x}, {bits}-bit code): {insns} guest instructions"
         );
-        let mut dec = Decoder::with_ip(32, &guest, phys, DecoderOptions::NONE);
+        let mut dec = Decoder::with_ip(bits, &guest, phys, DecoderOptions::NONE);
         let mut insn = Instruction::default();
         for _ in 0..insns {
             if !dec.can_decode() {
