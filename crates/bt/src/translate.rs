@@ -169,14 +169,15 @@ enum MemOp {
     JmpMem,
     /// DIV/IDIV m32 (signed): see `Item::Div`.
     Div(bool),
-    /// PUSHFD: the guest flags (arithmetic ones from RFLAGS, the others
-    /// from `CpuState`), VM and RF clear.
+    /// PUSHF/PUSHFD: the guest flags (arithmetic ones from RFLAGS, the
+    /// others from `CpuState`), VM and RF clear.
     PushFlags,
-    /// POPFD at CPL 0: arithmetic flags to RFLAGS, the rest to `CpuState`;
-    /// leaves the CCF for the dispatcher (at `next`, the TU's `before + 1`
-    /// instructions retired) when it sets TF or turns IF on (a pending
-    /// interrupt is due), else goes on.
-    PopFlags { next: u32 },
+    /// POPF: arithmetic flags to RFLAGS, the others POPF may write at this
+    /// CPL to `CpuState` (IF only when CPL ≤ IOPL, IOPL only at CPL 0, the
+    /// low 16 bits for POPFW); leaves the CCF for the dispatcher (at
+    /// `next`, the TU's `before + 1` instructions retired) when it sets TF
+    /// or turns IF on (a pending interrupt is due), else goes on.
+    PopFlags { next: u32, cpl: u8 },
     /// SGDT/SIDT m: the 16-bit limit and the 32-bit base of the table
     /// register at this `CpuState` offset.
     StoreTable(i32),
@@ -994,21 +995,33 @@ fn inline_op(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
         }
         // The rest: 32-bit code on a flat stack, with the virtual CPU's
         // sensitive state not reported (audit runs interpret them).
-        _ if ctx.code16 || !ctx.flat_data || !ctx.inline_sensitive => None,
-        Pushfd => mem(MemOp::PushFlags, stack_addr(ctx, -4), 4),
-        Popfd if ctx.cpl == 0 => {
+        // PUSHF/POPF of the code's own operand size, on its stack.
+        Pushfd | Pushf | Popfd | Popf
+            if ctx.flat_data
+                && ctx.inline_sensitive
+                && matches!(
+                    (ins.code(), ctx.code16),
+                    (Code::Pushfd | Code::Popfd, false) | (Code::Pushfw | Code::Popfw, true)
+                ) =>
+        {
+            let size = if ctx.code16 { 2 } else { 4 };
+            if matches!(m, Pushf | Pushfd) {
+                return mem(MemOp::PushFlags, stack_addr(ctx, -(size as i32)), size);
+            }
             let mut mi = MemInsn::new(
                 MemOp::PopFlags {
                     next: next_ip(ins, ctx),
+                    cpl: ctx.cpl,
                 },
                 *ins,
                 stack_addr(ctx, 0),
-                4,
+                size,
                 false,
             );
             mi.flags_live = false; // POPF sets all six
             Some((Item::Mem(Box::new(mi)), Class::Inline))
         }
+        _ if ctx.code16 || !ctx.flat_data || !ctx.inline_sensitive => None,
         Sgdt | Sidt if ctx.cpl == 0 && ins.code() != Code::Sgdt_m1632_16 => {
             if ins.code() == Code::Sidt_m1632_16 || ins.op0_kind() != OpKind::Memory {
                 return None;
@@ -1811,20 +1824,46 @@ fn emit_access(a: &mut CodeAssembler, m: &MemInsn, t: &Probe) -> Result<(), Iced
             a.mov(r10, qword_ptr(r15 + OFF_RFLAGS))?;
             a.and(r10, !(ARITH | VM_RF))?;
             a.or(r10, r9)?;
-            a.mov(dword_ptr(r11), r10d)?;
-            a.lea(r8d, dword_ptr(r8 - 4))?;
+            if m.size == 4 {
+                a.mov(dword_ptr(r11), r10d)?;
+            } else {
+                a.mov(word_ptr(r11), r10w)?;
+            }
+            sp_add(a, -(m.size as i32), m.addr16)?;
             a.push(r12)?;
             a.popfq()
         }
-        MemOp::PopFlags { next } => {
-            a.mov(r9d, dword_ptr(r11))?;
-            a.lea(r8d, dword_ptr(r8 + 4))?;
+        MemOp::PopFlags { next, cpl } => {
+            if m.size == 4 {
+                a.mov(r9d, dword_ptr(r11))?;
+            } else {
+                a.movzx(r9d, word_ptr(r11))?;
+            }
+            sp_add(a, m.size as i32, m.addr16)?;
+            // What POPF writes (SDM): IF when CPL ≤ IOPL (read at run
+            // time: the host flags are free, POPF sets them all), IOPL at
+            // CPL 0; the low word for POPFW.
+            let word = if m.size == 2 { 0xffff } else { -1 };
+            let cpl = cpl as i32;
+            let fixed = (POPF_MASK & !IF & !0x3000) | if cpl == 0 { IF | 0x3000 } else { 0 };
             a.mov(r10, qword_ptr(r15 + OFF_RFLAGS))?;
             a.mov(r12, r10)?;
-            a.and(r10, !POPF_MASK)?;
-            a.mov(r11d, r9d)?;
-            a.and(r11d, POPF_MASK)?;
-            a.or(r10, r11)?;
+            a.mov(r11d, fixed & word)?;
+            if cpl > 0 {
+                let mut no_if = a.create_label();
+                a.mov(r11d, r10d)?;
+                a.shr(r11d, 12)?;
+                a.and(r11d, 3)?;
+                a.cmp(r11d, cpl)?;
+                a.mov(r11d, fixed & word)?;
+                a.jb(no_if)?;
+                a.or(r11d, IF)?;
+                a.set_label(&mut no_if)?;
+            }
+            // new = old ^ ((old ^ value) & mask)
+            a.xor(r10, r9)?;
+            a.and(r10, r11)?;
+            a.xor(r10, r12)?;
             a.or(r10, 2)?;
             a.mov(qword_ptr(r15 + OFF_RFLAGS), r10)?;
             a.and(r9d, ARITH)?;
@@ -2096,9 +2135,10 @@ mod tests {
     }
 
     /// PUSHFD, POPFD, SGDT/SIDT m, segment-register reads, SLDT/STR m are
-    /// inline at CPL 0 in flat 32-bit code; at CPL 3 only the segment
-    /// reads and PUSHFD are; CS/SS reads stay call-outs while the CPU
-    /// reports sensitive instructions (the audit).
+    /// inline at CPL 0 in flat 32-bit code; at CPL 3 the segment reads,
+    /// PUSHFD and POPFD are (POPF keeps IF unless IOPL = 3, decided at run
+    /// time); all stay call-outs while the CPU reports sensitive
+    /// instructions (the audit).
     #[test]
     fn sensitive_reads_are_inline() {
         let mut a = CodeAssembler::new(32).unwrap();
@@ -2118,22 +2158,15 @@ mod tests {
             cpl: 0,
             inline_sensitive: true,
             flat_data: true,
-            fs_gs: 1,
+            fs_gs: 0,
             code16: false,
             cs_lo: 0,
         };
-        if !probe().bmi2 {
-            ctx.fs_gs = 0;
-        }
         let p = plan_ctx(&code, ctx).unwrap();
-        let want = if probe().bmi2 { 11 } else { 2 };
-        assert_eq!((p.insns, p.inline), (want, want));
+        assert_eq!((p.insns, p.inline), (11, 11));
         ctx.cpl = 3;
         let p = plan_ctx(&code, ctx).unwrap();
-        assert_eq!(
-            (p.insns, p.inline),
-            (if probe().bmi2 { 5 } else { 2 }, p.insns)
-        );
+        assert_eq!((p.insns, p.inline), (6, 6));
         ctx.cpl = 0;
         ctx.inline_sensitive = false;
         let p = plan_ctx(&code, ctx);

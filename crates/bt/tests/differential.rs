@@ -1059,7 +1059,15 @@ fn gen16(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
                 }
                 4 => a.mov(R16[d], sr).unwrap(),
                 _ => {
-                    a.pushf().unwrap();
+                    // PUSHF/POPF, IF turning on and off, TF now and then.
+                    if r.below(2) == 0 {
+                        a.pushf().unwrap();
+                    } else {
+                        let v = 2
+                            | (r.next() as i32 & 0x7ed5)
+                            | if r.below(16) == 0 { 0x100 } else { 0 };
+                        a.push(v).unwrap();
+                    }
                     a.popf().unwrap();
                 }
             }
