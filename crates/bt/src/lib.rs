@@ -572,11 +572,14 @@ impl BtCore {
         let idx = (lin as usize >> 12) & (l.entries - 1);
         let off =
             set * l.set_stride + idx * l.entry_size + if write { l.write_tag } else { l.read_tag };
-        // SAFETY: `tlb_layout` describes the CPU's live, boxed TLB; the
-        // offset stays inside it (set < 2, idx < entries, a u32 tag field
-        // of an entry), and nothing writes it during this read.
-        let tag = unsafe { std::ptr::read_unaligned(l.base.add(off) as *const u32) };
-        tag == (lin as u32 & !0xfff) | 1
+        [0, l.way_stride].iter().any(|&way| {
+            // SAFETY: `tlb_layout` describes the CPU's live, boxed TLB; the
+            // offset stays inside it (set < 2, way 0 or 1, idx < entries, a
+            // u32 tag field of an entry), and nothing writes it during this
+            // read.
+            let tag = unsafe { std::ptr::read_unaligned(l.base.add(off + way) as *const u32) };
+            tag == (lin as u32 & !0xfff) | 1
+        })
     }
 
     /// Indirect-branch table hits so far.
@@ -624,6 +627,7 @@ impl BtCore {
             set_base: l.base as u64 + if cpl & 3 == 3 { l.set_stride as u64 } else { 0 },
             entries: l.entries as u32,
             entry_shift: l.entry_size.trailing_zeros(),
+            way_stride: l.way_stride as i32,
             read_tag: l.read_tag as i32,
             write_tag: l.write_tag as i32,
             host: l.host as i32,

@@ -1501,6 +1501,8 @@ pub struct Probe {
     pub entries: u32,
     /// log2 of the entry size.
     pub entry_shift: u32,
+    /// Bytes from way 0 of an index to way 1 (the data sets are two-way).
+    pub way_stride: i32,
     /// Offsets of the read tag, write tag and host address in an entry.
     pub read_tag: i32,
     /// See `read_tag`.
@@ -1571,8 +1573,13 @@ fn emit_probe(
     a.and(r11d, !0xfff)?;
     a.or(r11d, 1)?;
     let tag = if m.write { t.write_tag } else { t.read_tag };
+    let mut hit = a.create_label();
+    a.cmp(r11d, dword_ptr(r10 + tag))?;
+    a.je(hit)?;
+    a.add(r10, t.way_stride)?;
     a.cmp(r11d, dword_ptr(r10 + tag))?;
     a.jne(miss)?;
+    a.set_label(&mut hit)?;
     a.mov(r11d, r9d)?;
     a.and(r11d, 0xfff)?;
     a.cmp(r11d, (0x1000 - m.size) as i32)?;
@@ -1651,8 +1658,14 @@ fn emit_probe_bmi2(
     a.mov(ecx, dword_ptr(r10 + tag))?;
     a.not(rcx)?;
     a.lea(rcx, qword_ptr(r11 + rcx + 2))?; // (page | 1) - tag
-                                           // A miss leaves with guest RCX still in R12 (the stub restores it).
     let mut hit = a.create_label();
+    a.jrcxz(hit)?;
+    // Way 1 (only on a way-0 miss: the hit path is unchanged). A miss
+    // leaves with guest RCX still in R12 (the stub restores it).
+    a.lea(r10, qword_ptr(r10 + t.way_stride))?;
+    a.mov(ecx, dword_ptr(r10 + tag))?;
+    a.not(rcx)?;
+    a.lea(rcx, qword_ptr(r11 + rcx + 2))?;
     a.jrcxz(hit)?;
     a.jmp(miss)?;
     a.set_label(&mut hit)?;
@@ -2098,6 +2111,7 @@ mod tests {
             set_base: 0x1000,
             entries: 1024,
             entry_shift: 5,
+            way_stride: 1024 * 32,
             read_tag: 4,
             write_tag: 8,
             host: 24,

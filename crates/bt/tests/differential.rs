@@ -1370,3 +1370,59 @@ fn real_mode_loop_runs_translated() {
         s.dyn_interp
     );
 }
+
+/// Two data pages 4 MiB apart (one TLB index) accessed in turn stay in the
+/// two ways of the data TLB: after the first misses the inline probes hit
+/// (way 0 or way 1), nothing becomes an adaptive call-out, and a third page
+/// of the same index still runs exactly as on the interpreter.
+#[test]
+fn data_pages_sharing_a_tlb_index_both_hit_inline() {
+    let run = |pages: u32| {
+        let mut a = CodeAssembler::new(32).unwrap();
+        let mut top = a.create_label();
+        a.mov(ecx, 3000).unwrap();
+        a.set_label(&mut top).unwrap();
+        for p in 0..pages {
+            let at = (DATA as u32 + p * 0x40_0000) as i32;
+            a.add(eax, dword_ptr(at + 8)).unwrap();
+            a.mov(dword_ptr(at + 16), ecx).unwrap();
+        }
+        a.dec(ecx).unwrap();
+        a.jne(top).unwrap();
+        a.hlt().unwrap();
+        let code = a.assemble(CODE).unwrap();
+        let mk = || {
+            let ram = Arc::new(GuestRam::new(16 << 20).unwrap());
+            ram.write(CODE, &code).unwrap();
+            let mut cpu = Cpu::new(ram);
+            let mut s = CpuState::flat_protected(0x08, 0x10);
+            s.rip = CODE;
+            s.gpr[4] = 0x8000;
+            cpu.set_state(s);
+            cpu.exception_bitmap = !0;
+            cpu
+        };
+        let mut bt = BtCore::new(mk()).unwrap();
+        bt.set_hot_after(1);
+        let mut cpu_i = mk();
+        assert_eq!(bt.run(&mut Quiet, 1_000_000), RunExit::Halted);
+        assert_eq!(cpu_i.run(&mut Quiet, 1_000_000), RunExit::Halted);
+        assert_eq!(bt.cpu().state(), cpu_i.state());
+        assert_eq!(bt.cpu().icount, cpu_i.icount);
+        let (mut mb, mut mi) = (vec![0u8; 16 << 20], vec![0u8; 16 << 20]);
+        bt.cpu().ram().read(0, &mut mb).unwrap();
+        cpu_i.ram().read(0, &mut mi).unwrap();
+        assert!(mb == mi, "memory differs ({pages} pages)");
+        bt.stats.clone()
+    };
+    let two = run(2);
+    assert!(
+        two.tlb_misses <= 8 && two.adapted == 0,
+        "two pages of one index hit inline: {two:?}"
+    );
+    let three = run(3);
+    assert!(
+        three.tlb_misses > two.tlb_misses,
+        "three pages of one index do not all fit: {three:?}"
+    );
+}

@@ -12,6 +12,8 @@ use crate::exception::{Exc, Vector};
 use crate::state::cr;
 
 const TLB_SIZE: usize = 1024;
+/// Ways of the data sets (fetch sets use way 0 only).
+const WAYS: usize = 2;
 
 /// Kind of memory access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,13 +59,17 @@ const INVALID: TlbEntry = TlbEntry {
     host: 0,
 };
 
-/// The software TLB: direct-mapped arrays for supervisor and user data
-/// accesses (sets 0 and 1), and for supervisor and user instruction
-/// fetches (sets 2 and 3: a split TLB, so a loop's code page and the data
-/// page it walks never evict each other).
+/// The software TLB: two-way arrays for supervisor and user data accesses
+/// (sets 0 and 1: a new entry goes to way 0 and moves way 0's to way 1,
+/// so two pages that share an index — a decompressor's input and output,
+/// a heap and a stack 4 MiB apart — stay cached together), and direct-mapped
+/// ones for supervisor and user instruction fetches (sets 2 and 3, way 0: a
+/// split TLB, so a loop's code page and the data page it walks never evict
+/// each other). Each set is way-major: way 1 of index `i` is `TLB_SIZE`
+/// entries after way 0.
 #[repr(C)]
 pub struct Tlb {
-    e: [[TlbEntry; TLB_SIZE]; 4],
+    e: [[TlbEntry; WAYS * TLB_SIZE]; 4],
     /// Some entry may be a piece of a 4 MiB page.
     has_big: bool,
 }
@@ -71,7 +77,7 @@ pub struct Tlb {
 /// Where generated code (the binary translator) finds the software TLB: the
 /// entry for linear address `lin` at privilege set `s` (0 supervisor, 1
 /// user, CPL 3) is at `base + s * set_stride + ((lin >> 12) % entries) *
-/// entry_size`; an access of `n` bytes may go straight to `host + (lin &
+/// entry_size`, or `way_stride` bytes after it (way 1 of the data sets); an access of `n` bytes may go straight to `host + (lin &
 /// 0xfff)` when `(lin & 0xfff) + n <= 0x1000` and the 32-bit tag at
 /// `read_tag` (reads) or `write_tag` (writes, read-modify-writes) equals
 /// `(lin & !0xfff) | 1`. Anything else must take the CPU's slow path (it
@@ -85,6 +91,8 @@ pub struct TlbLayout {
     pub entries: usize,
     /// Bytes per entry.
     pub entry_size: usize,
+    /// Bytes from way 0 of an index to way 1 (data sets).
+    pub way_stride: usize,
     /// Bytes from one set to the next.
     pub set_stride: usize,
     /// Offset of the read tag (u32) in an entry.
@@ -105,11 +113,12 @@ impl Cpu {
             base: self.tlb.e.as_ptr() as *const u8,
             entries: TLB_SIZE,
             entry_size: std::mem::size_of::<TlbEntry>(),
-            set_stride: std::mem::size_of::<[TlbEntry; TLB_SIZE]>(),
+            way_stride: std::mem::size_of::<[TlbEntry; TLB_SIZE]>(),
+            set_stride: std::mem::size_of::<[TlbEntry; WAYS * TLB_SIZE]>(),
             read_tag: std::mem::offset_of!(TlbEntry, read_tag),
             write_tag: std::mem::offset_of!(TlbEntry, write_tag),
             host: std::mem::offset_of!(TlbEntry, host),
-            fetch_sets: 2 * std::mem::size_of::<[TlbEntry; TLB_SIZE]>(),
+            fetch_sets: 2 * std::mem::size_of::<[TlbEntry; WAYS * TLB_SIZE]>(),
         }
     }
 }
@@ -117,21 +126,23 @@ impl Cpu {
 impl Tlb {
     pub(crate) fn new() -> Box<Tlb> {
         Box::new(Tlb {
-            e: [[INVALID; TLB_SIZE]; 4],
+            e: [[INVALID; WAYS * TLB_SIZE]; 4],
             has_big: false,
         })
     }
 
     /// Forgets everything, global pages included.
     pub(crate) fn flush_all(&mut self) {
-        self.e = [[INVALID; TLB_SIZE]; 4];
+        self.e = [[INVALID; WAYS * TLB_SIZE]; 4];
         self.has_big = false;
     }
 
     /// Forgets non-global entries (a CR3 load).
     pub(crate) fn flush_nonglobal(&mut self) {
-        for set in self.e.iter_mut() {
-            for e in set.iter_mut() {
+        for (i, set) in self.e.iter_mut().enumerate() {
+            // Fetch sets use way 0 only.
+            let used = if i < 2 { WAYS * TLB_SIZE } else { TLB_SIZE };
+            for e in set[..used].iter_mut() {
                 if !e.global {
                     *e = INVALID;
                 }
@@ -145,8 +156,10 @@ impl Tlb {
         let idx = ((lin >> 12) as usize) % TLB_SIZE;
         let tag = (lin & !0xfff) | 1;
         for set in self.e.iter_mut() {
-            if set[idx].vtag == tag {
-                set[idx] = INVALID;
+            for way in 0..WAYS {
+                if set[idx + way * TLB_SIZE].vtag == tag {
+                    set[idx + way * TLB_SIZE] = INVALID;
+                }
             }
         }
         if self.has_big {
@@ -196,8 +209,14 @@ impl Cpu {
     #[inline(always)]
     pub(crate) fn read_lin(&mut self, bus: &mut dyn Bus, lin: u32, size: u8) -> Result<u64, Exc> {
         let user = self.cpl == 3;
-        let e = &self.tlb.e[user as usize][((lin >> 12) as usize) % TLB_SIZE];
-        if e.read_tag == (lin & !0xfff) | 1 && (lin & 0xfff) + size as u32 <= 0x1000 {
+        let set = &self.tlb.e[user as usize];
+        let idx = ((lin >> 12) as usize) % TLB_SIZE;
+        let tag = (lin & !0xfff) | 1;
+        let mut e = &set[idx];
+        if e.read_tag != tag {
+            e = &set[idx + TLB_SIZE];
+        }
+        if e.read_tag == tag && (lin & 0xfff) + size as u32 <= 0x1000 {
             let p = e.host + (lin & 0xfff) as usize;
             // SAFETY: `host` is the host address of a RAM page inside the
             // guest mapping (installed by `fill`), and the access stays in
@@ -217,8 +236,14 @@ impl Cpu {
         val: u64,
     ) -> Result<(), Exc> {
         let user = self.cpl == 3;
-        let e = &self.tlb.e[user as usize][((lin >> 12) as usize) % TLB_SIZE];
-        if e.write_tag == (lin & !0xfff) | 1 && (lin & 0xfff) + size as u32 <= 0x1000 {
+        let set = &self.tlb.e[user as usize];
+        let idx = ((lin >> 12) as usize) % TLB_SIZE;
+        let tag = (lin & !0xfff) | 1;
+        let mut e = &set[idx];
+        if e.write_tag != tag {
+            e = &set[idx + TLB_SIZE];
+        }
+        if e.write_tag == tag && (lin & 0xfff) + size as u32 <= 0x1000 {
             let p = e.host + (lin & 0xfff) as usize;
             // SAFETY: as in `read_lin`; pages with decoded code never get a
             // write tag, so this store cannot modify cached code.
@@ -363,9 +388,11 @@ impl Cpu {
         let set = tlb_set(kind, user);
         let idx = ((lin >> 12) as usize) % TLB_SIZE;
         let tag = (lin & !0xfff) | 1;
-        let e = &self.tlb.e[set][idx];
-        if e.vtag == tag && (kind != AccessKind::Write || e.writable) {
-            return Ok(e.phys | (lin & 0xfff) as u64);
+        for way in 0..WAYS {
+            let e = &self.tlb.e[set][idx + way * TLB_SIZE];
+            if e.vtag == tag && (kind != AccessKind::Write || e.writable) {
+                return Ok(e.phys | (lin & 0xfff) as u64);
+            }
         }
         self.translate_miss(bus, lin, kind, user)
     }
@@ -397,7 +424,16 @@ impl Cpu {
             0
         };
         let code = self.is_code_page(phys >> 12);
-        self.tlb.e[set][idx] = TlbEntry {
+        // Data sets: the newcomer takes way 0, way 0's entry moves to way 1
+        // (unless it is an older translation of the same page).
+        let ways = &mut self.tlb.e[set];
+        if set < 2 && ways[idx].vtag != tag {
+            ways[idx + TLB_SIZE] = ways[idx];
+        }
+        if ways[idx + TLB_SIZE].vtag == tag {
+            ways[idx + TLB_SIZE] = INVALID;
+        }
+        ways[idx] = TlbEntry {
             vtag: tag,
             read_tag: if ram { tag } else { 0 },
             write_tag: if ram && writable && !code { tag } else { 0 },
@@ -519,8 +555,14 @@ impl Cpu {
             AccessKind::Read
         };
         self.translate(bus, lin, kind, user)?;
-        let e = &self.tlb.e[user as usize][((lin >> 12) as usize) % TLB_SIZE];
+        let idx = ((lin >> 12) as usize) % TLB_SIZE;
         let tag = (lin & !0xfff) | 1;
+        let set = &self.tlb.e[user as usize];
+        let e = if set[idx].vtag == tag {
+            &set[idx]
+        } else {
+            &set[idx + TLB_SIZE]
+        };
         let ok = if write {
             e.write_tag == tag
         } else {

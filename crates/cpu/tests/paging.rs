@@ -339,6 +339,37 @@ fn stale_translation_until_invlpg() {
     assert_eq!((s.gpr(0), s.gpr(3), s.gpr(1)), (0x1111, 0x1111, 0x2222));
 }
 
+/// The data TLB is two-way: a page and another 4 MiB away (the same
+/// index) stay cached together, a third one evicts the older of them
+/// (seen through a stale translation, as in `stale_translation_until_invlpg`).
+#[test]
+fn data_tlb_keeps_two_pages_of_one_index() {
+    let mut s = Sys::new();
+    s.paging(P | W | U);
+    // 4–12 MiB alias 0–4 MiB through the same page table.
+    let pde = (s.pte(0) & !0xfff) as u32 | P | W | U;
+    s.set_pde(0x40_0000, pde);
+    s.set_pde(0x80_0000, pde);
+    s.ram().write_u32(PAGE as u64, 0x1111).unwrap();
+    s.ram().write_u32(PAGE as u64 + 0x1000, 0x2222).unwrap();
+    let pte = s.pte(PAGE) as u32;
+    let code = kcode(|a| {
+        a.mov(eax, dword_ptr(PAGE))?;
+        a.mov(ebx, dword_ptr(PAGE + 0x40_0000))?; // same index: both cached
+        a.mov(dword_ptr(pte), (PAGE + 0x1000) | P | W)?;
+        a.mov(ecx, dword_ptr(PAGE))?; // stale: still cached
+        a.mov(edx, dword_ptr(PAGE + 0x80_0000))?; // a third: PAGE evicted
+        a.mov(esi, dword_ptr(PAGE))?; // walked again: the new page
+        a.hlt()
+    });
+    s.start_kernel(&code);
+    assert_eq!(s.run(), RunExit::Halted);
+    assert_eq!(
+        (s.gpr(0), s.gpr(3), s.gpr(1), s.gpr(6)),
+        (0x1111, 0x1111, 0x1111, 0x2222)
+    );
+}
+
 #[test]
 fn stale_translation_until_cr3_reload() {
     let mut s = Sys::new();
