@@ -58,6 +58,7 @@ const POPF_MASK: i32 = ARITH | 0x100 | IF | 0x400 | 0x3000 | 0x4000 | 0x4_0000 |
 /// VM and RF: cleared in the image PUSHF stores.
 const VM_RF: i32 = 0x3_0000;
 const TF: i32 = 0x100;
+const DF: i32 = 0x400;
 
 /// How one guest instruction is executed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +87,8 @@ enum Item {
     Nop,
     /// CLI at CPL 0.
     Cli,
+    /// CLD (false) / STD (true): DF in `CpuState`.
+    SetDf(bool),
     /// STI at CPL 0 (ends the TU: interrupt shadow).
     Sti,
     /// Store a 16-bit field of `CpuState` (SLDT/STR/SMSW) into a register:
@@ -537,6 +540,7 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
                     | Bts
                     | Btr
                     | Btc
+                    | Cmpxchg8b
             ))
     {
         return None; // #UD
@@ -588,6 +592,10 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
             return Some((Item::Nop, Class::Ident));
         }
         Cli if ctx.cpl == 0 => return Some((Item::Cli, Class::Inline)),
+        // DF lives in `CpuState` (string instructions run on the
+        // interpreter; the host's DF stays clear).
+        Cld => return Some((Item::SetDf(false), Class::Ident)),
+        Std => return Some((Item::SetDf(true), Class::Ident)),
         Sti if ctx.cpl == 0 => return Some((Item::Sti, Class::Inline)),
         Smsw | Sldt | Str
             if ctx.cpl == 0
@@ -713,6 +721,7 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
             | Btr
             | Btc
             | Cmpxchg
+            | Cmpxchg8b
             | Xadd
     );
     if !ok {
@@ -1083,7 +1092,8 @@ fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic, ctx: Ctx) -> O
     use iced_x86::RflagsBits as F;
     let addr = mem_addr(guest, ctx)?;
     let size = guest.memory_size().size() as u32;
-    if !matches!(size, 1 | 2 | 4) {
+    // CMPXCHG8B: the host's (EDX:EAX, ECX:EBX are the same registers).
+    if !matches!(size, 1 | 2 | 4) && !(size == 8 && m == Mnemonic::Cmpxchg8b) {
         return None;
     }
     h.set_memory_base(Register::R11);
@@ -1321,6 +1331,15 @@ pub fn compile(
                 }
             }
             Item::Nop => {}
+            Item::SetDf(set) => {
+                a.pushfq()?;
+                if set {
+                    a.or(qword_ptr(r15 + OFF_RFLAGS), DF)?;
+                } else {
+                    a.and(qword_ptr(r15 + OFF_RFLAGS), !DF)?;
+                }
+                a.popfq()?;
+            }
             Item::Cli => {
                 a.pushfq()?;
                 a.and(qword_ptr(r15 + OFF_RFLAGS), !IF)?;

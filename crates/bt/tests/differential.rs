@@ -218,7 +218,7 @@ fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
                 .unwrap(),
             _ => a.bswap(R32[d]).unwrap(),
         },
-        17 => match r.below(10) {
+        17 => match r.below(12) {
             0 => a.cbw().unwrap(),
             1 => a.cwde().unwrap(),
             2 => a.cwd().unwrap(),
@@ -228,6 +228,8 @@ fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
             6 => a.cmc().unwrap(),
             7 => a.lahf().unwrap(),
             8 => a.sahf().unwrap(),
+            9 => a.cld().unwrap(),
+            10 => a.std().unwrap(),
             _ => a.nop().unwrap(),
         },
         18..=19 => {
@@ -442,6 +444,19 @@ fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
         41 => {
             let m = DATA as i32 + (r.below(0xff0) as i32);
             let bit = r.below(40) as i32;
+            if r.below(4) == 0 {
+                // CMPXCHG8B, equal (EDX:EAX loaded from the operand) or not.
+                if r.below(2) == 0 {
+                    a.mov(eax, dword_ptr(m)).unwrap();
+                    a.mov(edx, dword_ptr(m + 4)).unwrap();
+                }
+                if r.below(2) == 0 {
+                    a.lock().cmpxchg8b(qword_ptr(m)).unwrap();
+                } else {
+                    a.cmpxchg8b(qword_ptr(m)).unwrap();
+                }
+                return;
+            }
             match r.below(10) {
                 0 => a.bt(R32[d], R32[s]).unwrap(),
                 1 => a.bts(R32[d], bit).unwrap(),
