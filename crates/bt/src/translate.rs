@@ -1093,7 +1093,7 @@ fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic, ctx: Ctx) -> O
     let addr = mem_addr(guest, ctx)?;
     let size = guest.memory_size().size() as u32;
     // CMPXCHG8B: the host's (EDX:EAX, ECX:EBX are the same registers).
-    if !matches!(size, 1 | 2 | 4) && !(size == 8 && m == Mnemonic::Cmpxchg8b) {
+    if !(matches!(size, 1 | 2 | 4) || (size == 8 && m == Mnemonic::Cmpxchg8b)) {
         return None;
     }
     h.set_memory_base(Register::R11);
