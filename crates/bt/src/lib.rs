@@ -176,6 +176,56 @@ pub struct BtStats {
     pub ib_fills: u64,
 }
 
+/// What a CCF's in-place call-out ([`interp1`]) works on; the dispatcher
+/// points it at the CPU and the bus around each CCF call.
+struct CallCtx {
+    cpu: *mut Cpu,
+    bus: Option<*mut (dyn Bus + 'static)>,
+    /// What the interpreter's run returned, when it was not `Budget`.
+    exit: Option<RunExit>,
+    /// Call-outs made, and those after which the CCF went on.
+    runs: u64,
+    done: u64,
+}
+
+/// Runs the one instruction at EIP on the interpreter for a CCF
+/// (`translate::Item::Interp1`): `retired` instructions of the running
+/// chain come first (the CPU's count, and so its clock, must include
+/// them), and the instruction must retire and leave EIP at `next` for the
+/// CCF to go on (1); anything else (a fault, an interrupt delivered first,
+/// a stop, code invalidated) sends the CCF back to the dispatcher (0).
+///
+/// # Safety
+///
+/// `cx` is the engine's `CallCtx`, set up by `BtCore::step` for the CCF
+/// running now: its CPU and bus pointers are live and nothing else uses
+/// them until the CCF returns.
+unsafe extern "sysv64" fn interp1(cx: *mut CallCtx, next: u64, retired: u64) -> u64 {
+    // SAFETY: see the function's contract.
+    let cx = unsafe { &mut *cx };
+    let Some(bus) = cx.bus else { return 0 };
+    // SAFETY: as above; the CCF calling this holds no reference into the
+    // CPU (it stored its registers into `CpuState` before the call and
+    // reloads them after).
+    let (cpu, bus) = unsafe { (&mut *cx.cpu, &mut *bus) };
+    cx.runs += 1;
+    cpu.icount += retired;
+    let start = cpu.icount;
+    let exit = cpu.run(bus, 1);
+    let ok = exit == RunExit::Budget
+        && cpu.icount == start + 1
+        && cpu.state().rip == next
+        && !cpu.has_invalidated_pages();
+    if exit != RunExit::Budget {
+        cx.exit = Some(exit);
+    }
+    // The CCF counts the instruction with its TU when it goes on.
+    cpu.icount -= retired + ok as u64;
+    cx.done += ok as u64;
+    let _ = cpu.state_ptr(); // flags materialized for the CCF
+    ok as u64
+}
+
 /// The translator and dispatcher around one software CPU, independent of
 /// the machine (tests drive it with any [`Bus`]).
 pub struct BtCore {
@@ -213,6 +263,8 @@ pub struct BtCore {
     pub bmi2: bool,
     /// The access of the last slow-path exit (`translate::Probe::exit_info`).
     exit_info: Box<[u64; 3]>,
+    /// For CCFs' in-place call-outs (stable address).
+    call: Box<CallCtx>,
     /// Interpreter entries per first mnemonic (`POPEK_BT_PROFILE` set:
     /// printed to stderr when the engine is dropped).
     profile: Option<Vec<u64>>,
@@ -253,6 +305,13 @@ impl BtCore {
             ib: vec![[0u64; 8]; translate::IB_SLOTS],
             bmi2: std::arch::is_x86_feature_detected!("bmi2"),
             exit_info: Box::new([0; 3]),
+            call: Box::new(CallCtx {
+                cpu: std::ptr::null_mut(),
+                bus: None,
+                exit: None,
+                runs: 0,
+                done: 0,
+            }),
             perf_map: std::env::var_os("POPEK_BT_PROFILE").and_then(|_| {
                 std::fs::File::create(format!("/tmp/perf-{}.map", std::process::id())).ok()
             }),
@@ -414,13 +473,24 @@ impl BtCore {
                 }
                 let st = self.cpu.state_ptr();
                 let budget = (remaining / translate::MAX_TU as u64).clamp(1, CHAIN_MAX);
+                // In-place call-outs reach the CPU and the bus through
+                // `call` (stored here, before the CCF runs).
+                self.call.cpu = &mut self.cpu;
+                let bus_ptr: *mut (dyn Bus + '_) = &mut *bus;
+                // SAFETY: only the lifetime is erased; the pointer is
+                // cleared when the CCF returns, before `bus` goes away.
+                self.call.bus = Some(unsafe {
+                    std::mem::transmute::<*mut (dyn Bus + '_), *mut (dyn Bus + 'static)>(bus_ptr)
+                });
+                let (runs0, done0) = (self.call.runs, self.call.done);
                 // SAFETY: `code` is the start of a CCF compiled by
                 // `translate::compile` into the live part of the RX cache
                 // (entries are dropped before the cache is reset, and chain
                 // sites only point at CCFs of the same page, dropped
                 // together). It follows the sysv64 ABI (saves RBX, RBP and
-                // R12–R15, leaves RSP and DF as found, calls nothing) and
-                // accesses only the `CpuState` behind `st`, which
+                // R12–R15, leaves RSP and DF as found, calls only
+                // `interp1` with `call`, set up above) and accesses only
+                // the `CpuState` behind `st`, which
                 // `state_ptr` hands out with the flags materialized, the
                 // fields it permits, and guest RAM through the CPU's TLB
                 // entries (host pointers into the live guest mapping).
@@ -430,6 +500,7 @@ impl BtCore {
                     let f: CcfFn = std::mem::transmute::<*const u8, CcfFn>(code);
                     f(st, budget)
                 };
+                self.call.bus = None;
                 let chains = if ret.chain == 0 {
                     budget - 1
                 } else {
@@ -446,8 +517,19 @@ impl BtCore {
                     0
                 };
                 self.stats.dyn_inline += inl;
-                self.stats.dyn_ident += n - inl.min(n);
+                // In-place call-outs: counted as call-outs (those that went
+                // on are in `n`; the others the interpreter counted).
+                let (runs, done) = (self.call.runs - runs0, self.call.done - done0);
+                self.stats.callouts += runs;
+                self.stats.dyn_interp += runs;
+                self.stats.dyn_ident += n - (inl + done).min(n);
                 let _ = (insns, ident);
+                if let Some(x) = self.call.exit.take() {
+                    return Some(x);
+                }
+                if self.cpu.has_invalidated_pages() {
+                    self.drain_invalidations();
+                }
                 if ret.retired & translate::IB_EXIT != 0 {
                     self.stats.ib_exits += 1;
                 }
@@ -621,6 +703,7 @@ impl BtCore {
             fs_gs: ((cpl >> 3) & 3) as u8,
             code16,
             cs_lo,
+            interp1: !code16,
         };
         let l = self.cpu.tlb_layout();
         let probe = translate::Probe {
@@ -633,6 +716,8 @@ impl BtCore {
             host: l.host as i32,
             exit_info: self.exit_info.as_ptr() as u64,
             bmi2: self.bmi2,
+            interp1_fn: interp1 as *const () as u64,
+            interp1_ctx: &*self.call as *const CallCtx as u64,
         };
         debug_assert!(l.entry_size.is_power_of_two() && l.entries.is_power_of_two());
         let forced = |e: u32| {
@@ -725,6 +810,7 @@ impl BtCore {
                     }
                 }
                 self.stats.static_ident += plan.ident as u64;
+                self.stats.static_callout += plan.callouts as u64;
                 self.stats.static_inline += plan.inline as u64;
                 Entry::Ccf {
                     code: at,

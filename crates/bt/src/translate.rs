@@ -89,6 +89,13 @@ enum Item {
     Cli,
     /// CLD (false) / STD (true): DF in `CpuState`.
     SetDf(bool),
+    /// A call-out that does not leave the CCF: the guest state is stored,
+    /// the engine's [`Probe::interp1_fn`] runs the instruction at `eip` on
+    /// the interpreter, and the CCF reloads the state and goes on when it
+    /// retired and EIP is `next` (else it returns to the dispatcher with
+    /// the `before` instructions of the TU ahead of it retired). String
+    /// instructions and RDTSC.
+    Interp1 { eip: u32, next: u32, before: u32 },
     /// STI at CPL 0 (ends the TU: interrupt shadow).
     Sti,
     /// Store a 16-bit field of `CpuState` (SLDT/STR/SMSW) into a register:
@@ -203,6 +210,8 @@ pub struct Plan {
     pub ident: u32,
     /// Of which inline.
     pub inline: u32,
+    /// Of which call-outs made from inside the CCF ([`Item::Interp1`]).
+    pub callouts: u32,
     /// CS base & 0xfff (see [`Ctx::cs_lo`]).
     pub cs_lo: u32,
 }
@@ -252,6 +261,9 @@ pub struct Ctx {
     pub code16: bool,
     /// CS base & 0xfff (16-bit code): which EIPs share a linear page.
     pub cs_lo: u32,
+    /// String instructions and RDTSC run on the interpreter from inside
+    /// the CCF ([`Item::Interp1`]) instead of ending the TU.
+    pub interp1: bool,
 }
 
 /// Plans the TU for `code` (the guest bytes from `eip` to the end of its
@@ -275,6 +287,7 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx, forced: &dyn Fn(u32) -> bool) -> Tr
         insns: 0,
         ident: 0,
         inline: 0,
+        callouts: 0,
         cs_lo: ctx.cs_lo,
     };
     while (p.insns as usize) < MAX_TU && dec.can_decode() {
@@ -288,7 +301,7 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx, forced: &dyn Fn(u32) -> bool) -> Tr
         let Some((mut item, class)) = classify(&ins, ctx) else {
             break;
         };
-        if let Item::Div(_, _, _, before) = &mut item {
+        if let Item::Div(_, _, _, before) | Item::Interp1 { before, .. } = &mut item {
             *before = p.insns;
         }
         if let Item::Mem(m) = &mut item {
@@ -300,6 +313,7 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx, forced: &dyn Fn(u32) -> bool) -> Tr
         p.insns += 1;
         match class {
             Class::Inline => p.inline += 1,
+            Class::Callout => p.callouts += 1,
             _ => p.ident += 1,
         }
         p.next_eip = next_ip(&ins, ctx);
@@ -550,6 +564,14 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
         && ins.op1_kind() == OpKind::Register
     {
         return None; // the bit offset reaches beyond the operand
+    }
+    if ctx.interp1 && !ctx.code16 && (ins.is_string_instruction() || m == Rdtsc) {
+        let it = Item::Interp1 {
+            eip: ins.ip32(),
+            next: next_ip(ins, ctx),
+            before: 0,
+        };
+        return Some((it, Class::Callout));
     }
     if ins.code() == Code::Jmp_rm32 && ins.op0_kind() == OpKind::Register && !ctx.code16 {
         return Some((Item::JmpReg(map_reg(ins.op0_register())?), Class::Ident));
@@ -1331,6 +1353,9 @@ pub fn compile(
                 }
             }
             Item::Nop => {}
+            Item::Interp1 { eip, next, before } => {
+                emit_interp1(&mut a, eip, next, before, tlb)?;
+            }
             Item::SetDf(set) => {
                 a.pushfq()?;
                 if set {
@@ -1535,6 +1560,13 @@ pub struct Probe {
     /// The host has BMI2: the probe is flag-free (PEXT/PDEP, LEA, JRCXZ)
     /// and the guest flags stay in RFLAGS throughout.
     pub bmi2: bool,
+    /// `extern "sysv64" fn(ctx, next_eip: u64, retired: u64) -> u64` that
+    /// runs one instruction on the interpreter for [`Item::Interp1`] (1:
+    /// it retired and EIP is `next_eip`, go on; 0: leave), and its first
+    /// argument; 0: no such call-outs (they leave the CCF).
+    pub interp1_fn: u64,
+    /// See `interp1_fn`.
+    pub interp1_ctx: u64,
 }
 
 /// Labels of the flag-free probe's masks (emitted after the code).
@@ -2054,6 +2086,45 @@ fn emit_indirect_exit(
     emit_store_exit(a, None, Some(IB_EXIT_BIT))
 }
 
+/// [`Item::Interp1`]: store the guest state (EIP = `eip`), call the
+/// engine's one-instruction interpreter entry, then reload the state and
+/// go on, or return to the dispatcher (`before` TU instructions retired
+/// here; the interpreter counted its own) with the state it left.
+fn emit_interp1(
+    a: &mut CodeAssembler,
+    eip: u32,
+    next: u32,
+    before: u32,
+    t: &Probe,
+) -> Result<(), IcedError> {
+    emit_store_state(a, Some(eip))?;
+    // Past the red zone, 16-byte aligned (RSP ≡ 8 mod 16 in a CCF: the
+    // call into it and six pushes).
+    a.sub(rsp, 136)?;
+    a.mov(rdi, t.interp1_ctx)?;
+    a.mov(esi, next)?;
+    a.mov(edx, r14d)?;
+    a.add(rdx, before as i32)?;
+    a.mov(rax, t.interp1_fn)?;
+    a.call(rax)?;
+    a.add(rsp, 136)?;
+    let mut go = a.create_label();
+    a.test(eax, eax)?;
+    a.jnz(go)?;
+    a.lea(r14, qword_ptr(r14 + before as i32))?;
+    emit_return(a, None)?;
+    a.set_label(&mut go)?;
+    // The interpreter's results: GPRs and flags back into registers.
+    for (i, r) in HOST_GPRS.iter().enumerate() {
+        a.mov(*r, qword_ptr(r15 + OFF_GPR + 8 * i as i32))?;
+    }
+    a.mov(r9, qword_ptr(r15 + OFF_RFLAGS))?;
+    a.and(r9d, ARITH)?;
+    a.or(r9d, 2)?;
+    a.push(r9)?;
+    a.popfq()
+}
+
 fn mem(off: i32) -> iced_x86::MemoryOperand {
     iced_x86::MemoryOperand::with_base_displ(Register::R15, off as i64)
 }
@@ -2070,6 +2141,12 @@ fn emit_store_exit(
     eip: Option<u32>,
     mark: Option<u32>,
 ) -> Result<(), IcedError> {
+    emit_store_state(a, eip)?;
+    emit_return(a, mark)
+}
+
+/// Writes flags, GPRs and EIP (`eip`, or R11 when `None`) back.
+fn emit_store_state(a: &mut CodeAssembler, eip: Option<u32>) -> Result<(), IcedError> {
     a.pushfq()?;
     a.pop(r9)?;
     a.and(r9d, ARITH)?;
@@ -2087,6 +2164,11 @@ fn emit_store_exit(
         }
         None => a.mov(qword_ptr(r15 + OFF_RIP), r11)?,
     }
+    Ok(())
+}
+
+/// Returns (R14 | bit `mark`, R13) to the dispatcher.
+fn emit_return(a: &mut CodeAssembler, mark: Option<u32>) -> Result<(), IcedError> {
     a.mov(rax, r14)?;
     if let Some(bit) = mark {
         a.bts(rax, bit)?;
@@ -2136,6 +2218,8 @@ mod tests {
             host: 24,
             exit_info: 0x2000,
             bmi2: std::arch::is_x86_feature_detected!("bmi2"),
+            interp1_fn: 0,
+            interp1_ctx: 0,
         }
     }
 
@@ -2147,6 +2231,7 @@ mod tests {
             fs_gs: 0,
             code16: false,
             cs_lo: 0,
+            interp1: false,
         };
         match plan(code, 0x1000, ctx, &|_| false) {
             Translation::Tu(p) => {
@@ -2194,6 +2279,7 @@ mod tests {
             fs_gs: 0,
             code16: false,
             cs_lo: 0,
+            interp1: false,
         };
         let p = plan_ctx(&code, ctx).unwrap();
         assert_eq!((p.insns, p.inline), (11, 11));
@@ -2244,6 +2330,7 @@ mod tests {
             fs_gs: 0,
             code16: true,
             cs_lo: 0x340,
+            interp1: false,
         };
         if !probe().bmi2 {
             return; // the 16-bit probe needs BMI2
@@ -2277,6 +2364,7 @@ mod tests {
             fs_gs: 0,
             code16: false,
             cs_lo: 0,
+            interp1: false,
         };
         let Translation::Tu(p) = plan(&code, 0x1000, ctx, &|_| false) else {
             panic!("not translated")
@@ -2310,6 +2398,7 @@ mod tests {
                 fs_gs,
                 code16: false,
                 cs_lo: 0,
+                interp1: false,
             };
             let n = match plan(&code, 0x1000, ctx, &|_| false) {
                 Translation::Tu(p) => {

@@ -137,7 +137,7 @@ macro_rules! cc {
 /// One random instruction (or a small group) at CPL `cpl`.
 fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
     let (d, s) = (reg(r), reg(r));
-    match r.below(48) {
+    match r.below(50) {
         0..=5 => {
             let op = r.below(9);
             match r.below(6) {
@@ -545,6 +545,33 @@ fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
                     a.popfd().unwrap();
                 }
             }
+        }
+        48 => {
+            // String instructions (run on the interpreter from inside the
+            // CCF) over the data page, with and without REP, DF 0 or 1
+            // (the counts stay small), and RDTSC (the clock reads the
+            // instruction count: it must be exact there too).
+            let off = r.below(0x800) as i32;
+            a.mov(esi, DATA as i32 + off).unwrap();
+            a.mov(edi, DATA as i32 + 0x800 + (r.below(0x700) as i32))
+                .unwrap();
+            a.mov(ecx, r.below(40) as i32).unwrap();
+            if r.below(4) == 0 {
+                a.std().unwrap();
+            }
+            match r.below(12) {
+                0 => a.rep().movsb().unwrap(),
+                1 => a.rep().stosd().unwrap(),
+                2 => a.lodsb().unwrap(),
+                3 => a.repe().cmpsb().unwrap(),
+                4 => a.repne().scasb().unwrap(),
+                5 => a.movsd().unwrap(),
+                6 => a.rep().movsw().unwrap(),
+                7 => a.stosb().unwrap(),
+                8 => a.rep().lodsd().unwrap(),
+                _ => a.rdtsc().unwrap(),
+            }
+            a.cld().unwrap();
         }
         _ => gen_plain(a, r),
     }

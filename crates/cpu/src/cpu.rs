@@ -372,6 +372,10 @@ impl Cpu {
     /// caller. Never panics on guest behaviour.
     pub fn run(&mut self, bus: &mut dyn Bus, budget: u64) -> RunExit {
         self.prepare();
+        // A block end asked for outside the loop (a state change by the
+        // monitor) has nothing to end: the loop looks the block up anyway,
+        // and left set it would cut the first REP chunk short.
+        self.stop_block = false;
         let end = self.icount.saturating_add(budget);
         // Events delivered without an instruction retiring (an exception
         // whose handler faults again, an interrupt storm) count against the
