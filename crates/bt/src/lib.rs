@@ -212,10 +212,15 @@ unsafe extern "sysv64" fn interp1(cx: *mut CallCtx, next: u64, retired: u64) -> 
     cpu.icount += retired;
     let start = cpu.icount;
     let exit = cpu.run(bus, 1);
+    // An interrupt the instruction made due (an OUT to the PIC, a device
+    // register) is taken at the next boundary, as the interpreter does:
+    // by the dispatcher.
     let ok = exit == RunExit::Budget
         && cpu.icount == start + 1
         && cpu.state().rip == next
-        && !cpu.has_invalidated_pages();
+        && !cpu.has_invalidated_pages()
+        && !(cpu.state().rflags & popek_cpu::state::flags::IF as u64 != 0
+            && bus.interrupt_pending());
     if exit != RunExit::Budget {
         cx.exit = Some(exit);
     }

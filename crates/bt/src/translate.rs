@@ -94,7 +94,7 @@ enum Item {
     /// the interpreter, and the CCF reloads the state and goes on when it
     /// retired and EIP is `next` (else it returns to the dispatcher with
     /// the `before` instructions of the TU ahead of it retired). String
-    /// instructions and RDTSC.
+    /// instructions (INS/OUTS too), IN/OUT and RDTSC.
     Interp1 { eip: u32, next: u32, before: u32 },
     /// STI at CPL 0 (ends the TU: interrupt shadow).
     Sti,
@@ -261,8 +261,8 @@ pub struct Ctx {
     pub code16: bool,
     /// CS base & 0xfff (16-bit code): which EIPs share a linear page.
     pub cs_lo: u32,
-    /// String instructions and RDTSC run on the interpreter from inside
-    /// the CCF ([`Item::Interp1`]) instead of ending the TU.
+    /// String instructions, IN/OUT and RDTSC run on the interpreter from
+    /// inside the CCF ([`Item::Interp1`]) instead of ending the TU.
     pub interp1: bool,
 }
 
@@ -565,7 +565,8 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
     {
         return None; // the bit offset reaches beyond the operand
     }
-    if ctx.interp1 && !ctx.code16 && (ins.is_string_instruction() || m == Rdtsc) {
+    if ctx.interp1 && !ctx.code16 && (ins.is_string_instruction() || matches!(m, Rdtsc | In | Out))
+    {
         let it = Item::Interp1 {
             eip: ins.ip32(),
             next: next_ip(ins, ctx),

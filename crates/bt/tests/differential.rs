@@ -549,8 +549,9 @@ fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
         48 => {
             // String instructions (run on the interpreter from inside the
             // CCF) over the data page, with and without REP, DF 0 or 1
-            // (the counts stay small), and RDTSC (the clock reads the
-            // instruction count: it must be exact there too).
+            // (the counts stay small), IN/OUT (#GP at CPL 3) and RDTSC
+            // (the clock reads the instruction count: it must be exact
+            // there too).
             let off = r.below(0x800) as i32;
             a.mov(esi, DATA as i32 + off).unwrap();
             a.mov(edi, DATA as i32 + 0x800 + (r.below(0x700) as i32))
@@ -569,6 +570,11 @@ fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
                 6 => a.rep().movsw().unwrap(),
                 7 => a.stosb().unwrap(),
                 8 => a.rep().lodsd().unwrap(),
+                9 => a.in_(al, 0x60).unwrap(),
+                10 => {
+                    a.mov(dx, 0x3f8).unwrap();
+                    a.out(dx, eax).unwrap();
+                }
                 _ => a.rdtsc().unwrap(),
             }
             a.cld().unwrap();
