@@ -1296,14 +1296,7 @@ pub fn compile(
             a.mov(*r, qword_ptr(r15 + OFF_GPR + 8 * i as i32))?;
         }
     } else {
-        for (i, r) in HOST_GPRS.iter().enumerate() {
-            a.mov(*r, qword_ptr(r15 + OFF_GPR + 8 * i as i32))?;
-        }
-        a.mov(r9, qword_ptr(r15 + OFF_RFLAGS))?;
-        a.and(r9d, ARITH)?;
-        a.or(r9d, 2)?;
-        a.push(r9)?;
-        a.popfq()?;
+        emit_load_state(&mut a)?;
     }
     let mut body = a.create_label();
     a.set_label(&mut body)?;
@@ -2116,6 +2109,11 @@ fn emit_interp1(
     emit_return(a, None)?;
     a.set_label(&mut go)?;
     // The interpreter's results: GPRs and flags back into registers.
+    emit_load_state(a)
+}
+
+/// Loads the guest GPRs and arithmetic flags from `CpuState` (POPFQ).
+fn emit_load_state(a: &mut CodeAssembler) -> Result<(), IcedError> {
     for (i, r) in HOST_GPRS.iter().enumerate() {
         a.mov(*r, qword_ptr(r15 + OFF_GPR + 8 * i as i32))?;
     }

@@ -624,6 +624,23 @@ fn machine(code: &[u8], cpl: u8, r: &mut Rng) -> (Cpu, Vec<u8>) {
     (cpu, data)
 }
 
+/// Runs `bt` and `cpu_i` in random budgets (1..=`max`, seeded) until the
+/// guest stops, asserting the same exit, count and state at every stop.
+fn lockstep(bt: &mut BtCore, cpu_i: &mut Cpu, seed: u64, max: u64) {
+    let mut r = Rng(seed);
+    loop {
+        let budget = 1 + r.below(max);
+        let eb = bt.run(&mut Quiet, budget);
+        let ei = cpu_i.run(&mut Quiet, budget);
+        assert_eq!(eb, ei);
+        assert_eq!(bt.cpu().icount, cpu_i.icount);
+        assert_eq!(bt.cpu().state(), cpu_i.state());
+        if eb != RunExit::Budget {
+            break;
+        }
+    }
+}
+
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -893,18 +910,7 @@ fn chained_loops_stop_exactly_at_the_budget() {
     let (mut cpu_i, _) = machine(&code, 0, &mut Rng(3));
     let mut bt = BtCore::new(cpu_b).unwrap();
     bt.set_hot_after(1);
-    let mut r = Rng(99);
-    loop {
-        let budget = 1 + r.below(400);
-        let eb = bt.run(&mut Quiet, budget);
-        let ei = cpu_i.run(&mut Quiet, budget);
-        assert_eq!(eb, ei);
-        assert_eq!(bt.cpu().icount, cpu_i.icount);
-        assert_eq!(bt.cpu().state(), cpu_i.state());
-        if eb != RunExit::Budget {
-            break;
-        }
-    }
+    lockstep(&mut bt, &mut cpu_i, 99, 400);
     assert!(bt.stats.chains > 100, "{:?}", bt.stats);
 }
 
@@ -935,18 +941,7 @@ fn returns_through_the_indirect_branch_table_stop_exactly() {
     let (mut cpu_i, _) = machine(&code, 3, &mut Rng(5));
     let mut bt = BtCore::new(cpu_b).unwrap();
     bt.set_hot_after(1);
-    let mut r = Rng(77);
-    loop {
-        let budget = 1 + r.below(600);
-        let eb = bt.run(&mut Quiet, budget);
-        let ei = cpu_i.run(&mut Quiet, budget);
-        assert_eq!(eb, ei);
-        assert_eq!(bt.cpu().icount, cpu_i.icount);
-        assert_eq!(bt.cpu().state(), cpu_i.state());
-        if eb != RunExit::Budget {
-            break;
-        }
-    }
+    lockstep(&mut bt, &mut cpu_i, 77, 600);
     let hits = bt
         .stats_list()
         .iter()
@@ -1392,18 +1387,7 @@ fn real_mode_loop_runs_translated() {
     let (mut cpu_i, _) = machine16(&code, 0, &mut Rng(11));
     let mut bt = BtCore::new(cpu_b).unwrap();
     bt.set_hot_after(1);
-    let mut r = Rng(5);
-    loop {
-        let budget = 1 + r.below(500);
-        let eb = bt.run(&mut Quiet, budget);
-        let ei = cpu_i.run(&mut Quiet, budget);
-        assert_eq!(eb, ei);
-        assert_eq!(bt.cpu().icount, cpu_i.icount);
-        assert_eq!(bt.cpu().state(), cpu_i.state());
-        if eb != RunExit::Budget {
-            break;
-        }
-    }
+    lockstep(&mut bt, &mut cpu_i, 5, 500);
     assert_eq!(bt.cpu().state().gpr[1] & 0xffff, 0, "the loop ran out");
     let mut mb = vec![0u8; RAM as usize];
     let mut mi = vec![0u8; RAM as usize];
