@@ -92,6 +92,10 @@ fn time_interp(ram: &Arc<GuestRam>, eip: u64) -> (f64, u64) {
 fn report(name: &str, iters: u64, build: &dyn Fn() -> (Arc<GuestRam>, u64)) {
     let (ram, eip) = build();
     let (tb, nb) = time_bt(&ram, eip);
+    if std::env::var_os("MB_BT_ONLY").is_some() {
+        println!("{name:8} bt {:10.2} ns", tb * 1e9 / iters as f64);
+        return;
+    }
     let (ram, eip) = build();
     let (ti, ni) = time_interp(&ram, eip);
     assert_eq!(nb, ni, "instruction counts differ");

@@ -170,7 +170,7 @@ pub struct BtStats {
     /// Whole-cache flushes (cache full or code cache flushed).
     pub flushes: u64,
     /// Indirect transfers (RET) that found their target in the inline
-    /// indirect-branch table (counted in the records; see `BtCore::ib_hits`).
+    /// indirect-branch table (counted by the CCFs: `translate::IB_HIT`).
     pub ib_hits: u64,
     /// Indirect transfers that returned to the dispatcher (not in the
     /// table, TLB changed, or the chain budget ran out).
@@ -219,6 +219,9 @@ pub struct BtCore {
     /// Interpreter entries per first mnemonic (`POPEK_BT_PROFILE` set:
     /// printed to stderr when the engine is dropped).
     profile: Option<Vec<u64>>,
+    /// With `POPEK_BT_PROFILE`: CCF returns to the dispatcher per
+    /// (EIP, kind: 0 plain exit, 1 slow path, 2 indirect exit).
+    exits: HashMap<(u32, u8), u64>,
     /// With `POPEK_BT_PROFILE`: `/tmp/perf-PID.map`, naming each CCF for
     /// `perf report`.
     perf_map: Option<std::fs::File>,
@@ -259,6 +262,7 @@ impl BtCore {
             perf_map: std::env::var_os("POPEK_BT_PROFILE").and_then(|_| {
                 std::fs::File::create(format!("/tmp/perf-{}.map", std::process::id())).ok()
             }),
+            exits: HashMap::new(),
             profile: std::env::var_os("POPEK_BT_PROFILE")
                 .map(|_| vec![0; iced_x86::Code::values().len() * 16]),
             stats: BtStats::default(),
@@ -421,6 +425,7 @@ impl BtCore {
                 self.stats.ccf_runs += 1 + chains;
                 self.stats.chains += chains;
                 let n = ret.retired as u32 as u64;
+                self.stats.ib_hits += ret.retired / translate::IB_HIT;
                 self.cpu.icount += n;
                 let slow = ret.retired & translate::SLOW_PATH != 0;
                 let inl = if !slow || chains > 0 {
@@ -433,6 +438,17 @@ impl BtCore {
                 let _ = (insns, ident);
                 if ret.retired & translate::IB_EXIT != 0 {
                     self.stats.ib_exits += 1;
+                }
+                if self.profile.is_some() {
+                    let kind = if slow {
+                        1
+                    } else {
+                        (ret.retired & translate::IB_EXIT != 0) as u8 * 2
+                    };
+                    *self
+                        .exits
+                        .entry((self.cpu.state().rip as u32, kind))
+                        .or_default() += 1;
                 }
                 if !slow {
                     return None;
@@ -529,14 +545,13 @@ impl BtCore {
         // entry of its page.
         let set = l.fetch_sets + if ctx & 3 == 3 { l.set_stride } else { 0 };
         let idx = (eip as usize >> 12) & (l.entries - 1);
-        self.stats.ib_hits += r[5];
         *r = [
             k,
             (l.base as usize + set + idx * l.entry_size) as u64,
             (eip & !0xfff) as u64 | 1,
             self.cpu.ram().host_ptr() as u64 + (phys & !0xfff),
             body,
-            0,
+            translate::IB_HIT,
             0,
             0,
         ];
@@ -564,7 +579,7 @@ impl BtCore {
 
     /// Indirect-branch table hits so far.
     fn ib_hits(&self) -> u64 {
-        self.stats.ib_hits + self.ib.iter().map(|r| r[5]).sum::<u64>()
+        self.stats.ib_hits
     }
 
     /// Runs `n` instructions on the interpreter.
@@ -738,7 +753,6 @@ impl BtCore {
         if let Some(Entry::Ccf { body, .. }) = self.map.remove(&k) {
             let r = &mut self.ib[k.1 as usize & (translate::IB_SLOTS - 1)];
             if r[4] == body as u64 {
-                self.stats.ib_hits += r[5];
                 *r = [0; 8];
             }
         }
@@ -769,7 +783,6 @@ impl BtCore {
         self.misses.clear();
         self.fast.iter_mut().for_each(|e| *e = None);
         self.page_keys.clear();
-        self.stats.ib_hits = self.ib_hits();
         self.ib.iter_mut().for_each(|r| *r = [0; 8]);
         self.cache.reset();
         self.stats.flushes += 1;
@@ -887,6 +900,14 @@ impl Drop for BtCore {
             }
         }
         let Some(p) = &self.profile else { return };
+        let mut x: Vec<_> = self.exits.iter().map(|(k, n)| (*n, *k)).collect();
+        x.sort_by(|a, b| b.cmp(a));
+        eprintln!(
+            "popek-bt: CCF returns to the dispatcher by EIP (0 exit, 1 slow path, 2 indirect):"
+        );
+        for (n, (eip, kind)) in x.iter().take(30) {
+            eprintln!("  {eip:#010x} {kind} {n}");
+        }
         let mut v: Vec<(u64, usize)> = p
             .iter()
             .enumerate()
