@@ -48,11 +48,21 @@ const SLICE: u64 = 200_000;
 
 fn cpu(ram: &Arc<GuestRam>, eip: u64) -> Cpu {
     let mut cpu = Cpu::new(ram.clone());
-    let mut s = CpuState::flat_protected(0x08, 0x10);
+    // MB_CPL3=1: user mode (the guest ends with a #GP at HLT).
+    let user = std::env::var_os("MB_CPL3").is_some();
+    let mut s = if user {
+        CpuState::flat_protected(0x1b, 0x23)
+    } else {
+        CpuState::flat_protected(0x08, 0x10)
+    };
     s.rip = eip;
-    s.gpr[4] = 0x28_0000;
+    s.gpr[4] = std::env::var("MB_ESP")
+        .ok()
+        .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+        .unwrap_or(0x28_0000);
     s.rflags = 2;
     cpu.set_state(s);
+    cpu.exception_bitmap = !0;
     cpu
 }
 
@@ -63,7 +73,7 @@ fn time_bt(ram: &Arc<GuestRam>, eip: u64) -> (f64, u64) {
     loop {
         match bt.run(&mut Quiet, SLICE) {
             RunExit::Budget => {}
-            RunExit::Halted => break,
+            RunExit::Halted | RunExit::Exception { vector: 13, .. } => break,
             e => panic!("bt: {e:?} at {:#x}", bt.cpu().state().rip),
         }
     }
@@ -73,6 +83,13 @@ fn time_bt(ram: &Arc<GuestRam>, eip: u64) -> (f64, u64) {
             eprintln!("  {k:48} {v}");
         }
     }
+    let mut st = vec![0u8; 0x40];
+    ram.read(0x24_0000, &mut st).unwrap();
+    eprintln!(
+        "  bt state {:02x?} regs {:x?}",
+        &st[..32],
+        &bt.cpu().state().gpr[..8]
+    );
     (s, bt.cpu().icount)
 }
 
@@ -82,11 +99,19 @@ fn time_interp(ram: &Arc<GuestRam>, eip: u64) -> (f64, u64) {
     loop {
         match c.run(&mut Quiet, SLICE) {
             RunExit::Budget => {}
-            RunExit::Halted => break,
+            RunExit::Halted | RunExit::Exception { vector: 13, .. } => break,
             e => panic!("interp: {e:?}"),
         }
     }
-    (t.elapsed().as_secs_f64(), c.icount)
+    let el = t.elapsed().as_secs_f64();
+    let mut st = vec![0u8; 0x40];
+    ram.read(0x24_0000, &mut st).unwrap();
+    eprintln!(
+        "  in state {:02x?} regs {:x?}",
+        &st[..32],
+        &c.state().gpr[..8]
+    );
+    (el, c.icount)
 }
 
 fn report(name: &str, iters: u64, build: &dyn Fn() -> (Arc<GuestRam>, u64)) {

@@ -177,6 +177,12 @@ pub struct BtStats {
     pub ib_exits: u64,
     /// Indirect-branch table records written by the dispatcher.
     pub ib_fills: u64,
+    /// Memory instructions translated without a probe of their own (they
+    /// share an earlier one's: `translate::share`), static.
+    pub shared_probes: u64,
+    /// Shared probes' groups retranslated without sharing (their span kept
+    /// missing).
+    pub unshared: u64,
 }
 
 /// The translator and dispatcher around one software CPU, independent of
@@ -203,6 +209,11 @@ pub struct BtCore {
     /// Instructions (guest-physical) retranslated as call-outs
     /// (with the instruction count when it may be translated again).
     forced: HashMap<u64, u64>,
+    /// Instructions (guest-physical) at which no shared-probe group may
+    /// start (`translate::share`: the span's probe kept missing).
+    /// (With the instruction count from which they may share again, at
+    /// their page's next translation.)
+    nogroup: HashMap<u64, u64>,
     /// How often each site was made a call-out (the retry delay doubles).
     forced_times: HashMap<u64, u32>,
     /// When `forced` is next swept for sites to retry (instruction count).
@@ -255,6 +266,7 @@ impl BtCore {
             misses: HashMap::new(),
             forced: HashMap::new(),
             forced_times: HashMap::new(),
+            nogroup: HashMap::new(),
             next_retry: ADAPT_RETRY,
             ib: vec![[0u64; 8]; translate::IB_SLOTS],
             bmi2: std::arch::is_x86_feature_detected!("bmi2"),
@@ -468,6 +480,16 @@ impl BtCore {
                     // filled now: no reason to interpret the access.
                     return exit;
                 }
+                if info[1] & translate::SHARED != 0 {
+                    // A shared probe's span that does not hit even now
+                    // (it crosses a page, or one access keeps missing):
+                    // retranslate without that group; its instructions
+                    // then probe (and adapt) one by one.
+                    self.nogroup.insert(at, self.cpu.icount + ADAPT_RETRY);
+                    self.stats.unshared += 1;
+                    self.drop_page(at >> 12);
+                    return exit;
+                }
                 // Misses count within a window of instructions.
                 let now = self.cpu.icount;
                 let (count, since) = self.misses.entry(at).or_insert((0, now));
@@ -519,6 +541,7 @@ impl BtCore {
             .filter(|&(_, &t)| now >= t)
             .map(|(&a, _)| a)
             .collect();
+        self.nogroup.retain(|_, t| now < *t);
         let mut pages = HashSet::new();
         for a in old {
             self.forced.remove(&a);
@@ -562,7 +585,12 @@ impl BtCore {
     /// slow-path exit (`exit_info`) go to host memory: the miss was a
     /// plain TLB miss.
     fn tlb_would_hit(&self, set: usize, info: [u64; 2]) -> bool {
-        let (lin, size, write) = (info[0], info[1] & 0xff, info[1] & 0x100 != 0);
+        let size = if info[1] & translate::SHARED != 0 {
+            info[1] >> 16
+        } else {
+            info[1] & 0xff
+        };
+        let (lin, write) = (info[0], info[1] & 0x100 != 0);
         if lin >> 32 != 0 || (lin & 0xfff) + size > 0x1000 {
             return false;
         }
@@ -629,6 +657,11 @@ impl BtCore {
             self.forced
                 .contains_key(&(phys + e.wrapping_sub(eip) as u64))
         };
+        let ng: Vec<u64> = (self.nogroup.keys())
+            .filter(|&&a| a >> 12 == phys >> 12)
+            .copied()
+            .collect();
+        let nogroup = |e: u32| ng.contains(&(phys + e.wrapping_sub(eip) as u64));
         let entry = match translate::plan(&code, eip, ctx, &forced) {
             Translation::Interp {
                 run,
@@ -653,9 +686,14 @@ impl BtCore {
                     base: self.ib.as_ptr() as u64,
                     key_bits: (cpl as u64) << 32 | 1 << 40,
                 };
-                let Ok(mut host) =
-                    translate::compile(&plan, self.cache.next_addr(), &probe, page, Some(&ib))
-                else {
+                let Ok(mut host) = translate::compile_with(
+                    &plan,
+                    self.cache.next_addr(),
+                    &probe,
+                    page,
+                    Some(&ib),
+                    &nogroup,
+                ) else {
                     // Never expected (each instruction was test-encoded):
                     // interpret this code from now on.
                     self.stats.compile_errors += 1;
@@ -671,13 +709,20 @@ impl BtCore {
                 let mut at = self.cache.push(&host.code);
                 if at.is_none() {
                     self.flush_all();
-                    host =
-                        translate::compile(&plan, self.cache.next_addr(), &probe, page, Some(&ib))
-                            .ok()?;
+                    host = translate::compile_with(
+                        &plan,
+                        self.cache.next_addr(),
+                        &probe,
+                        page,
+                        Some(&ib),
+                        &nogroup,
+                    )
+                    .ok()?;
                     at = self.cache.push(&host.code);
                 }
                 let at = at?;
                 self.stats.tus += 1;
+                self.stats.shared_probes += host.shared as u64;
                 self.stats.ccf_bytes += host.code.len() as u64;
                 if let Some(f) = self.perf_map.as_mut() {
                     use std::io::Write as _;
@@ -772,6 +817,7 @@ impl BtCore {
             self.drop_page(page);
             self.forced.retain(|a, _| a >> 12 != page);
             self.misses.retain(|a, _| a >> 12 != page);
+            self.nogroup.retain(|a, _| a >> 12 != page);
         }
     }
 
@@ -781,6 +827,7 @@ impl BtCore {
         self.pending.clear();
         self.forced.clear();
         self.misses.clear();
+        self.nogroup.clear();
         self.fast.iter_mut().for_each(|e| *e = None);
         self.page_keys.clear();
         self.ib.iter_mut().for_each(|r| *r = [0; 8]);
@@ -885,6 +932,11 @@ impl BtCore {
                     .unwrap_or(0),
             ),
             ("indirect-branch records filled", s.ib_fills),
+            (
+                "memory instructions sharing a probe (static)",
+                s.shared_probes,
+            ),
+            ("probe groups unshared after misses", s.unshared),
         ]
     }
 }

@@ -25,6 +25,8 @@ use iced_x86::{
 };
 use popek_cpu::{CpuState, Segment};
 
+mod share;
+
 /// Largest number of guest instructions in one TU.
 pub const MAX_TU: usize = 64;
 /// Largest number of instructions one call-out entry runs on the
@@ -949,6 +951,20 @@ pub struct Compiled {
     /// EIP it leaves for (same page as the TU). Initially the jump leads to
     /// the exit stub; [`patch`] points it at the target's body.
     pub sites: Vec<(u64, u32)>,
+    /// Memory instructions that use another's probe ([`share`]).
+    pub shared: u32,
+}
+
+/// Compiles a plan into host code for address `ip` (see [`compile_with`]:
+/// probes shared wherever possible).
+pub fn compile(
+    p: &Plan,
+    ip: u64,
+    tlb: &Probe,
+    page: u32,
+    ib: Option<&IbTable>,
+) -> Result<Compiled, IcedError> {
+    compile_with(p, ip, tlb, page, ib, &|_| false)
 }
 
 /// Compiles a plan into host code for address `ip`.
@@ -962,12 +978,17 @@ pub struct Compiled {
 /// the instructions retired (| [`SLOW_PATH`]) and what is left of the chain
 /// budget. An exit to a known EIP in the same page may jump straight to
 /// the body of that TU's CCF while the chain budget lasts (chaining).
-pub fn compile(
+///
+/// On BMI2 hosts, memory instructions with the same base and index share
+/// one TLB probe ([`share`]), except groups headed at an EIP for which
+/// `nogroup` is true (their span's probe kept missing).
+pub fn compile_with(
     p: &Plan,
     ip: u64,
     tlb: &Probe,
     page: u32,
     ib: Option<&IbTable>,
+    nogroup: &dyn Fn(u32) -> bool,
 ) -> Result<Compiled, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     a.set_prefer_short_branch(false);
@@ -1018,19 +1039,61 @@ pub fn compile(
         tlb: *tlb,
     };
     let mut ended = false;
-    let mut slow: Vec<(CodeLabel, &MemInsn)> = Vec::new();
-    for item in &p.items {
+    // Slow paths: label, guest EIP, instructions before, exit_info word 1.
+    let mut slow: Vec<(CodeLabel, u32, u32, u64)> = Vec::new();
+    let info1 = |m: &MemInsn| (m.size | (m.write as u32) << 8) as u64;
+    let roles = if tlb.bmi2 {
+        share::plan_sharing(&p.items, nogroup)
+    } else {
+        vec![None; p.items.len()]
+    };
+    for (k, item) in p.items.iter().enumerate() {
         match *item {
             Item::Ident(i) => a.add_instruction(i)?,
+            Item::Mem(ref m) if roles[k].is_some() => {
+                let off = match roles[k] {
+                    Some(share::Share::Head {
+                        low,
+                        size,
+                        write,
+                        slot,
+                    }) => {
+                        // Probe the group's span; keep its host address.
+                        let mut g = (**m).clone();
+                        g.disp = low as u32;
+                        g.size = size;
+                        g.write = write;
+                        let miss = a.create_label();
+                        emit_probe_bmi2(&mut a, &g, tlb, miss, consts)?;
+                        slow.push((
+                            miss,
+                            m.eip,
+                            m.before,
+                            SHARED | (size as u64) << 16 | (write as u64) << 8,
+                        ));
+                        a.mov(qword_ptr(rsp - share::slot_offset(slot)), r11)?;
+                        m.disp as i32 - low
+                    }
+                    Some(share::Share::Member { off, slot }) => {
+                        a.mov(r11, qword_ptr(rsp - share::slot_offset(slot)))?;
+                        off
+                    }
+                    None => unreachable!(),
+                };
+                if off != 0 {
+                    a.lea(r11, qword_ptr(r11 + off))?;
+                }
+                emit_access(&mut a, m, tlb)?;
+            }
             Item::Mem(ref m) => {
                 if let Some(pre) = &m.pre {
                     let miss = a.create_label();
                     emit_probe(&mut a, pre, tlb, miss, consts)?;
-                    slow.push((miss, pre));
+                    slow.push((miss, pre.eip, pre.before, info1(pre)));
                 }
                 let miss = a.create_label();
                 emit_probe(&mut a, m, tlb, miss, consts)?;
-                slow.push((miss, m));
+                slow.push((miss, m.eip, m.before, info1(m)));
                 match m.op {
                     MemOp::Call { target, .. } => {
                         ex.exit(&mut a, target)?;
@@ -1111,7 +1174,7 @@ pub fn compile(
     if !ended {
         ex.exit(&mut a, p.next_eip)?;
     }
-    for (mut l, m) in slow {
+    for (mut l, eip, before, info) in slow {
         // TLB miss: the guest flags back, leave before the instruction and
         // have the dispatcher run it on the interpreter (which walks the
         // page tables, faults precisely or reaches MMIO).
@@ -1125,9 +1188,9 @@ pub fn compile(
         // Tell the dispatcher the access (adaptive BT looks at it).
         a.mov(r10, tlb.exit_info)?;
         a.mov(qword_ptr(r10), r9)?;
-        a.mov(qword_ptr(r10 + 8), (m.size | (m.write as u32) << 8) as i32)?;
-        a.lea(r14, qword_ptr(r14 + m.before as i32))?;
-        emit_store_exit(&mut a, Some(m.eip), Some(32))?;
+        a.mov(qword_ptr(r10 + 8), info as i32)?;
+        a.lea(r14, qword_ptr(r14 + before as i32))?;
+        emit_store_exit(&mut a, Some(eip), Some(32))?;
     }
     if tlb.bmi2 {
         // The flag-free probe's masks: TLB index bits, page bits.
@@ -1153,7 +1216,16 @@ pub fn compile(
     for &(off, _) in &sites {
         assert_eq!(code[off as usize - 1], 0xe9, "chain site is a jmp rel32");
     }
-    Ok(Compiled { code, body, sites })
+    let shared = roles
+        .iter()
+        .filter(|r| matches!(r, Some(share::Share::Member { .. })))
+        .count() as u32;
+    Ok(Compiled {
+        code,
+        body,
+        sites,
+        shared,
+    })
 }
 
 /// The exits of one CCF being compiled.
@@ -1216,6 +1288,11 @@ pub fn patch(site_rw: &mut [u8; 4], site_rx: u64, target_rx: u64) {
 /// Bit of a CCF's return value: the instruction at the returned EIP must
 /// run on the interpreter (an inline TLB probe missed).
 pub const SLOW_PATH: u64 = 1 << 32;
+
+/// In the second word of `Probe::exit_info`: the probe that missed was a
+/// shared one ([`share`]); the span's size is in bits 16 and up (else the
+/// access's size is in bits 0–7); bit 8: write.
+pub const SHARED: u64 = 1 << 9;
 
 /// What the inline TLB probe needs from the CPU (`popek_cpu::mmu::TlbLayout`
 /// for the TU's privilege set).

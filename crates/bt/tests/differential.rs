@@ -545,6 +545,7 @@ struct Tally {
     exceptions: u64,
     ccf_runs: u64,
     ib_hits: u64,
+    shared: u64,
     mismatches: Vec<String>,
 }
 
@@ -662,6 +663,7 @@ fn run_case(seed: u64, case: u64, t: &mut Tally) {
                 .iter()
                 .find(|(k, _)| *k == "indirect-branch table hits")
                 .map_or(0, |x| x.1);
+            t.shared += bt.stats.shared_probes;
             if matches!(exit_b, RunExit::Exception { .. }) {
                 t.exceptions += 1;
             }
@@ -694,11 +696,12 @@ fn bt_matches_interp_on_random_sequences() {
         }
     }
     eprintln!(
-        "bt vs interp: {} sequences, {} dispatches ({} CCF runs, {} indirect-branch table hits), {} ended in an exception, {} mismatches",
+        "bt vs interp: {} sequences, {} dispatches ({} CCF runs, {} indirect-branch table hits, {} memory instructions sharing a probe), {} ended in an exception, {} mismatches",
         t.cases,
         t.dispatches,
         t.ccf_runs,
         t.ib_hits,
+        t.shared,
         t.exceptions,
         t.mismatches.len()
     );
@@ -710,6 +713,11 @@ fn bt_matches_interp_on_random_sequences() {
         cases < 1000 || t.ib_hits > 0,
         "RETs found their CCF inline: {}",
         t.ib_hits
+    );
+    assert!(
+        cases < 1000 || !std::arch::is_x86_feature_detected!("bmi2") || t.shared > 0,
+        "memory instructions shared probes: {}",
+        t.shared
     );
     assert!(t.mismatches.is_empty(), "{} mismatches", t.mismatches.len());
 }
