@@ -61,6 +61,22 @@ fn cpu(ram: &Arc<GuestRam>, eip: u64) -> Cpu {
         .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
         .unwrap_or(0x28_0000);
     s.rflags = 2;
+    if std::env::var_os("MB_PAGING").is_some() {
+        // Identity-map the first 8 MiB with 4 KiB pages (user, writable).
+        let pd = 0x70_0000u64;
+        for t in 0..2u64 {
+            let pt = pd + 0x1000 * (t + 1);
+            ram.write(pd + 4 * t, &((pt as u32) | 7).to_le_bytes())
+                .unwrap();
+            for i in 0..1024u64 {
+                let pa = (t << 22) | (i << 12);
+                ram.write(pt + 4 * i, &((pa as u32) | 7).to_le_bytes())
+                    .unwrap();
+            }
+        }
+        s.cr3 = pd;
+        s.cr0 |= 0x8000_0000;
+    }
     cpu.set_state(s);
     cpu.exception_bitmap = !0;
     cpu
@@ -189,6 +205,15 @@ fn block_loop(elf: &[u8], iters: u64) -> (Arc<GuestRam>, u64) {
     (ram, 0x20_0000)
 }
 
+/// minios's own callret loop (prog_bench at 0x101896: `mov edx,N; xor
+/// eax,eax; …; call leaf; dec edx; jne`), N patched, HLT after the loop.
+fn minios_callret(elf: &[u8], iters: u64) -> (Arc<GuestRam>, u64) {
+    let (ram, _) = block_loop(elf, 1);
+    ram.write(0x10_1897, &(iters as u32).to_le_bytes()).unwrap();
+    ram.write(0x10_18a8, &[0xf4]).unwrap();
+    (ram, 0x10_1896)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let n: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1);
@@ -198,5 +223,9 @@ fn main() {
         let elf = std::fs::read(path).unwrap();
         let iters = 100_000 * n;
         report("block", iters, &|| block_loop(&elf, iters));
+        if std::env::var_os("MB_MINIOS_CALLRET").is_some() {
+            let iters = 10_000_000 * n;
+            report("mcallret", iters, &|| minios_callret(&elf, iters));
+        }
     }
 }

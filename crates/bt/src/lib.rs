@@ -222,6 +222,10 @@ pub struct BtCore {
     /// `translate::IbTable`): records of 8 u64, filled by the dispatcher
     /// for each CCF it enters, cleared with the CCF.
     ib: Vec<[u64; 8]>,
+    /// The fetch-entry generation when the records' generation fields were
+    /// last cleared (it wraps after 2^23 changes: they are cleared every
+    /// 2^21, so a stale one never matches again).
+    ib_gen_epoch: u64,
     /// Emit the flag-free BMI2 TLB probe (default: when the host has
     /// BMI2; tests turn it off to cover the PUSHFQ/POPFQ probe).
     pub bmi2: bool,
@@ -269,6 +273,7 @@ impl BtCore {
             nogroup: HashMap::new(),
             next_retry: ADAPT_RETRY,
             ib: vec![[0u64; 8]; translate::IB_SLOTS],
+            ib_gen_epoch: 0,
             bmi2: std::arch::is_x86_feature_detected!("bmi2"),
             exit_info: Box::new([0; 3]),
             perf_map: std::env::var_os("POPEK_BT_PROFILE").and_then(|_| {
@@ -398,6 +403,11 @@ impl BtCore {
             },
         };
         if let Entry::Ccf { body, .. } = entry {
+            let gen = self.cpu.tlb_fetch_gen();
+            if gen.wrapping_sub(self.ib_gen_epoch) >= 1 << 62 {
+                self.ib.iter_mut().for_each(|r| r[6] = 0);
+                self.ib_gen_epoch = gen;
+            }
             self.ib_fill(key, body as u64);
         }
         match entry {
@@ -560,7 +570,11 @@ impl BtCore {
         let (phys, eip, ctx) = key;
         let r = &mut self.ib[eip as usize & (translate::IB_SLOTS - 1)];
         let k = eip as u64 | (ctx as u64) << 32 | 1 << 40;
+        // (`fetch_phys` just checked the TLB: the record holds at this
+        // fetch-entry generation.)
+        let gen = self.cpu.tlb_fetch_gen();
         if r[0] == k && r[4] == body {
+            r[6] = k.wrapping_add(gen);
             return;
         }
         let l = self.cpu.tlb_layout();
@@ -575,7 +589,7 @@ impl BtCore {
             self.cpu.ram().host_ptr() as u64 + (phys & !0xfff),
             body,
             translate::IB_HIT,
-            0,
+            k.wrapping_add(gen),
             0,
         ];
         self.stats.ib_fills += 1;
@@ -685,17 +699,22 @@ impl BtCore {
                 let ib = translate::IbTable {
                     base: self.ib.as_ptr() as u64,
                     key_bits: (cpl as u64) << 32 | 1 << 40,
+                    gen: l.base as u64 + l.fetch_gen as u64,
                 };
-                let Ok(mut host) = translate::compile_with(
+                let compiled = translate::compile_with(
                     &plan,
                     self.cache.next_addr(),
                     &probe,
                     page,
                     Some(&ib),
                     &nogroup,
-                ) else {
+                );
+                let Ok(mut host) = compiled else {
                     // Never expected (each instruction was test-encoded):
                     // interpret this code from now on.
+                    if self.profile.is_some() {
+                        eprintln!("popek-bt: compile error at {eip:#x}: {:?}", compiled.err());
+                    }
                     self.stats.compile_errors += 1;
                     let e = Entry::Interp {
                         run: 1,

@@ -1050,50 +1050,19 @@ pub fn compile_with(
     for (k, item) in p.items.iter().enumerate() {
         match *item {
             Item::Ident(i) => a.add_instruction(i)?,
-            Item::Mem(ref m) if roles[k].is_some() => {
-                let off = match roles[k] {
-                    Some(share::Share::Head {
-                        low,
-                        size,
-                        write,
-                        slot,
-                    }) => {
-                        // Probe the group's span; keep its host address.
-                        let mut g = (**m).clone();
-                        g.disp = low as u32;
-                        g.size = size;
-                        g.write = write;
-                        let miss = a.create_label();
-                        emit_probe_bmi2(&mut a, &g, tlb, miss, consts)?;
-                        slow.push((
-                            miss,
-                            m.eip,
-                            m.before,
-                            SHARED | (size as u64) << 16 | (write as u64) << 8,
-                        ));
-                        a.mov(qword_ptr(rsp - share::slot_offset(slot)), r11)?;
-                        m.disp as i32 - low
-                    }
-                    Some(share::Share::Member { off, slot }) => {
-                        a.mov(r11, qword_ptr(rsp - share::slot_offset(slot)))?;
-                        off
-                    }
-                    None => unreachable!(),
-                };
-                if off != 0 {
-                    a.lea(r11, qword_ptr(r11 + off))?;
-                }
-                emit_access(&mut a, m, tlb)?;
-            }
             Item::Mem(ref m) => {
-                if let Some(pre) = &m.pre {
+                if let Some(role) = roles[k] {
+                    emit_shared(&mut a, m, role, tlb, consts, &mut slow)?;
+                } else {
+                    if let Some(pre) = &m.pre {
+                        let miss = a.create_label();
+                        emit_probe(&mut a, pre, tlb, miss, consts)?;
+                        slow.push((miss, pre.eip, pre.before, info1(pre)));
+                    }
                     let miss = a.create_label();
-                    emit_probe(&mut a, pre, tlb, miss, consts)?;
-                    slow.push((miss, pre.eip, pre.before, info1(pre)));
+                    emit_probe(&mut a, m, tlb, miss, consts)?;
+                    slow.push((miss, m.eip, m.before, info1(m)));
                 }
-                let miss = a.create_label();
-                emit_probe(&mut a, m, tlb, miss, consts)?;
-                slow.push((miss, m.eip, m.before, info1(m)));
                 match m.op {
                     MemOp::Call { target, .. } => {
                         ex.exit(&mut a, target)?;
@@ -1384,6 +1353,51 @@ fn emit_probe(
     emit_access(a, m, t)
 }
 
+/// A memory instruction whose probe is shared ([`share`]): the group's
+/// head probes the span (a miss leaves before it: a slow path in `slow`)
+/// and keeps the span's host address in its red-zone slot; a member takes
+/// it from there. Then the access, at the span's address + the offset.
+fn emit_shared(
+    a: &mut CodeAssembler,
+    m: &MemInsn,
+    role: share::Share,
+    t: &Probe,
+    consts: Consts,
+    slow: &mut Vec<(CodeLabel, u32, u32, u64)>,
+) -> Result<(), IcedError> {
+    let off = match role {
+        share::Share::Head {
+            low,
+            size,
+            write,
+            slot,
+        } => {
+            let mut g = m.clone();
+            g.disp = low as u32;
+            g.size = size;
+            g.write = write;
+            let miss = a.create_label();
+            emit_probe_bmi2(a, &g, t, miss, consts)?;
+            slow.push((
+                miss,
+                m.eip,
+                m.before,
+                SHARED | (size as u64) << 16 | (write as u64) << 8,
+            ));
+            a.mov(qword_ptr(rsp - share::slot_offset(slot)), r11)?;
+            m.disp as i32 - low
+        }
+        share::Share::Member { off, slot } => {
+            a.mov(r11, qword_ptr(rsp - share::slot_offset(slot)))?;
+            off
+        }
+    };
+    if off != 0 {
+        a.lea(r11, qword_ptr(r11 + off))?;
+    }
+    emit_access(a, m, t)
+}
+
 /// The flag-free probe (BMI2): R9 = guest linear address, R10 = TLB entry,
 /// R11 = host address on a hit; a miss jumps to `miss` with every guest
 /// register and flag intact. One comparison covers both the tag and page
@@ -1603,13 +1617,17 @@ pub struct IbTable {
     pub base: u64,
     /// The TU context bits of the key (`ctx << 32 | 1 << 40`).
     pub key_bits: u64,
+    /// Address of the CPU's fetch-entry generation (`TlbLayout::fetch_gen`:
+    /// a multiple of `popek_cpu::mmu::FETCH_GEN_STEP`, 2^41).
+    pub gen: u64,
 }
 
 /// Records in the indirect-branch table (indexed by the low 16 bits of
 /// the target EIP: MOVZX is the flag-free way to mask it).
 pub const IB_SLOTS: usize = 1 << 16;
 /// Bytes per record: key (EIP | context), TLB entry address, expected read
-/// tag, expected host page, CCF body, [`IB_HIT`], padding.
+/// tag, expected host page, CCF body, [`IB_HIT`], the key + the fetch-entry
+/// generation at which the TLB checks last passed, padding.
 pub const IB_RECORD: usize = 64;
 /// What a CCF adds to its retired count (R14, returned in RAX) for each
 /// indirect-branch table hit: hits are counted in bits 40 and up (a
@@ -1625,6 +1643,11 @@ pub const IB_HIT: u64 = 1 << 40;
 /// `fetch_phys` + key lookup would find); else store and return to the
 /// dispatcher. Touches no flags: LEA/MOV/NOT compute differences, JRCXZ
 /// tests them (guest RCX waits in R12).
+///
+/// Fast path: the record's key + generation (field 6) equals the key + the
+/// CPU's current fetch-entry generation — no fetch entry changed since the
+/// TLB checks last passed for this record, so they still would. Else the
+/// TLB checks run and, when they pass, field 6 is brought up to date.
 fn emit_indirect_exit(
     a: &mut CodeAssembler,
     ib: Option<&IbTable>,
@@ -1637,6 +1660,7 @@ fn emit_indirect_exit(
     let mut exit = a.create_label();
     let mut miss = a.create_label();
     let mut miss2 = a.create_label();
+    let mut hit = a.create_label();
     // Guest RCX waits in R12 from here.
     a.lea(r13, qword_ptr(r13 - 1))?;
     a.mov(r12, rcx)?;
@@ -1646,18 +1670,42 @@ fn emit_indirect_exit(
     a.lea(r10, qword_ptr(r10 * 8))?;
     a.mov(r9, ib.base)?;
     a.lea(r10, qword_ptr(r9 + r10 * 8))?;
-    // Key: EIP | context.
+    // Key: EIP | context (R9); + generation (R11).
     a.mov(r9, ib.key_bits)?;
     a.lea(r9, qword_ptr(r9 + r11))?;
+    a.mov(rcx, ib.gen)?;
+    a.mov(rcx, qword_ptr(rcx))?;
+    a.lea(r11, qword_ptr(r9 + rcx))?;
+    a.mov(rcx, qword_ptr(r10 + 48))?;
+    a.not(rcx)?;
+    a.lea(rcx, qword_ptr(r11 + rcx + 1))?;
+    let mut slow = a.create_label();
+    a.jrcxz(hit)?;
+    a.jmp(slow)?;
+    // Hit: count it in R14's bits 40 and up (the record holds 1 << 40;
+    // counting in the record itself, a store the next lookup of the same
+    // record waits for, cost callret 6.7 → 4.5 ns), go.
+    a.set_label(&mut hit)?;
+    a.mov(rcx, qword_ptr(r10 + 40))?;
+    a.lea(r14, qword_ptr(r14 + rcx))?;
+    a.mov(rcx, r12)?;
+    a.jmp(qword_ptr(r10 + 32))?;
+    // (Within JRCXZ's reach.)
+    a.set_label(&mut nob)?;
+    a.mov(rcx, r12)?;
+    a.jmp(exit)?;
+    // The slow checks: the key …
+    a.set_label(&mut slow)?;
     a.mov(rcx, qword_ptr(r10))?;
     a.not(rcx)?;
     a.lea(rcx, qword_ptr(r9 + rcx + 1))?;
     let mut ok = a.create_label();
     a.jrcxz(ok)?;
+    a.mov(r11d, r9d)?;
     a.jmp(miss)?;
     a.set_label(&mut ok)?;
-    // The TLB entry's read tag: the page is mapped and readable (= may be
-    // fetched: no NX) at this privilege.
+    // … the TLB entry's read tag: the page is mapped and readable (= may be
+    // fetched: no NX) at this privilege …
     a.mov(r9, qword_ptr(r10 + 8))?;
     a.mov(ecx, dword_ptr(r9 + tlb.read_tag))?;
     a.not(rcx)?;
@@ -1676,16 +1724,13 @@ fn emit_indirect_exit(
     a.jrcxz(ok)?;
     a.jmp(miss2)?;
     a.set_label(&mut ok)?;
-    // Hit: count it in R14's bits 40 and up (the record holds 1 << 40;
-    // counting in the record itself, a store the next lookup of the same
-    // record waits for, cost callret 6.7 → 4.5 ns), go.
-    a.mov(rcx, qword_ptr(r10 + 40))?;
-    a.lea(r14, qword_ptr(r14 + rcx))?;
-    a.mov(rcx, r12)?;
-    a.jmp(qword_ptr(r10 + 32))?;
-    a.set_label(&mut nob)?;
-    a.mov(rcx, r12)?;
-    a.jmp(exit)?;
+    // Passed: record the generation.
+    a.mov(r9, ib.gen)?;
+    a.mov(r9, qword_ptr(r9))?;
+    a.mov(rcx, qword_ptr(r10))?;
+    a.lea(rcx, qword_ptr(rcx + r9))?;
+    a.mov(qword_ptr(r10 + 48), rcx)?;
+    a.jmp(hit)?;
     a.set_label(&mut miss2)?;
     a.mov(r11d, dword_ptr(r10))?;
     a.set_label(&mut miss)?;

@@ -546,6 +546,7 @@ struct Tally {
     ccf_runs: u64,
     ib_hits: u64,
     shared: u64,
+    compile_errors: u64,
     mismatches: Vec<String>,
 }
 
@@ -664,6 +665,7 @@ fn run_case(seed: u64, case: u64, t: &mut Tally) {
                 .find(|(k, _)| *k == "indirect-branch table hits")
                 .map_or(0, |x| x.1);
             t.shared += bt.stats.shared_probes;
+            t.compile_errors += bt.stats.compile_errors;
             if matches!(exit_b, RunExit::Exception { .. }) {
                 t.exceptions += 1;
             }
@@ -719,6 +721,7 @@ fn bt_matches_interp_on_random_sequences() {
         "memory instructions shared probes: {}",
         t.shared
     );
+    assert_eq!(t.compile_errors, 0, "TUs the assembler refused");
     assert!(t.mismatches.is_empty(), "{} mismatches", t.mismatches.len());
 }
 

@@ -1,6 +1,8 @@
 //! Probe sharing: memory instructions of a TU that address memory through
 //! the same base and index registers (unchanged in between) with nearby
-//! displacements share one inline TLB probe.
+//! displacements share one inline TLB probe. Through ESP (R8) the group
+//! follows ESP's moves by constants (PUSH, POP, CALL, RET, ADD/SUB/LEA
+//! ESP): stack operations join it like any access.
 //!
 //! The first of them (the *head*) probes the whole span of the group —
 //! from the lowest displacement to the end of the highest access, as one
@@ -63,6 +65,9 @@ struct Group {
     write: bool,
     members: Vec<(usize, i64)>,
     slot: u8,
+    /// How much the base (ESP: R8) moved since the head (PUSH, POP, ADD/SUB
+    /// ESP,imm…): a stack group follows ESP by constants.
+    delta: i64,
 }
 
 /// The memory instructions that may join a group: plain accesses through
@@ -71,7 +76,17 @@ struct Group {
 /// consecutive).
 fn eligible(m: &MemInsn) -> bool {
     let r32 = |r: Register| r == Register::None || r.size() == 4;
-    m.op == MemOp::Insn
+    let op_ok = match m.op {
+        MemOp::Insn | MemOp::Leave => true,
+        // Stack accesses through ESP (their own ESP update is tracked).
+        MemOp::PushReg(_)
+        | MemOp::PushImm(_)
+        | MemOp::Pop(_)
+        | MemOp::Call { .. }
+        | MemOp::Ret(_) => m.base == Register::R8D,
+        _ => false,
+    };
+    op_ok
         && m.via.is_none()
         && m.seg_base.is_none()
         && m.pre.is_none()
@@ -130,6 +145,43 @@ fn written(item: &Item, info: &mut InstructionInfoFactory) -> Option<Vec<Registe
     })
 }
 
+/// How an item moves ESP (R8) when that is a known constant (`None`: it
+/// does not write R8 or writes something else; see `written`).
+fn esp_step(item: &Item) -> Option<i64> {
+    use iced_x86::{Code, OpKind};
+    match item {
+        Item::Mem(m) => match m.op {
+            MemOp::PushReg(_)
+            | MemOp::PushImm(_)
+            | MemOp::PushScratch
+            | MemOp::Call { .. }
+            | MemOp::CallInd { .. } => Some(-4),
+            MemOp::Pop(_) => Some(4),
+            MemOp::Ret(imm) => Some(4 + imm as i64),
+            _ => None,
+        },
+        Item::Ident(i) if i.op0_kind() == OpKind::Register && i.op0_register() == Register::R8D => {
+            let imm = || match i.op1_kind() {
+                OpKind::Immediate8to32 => Some(i.immediate8to32() as i64),
+                OpKind::Immediate32 => Some(i.immediate32() as i32 as i64),
+                _ => None,
+            };
+            match i.code() {
+                Code::Add_rm32_imm8 | Code::Add_rm32_imm32 => imm(),
+                Code::Sub_rm32_imm8 | Code::Sub_rm32_imm32 => imm().map(|v| -v),
+                Code::Lea_r32_m
+                    if i.memory_base().full_register() == Register::R8
+                        && i.memory_index() == Register::None =>
+                {
+                    Some(i.memory_displacement32() as i32 as i64)
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
 /// The sharing role of each item (`None`: its own probe, as usual).
 /// `nogroup(eip)`: no group may start at this instruction.
 pub(super) fn plan_sharing(items: &[Item], nogroup: &dyn Fn(u32) -> bool) -> Vec<Option<Share>> {
@@ -156,7 +208,7 @@ pub(super) fn plan_sharing(items: &[Item], nogroup: &dyn Fn(u32) -> bool) -> Vec
     for (i, item) in items.iter().enumerate() {
         if let Item::Mem(m) = item {
             if eligible(m) {
-                let d = m.disp as i32 as i64;
+                let disp = m.disp as i32 as i64;
                 let same = open.iter().position(|g| {
                     g.base == m.base
                         && g.index == m.index
@@ -165,6 +217,8 @@ pub(super) fn plan_sharing(items: &[Item], nogroup: &dyn Fn(u32) -> bool) -> Vec
                 let joined = match same {
                     Some(k) => {
                         let g = &mut open[k];
+                        // Relative to the base at the head.
+                        let d = disp + g.delta;
                         let (lo, hi) = (g.low.min(d), g.high.max(d + m.size as i64));
                         if hi - lo <= SPAN {
                             (g.low, g.high) = (lo, hi);
@@ -186,11 +240,12 @@ pub(super) fn plan_sharing(items: &[Item], nogroup: &dyn Fn(u32) -> bool) -> Vec
                             index: m.index,
                             scale: m.scale,
                             head: i,
-                            low: d,
-                            high: d + m.size as i64,
+                            low: disp,
+                            high: disp + m.size as i64,
                             write: m.write,
                             members: Vec::new(),
                             slot,
+                            delta: 0,
                         });
                     }
                 }
@@ -204,7 +259,14 @@ pub(super) fn plan_sharing(items: &[Item], nogroup: &dyn Fn(u32) -> bool) -> Vec
                     close(g, &mut roles);
                 }
             }
-            Some(w) => {
+            Some(mut w) => {
+                // ESP moved by a constant: stack groups follow it.
+                if let Some(step) = esp_step(item) {
+                    w.retain(|&r| r != Register::R8);
+                    for g in open.iter_mut().filter(|g| g.base == Register::R8D) {
+                        g.delta += step;
+                    }
+                }
                 let mut k = 0;
                 while k < open.len() {
                     let g = &open[k];
