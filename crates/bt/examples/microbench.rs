@@ -46,6 +46,14 @@ impl Bus for Quiet {
 const RAM: u64 = 8 << 20;
 const SLICE: u64 = 200_000;
 
+/// Guest RAM (`MB_RAM_MB`, default 8).
+fn ram_size() -> u64 {
+    std::env::var("MB_RAM_MB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(RAM, |m| m << 20)
+}
+
 fn cpu(ram: &Arc<GuestRam>, eip: u64) -> Cpu {
     let mut cpu = Cpu::new(ram.clone());
     // MB_CPL3=1: user mode (the guest ends with a #GP at HLT).
@@ -86,8 +94,14 @@ fn cpu(ram: &Arc<GuestRam>, eip: u64) -> Cpu {
 fn time_bt(ram: &Arc<GuestRam>, eip: u64) -> (f64, u64) {
     let mut bt = BtCore::new(cpu(ram, eip)).unwrap();
     let t = Instant::now();
+    let trace = std::env::var_os("MB_SLICES").is_some();
     loop {
-        match bt.run(&mut Quiet, SLICE) {
+        let t1 = Instant::now();
+        let r = bt.run(&mut Quiet, SLICE);
+        if trace {
+            eprintln!("  slice {:?} icount {}", t1.elapsed(), bt.cpu().icount);
+        }
+        match r {
             RunExit::Budget => {}
             RunExit::Halted | RunExit::Exception { vector: 13, .. } => break,
             e => panic!("bt: {e:?} at {:#x}", bt.cpu().state().rip),
@@ -101,11 +115,13 @@ fn time_bt(ram: &Arc<GuestRam>, eip: u64) -> (f64, u64) {
     }
     let mut st = vec![0u8; 0x40];
     ram.read(0x24_0000, &mut st).unwrap();
-    eprintln!(
-        "  bt state {:02x?} regs {:x?}",
-        &st[..32],
-        &bt.cpu().state().gpr[..8]
-    );
+    if std::env::var_os("MB_STATE").is_some() {
+        eprintln!(
+            "  bt state {:02x?} regs {:x?}",
+            &st[..32],
+            &bt.cpu().state().gpr[..8]
+        );
+    }
     (s, bt.cpu().icount)
 }
 
@@ -122,17 +138,28 @@ fn time_interp(ram: &Arc<GuestRam>, eip: u64) -> (f64, u64) {
     let el = t.elapsed().as_secs_f64();
     let mut st = vec![0u8; 0x40];
     ram.read(0x24_0000, &mut st).unwrap();
-    eprintln!(
-        "  in state {:02x?} regs {:x?}",
-        &st[..32],
-        &c.state().gpr[..8]
-    );
+    if std::env::var_os("MB_STATE").is_some() {
+        eprintln!(
+            "  in state {:02x?} regs {:x?}",
+            &st[..32],
+            &c.state().gpr[..8]
+        );
+    }
     (el, c.icount)
 }
 
 fn report(name: &str, iters: u64, build: &dyn Fn() -> (Arc<GuestRam>, u64)) {
     let (ram, eip) = build();
-    let (tb, nb) = time_bt(&ram, eip);
+    let (mut tb, nb) = time_bt(&ram, eip);
+    // MB_REPEAT=n: the best of n runs (each on a fresh engine and guest).
+    let reps: u32 = std::env::var("MB_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    for _ in 1..reps {
+        let (ram, eip) = build();
+        tb = tb.min(time_bt(&ram, eip).0);
+    }
     if std::env::var_os("MB_BT_ONLY").is_some() {
         println!("{name:8} bt {:10.2} ns", tb * 1e9 / iters as f64);
         return;
@@ -149,7 +176,7 @@ fn report(name: &str, iters: u64, build: &dyn Fn() -> (Arc<GuestRam>, u64)) {
 }
 
 fn callret(iters: u64) -> (Arc<GuestRam>, u64) {
-    let ram = Arc::new(GuestRam::new(RAM).unwrap());
+    let ram = Arc::new(GuestRam::new(ram_size()).unwrap());
     let mut a = CodeAssembler::new(32).unwrap();
     let mut top = a.create_label();
     let mut leaf = a.create_label();
@@ -172,7 +199,7 @@ fn callret(iters: u64) -> (Arc<GuestRam>, u64) {
 }
 
 fn block_loop(elf: &[u8], iters: u64) -> (Arc<GuestRam>, u64) {
-    let ram = Arc::new(GuestRam::new(RAM).unwrap());
+    let ram = Arc::new(GuestRam::new(ram_size()).unwrap());
     // ELF32 program headers: PT_LOAD segments at their physical address.
     let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
     let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap()) as usize;
@@ -224,7 +251,10 @@ fn main() {
         let iters = 100_000 * n;
         report("block", iters, &|| block_loop(&elf, iters));
         if std::env::var_os("MB_MINIOS_CALLRET").is_some() {
-            let iters = 10_000_000 * n;
+            let iters = std::env::var("MB_ITERS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(10_000_000 * n);
             report("mcallret", iters, &|| minios_callret(&elf, iters));
         }
     }

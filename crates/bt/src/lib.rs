@@ -180,6 +180,8 @@ pub struct BtStats {
     /// Memory instructions translated without a probe of their own (they
     /// share an earlier one's: `translate::share`), static.
     pub shared_probes: u64,
+    /// Host time spent translating (planning, compiling, linking), ns.
+    pub translate_ns: u64,
     /// Shared probes' groups retranslated without sharing (their span kept
     /// missing).
     pub unshared: u64,
@@ -640,8 +642,15 @@ impl BtCore {
         (exit != RunExit::Budget).then_some(exit)
     }
 
-    /// Translates the code at `key` and caches the result.
+    /// Translates the code at `key` and caches the result (timed).
     fn translate(&mut self, key: Key) -> Option<Entry> {
+        let t0 = std::time::Instant::now();
+        let e = self.translate_untimed(key);
+        self.stats.translate_ns += t0.elapsed().as_nanos() as u64;
+        e
+    }
+
+    fn translate_untimed(&mut self, key: Key) -> Option<Entry> {
         let (phys, eip, cpl) = key;
         let page_end = (phys | 0xfff) + 1;
         if page_end > self.cpu.ram().size() {
@@ -956,6 +965,7 @@ impl BtCore {
                 s.shared_probes,
             ),
             ("probe groups unshared after misses", s.unshared),
+            ("translation time (µs)", s.translate_ns / 1000),
         ]
     }
 }

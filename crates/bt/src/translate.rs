@@ -1030,13 +1030,16 @@ pub fn compile_with(
         idx: a.create_label(),
         page: a.create_label(),
         bit32: a.create_label(),
+        tail: a.create_label(),
     };
+    let tail = consts.tail;
     let mut ex = Exits {
         page,
         n: p.insns,
         sites: Vec::new(),
         ib: ib.copied(),
         tlb: *tlb,
+        tail,
     };
     let mut ended = false;
     // Slow paths: label, guest EIP, instructions before, exit_info word 1.
@@ -1070,12 +1073,12 @@ pub fn compile_with(
                     }
                     MemOp::CallInd { .. } | MemOp::JmpMem => {
                         a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
-                        emit_indirect_exit(&mut a, ib, tlb)?;
+                        emit_indirect_exit(&mut a, ib, tlb, tail)?;
                         ended = true;
                     }
                     MemOp::Ret(_) => {
                         a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
-                        emit_indirect_exit(&mut a, ib, tlb)?;
+                        emit_indirect_exit(&mut a, ib, tlb, tail)?;
                         ended = true;
                     }
                     _ => {}
@@ -1099,7 +1102,7 @@ pub fn compile_with(
                 a.or(qword_ptr(r15 + OFF_RFLAGS), IF)?;
                 a.popfq()?;
                 a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
-                emit_store_exit(&mut a, Some(p.next_eip), None)?;
+                emit_store_exit(&mut a, Some(p.next_eip), None, tail)?;
                 ended = true;
             }
             Item::StoreReg(off, r, size) => {
@@ -1122,12 +1125,12 @@ pub fn compile_with(
                 ended = true;
             }
             Item::Div(r, signed, eip, before) => {
-                emit_div(&mut a, r, signed, eip, before, tlb)?;
+                emit_div(&mut a, r, signed, eip, before, tlb, tail)?;
             }
             Item::JmpReg(r) => {
                 a.add_instruction(Instruction::with2(Code::Mov_r32_rm32, Register::R11D, r)?)?;
                 a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
-                emit_indirect_exit(&mut a, ib, tlb)?;
+                emit_indirect_exit(&mut a, ib, tlb, tail)?;
                 ended = true;
             }
             Item::Jcc(cc, t, f) => {
@@ -1159,8 +1162,10 @@ pub fn compile_with(
         a.mov(qword_ptr(r10), r9)?;
         a.mov(qword_ptr(r10 + 8), info as i32)?;
         a.lea(r14, qword_ptr(r14 + before as i32))?;
-        emit_store_exit(&mut a, Some(eip), Some(32))?;
+        emit_store_exit(&mut a, Some(eip), Some(32), tail)?;
     }
+    a.set_label(&mut consts.tail)?;
+    emit_exit_tail(&mut a)?;
     if tlb.bmi2 {
         // The flag-free probe's masks: TLB index bits, page bits.
         a.set_label(&mut consts.idx)?;
@@ -1209,6 +1214,8 @@ struct Exits {
     ib: Option<IbTable>,
     /// The TLB layout (for the indirect-branch table's checks).
     tlb: Probe,
+    /// The CCF's exit tail.
+    tail: CodeLabel,
 }
 
 impl Exits {
@@ -1220,7 +1227,7 @@ impl Exits {
         a.lea(r14, qword_ptr(r14 + self.n as i32))?;
         if eip >> 12 != self.page && self.ib.is_some() {
             a.mov(r11d, eip)?;
-            return emit_indirect_exit(a, self.ib.as_ref(), &self.tlb);
+            return emit_indirect_exit(a, self.ib.as_ref(), &self.tlb, self.tail);
         }
         if eip >> 12 == self.page {
             // Flag-neutral budget check: LEA and XCHG change no flags,
@@ -1242,7 +1249,7 @@ impl Exits {
             a.set_label(&mut stub)?;
             self.sites.push((site, eip));
         }
-        emit_store_exit(a, Some(eip), None)
+        emit_store_exit(a, Some(eip), None, self.tail)
     }
 }
 
@@ -1297,6 +1304,8 @@ struct Consts {
     page: CodeLabel,
     /// Bit 32 (qword).
     bit32: CodeLabel,
+    /// The CCF's exit tail.
+    tail: CodeLabel,
 }
 
 /// Guest linear address → R9, TLB entry → R10, host address → R11; jumps
@@ -1311,7 +1320,7 @@ fn emit_probe(
 ) -> Result<(), IcedError> {
     if t.bmi2 {
         emit_probe_bmi2(a, m, t, miss, consts)?;
-        return emit_access(a, m, t);
+        return emit_access(a, m, t, consts.tail);
     }
     a.pushfq()?;
     a.pop(r12)?;
@@ -1350,7 +1359,7 @@ fn emit_probe(
         a.push(r12)?;
         a.popfq()?;
     }
-    emit_access(a, m, t)
+    emit_access(a, m, t, consts.tail)
 }
 
 /// A memory instruction whose probe is shared ([`share`]): the group's
@@ -1395,7 +1404,7 @@ fn emit_shared(
     if off != 0 {
         a.lea(r11, qword_ptr(r11 + off))?;
     }
-    emit_access(a, m, t)
+    emit_access(a, m, t, consts.tail)
 }
 
 /// The flag-free probe (BMI2): R9 = guest linear address, R10 = TLB entry,
@@ -1488,6 +1497,7 @@ fn emit_div(
     eip: u32,
     before: u32,
     t: &Probe,
+    tail: CodeLabel,
 ) -> Result<(), IcedError> {
     let reg = |c: Code, x: Register, y: Register| Instruction::with2(c, x, y);
     let mut fail = a.create_label();
@@ -1526,13 +1536,18 @@ fn emit_div(
     a.mov(qword_ptr(r10), r9)?;
     a.mov(qword_ptr(r10 + 8), 4)?;
     a.lea(r14, qword_ptr(r14 + before as i32))?;
-    emit_store_exit(a, Some(eip), Some(32))?;
+    emit_store_exit(a, Some(eip), Some(32), tail)?;
     a.set_label(&mut done)
 }
 
 /// The access of a memory instruction whose probe hit (R11 = host
 /// address); the guest flags are in RFLAGS.
-fn emit_access(a: &mut CodeAssembler, m: &MemInsn, t: &Probe) -> Result<(), IcedError> {
+fn emit_access(
+    a: &mut CodeAssembler,
+    m: &MemInsn,
+    t: &Probe,
+    tail: CodeLabel,
+) -> Result<(), IcedError> {
     let scratch = t.exit_info + 16;
     // Flag-neutral code only around the instruction (MOV, LEA).
     match m.op {
@@ -1605,7 +1620,7 @@ fn emit_access(a: &mut CodeAssembler, m: &MemInsn, t: &Probe) -> Result<(), Iced
         MemOp::JmpMem => a.mov(r11d, dword_ptr(r11)),
         MemOp::Div(signed) => {
             a.mov(r9d, dword_ptr(r11))?;
-            emit_div(a, Register::R9D, signed, m.eip, m.before, t)
+            emit_div(a, Register::R9D, signed, m.eip, m.before, t, tail)
         }
     }
 }
@@ -1652,9 +1667,10 @@ fn emit_indirect_exit(
     a: &mut CodeAssembler,
     ib: Option<&IbTable>,
     tlb: &Probe,
+    tail: CodeLabel,
 ) -> Result<(), IcedError> {
     let Some(ib) = ib else {
-        return emit_store_exit(a, None, Some(IB_EXIT_BIT));
+        return emit_store_exit(a, None, Some(IB_EXIT_BIT), tail);
     };
     let mut nob = a.create_label();
     let mut exit = a.create_label();
@@ -1737,7 +1753,7 @@ fn emit_indirect_exit(
     a.mov(rcx, r12)?;
     a.lea(r13, qword_ptr(r13 + 1))?;
     a.set_label(&mut exit)?;
-    emit_store_exit(a, None, Some(IB_EXIT_BIT))
+    emit_store_exit(a, None, Some(IB_EXIT_BIT), tail)
 }
 
 fn mem(off: i32) -> iced_x86::MemoryOperand {
@@ -1749,13 +1765,33 @@ fn mem(off: i32) -> iced_x86::MemoryOperand {
 pub const IB_EXIT: u64 = 1 << IB_EXIT_BIT;
 const IB_EXIT_BIT: u32 = 33;
 
-/// Writes flags, GPRs and EIP (`eip`, or R11 when `None`) back and
-/// returns (R14 | bit `mark` (e.g. [`SLOW_PATH`]), R13).
+/// Leaves the CCF for `eip` (or R11 when `None`): stores EIP, sets bit
+/// `mark` (e.g. [`SLOW_PATH`]) of the retired count and jumps to the
+/// CCF's exit tail ([`emit_exit_tail`], shared by all its exits: a CCF
+/// has one per memory access, and the copies made up most of its code and
+/// of the time the block encoder spends on it). Flag-free.
 fn emit_store_exit(
     a: &mut CodeAssembler,
     eip: Option<u32>,
     mark: Option<u32>,
+    tail: CodeLabel,
 ) -> Result<(), IcedError> {
+    match eip {
+        Some(e) => {
+            a.mov(r9d, e)?;
+            a.mov(qword_ptr(r15 + OFF_RIP), r9)?;
+        }
+        None => a.mov(qword_ptr(r15 + OFF_RIP), r11)?,
+    }
+    if let Some(bit) = mark {
+        a.mov(r9, 1u64 << bit)?;
+        a.lea(r14, qword_ptr(r14 + r9))?;
+    }
+    a.jmp(tail)
+}
+
+/// The exit tail: writes flags and GPRs back and returns (R14, R13).
+fn emit_exit_tail(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.pushfq()?;
     a.pop(r9)?;
     a.and(r9d, ARITH)?;
@@ -1766,17 +1802,7 @@ fn emit_store_exit(
     for (i, r) in HOST_GPRS.iter().enumerate() {
         a.mov(qword_ptr(r15 + OFF_GPR + 8 * i as i32), *r)?;
     }
-    match eip {
-        Some(e) => {
-            a.mov(r9d, e)?;
-            a.mov(qword_ptr(r15 + OFF_RIP), r9)?;
-        }
-        None => a.mov(qword_ptr(r15 + OFF_RIP), r11)?,
-    }
     a.mov(rax, r14)?;
-    if let Some(bit) = mark {
-        a.bts(rax, bit)?;
-    }
     a.mov(rdx, r13)?;
     for r in [r15, r14, r13, r12, rbp, rbx] {
         a.pop(r)?;
