@@ -66,7 +66,7 @@ const INTERP_CHUNK: u64 = 64;
 
 /// A compiled code fragment: `extern "sysv64" fn(state) -> retired`
 /// (see [`translate::compile`]).
-type CcfFn = unsafe extern "sysv64" fn(*mut CpuState, u64) -> CcfRet;
+type CcfFn = unsafe extern "sysv64" fn(*mut CpuState, u64, u64) -> CcfRet;
 
 /// What a CCF returns (in RAX:RDX).
 #[repr(C)]
@@ -228,6 +228,9 @@ pub struct BtCore {
     /// last cleared (it wraps after 2^23 changes: they are cleared every
     /// 2^21, so a stale one never matches again).
     ib_gen_epoch: u64,
+    /// The shared entry and exit tail at the start of the cache
+    /// (`translate::compile_runtime`; pushed again after each flush).
+    runtime: translate::Runtime,
     /// Emit the flag-free BMI2 TLB probe (default: when the host has
     /// BMI2; tests turn it off to cover the PUSHFQ/POPFQ probe).
     pub bmi2: bool,
@@ -256,7 +259,7 @@ impl BtCore {
     /// Wraps a CPU. Fails when the translation cache cannot be mapped.
     pub fn new(mut cpu: Cpu) -> std::io::Result<BtCore> {
         cpu.track_invalidations = true;
-        Ok(BtCore {
+        let mut core = BtCore {
             cpu,
             cache: CodeCache::new(CACHE_SIZE)?,
             map: HashMap::new(),
@@ -276,6 +279,7 @@ impl BtCore {
             next_retry: ADAPT_RETRY,
             ib: vec![[0u64; 8]; translate::IB_SLOTS],
             ib_gen_epoch: 0,
+            runtime: translate::Runtime { entry: 0, tail: 0 },
             bmi2: std::arch::is_x86_feature_detected!("bmi2"),
             exit_info: Box::new([0; 3]),
             perf_map: std::env::var_os("POPEK_BT_PROFILE").and_then(|_| {
@@ -285,7 +289,33 @@ impl BtCore {
             profile: std::env::var_os("POPEK_BT_PROFILE")
                 .map(|_| vec![0; iced_x86::Code::values().len() * 16]),
             stats: BtStats::default(),
-        })
+        };
+        core.push_runtime();
+        Ok(core)
+    }
+
+    /// Puts the shared entry and exit tail at the start of the (empty)
+    /// cache.
+    fn push_runtime(&mut self) {
+        let ip = self.cache.next_addr();
+        let (code, tail) =
+            translate::compile_runtime(ip, self.bmi2).expect("the runtime assembles");
+        let at = self.cache.push(&code).expect("the runtime fits") as u64;
+        debug_assert_eq!(at, ip);
+        self.runtime = translate::Runtime {
+            entry: at,
+            tail: at + tail,
+        };
+        if let Some(f) = self.perf_map.as_mut() {
+            use std::io::Write as _;
+            let _ = writeln!(f, "{at:x} {tail:x} bt_entry");
+            let _ = writeln!(
+                f,
+                "{:x} {:x} bt_exit_tail",
+                at + tail,
+                code.len() as u64 - tail
+            );
+        }
     }
 
     /// The software CPU (state, configuration).
@@ -425,8 +455,12 @@ impl BtCore {
                 }
                 let st = self.cpu.state_ptr();
                 let budget = (remaining / translate::MAX_TU as u64).clamp(1, CHAIN_MAX);
-                // SAFETY: `code` is the start of a CCF compiled by
-                // `translate::compile` into the live part of the RX cache
+                // SAFETY: `runtime.entry` is the shared entry compiled by
+                // `translate::compile_runtime` at the start of the cache
+                // (pushed again after every reset); it saves the
+                // callee-saved registers, loads the guest state and jumps
+                // to `code`, the body of a CCF compiled by
+                // `translate::compile_with` into the live part of the RX cache
                 // (entries are dropped before the cache is reset, and chain
                 // sites only point at CCFs of the same page, dropped
                 // together). It follows the sysv64 ABI (saves RBX, RBP and
@@ -438,8 +472,8 @@ impl BtCore {
                 // `budget` ≥ 1 and ≤ remaining / MAX_TU, so the chain
                 // retires at most `remaining` instructions.
                 let ret = unsafe {
-                    let f: CcfFn = std::mem::transmute::<*const u8, CcfFn>(code);
-                    f(st, budget)
+                    let f = std::mem::transmute::<u64, CcfFn>(self.runtime.entry);
+                    f(st, budget, code as u64)
                 };
                 let chains = if ret.chain == 0 {
                     budget - 1
@@ -717,6 +751,7 @@ impl BtCore {
                     page,
                     Some(&ib),
                     &nogroup,
+                    Some(&self.runtime),
                 );
                 let Ok(mut host) = compiled else {
                     // Never expected (each instruction was test-encoded):
@@ -744,6 +779,7 @@ impl BtCore {
                         page,
                         Some(&ib),
                         &nogroup,
+                        Some(&self.runtime),
                     )
                     .ok()?;
                     at = self.cache.push(&host.code);
@@ -860,6 +896,7 @@ impl BtCore {
         self.page_keys.clear();
         self.ib.iter_mut().for_each(|r| *r = [0; 8]);
         self.cache.reset();
+        self.push_runtime();
         self.stats.flushes += 1;
     }
 

@@ -955,50 +955,18 @@ pub struct Compiled {
     pub shared: u32,
 }
 
-/// Compiles a plan into host code for address `ip` (see [`compile_with`]:
-/// probes shared wherever possible).
-pub fn compile(
-    p: &Plan,
-    ip: u64,
-    tlb: &Probe,
-    page: u32,
-    ib: Option<&IbTable>,
-) -> Result<Compiled, IcedError> {
-    compile_with(p, ip, tlb, page, ib, &|_| false)
-}
-
-/// Compiles a plan into host code for address `ip`.
-///
-/// The fragment is an `extern "sysv64" fn(*mut CpuState, chain: u64) ->
-/// (u64, u64)`: it saves the callee-saved registers (RBX, RBP, R12–R15),
-/// keeps the state pointer in R15, the chain budget in R13 and the
-/// instructions retired in R14, loads the eight guest GPRs into host
-/// registers and the guest arithmetic flags into RFLAGS, runs the body,
-/// and on every exit stores flags, GPRs and the next EIP back. It returns
-/// the instructions retired (| [`SLOW_PATH`]) and what is left of the chain
-/// budget. An exit to a known EIP in the same page may jump straight to
-/// the body of that TU's CCF while the chain budget lasts (chaining).
-///
-/// On BMI2 hosts, memory instructions with the same base and index share
-/// one TLB probe ([`share`]), except groups headed at an EIP for which
-/// `nogroup` is true (their span's probe kept missing).
-pub fn compile_with(
-    p: &Plan,
-    ip: u64,
-    tlb: &Probe,
-    page: u32,
-    ib: Option<&IbTable>,
-    nogroup: &dyn Fn(u32) -> bool,
-) -> Result<Compiled, IcedError> {
-    let mut a = CodeAssembler::new(64)?;
-    a.set_prefer_short_branch(false);
+/// The CCF entry (sysv64: `&CpuState` in RDI, chain budget in RSI):
+/// saves the callee-saved registers, keeps the state pointer in R15, the
+/// budget in R13, zeroes the retired count (R14), loads the guest flags
+/// and GPRs.
+fn emit_prologue(a: &mut CodeAssembler, bmi2: bool) -> Result<(), IcedError> {
     for r in [rbx, rbp, r12, r13, r14, r15] {
         a.push(r)?;
     }
     a.mov(r15, rdi)?;
     a.mov(r13, rsi)?;
     a.xor(r14d, r14d)?;
-    if tlb.bmi2 {
+    if bmi2 {
         // The guest flags without POPFQ (microcoded, slow): OF from
         // ADD AL,7Fh on AL = OF (1 + 7Fh overflows), then SAHF for SF ZF AF
         // PF CF (it leaves OF alone). Any host with BMI2 has LAHF/SAHF in
@@ -1023,6 +991,85 @@ pub fn compile_with(
         a.or(r9d, 2)?;
         a.push(r9)?;
         a.popfq()?;
+    }
+    Ok(())
+}
+
+/// What the whole cache shares ([`compile_runtime`]): the entry every
+/// dispatch calls and the exit tail every CCF leaves through.
+#[derive(Clone, Copy, Debug)]
+pub struct Runtime {
+    /// `extern "sysv64" fn(*mut CpuState, chain: u64, body: u64) ->
+    /// (retired, chain left)`: the prologue, then a jump to the CCF body.
+    pub entry: u64,
+    /// The exit tail (flags and GPRs back, return).
+    pub tail: u64,
+}
+
+/// Compiles the shared entry and exit tail for address `ip`: CCFs
+/// compiled against it ([`compile_with`] with `Some(runtime)`) have neither
+/// a prologue nor a tail of their own (half of a small TU's code, and of
+/// the time the block encoder spends on it). Returns the code and the
+/// tail's offset.
+pub fn compile_runtime(ip: u64, bmi2: bool) -> Result<(Vec<u8>, u64), IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    a.set_prefer_short_branch(false);
+    // The body (RDX, the third argument) waits in R11 (caller-saved,
+    // untouched by the prologue, free at a body's entry).
+    a.mov(r11, rdx)?;
+    emit_prologue(&mut a, bmi2)?;
+    a.jmp(r11)?;
+    let mut tail = a.create_label();
+    a.set_label(&mut tail)?;
+    emit_exit_tail(&mut a)?;
+    let r = a.assemble_options(
+        ip,
+        iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )?;
+    let t = r.label_ip(&tail)? - ip;
+    Ok((r.inner.code_buffer, t))
+}
+
+/// Compiles a plan into host code for address `ip` (see [`compile_with`]:
+/// probes shared wherever possible).
+pub fn compile(
+    p: &Plan,
+    ip: u64,
+    tlb: &Probe,
+    page: u32,
+    ib: Option<&IbTable>,
+) -> Result<Compiled, IcedError> {
+    compile_with(p, ip, tlb, page, ib, &|_| false, None)
+}
+
+/// Compiles a plan into host code for address `ip`.
+///
+/// The fragment is an `extern "sysv64" fn(*mut CpuState, chain: u64) ->
+/// (u64, u64)`: it saves the callee-saved registers (RBX, RBP, R12–R15),
+/// keeps the state pointer in R15, the chain budget in R13 and the
+/// instructions retired in R14, loads the eight guest GPRs into host
+/// registers and the guest arithmetic flags into RFLAGS, runs the body,
+/// and on every exit stores flags, GPRs and the next EIP back. It returns
+/// the instructions retired (| [`SLOW_PATH`]) and what is left of the chain
+/// budget. An exit to a known EIP in the same page may jump straight to
+/// the body of that TU's CCF while the chain budget lasts (chaining).
+///
+/// On BMI2 hosts, memory instructions with the same base and index share
+/// one TLB probe ([`share`]), except groups headed at an EIP for which
+/// `nogroup` is true (their span's probe kept missing).
+pub fn compile_with(
+    p: &Plan,
+    ip: u64,
+    tlb: &Probe,
+    page: u32,
+    ib: Option<&IbTable>,
+    nogroup: &dyn Fn(u32) -> bool,
+    runtime: Option<&Runtime>,
+) -> Result<Compiled, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    a.set_prefer_short_branch(false);
+    if runtime.is_none() {
+        emit_prologue(&mut a, tlb.bmi2)?;
     }
     let mut body = a.create_label();
     a.set_label(&mut body)?;
@@ -1165,7 +1212,10 @@ pub fn compile_with(
         emit_store_exit(&mut a, Some(eip), Some(32), tail)?;
     }
     a.set_label(&mut consts.tail)?;
-    emit_exit_tail(&mut a)?;
+    match runtime {
+        Some(rt) => a.jmp(rt.tail)?,
+        None => emit_exit_tail(&mut a)?,
+    }
     if tlb.bmi2 {
         // The flag-free probe's masks: TLB index bits, page bits.
         a.set_label(&mut consts.idx)?;
