@@ -57,6 +57,11 @@ const MISS_RUN: u64 = 64;
 /// the Debian boot: 1 → 12.9 s, 4 → 9.5 s, 16 → 9.1 s, 64 → 8.9 s).
 const HOT_AFTER: u32 = 64;
 
+/// Dispatches to an untranslated key that suffice when its page has had
+/// `HOT_AFTER` (a loop's EIPs share its dispatches: interpreter runs stop
+/// anywhere in it, so each EIP alone would need `HOT_AFTER`).
+const HOT_IN_HOT_PAGE: u32 = 4;
+
 /// Instructions the interpreter runs for code not yet hot.
 const COLD_RUN: u64 = 32;
 
@@ -198,6 +203,8 @@ pub struct BtCore {
     /// kernel's boot) stays in the interpreter: translating a TU costs as
     /// much as interpreting thousands of instructions.
     cold: HashMap<Key, u32>,
+    /// The same per physical page.
+    cold_pages: HashMap<u64, u32>,
     /// [`HOT_AFTER`], or `POPEK_BT_HOT_AFTER` (1 translates at once).
     hot_after: u32,
     /// Direct-mapped front of `map`: most dispatches end here.
@@ -264,6 +271,7 @@ impl BtCore {
             cache: CodeCache::new(CACHE_SIZE)?,
             map: HashMap::new(),
             cold: HashMap::new(),
+            cold_pages: HashMap::new(),
             hot_after: std::env::var("POPEK_BT_HOT_AFTER")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -419,7 +427,10 @@ impl BtCore {
                 None if {
                     let n = self.cold.entry(key).or_insert(0);
                     *n += 1;
-                    *n < self.hot_after
+                    let n = *n;
+                    let p = self.cold_pages.entry(phys >> 12).or_insert(0);
+                    *p += 1;
+                    n < self.hot_after && (n < HOT_IN_HOT_PAGE || *p < self.hot_after)
                 } =>
                 {
                     self.stats.cold_runs += 1;
@@ -526,16 +537,6 @@ impl BtCore {
                     // filled now: no reason to interpret the access.
                     return exit;
                 }
-                if info[1] & translate::SHARED != 0 {
-                    // A shared probe's span that does not hit even now
-                    // (it crosses a page, or one access keeps missing):
-                    // retranslate without that group; its instructions
-                    // then probe (and adapt) one by one.
-                    self.nogroup.insert(at, self.cpu.icount + ADAPT_RETRY);
-                    self.stats.unshared += 1;
-                    self.drop_page(at >> 12);
-                    return exit;
-                }
                 // Misses count within a window of instructions.
                 let now = self.cpu.icount;
                 let (count, since) = self.misses.entry(at).or_insert((0, now));
@@ -543,6 +544,23 @@ impl BtCore {
                     (*count, *since) = (0, now);
                 }
                 *count += 1;
+                if info[1] & translate::SHARED != 0 {
+                    // A shared probe's span that does not hit even now:
+                    // when it crosses a page (the same stack frame will
+                    // again), or after `ADAPT_MISSES` such misses (one
+                    // access keeps missing), retranslate without that
+                    // group; its instructions then probe (and adapt) one
+                    // by one. (Unsharing at the first miss dropped pages
+                    // thousands of times in a Debian boot.)
+                    let (lin, size) = (info[0], info[1] >> 16);
+                    if lin >> 32 != 0 || (lin & 0xfff) + size > 0x1000 || *count >= ADAPT_MISSES {
+                        self.misses.remove(&at);
+                        self.nogroup.insert(at, now + ADAPT_RETRY);
+                        self.stats.unshared += 1;
+                        self.drop_page(at >> 12);
+                    }
+                    return exit;
+                }
                 if *count >= ADAPT_MISSES {
                     // Adaptive BT: this access keeps missing (MMIO, a code
                     // page, page-crossing): retranslate the page with it as

@@ -183,11 +183,13 @@ fn esp_step(item: &Item) -> Option<i64> {
 }
 
 /// The sharing role of each item (`None`: its own probe, as usual).
-/// `nogroup(eip)`: no group may start at this instruction.
+/// `nogroup(eip)`: no group may start at this instruction, nor through
+/// its base and index registers later in the TU.
 pub(super) fn plan_sharing(items: &[Item], nogroup: &dyn Fn(u32) -> bool) -> Vec<Option<Share>> {
     let mut roles = vec![None; items.len()];
     let mut open: Vec<Group> = Vec::new();
     let mut info = InstructionInfoFactory::new();
+    let mut blocked: Vec<(Register, Register, u32)> = Vec::new();
     let close = |g: Group, roles: &mut Vec<Option<Share>>| {
         if g.members.is_empty() {
             return;
@@ -232,7 +234,15 @@ pub(super) fn plan_sharing(items: &[Item], nogroup: &dyn Fn(u32) -> bool) -> Vec
                     }
                     None => false,
                 };
-                if !joined && !nogroup(m.eip) {
+                let key = (m.base, m.index, m.scale);
+                if !joined && nogroup(m.eip) {
+                    // Its group's span kept missing (a frame across a page
+                    // boundary…): no group through these registers in the
+                    // rest of this TU either (the next access would head
+                    // the same span, shortened, and miss again).
+                    blocked.push(key);
+                }
+                if !joined && !blocked.contains(&key) {
                     let used: Vec<u8> = open.iter().map(|g| g.slot).collect();
                     if let Some(slot) = (0..SLOTS as u8).find(|s| !used.contains(s)) {
                         open.push(Group {
