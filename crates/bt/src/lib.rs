@@ -229,9 +229,7 @@ pub struct BtCore {
     next_retry: u64,
     /// The indirect-branch table CCFs probe at RET (see
     /// `translate::IbTable`): records of 8 u64, filled by the dispatcher
-    /// for each CCF it enters, cleared with the CCF; record 0 is a header
-    /// (the table proper starts at record 1): the fast-path key bits of
-    /// the current dispatch.
+    /// for each CCF it enters, cleared with the CCF.
     ib: Vec<[u64; 8]>,
     /// The fetch-entry generation when the records' generation fields were
     /// last cleared (it wraps after 2^23 changes: they are cleared every
@@ -287,7 +285,7 @@ impl BtCore {
             forced_times: HashMap::new(),
             nogroup: HashMap::new(),
             next_retry: ADAPT_RETRY,
-            ib: vec![[0u64; 8]; 1 + translate::IB_SLOTS],
+            ib: vec![[0u64; 8]; translate::IB_SLOTS],
             ib_gen_epoch: 0,
             runtime: translate::Runtime { entry: 0, tail: 0 },
             bmi2: std::arch::is_x86_feature_detected!("bmi2"),
@@ -453,10 +451,6 @@ impl BtCore {
                 self.ib.iter_mut().for_each(|r| r[6] = 0);
                 self.ib_gen_epoch = gen;
             }
-            // The header record: what this dispatch's lookups add to the
-            // target EIP (its context is the key's for every CCF it runs:
-            // segment loads and CPL changes are call-outs).
-            self.ib[0][0] = gen.wrapping_add((key.2 as u64) << 32 | 1 << 40);
             self.ib_fill(key, body as u64);
         }
         match entry {
@@ -628,7 +622,7 @@ impl BtCore {
     /// to the key's physical page.
     fn ib_fill(&mut self, key: Key, body: u64) {
         let (phys, eip, ctx) = key;
-        let r = &mut self.ib[1 + (eip as usize & (translate::IB_SLOTS - 1))];
+        let r = &mut self.ib[eip as usize & (translate::IB_SLOTS - 1)];
         let k = eip as u64 | (ctx as u64) << 32 | 1 << 40;
         // (`fetch_phys` just checked the TLB: the record holds at this
         // fetch-entry generation.)
@@ -764,7 +758,7 @@ impl BtCore {
             Translation::Tu(plan) => {
                 let page = eip >> 12;
                 let ib = translate::IbTable {
-                    base: self.ib[1..].as_ptr() as u64,
+                    base: self.ib.as_ptr() as u64,
                     key_bits: (cpl as u64) << 32 | 1 << 40,
                     gen: l.base as u64 + l.fetch_gen as u64,
                 };
@@ -884,7 +878,7 @@ impl BtCore {
     /// Forgets one translation (only with its whole page: see `drop_page`).
     fn drop_key(&mut self, k: Key) {
         if let Some(Entry::Ccf { body, .. }) = self.map.remove(&k) {
-            let r = &mut self.ib[1 + (k.1 as usize & (translate::IB_SLOTS - 1))];
+            let r = &mut self.ib[k.1 as usize & (translate::IB_SLOTS - 1)];
             if r[4] == body as u64 {
                 *r = [0; 8];
             }

@@ -1678,9 +1678,7 @@ fn emit_access(
 /// The indirect-branch table a CCF probes inline (see [`emit_indirect_exit`]).
 #[derive(Clone, Copy, Debug)]
 pub struct IbTable {
-    /// Address of record 0: [`IB_SLOTS`] records of [`IB_RECORD`] bytes,
-    /// after a header record whose first field is the current dispatch's
-    /// fetch-entry generation + context bits.
+    /// Address of record 0: [`IB_SLOTS`] records of [`IB_RECORD`] bytes.
     pub base: u64,
     /// The TU context bits of the key (`ctx << 32 | 1 << 40`).
     pub key_bits: u64,
@@ -1714,9 +1712,7 @@ pub const IB_HIT: u64 = 1 << 40;
 /// Fast path: the record's key + generation (field 6) equals the key + the
 /// CPU's current fetch-entry generation — no fetch entry changed since the
 /// TLB checks last passed for this record, so they still would. Else the
-/// TLB checks run and, when they pass, field 6 is brought up to date. (The
-/// generation and the context come from the header record just below the
-/// table, which the dispatcher writes for each dispatch.)
+/// TLB checks run and, when they pass, field 6 is brought up to date.
 fn emit_indirect_exit(
     a: &mut CodeAssembler,
     ib: Option<&IbTable>,
@@ -1740,11 +1736,12 @@ fn emit_indirect_exit(
     a.lea(r10, qword_ptr(r10 * 8))?;
     a.mov(r9, ib.base)?;
     a.lea(r10, qword_ptr(r9 + r10 * 8))?;
-    // Key + generation (R11; its low half stays the EIP): the header
-    // record just below the table holds the generation + this dispatch's
-    // context bits (the dispatcher writes it before each call).
-    a.mov(rcx, qword_ptr(r9 - IB_RECORD as i32))?;
-    a.lea(r11, qword_ptr(r11 + rcx))?;
+    // Key: EIP | context (R9); + generation (R11).
+    a.mov(r9, ib.key_bits)?;
+    a.lea(r9, qword_ptr(r9 + r11))?;
+    a.mov(rcx, ib.gen)?;
+    a.mov(rcx, qword_ptr(rcx))?;
+    a.lea(r11, qword_ptr(r9 + rcx))?;
     a.mov(rcx, qword_ptr(r10 + 48))?;
     a.not(rcx)?;
     a.lea(rcx, qword_ptr(r11 + rcx + 1))?;
@@ -1763,11 +1760,8 @@ fn emit_indirect_exit(
     a.set_label(&mut nob)?;
     a.mov(rcx, r12)?;
     a.jmp(exit)?;
-    // The slow checks: the key (R9: EIP | context) …
+    // The slow checks: the key …
     a.set_label(&mut slow)?;
-    a.mov(r11d, r11d)?;
-    a.mov(r9, ib.key_bits)?;
-    a.lea(r9, qword_ptr(r9 + r11))?;
     a.mov(rcx, qword_ptr(r10))?;
     a.not(rcx)?;
     a.lea(rcx, qword_ptr(r9 + rcx + 1))?;
