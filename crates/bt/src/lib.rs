@@ -87,7 +87,8 @@ struct CcfRet {
 /// budgets, when the machine advances time, or at I/O, which is a call-out
 /// and so ends the dispatch; IF goes 0 → 1 only at STI, which ends the
 /// chain, or in the interpreter), so this bounds no interrupt latency: that
-/// stays the `run` budget. It bounds the time between the dispatcher's
+/// stays the `run` budget. (Should I/O ever run inside a CCF, the CCF must
+/// leave when an interrupt became due.) It bounds the time between the dispatcher's
 /// other checks (4096 TUs of at most `MAX_TU` instructions). 32 cost
 /// callret a dispatcher round trip every ~10 iterations (8.2 → 6.6 ns).
 const CHAIN_MAX: u64 = 4096;

@@ -13,7 +13,9 @@
 //! then addresses `slot + (displacement - low)` without a probe.
 //!
 //! Exact: a TU runs straight through (only exits leave it, and nothing
-//! enters in the middle), no translated instruction changes the TLB, and a
+//! enters in the middle), no translated instruction changes the TLB (an
+//! item this module does not know — e.g. one that runs the interpreter
+//! from inside the CCF, which may refill the TLB — ends every group), and a
 //! member's linear address is the head's plus a constant, so its bytes lie
 //! in the page the head's probe checked, with a tag (the write tag implies
 //! the read tag) that its own probe would have found. When the span's
