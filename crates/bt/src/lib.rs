@@ -57,6 +57,11 @@ const MISS_RUN: u64 = 64;
 /// the Debian boot: 1 → 12.9 s, 4 → 9.5 s, 16 → 9.1 s, 64 → 8.9 s).
 const HOT_AFTER: u32 = 64;
 
+/// Dispatches to an untranslated key that suffice when its page has had
+/// `HOT_AFTER` (a loop's EIPs share its dispatches: interpreter runs stop
+/// anywhere in it, so each EIP alone would need `HOT_AFTER`).
+const HOT_IN_HOT_PAGE: u32 = 4;
+
 /// Instructions the interpreter runs for code not yet hot.
 const COLD_RUN: u64 = 32;
 
@@ -66,7 +71,7 @@ const INTERP_CHUNK: u64 = 64;
 
 /// A compiled code fragment: `extern "sysv64" fn(state) -> retired`
 /// (see [`translate::compile`]).
-type CcfFn = unsafe extern "sysv64" fn(*mut CpuState, u64) -> CcfRet;
+type CcfFn = unsafe extern "sysv64" fn(*mut CpuState, u64, u64) -> CcfRet;
 
 /// What a CCF returns (in RAX:RDX).
 #[repr(C)]
@@ -77,9 +82,17 @@ struct CcfRet {
     chain: u64,
 }
 
-/// Most CCFs one dispatch runs through chaining (bounds the time between
-/// interrupt checks together with `MAX_TU`).
-const CHAIN_MAX: u64 = 32;
+/// Most CCFs one dispatch runs through chaining. A chain cannot make an
+/// interrupt deliverable without leaving: the interrupt line changes only
+/// between `run` budgets, when the machine advances time, or at I/O, which
+/// runs on the interpreter from inside the CCF (`interp1`), and the CCF
+/// leaves when an interrupt became due there; IF goes 0 → 1 only at STI or
+/// POPF, which leave too, or in the interpreter. So this bounds no
+/// interrupt latency (that stays the `run` budget); it bounds the time
+/// between the dispatcher's other checks (4096 TUs of at most `MAX_TU`
+/// instructions). 32 cost callret a dispatcher round trip every ~10
+/// iterations (8.2 → 6.6 ns).
+const CHAIN_MAX: u64 = 4096;
 
 /// What the dispatcher finds for one TU key.
 #[derive(Clone, Copy)]
@@ -167,13 +180,21 @@ pub struct BtStats {
     /// Whole-cache flushes (cache full or code cache flushed).
     pub flushes: u64,
     /// Indirect transfers (RET) that found their target in the inline
-    /// indirect-branch table (counted in the records; see `BtCore::ib_hits`).
+    /// indirect-branch table (counted by the CCFs: `translate::IB_HIT`).
     pub ib_hits: u64,
     /// Indirect transfers that returned to the dispatcher (not in the
     /// table, TLB changed, or the chain budget ran out).
     pub ib_exits: u64,
     /// Indirect-branch table records written by the dispatcher.
     pub ib_fills: u64,
+    /// Memory instructions translated without a probe of their own (they
+    /// share an earlier one's: `translate::share`), static.
+    pub shared_probes: u64,
+    /// Host time spent translating (planning, compiling, linking), ns.
+    pub translate_ns: u64,
+    /// Shared probes' groups retranslated without sharing (their span kept
+    /// missing).
+    pub unshared: u64,
 }
 
 /// What a CCF's in-place call-out ([`interp1`]) works on; the dispatcher
@@ -242,6 +263,8 @@ pub struct BtCore {
     /// kernel's boot) stays in the interpreter: translating a TU costs as
     /// much as interpreting thousands of instructions.
     cold: HashMap<Key, u32>,
+    /// The same per physical page.
+    cold_pages: HashMap<u64, u32>,
     /// [`HOT_AFTER`], or `POPEK_BT_HOT_AFTER` (1 translates at once).
     hot_after: u32,
     /// Direct-mapped front of `map`: most dispatches end here.
@@ -255,6 +278,11 @@ pub struct BtCore {
     /// Instructions (guest-physical) retranslated as call-outs
     /// (with the instruction count when it may be translated again).
     forced: HashMap<u64, u64>,
+    /// Instructions (guest-physical) at which no shared-probe group may
+    /// start (`translate::share`: the span's probe kept missing).
+    /// (With the instruction count from which they may share again, at
+    /// their page's next translation.)
+    nogroup: HashMap<u64, u64>,
     /// How often each site was made a call-out (the retry delay doubles).
     forced_times: HashMap<u64, u32>,
     /// When `forced` is next swept for sites to retry (instruction count).
@@ -263,6 +291,13 @@ pub struct BtCore {
     /// `translate::IbTable`): records of 8 u64, filled by the dispatcher
     /// for each CCF it enters, cleared with the CCF.
     ib: Vec<[u64; 8]>,
+    /// The fetch-entry generation when the records' generation fields were
+    /// last cleared (it wraps after 2^23 changes: they are cleared every
+    /// 2^21, so a stale one never matches again).
+    ib_gen_epoch: u64,
+    /// The shared entry and exit tail at the start of the cache
+    /// (`translate::compile_runtime`; pushed again after each flush).
+    runtime: translate::Runtime,
     /// Emit the flag-free BMI2 TLB probe (default: when the host has
     /// BMI2; tests turn it off to cover the PUSHFQ/POPFQ probe).
     pub bmi2: bool,
@@ -273,6 +308,9 @@ pub struct BtCore {
     /// Interpreter entries per first mnemonic (`POPEK_BT_PROFILE` set:
     /// printed to stderr when the engine is dropped).
     profile: Option<Vec<u64>>,
+    /// With `POPEK_BT_PROFILE`: CCF returns to the dispatcher per
+    /// (EIP, kind: 0 plain exit, 1 slow path, 2 indirect exit).
+    exits: HashMap<(u32, u8), u64>,
     /// With `POPEK_BT_PROFILE`: `/tmp/perf-PID.map`, naming each CCF for
     /// `perf report`.
     perf_map: Option<std::fs::File>,
@@ -290,11 +328,12 @@ impl BtCore {
     /// Wraps a CPU. Fails when the translation cache cannot be mapped.
     pub fn new(mut cpu: Cpu) -> std::io::Result<BtCore> {
         cpu.track_invalidations = true;
-        Ok(BtCore {
+        let mut core = BtCore {
             cpu,
             cache: CodeCache::new(CACHE_SIZE)?,
             map: HashMap::new(),
             cold: HashMap::new(),
+            cold_pages: HashMap::new(),
             hot_after: std::env::var("POPEK_BT_HOT_AFTER")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -306,8 +345,11 @@ impl BtCore {
             misses: HashMap::new(),
             forced: HashMap::new(),
             forced_times: HashMap::new(),
+            nogroup: HashMap::new(),
             next_retry: ADAPT_RETRY,
             ib: vec![[0u64; 8]; translate::IB_SLOTS],
+            ib_gen_epoch: 0,
+            runtime: translate::Runtime { entry: 0, tail: 0 },
             bmi2: std::arch::is_x86_feature_detected!("bmi2"),
             exit_info: Box::new([0; 3]),
             call: Box::new(CallCtx {
@@ -320,10 +362,37 @@ impl BtCore {
             perf_map: std::env::var_os("POPEK_BT_PROFILE").and_then(|_| {
                 std::fs::File::create(format!("/tmp/perf-{}.map", std::process::id())).ok()
             }),
+            exits: HashMap::new(),
             profile: std::env::var_os("POPEK_BT_PROFILE")
                 .map(|_| vec![0; iced_x86::Code::values().len() * 16]),
             stats: BtStats::default(),
-        })
+        };
+        core.push_runtime();
+        Ok(core)
+    }
+
+    /// Puts the shared entry and exit tail at the start of the (empty)
+    /// cache.
+    fn push_runtime(&mut self) {
+        let ip = self.cache.next_addr();
+        let (code, tail) =
+            translate::compile_runtime(ip, self.bmi2).expect("the runtime assembles");
+        let at = self.cache.push(&code).expect("the runtime fits") as u64;
+        debug_assert_eq!(at, ip);
+        self.runtime = translate::Runtime {
+            entry: at,
+            tail: at + tail,
+        };
+        if let Some(f) = self.perf_map.as_mut() {
+            use std::io::Write as _;
+            let _ = writeln!(f, "{at:x} {tail:x} bt_entry");
+            let _ = writeln!(
+                f,
+                "{:x} {:x} bt_exit_tail",
+                at + tail,
+                code.len() as u64 - tail
+            );
+        }
     }
 
     /// The software CPU (state, configuration).
@@ -445,7 +514,10 @@ impl BtCore {
                 None if {
                     let n = self.cold.entry(key).or_insert(0);
                     *n += 1;
-                    *n < self.hot_after
+                    let n = *n;
+                    let p = self.cold_pages.entry(phys >> 12).or_insert(0);
+                    *p += 1;
+                    n < self.hot_after && (n < HOT_IN_HOT_PAGE || *p < self.hot_after)
                 } =>
                 {
                     self.stats.cold_runs += 1;
@@ -461,6 +533,11 @@ impl BtCore {
             },
         };
         if let Entry::Ccf { body, .. } = entry {
+            let gen = self.cpu.tlb_fetch_gen();
+            if gen.wrapping_sub(self.ib_gen_epoch) >= 1 << 62 {
+                self.ib.iter_mut().for_each(|r| r[6] = 0);
+                self.ib_gen_epoch = gen;
+            }
             if !code16 {
                 self.ib_fill(key, body as u64);
             }
@@ -488,8 +565,12 @@ impl BtCore {
                     std::mem::transmute::<*mut (dyn Bus + '_), *mut (dyn Bus + 'static)>(bus_ptr)
                 });
                 let (runs0, done0) = (self.call.runs, self.call.done);
-                // SAFETY: `code` is the start of a CCF compiled by
-                // `translate::compile` into the live part of the RX cache
+                // SAFETY: `runtime.entry` is the shared entry compiled by
+                // `translate::compile_runtime` at the start of the cache
+                // (pushed again after every reset); it saves the
+                // callee-saved registers, loads the guest state and jumps
+                // to `code`, the body of a CCF compiled by
+                // `translate::compile_with` into the live part of the RX cache
                 // (entries are dropped before the cache is reset, and chain
                 // sites only point at CCFs of the same page, dropped
                 // together). It follows the sysv64 ABI (saves RBX, RBP and
@@ -502,8 +583,8 @@ impl BtCore {
                 // `budget` ≥ 1 and ≤ remaining / MAX_TU, so the chain
                 // retires at most `remaining` instructions.
                 let ret = unsafe {
-                    let f: CcfFn = std::mem::transmute::<*const u8, CcfFn>(code);
-                    f(st, budget)
+                    let f = std::mem::transmute::<u64, CcfFn>(self.runtime.entry);
+                    f(st, budget, code as u64)
                 };
                 self.call.bus = None;
                 let chains = if ret.chain == 0 {
@@ -514,6 +595,7 @@ impl BtCore {
                 self.stats.ccf_runs += 1 + chains;
                 self.stats.chains += chains;
                 let n = ret.retired as u32 as u64;
+                self.stats.ib_hits += ret.retired / translate::IB_HIT;
                 self.cpu.icount += n;
                 let slow = ret.retired & translate::SLOW_PATH != 0;
                 let inl = if !slow || chains > 0 {
@@ -537,6 +619,17 @@ impl BtCore {
                 }
                 if ret.retired & translate::IB_EXIT != 0 {
                     self.stats.ib_exits += 1;
+                }
+                if self.profile.is_some() {
+                    let kind = if slow {
+                        1
+                    } else {
+                        (ret.retired & translate::IB_EXIT != 0) as u8 * 2
+                    };
+                    *self
+                        .exits
+                        .entry((self.cpu.state().rip as u32, kind))
+                        .or_default() += 1;
                 }
                 if !slow {
                     return None;
@@ -563,6 +656,23 @@ impl BtCore {
                     (*count, *since) = (0, now);
                 }
                 *count += 1;
+                if info[1] & translate::SHARED != 0 {
+                    // A shared probe's span that does not hit even now:
+                    // when it crosses a page (the same stack frame will
+                    // again), or after `ADAPT_MISSES` such misses (one
+                    // access keeps missing), retranslate without that
+                    // group; its instructions then probe (and adapt) one
+                    // by one. (Unsharing at the first miss dropped pages
+                    // thousands of times in a Debian boot.)
+                    let (lin, size) = (info[0], info[1] >> 16);
+                    if lin >> 32 != 0 || (lin & 0xfff) + size > 0x1000 || *count >= ADAPT_MISSES {
+                        self.misses.remove(&at);
+                        self.nogroup.insert(at, now + ADAPT_RETRY);
+                        self.stats.unshared += 1;
+                        self.drop_page(at >> 12);
+                    }
+                    return exit;
+                }
                 if *count >= ADAPT_MISSES {
                     // Adaptive BT: this access keeps missing (MMIO, a code
                     // page, page-crossing): retranslate the page with it as
@@ -607,6 +717,7 @@ impl BtCore {
             .filter(|&(_, &t)| now >= t)
             .map(|(&a, _)| a)
             .collect();
+        self.nogroup.retain(|_, t| now < *t);
         let mut pages = HashSet::new();
         for a in old {
             self.forced.remove(&a);
@@ -624,8 +735,15 @@ impl BtCore {
     fn ib_fill(&mut self, key: Key, body: u64) {
         let (phys, eip, ctx) = key;
         let r = &mut self.ib[eip as usize & (translate::IB_SLOTS - 1)];
-        let k = eip as u64 | (ctx as u64) << 32 | 1 << 63;
+        // Only 32-bit code uses the table: its context fits in bits 32–39
+        // (the generation is added in bits 41 and up).
+        debug_assert!(ctx < 1 << 8);
+        let k = eip as u64 | (ctx as u64) << 32 | 1 << 40;
+        // (`fetch_phys` just checked the TLB: the record holds at this
+        // fetch-entry generation.)
+        let gen = self.cpu.tlb_fetch_gen();
         if r[0] == k && r[4] == body {
+            r[6] = k.wrapping_add(gen);
             return;
         }
         let l = self.cpu.tlb_layout();
@@ -633,15 +751,14 @@ impl BtCore {
         // entry of its page.
         let set = l.fetch_sets + if ctx & 3 == 3 { l.set_stride } else { 0 };
         let idx = (eip as usize >> 12) & (l.entries - 1);
-        self.stats.ib_hits += r[5];
         *r = [
             k,
             (l.base as usize + set + idx * l.entry_size) as u64,
             (eip & !0xfff) as u64 | 1,
             self.cpu.ram().host_ptr() as u64 + (phys & !0xfff),
             body,
-            0,
-            0,
+            translate::IB_HIT,
+            k.wrapping_add(gen),
             0,
         ];
         self.stats.ib_fills += 1;
@@ -651,7 +768,12 @@ impl BtCore {
     /// slow-path exit (`exit_info`) go to host memory: the miss was a
     /// plain TLB miss.
     fn tlb_would_hit(&self, set: usize, info: [u64; 2]) -> bool {
-        let (lin, size, write) = (info[0], info[1] & 0xff, info[1] & 0x100 != 0);
+        let size = if info[1] & translate::SHARED != 0 {
+            info[1] >> 16
+        } else {
+            info[1] & 0xff
+        };
+        let (lin, write) = (info[0], info[1] & 0x100 != 0);
         if lin >> 32 != 0 || (lin & 0xfff) + size > 0x1000 {
             return false;
         }
@@ -671,7 +793,7 @@ impl BtCore {
 
     /// Indirect-branch table hits so far.
     fn ib_hits(&self) -> u64 {
-        self.stats.ib_hits + self.ib.iter().map(|r| r[5]).sum::<u64>()
+        self.stats.ib_hits
     }
 
     /// Runs `n` instructions on the interpreter.
@@ -690,8 +812,15 @@ impl BtCore {
         (exit != RunExit::Budget).then_some(exit)
     }
 
-    /// Translates the code at `key` and caches the result.
+    /// Translates the code at `key` and caches the result (timed).
     fn translate(&mut self, key: Key) -> Option<Entry> {
+        let t0 = std::time::Instant::now();
+        let e = self.translate_untimed(key);
+        self.stats.translate_ns += t0.elapsed().as_nanos() as u64;
+        e
+    }
+
+    fn translate_untimed(&mut self, key: Key) -> Option<Entry> {
         let (phys, eip, cpl) = key;
         let code16 = cpl & 0x20 != 0;
         let cs_lo = cpl >> 8;
@@ -729,6 +858,11 @@ impl BtCore {
             self.forced
                 .contains_key(&(phys + e.wrapping_sub(eip) as u64))
         };
+        let ng: Vec<u64> = (self.nogroup.keys())
+            .filter(|&&a| a >> 12 == phys >> 12)
+            .copied()
+            .collect();
+        let nogroup = |e: u32| ng.contains(&(phys + e.wrapping_sub(eip) as u64));
         let entry = match translate::plan(&code, eip, ctx, &forced) {
             Translation::Interp {
                 run,
@@ -751,16 +885,27 @@ impl BtCore {
                 let page = (cs_lo + eip) >> 12;
                 let ib = translate::IbTable {
                     base: self.ib.as_ptr() as u64,
-                    key_bits: (cpl as u64) << 32 | 1 << 63,
+                    key_bits: (cpl as u64) << 32 | 1 << 40,
+                    gen: l.base as u64 + l.fetch_gen as u64,
                 };
                 // 16-bit code: no indirect-branch table (its records know
                 // EIPs, not CS bases).
                 let ib = (!code16).then_some(&ib);
-                let Ok(mut host) =
-                    translate::compile(&plan, self.cache.next_addr(), &probe, page, ib)
-                else {
+                let compiled = translate::compile_with(
+                    &plan,
+                    self.cache.next_addr(),
+                    &probe,
+                    page,
+                    ib,
+                    &nogroup,
+                    Some(&self.runtime),
+                );
+                let Ok(mut host) = compiled else {
                     // Never expected (each instruction was test-encoded):
                     // interpret this code from now on.
+                    if self.profile.is_some() {
+                        eprintln!("popek-bt: compile error at {eip:#x}: {:?}", compiled.err());
+                    }
                     self.stats.compile_errors += 1;
                     let e = Entry::Interp {
                         run: 1,
@@ -774,12 +919,21 @@ impl BtCore {
                 let mut at = self.cache.push(&host.code);
                 if at.is_none() {
                     self.flush_all();
-                    host =
-                        translate::compile(&plan, self.cache.next_addr(), &probe, page, ib).ok()?;
+                    host = translate::compile_with(
+                        &plan,
+                        self.cache.next_addr(),
+                        &probe,
+                        page,
+                        ib,
+                        &nogroup,
+                        Some(&self.runtime),
+                    )
+                    .ok()?;
                     at = self.cache.push(&host.code);
                 }
                 let at = at?;
                 self.stats.tus += 1;
+                self.stats.shared_probes += host.shared as u64;
                 self.stats.ccf_bytes += host.code.len() as u64;
                 if let Some(f) = self.perf_map.as_mut() {
                     use std::io::Write as _;
@@ -860,7 +1014,6 @@ impl BtCore {
         if let Some(Entry::Ccf { body, .. }) = self.map.remove(&k) {
             let r = &mut self.ib[k.1 as usize & (translate::IB_SLOTS - 1)];
             if r[4] == body as u64 {
-                self.stats.ib_hits += r[5];
                 *r = [0; 8];
             }
         }
@@ -880,6 +1033,7 @@ impl BtCore {
             self.drop_page(page);
             self.forced.retain(|a, _| a >> 12 != page);
             self.misses.retain(|a, _| a >> 12 != page);
+            self.nogroup.retain(|a, _| a >> 12 != page);
         }
     }
 
@@ -889,11 +1043,12 @@ impl BtCore {
         self.pending.clear();
         self.forced.clear();
         self.misses.clear();
+        self.nogroup.clear();
         self.fast.iter_mut().for_each(|e| *e = None);
         self.page_keys.clear();
-        self.stats.ib_hits = self.ib_hits();
         self.ib.iter_mut().for_each(|r| *r = [0; 8]);
         self.cache.reset();
+        self.push_runtime();
         self.stats.flushes += 1;
     }
 
@@ -997,6 +1152,12 @@ impl BtCore {
                     .unwrap_or(0),
             ),
             ("indirect-branch records filled", s.ib_fills),
+            (
+                "memory instructions sharing a probe (static)",
+                s.shared_probes,
+            ),
+            ("probe groups unshared after misses", s.unshared),
+            ("translation time (µs)", s.translate_ns / 1000),
         ]
     }
 }
@@ -1012,6 +1173,14 @@ impl Drop for BtCore {
             }
         }
         let Some(p) = &self.profile else { return };
+        let mut x: Vec<_> = self.exits.iter().map(|(k, n)| (*n, *k)).collect();
+        x.sort_by(|a, b| b.cmp(a));
+        eprintln!(
+            "popek-bt: CCF returns to the dispatcher by EIP (0 exit, 1 slow path, 2 indirect):"
+        );
+        for (n, (eip, kind)) in x.iter().take(30) {
+            eprintln!("  {eip:#010x} {kind} {n}");
+        }
         let mut v: Vec<(u64, usize)> = p
             .iter()
             .enumerate()

@@ -25,6 +25,8 @@ use iced_x86::{
 };
 use popek_cpu::{CpuState, Segment};
 
+mod share;
+
 /// Largest number of guest instructions in one TU.
 pub const MAX_TU: usize = 64;
 /// Largest number of instructions one call-out entry runs on the
@@ -1251,35 +1253,22 @@ pub struct Compiled {
     /// EIP it leaves for (same page as the TU). Initially the jump leads to
     /// the exit stub; [`patch`] points it at the target's body.
     pub sites: Vec<(u64, u32)>,
+    /// Memory instructions that use another's probe ([`share`]).
+    pub shared: u32,
 }
 
-/// Compiles a plan into host code for address `ip`.
-///
-/// The fragment is an `extern "sysv64" fn(*mut CpuState, chain: u64) ->
-/// (u64, u64)`: it saves the callee-saved registers (RBX, RBP, R12–R15),
-/// keeps the state pointer in R15, the chain budget in R13 and the
-/// instructions retired in R14, loads the eight guest GPRs into host
-/// registers and the guest arithmetic flags into RFLAGS, runs the body,
-/// and on every exit stores flags, GPRs and the next EIP back. It returns
-/// the instructions retired (| [`SLOW_PATH`]) and what is left of the chain
-/// budget. An exit to a known EIP in the same page may jump straight to
-/// the body of that TU's CCF while the chain budget lasts (chaining).
-pub fn compile(
-    p: &Plan,
-    ip: u64,
-    tlb: &Probe,
-    page: u32,
-    ib: Option<&IbTable>,
-) -> Result<Compiled, IcedError> {
-    let mut a = CodeAssembler::new(64)?;
-    a.set_prefer_short_branch(false);
+/// The CCF entry (sysv64: `&CpuState` in RDI, chain budget in RSI):
+/// saves the callee-saved registers, keeps the state pointer in R15, the
+/// budget in R13, zeroes the retired count (R14), loads the guest flags
+/// and GPRs.
+fn emit_prologue(a: &mut CodeAssembler, bmi2: bool) -> Result<(), IcedError> {
     for r in [rbx, rbp, r12, r13, r14, r15] {
         a.push(r)?;
     }
     a.mov(r15, rdi)?;
     a.mov(r13, rsi)?;
     a.xor(r14d, r14d)?;
-    if tlb.bmi2 {
+    if bmi2 {
         // The guest flags without POPFQ (microcoded, slow): OF from
         // ADD AL,7Fh on AL = OF (1 + 7Fh overflows), then SAHF for SF ZF AF
         // PF CF (it leaves OF alone). Any host with BMI2 has LAHF/SAHF in
@@ -1296,7 +1285,86 @@ pub fn compile(
             a.mov(*r, qword_ptr(r15 + OFF_GPR + 8 * i as i32))?;
         }
     } else {
-        emit_load_state(&mut a)?;
+        emit_load_state(a)?;
+    }
+    Ok(())
+}
+
+/// What the whole cache shares ([`compile_runtime`]): the entry every
+/// dispatch calls and the exit tail every CCF leaves through.
+#[derive(Clone, Copy, Debug)]
+pub struct Runtime {
+    /// `extern "sysv64" fn(*mut CpuState, chain: u64, body: u64) ->
+    /// (retired, chain left)`: the prologue, then a jump to the CCF body.
+    pub entry: u64,
+    /// The exit tail (flags and GPRs back, return).
+    pub tail: u64,
+}
+
+/// Compiles the shared entry and exit tail for address `ip`: CCFs
+/// compiled against it ([`compile_with`] with `Some(runtime)`) have neither
+/// a prologue nor a tail of their own (half of a small TU's code, and of
+/// the time the block encoder spends on it). Returns the code and the
+/// tail's offset.
+pub fn compile_runtime(ip: u64, bmi2: bool) -> Result<(Vec<u8>, u64), IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    a.set_prefer_short_branch(false);
+    // The body (RDX, the third argument) waits in R11 (caller-saved,
+    // untouched by the prologue, free at a body's entry).
+    a.mov(r11, rdx)?;
+    emit_prologue(&mut a, bmi2)?;
+    a.jmp(r11)?;
+    let mut tail = a.create_label();
+    a.set_label(&mut tail)?;
+    emit_exit_tail(&mut a)?;
+    let r = a.assemble_options(
+        ip,
+        iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )?;
+    let t = r.label_ip(&tail)? - ip;
+    Ok((r.inner.code_buffer, t))
+}
+
+/// Compiles a plan into host code for address `ip` (see [`compile_with`]:
+/// probes shared wherever possible).
+pub fn compile(
+    p: &Plan,
+    ip: u64,
+    tlb: &Probe,
+    page: u32,
+    ib: Option<&IbTable>,
+) -> Result<Compiled, IcedError> {
+    compile_with(p, ip, tlb, page, ib, &|_| false, None)
+}
+
+/// Compiles a plan into host code for address `ip`.
+///
+/// The fragment is an `extern "sysv64" fn(*mut CpuState, chain: u64) ->
+/// (u64, u64)`: it saves the callee-saved registers (RBX, RBP, R12–R15),
+/// keeps the state pointer in R15, the chain budget in R13 and the
+/// instructions retired in R14, loads the eight guest GPRs into host
+/// registers and the guest arithmetic flags into RFLAGS, runs the body,
+/// and on every exit stores flags, GPRs and the next EIP back. It returns
+/// the instructions retired (| [`SLOW_PATH`]) and what is left of the chain
+/// budget. An exit to a known EIP in the same page may jump straight to
+/// the body of that TU's CCF while the chain budget lasts (chaining).
+///
+/// On BMI2 hosts, memory instructions with the same base and index share
+/// one TLB probe ([`share`]), except groups headed at an EIP for which
+/// `nogroup` is true (their span's probe kept missing).
+pub fn compile_with(
+    p: &Plan,
+    ip: u64,
+    tlb: &Probe,
+    page: u32,
+    ib: Option<&IbTable>,
+    nogroup: &dyn Fn(u32) -> bool,
+    runtime: Option<&Runtime>,
+) -> Result<Compiled, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    a.set_prefer_short_branch(false);
+    if runtime.is_none() {
+        emit_prologue(&mut a, tlb.bmi2)?;
     }
     let mut body = a.create_label();
     a.set_label(&mut body)?;
@@ -1305,7 +1373,9 @@ pub fn compile(
         page: a.create_label(),
         bit32: a.create_label(),
         bit16: a.create_label(),
+        tail: a.create_label(),
     };
+    let tail = consts.tail;
     let mut ex = Exits {
         cs_lo: p.cs_lo,
         page,
@@ -1313,21 +1383,33 @@ pub fn compile(
         sites: Vec::new(),
         ib: ib.copied(),
         tlb: *tlb,
+        tail,
     };
     let mut ended = false;
-    let mut slow: Vec<(CodeLabel, &MemInsn)> = Vec::new();
-    for item in &p.items {
+    // Slow paths: label, guest EIP, instructions before, exit_info word 1.
+    let mut slow: Vec<(CodeLabel, u32, u32, u64)> = Vec::new();
+    let info1 = |m: &MemInsn| (m.size | (m.write as u32) << 8) as u64;
+    let roles = if tlb.bmi2 {
+        share::plan_sharing(&p.items, nogroup)
+    } else {
+        vec![None; p.items.len()]
+    };
+    for (k, item) in p.items.iter().enumerate() {
         match *item {
             Item::Ident(i) => a.add_instruction(i)?,
             Item::Mem(ref m) => {
-                if let Some(pre) = &m.pre {
+                if let Some(role) = roles[k] {
+                    emit_shared(&mut a, m, role, tlb, consts, &mut slow)?;
+                } else {
+                    if let Some(pre) = &m.pre {
+                        let miss = a.create_label();
+                        emit_probe(&mut a, pre, tlb, miss, consts)?;
+                        slow.push((miss, pre.eip, pre.before, info1(pre)));
+                    }
                     let miss = a.create_label();
-                    emit_probe(&mut a, pre, tlb, miss, consts)?;
-                    slow.push((miss, pre));
+                    emit_probe(&mut a, m, tlb, miss, consts)?;
+                    slow.push((miss, m.eip, m.before, info1(m)));
                 }
-                let miss = a.create_label();
-                emit_probe(&mut a, m, tlb, miss, consts)?;
-                slow.push((miss, m));
                 match m.op {
                     MemOp::Call { target, .. } => {
                         ex.exit(&mut a, target)?;
@@ -1335,12 +1417,12 @@ pub fn compile(
                     }
                     MemOp::CallInd { .. } | MemOp::JmpMem => {
                         a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
-                        emit_indirect_exit(&mut a, ib, tlb)?;
+                        emit_indirect_exit(&mut a, ib, tlb, tail)?;
                         ended = true;
                     }
                     MemOp::Ret(_) => {
                         a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
-                        emit_indirect_exit(&mut a, ib, tlb)?;
+                        emit_indirect_exit(&mut a, ib, tlb, tail)?;
                         ended = true;
                     }
                     _ => {}
@@ -1348,7 +1430,7 @@ pub fn compile(
             }
             Item::Nop => {}
             Item::Interp1 { eip, next, before } => {
-                emit_interp1(&mut a, eip, next, before, tlb)?;
+                emit_interp1(&mut a, eip, next, before, tlb, tail)?;
             }
             Item::SetDf(set) => {
                 a.pushfq()?;
@@ -1376,7 +1458,7 @@ pub fn compile(
                 a.or(qword_ptr(r15 + OFF_RFLAGS), IF)?;
                 a.popfq()?;
                 a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
-                emit_store_exit(&mut a, Some(p.next_eip), None)?;
+                emit_store_exit(&mut a, Some(p.next_eip), None, tail)?;
                 ended = true;
             }
             Item::StoreReg(off, r, size) => {
@@ -1399,12 +1481,12 @@ pub fn compile(
                 ended = true;
             }
             Item::Div(r, signed, eip, before) => {
-                emit_div(&mut a, r, signed, eip, before, tlb)?;
+                emit_div(&mut a, r, signed, eip, before, tlb, tail)?;
             }
             Item::JmpReg(r) => {
                 a.add_instruction(Instruction::with2(Code::Mov_r32_rm32, Register::R11D, r)?)?;
                 a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
-                emit_indirect_exit(&mut a, ib, tlb)?;
+                emit_indirect_exit(&mut a, ib, tlb, tail)?;
                 ended = true;
             }
             Item::Jcc(cc, t, f) => {
@@ -1420,7 +1502,7 @@ pub fn compile(
     if !ended {
         ex.exit(&mut a, p.next_eip)?;
     }
-    for (mut l, m) in slow {
+    for (mut l, eip, before, info) in slow {
         // TLB miss: the guest flags back, leave before the instruction and
         // have the dispatcher run it on the interpreter (which walks the
         // page tables, faults precisely or reaches MMIO).
@@ -1434,9 +1516,14 @@ pub fn compile(
         // Tell the dispatcher the access (adaptive BT looks at it).
         a.mov(r10, tlb.exit_info)?;
         a.mov(qword_ptr(r10), r9)?;
-        a.mov(qword_ptr(r10 + 8), (m.size | (m.write as u32) << 8) as i32)?;
-        a.lea(r14, qword_ptr(r14 + m.before as i32))?;
-        emit_store_exit(&mut a, Some(m.eip), Some(32))?;
+        a.mov(qword_ptr(r10 + 8), info as i32)?;
+        a.lea(r14, qword_ptr(r14 + before as i32))?;
+        emit_store_exit(&mut a, Some(eip), Some(32), tail)?;
+    }
+    a.set_label(&mut consts.tail)?;
+    match runtime {
+        Some(rt) => a.jmp(rt.tail)?,
+        None => emit_exit_tail(&mut a)?,
     }
     if tlb.bmi2 {
         // The flag-free probe's masks: TLB index bits, page bits.
@@ -1464,7 +1551,16 @@ pub fn compile(
     for &(off, _) in &sites {
         assert_eq!(code[off as usize - 1], 0xe9, "chain site is a jmp rel32");
     }
-    Ok(Compiled { code, body, sites })
+    let shared = roles
+        .iter()
+        .filter(|r| matches!(r, Some(share::Share::Member { .. })))
+        .count() as u32;
+    Ok(Compiled {
+        code,
+        body,
+        sites,
+        shared,
+    })
 }
 
 /// The exits of one CCF being compiled.
@@ -1482,6 +1578,8 @@ struct Exits {
     ib: Option<IbTable>,
     /// The TLB layout (for the indirect-branch table's checks).
     tlb: Probe,
+    /// The CCF's exit tail.
+    tail: CodeLabel,
 }
 
 impl Exits {
@@ -1494,7 +1592,7 @@ impl Exits {
         let same = (self.cs_lo + eip) >> 12 == self.page;
         if !same && self.ib.is_some() {
             a.mov(r11d, eip)?;
-            return emit_indirect_exit(a, self.ib.as_ref(), &self.tlb);
+            return emit_indirect_exit(a, self.ib.as_ref(), &self.tlb, self.tail);
         }
         if same {
             // Flag-neutral budget check: LEA and XCHG change no flags,
@@ -1502,18 +1600,21 @@ impl Exits {
             let mut no = a.create_label();
             let mut site = a.create_label();
             let mut stub = a.create_label();
+            // (MOVs through R12, free at exits, instead of two XCHGs:
+            // three uops each.)
             a.lea(r13, qword_ptr(r13 - 1))?;
-            a.xchg(rcx, r13)?;
+            a.mov(r12, rcx)?;
+            a.mov(rcx, r13)?;
             a.jrcxz(no)?;
-            a.xchg(rcx, r13)?;
+            a.mov(rcx, r12)?;
             a.set_label(&mut site)?;
             a.jmp(stub)?;
             a.set_label(&mut no)?;
-            a.xchg(rcx, r13)?;
+            a.mov(rcx, r12)?;
             a.set_label(&mut stub)?;
             self.sites.push((site, eip));
         }
-        emit_store_exit(a, Some(eip), None)
+        emit_store_exit(a, Some(eip), None, self.tail)
     }
 }
 
@@ -1528,6 +1629,11 @@ pub fn patch(site_rw: &mut [u8; 4], site_rx: u64, target_rx: u64) {
 /// Bit of a CCF's return value: the instruction at the returned EIP must
 /// run on the interpreter (an inline TLB probe missed).
 pub const SLOW_PATH: u64 = 1 << 32;
+
+/// In the second word of `Probe::exit_info`: the probe that missed was a
+/// shared one ([`share`]); the span's size is in bits 16 and up (else the
+/// access's size is in bits 0–7); bit 8: write.
+pub const SHARED: u64 = 1 << 9;
 
 /// What the inline TLB probe needs from the CPU (`popek_cpu::mmu::TlbLayout`
 /// for the TU's privilege set).
@@ -1574,6 +1680,8 @@ struct Consts {
     bit32: CodeLabel,
     /// Bit 16 (qword).
     bit16: CodeLabel,
+    /// The CCF's exit tail.
+    tail: CodeLabel,
 }
 
 /// Guest linear address → R9, TLB entry → R10, host address → R11; jumps
@@ -1588,7 +1696,7 @@ fn emit_probe(
 ) -> Result<(), IcedError> {
     if t.bmi2 {
         emit_probe_bmi2(a, m, t, miss, consts)?;
-        return emit_access(a, m, t);
+        return emit_access(a, m, t, consts.tail);
     }
     // Without BMI2 there are neither FS/GS nor 16-bit TUs.
     debug_assert!(m.seg_base.is_none() && !m.addr16);
@@ -1634,7 +1742,52 @@ fn emit_probe(
         a.push(r12)?;
         a.popfq()?;
     }
-    emit_access(a, m, t)
+    emit_access(a, m, t, consts.tail)
+}
+
+/// A memory instruction whose probe is shared ([`share`]): the group's
+/// head probes the span (a miss leaves before it: a slow path in `slow`)
+/// and keeps the span's host address in its red-zone slot; a member takes
+/// it from there. Then the access, at the span's address + the offset.
+fn emit_shared(
+    a: &mut CodeAssembler,
+    m: &MemInsn,
+    role: share::Share,
+    t: &Probe,
+    consts: Consts,
+    slow: &mut Vec<(CodeLabel, u32, u32, u64)>,
+) -> Result<(), IcedError> {
+    let off = match role {
+        share::Share::Head {
+            low,
+            size,
+            write,
+            slot,
+        } => {
+            let mut g = m.clone();
+            g.disp = low as u32;
+            g.size = size;
+            g.write = write;
+            let miss = a.create_label();
+            emit_probe_bmi2(a, &g, t, miss, consts)?;
+            slow.push((
+                miss,
+                m.eip,
+                m.before,
+                SHARED | (size as u64) << 16 | (write as u64) << 8,
+            ));
+            a.mov(qword_ptr(rsp - share::slot_offset(slot)), r11)?;
+            m.disp as i32 - low
+        }
+        share::Share::Member { off, slot } => {
+            a.mov(r11, qword_ptr(rsp - share::slot_offset(slot)))?;
+            off
+        }
+    };
+    if off != 0 {
+        a.lea(r11, qword_ptr(r11 + off))?;
+    }
+    emit_access(a, m, t, consts.tail)
 }
 
 /// The flag-free probe (BMI2): R9 = guest linear address, R10 = TLB entry,
@@ -1739,6 +1892,7 @@ fn emit_div(
     eip: u32,
     before: u32,
     t: &Probe,
+    tail: CodeLabel,
 ) -> Result<(), IcedError> {
     let reg = |c: Code, x: Register, y: Register| Instruction::with2(c, x, y);
     let mut fail = a.create_label();
@@ -1777,13 +1931,18 @@ fn emit_div(
     a.mov(qword_ptr(r10), r9)?;
     a.mov(qword_ptr(r10 + 8), 4)?;
     a.lea(r14, qword_ptr(r14 + before as i32))?;
-    emit_store_exit(a, Some(eip), Some(32))?;
+    emit_store_exit(a, Some(eip), Some(32), tail)?;
     a.set_label(&mut done)
 }
 
 /// The access of a memory instruction whose probe hit (R11 = host
 /// address); the guest flags are in RFLAGS.
-fn emit_access(a: &mut CodeAssembler, m: &MemInsn, t: &Probe) -> Result<(), IcedError> {
+fn emit_access(
+    a: &mut CodeAssembler,
+    m: &MemInsn,
+    t: &Probe,
+    tail: CodeLabel,
+) -> Result<(), IcedError> {
     let scratch = t.exit_info + 16;
     // Flag-neutral code only around the instruction (MOV, LEA).
     match m.op {
@@ -1870,7 +2029,7 @@ fn emit_access(a: &mut CodeAssembler, m: &MemInsn, t: &Probe) -> Result<(), Iced
         MemOp::JmpMem => a.mov(r11d, dword_ptr(r11)),
         MemOp::Div(signed) => {
             a.mov(r9d, dword_ptr(r11))?;
-            emit_div(a, Register::R9D, signed, m.eip, m.before, t)
+            emit_div(a, Register::R9D, signed, m.eip, m.before, t, tail)
         }
         MemOp::PushFlags => {
             // The guest image: arithmetic flags from RFLAGS, the others
@@ -1944,7 +2103,7 @@ fn emit_access(a: &mut CodeAssembler, m: &MemInsn, t: &Probe) -> Result<(), Iced
             a.push(r9)?;
             a.popfq()?;
             a.lea(r14, qword_ptr(r14 + (m.before as i32 + 1)))?;
-            emit_store_exit(a, Some(next), None)?;
+            emit_store_exit(a, Some(next), None, tail)?;
             a.set_label(&mut done)
         }
         MemOp::StoreTable(off) => {
@@ -1990,14 +2149,23 @@ pub struct IbTable {
     pub base: u64,
     /// The TU context bits of the key (`ctx << 32 | 1 << 40`).
     pub key_bits: u64,
+    /// Address of the CPU's fetch-entry generation (`TlbLayout::fetch_gen`:
+    /// a multiple of `popek_cpu::mmu::FETCH_GEN_STEP`, 2^41).
+    pub gen: u64,
 }
 
 /// Records in the indirect-branch table (indexed by the low 16 bits of
 /// the target EIP: MOVZX is the flag-free way to mask it).
 pub const IB_SLOTS: usize = 1 << 16;
 /// Bytes per record: key (EIP | context), TLB entry address, expected read
-/// tag, expected host page, CCF body, padding.
+/// tag, expected host page, CCF body, [`IB_HIT`], the key + the fetch-entry
+/// generation at which the TLB checks last passed, padding.
 pub const IB_RECORD: usize = 64;
+/// What a CCF adds to its retired count (R14, returned in RAX) for each
+/// indirect-branch table hit: hits are counted in bits 40 and up (a
+/// dispatch retires fewer than 2^32 instructions; bits 32 and 33 are
+/// [`SLOW_PATH`] and [`IB_EXIT`]).
+pub const IB_HIT: u64 = 1 << 40;
 
 /// An indirect transfer's exit, EIP in R11 (zero-extended): while the
 /// chain budget lasts, look the target up in the indirect-branch table and
@@ -2007,46 +2175,70 @@ pub const IB_RECORD: usize = 64;
 /// `fetch_phys` + key lookup would find); else store and return to the
 /// dispatcher. Touches no flags: LEA/MOV/NOT compute differences, JRCXZ
 /// tests them (guest RCX waits in R12).
+///
+/// Fast path: the record's key + generation (field 6) equals the key + the
+/// CPU's current fetch-entry generation — no fetch entry changed since the
+/// TLB checks last passed for this record, so they still would. Else the
+/// TLB checks run and, when they pass, field 6 is brought up to date.
 fn emit_indirect_exit(
     a: &mut CodeAssembler,
     ib: Option<&IbTable>,
     tlb: &Probe,
+    tail: CodeLabel,
 ) -> Result<(), IcedError> {
     let Some(ib) = ib else {
-        return emit_store_exit(a, None, Some(IB_EXIT_BIT));
+        return emit_store_exit(a, None, Some(IB_EXIT_BIT), tail);
     };
     let mut nob = a.create_label();
-    let mut look = a.create_label();
     let mut exit = a.create_label();
     let mut miss = a.create_label();
     let mut miss2 = a.create_label();
+    let mut hit = a.create_label();
+    // Guest RCX waits in R12 from here.
     a.lea(r13, qword_ptr(r13 - 1))?;
-    a.xchg(rcx, r13)?;
-    a.jrcxz(nob)?;
-    a.xchg(rcx, r13)?;
-    a.jmp(look)?;
-    a.set_label(&mut nob)?;
-    a.xchg(rcx, r13)?;
-    a.jmp(exit)?;
-    a.set_label(&mut look)?;
     a.mov(r12, rcx)?;
+    a.mov(rcx, r13)?;
+    a.jrcxz(nob)?;
     a.movzx(r10d, r11w)?;
     a.lea(r10, qword_ptr(r10 * 8))?;
-    a.lea(r10, qword_ptr(r10 * 8))?;
     a.mov(r9, ib.base)?;
-    a.lea(r10, qword_ptr(r9 + r10))?;
-    // Key: EIP | context.
+    a.lea(r10, qword_ptr(r9 + r10 * 8))?;
+    // Key: EIP | context (R9); + generation (R11).
     a.mov(r9, ib.key_bits)?;
     a.lea(r9, qword_ptr(r9 + r11))?;
+    a.mov(rcx, ib.gen)?;
+    a.mov(rcx, qword_ptr(rcx))?;
+    a.lea(r11, qword_ptr(r9 + rcx))?;
+    a.mov(rcx, qword_ptr(r10 + 48))?;
+    a.not(rcx)?;
+    a.lea(rcx, qword_ptr(r11 + rcx + 1))?;
+    let mut slow = a.create_label();
+    a.jrcxz(hit)?;
+    a.jmp(slow)?;
+    // Hit: count it in R14's bits 40 and up (the record holds 1 << 40;
+    // counting in the record itself, a store the next lookup of the same
+    // record waits for, cost callret 6.7 → 4.5 ns), go.
+    a.set_label(&mut hit)?;
+    a.mov(rcx, qword_ptr(r10 + 40))?;
+    a.lea(r14, qword_ptr(r14 + rcx))?;
+    a.mov(rcx, r12)?;
+    a.jmp(qword_ptr(r10 + 32))?;
+    // (Within JRCXZ's reach.)
+    a.set_label(&mut nob)?;
+    a.mov(rcx, r12)?;
+    a.jmp(exit)?;
+    // The slow checks: the key …
+    a.set_label(&mut slow)?;
     a.mov(rcx, qword_ptr(r10))?;
     a.not(rcx)?;
     a.lea(rcx, qword_ptr(r9 + rcx + 1))?;
     let mut ok = a.create_label();
     a.jrcxz(ok)?;
+    a.mov(r11d, r9d)?;
     a.jmp(miss)?;
     a.set_label(&mut ok)?;
-    // The TLB entry's read tag: the page is mapped and readable (= may be
-    // fetched: no NX) at this privilege.
+    // … the TLB entry's read tag: the page is mapped and readable (= may be
+    // fetched: no NX) at this privilege …
     a.mov(r9, qword_ptr(r10 + 8))?;
     a.mov(ecx, dword_ptr(r9 + tlb.read_tag))?;
     a.not(rcx)?;
@@ -2065,19 +2257,20 @@ fn emit_indirect_exit(
     a.jrcxz(ok)?;
     a.jmp(miss2)?;
     a.set_label(&mut ok)?;
-    // Hit: count it in the record (flag-free), go.
-    a.mov(rcx, qword_ptr(r10 + 40))?;
-    a.lea(rcx, qword_ptr(rcx + 1))?;
-    a.mov(qword_ptr(r10 + 40), rcx)?;
-    a.mov(rcx, r12)?;
-    a.jmp(qword_ptr(r10 + 32))?;
+    // Passed: record the generation.
+    a.mov(r9, ib.gen)?;
+    a.mov(r9, qword_ptr(r9))?;
+    a.mov(rcx, qword_ptr(r10))?;
+    a.lea(rcx, qword_ptr(rcx + r9))?;
+    a.mov(qword_ptr(r10 + 48), rcx)?;
+    a.jmp(hit)?;
     a.set_label(&mut miss2)?;
     a.mov(r11d, dword_ptr(r10))?;
     a.set_label(&mut miss)?;
     a.mov(rcx, r12)?;
     a.lea(r13, qword_ptr(r13 + 1))?;
     a.set_label(&mut exit)?;
-    emit_store_exit(a, None, Some(IB_EXIT_BIT))
+    emit_store_exit(a, None, Some(IB_EXIT_BIT), tail)
 }
 
 /// [`Item::Interp1`]: store the guest state (EIP = `eip`), call the
@@ -2090,6 +2283,7 @@ fn emit_interp1(
     next: u32,
     before: u32,
     t: &Probe,
+    tail: CodeLabel,
 ) -> Result<(), IcedError> {
     emit_store_state(a, Some(eip))?;
     // Past the red zone, 16-byte aligned (RSP ≡ 8 mod 16 in a CCF: the
@@ -2105,8 +2299,11 @@ fn emit_interp1(
     let mut go = a.create_label();
     a.test(eax, eax)?;
     a.jnz(go)?;
+    // Leave with the state the interpreter left (the tail writes back
+    // what is loaded here).
     a.lea(r14, qword_ptr(r14 + before as i32))?;
-    emit_return(a, None)?;
+    emit_load_state(a)?;
+    a.jmp(tail)?;
     a.set_label(&mut go)?;
     // The interpreter's results: GPRs and flags back into registers.
     emit_load_state(a)
@@ -2133,19 +2330,50 @@ fn mem(off: i32) -> iced_x86::MemoryOperand {
 pub const IB_EXIT: u64 = 1 << IB_EXIT_BIT;
 const IB_EXIT_BIT: u32 = 33;
 
-/// Writes flags, GPRs and EIP (`eip`, or R11 when `None`) back and
-/// returns (R14 | bit `mark` (e.g. [`SLOW_PATH`]), R13).
+/// Leaves the CCF for `eip` (or R11 when `None`): stores EIP, sets bit
+/// `mark` (e.g. [`SLOW_PATH`]) of the retired count and jumps to the
+/// CCF's exit tail ([`emit_exit_tail`], shared by all its exits: a CCF
+/// has one per memory access, and the copies made up most of its code and
+/// of the time the block encoder spends on it). Flag-free.
 fn emit_store_exit(
     a: &mut CodeAssembler,
     eip: Option<u32>,
     mark: Option<u32>,
+    tail: CodeLabel,
 ) -> Result<(), IcedError> {
-    emit_store_state(a, eip)?;
-    emit_return(a, mark)
+    emit_store_eip(a, eip)?;
+    if let Some(bit) = mark {
+        a.mov(r9, 1u64 << bit)?;
+        a.lea(r14, qword_ptr(r14 + r9))?;
+    }
+    a.jmp(tail)
+}
+
+/// Stores EIP: `eip`, or R11 when `None`. Flag-free.
+fn emit_store_eip(a: &mut CodeAssembler, eip: Option<u32>) -> Result<(), IcedError> {
+    match eip {
+        Some(e) => {
+            a.mov(r9d, e)?;
+            a.mov(qword_ptr(r15 + OFF_RIP), r9)
+        }
+        None => a.mov(qword_ptr(r15 + OFF_RIP), r11),
+    }
 }
 
 /// Writes flags, GPRs and EIP (`eip`, or R11 when `None`) back.
 fn emit_store_state(a: &mut CodeAssembler, eip: Option<u32>) -> Result<(), IcedError> {
+    emit_store_regs(a)?;
+    emit_store_eip(a, eip)
+}
+
+/// The exit tail: writes flags and GPRs back and returns (R14, R13).
+fn emit_exit_tail(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    emit_store_regs(a)?;
+    emit_return(a)
+}
+
+/// Writes the guest arithmetic flags and GPRs back.
+fn emit_store_regs(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.pushfq()?;
     a.pop(r9)?;
     a.and(r9d, ARITH)?;
@@ -2156,22 +2384,12 @@ fn emit_store_state(a: &mut CodeAssembler, eip: Option<u32>) -> Result<(), IcedE
     for (i, r) in HOST_GPRS.iter().enumerate() {
         a.mov(qword_ptr(r15 + OFF_GPR + 8 * i as i32), *r)?;
     }
-    match eip {
-        Some(e) => {
-            a.mov(r9d, e)?;
-            a.mov(qword_ptr(r15 + OFF_RIP), r9)?;
-        }
-        None => a.mov(qword_ptr(r15 + OFF_RIP), r11)?,
-    }
     Ok(())
 }
 
-/// Returns (R14 | bit `mark`, R13) to the dispatcher.
-fn emit_return(a: &mut CodeAssembler, mark: Option<u32>) -> Result<(), IcedError> {
+/// Returns (R14, R13) to the dispatcher.
+fn emit_return(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.mov(rax, r14)?;
-    if let Some(bit) = mark {
-        a.bts(rax, bit)?;
-    }
     a.mov(rdx, r13)?;
     for r in [r15, r14, r13, r12, rbp, rbx] {
         a.pop(r)?;

@@ -658,6 +658,8 @@ struct Tally {
     exceptions: u64,
     ccf_runs: u64,
     ib_hits: u64,
+    shared: u64,
+    compile_errors: u64,
     mismatches: Vec<String>,
 }
 
@@ -797,6 +799,8 @@ fn compare(
                 .iter()
                 .find(|(k, _)| *k == "indirect-branch table hits")
                 .map_or(0, |x| x.1);
+            t.shared += bt.stats.shared_probes;
+            t.compile_errors += bt.stats.compile_errors;
             if matches!(exit_b, RunExit::Exception { .. }) {
                 t.exceptions += 1;
             }
@@ -829,11 +833,12 @@ fn bt_matches_interp_on_random_sequences() {
         }
     }
     eprintln!(
-        "bt vs interp: {} sequences, {} dispatches ({} CCF runs, {} indirect-branch table hits), {} ended in an exception, {} mismatches",
+        "bt vs interp: {} sequences, {} dispatches ({} CCF runs, {} indirect-branch table hits, {} memory instructions sharing a probe), {} ended in an exception, {} mismatches",
         t.cases,
         t.dispatches,
         t.ccf_runs,
         t.ib_hits,
+        t.shared,
         t.exceptions,
         t.mismatches.len()
     );
@@ -846,6 +851,12 @@ fn bt_matches_interp_on_random_sequences() {
         "RETs found their CCF inline: {}",
         t.ib_hits
     );
+    assert!(
+        cases < 1000 || !std::arch::is_x86_feature_detected!("bmi2") || t.shared > 0,
+        "memory instructions shared probes: {}",
+        t.shared
+    );
+    assert_eq!(t.compile_errors, 0, "TUs the assembler refused");
     assert!(t.mismatches.is_empty(), "{} mismatches", t.mismatches.len());
 }
 
@@ -1457,4 +1468,63 @@ fn data_pages_sharing_a_tlb_index_both_hit_inline() {
         three.tlb_misses > two.tlb_misses,
         "three pages of one index do not all fit: {three:?}"
     );
+}
+
+/// Shared probes: a loop whose stack-frame accesses share one probe, with
+/// the frame first inside a page, then across a page boundary (the span's
+/// probe misses every time: the group is unshared and the accesses probe
+/// one by one), then inside again; memory, state and counts match the
+/// interpreter at random budgets.
+#[test]
+fn shared_probes_across_a_page_boundary_stay_exact() {
+    if !std::arch::is_x86_feature_detected!("bmi2") {
+        return;
+    }
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut outer = a.create_label();
+    let mut top = a.create_label();
+    a.mov(ebp, DATA as u32 + 0xf00).unwrap();
+    a.mov(esi, 3).unwrap();
+    a.set_label(&mut outer).unwrap();
+    a.mov(ecx, 300).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.mov(eax, dword_ptr(ebp - 8)).unwrap();
+    a.add(eax, dword_ptr(ebp + 4)).unwrap();
+    a.mov(dword_ptr(ebp), eax).unwrap();
+    a.push(eax).unwrap();
+    a.xor(dword_ptr(esp), ecx).unwrap();
+    a.pop(edx).unwrap();
+    a.add(dword_ptr(ebp - 4), edx).unwrap();
+    a.dec(ecx).unwrap();
+    a.jne(top).unwrap();
+    // Next frame position: 0x31000 - 4 (across), then 0x31100 (inside).
+    a.add(ebp, 0xfc).unwrap();
+    a.dec(esi).unwrap();
+    a.jne(outer).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    for seed in 0..3 {
+        let (cpu_b, _) = machine(&code, 0, &mut Rng(7));
+        let (mut cpu_i, _) = machine(&code, 0, &mut Rng(7));
+        let mut bt = BtCore::new(cpu_b).unwrap();
+        bt.set_hot_after(1);
+        let mut r = Rng(1234 + seed);
+        loop {
+            let budget = 1 + r.below(900);
+            let eb = bt.run(&mut Quiet, budget);
+            let ei = cpu_i.run(&mut Quiet, budget);
+            assert_eq!(eb, ei);
+            assert_eq!(bt.cpu().icount, cpu_i.icount);
+            assert_eq!(bt.cpu().state(), cpu_i.state());
+            let (mut mb, mut mi) = (vec![0u8; 0x3000], vec![0u8; 0x3000]);
+            bt.cpu().ram().read(DATA, &mut mb).unwrap();
+            cpu_i.ram().read(DATA, &mut mi).unwrap();
+            assert!(mb == mi, "data differ");
+            if eb != RunExit::Budget {
+                break;
+            }
+        }
+        assert!(bt.stats.shared_probes > 0, "{:?}", bt.stats);
+        assert!(bt.stats.unshared > 0, "{:?}", bt.stats);
+    }
 }

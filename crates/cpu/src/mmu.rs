@@ -72,7 +72,16 @@ pub struct Tlb {
     e: [[TlbEntry; WAYS * TLB_SIZE]; 4],
     /// Some entry may be a piece of a 4 MiB page.
     has_big: bool,
+    /// Grows by [`FETCH_GEN_STEP`] whenever an instruction-fetch entry may
+    /// have changed (a fill of sets 2–3, any flush): generated code that
+    /// cached what a fetch entry said may trust it while this is unchanged.
+    fetch_gen: u64,
 }
+
+/// The step of [`TlbLayout::fetch_gen`]'s counter (it counts in bits 41
+/// and up, so that generated code can add it to a key; it wraps after
+/// 2^23 changes).
+pub const FETCH_GEN_STEP: u64 = 1 << 41;
 
 /// Where generated code (the binary translator) finds the software TLB: the
 /// entry for linear address `lin` at privilege set `s` (0 supervisor, 1
@@ -104,6 +113,9 @@ pub struct TlbLayout {
     /// Bytes from `base` to the supervisor instruction-fetch set (the user
     /// one follows at `set_stride`): where a code page's translation lives.
     pub fetch_sets: usize,
+    /// Bytes from `base` to the fetch-entry generation (u64): it changes
+    /// (by [`FETCH_GEN_STEP`]) whenever an instruction-fetch entry may have.
+    pub fetch_gen: usize,
 }
 
 impl Cpu {
@@ -119,7 +131,13 @@ impl Cpu {
             write_tag: std::mem::offset_of!(TlbEntry, write_tag),
             host: std::mem::offset_of!(TlbEntry, host),
             fetch_sets: 2 * std::mem::size_of::<[TlbEntry; WAYS * TLB_SIZE]>(),
+            fetch_gen: std::mem::offset_of!(Tlb, fetch_gen),
         }
+    }
+
+    /// The fetch-entry generation (see [`TlbLayout::fetch_gen`]).
+    pub fn tlb_fetch_gen(&self) -> u64 {
+        self.tlb.fetch_gen
     }
 }
 
@@ -128,17 +146,24 @@ impl Tlb {
         Box::new(Tlb {
             e: [[INVALID; WAYS * TLB_SIZE]; 4],
             has_big: false,
+            fetch_gen: FETCH_GEN_STEP,
         })
+    }
+
+    fn fetch_changed(&mut self) {
+        self.fetch_gen = self.fetch_gen.wrapping_add(FETCH_GEN_STEP);
     }
 
     /// Forgets everything, global pages included.
     pub(crate) fn flush_all(&mut self) {
         self.e = [[INVALID; WAYS * TLB_SIZE]; 4];
         self.has_big = false;
+        self.fetch_changed();
     }
 
     /// Forgets non-global entries (a CR3 load).
     pub(crate) fn flush_nonglobal(&mut self) {
+        self.fetch_changed();
         for (i, set) in self.e.iter_mut().enumerate() {
             // Fetch sets use way 0 only.
             let used = if i < 2 { WAYS * TLB_SIZE } else { TLB_SIZE };
@@ -153,6 +178,7 @@ impl Tlb {
     /// Forgets one linear page (INVLPG): the 4 KiB page, or every cached
     /// piece of the 4 MiB page that contains `lin` (SDM 4.10.4.1).
     pub(crate) fn flush_page(&mut self, lin: u32) {
+        self.fetch_changed();
         let idx = ((lin >> 12) as usize) % TLB_SIZE;
         let tag = (lin & !0xfff) | 1;
         for set in self.e.iter_mut() {
@@ -424,6 +450,9 @@ impl Cpu {
             0
         };
         let code = self.is_code_page(phys >> 12);
+        if set >= 2 {
+            self.tlb.fetch_changed();
+        }
         // Data sets: the newcomer takes way 0, way 0's entry moves to way 1
         // (unless it is an older translation of the same page).
         let ways = &mut self.tlb.e[set];
