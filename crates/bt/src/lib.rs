@@ -830,6 +830,16 @@ impl BtCore {
         }
         let mut code = vec![0u8; (page_end - phys) as usize];
         self.cpu.ram().read(phys, &mut code).ok()?;
+        if !code16 {
+            // The first bytes of the next page, when mapped, for an
+            // instruction straddling the page end (`translate::plan` has
+            // the interpreter run it: these bytes only give its length).
+            let next = (eip as u64 | 0xfff) + 1;
+            let mut more = [0u8; 15];
+            if next >> 32 == 0 && self.cpu.peek_linear(next, &mut more).is_some() {
+                code.extend_from_slice(&more);
+            }
+        }
         let ctx = Ctx {
             cpl: (cpl & 3) as u8,
             inline_sensitive: !self.cpu.report_sensitive,

@@ -282,6 +282,13 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx, forced: &dyn Fn(u32) -> bool) -> Tr
     } else {
         code
     };
+    // 32-bit code: `code` may hold a few bytes of the next page (when it
+    // is mapped), so that an instruction straddling the page end decodes.
+    let page_end = if ctx.code16 {
+        u64::MAX
+    } else {
+        (eip as u64 | 0xfff) + 1
+    };
     let mut dec = Decoder::with_ip(bits, code, eip as u64, DecoderOptions::NONE);
     let mut p = Plan {
         items: Vec::new(),
@@ -292,17 +299,35 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx, forced: &dyn Fn(u32) -> bool) -> Tr
         callouts: 0,
         cs_lo: ctx.cs_lo,
     };
-    while (p.insns as usize) < MAX_TU && dec.can_decode() {
+    while (p.insns as usize) < MAX_TU && dec.can_decode() && dec.ip() < page_end {
         let ins = dec.decode();
         if ins.is_invalid() {
-            break; // undecodable or straddling the page end: a call-out
+            break; // undecodable (or straddling into an unmapped page): a call-out
         }
         if forced(ins.ip32()) {
             break;
         }
-        let Some((mut item, class)) = classify(&ins, ctx) else {
+        let Some((mut item, mut class)) = classify(&ins, ctx) else {
             break;
         };
+        if ins.next_ip() > page_end {
+            // Straddles the page end: its bytes in the next page may
+            // change (or be mapped elsewhere) without this page's TUs
+            // being dropped, so the interpreter runs it from inside the CCF
+            // (fetching it anew; the CCF leaves unless it ends at `next`),
+            // ending the TU. Only ordinary instructions: inline ones may
+            // change what the TU assumes (IF, TF, the shadow).
+            let plain = class == Class::Ident || matches!(item, Item::Interp1 { .. });
+            if !(ctx.interp1 && plain) {
+                break;
+            }
+            item = Item::Interp1 {
+                eip: ins.ip32(),
+                next: next_ip(&ins, ctx),
+                before: 0,
+            };
+            class = Class::Callout;
+        }
         if let Item::Div(_, _, _, before) | Item::Interp1 { before, .. } = &mut item {
             *before = p.insns;
         }
@@ -338,6 +363,7 @@ pub fn plan(code: &[u8], eip: u32, ctx: Ctx, forced: &dyn Fn(u32) -> bool) -> Tr
     }
     // A call-out: count how far the interpreter may run (up to the next
     // translatable instruction or control transfer).
+    let code = &code[..code.len().min((page_end - eip as u64) as usize)];
     let mut dec = Decoder::with_ip(bits, code, eip as u64, DecoderOptions::NONE);
     let (mut run, mut callouts) = (0, 0);
     let mut first = 0u32;
@@ -394,6 +420,18 @@ const ARITH_BITS: u32 = iced_x86::RflagsBits::OF
     | iced_x86::RflagsBits::CF
     | iced_x86::RflagsBits::PF;
 
+/// Instructions iced lists as writing all six arithmetic flags that may
+/// leave some alone: shifts and rotates (a masked count of 0 changes no
+/// flag) and BSF/BSR (flags the SDM leaves undefined, which the processor
+/// may keep).
+fn may_keep_flags(m: Mnemonic) -> bool {
+    use Mnemonic::*;
+    matches!(
+        m,
+        Shl | Sal | Shr | Sar | Rol | Ror | Rcl | Rcr | Shld | Shrd | Bsf | Bsr | Tzcnt | Lzcnt
+    )
+}
+
 /// Clears `flags_live` of memory instructions whose probe may leave the
 /// host flags clobbered on a hit: those followed, before any flag read,
 /// any possible exit (another probe, an inline sequence, the TU end), by an
@@ -415,20 +453,9 @@ fn flags_liveness(items: &mut [Item]) {
                     if h.rflags_read() & ARITH_BITS != 0 {
                         break;
                     }
-                    // Shifts and rotates leave the flags alone when the
-                    // (masked) count is 0: never an overwrite.
-                    let shift = matches!(
-                        h.mnemonic(),
-                        Mnemonic::Shl
-                            | Mnemonic::Sal
-                            | Mnemonic::Shr
-                            | Mnemonic::Sar
-                            | Mnemonic::Rol
-                            | Mnemonic::Ror
-                            | Mnemonic::Rcl
-                            | Mnemonic::Rcr
-                    );
-                    if !shift && h.rflags_modified() & ARITH_BITS == ARITH_BITS {
+                    if !may_keep_flags(h.mnemonic())
+                        && h.rflags_modified() & ARITH_BITS == ARITH_BITS
+                    {
                         dead = true;
                         break;
                     }
@@ -748,10 +775,30 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
             | Cmpxchg
             | Cmpxchg8b
             | Xadd
+            | Bsf
+            | Bsr
+            | Tzcnt
+            | Lzcnt
+            | Shld
+            | Shrd
     );
     if !ok {
         return None;
     }
+    // SHLD/SHRD of a 16-bit operand by more than 16 is undefined (the model
+    // follows Intel's result): only the 32-bit forms run as themselves.
+    if matches!(m, Shld | Shrd)
+        && !matches!(
+            ins.code(),
+            Code::Shld_rm32_r32_imm8
+                | Code::Shld_rm32_r32_CL
+                | Code::Shrd_rm32_r32_imm8
+                | Code::Shrd_rm32_r32_CL
+        )
+    {
+        return None;
+    }
+
     if m == Bswap && ins.op0_register().size() != 4 {
         return None; // BSWAP r16 is undefined
     }
@@ -776,6 +823,22 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
         Code::Inc_r16 => Instruction::with1(Code::Inc_rm16, ins.op0_register()).ok()?,
         Code::Dec_r32 => Instruction::with1(Code::Dec_rm32, ins.op0_register()).ok()?,
         Code::Dec_r16 => Instruction::with1(Code::Dec_rm16, ins.op0_register()).ok()?,
+        // The virtual CPU has no BMI1/LZCNT (not advertised): F3 0F BC/BD
+        // are BSF/BSR with an ignored REP prefix, as on older processors.
+        Code::Tzcnt_r32_rm32
+        | Code::Tzcnt_r16_rm16
+        | Code::Lzcnt_r32_rm32
+        | Code::Lzcnt_r16_rm16 => {
+            let mut h = *ins;
+            h.set_code(match ins.code() {
+                Code::Tzcnt_r32_rm32 => Code::Bsf_r32_rm32,
+                Code::Tzcnt_r16_rm16 => Code::Bsf_r16_rm16,
+                Code::Lzcnt_r32_rm32 => Code::Bsr_r32_rm32,
+                _ => Code::Bsr_r16_rm16,
+            });
+            h.set_has_repe_prefix(false);
+            h
+        }
         _ => *ins,
     };
     h.set_segment_prefix(Register::None);
@@ -1151,20 +1214,9 @@ fn mem_form(guest: &Instruction, mut h: Instruction, m: Mnemonic, ctx: Ctx) -> O
         ))
         || m == Mnemonic::Xchg;
     let arith = F::OF | F::SF | F::ZF | F::AF | F::CF | F::PF;
-    // Shifts and rotates keep the flags when the count is 0.
-    let shift = matches!(
-        m,
-        Mnemonic::Shl
-            | Mnemonic::Sal
-            | Mnemonic::Shr
-            | Mnemonic::Sar
-            | Mnemonic::Rol
-            | Mnemonic::Ror
-            | Mnemonic::Rcl
-            | Mnemonic::Rcr
-    );
-    let flags_live =
-        shift || guest.rflags_read() & arith != 0 || guest.rflags_modified() & arith != arith;
+    let flags_live = may_keep_flags(m)
+        || guest.rflags_read() & arith != 0
+        || guest.rflags_modified() & arith != arith;
     let mut mi = MemInsn::new(MemOp::Insn, h, addr, size, write);
     mi.eip = guest.ip32();
     mi.via = via;

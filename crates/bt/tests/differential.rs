@@ -137,7 +137,7 @@ macro_rules! cc {
 /// One random instruction (or a small group) at CPL `cpl`.
 fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
     let (d, s) = (reg(r), reg(r));
-    match r.below(50) {
+    match r.below(51) {
         0..=5 => {
             let op = r.below(9);
             match r.below(6) {
@@ -579,6 +579,30 @@ fn gen_one(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
             }
             a.cld().unwrap();
         }
+        49 => {
+            // SHLD/SHRD (32-bit: imm8 and CL, register and memory),
+            // BSF/BSR and TZCNT/LZCNT (BSF/BSR with REP on the virtual
+            // CPU), zero sources too (the destination stays).
+            let m = DATA as i32 + (r.below(0xff0) as i32);
+            let count = [0, 1, 7, 31, 32, 33, r.below(256) as i32][r.below(7) as usize];
+            let src = R32[[0, 1, 2, 3, 5, 6, 7][r.below(7) as usize]];
+            if r.below(3) == 0 {
+                a.xor(src, src).unwrap();
+            }
+            match r.below(11) {
+                0 => a.shld(R32[d], src, count).unwrap(),
+                1 => a.shrd(R32[d], src, count).unwrap(),
+                2 => a.shld(dword_ptr(m), src, cl).unwrap(),
+                3 => a.shrd(R32[d], src, cl).unwrap(),
+                4 => a.shrd(dword_ptr(m), src, count).unwrap(),
+                5 => a.bsf(R32[d], src).unwrap(),
+                6 => a.bsr(R32[d], src).unwrap(),
+                7 => a.bsf(R16[d], word_ptr(m)).unwrap(),
+                8 => a.bsr(R32[d], dword_ptr(m)).unwrap(),
+                9 => a.tzcnt(R32[d], src).unwrap(),
+                _ => a.lzcnt(R16[d], word_ptr(m)).unwrap(),
+            }
+        }
         _ => gen_plain(a, r),
     }
 }
@@ -687,8 +711,22 @@ fn run_case(seed: u64, case: u64, t: &mut Tally) {
     }
     // Self-modifying code: a store into the code ahead sometimes.
     a.hlt().unwrap();
-    let mut code = a.assemble(CODE).unwrap();
-    if r.below(8) == 0 && code.len() > 16 {
+    // A quarter of the cases start near the end of the code page, behind
+    // a JMP: instructions straddle the page end.
+    let shift = if Rng(case ^ 0x5ad).below(4) == 0 {
+        0xfc0 + Rng(case ^ 0x5ae).below(0x3c)
+    } else {
+        0
+    };
+    let mut code = a.assemble(CODE + shift).unwrap();
+    if shift != 0 {
+        let mut j = vec![0xe9];
+        j.extend_from_slice(&(shift as i32 - 5).to_le_bytes());
+        j.resize(shift as usize, 0xcc);
+        j.extend_from_slice(&code);
+        code = j;
+    }
+    if shift == 0 && r.below(8) == 0 && code.len() > 16 {
         // Prepend nothing: overwrite a random later byte through a store
         // placed at the start (mov byte [CODE+k], imm8 is 7 bytes).
         let k = 7 + r.below(code.len() as u64 - 8) as i32;
@@ -783,7 +821,8 @@ fn compare(
                 st_b.rflags,
                 st_i.rflags,
                 mem_b == mem_i,
-                code
+                // (Without a straddling case's JMP and padding.)
+                &code[code.iter().rposition(|&b| b == 0xcc).map_or(0, |p| p + 1)..]
             ));
             return;
         }
@@ -1527,4 +1566,42 @@ fn shared_probes_across_a_page_boundary_stay_exact() {
         assert!(bt.stats.shared_probes > 0, "{:?}", bt.stats);
         assert!(bt.stats.unshared > 0, "{:?}", bt.stats);
     }
+}
+
+/// An instruction straddling the end of the code page (`ADD EAX, imm32`
+/// at 0x10ffe, its immediate's last three bytes in the next page) runs on
+/// the interpreter from inside its CCF: exact at random budgets, no
+/// dispatcher round trip per iteration, and a store that changes its bytes
+/// in the next page only (no invalidation of its own page) is seen.
+#[test]
+fn instructions_straddling_a_page_end_run_inside_the_ccf() {
+    let mut code = vec![0u8; 0x1016];
+    let mut put = |at: usize, b: &[u8]| code[at..at + b.len()].copy_from_slice(b);
+    put(0, &[0xb9, 0x2c, 0x01, 0, 0]); // mov ecx, 300
+    put(5, &[0xbe, 0x03, 0, 0, 0]); // mov esi, 3
+    put(10, &[0xe9]); // jmp 0x10ff0
+    put(11, &(0xff0i32 - 15).to_le_bytes());
+    put(0xff0, &[0x90; 14]); // nop × 14
+    put(0xffe, &[0x05, 0x04, 0x03, 0x02, 0x01]); // add eax, 0x01020304
+    put(0x1003, &[0x49, 0x75, 0xea]); // dec ecx; jnz 0x10ff0
+                                      // mov [0x11001], si: the immediate's bytes 3 and 4 (next page only).
+    put(0x1006, &[0x66, 0x89, 0x35, 0x01, 0x10, 0x01, 0x00]);
+    put(0x100d, &[0xb9, 0x2c, 0x01, 0, 0]); // mov ecx, 300
+    put(0x1012, &[0x4e, 0x75, 0xdb, 0xf4]); // dec esi; jnz 0x10ff0; hlt
+    let run_all = |max: u64| {
+        let (cpu_b, _) = machine(&code, 0, &mut Rng(9));
+        let (mut cpu_i, _) = machine(&code, 0, &mut Rng(9));
+        let mut bt = BtCore::new(cpu_b).unwrap();
+        bt.set_hot_after(1);
+        lockstep(&mut bt, &mut cpu_i, 77, max);
+        bt
+    };
+    run_all(700);
+    let bt = run_all(1 << 40);
+    // 900 iterations of a 20-instruction loop: translated, with the
+    // straddling ADD run in place (a dispatcher round trip each would
+    // make 1,800 dispatches).
+    assert!(bt.stats.callouts >= 850, "{:?}", bt.stats);
+    assert!(bt.stats.lookups < 100, "{:?}", bt.stats);
+    assert!(bt.stats.ccf_runs > 1700, "{:?}", bt.stats);
 }
