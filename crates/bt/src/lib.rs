@@ -76,23 +76,23 @@ type CcfFn = unsafe extern "sysv64" fn(*mut CpuState, u64, u64) -> CcfRet;
 /// What a CCF returns (in RAX:RDX).
 #[repr(C)]
 struct CcfRet {
-    /// Guest instructions retired, | `translate::SLOW_PATH`.
+    /// Guest instructions retired, with the exit's marks and the chain
+    /// counts (`translate::RETIRED_MASK`).
     retired: u64,
-    /// The chain budget left.
-    chain: u64,
+    /// The chain allowance left (unused).
+    _allowance: u64,
 }
 
-/// Most CCFs one dispatch runs through chaining. A chain cannot make an
-/// interrupt deliverable without leaving: the interrupt line changes only
-/// between `run` budgets, when the machine advances time, or at I/O, which
-/// runs on the interpreter from inside the CCF (`interp1`), and the CCF
-/// leaves when an interrupt became due there; IF goes 0 → 1 only at STI or
-/// POPF, which leave too, or in the interpreter. So this bounds no
-/// interrupt latency (that stays the `run` budget); it bounds the time
-/// between the dispatcher's other checks (4096 TUs of at most `MAX_TU`
-/// instructions). 32 cost callret a dispatcher round trip every ~10
-/// iterations (8.2 → 6.6 ns).
-const CHAIN_MAX: u64 = 4096;
+// The chain allowance (`translate::ALLOWANCE_MAX`) bounds the time between
+// the dispatcher's checks, not interrupt latency: a chain cannot make an
+// interrupt deliverable without leaving. The interrupt line changes only
+// between `run` budgets, when the machine advances time, or at I/O, which
+// runs on the interpreter from inside the CCF (`interp1`), and the CCF
+// leaves when an interrupt became due there; IF goes 0 → 1 only at STI or
+// POPF, which leave too, or in the interpreter. The allowance counts
+// instructions, not TUs: a budget of TUs had to assume `MAX_TU`
+// instructions in each, so the dispatches of a 200,000-instruction slice
+// shrank geometrically (≈ 260 per slice in Debian's shell loop).
 
 /// What the dispatcher finds for one TU key.
 #[derive(Clone, Copy)]
@@ -554,7 +554,7 @@ impl BtCore {
                     return self.interp(bus, remaining, None);
                 }
                 let st = self.cpu.state_ptr();
-                let budget = (remaining / translate::MAX_TU as u64).clamp(1, CHAIN_MAX);
+                let allowance = remaining.min(translate::ALLOWANCE_MAX);
                 // In-place call-outs reach the CPU and the bus through
                 // `call` (stored here, before the CCF runs).
                 self.call.cpu = &mut self.cpu;
@@ -580,22 +580,19 @@ impl BtCore {
                 // `state_ptr` hands out with the flags materialized, the
                 // fields it permits, and guest RAM through the CPU's TLB
                 // entries (host pointers into the live guest mapping).
-                // `budget` ≥ 1 and ≤ remaining / MAX_TU, so the chain
-                // retires at most `remaining` instructions.
+                // `insns` ≤ `allowance` ≤ `remaining`; a CCF chains only
+                // while the allowance covers `MAX_TU` more instructions, so
+                // the chain retires at most `remaining`.
                 let ret = unsafe {
                     let f = std::mem::transmute::<u64, CcfFn>(self.runtime.entry);
-                    f(st, budget, code as u64)
+                    f(st, allowance, code as u64)
                 };
                 self.call.bus = None;
-                let chains = if ret.chain == 0 {
-                    budget - 1
-                } else {
-                    budget - ret.chain
-                };
+                let chains = (ret.retired & translate::CHAIN_MASK) / translate::CHAIN_ONE;
                 self.stats.ccf_runs += 1 + chains;
                 self.stats.chains += chains;
-                let n = ret.retired as u32 as u64;
-                self.stats.ib_hits += ret.retired / translate::IB_HIT;
+                let n = ret.retired & translate::RETIRED_MASK;
+                self.stats.ib_hits += ret.retired >> translate::IB_HIT_SHIFT;
                 self.cpu.icount += n;
                 let slow = ret.retired & translate::SLOW_PATH != 0;
                 let inl = if !slow || chains > 0 {
@@ -1073,11 +1070,23 @@ impl BtCore {
         })
     }
 
-    /// The CCF at guest-physical `phys` as text: the guest instructions of
-    /// its TU, then the host code, both disassembled.
-    pub fn dump_ccf(&self, phys: u64) -> Option<String> {
+    /// The CCF at guest-physical `addr` (or, when none starts there, the
+    /// one for guest EIP `addr`: physical pages differ from run to run) as
+    /// text: the guest instructions of its TU, then the host code, both
+    /// disassembled.
+    pub fn dump_ccf(&self, addr: u64) -> Option<String> {
         use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter};
         use std::fmt::Write as _;
+        let is_ccf = |e: &Entry| matches!(e, Entry::Ccf { .. });
+        let phys = if self.map.iter().any(|(k, e)| k.0 == addr && is_ccf(e)) {
+            addr
+        } else {
+            let (k, _) = self
+                .map
+                .iter()
+                .find(|(k, e)| k.1 as u64 == addr && is_ccf(e))?;
+            k.0
+        };
         let (insns, guest_len, bits, eip) = self.map.iter().find_map(|(k, e)| match *e {
             Entry::Ccf { insns, .. } if k.0 == phys => {
                 let bits = if k.2 & 0x20 != 0 { 16 } else { 32 };

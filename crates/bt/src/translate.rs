@@ -1309,9 +1309,9 @@ pub struct Compiled {
     pub shared: u32,
 }
 
-/// The CCF entry (sysv64: `&CpuState` in RDI, chain budget in RSI):
+/// The CCF entry (sysv64: `&CpuState` in RDI, chain allowance in RSI):
 /// saves the callee-saved registers, keeps the state pointer in R15, the
-/// budget in R13, zeroes the retired count (R14), loads the guest flags
+/// allowance in R13, zeroes the retired count (R14), loads the guest flags
 /// and GPRs.
 fn emit_prologue(a: &mut CodeAssembler, bmi2: bool) -> Result<(), IcedError> {
     for r in [rbx, rbp, r12, r13, r14, r15] {
@@ -1391,15 +1391,17 @@ pub fn compile(
 
 /// Compiles a plan into host code for address `ip`.
 ///
-/// The fragment is an `extern "sysv64" fn(*mut CpuState, chain: u64) ->
-/// (u64, u64)`: it saves the callee-saved registers (RBX, RBP, R12–R15),
-/// keeps the state pointer in R15, the chain budget in R13 and the
+/// The fragment is an `extern "sysv64" fn(*mut CpuState, allowance: u64)
+/// -> (u64, u64)`: it saves the callee-saved registers (RBX, RBP,
+/// R12–R15), keeps the state pointer in R15, the chain allowance in R13
+/// (instructions the dispatch may still retire) and the
 /// instructions retired in R14, loads the eight guest GPRs into host
 /// registers and the guest arithmetic flags into RFLAGS, runs the body,
 /// and on every exit stores flags, GPRs and the next EIP back. It returns
-/// the instructions retired (| [`SLOW_PATH`]) and what is left of the chain
-/// budget. An exit to a known EIP in the same page may jump straight to
-/// the body of that TU's CCF while the chain budget lasts (chaining).
+/// the instructions retired with the exit's marks and the chain counts
+/// (see [`RETIRED_MASK`]) and what is left of the allowance. An exit to a
+/// known EIP in the same page may jump straight to the body of that TU's
+/// CCF while the allowance covers another TU (chaining).
 ///
 /// On BMI2 hosts, memory instructions with the same base and index share
 /// one TLB probe ([`share`]), except groups headed at an EIP for which
@@ -1469,12 +1471,12 @@ pub fn compile_with(
                     }
                     MemOp::CallInd { .. } | MemOp::JmpMem => {
                         a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
-                        emit_indirect_exit(&mut a, ib, tlb, tail)?;
+                        emit_indirect_exit(&mut a, ib, tlb, tail, p.insns)?;
                         ended = true;
                     }
                     MemOp::Ret(_) => {
                         a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
-                        emit_indirect_exit(&mut a, ib, tlb, tail)?;
+                        emit_indirect_exit(&mut a, ib, tlb, tail, p.insns)?;
                         ended = true;
                     }
                     _ => {}
@@ -1538,7 +1540,7 @@ pub fn compile_with(
             Item::JmpReg(r) => {
                 a.add_instruction(Instruction::with2(Code::Mov_r32_rm32, Register::R11D, r)?)?;
                 a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
-                emit_indirect_exit(&mut a, ib, tlb, tail)?;
+                emit_indirect_exit(&mut a, ib, tlb, tail, p.insns)?;
                 ended = true;
             }
             Item::Jcc(cc, t, f) => {
@@ -1570,7 +1572,7 @@ pub fn compile_with(
         a.mov(qword_ptr(r10), r9)?;
         a.mov(qword_ptr(r10 + 8), info as i32)?;
         a.lea(r14, qword_ptr(r14 + before as i32))?;
-        emit_store_exit(&mut a, Some(eip), Some(32), tail)?;
+        emit_store_exit(&mut a, Some(eip), Some(SLOW_BIT), tail)?;
     }
     a.set_label(&mut consts.tail)?;
     match runtime {
@@ -1640,33 +1642,71 @@ impl Exits {
     /// table (which checks that the TLB still maps the target's page to
     /// the physical page its CCF was translated from) or the dispatcher.
     fn exit(&mut self, a: &mut CodeAssembler, eip: u32) -> Result<(), IcedError> {
-        a.lea(r14, qword_ptr(r14 + self.n as i32))?;
         let same = (self.cs_lo + eip) >> 12 == self.page;
         if !same && self.ib.is_some() {
+            a.lea(r14, qword_ptr(r14 + self.n as i32))?;
             a.mov(r11d, eip)?;
-            return emit_indirect_exit(a, self.ib.as_ref(), &self.tlb, self.tail);
+            return emit_indirect_exit(a, self.ib.as_ref(), &self.tlb, self.tail, self.n);
         }
         if same {
-            // Flag-neutral budget check: LEA and XCHG change no flags,
-            // JRCXZ reads none.
-            let mut no = a.create_label();
+            // Counted as a chain; the stub (an unpatched site, or no
+            // allowance left) takes the count back.
             let mut site = a.create_label();
             let mut stub = a.create_label();
-            // (MOVs through R12, free at exits, instead of two XCHGs:
-            // three uops each.)
-            a.lea(r13, qword_ptr(r13 - 1))?;
-            a.mov(r12, rcx)?;
-            a.mov(rcx, r13)?;
-            a.jrcxz(no)?;
-            a.mov(rcx, r12)?;
+            a.lea(r14, qword_ptr(r14 + (self.n as i32 + CHAIN_ONE as i32)))?;
+            let out = emit_allowance_check(a, self.n, self.tlb.bmi2)?;
             a.set_label(&mut site)?;
             a.jmp(stub)?;
-            a.set_label(&mut no)?;
-            a.mov(rcx, r12)?;
+            emit_allowance_out(a, out, self.tlb.bmi2)?;
             a.set_label(&mut stub)?;
+            a.lea(r14, qword_ptr(r14 - CHAIN_ONE as i32))?;
             self.sites.push((site, eip));
+        } else {
+            a.lea(r14, qword_ptr(r14 + self.n as i32))?;
         }
         emit_store_exit(a, Some(eip), None, self.tail)
+    }
+}
+
+/// The chain allowance (R13: instructions this dispatch may still retire)
+/// after a TU that retired `n`: subtracts `n` and falls through when at
+/// least [`MAX_TU`] are left (the next TU may run), guest flags and RCX
+/// unchanged; else jumps to the returned label, which the caller places
+/// with [`emit_allowance_out`] on its way out. R9 and R12 clobbered. (The
+/// common case falls through: a taken branch per chained transfer cost
+/// Debian's shell loop 8 %.)
+fn emit_allowance_check(a: &mut CodeAssembler, n: u32, bmi2: bool) -> Result<CodeLabel, IcedError> {
+    const _: () = assert!(MAX_TU == 1 << 6);
+    let out = a.create_label();
+    a.lea(r13, qword_ptr(r13 - n as i32))?;
+    if bmi2 {
+        // SHRX (no flags): zero when fewer than 64 are left; JRCXZ reads
+        // no flags.
+        a.mov(r12, rcx)?;
+        a.mov(r9d, 6)?;
+        a.shrx(rcx, r13, r9)?;
+        a.jrcxz(out)?;
+        a.mov(rcx, r12)?;
+    } else {
+        a.pushfq()?;
+        a.cmp(r13, MAX_TU as i32)?;
+        a.jb(out)?;
+        a.popfq()?;
+    }
+    Ok(out)
+}
+
+/// Where [`emit_allowance_check`] jumps: guest RCX or flags back.
+fn emit_allowance_out(
+    a: &mut CodeAssembler,
+    mut out: CodeLabel,
+    bmi2: bool,
+) -> Result<(), IcedError> {
+    a.set_label(&mut out)?;
+    if bmi2 {
+        a.mov(rcx, r12)
+    } else {
+        a.popfq()
     }
 }
 
@@ -1678,9 +1718,28 @@ pub fn patch(site_rw: &mut [u8; 4], site_rx: u64, target_rx: u64) {
     *site_rw = (rel as i32).to_le_bytes();
 }
 
+/// A CCF's return value (R14, returned in RAX) holds the instructions
+/// retired in bits 0–19 (a dispatch retires at most [`ALLOWANCE_MAX`] +
+/// [`MAX_TU`]), [`SLOW_PATH`] (bit 20), [`IB_EXIT`] (bit 21), the chained
+/// transfers in bits 22–41 ([`CHAIN_ONE`] each) and the indirect-branch
+/// table hits in bits 42 and up ([`IB_HIT`]).
+pub const RETIRED_MASK: u64 = (1 << 20) - 1;
+
+/// Most instructions one dispatch lets CCFs retire through chaining (the
+/// chain allowance passed in R13 is the dispatcher's budget, at most this).
+pub const ALLOWANCE_MAX: u64 = 1 << 18;
+
+/// One chained transfer in a CCF's return value.
+pub const CHAIN_ONE: u64 = 1 << 22;
+
+/// The chained transfers' bits of a CCF's return value.
+pub const CHAIN_MASK: u64 = ((1 << 20) - 1) << 22;
+
+const SLOW_BIT: u32 = 20;
+
 /// Bit of a CCF's return value: the instruction at the returned EIP must
 /// run on the interpreter (an inline TLB probe missed).
-pub const SLOW_PATH: u64 = 1 << 32;
+pub const SLOW_PATH: u64 = 1 << SLOW_BIT;
 
 /// In the second word of `Probe::exit_info`: the probe that missed was a
 /// shared one ([`share`]); the span's size is in bits 16 and up (else the
@@ -1837,6 +1896,14 @@ fn emit_shared(
         }
     };
     if off != 0 {
+        if m.op == MemOp::Insn && m.via.is_none() {
+            // The offset in the instruction's own displacement ([r11 + off]:
+            // the encoder picks disp8 or disp32): one instruction fewer.
+            let mut ins = m.ins;
+            ins.set_memory_displacement64(off as i64 as u64);
+            ins.set_memory_displ_size(1);
+            return a.add_instruction(ins);
+        }
         a.lea(r11, qword_ptr(r11 + off))?;
     }
     emit_access(a, m, t, consts.tail)
@@ -1983,7 +2050,7 @@ fn emit_div(
     a.mov(qword_ptr(r10), r9)?;
     a.mov(qword_ptr(r10 + 8), 4)?;
     a.lea(r14, qword_ptr(r14 + before as i32))?;
-    emit_store_exit(a, Some(eip), Some(32), tail)?;
+    emit_store_exit(a, Some(eip), Some(SLOW_BIT), tail)?;
     a.set_label(&mut done)
 }
 
@@ -2213,14 +2280,15 @@ pub const IB_SLOTS: usize = 1 << 16;
 /// tag, expected host page, CCF body, [`IB_HIT`], the key + the fetch-entry
 /// generation at which the TLB checks last passed, padding.
 pub const IB_RECORD: usize = 64;
-/// What a CCF adds to its retired count (R14, returned in RAX) for each
-/// indirect-branch table hit: hits are counted in bits 40 and up (a
-/// dispatch retires fewer than 2^32 instructions; bits 32 and 33 are
-/// [`SLOW_PATH`] and [`IB_EXIT`]).
-pub const IB_HIT: u64 = 1 << 40;
+/// What a CCF adds to its return value (R14, see [`RETIRED_MASK`]) for
+/// each indirect-branch table hit: a hit and a chained transfer.
+pub const IB_HIT: u64 = 1 << IB_HIT_SHIFT | CHAIN_ONE;
+
+/// Where the indirect-branch table hits start in a CCF's return value.
+pub const IB_HIT_SHIFT: u32 = 42;
 
 /// An indirect transfer's exit, EIP in R11 (zero-extended): while the
-/// chain budget lasts, look the target up in the indirect-branch table and
+/// chain allowance lasts, look the target up in the indirect-branch table and
 /// jump to its CCF's body when the record is for this EIP and context and
 /// the CPU's TLB still maps the target's page, readable, to the same
 /// physical page the TU was translated from (what the dispatcher's
@@ -2237,20 +2305,18 @@ fn emit_indirect_exit(
     ib: Option<&IbTable>,
     tlb: &Probe,
     tail: CodeLabel,
+    n: u32,
 ) -> Result<(), IcedError> {
     let Some(ib) = ib else {
         return emit_store_exit(a, None, Some(IB_EXIT_BIT), tail);
     };
-    let mut nob = a.create_label();
     let mut exit = a.create_label();
     let mut miss = a.create_label();
     let mut miss2 = a.create_label();
     let mut hit = a.create_label();
+    let out = emit_allowance_check(a, n, tlb.bmi2)?;
     // Guest RCX waits in R12 from here.
-    a.lea(r13, qword_ptr(r13 - 1))?;
     a.mov(r12, rcx)?;
-    a.mov(rcx, r13)?;
-    a.jrcxz(nob)?;
     a.movzx(r10d, r11w)?;
     a.lea(r10, qword_ptr(r10 * 8))?;
     a.mov(r9, ib.base)?;
@@ -2276,8 +2342,7 @@ fn emit_indirect_exit(
     a.mov(rcx, r12)?;
     a.jmp(qword_ptr(r10 + 32))?;
     // (Within JRCXZ's reach.)
-    a.set_label(&mut nob)?;
-    a.mov(rcx, r12)?;
+    emit_allowance_out(a, out, tlb.bmi2)?;
     a.jmp(exit)?;
     // The slow checks: the key …
     a.set_label(&mut slow)?;
@@ -2320,7 +2385,6 @@ fn emit_indirect_exit(
     a.mov(r11d, dword_ptr(r10))?;
     a.set_label(&mut miss)?;
     a.mov(rcx, r12)?;
-    a.lea(r13, qword_ptr(r13 + 1))?;
     a.set_label(&mut exit)?;
     emit_store_exit(a, None, Some(IB_EXIT_BIT), tail)
 }
@@ -2344,7 +2408,8 @@ fn emit_interp1(
     a.mov(rdi, t.interp1_ctx)?;
     a.mov(esi, next)?;
     a.mov(edx, r14d)?;
-    a.add(rdx, before as i32)?;
+    a.and(edx, RETIRED_MASK as u32)?;
+    a.add(edx, before)?;
     a.mov(rax, t.interp1_fn)?;
     a.call(rax)?;
     a.add(rsp, 136)?;
@@ -2378,9 +2443,9 @@ fn mem(off: i32) -> iced_x86::MemoryOperand {
 }
 
 /// Bit of a CCF's return value: it left at an indirect transfer (RET) whose
-/// target the inline lookup did not find (or the chain budget ran out).
+/// target the inline lookup did not find (or the chain allowance ran out).
 pub const IB_EXIT: u64 = 1 << IB_EXIT_BIT;
-const IB_EXIT_BIT: u32 = 33;
+const IB_EXIT_BIT: u32 = 21;
 
 /// Leaves the CCF for `eip` (or R11 when `None`): stores EIP, sets bit
 /// `mark` (e.g. [`SLOW_PATH`]) of the retired count and jumps to the

@@ -770,7 +770,7 @@ fn compare(
     for _ in 0..2_000 {
         let before = bt.cpu().icount;
         let runs = bt.stats.ccf_runs;
-        let exit_b = bt.step(&mut bus_b, 100_000);
+        let exit_b = bt.step(&mut bus_b, 10_000);
         let n = bt.cpu().icount - before;
         t.dispatches += 1;
         t.ccf_runs += bt.stats.ccf_runs - runs;
@@ -962,6 +962,20 @@ fn chained_loops_stop_exactly_at_the_budget() {
     bt.set_hot_after(1);
     lockstep(&mut bt, &mut cpu_i, 99, 400);
     assert!(bt.stats.chains > 100, "{:?}", bt.stats);
+    // One budget for the whole loop (≈ 4,700 instructions in 1,400 TUs):
+    // the chain allowance counts instructions, so the loop chains through
+    // in a few dispatches (a budget of TUs assuming 64 instructions each
+    // made the dispatches shrink geometrically: dozens).
+    let (cpu_b, _) = machine(&code, 0, &mut Rng(3));
+    let (mut cpu_i, _) = machine(&code, 0, &mut Rng(3));
+    let mut bt = BtCore::new(cpu_b).unwrap();
+    bt.set_hot_after(1);
+    let budget = 5_000;
+    assert_eq!(bt.run(&mut Quiet, budget), cpu_i.run(&mut Quiet, budget));
+    assert_eq!(bt.cpu().icount, cpu_i.icount);
+    assert_eq!(bt.cpu().state(), cpu_i.state());
+    assert!(bt.stats.lookups < 12, "{:?}", bt.stats);
+    assert!(bt.stats.chains > 1000, "{:?}", bt.stats);
 }
 
 /// A loop calling a function: its RET finds the caller's CCF in the
