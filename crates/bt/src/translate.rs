@@ -1356,8 +1356,7 @@ pub struct Runtime {
 /// Compiles the shared entry and exit tail for address `ip`: CCFs
 /// compiled against it ([`compile_with`] with `Some(runtime)`) have neither
 /// a prologue nor a tail of their own (half of a small TU's code, and of
-/// the time the block encoder spends on it). Returns the code and the
-/// tail's offset.
+/// the time spent encoding it). Returns the code and the tail's offset.
 pub fn compile_runtime(ip: u64, bmi2: bool) -> Result<(Vec<u8>, u64), IcedError> {
     let mut a = CodeAssembler::new(64)?;
     a.set_prefer_short_branch(false);
@@ -1366,15 +1365,59 @@ pub fn compile_runtime(ip: u64, bmi2: bool) -> Result<(Vec<u8>, u64), IcedError>
     a.mov(r11, rdx)?;
     emit_prologue(&mut a, bmi2)?;
     a.jmp(r11)?;
-    let mut tail = a.create_label();
-    a.set_label(&mut tail)?;
+    let tail = a.instructions().len();
     emit_exit_tail(&mut a)?;
-    let r = a.assemble_options(
-        ip,
-        iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
-    )?;
-    let t = r.label_ip(&tail)? - ip;
-    Ok((r.inner.code_buffer, t))
+    let (code, offsets) = encode_block(a.instructions(), ip)?;
+    Ok((code, offsets[tail] as u64))
+}
+
+/// Encodes the instructions of a `CodeAssembler` at `ip` as they are
+/// (branch forms are not changed: near branches are rel32, JRCXZ rel8),
+/// resolving its labels — an instruction's IP is its label's id, and a
+/// branch or RIP-relative target equal to a label id means that label;
+/// any other target is an absolute address. Returns the code and each
+/// instruction's offset. Two passes of iced's `Encoder`: sizes, then the
+/// bytes. (iced's block encoder, which allocates per instruction and can
+/// resize branches, took ~60 % of the time spent translating.)
+fn encode_block(instrs: &[Instruction], ip: u64) -> Result<(Vec<u8>, Vec<u32>), IcedError> {
+    let mut enc = Encoder::try_with_capacity(64, instrs.len() * 8)?;
+    let mut offsets = Vec::with_capacity(instrs.len() + 1);
+    let mut labels: Vec<(u64, u64)> = Vec::new();
+    let retarget = |ins: &Instruction, to: &dyn Fn(u64) -> u64| -> Instruction {
+        let mut t = *ins;
+        for i in 0..t.op_count() {
+            if t.op_kind(i) == OpKind::NearBranch64 {
+                t.set_near_branch64(to(t.near_branch64()));
+            }
+        }
+        if t.is_ip_rel_memory_operand() {
+            t.set_memory_displacement64(to(t.memory_displacement64()));
+        }
+        t
+    };
+    // Sizes (every branch form has a fixed size): aim each target at the
+    // instruction itself, in reach of any form.
+    let mut at = ip;
+    for ins in instrs {
+        if ins.ip() != 0 {
+            labels.push((ins.ip(), at));
+        }
+        offsets.push((at - ip) as u32);
+        at += enc.encode(&retarget(ins, &|_| at), at)? as u64;
+    }
+    offsets.push((at - ip) as u32);
+    labels.sort_unstable();
+    let resolve = |t: u64| match labels.binary_search_by_key(&t, |&(id, _)| id) {
+        Ok(k) => labels[k].1,
+        Err(_) => t,
+    };
+    enc.set_buffer(Vec::with_capacity((at - ip) as usize));
+    let mut at = ip;
+    for (k, ins) in instrs.iter().enumerate() {
+        debug_assert_eq!(at - ip, offsets[k] as u64);
+        at += enc.encode(&retarget(ins, &resolve), at)? as u64;
+    }
+    Ok((enc.take_buffer(), offsets))
 }
 
 /// Compiles a plan into host code for address `ip` (see [`compile_with`]:
@@ -1420,8 +1463,7 @@ pub fn compile_with(
     if runtime.is_none() {
         emit_prologue(&mut a, tlb.bmi2)?;
     }
-    let mut body = a.create_label();
-    a.set_label(&mut body)?;
+    let body = a.instructions().len();
     let mut consts = Consts {
         idx: a.create_label(),
         page: a.create_label(),
@@ -1590,18 +1632,13 @@ pub fn compile_with(
         a.set_label(&mut consts.bit16)?;
         a.dq(&[1 << 16])?;
     }
-    let r = a.assemble_options(
-        ip,
-        iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS
-            | iced_x86::BlockEncoderOptions::DONT_FIX_BRANCHES,
-    )?;
-    let body = r.label_ip(&body)? - ip;
+    let (code, offsets) = encode_block(a.instructions(), ip)?;
+    let body = offsets[body] as u64;
     let mut sites = Vec::new();
-    for (l, t) in ex.sites {
+    for (k, t) in ex.sites {
         // The displacement follows the E9 opcode.
-        sites.push((r.label_ip(&l)? - ip + 1, t));
+        sites.push((offsets[k] as u64 + 1, t));
     }
-    let code = r.inner.code_buffer;
     for &(off, _) in &sites {
         assert_eq!(code[off as usize - 1], 0xe9, "chain site is a jmp rel32");
     }
@@ -1626,8 +1663,8 @@ struct Exits {
     page: u32,
     /// Instructions of the TU.
     n: u32,
-    /// Chain sites: label on the `jmp rel32`, target EIP.
-    sites: Vec<(CodeLabel, u32)>,
+    /// Chain sites: index of the `jmp rel32` instruction, target EIP.
+    sites: Vec<(usize, u32)>,
     /// The indirect-branch table (exits to other pages go through it).
     ib: Option<IbTable>,
     /// The TLB layout (for the indirect-branch table's checks).
@@ -1651,11 +1688,10 @@ impl Exits {
         if same {
             // Counted as a chain; the stub (an unpatched site, or no
             // allowance left) takes the count back.
-            let mut site = a.create_label();
             let mut stub = a.create_label();
             a.lea(r14, qword_ptr(r14 + (self.n as i32 + CHAIN_ONE as i32)))?;
             let out = emit_allowance_check(a, self.n, self.tlb.bmi2)?;
-            a.set_label(&mut site)?;
+            let site = a.instructions().len();
             a.jmp(stub)?;
             emit_allowance_out(a, out, self.tlb.bmi2)?;
             a.set_label(&mut stub)?;
@@ -2451,7 +2487,7 @@ const IB_EXIT_BIT: u32 = 21;
 /// `mark` (e.g. [`SLOW_PATH`]) of the retired count and jumps to the
 /// CCF's exit tail ([`emit_exit_tail`], shared by all its exits: a CCF
 /// has one per memory access, and the copies made up most of its code and
-/// of the time the block encoder spends on it). Flag-free.
+/// of the time spent encoding it). Flag-free.
 fn emit_store_exit(
     a: &mut CodeAssembler,
     eip: Option<u32>,
