@@ -270,6 +270,8 @@ pub struct BtCore {
     /// Direct-mapped front of `map`: most dispatches end here.
     fast: Box<[Option<(Key, Entry)>]>,
     page_keys: HashMap<u64, Vec<Key>>,
+    /// The instructions' EIPs of TUs that are traces (for `dump_ccf`).
+    traces: HashMap<Key, Vec<u32>>,
     /// Chain sites (RX addresses of `jmp rel32` displacements) waiting for
     /// the CCF of a key.
     pending: HashMap<Key, Vec<u64>>,
@@ -341,6 +343,7 @@ impl BtCore {
                 .unwrap_or(HOT_AFTER),
             fast: vec![None; FAST].into_boxed_slice(),
             page_keys: HashMap::new(),
+            traces: HashMap::new(),
             pending: HashMap::new(),
             misses: HashMap::new(),
             forced: HashMap::new(),
@@ -825,8 +828,11 @@ impl BtCore {
         if page_end > self.cpu.ram().size() {
             return None; // code outside RAM (MMIO): interpret
         }
-        let mut code = vec![0u8; (page_end - phys) as usize];
-        self.cpu.ram().read(phys, &mut code).ok()?;
+        // 32-bit code: the whole page (a trace may jump back in it), the TU
+        // at `start`; 16-bit code from EIP on.
+        let start = if code16 { 0 } else { (phys & 0xfff) as usize };
+        let mut code = vec![0u8; (page_end - phys) as usize + start];
+        self.cpu.ram().read(phys - start as u64, &mut code).ok()?;
         if !code16 {
             // The first bytes of the next page, when mapped, for an
             // instruction straddling the page end (`translate::plan` has
@@ -870,7 +876,7 @@ impl BtCore {
             .copied()
             .collect();
         let nogroup = |e: u32| ng.contains(&(phys + e.wrapping_sub(eip) as u64));
-        let entry = match translate::plan(&code, eip, ctx, &forced) {
+        let entry = match translate::plan_at(&code, start, eip, ctx, &forced) {
             Translation::Interp {
                 run,
                 callouts,
@@ -975,6 +981,9 @@ impl BtCore {
                         self.link(site, body);
                     }
                 }
+                if plan.traced {
+                    self.traces.insert(key, plan.eips.clone());
+                }
                 self.stats.static_ident += plan.ident as u64;
                 self.stats.static_callout += plan.callouts as u64;
                 self.stats.static_inline += plan.inline as u64;
@@ -1018,6 +1027,7 @@ impl BtCore {
 
     /// Forgets one translation (only with its whole page: see `drop_page`).
     fn drop_key(&mut self, k: Key) {
+        self.traces.remove(&k);
         if let Some(Entry::Ccf { body, .. }) = self.map.remove(&k) {
             let r = &mut self.ib[k.1 as usize & (translate::IB_SLOTS - 1)];
             if r[4] == body as u64 {
@@ -1053,6 +1063,7 @@ impl BtCore {
         self.nogroup.clear();
         self.fast.iter_mut().for_each(|e| *e = None);
         self.page_keys.clear();
+        self.traces.clear();
         self.ib.iter_mut().for_each(|r| *r = [0; 8]);
         self.cache.reset();
         self.push_runtime();
@@ -1087,13 +1098,14 @@ impl BtCore {
                 .find(|(k, e)| k.1 as u64 == addr && is_ccf(e))?;
             k.0
         };
-        let (insns, guest_len, bits, eip) = self.map.iter().find_map(|(k, e)| match *e {
+        let (insns, guest_len, bits, key) = self.map.iter().find_map(|(k, e)| match *e {
             Entry::Ccf { insns, .. } if k.0 == phys => {
                 let bits = if k.2 & 0x20 != 0 { 16 } else { 32 };
-                Some((insns, 15 * insns as usize, bits, k.1))
+                Some((insns, 15 * insns as usize, bits, *k))
             }
             _ => None,
         })?;
+        let eip = key.1;
         let (addr, host) = self.ccf_at(phys)?;
         let mut out = String::new();
         let mut fmt = IntelFormatter::new();
@@ -1104,13 +1116,26 @@ impl BtCore {
             out,
             "TU at guest-physical {phys:#x} (EIP {eip:#x}, {bits}-bit code): {insns} guest instructions"
         );
-        let mut dec = Decoder::with_ip(bits, &guest, phys, DecoderOptions::NONE);
-        let mut insn = Instruction::default();
-        for _ in 0..insns {
-            if !dec.can_decode() {
-                break;
+        // Guest-physical addresses of the instructions: consecutive, or
+        // where a trace went.
+        let places: Vec<u64> = match self.traces.get(&key) {
+            Some(eips) => eips
+                .iter()
+                .map(|&e| (phys & !0xfff) | (e & 0xfff) as u64)
+                .collect(),
+            None => {
+                let mut dec = Decoder::with_ip(bits, &guest, phys, DecoderOptions::NONE);
+                (0..insns)
+                    .map_while(|_| dec.can_decode().then(|| dec.decode().ip()))
+                    .collect()
             }
-            dec.decode_out(&mut insn);
+        };
+        let mut insn = Instruction::default();
+        for at in places {
+            let mut bytes = [0u8; 15];
+            let n = 15.min(0x1000 - (at as usize & 0xfff));
+            self.cpu.ram().read(at, &mut bytes[..n]).ok()?;
+            Decoder::with_ip(bits, &bytes[..n], at, DecoderOptions::NONE).decode_out(&mut insn);
             text.clear();
             fmt.format(&insn, &mut text);
             let _ = writeln!(out, "  {:08x}  {text}", insn.ip());

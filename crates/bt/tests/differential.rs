@@ -993,6 +993,8 @@ fn returns_through_the_indirect_branch_table_stop_exactly() {
     a.dec(ecx).unwrap();
     a.jne(top).unwrap();
     a.jmp(done).unwrap();
+    // In the next page: the caller's TU does not go into it.
+    a.db(&[0xcc; 0x1000]).unwrap();
     a.set_label(&mut f).unwrap();
     a.add(eax, dword_ptr(ecx * 4 + DATA as i32 - 0x800))
         .unwrap();
@@ -1013,6 +1015,47 @@ fn returns_through_the_indirect_branch_table_stop_exactly() {
         .unwrap()
         .1;
     assert!(hits > 100, "{:?}", bt.stats);
+}
+
+/// A trace: the loop's TU goes into the leaf function it calls (same page)
+/// and, at its RET, on after the CALL; every 8th call the function returns
+/// elsewhere (it bumps its return address past the INC), which leaves the
+/// TU through the indirect-branch table. Exact at random budgets; the
+/// loop runs in one TU per iteration.
+#[test]
+fn traces_go_into_calls_in_the_same_page() {
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut top = a.create_label();
+    let mut f = a.create_label();
+    a.mov(ecx, 700).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.call(f).unwrap();
+    a.inc(ebx).unwrap(); // skipped when f returns elsewhere
+    a.dec(ecx).unwrap();
+    a.jne(top).unwrap();
+    a.hlt().unwrap();
+    a.set_label(&mut f).unwrap();
+    a.add(eax, dword_ptr(ecx * 4 + DATA as i32 - 0x800))
+        .unwrap();
+    // Past the 1-byte INC EBX when ECX % 8 == 0 (no branch: the TU
+    // would end at a Jcc).
+    a.mov(edx, ecx).unwrap();
+    a.and(edx, 7).unwrap();
+    a.sete(dl).unwrap();
+    a.add(dword_ptr(esp), edx).unwrap();
+    a.cmp(eax, ebx).unwrap(); // flags live across the RET
+    a.ret().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    for cpl in [0, 3] {
+        let (cpu_b, _) = machine(&code, cpl, &mut Rng(6));
+        let (mut cpu_i, _) = machine(&code, cpl, &mut Rng(6));
+        let mut bt = BtCore::new(cpu_b).unwrap();
+        bt.set_hot_after(1);
+        lockstep(&mut bt, &mut cpu_i, 78 + cpl as u64, 900);
+        assert!(bt.stats.ib_exits + bt.stats.ib_hits > 50, "{:?}", bt.stats);
+        // (The call-plain-return path needs no indirect-branch lookup.)
+        assert!(bt.stats.ib_hits + bt.stats.ib_exits < 200, "{:?}", bt.stats);
+    }
 }
 
 /// A memory operand with 16-bit addressing (`[bx+si+disp]` and the

@@ -86,7 +86,9 @@ fn eligible(m: &MemInsn) -> bool {
         | MemOp::PushImm(_)
         | MemOp::Pop(_)
         | MemOp::Call { .. }
-        | MemOp::Ret(_) => m.base == Register::R8D,
+        | MemOp::CallIn { .. }
+        | MemOp::Ret(_)
+        | MemOp::RetIn { .. } => m.base == Register::R8D,
         _ => false,
     };
     op_ok
@@ -129,7 +131,9 @@ fn written(item: &Item, info: &mut InstructionInfoFactory) -> Option<Vec<Registe
                 | MemOp::PushImm(_)
                 | MemOp::PushScratch
                 | MemOp::Ret(_)
+                | MemOp::RetIn { .. }
                 | MemOp::Call { .. }
+                | MemOp::CallIn { .. }
                 | MemOp::CallInd { .. } => vec![Register::R8],
                 #[allow(unreachable_patterns)]
                 _ => return None,
@@ -159,9 +163,10 @@ fn esp_step(item: &Item) -> Option<i64> {
             | MemOp::PushImm(_)
             | MemOp::PushScratch
             | MemOp::Call { .. }
+            | MemOp::CallIn { .. }
             | MemOp::CallInd { .. } => Some(-4),
             MemOp::Pop(_) => Some(4),
-            MemOp::Ret(imm) => Some(4 + imm as i64),
+            MemOp::Ret(imm) | MemOp::RetIn { imm, .. } => Some(4 + imm as i64),
             _ => None,
         },
         Item::Ident(i) if i.op0_kind() == OpKind::Register && i.op0_register() == Register::R8D => {
