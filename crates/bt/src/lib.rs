@@ -285,6 +285,8 @@ pub struct BtCore {
     /// (With the instruction count from which they may share again, at
     /// their page's next translation.)
     nogroup: HashMap<u64, u64>,
+    /// How often each head was unshared (the retry delay doubles).
+    nogroup_times: HashMap<u64, u32>,
     /// How often each site was made a call-out (the retry delay doubles).
     forced_times: HashMap<u64, u32>,
     /// When `forced` is next swept for sites to retry (instruction count).
@@ -349,6 +351,7 @@ impl BtCore {
             forced: HashMap::new(),
             forced_times: HashMap::new(),
             nogroup: HashMap::new(),
+            nogroup_times: HashMap::new(),
             next_retry: ADAPT_RETRY,
             ib: vec![[0u64; 8]; translate::IB_SLOTS],
             ib_gen_epoch: 0,
@@ -665,9 +668,24 @@ impl BtCore {
                     // by one. (Unsharing at the first miss dropped pages
                     // thousands of times in a Debian boot.)
                     let (lin, size) = (info[0], info[1] >> 16);
-                    if lin >> 32 != 0 || (lin & 0xfff) + size > 0x1000 || *count >= ADAPT_MISSES {
+                    let crosses = lin >> 32 != 0 || (lin & 0xfff) + size > 0x1000;
+                    if crosses || *count >= ADAPT_MISSES {
                         self.misses.remove(&at);
-                        self.nogroup.insert(at, now + ADAPT_RETRY);
+                        // A span that crossed a page stays unshared: where
+                        // a frame lies depends on the stack's alignment
+                        // (ASLR) and the call depth, which repeat; sharing
+                        // again after a delay made some runs drop and
+                        // retranslate pages thousands of times (the
+                        // benchmark's shell loop 16.5 → 21–24 s). Other
+                        // misses retry after a delay that doubles.
+                        let until = if crosses {
+                            u64::MAX
+                        } else {
+                            let times = self.nogroup_times.entry(at).or_insert(0);
+                            *times += 1;
+                            now + (ADAPT_RETRY << (*times - 1).min(10))
+                        };
+                        self.nogroup.insert(at, until);
                         self.stats.unshared += 1;
                         self.drop_page(at >> 12);
                     }
