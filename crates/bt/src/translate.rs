@@ -1076,15 +1076,7 @@ fn is_addr16(ins: &Instruction) -> bool {
 
 /// `CpuState` offset of segment register `r`'s base.
 fn seg_base_off(r: Register) -> Option<i32> {
-    let i = match r {
-        Register::ES => 0,
-        Register::CS => 1,
-        Register::SS => 2,
-        Register::DS => 3,
-        Register::FS => 4,
-        Register::GS => 5,
-        _ => return None,
-    };
+    let i = popek_cpu::decode::sreg(r)? as i32;
     Some(OFF_SEG_BASE + i * SEG_SIZE)
 }
 
@@ -2745,13 +2737,7 @@ mod tests {
             cs_lo: 0,
             interp1: false,
         };
-        match plan(code, 0x1000, ctx, &|_| false) {
-            Translation::Tu(p) => {
-                compile(&p, 0x10_0000, &probe(), 1, None).unwrap();
-                p.insns as usize
-            }
-            Translation::Interp { .. } => 0,
-        }
+        plan_ctx(code, ctx).map_or(0, |p| p.insns as usize)
     }
 
     fn plan_ctx(code: &[u8], ctx: Ctx) -> Option<Plan> {
