@@ -25,6 +25,10 @@ while [ $# -gt 0 ]; do
 done
 mkdir -p "$out"
 cd "$out"
+# One fetch at a time: test binaries and users may run this concurrently,
+# and concurrent dpkg/apt-get runs collide on their locks.
+exec 9>"$out/.lock"
+flock 9
 
 fetch() {
   if ! dpkg --print-foreign-architectures | grep -qx i386; then
@@ -59,7 +63,8 @@ fi
 if [ ! -f "$initrd" ]; then
   popek="${POPEK_BIN:-$root_dir/target/release/popek}"
   [ -x "$popek" ] || (cd "$root_dir" && cargo build --release -q >&2)
-  "$popek" initramfs --busybox root/bin/busybox ${init:+--init "$init"} -o "$initrd" >&2
+  "$popek" initramfs --busybox root/bin/busybox ${init:+--init "$init"} -o "$initrd.tmp" >&2
+  mv "$initrd.tmp" "$initrd"
 fi
 echo "$out/$kernel"
 echo "$initrd"

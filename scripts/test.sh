@@ -37,7 +37,9 @@ fi
 # The test profile is optimized (Cargo.toml [profile.test]), so guest-booting
 # tests run at speed. By default: every test, showing what passing tests
 # print (the differential and fuzz counts, the Debian boot times).
+# Every test binary runs even after one fails (--no-fail-fast), so that
+# one run reports every failure.
 if [ $# -eq 0 ]; then
-  set -- --workspace -- --show-output
+  set -- --workspace --no-fail-fast -- --show-output
 fi
 exec cargo test "$@"

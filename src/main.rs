@@ -305,6 +305,14 @@ enum TraceArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum VendorArg {
+    /// Intel processors' behaviour; CPUID says GenuineIntel.
+    Intel,
+    /// AMD processors' behaviour; CPUID says AuthenticAMD.
+    Amd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum ClockArg {
     /// Timers follow the host clock (a guest `sleep 1` takes one second).
     Host,
@@ -355,6 +363,11 @@ struct RunArgs {
     /// Machine clock.
     #[arg(long, value_enum, default_value = "host")]
     clock: ClockArg,
+    /// CPU vendor profile: what CPUID reports and how the results the
+    /// manuals leave undefined come out, identical on every engine
+    /// (default: the host's vendor; `hw` runs only the host's).
+    #[arg(long, value_enum, value_name = "VENDOR")]
+    cpu_vendor: Option<VendorArg>,
     /// Print engine statistics when the guest ends.
     #[arg(long)]
     stats: bool,
@@ -403,6 +416,7 @@ fn default_run() -> RunArgs {
         format: FormatArg::Auto,
         load_addr: 0x7c00,
         clock: ClockArg::Host,
+        cpu_vendor: None,
         stats: false,
         trace: None,
         dump_ccf: None,
@@ -450,6 +464,10 @@ fn make_vm(a: &RunArgs, console: Box<dyn Write + Send>) -> Result<Vm, u8> {
             ClockArg::Host => ClockMode::Host,
             ClockArg::Virtual => ClockMode::Virtual,
         },
+        vendor: a.cpu_vendor.map(|v| match v {
+            VendorArg::Intel => popek_vmm::Vendor::Intel,
+            VendorArg::Amd => popek_vmm::Vendor::Amd,
+        }),
     };
     Vm::new(&cfg, console).map_err(|e| {
         eprintln!("popek: {e}");

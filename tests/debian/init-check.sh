@@ -6,6 +6,7 @@ mount -t sysfs sysfs /sys
 echo "POPEK-INIT-MARKER"
 echo "uname: $(uname -s -m)"
 grep -m1 'model name' /proc/cpuinfo
+grep -m1 'vendor_id' /proc/cpuinfo
 echo "proc entries: $(ls /proc | wc -l)"
 echo "dmesg lines: $(dmesg | wc -l)"
 echo "arith: $((6*7))"

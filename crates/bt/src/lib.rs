@@ -869,6 +869,8 @@ impl BtCore {
             code16,
             cs_lo,
             interp1: !code16,
+            foreign_vendor: self.cpu.vendor() != popek_cpu::Vendor::host(),
+            amd: self.cpu.vendor() == popek_cpu::Vendor::Amd,
         };
         let l = self.cpu.tlb_layout();
         let probe = translate::Probe {
@@ -881,6 +883,7 @@ impl BtCore {
             host: l.host as i32,
             exit_info: self.exit_info.as_ptr() as u64,
             bmi2: self.bmi2,
+            amd_div_flags: self.cpu.vendor() == popek_cpu::Vendor::Amd,
             interp1_fn: interp1 as *const () as u64,
             interp1_ctx: &*self.call as *const CallCtx as u64,
         };
@@ -1308,7 +1311,12 @@ impl Engine for Bt {
                 reason: "long mode is not implemented by the software CPU yet".into(),
             });
         }
+        // Translations follow the vendor profile (`Ctx::foreign_vendor`).
+        let vendor_changed = state.vendor != self.core.cpu.vendor();
         self.core.cpu.set_state(state);
+        if vendor_changed {
+            self.core.flush_all();
+        }
         Ok(())
     }
 

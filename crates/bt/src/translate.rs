@@ -202,10 +202,10 @@ enum MemOp {
     StoreTable(i32),
     /// A 16-bit field of `CpuState` (selector, CR0's low word) to memory.
     StoreSel(i32),
-    /// PUSH Sreg: the selector at this `CpuState` offset written as a
-    /// word into a slot of `-disp` bytes (Intel writes 16 bits of a
-    /// 32-bit slot).
-    PushSel(i32),
+    /// PUSH Sreg: the selector at this `CpuState` offset written into a
+    /// slot of `-disp` bytes, as a word (Intel writes 16 bits of a 32-bit
+    /// slot) or zero-extended to the whole slot (`wide`: AMD).
+    PushSel { off: i32, wide: bool },
 }
 
 /// A planned TU: what to emit, and the counts.
@@ -278,6 +278,13 @@ pub struct Ctx {
     /// String instructions, IN/OUT and RDTSC run on the interpreter from
     /// inside the CCF ([`Item::Interp1`]) instead of ending the TU.
     pub interp1: bool,
+    /// The CPU's vendor profile is not the host's: instructions whose
+    /// undefined results differ between vendors (`vendor_sensitive`) run on
+    /// the interpreter, which follows the profile, instead of natively.
+    pub foreign_vendor: bool,
+    /// The vendor profile is AMD: inline PUSH Sreg writes the selector
+    /// zero-extended to the whole 32-bit slot (Intel: 16 bits).
+    pub amd: bool,
 }
 
 /// Plans the TU for `code` (the guest bytes from `eip` to the end of its
@@ -357,7 +364,23 @@ pub fn plan_at(
         if forced(ins.ip32()) {
             break;
         }
-        let Some((mut item, mut class)) = classify(&ins, ctx) else {
+        // Under another vendor's profile, an instruction whose results
+        // differ between vendors runs on the interpreter, unless only
+        // flags differ and the next instructions overwrite them unseen.
+        let foreign = ctx.foreign_vendor
+            && vendor_difference(&ins).is_some_and(|mask| {
+                let at = dec.position();
+                mask == u32::MAX
+                    || ctx.code16
+                    || !flags_dead_after(
+                        &code[at..],
+                        ins.next_ip32(),
+                        mask,
+                        MAX_TU as u32 - p.insns - 1,
+                        page_end,
+                    )
+            });
+        let Some((mut item, mut class)) = classify(&ins, ctx, foreign) else {
             break;
         };
         if ins.next_ip() > page_end {
@@ -458,7 +481,10 @@ pub fn plan_at(
     let mut first = 0u32;
     while (run as usize) < MAX_CALLOUT_RUN && dec.can_decode() {
         let ins = dec.decode();
-        if run > 0 && (ins.is_invalid() || (classify(&ins, ctx).is_some() && !forced(ins.ip32()))) {
+        let foreign = ctx.foreign_vendor && vendor_difference(&ins).is_some();
+        if run > 0
+            && (ins.is_invalid() || (classify(&ins, ctx, foreign).is_some() && !forced(ins.ip32())))
+        {
             break;
         }
         if run == 0 {
@@ -511,13 +537,34 @@ const ARITH_BITS: u32 = iced_x86::RflagsBits::OF
 
 /// Instructions iced lists as writing all six arithmetic flags that may
 /// leave some alone: shifts and rotates (a masked count of 0 changes no
-/// flag) and BSF/BSR (flags the SDM leaves undefined, which the processor
-/// may keep).
+/// flag), and those whose flags the SDM leaves undefined, which a processor
+/// may keep: BSF/BSR, BT*, MUL/IMUL (AMD keeps SF/ZF/AF/PF), DIV/IDIV
+/// (Intel keeps all six, AMD CF and OF).
 fn may_keep_flags(m: Mnemonic) -> bool {
     use Mnemonic::*;
     matches!(
         m,
-        Shl | Sal | Shr | Sar | Rol | Ror | Rcl | Rcr | Shld | Shrd | Bsf | Bsr | Tzcnt | Lzcnt
+        Shl | Sal
+            | Shr
+            | Sar
+            | Rol
+            | Ror
+            | Rcl
+            | Rcr
+            | Shld
+            | Shrd
+            | Bsf
+            | Bsr
+            | Tzcnt
+            | Lzcnt
+            | Bt
+            | Bts
+            | Btr
+            | Btc
+            | Mul
+            | Imul
+            | Div
+            | Idiv
     )
 }
 
@@ -544,7 +591,8 @@ fn leaf(code: &[u8], at: usize, target: u32, ctx: Ctx, forced: &dyn Fn(u32) -> b
         if matches!(ins.code(), Code::Retnd | Code::Retnd_imm16) {
             return true;
         }
-        if ins.flow_control() != FlowControl::Next || classify(&ins, ctx).is_none() {
+        let foreign = ctx.foreign_vendor && vendor_difference(&ins).is_some();
+        if ins.flow_control() != FlowControl::Next || classify(&ins, ctx, foreign).is_none() {
             return false;
         }
     }
@@ -679,7 +727,133 @@ pub fn map_reg(r: Register) -> Option<Register> {
     })
 }
 
-fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
+/// What Intel and AMD processors do differently after `ins`, where the
+/// manuals leave results undefined (`popek_cpu::vendor`): `None` nothing;
+/// `Some(flags)` only these arithmetic flags (iced's `RflagsBits`);
+/// `Some(u32::MAX)` a result or memory too. Shifts (AF, OF), rotates by
+/// other than 1 (OF), SHLD/SHRD (AF, OF; a 16-bit operand shifted by more
+/// than 16 also its result), MUL/IMUL (SF, ZF, AF, PF), the BCD adjusts,
+/// PUSH of a segment register with a 32-bit operand size (the slot's upper
+/// half). DIV/IDIV differ in their flags too, but `Item::Div` computes
+/// them for the profile and the other forms are interpreted.
+fn vendor_difference(ins: &Instruction) -> Option<u32> {
+    use iced_x86::RflagsBits as F;
+    use Mnemonic::*;
+    let narrow = |op0: u32| {
+        ins.op_kind(op0) == OpKind::Register && ins.op_register(op0).size() == 2
+            || ins.op_kind(op0) == OpKind::Memory && ins.memory_size().size() == 2
+    };
+    Some(match ins.mnemonic() {
+        Rol | Ror | Rcl | Rcr => {
+            if ins.op1_kind() == OpKind::Immediate8 && ins.immediate8() == 1 {
+                return None;
+            }
+            F::OF
+        }
+        Sar => F::AF,
+        Shl | Sal | Shr => F::AF | F::OF,
+        Shld | Shrd if narrow(0) => u32::MAX,
+        Shld | Shrd => F::AF | F::OF,
+        Mul | Imul => F::SF | F::ZF | F::AF | F::PF,
+        Daa | Das => F::OF,
+        Aaa | Aas => F::SF | F::ZF | F::PF | F::OF,
+        Push if matches!(
+            ins.code(),
+            Code::Pushd_ES
+                | Code::Pushd_CS
+                | Code::Pushd_SS
+                | Code::Pushd_DS
+                | Code::Pushd_FS
+                | Code::Pushd_GS
+        ) =>
+        {
+            u32::MAX
+        }
+        _ => return None,
+    })
+}
+
+/// Register-only instructions that cannot fault and run as themselves
+/// inside a TU: between a vendor-dependent instruction and them no event
+/// can show the flags.
+fn harmless(ins: &Instruction) -> bool {
+    use Mnemonic::*;
+    let regs_only = (0..ins.op_count()).all(|i| {
+        !matches!(
+            ins.op_kind(i),
+            OpKind::Memory
+                | OpKind::MemorySegSI
+                | OpKind::MemorySegESI
+                | OpKind::MemorySegDI
+                | OpKind::MemorySegEDI
+                | OpKind::MemoryESDI
+                | OpKind::MemoryESEDI
+        )
+    });
+    (regs_only || ins.mnemonic() == Lea)
+        && !ins.has_lock_prefix()
+        && !(0..ins.op_count()).any(|i| {
+            ins.op_kind(i) == OpKind::Register
+                && (ins.op_register(i).is_segment_register()
+                    || matches!(ins.op_register(i), Register::ESP | Register::SP))
+        })
+        && matches!(
+            ins.mnemonic(),
+            Add | Or
+                | Adc
+                | Sbb
+                | And
+                | Sub
+                | Xor
+                | Cmp
+                | Test
+                | Inc
+                | Dec
+                | Neg
+                | Not
+                | Mov
+                | Movzx
+                | Movsx
+                | Lea
+                | Xchg
+                | Bswap
+                | Cbw
+                | Cwde
+                | Cwd
+                | Cdq
+                | Clc
+                | Stc
+                | Cmc
+                | Nop
+        )
+}
+
+/// The arithmetic flags in `mask`, left as the vendor's silicon leaves them
+/// by the instruction before `code[0]` (EIP `ip`), are written over by the
+/// next few harmless instructions of the same TU before anything reads
+/// them (`avail`: how many more instructions the TU may hold).
+fn flags_dead_after(code: &[u8], ip: u32, mut mask: u32, avail: u32, page_end: u64) -> bool {
+    let mut d = Decoder::with_ip(32, code, ip as u64, DecoderOptions::NONE);
+    for _ in 0..avail.min(8) {
+        if !d.can_decode() {
+            return false;
+        }
+        let i = d.decode();
+        if i.is_invalid() || i.next_ip() > page_end || !harmless(&i) {
+            return false;
+        }
+        if i.rflags_read() & mask != 0 {
+            return false;
+        }
+        mask &= !(i.rflags_written() | i.rflags_cleared() | i.rflags_set());
+        if mask == 0 {
+            return true;
+        }
+    }
+    false
+}
+
+fn classify(ins: &Instruction, ctx: Ctx, foreign: bool) -> Option<(Item, Class)> {
     use Mnemonic::*;
     let m = ins.mnemonic();
     if ins.has_lock_prefix()
@@ -712,6 +886,17 @@ fn classify(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
         && ins.op1_kind() == OpKind::Register
     {
         return None; // the bit offset reaches beyond the operand
+    }
+    if foreign {
+        if !ctx.interp1 || ctx.code16 {
+            return None;
+        }
+        let it = Item::Interp1 {
+            eip: ins.ip32(),
+            next: next_ip(ins, ctx),
+            before: 0,
+        };
+        return Some((it, Class::Callout));
     }
     if ctx.interp1 && !ctx.code16 && (ins.is_string_instruction() || matches!(m, Rdtsc | In | Out))
     {
@@ -1199,7 +1384,12 @@ fn inline_op(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
                 }
                 _ => return None,
             };
-            mem(MemOp::PushSel(sel_off(r)?), stack_addr(ctx, -slot), 2)
+            let wide = ctx.amd && slot == 4;
+            let op = MemOp::PushSel {
+                off: sel_off(r)?,
+                wide,
+            };
+            mem(op, stack_addr(ctx, -slot), if wide { 4 } else { 2 })
         }
         // The rest: 32-bit code on a flat stack, with the virtual CPU's
         // sensitive state not reported (audit runs interpret them).
@@ -1941,6 +2131,10 @@ pub struct Probe {
     /// The host has BMI2: the probe is flag-free (PEXT/PDEP, LEA, JRCXZ)
     /// and the guest flags stay in RFLAGS throughout.
     pub bmi2: bool,
+    /// DIV/IDIV leave the flags as AMD processors do (AF set, SF/ZF/PF
+    /// clear, CF/OF kept) rather than unchanged as Intel processors do:
+    /// the CPU's vendor profile.
+    pub amd_div_flags: bool,
     /// `extern "sysv64" fn(ctx, next_eip: u64, retired: u64) -> u64` that
     /// runs one instruction on the interpreter for [`Item::Interp1`] (1:
     /// it retired and EIP is `next_eip`, go on; 0: leave), and its first
@@ -2207,6 +2401,10 @@ fn emit_div(
         a.jae(fail)?;
         a.add_instruction(Instruction::with1(Code::Div_rm32, src)?)?;
     }
+    if t.amd_div_flags {
+        a.and(r10, !(0xc4u32 as i32))?; // SF, ZF, PF
+        a.or(r10, 0x10)?; // AF
+    }
     a.push(r10)?;
     a.popfq()?;
     a.jmp(done)?;
@@ -2405,9 +2603,13 @@ fn emit_access(
             a.movzx(r9d, word_ptr(r15 + off))?;
             a.mov(word_ptr(r11), r9w)
         }
-        MemOp::PushSel(off) => {
+        MemOp::PushSel { off, wide } => {
             a.movzx(r9d, word_ptr(r15 + off))?;
-            a.mov(word_ptr(r11), r9w)?;
+            if wide {
+                a.mov(dword_ptr(r11), r9d)?;
+            } else {
+                a.mov(word_ptr(r11), r9w)?;
+            }
             sp_add(a, m.disp as i32, m.addr16)
         }
     }
@@ -2722,6 +2924,7 @@ mod tests {
             host: 24,
             exit_info: 0x2000,
             bmi2: std::arch::is_x86_feature_detected!("bmi2"),
+            amd_div_flags: false,
             interp1_fn: 0,
             interp1_ctx: 0,
         }
@@ -2736,6 +2939,8 @@ mod tests {
             code16: false,
             cs_lo: 0,
             interp1: false,
+            foreign_vendor: false,
+            amd: false,
         };
         plan_ctx(code, ctx).map_or(0, |p| p.insns as usize)
     }
@@ -2778,6 +2983,8 @@ mod tests {
             code16: false,
             cs_lo: 0,
             interp1: false,
+            foreign_vendor: false,
+            amd: false,
         };
         let p = plan_ctx(&code, ctx).unwrap();
         assert_eq!((p.insns, p.inline), (11, 11));
@@ -2829,6 +3036,8 @@ mod tests {
             code16: true,
             cs_lo: 0x340,
             interp1: false,
+            foreign_vendor: false,
+            amd: false,
         };
         if !probe().bmi2 {
             return; // the 16-bit probe needs BMI2
@@ -2863,6 +3072,8 @@ mod tests {
             code16: false,
             cs_lo: 0,
             interp1: false,
+            foreign_vendor: false,
+            amd: false,
         };
         let Translation::Tu(p) = plan(&code, 0x1000, ctx, &|_| false) else {
             panic!("not translated")
@@ -2897,6 +3108,8 @@ mod tests {
                 code16: false,
                 cs_lo: 0,
                 interp1: false,
+                foreign_vendor: false,
+                amd: false,
             };
             let n = match plan(&code, 0x1000, ctx, &|_| false) {
                 Translation::Tu(p) => {

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use iced_x86::code_asm::*;
 use iced_x86::{Code, Instruction, MemoryOperand, Register};
 use popek_bt::BtCore;
-use popek_cpu::{Bus, BusAction, Cpu, CpuState, RunExit};
+use popek_cpu::{Bus, BusAction, Cpu, CpuState, RunExit, Vendor};
 use popek_memory::GuestRam;
 
 const CODE: u64 = 0x10000;
@@ -613,7 +613,21 @@ fn gen_plain(a: &mut CodeAssembler, r: &mut Rng) {
     alu!(a, r.below(9), R32[d], R32[s]);
 }
 
-fn machine(code: &[u8], cpl: u8, r: &mut Rng) -> (Cpu, Vec<u8>) {
+/// The vendor profile of a case: every other case runs the profile that is
+/// not the host's (the translator then hands the instructions whose
+/// undefined results differ between vendors to the interpreter).
+fn profile(case: u64) -> Vendor {
+    if case % 2 == 0 {
+        Vendor::host()
+    } else {
+        Vendor::ALL
+            .into_iter()
+            .find(|&v| v != Vendor::host())
+            .unwrap()
+    }
+}
+
+fn machine(code: &[u8], cpl: u8, r: &mut Rng, vendor: Vendor) -> (Cpu, Vec<u8>) {
     let ram = Arc::new(GuestRam::new(RAM).unwrap());
     ram.write(CODE, code).unwrap();
     let data: Vec<u8> = (0..4096).map(|_| r.next() as u8).collect();
@@ -643,6 +657,7 @@ fn machine(code: &[u8], cpl: u8, r: &mut Rng) -> (Cpu, Vec<u8>) {
     s.rflags = 2 | (r.next() & 0x8d5) | if r.below(2) == 0 { 0x200 } else { 0 };
     s.ldtr.selector = r.next() as u16;
     s.tr.selector = r.next() as u16;
+    s.vendor = vendor;
     cpu.set_state(s);
     cpu.exception_bitmap = !0;
     (cpu, data)
@@ -742,15 +757,18 @@ fn run_case(seed: u64, case: u64, t: &mut Tally) {
             code = pre;
         }
     }
-    let (cpu_b, data) = machine(&code, cpl, &mut Rng(case + 1));
-    let (cpu_i, _) = machine(&code, cpl, &mut Rng(case + 1));
+    let (cpu_b, data) = machine(&code, cpl, &mut Rng(case + 1), profile(case));
+    let (cpu_i, _) = machine(&code, cpl, &mut Rng(case + 1), profile(case));
     let mut bt = BtCore::new(cpu_b).unwrap();
     bt.set_hot_after(1);
     // A quarter of the cases cover the PUSHFQ/POPFQ probe of hosts
     // without BMI2.
     bt.bmi2 &= case % 4 != 0;
     let _ = data;
-    let what = format!("case {case} (seed {seed:#x}, cpl {cpl})");
+    let what = format!(
+        "case {case} (seed {seed:#x}, cpl {cpl}, profile {})",
+        profile(case)
+    );
     compare(&what, &code, bt, cpu_i, &[DATA, 0x7000, CODE], t);
 }
 
@@ -918,7 +936,7 @@ fn self_modifying_code_invalidates_the_ccf() {
     a.jne(top).unwrap();
     a.hlt().unwrap();
     let code = a.assemble(CODE).unwrap();
-    let (mut cpu, _) = machine(&code, 0, &mut Rng(7));
+    let (mut cpu, _) = machine(&code, 0, &mut Rng(7), Vendor::host());
     cpu.state_mut().gpr[3] = 0;
     let mut bt = BtCore::new(cpu).unwrap();
     bt.set_hot_after(1);
@@ -956,8 +974,8 @@ fn chained_loops_stop_exactly_at_the_budget() {
     a.jne(top).unwrap();
     a.hlt().unwrap();
     let code = a.assemble(CODE).unwrap();
-    let (cpu_b, _) = machine(&code, 0, &mut Rng(3));
-    let (mut cpu_i, _) = machine(&code, 0, &mut Rng(3));
+    let (cpu_b, _) = machine(&code, 0, &mut Rng(3), Vendor::host());
+    let (mut cpu_i, _) = machine(&code, 0, &mut Rng(3), Vendor::host());
     let mut bt = BtCore::new(cpu_b).unwrap();
     bt.set_hot_after(1);
     lockstep(&mut bt, &mut cpu_i, 99, 400);
@@ -966,8 +984,8 @@ fn chained_loops_stop_exactly_at_the_budget() {
     // the chain allowance counts instructions, so the loop chains through
     // in a few dispatches (a budget of TUs assuming 64 instructions each
     // made the dispatches shrink geometrically: dozens).
-    let (cpu_b, _) = machine(&code, 0, &mut Rng(3));
-    let (mut cpu_i, _) = machine(&code, 0, &mut Rng(3));
+    let (cpu_b, _) = machine(&code, 0, &mut Rng(3), Vendor::host());
+    let (mut cpu_i, _) = machine(&code, 0, &mut Rng(3), Vendor::host());
     let mut bt = BtCore::new(cpu_b).unwrap();
     bt.set_hot_after(1);
     let budget = 5_000;
@@ -1003,8 +1021,8 @@ fn returns_through_the_indirect_branch_table_stop_exactly() {
     a.set_label(&mut done).unwrap();
     a.hlt().unwrap();
     let code = a.assemble(CODE).unwrap();
-    let (cpu_b, _) = machine(&code, 3, &mut Rng(5));
-    let (mut cpu_i, _) = machine(&code, 3, &mut Rng(5));
+    let (cpu_b, _) = machine(&code, 3, &mut Rng(5), Vendor::host());
+    let (mut cpu_i, _) = machine(&code, 3, &mut Rng(5), Vendor::host());
     let mut bt = BtCore::new(cpu_b).unwrap();
     bt.set_hot_after(1);
     lockstep(&mut bt, &mut cpu_i, 77, 600);
@@ -1047,8 +1065,8 @@ fn traces_go_into_calls_in_the_same_page() {
     a.ret().unwrap();
     let code = a.assemble(CODE).unwrap();
     for cpl in [0, 3] {
-        let (cpu_b, _) = machine(&code, cpl, &mut Rng(6));
-        let (mut cpu_i, _) = machine(&code, cpl, &mut Rng(6));
+        let (cpu_b, _) = machine(&code, cpl, &mut Rng(6), Vendor::host());
+        let (mut cpu_i, _) = machine(&code, cpl, &mut Rng(6), Vendor::host());
         let mut bt = BtCore::new(cpu_b).unwrap();
         bt.set_hot_after(1);
         lockstep(&mut bt, &mut cpu_i, 78 + cpl as u64, 900);
@@ -1305,7 +1323,7 @@ fn gen16(a: &mut CodeAssembler, r: &mut Rng, cpl: u8) {
 /// stores into the code) or another base; Register::SS:SP tops at 0x8000; Register::FS and
 /// Register::GS have other bases, Register::GS sometimes a small limit (its operands are then
 /// call-outs).
-fn machine16(code: &[u8], mode: u8, r: &mut Rng) -> (Cpu, u64) {
+fn machine16(code: &[u8], mode: u8, r: &mut Rng, vendor: Vendor) -> (Cpu, u64) {
     use popek_cpu::state::attr;
     use popek_cpu::Segment;
     let ram = Arc::new(GuestRam::new(RAM).unwrap());
@@ -1355,6 +1373,7 @@ fn machine16(code: &[u8], mode: u8, r: &mut Rng) -> (Cpu, u64) {
         };
     }
     s.rflags = 2 | (r.next() & 0x8d5) | if r.below(2) == 0 { 0x200 } else { 0 };
+    s.vendor = vendor;
     let ip = s.rip;
     cpu.set_state(s);
     cpu.exception_bitmap = !0;
@@ -1365,7 +1384,7 @@ fn run_case16(seed: u64, case: u64, t: &mut Tally) {
     let mut r = Rng(seed ^ case.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let mode = r.below(3) as u8;
     let cpl = if mode == 2 { 3 } else { 0 };
-    let ip = machine16(&[], mode, &mut Rng(case + 1)).1;
+    let ip = machine16(&[], mode, &mut Rng(case + 1), profile(case)).1;
     let mut a = CodeAssembler::new(16).unwrap();
     let n = 1 + r.below(40);
     let looped = Rng(case ^ 0x1009).below(2) == 0;
@@ -1394,11 +1413,14 @@ fn run_case16(seed: u64, case: u64, t: &mut Tally) {
     }
     a.hlt().unwrap();
     let code = a.assemble(ip).unwrap();
-    let (cpu_b, _) = machine16(&code, mode, &mut Rng(case + 1));
-    let (cpu_i, _) = machine16(&code, mode, &mut Rng(case + 1));
+    let (cpu_b, _) = machine16(&code, mode, &mut Rng(case + 1), profile(case));
+    let (cpu_i, _) = machine16(&code, mode, &mut Rng(case + 1), profile(case));
     let mut bt = BtCore::new(cpu_b).unwrap();
     bt.set_hot_after(1);
-    let what = format!("16-bit case {case} (seed {seed:#x}, mode {mode})");
+    let what = format!(
+        "16-bit case {case} (seed {seed:#x}, mode {mode}, profile {})",
+        profile(case)
+    );
     compare(&what, &code, bt, cpu_i, &[DATA, 0x7000, CODE], t);
 }
 
@@ -1454,7 +1476,7 @@ fn real_mode_loop_runs_translated() {
         eprintln!("skipped: no BMI2 on this host (16-bit code is interpreted)");
         return;
     }
-    let (probe, ip) = machine16(&[], 0, &mut Rng(11));
+    let (probe, ip) = machine16(&[], 0, &mut Rng(11), Vendor::host());
     drop(probe);
     let mut a = CodeAssembler::new(16).unwrap();
     let mut top = a.create_label();
@@ -1490,8 +1512,8 @@ fn real_mode_loop_runs_translated() {
     a.set_label(&mut done).unwrap();
     a.hlt().unwrap();
     let code = a.assemble(ip).unwrap();
-    let (cpu_b, _) = machine16(&code, 0, &mut Rng(11));
-    let (mut cpu_i, _) = machine16(&code, 0, &mut Rng(11));
+    let (cpu_b, _) = machine16(&code, 0, &mut Rng(11), Vendor::host());
+    let (mut cpu_i, _) = machine16(&code, 0, &mut Rng(11), Vendor::host());
     let mut bt = BtCore::new(cpu_b).unwrap();
     bt.set_hot_after(1);
     lockstep(&mut bt, &mut cpu_i, 5, 500);
@@ -1600,8 +1622,8 @@ fn shared_probes_across_a_page_boundary_stay_exact() {
     a.hlt().unwrap();
     let code = a.assemble(CODE).unwrap();
     for seed in 0..3 {
-        let (cpu_b, _) = machine(&code, 0, &mut Rng(7));
-        let (mut cpu_i, _) = machine(&code, 0, &mut Rng(7));
+        let (cpu_b, _) = machine(&code, 0, &mut Rng(7), Vendor::host());
+        let (mut cpu_i, _) = machine(&code, 0, &mut Rng(7), Vendor::host());
         let mut bt = BtCore::new(cpu_b).unwrap();
         bt.set_hot_after(1);
         let mut r = Rng(1234 + seed);
@@ -1646,8 +1668,8 @@ fn instructions_straddling_a_page_end_run_inside_the_ccf() {
     put(0x100d, &[0xb9, 0x2c, 0x01, 0, 0]); // mov ecx, 300
     put(0x1012, &[0x4e, 0x75, 0xdb, 0xf4]); // dec esi; jnz 0x10ff0; hlt
     let run_all = |max: u64| {
-        let (cpu_b, _) = machine(&code, 0, &mut Rng(9));
-        let (mut cpu_i, _) = machine(&code, 0, &mut Rng(9));
+        let (cpu_b, _) = machine(&code, 0, &mut Rng(9), Vendor::host());
+        let (mut cpu_i, _) = machine(&code, 0, &mut Rng(9), Vendor::host());
         let mut bt = BtCore::new(cpu_b).unwrap();
         bt.set_hot_after(1);
         lockstep(&mut bt, &mut cpu_i, 77, max);
@@ -1699,8 +1721,8 @@ fn frames_across_a_page_are_unshared_once() {
     a.jne(top).unwrap();
     a.hlt().unwrap();
     let code = a.assemble(CODE).unwrap();
-    let (cpu_b, _) = machine(&code, 0, &mut Rng(8));
-    let (mut cpu_i, _) = machine(&code, 0, &mut Rng(8));
+    let (cpu_b, _) = machine(&code, 0, &mut Rng(8), Vendor::host());
+    let (mut cpu_i, _) = machine(&code, 0, &mut Rng(8), Vendor::host());
     let mut bt = BtCore::new(cpu_b).unwrap();
     bt.set_hot_after(1);
     lockstep(&mut bt, &mut cpu_i, 9, 1 << 20);

@@ -14,6 +14,7 @@ use crate::exception::{Exc, Vector};
 use crate::flags::{FlagOp, LazyFlags};
 use crate::mmu::Tlb;
 use crate::state::{cr, flags, seg, CpuState};
+use crate::vendor::Vendor;
 
 /// Why [`Cpu::run`] returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,7 +150,7 @@ impl Cpu {
             needs_refresh: false,
             paging_key: (0, 0, 0, 0),
             icount: 0,
-            cpuid: CpuidModel::default(),
+            cpuid: CpuidModel::for_vendor(CpuState::reset().vendor),
             exception_bitmap: 0,
             intercept_soft_int: false,
             report_sensitive: false,
@@ -160,6 +161,12 @@ impl Cpu {
         };
         cpu.refresh_all();
         cpu
+    }
+
+    /// The vendor profile the CPU follows.
+    #[inline(always)]
+    pub fn vendor(&self) -> Vendor {
+        self.st.vendor
     }
 
     /// The architectural state, with the flags materialized.
@@ -308,6 +315,10 @@ impl Cpu {
     /// Re-derives the CPL and the segment fast paths.
     fn refresh_segments(&mut self) {
         self.needs_refresh = false;
+        if self.cpuid.vendor != self.st.vendor {
+            // A new profile (restored state, `--cpu-vendor`): CPUID follows.
+            self.cpuid = CpuidModel::for_vendor(self.st.vendor);
+        }
         self.cpl = self.st.cpl();
         for s in 0..6 {
             self.refresh_seg(s);

@@ -1,8 +1,11 @@
 //! The CPUID model: what the virtual processor says it is.
 //!
-//! Only features the model implements are advertised. The default describes
-//! a P6-class (i686) processor with x87, TSC, MSR, CX8, SEP, PGE, CMOV, PSE,
-//! FXSR, and no SSE (the SSE instructions are not implemented yet).
+//! Only features the model implements are advertised: a P6-class (i686)
+//! processor with x87, TSC, MSR, CX8, SEP, PGE, CMOV, PSE, FXSR, and no SSE
+//! (the SSE instructions are not implemented yet). Vendor string, family,
+//! model and brand come from the vendor profile ([`Vendor::identity`]).
+
+use crate::vendor::Vendor;
 
 /// One CPUID leaf's answer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -24,6 +27,8 @@ pub struct CpuidModel {
     pub basic: Vec<CpuidLeaf>,
     /// Extended leaves 0x8000_0000..
     pub extended: Vec<CpuidLeaf>,
+    /// The profile whose conventions answer leaves beyond the table.
+    pub vendor: Vendor,
 }
 
 /// CPUID.1:EDX feature bits.
@@ -57,14 +62,37 @@ fn ascii(s: &[u8; 4]) -> u32 {
 }
 
 impl Default for CpuidModel {
+    /// The model for the host's vendor profile.
     fn default() -> Self {
+        CpuidModel::for_vendor(Vendor::host())
+    }
+}
+
+impl CpuidModel {
+    /// The CPUID table of a vendor profile: the same P6-class features,
+    /// with the vendor's string, family, model and brand.
+    pub fn for_vendor(vendor: Vendor) -> CpuidModel {
         use edx1::*;
-        let brand = *b"popek virtual CPU (interp)\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+        let id = vendor.identity();
+        let signature = ((id.family as u32) << 8) | ((id.model as u32) << 4) | id.stepping as u32;
+        let features = FPU | DE | PSE | TSC | MSR | CX8 | SEP | PGE | CMOV | FXSR;
+        let mut brand = [0u8; 48];
+        brand[..id.brand.len().min(47)]
+            .copy_from_slice(&id.brand.as_bytes()[..id.brand.len().min(47)]);
         let mut ext = vec![CpuidLeaf {
             eax: 0x8000_0004,
             ..Default::default()
         }];
-        ext.push(CpuidLeaf::default());
+        ext.push(match vendor {
+            Vendor::Intel => CpuidLeaf::default(),
+            // AMD repeats the signature and the x87/MSR/paging feature bits
+            // in leaf 0x8000_0001 (SEP's bit means SYSCALL there: clear).
+            Vendor::Amd => CpuidLeaf {
+                eax: signature,
+                edx: features & !(SEP | FXSR) & 0x0183_f3ff,
+                ..Default::default()
+            },
+        });
         for chunk in brand.chunks(16) {
             let w =
                 |i: usize| u32::from_le_bytes([chunk[i], chunk[i + 1], chunk[i + 2], chunk[i + 3]]);
@@ -75,30 +103,44 @@ impl Default for CpuidModel {
                 edx: w(12),
             });
         }
+        if vendor == Vendor::Amd {
+            // Leaves 0x8000_0005–7 (caches, power) empty; 0x8000_0008: 32
+            // physical and linear address bits, and XSaveErPtr (FXSAVE
+            // always stores the x87 error pointers, as the model's does).
+            // Without it Linux works around the K7/K8 "FXSAVE leak" with
+            // EMMS, an MMX instruction this P6-class CPU lacks.
+            ext[0].eax = 0x8000_0008;
+            ext.extend([CpuidLeaf::default(); 3]);
+            ext.push(CpuidLeaf {
+                eax: 0x2020,
+                ebx: 1 << 2,
+                ..Default::default()
+            });
+        }
+        let v = id.vendor;
         CpuidModel {
             basic: vec![
                 CpuidLeaf {
                     eax: 1,
-                    ebx: ascii(b"Genu"),
-                    edx: ascii(b"ineI"),
-                    ecx: ascii(b"ntel"),
+                    ebx: ascii(&[v[0], v[1], v[2], v[3]]),
+                    edx: ascii(&[v[4], v[5], v[6], v[7]]),
+                    ecx: ascii(&[v[8], v[9], v[10], v[11]]),
                 },
                 CpuidLeaf {
-                    // Family 6, model 8 (Pentium III class), stepping 3.
-                    eax: 0x0000_0683,
+                    eax: signature,
                     ebx: 0,
                     ecx: 0,
-                    edx: FPU | DE | PSE | TSC | MSR | CX8 | SEP | PGE | CMOV | FXSR,
+                    edx: features,
                 },
             ],
             extended: ext,
+            vendor,
         }
     }
-}
 
-impl CpuidModel {
     /// The answer for leaf `eax` (subleaf `ecx` unused so far). Leaves
-    /// beyond the maximum answer like the highest basic leaf, as Intel CPUs do.
+    /// beyond the maximum answer like the highest basic leaf on Intel
+    /// processors and with zeros on AMD processors.
     pub fn query(&self, eax: u32, _ecx: u32) -> CpuidLeaf {
         if eax >= 0x8000_0000 {
             let i = (eax - 0x8000_0000) as usize;
@@ -108,6 +150,9 @@ impl CpuidModel {
         } else if let Some(l) = self.basic.get(eax as usize) {
             return *l;
         }
-        self.basic.last().copied().unwrap_or_default()
+        match self.vendor {
+            Vendor::Intel => self.basic.last().copied().unwrap_or_default(),
+            Vendor::Amd => CpuidLeaf::default(),
+        }
     }
 }

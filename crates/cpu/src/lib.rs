@@ -27,6 +27,7 @@ pub mod mmu;
 pub mod seg;
 pub mod state;
 mod task;
+pub mod vendor;
 
 pub use bus::{Bus, BusAction, NullBus};
 pub use cpu::{Cpu, CpuStats, RunExit};
@@ -34,3 +35,4 @@ pub use cpuid::{CpuidLeaf, CpuidModel};
 pub use exception::{Exc, Vector};
 pub use hooks::{SensitiveEvent, SensitiveKind};
 pub use state::{CpuState, Segment, TableReg};
+pub use vendor::Vendor;

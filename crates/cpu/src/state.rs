@@ -7,6 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::vendor::Vendor;
+
 /// EFLAGS bits.
 pub mod flags {
     /// Carry.
@@ -366,6 +368,11 @@ pub struct CpuState {
     pub halted: bool,
     /// Interrupts are inhibited for one instruction (after STI or a load of SS).
     pub interrupt_shadow: bool,
+    /// The vendor profile: whose silicon the CPU follows where the manuals
+    /// leave results undefined, and what CPUID reports
+    /// ([`crate::vendor`]). Part of the state, so that a snapshot or a
+    /// migration carries it.
+    pub vendor: Vendor,
 }
 
 impl Default for CpuState {
@@ -422,6 +429,7 @@ impl CpuState {
             fpu: FpuState::default(),
             halted: false,
             interrupt_shadow: false,
+            vendor: Vendor::host(),
         }
     }
 

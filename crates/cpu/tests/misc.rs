@@ -5,7 +5,7 @@ mod common;
 use common::sys::*;
 use iced_x86::code_asm::*;
 use popek_cpu::state::{cr, flags, seg as sr, F80};
-use popek_cpu::{CpuidLeaf, RunExit};
+use popek_cpu::{CpuidLeaf, RunExit, Vendor};
 
 fn halted_clean(s: &mut Sys) {
     assert_eq!(s.run(), RunExit::Halted);
@@ -110,58 +110,73 @@ fn sysenter_in_real_mode_is_gp0() {
 }
 
 #[test]
-fn cpuid_leaves() {
-    let mut s = Sys::new();
-    let code = ucode(|a| {
-        a.xor(eax, eax)?;
-        a.cpuid()?;
-        a.mov(dword_ptr(0x30000), eax)?;
-        a.mov(dword_ptr(0x30004), ebx)?;
-        a.mov(dword_ptr(0x30008), edx)?;
-        a.mov(dword_ptr(0x3000c), ecx)?;
-        a.mov(eax, 1u32)?;
-        a.cpuid()?;
-        a.mov(dword_ptr(0x30010), eax)?;
-        a.mov(dword_ptr(0x30014), edx)?;
-        a.mov(eax, 0x8000_0000u32)?;
-        a.cpuid()?;
-        a.mov(dword_ptr(0x30018), eax)?;
-        a.mov(eax, 0x8000_0002u32)?;
-        a.cpuid()?;
-        a.mov(dword_ptr(0x30020), eax)?;
-        a.mov(dword_ptr(0x30024), ebx)?;
-        a.hlt()
-    });
-    s.start_user(&code);
-    s.c.report_sensitive = true;
-    let t = s.run_trap();
-    assert_eq!(t.vector, 13);
-    let mut vendor = [0u8; 12];
-    s.ram().read(0x30004, &mut vendor).unwrap();
-    assert_eq!(&vendor, b"GenuineIntel");
-    assert_eq!(s.rd32(0x30000), 1, "max basic leaf");
-    assert_eq!(s.rd32(0x30010) >> 8 & 0xf, 6, "family 6");
-    let feat = s.rd32(0x30014);
-    for bit in [0, 4, 5, 8, 11, 13, 15, 24] {
-        assert_ne!(feat & (1 << bit), 0, "feature bit {bit}");
+fn cpuid_leaves_follow_the_vendor_profile() {
+    for vendor in Vendor::ALL {
+        let mut s = Sys::new();
+        s.vendor = vendor;
+        let code = ucode(|a| {
+            a.xor(eax, eax)?;
+            a.cpuid()?;
+            a.mov(dword_ptr(0x30000), eax)?;
+            a.mov(dword_ptr(0x30004), ebx)?;
+            a.mov(dword_ptr(0x30008), edx)?;
+            a.mov(dword_ptr(0x3000c), ecx)?;
+            a.mov(eax, 1u32)?;
+            a.cpuid()?;
+            a.mov(dword_ptr(0x30010), eax)?;
+            a.mov(dword_ptr(0x30014), edx)?;
+            a.mov(eax, 0x8000_0000u32)?;
+            a.cpuid()?;
+            a.mov(dword_ptr(0x30018), eax)?;
+            a.mov(eax, 0x8000_0002u32)?;
+            a.cpuid()?;
+            a.mov(dword_ptr(0x30020), eax)?;
+            a.mov(dword_ptr(0x30024), ebx)?;
+            a.mov(eax, 0x1000u32)?; // beyond the maximum basic leaf
+            a.cpuid()?;
+            a.mov(dword_ptr(0x30028), eax)?;
+            a.hlt()
+        });
+        s.start_user(&code);
+        s.c.report_sensitive = true;
+        let t = s.run_trap();
+        assert_eq!(t.vector, 13);
+        let id = vendor.identity();
+        let mut v = [0u8; 12];
+        s.ram().read(0x30004, &mut v).unwrap();
+        assert_eq!(&v, id.vendor);
+        assert_eq!(s.rd32(0x30000), 1, "max basic leaf");
+        let sig = s.rd32(0x30010);
+        assert_eq!((sig >> 8 & 0xf, sig >> 4 & 0xf), (6, id.model as u32));
+        let feat = s.rd32(0x30014);
+        for bit in [0, 4, 5, 8, 11, 13, 15, 24] {
+            assert_ne!(feat & (1 << bit), 0, "feature bit {bit}");
+        }
+        assert_eq!(feat & (1 << 25), 0, "no SSE advertised");
+        let (max_ext, beyond) = match vendor {
+            Vendor::Intel => (0x8000_0004, 1), // the highest basic leaf
+            Vendor::Amd => (0x8000_0008, 0),   // zeros
+        };
+        assert_eq!(s.rd32(0x30018), max_ext);
+        assert_eq!(s.rd32(0x30028) >> 8 & 0xf, beyond * 6, "{vendor}");
+        let mut brand = [0u8; 8];
+        s.ram().read(0x30020, &mut brand).unwrap();
+        assert_eq!(&brand, b"popek vi");
+        let cpuid_events = s
+            .bus
+            .events
+            .iter()
+            .filter(|e| e.kind == popek_cpu::SensitiveKind::Cpuid)
+            .count();
+        assert_eq!(cpuid_events, 5);
     }
-    assert_eq!(feat & (1 << 25), 0, "no SSE advertised");
-    assert_eq!(s.rd32(0x30018), 0x8000_0004);
-    let mut brand = [0u8; 8];
-    s.ram().read(0x30020, &mut brand).unwrap();
-    assert_eq!(&brand, b"popek vi");
-    let cpuid_events = s
-        .bus
-        .events
-        .iter()
-        .filter(|e| e.kind == popek_cpu::SensitiveKind::Cpuid)
-        .count();
-    assert_eq!(cpuid_events, 4);
 }
 
 #[test]
 fn cpuid_model_is_configurable() {
     let mut s = Sys::new();
+    s.vendor = Vendor::Intel;
+    s.start_kernel(&[0xf4]);
     s.c.cpuid.basic[0].ebx = u32::from_le_bytes(*b"Auth");
     s.c.cpuid.basic.push(CpuidLeaf {
         eax: 0x42,

@@ -189,6 +189,7 @@ pub fn run_engine(engine: EngineKind) -> Column {
         cmdline: String::new(),
         engine,
         clock: ClockMode::Host,
+        vendor: None,
     };
     let cap = Capture::default();
     let text_now = || {

@@ -142,6 +142,7 @@ impl EngineKind {
     }
 }
 
+pub use popek_cpu::Vendor;
 pub use popek_hw::probe::GuestMode;
 
 /// The CPU mode a guest is known to need, where popek can tell before
@@ -231,6 +232,9 @@ pub struct VmConfig {
     pub engine: EngineKind,
     /// Machine clock.
     pub clock: ClockMode,
+    /// The CPU vendor profile (what CPUID says, and how the results the
+    /// manuals leave undefined come out); `None`: the host's.
+    pub vendor: Option<popek_cpu::Vendor>,
 }
 
 /// Bad input: a file, a flag, or an engine that cannot run the guest.
@@ -407,6 +411,16 @@ impl Vm {
         if !(MIN_MEMORY..=MAX_MEMORY).contains(&cfg.memory) {
             return Err(VmError::Memory { size: cfg.memory });
         }
+        let vendor = cfg.vendor.unwrap_or_else(popek_cpu::Vendor::host);
+        if cfg.engine == EngineKind::Hw && vendor != popek_cpu::Vendor::host() {
+            // KVM runs guest code on the host's processor: its undefined
+            // results are the host vendor's, whatever CPUID would claim.
+            return Err(VmError::Engine(format!(
+                "--cpu-vendor {vendor}: the hw engine runs guest code on this host's {} processor; use the {} profile or a software engine",
+                popek_cpu::Vendor::host(),
+                popek_cpu::Vendor::host()
+            )));
+        }
         if cfg.engine == EngineKind::Hw && !cfg.engine.available() {
             return Err(VmError::Engine(
                 "--engine hw: no usable KVM (/dev/kvm is absent or cannot be opened)".into(),
@@ -548,8 +562,10 @@ impl Vm {
             ),
             EngineKind::Interp => Box::new(popek_interp::Interp::new(&machine)),
         };
+        let mut state = boot::entry_cpu_state(&entry);
+        state.vendor = vendor;
         engine
-            .set_state(boot::entry_cpu_state(&entry))
+            .set_state(state)
             .map_err(|e: EngineError| VmError::Engine(e.to_string()))?;
         Ok(Vm {
             machine,

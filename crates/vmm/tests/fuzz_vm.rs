@@ -127,6 +127,7 @@ fn run_case(
         cmdline: String::new(),
         engine,
         clock: ClockMode::Virtual,
+        vendor: None,
     };
     if std::env::var_os("POPEK_VM_FUZZ_TRACE").is_some() {
         eprintln!("case {n}: {}", path.display());

@@ -7,6 +7,7 @@ use crate::exception::{Exc, Res, Vector};
 use crate::exec::KM;
 use crate::flags::{parity, sign_bit, size_mask, FlagOp};
 use crate::state::flags::*;
+use crate::vendor::Vendor;
 
 type R = Res;
 
@@ -265,10 +266,10 @@ fn shift_count(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> Res<u32> {
     Ok((n & 0x1f) as u32)
 }
 
-/// Common flag setting for shifts: SF/ZF/PF from the result, AF cleared
-/// (undefined; Intel processors clear it), CF and OF given.
+/// Common flag setting for shifts: SF/ZF/PF from the result, CF and OF
+/// given, AF undefined: Intel processors clear it, AMD processors set it.
 fn shift_flags(c: &mut Cpu, size: u8, res: u64, cf: bool, of: bool) {
-    let mut f = 0;
+    let mut f = if c.vendor() == Vendor::Amd { AF } else { 0 };
     if cf {
         f |= CF;
     }
@@ -296,6 +297,21 @@ fn of_left(a: u64, size: u8) -> bool {
     ((a >> (bits - 1)) ^ (a >> (bits - 2))) & 1 != 0
 }
 
+/// MSB(result) XOR CF: how AMD processors compute OF after every shift or
+/// rotate to the left, whatever the count (for a count of 1 it is the
+/// defined value).
+fn of_msb_cf(res: u64, size: u8, cf: bool) -> bool {
+    (res & sign_bit(size) != 0) != cf
+}
+
+/// The two most significant bits of the result differ: how AMD processors
+/// compute OF after every shift or rotate to the right (for a count of 1
+/// it is the defined value).
+fn of_top2(res: u64, size: u8) -> bool {
+    let bits = size as u32 * 8;
+    ((res >> (bits - 1)) ^ (res >> (bits - 2))) & 1 != 0
+}
+
 pub(crate) fn shl(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let size = d.osize;
     let bits = size as u32 * 8;
@@ -311,7 +327,11 @@ pub(crate) fn shl(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     };
     let cf = n <= bits && (a >> (bits - n)) & 1 != 0;
     c.wr(bus, d, 0, res)?;
-    shift_flags(c, size, res, cf, of_left(a, size));
+    let of = match c.vendor() {
+        Vendor::Intel => of_left(a, size),
+        Vendor::Amd => of_msb_cf(res, size, cf),
+    };
+    shift_flags(c, size, res, cf, of);
     Ok(())
 }
 
@@ -325,7 +345,10 @@ pub(crate) fn shr(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let res = a >> n;
     let cf = (a >> (n - 1)) & 1 != 0;
     c.wr(bus, d, 0, res)?;
-    let of = a & sign_bit(size) != 0;
+    let of = match c.vendor() {
+        Vendor::Intel => a & sign_bit(size) != 0,
+        Vendor::Amd => of_top2(res, size),
+    };
     shift_flags(c, size, res, cf, of);
     Ok(())
 }
@@ -358,12 +381,15 @@ fn rot_flags(c: &mut Cpu, cf: bool, of: bool) {
     c.st.rflags = (c.st.rflags & !0xffff_ffff) | f as u64;
 }
 
-/// OF after ROL/ROR: `first_step` (the OF of the first 1-bit step) for a
-/// count of 1, for counts in CL and for memory operands; for a register
-/// rotated by an immediate count above 1 (OF undefined) Intel processors
-/// leave OF unchanged.
-fn rot_of(c: &Cpu, d: &DecodedInsn, n: u32, first_step: bool) -> bool {
-    if n != 1 && d.ops[1].kind == OpK::Imm && d.ops[0].kind == OpK::Reg {
+/// OF after ROL/ROR on Intel processors: `first_step` (the OF of the first
+/// 1-bit step) for a count of 1, for counts in CL and for memory operands;
+/// for a register rotated by an immediate count above 1 (OF undefined)
+/// they leave OF unchanged. AMD processors compute `amd` (see `of_msb_cf`
+/// and `of_top2`) for every count.
+fn rot_of(c: &Cpu, d: &DecodedInsn, n: u32, first_step: bool, amd: bool) -> bool {
+    if c.vendor() == Vendor::Amd {
+        amd
+    } else if n != 1 && d.ops[1].kind == OpK::Imm && d.ops[0].kind == OpK::Reg {
         c.of()
     } else {
         first_step
@@ -386,7 +412,7 @@ pub(crate) fn rol(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     };
     c.wr(bus, d, 0, res)?;
     let cf = res & 1 != 0;
-    let of = rot_of(c, d, n, of_left(a, size));
+    let of = rot_of(c, d, n, of_left(a, size), of_msb_cf(res, size, cf));
     rot_flags(c, cf, of);
     Ok(())
 }
@@ -408,7 +434,13 @@ pub(crate) fn ror(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     c.wr(bus, d, 0, res)?;
     let cf = res & sign_bit(size) != 0;
     // OF of the first 1-bit step (see `of_left`): MSB XOR LSB of the source.
-    let of = rot_of(c, d, n, ((a >> (bits - 1)) ^ a) & 1 != 0);
+    let of = rot_of(
+        c,
+        d,
+        n,
+        ((a >> (bits - 1)) ^ a) & 1 != 0,
+        of_top2(res, size),
+    );
     rot_flags(c, cf, of);
     Ok(())
 }
@@ -416,10 +448,17 @@ pub(crate) fn ror(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
 pub(crate) fn rcl(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let size = d.osize;
     let bits = size as u32 * 8;
-    let n = shift_count(c, d, bus)? % (bits + 1);
+    let count = shift_count(c, d, bus)?;
+    let n = count % (bits + 1);
     let a = c.rd(bus, d, 0)?;
     if n == 0 {
-        // Count masked to zero-modulo: no change at all (flags included).
+        // Count masked to zero-modulo: Intel processors change nothing;
+        // AMD processors still compute OF (for a count that was not zero).
+        if count != 0 && c.vendor() == Vendor::Amd {
+            let cf = c.cf();
+            c.wr(bus, d, 0, a)?;
+            rot_flags(c, cf, of_msb_cf(a, size, cf));
+        }
         return Ok(());
     }
     let mut v = a as u128 | ((c.cf() as u128) << bits);
@@ -428,16 +467,27 @@ pub(crate) fn rcl(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let res = (v as u64) & size_mask(size);
     let cf = (v >> bits) & 1 != 0;
     c.wr(bus, d, 0, res)?;
-    rot_flags(c, cf, of_left(a, size));
+    let of = match c.vendor() {
+        Vendor::Intel => of_left(a, size),
+        Vendor::Amd => of_msb_cf(res, size, cf),
+    };
+    rot_flags(c, cf, of);
     Ok(())
 }
 
 pub(crate) fn rcr(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let size = d.osize;
     let bits = size as u32 * 8;
-    let n = shift_count(c, d, bus)? % (bits + 1);
+    let count = shift_count(c, d, bus)?;
+    let n = count % (bits + 1);
     let a = c.rd(bus, d, 0)?;
     if n == 0 {
+        // As for RCL.
+        if count != 0 && c.vendor() == Vendor::Amd {
+            let cf = c.cf();
+            c.wr(bus, d, 0, a)?;
+            rot_flags(c, cf, of_top2(a, size));
+        }
         return Ok(());
     }
     let cin = c.cf();
@@ -447,8 +497,12 @@ pub(crate) fn rcr(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let res = (v as u64) & size_mask(size);
     let cf = (v >> bits) & 1 != 0;
     c.wr(bus, d, 0, res)?;
-    // OF of the first 1-bit step (see `of_left`): MSB of the source XOR CF.
-    let of = ((a >> (bits - 1)) & 1 != 0) != cin;
+    // Intel: OF of the first 1-bit step (see `of_left`), MSB of the source
+    // XOR CF.
+    let of = match c.vendor() {
+        Vendor::Intel => ((a >> (bits - 1)) & 1 != 0) != cin,
+        Vendor::Amd => of_top2(res, size),
+    };
     rot_flags(c, cf, of);
     Ok(())
 }
@@ -462,10 +516,19 @@ fn double_shift(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus, left: bool) -> 
     if n == 0 {
         return Ok(());
     }
-    // With a 16-bit operand and a count above 16 the result is undefined;
-    // this follows Intel processors, which shift through a 32-bit
-    // concatenation of dst:src:dst.
-    let (res, cf) = if left {
+    let amd = c.vendor() == Vendor::Amd;
+    // With a 16-bit operand and a count above 16 the result is undefined.
+    // Intel processors shift through a concatenation of dst:src:dst; AMD
+    // processors shift src:src by count − 16 and clear CF.
+    let (res, cf) = if amd && n > bits {
+        let ss = (b << bits) | b;
+        let r = if left {
+            (ss << (n - bits)) >> bits
+        } else {
+            ss >> (n - bits)
+        };
+        (r & size_mask(size), false)
+    } else if left {
         let wide: u128 = ((a as u128) << (2 * bits)) | ((b as u128) << bits) | a as u128;
         let r = (wide << n) >> (2 * bits);
         let cf = ((wide << (n - 1)) >> (3 * bits - 1)) & 1 != 0;
@@ -478,11 +541,15 @@ fn double_shift(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus, left: bool) -> 
         )
     };
     c.wr(bus, d, 0, res)?;
-    // OF of the first 1-bit step (undefined above 1; Intel's behaviour).
-    let of = if left {
-        of_left(a, size)
-    } else {
-        ((a >> (bits - 1)) ^ b) & 1 != 0
+    // OF: Intel processors give the OF of the first 1-bit step (undefined
+    // above 1); AMD processors the left and right rules of `of_msb_cf` and
+    // `of_top2`, except a 16-bit SHLD by 16 or more, whose OF is CF.
+    let of = match (amd, left) {
+        (false, true) => of_left(a, size),
+        (false, false) => ((a >> (bits - 1)) ^ b) & 1 != 0,
+        (true, true) if n >= bits => cf,
+        (true, true) => of_msb_cf(res, size, cf),
+        (true, false) => of_top2(res, size),
     };
     shift_flags(c, size, res, cf, of);
     Ok(())
@@ -498,8 +565,14 @@ pub(crate) fn shrd(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
 
 /// MUL/IMUL flags: CF = OF = "upper half significant". SF/ZF/AF/PF are
 /// undefined by the SDM; Intel processors set SF and PF from the low half
-/// and clear ZF and AF.
+/// and clear ZF and AF, AMD processors leave them unchanged.
 fn mul_flags(c: &mut Cpu, size: u8, lo: u64, of: bool) {
+    if c.vendor() == Vendor::Amd {
+        c.sync_flags();
+        let f = c.st.rflags as u32 & !(CF | OF);
+        c.set_arith_flags(if of { f | CF | OF } else { f });
+        return;
+    }
     let mut f = 0;
     if of {
         f |= CF | OF;
@@ -587,7 +660,18 @@ pub(crate) fn div(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
         c.sr(0, size, q as u64);
         c.sr(2, size, r as u64);
     }
+    div_flags(c);
     Ok(())
+}
+
+/// DIV/IDIV leave all six flags undefined: Intel processors leave them
+/// unchanged; AMD processors set AF, clear SF, ZF and PF and keep CF and OF.
+fn div_flags(c: &mut Cpu) {
+    if c.vendor() == Vendor::Amd {
+        c.sync_flags();
+        let f = c.st.rflags as u32 & (CF | OF);
+        c.set_arith_flags(f | AF);
+    }
 }
 
 pub(crate) fn idiv(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
@@ -617,6 +701,7 @@ pub(crate) fn idiv(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
         c.sr(0, size, q as u64 & m);
         c.sr(2, size, r as u64 & m);
     }
+    div_flags(c);
     Ok(())
 }
 
@@ -635,7 +720,9 @@ fn szp(v: u8) -> u32 {
 }
 
 /// DAA (`add`) and DAS: adjust AL after a packed-BCD addition or
-/// subtraction (SDM pseudo-code; OF is undefined, Intel processors clear it).
+/// subtraction (SDM pseudo-code). OF is undefined: Intel processors clear
+/// it; AMD processors set it as for the signed overflow of the adjustment
+/// (AL went from positive to negative for DAA, the reverse for DAS).
 fn decimal_adjust(c: &mut Cpu, add: bool) -> R {
     let old_al = c.gr(0, 1) as u8;
     let old_cf = c.cf();
@@ -669,6 +756,12 @@ fn decimal_adjust(c: &mut Cpu, add: bool) -> R {
     if af {
         f |= AF;
     }
+    if c.vendor() == Vendor::Amd {
+        let flipped = if add { !old_al & al } else { old_al & !al };
+        if flipped & 0x80 != 0 {
+            f |= OF;
+        }
+    }
     c.set_arith_flags(f);
     Ok(())
 }
@@ -696,11 +789,33 @@ fn aaa_aas(c: &mut Cpu, add: bool) -> R {
     } else {
         (ax, false)
     };
+    let wide = res;
     let res = (res & 0xff0f) as u64;
     c.sr(0, 2, res);
-    // SF/ZF/PF/OF are undefined; Intel processors set SF/ZF/PF from the
-    // final AL and clear OF.
-    let mut f = szp(res as u8);
+    // SF/ZF/PF/OF are undefined. Intel processors set SF/ZF/PF from the
+    // final AL and clear OF; AMD processors set all four as for the 16-bit
+    // AX ± 0x106 (or AX + 0) before the high nibble of AL is cleared.
+    let mut f = if c.vendor() == Vendor::Amd {
+        let b: u16 = if adj { 0x106 } else { 0 };
+        let ovf = if add {
+            (ax ^ wide) & (b ^ wide)
+        } else {
+            (ax ^ b) & (ax ^ wide)
+        };
+        let mut f = szp(wide as u8) & PF;
+        if wide == 0 {
+            f |= ZF;
+        }
+        if wide & 0x8000 != 0 {
+            f |= SF;
+        }
+        if ovf & 0x8000 != 0 {
+            f |= OF;
+        }
+        f
+    } else {
+        szp(res as u8)
+    };
     if adj {
         f |= CF | AF;
     }

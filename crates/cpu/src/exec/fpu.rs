@@ -939,7 +939,7 @@ fn fscale(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let r = if env.stack.is_some() {
         INDEFINITE
     } else {
-        soft::scale(&mut env, a, b)
+        soft::scale(&mut env, a, b, c.vendor() == crate::vendor::Vendor::Intel)
     };
     if finish(c, &env) {
         put(&mut c.st.fpu, 0, r);

@@ -44,8 +44,12 @@ pub(crate) fn push(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
         // PUSH ESP pushes the value before the push.
         _ => c.rd(bus, d, 0)? & size_mask(size),
     };
-    if d.insn.op0_register().is_segment_register() && size == 4 {
-        // Intel processors write only the low 16 bits of the slot.
+    if d.insn.op0_register().is_segment_register()
+        && size == 4
+        && c.vendor() == crate::vendor::Vendor::Intel
+    {
+        // Intel processors write only the low 16 bits of the slot; AMD
+        // processors write the selector zero-extended.
         let ss = c.stack_size();
         let sp = c.gr(4, ss).wrapping_sub(4) & size_mask(ss);
         c.seg_lin(seg::SS, sp as u32, 4, true)?;

@@ -20,7 +20,7 @@
 
 use popek_cpu::seg::Descriptor;
 use popek_cpu::state::{cr, flags, seg as sr};
-use popek_cpu::{Cpu, CpuState, RunExit, Segment, TableReg};
+use popek_cpu::{Cpu, CpuState, RunExit, Segment, TableReg, Vendor};
 
 use super::{cpu, TestBus};
 
@@ -135,6 +135,8 @@ pub struct Sys {
     pub cr3: u64,
     pub cr4: u64,
     pub eflags: u32,
+    /// The vendor profile for the next `start`.
+    pub vendor: Vendor,
 }
 
 impl Default for Sys {
@@ -152,6 +154,7 @@ impl Sys {
             cr3: 0,
             cr4: 0,
             eflags: flags::FIXED1,
+            vendor: Vendor::host(),
         };
         s.gdt(1, code32(0));
         s.gdt(2, data32(0));
@@ -247,6 +250,7 @@ impl Sys {
         st.seg[sr::CS] = self.seg(cs);
         st.rip = eip as u64;
         st.gpr[4] = esp as u64;
+        st.vendor = self.vendor;
         self.c.set_state(st);
     }
 

@@ -891,7 +891,11 @@ pub fn from_float_raw(bits: u64, double: bool) -> (F80, bool) {
 }
 
 /// FSCALE: a × 2^trunc(b).
-pub fn scale(env: &mut Env, a: F80, b: F80) -> F80 {
+///
+/// A zero scale returns the operand as it is on Intel processors
+/// (`zero_scale_exact`); AMD processors round it like any other result, so
+/// a denormal signals underflow when that exception is unmasked.
+pub fn scale(env: &mut Env, a: F80, b: F80, zero_scale_exact: bool) -> F80 {
     let (ca, cb) = match screen2(env, a, b) {
         Ok(c) => c,
         Err(r) => return r,
@@ -921,7 +925,7 @@ pub fn scale(env: &mut Env, a: F80, b: F80) -> F80 {
             m
         }
     };
-    if cb == Class::Zero {
+    if cb == Class::Zero && zero_scale_exact {
         return norm_pseudo(a);
     }
     let x = unpack(a);
