@@ -45,19 +45,15 @@ pub fn make_descriptor(base: u32, limit: u32, access: u8, big: bool) -> Descript
 }
 
 /// The shadow of one guest GDT entry: DPL 0 compressed to 1 (the guest
-/// kernel runs at ring 1), limits cut below the monitor's area, system
-/// descriptors other than LDTs dropped (the monitor's TSS is the real
-/// one), and DPL-3 segments not present unless `user_view`.
+/// kernel runs at ring 1), confined below the monitor's area
+/// ([`confine`]), system descriptors dropped (the monitor's TSS is the
+/// real one; LDTs are not shadowed, so LDT descriptors are dropped too),
+/// and DPL-3 segments not present unless `user_view`.
 pub fn shadow_descriptor(d: Descriptor, user_view: bool) -> Descriptor {
     if !d.is_code_data() {
-        return if d.typ() == 2 {
-            d
-        } else {
-            Descriptor { lo: 0, hi: 0 }
-        };
+        return Descriptor { lo: 0, hi: 0 };
     }
     let mut hi = d.hi;
-    let mut lo = d.lo;
     if d.dpl() == 0 {
         hi |= 1 << 13;
     }
@@ -70,22 +66,156 @@ pub fn shadow_descriptor(d: Descriptor, user_view: bool) -> Descriptor {
         // what the guest meant. (Event delivery sets CS itself.)
         hi &= !(1 << 15);
     }
-    let seg = d.to_segment(0);
-    let expand_down = !d.is_code() && d.typ() & 4 != 0;
-    let base = seg.base as u32;
-    if !expand_down && (base as u64 + seg.limit as u64) > SEG_TOP as u64 {
-        let limit = SEG_TOP.saturating_sub(base);
-        // The limit field in the descriptor's own granularity (a byte-granular
-        // limit above 1 MiB cannot be expressed: 1 MiB is the closest below).
-        let field = if hi & (1 << 23) != 0 {
-            limit >> 12
+    confine(Descriptor { lo: d.lo, hi })
+}
+
+/// The linear addresses a code or data segment with this hidden-cache
+/// value reaches, as inclusive intervals (offsets wrap at 4 GiB in linear
+/// space): expand-up segments `base + [0, limit]`, expand-down ones
+/// `base + (limit, 0xffff or 0xffff_ffff]`.
+pub fn reach(s: &Segment) -> Vec<(u32, u32)> {
+    let expand_down = s.attr & attr::CODE == 0 && s.attr & attr::DC != 0;
+    let (lo, hi) = if expand_down {
+        let top = if s.attr & attr::DB != 0 {
+            0xffff_ffffu64
         } else {
-            limit.min(0xfffff)
+            0xffff
         };
-        lo = (lo & 0xffff_0000) | (field & 0xffff);
-        hi = (hi & !0xf_0000) | (field & 0xf_0000);
+        if s.limit as u64 >= top {
+            return Vec::new();
+        }
+        (s.limit as u64 + 1, top)
+    } else {
+        (0, s.limit as u64)
+    };
+    let base = s.base & 0xffff_ffff;
+    let (a, b) = (base + lo, base + hi);
+    if b < 1 << 32 {
+        vec![(a as u32, b as u32)]
+    } else if a >= 1 << 32 {
+        vec![((a - (1 << 32)) as u32, (b - (1 << 32)) as u32)]
+    } else {
+        vec![(a as u32, u32::MAX), (0, (b - (1 << 32)) as u32)]
+    }
+}
+
+/// True when no linear address the segment reaches is the monitor's.
+pub fn confined(s: &Segment) -> bool {
+    reach(s).iter().all(|&(_, end)| end <= SEG_TOP)
+}
+
+/// A segment (hidden-cache value) reaching no linear address at or above
+/// [`VMM_LINEAR`]: the limit of an expand-up segment is cut to end below
+/// it, the limit of an expand-down segment raised so that its offsets start
+/// where they wrap to linear 0. A data segment that cannot keep any reach
+/// below the cut (a base in the monitor's area; an expand-down segment
+/// whose top lies there) becomes an expand-down segment without valid
+/// offsets (every access faults); such a code segment has no safe form:
+/// `None`. Guest accesses beyond a cut fault (#GP, #SS) as they would
+/// beyond a limit: the price of sharing the linear space with the monitor.
+pub fn confine_segment(s: Segment) -> Option<Segment> {
+    let s = Segment {
+        base: s.base & 0xffff_ffff,
+        ..s
+    };
+    if confined(&s) {
+        return Some(s);
+    }
+    let base = s.base as u32;
+    let code = s.attr & attr::CODE != 0;
+    let cut = if code || s.attr & attr::DC == 0 {
+        (base <= SEG_TOP).then_some(Segment {
+            limit: SEG_TOP - base,
+            ..s
+        })
+    } else {
+        // Raise the start to where offsets wrap to linear 0: the wrapped
+        // part ends at base − 1.
+        (base != 0).then_some(Segment {
+            limit: (1u64 << 32).wrapping_sub(base as u64 + 1) as u32,
+            ..s
+        })
+    };
+    match cut.filter(confined) {
+        Some(c) => Some(c),
+        None if code => None,
+        None => Some(Segment {
+            attr: s.attr | attr::DC,
+            limit: u32::MAX,
+            ..s
+        }),
+    }
+}
+
+/// [`confine_segment`] for a code or data descriptor, with the limit
+/// rounded to its granularity in the safe direction; code without a safe
+/// form is made not present (a far transfer to it faults with #NP, and the
+/// monitor refuses to install it).
+pub fn confine(d: Descriptor) -> Descriptor {
+    if !d.is_code_data() {
+        return d;
+    }
+    let seg = d.to_segment(0);
+    let d2 = match confine_segment(seg) {
+        Some(c) if c == seg => d,
+        Some(c) if c.attr & attr::DC == seg.attr & attr::DC => {
+            let e = with_limit(
+                d,
+                c.limit,
+                c.attr & attr::CODE == 0 && c.attr & attr::DC != 0,
+            );
+            if confined(&e.to_segment(0)) {
+                e
+            } else {
+                unusable(d)
+            }
+        }
+        _ => unusable(d),
+    };
+    debug_assert!(!d2.present() || confined(&d2.to_segment(0)));
+    d2
+}
+
+/// `d` with a limit as close to `limit` as its granularity allows, never
+/// reaching further: at most `limit` (expand-up, `up == false`) or at
+/// least `limit` (expand-down, `up == true`). G changes where the value
+/// needs it.
+fn with_limit(d: Descriptor, limit: u32, up: bool) -> Descriptor {
+    let (field, g) = if !up {
+        if limit <= 0xfffff && (limit < 0xfff || d.hi & (1 << 23) == 0) {
+            (limit, false)
+        } else if limit >= 0xfff {
+            (((limit as u64 + 1) >> 12) as u32 - 1, true)
+        } else {
+            (limit, false)
+        }
+    } else if limit <= 0xfffff && d.hi & (1 << 23) == 0 {
+        (limit, false)
+    } else {
+        (limit >> 12, true)
+    };
+    let lo = (d.lo & 0xffff_0000) | (field & 0xffff);
+    let mut hi = (d.hi & !0x000f_0000 & !(1 << 23)) | (field & 0xf_0000);
+    if g {
+        hi |= 1 << 23;
     }
     Descriptor { lo, hi }
+}
+
+/// A descriptor of the same kind that reaches nothing: data becomes an
+/// expand-down segment whose limit is its top (no valid offset), code is
+/// not present.
+fn unusable(d: Descriptor) -> Descriptor {
+    if d.is_code() {
+        return Descriptor {
+            lo: d.lo,
+            hi: d.hi & !(1 << 15),
+        };
+    }
+    Descriptor {
+        lo: d.lo | 0xffff,
+        hi: d.hi | 0x000f_0000 | (1 << 23) | (4 << 8),
+    }
 }
 
 /// The monitor's three descriptors: ring-0 code, ring-0 data, its TSS
@@ -132,6 +262,102 @@ pub fn real_tables() -> (TableReg, TableReg, Segment) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Descriptor words biased towards the dangerous corners: bases at,
+    /// near and above the monitor's area and near 0, limits near 0 and
+    /// the maximum, every type, G, B and expand-down.
+    fn descriptor() -> impl Strategy<Value = Descriptor> {
+        let base = prop_oneof![
+            any::<u32>(),
+            Just(0u32),
+            (0u32..0x2000),
+            (VMM_LINEAR - 0x2000..VMM_LINEAR + 0x2000),
+            (0xffff_0000u32..=u32::MAX),
+        ];
+        let limit = prop_oneof![any::<u32>(), (0u32..0x20), (0xf_ff00u32..=0xf_ffff)];
+        (base, limit, any::<u8>(), any::<u8>()).prop_map(|(base, limit, access, flags)| {
+            let lo = (base << 16) | (limit & 0xffff);
+            let hi = ((base >> 16) & 0xff)
+                | ((access as u32) << 8)
+                | (limit & 0xf_0000)
+                | (((flags & 0xd) as u32) << 20)
+                | (base & 0xff00_0000);
+            Descriptor { lo, hi }
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(20_000))]
+
+        /// Whatever descriptor the guest puts in its GDT, the segment the
+        /// CPU can load from the shadow reaches no byte of the monitor's
+        /// area, and system descriptors (gates, TSSs, LDTs) never reach the
+        /// real GDT.
+        #[test]
+        fn no_shadow_descriptor_reaches_the_monitor(d in descriptor(), user in any::<bool>()) {
+            let s = shadow_descriptor(d, user);
+            if s.is_code_data() {
+                let seg = s.to_segment(0);
+                prop_assert!(
+                    !s.present() || confined(&seg),
+                    "{d:x?} -> {s:x?} reaches {:x?}",
+                    reach(&seg)
+                );
+            } else {
+                prop_assert_eq!(s, Descriptor { lo: 0, hi: 0 });
+            }
+        }
+
+        /// The same for hidden-cache values installed from a guest state
+        /// (boot, restore): confined, or refused (code only).
+        #[test]
+        fn installed_segments_are_confined(d in descriptor(), base_hi in any::<u32>()) {
+            let d = Descriptor { lo: d.lo, hi: d.hi | 1 << 12 };
+            let mut seg = d.to_segment(0);
+            seg.base |= (base_hi as u64) << 32;
+            match confine_segment(seg) {
+                Some(c) => prop_assert!(confined(&c), "{seg:x?} -> {c:x?}"),
+                None => prop_assert!(seg.attr & attr::CODE != 0),
+            }
+        }
+
+        /// Confinement changes nothing a segment already confined reaches.
+        #[test]
+        fn confined_segments_are_left_alone(d in descriptor()) {
+            let d = Descriptor { lo: d.lo, hi: d.hi | 1 << 12 };
+            if confined(&d.to_segment(0)) {
+                prop_assert_eq!(confine(d), d);
+            } else {
+                prop_assert!(confine(d) != d || !d.present());
+            }
+        }
+    }
+
+    /// The cases of the isolation break that was reported: an expand-down
+    /// data segment with base 0 and limit 0 (G = 1), a base at the
+    /// monitor's area, and a base that is not page-aligned.
+    #[test]
+    fn the_reported_escapes_are_closed() {
+        let expand_down = make_descriptor(0, 0, 0x96, true);
+        let mut ed = expand_down;
+        ed.hi |= 1 << 23;
+        let at_monitor = Descriptor {
+            lo: 0,
+            hi: 0xff00_0000 | 0xc0 << 16 | 0x92 << 8 | 0xc0,
+        };
+        let unaligned = make_descriptor(0x10, 0xffff_ffff, 0x92, true);
+        for d in [expand_down, ed, at_monitor, unaligned] {
+            let s = shadow_descriptor(d, false);
+            let seg = s.to_segment(0);
+            assert!(confined(&seg), "{d:x?} -> {s:x?}: {:x?}", reach(&seg));
+        }
+        // An expand-down segment whose offsets wrap below the monitor keeps
+        // that part: base 4 MiB, offsets from 0xffc0_0000 reach 0..4 MiB.
+        let wraps = make_descriptor(0x40_0000, 0xffbf_ffff, 0x96, true);
+        let seg = shadow_descriptor(wraps, false).to_segment(0);
+        assert_eq!(reach(&seg), vec![(0, 0x3f_ffff)]);
+    }
 
     #[test]
     fn flat_ring0_segments_move_to_ring1_and_stop_below_the_monitor() {

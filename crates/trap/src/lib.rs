@@ -768,7 +768,8 @@ impl Trap {
         if d.present() {
             sg.attr |= popek_cpu::state::attr::P;
         }
-        Some(sg)
+        // A code segment `confine` could not cut has no safe form.
+        desc::confined(&sg).then_some(sg)
     }
 
     // ----- virtual ↔ real state -----
@@ -807,8 +808,9 @@ impl Trap {
         s
     }
 
-    /// The real hidden cache for a guest-visible segment.
-    fn real_segment(sg: Segment, i: usize, vcpl: u8) -> Segment {
+    /// The real hidden cache for a guest-visible segment, confined below
+    /// the monitor's area (`None`: a code segment that cannot be).
+    fn real_segment(sg: Segment, i: usize, vcpl: u8) -> Option<Segment> {
         let mut r = sg;
         if r.attr & popek_cpu::state::attr::S != 0 && r.dpl() == 0 {
             r.attr |= 1 << 5;
@@ -816,13 +818,10 @@ impl Trap {
         if vcpl == 0 && (i == seg::CS || i == seg::SS) {
             r.selector |= 1;
         }
-        if r.attr & popek_cpu::state::attr::CODE != 0 || r.attr & popek_cpu::state::attr::DC == 0 {
-            let top = SEG_TOP as u64;
-            if r.base + r.limit as u64 > top {
-                r.limit = top.saturating_sub(r.base) as u32;
-            }
+        if r.attr & popek_cpu::state::attr::S == 0 {
+            return Some(r);
         }
-        r
+        desc::confine_segment(r)
     }
 
     fn install(&mut self, s: CpuState) -> Result<(), EngineError> {
@@ -878,7 +877,12 @@ impl Trap {
         let mut r = if segs_changed {
             let mut r = s.clone();
             for i in 0..6 {
-                r.seg[i] = Self::real_segment(s.seg[i], i, vcpl);
+                r.seg[i] = Self::real_segment(s.seg[i], i, vcpl).ok_or_else(|| {
+                    unsupported(
+                        "a code segment reaches the monitor's linear area (the top 4 MiB) \
+                         and cannot be cut below it",
+                    )
+                })?;
             }
             r
         } else {

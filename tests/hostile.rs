@@ -1,0 +1,315 @@
+//! Hostile guests: small flat binaries that attack popek's isolation or
+//! its resources, run through the `popek` binary on the software engines.
+//! Each run is a child process whose peak RSS is measured (`wait4`'s
+//! `ru_maxrss`), so that a guest that makes popek grow is caught whatever
+//! the engine reserves as address space.
+
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+
+use iced_x86::code_asm::*;
+use iced_x86::{BlockEncoderOptions, Code, Instruction, MemoryOperand, Register};
+
+/// How a child `popek` ended.
+struct Run {
+    status: i32,
+    signal: Option<i32>,
+    stdout: String,
+    stderr: String,
+    /// Peak resident set, bytes.
+    max_rss: u64,
+}
+
+/// Runs `popek run` on a flat binary (`format`: flat-real or
+/// flat-protected, loaded at `load`) with `extra` options.
+fn run_flat(name: &str, code: &[u8], format: &str, load: u64, extra: &[&str]) -> Run {
+    let dir = std::env::temp_dir().join(format!("popek-hostile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::File::create(&p).unwrap().write_all(code).unwrap();
+    let load = format!("{load:#x}");
+    let mut args = vec![
+        "run",
+        "--kernel",
+        p.to_str().unwrap(),
+        "--format",
+        format,
+        "--load-addr",
+        &load,
+        "--clock",
+        "virtual",
+    ];
+    args.extend_from_slice(extra);
+    let child = Command::new(env!("CARGO_BIN_EXE_popek"))
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("popek starts");
+    let pid = child.id() as libc::pid_t;
+    // Read the pipes on threads while waiting for the child ourselves
+    // (wait4 gives its peak RSS).
+    let mut child = child;
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut out, &mut s).ok();
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut err, &mut s).ok();
+        s
+    });
+    let mut wstatus = 0;
+    // SAFETY: an all-zero rusage is a valid value to be overwritten.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our child, not yet reaped; the pointers are valid
+    // for the call.
+    let r = unsafe { libc::wait4(pid, &mut wstatus, 0, &mut ru) };
+    assert_eq!(r, pid, "wait4");
+    let st = std::process::ExitStatus::from_raw(wstatus);
+    Run {
+        status: st.code().unwrap_or(-1),
+        signal: st.signal(),
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+        max_rss: ru.ru_maxrss as u64 * 1024,
+    }
+}
+
+/// popek's fixed allowance over guest RAM (docs/security.md).
+const RSS_ALLOWANCE: u64 = 64 << 20;
+
+/// No signal ended popek, and its peak RSS stayed within guest RAM plus
+/// the allowance.
+fn assert_bounded(r: &Run, what: &str, guest_ram: u64) {
+    assert_eq!(
+        r.signal, None,
+        "{what}: popek killed by a signal\n{}",
+        r.stderr
+    );
+    assert!(
+        r.max_rss <= guest_ram + RSS_ALLOWANCE,
+        "{what}: peak RSS {} MiB for {} MiB of guest RAM",
+        r.max_rss >> 20,
+        guest_ram >> 20
+    );
+}
+
+const LOAD: u64 = 0x10_0000;
+/// Scratch memory of the guests below (inside 4 MiB of RAM).
+const DATA: i32 = 0x20_0000;
+
+fn gdt_entry(base: u32, limit: u32, access: u8, flags: u8) -> u64 {
+    (limit as u64 & 0xffff)
+        | ((base as u64 & 0xff_ffff) << 16)
+        | ((access as u64) << 40)
+        | (((limit as u64 >> 16) & 0xf) << 48)
+        | (((flags & 0xf) as u64) << 52)
+        | (((base >> 24) as u64) << 56)
+}
+
+/// Where the guests below keep their tables: GDT, IDT, and the GDTR and
+/// IDTR images.
+const GDT: u64 = LOAD + 0x1000;
+const IDT: u64 = LOAD + 0x2000;
+const TABLE_REGS: u64 = LOAD + 0x3000;
+
+/// A flat-protected guest image: `code` (assembled at [`LOAD`], which must
+/// start by loading the tables and reloading the segments with
+/// [`prologue`]) followed by its GDT (`entries` after a null, flat code
+/// 0x08 and flat data 0x10) and an IDT whose every gate leads to the code
+/// at label `handler`.
+fn image(mut a: CodeAssembler, handler: CodeLabel, entries: &[u64]) -> Vec<u8> {
+    let r = a
+        .assemble_options(LOAD, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
+        .unwrap();
+    let h = r.label_ip(&handler).unwrap() as u32;
+    let mut img = r.inner.code_buffer.clone();
+    assert!(img.len() <= 0x1000, "guest code too large");
+    img.resize(0x4000, 0);
+    let mut gdt = vec![
+        0,
+        gdt_entry(0, 0xfffff, 0x9a, 0xc),
+        gdt_entry(0, 0xfffff, 0x92, 0xc),
+    ];
+    gdt.extend_from_slice(entries);
+    for (i, e) in gdt.iter().enumerate() {
+        let o = (GDT - LOAD) as usize + i * 8;
+        img[o..o + 8].copy_from_slice(&e.to_le_bytes());
+    }
+    for v in 0..32 {
+        // 32-bit interrupt gate, DPL 0, to 0x08:handler.
+        let gate =
+            (h as u64 & 0xffff) | (0x08 << 16) | (0x8e00u64 << 32) | ((h as u64 >> 16) << 48);
+        let o = (IDT - LOAD) as usize + v * 8;
+        img[o..o + 8].copy_from_slice(&gate.to_le_bytes());
+    }
+    let o = (TABLE_REGS - LOAD) as usize;
+    img[o..o + 2].copy_from_slice(&((gdt.len() * 8 - 1) as u16).to_le_bytes());
+    img[o + 2..o + 6].copy_from_slice(&(GDT as u32).to_le_bytes());
+    img[o + 8..o + 10].copy_from_slice(&(32u16 * 8 - 1).to_le_bytes());
+    img[o + 10..o + 14].copy_from_slice(&(IDT as u32).to_le_bytes());
+    img
+}
+
+/// LGDT, LIDT, CS = 0x08 (through RETF), DS = ES = SS = 0x10, ESP.
+fn prologue(a: &mut CodeAssembler) {
+    a.mov(esp, 0x30_0000).unwrap();
+    a.lgdt(dword_ptr(TABLE_REGS as i32)).unwrap();
+    a.lidt(dword_ptr(TABLE_REGS as i32 + 8)).unwrap();
+    let mut go = a.create_label();
+    a.push(0x08).unwrap();
+    a.call(go).unwrap(); // pushes the address of the RETF's target
+    a.set_label(&mut go).unwrap();
+    a.add(dword_ptr(esp), 5).unwrap(); // past this ADD (5 bytes) and the RETF
+    a.retf().unwrap();
+    a.mov(ax, 0x10).unwrap();
+    a.mov(ds, ax).unwrap();
+    a.mov(es, ax).unwrap();
+    a.mov(ss, ax).unwrap();
+    a.mov(esp, 0x30_0000).unwrap();
+}
+
+/// Prints the string on COM1.
+fn print(a: &mut CodeAssembler, s: &[u8]) {
+    a.mov(edx, 0x3f8).unwrap();
+    for &b in s {
+        a.mov(al, b as i32).unwrap();
+        a.out(dx, al).unwrap();
+    }
+}
+
+/// Prints `[DATA]` as two decimal digits.
+fn print_count(a: &mut CodeAssembler) {
+    a.mov(eax, dword_ptr(DATA)).unwrap();
+    a.mov(ecx, 10).unwrap();
+    a.xor(edx, edx).unwrap();
+    a.div(ecx).unwrap();
+    a.mov(ecx, edx).unwrap();
+    a.mov(edx, 0x3f8).unwrap();
+    a.add(al, b'0' as i32).unwrap();
+    a.out(dx, al).unwrap();
+    a.mov(al, cl).unwrap();
+    a.add(al, b'0' as i32).unwrap();
+    a.out(dx, al).unwrap();
+}
+
+/// The `trap` isolation attack: data segments that a deprivileged guest
+/// kernel may load and that, as it wrote them, reach the monitor's top
+/// 4 MiB of linear space (where its shadow page directory, GDT, IDT and
+/// TSS live). Every access through them at an offset that lands there
+/// must fault under `trap`; on `interp` (no monitor in the guest's linear
+/// space) the same accesses succeed. A segment whose expand-down offsets
+/// wrap to low memory must still read and write guest RAM.
+///
+/// Prints "faults NN" and "wrap ok" or "wrap bad"; exits with status 0x21.
+fn segment_attack() -> (Vec<u8>, u32) {
+    // (descriptor, offset, write); each access is one 6-byte instruction.
+    let table: &[(u64, u32, bool)] = &[
+        // Expand-down, base 0, limit 0, G = 1: offsets 0x1000..4 GiB.
+        (gdt_entry(0, 0, 0x96, 0xc), 0xffc0_0000, false),
+        (gdt_entry(0, 0, 0x96, 0xc), 0xffc1_2000, true),
+        (gdt_entry(0, 0, 0x96, 0xc), 0xffff_fff0, false),
+        // Expand-down with a 16-bit top, based just below the monitor.
+        (gdt_entry(0xffbf_8000, 0, 0x96, 0x0), 0x8000, false),
+        // A base at the monitor's area, limit 0, G = 1 (the 4 KiB window).
+        (gdt_entry(0xffc0_0000, 0, 0x92, 0x8), 0, false),
+        (gdt_entry(0xffc0_0000, 0, 0x92, 0x8), 0x10, true),
+        // A base above it.
+        (gdt_entry(0xffc1_3000, 0, 0x92, 0xc), 4, true),
+        // A flat segment whose base is not page-aligned: its last bytes.
+        (gdt_entry(0x10, 0xfffff, 0x92, 0xc), 0xffbf_fff0, false),
+        (gdt_entry(0x10, 0xfffff, 0x92, 0xc), 0xffbf_fffc, true),
+        // Plain flat data: the top 4 MiB itself.
+        (gdt_entry(0, 0xfffff, 0x92, 0xc), 0xffc0_0008, true),
+    ];
+    let mut a = CodeAssembler::new(32).unwrap();
+    prologue(&mut a);
+    a.mov(dword_ptr(DATA), 0).unwrap(); // faults counted
+    for (i, &(_, off, write)) in table.iter().enumerate() {
+        a.mov(ax, ((i + 3) * 8) as i32).unwrap();
+        a.mov(es, ax).unwrap();
+        let mem = MemoryOperand::with_displ(off as u64, 4);
+        let mut ins = if write {
+            Instruction::with2(Code::Mov_moffs32_EAX, mem, Register::EAX)
+        } else {
+            Instruction::with2(Code::Mov_EAX_moffs32, Register::EAX, mem)
+        }
+        .unwrap();
+        ins.set_segment_prefix(Register::ES);
+        a.add_instruction(ins).unwrap();
+    }
+    // The wrap case: base 4 MiB, expand-down (B = 1, G = 1) above
+    // 0xffbf_ffff: offset 0xffc0_0000 + x is linear x.
+    let wrap_sel = ((table.len() + 3) * 8) as i32;
+    let wrapped = |x: i32| dword_ptr(0xffc0_0000u64 + x as u64).es();
+    a.mov(dword_ptr(DATA + 8), 0x1234_5678).unwrap();
+    a.mov(dword_ptr(DATA + 12), 0).unwrap();
+    a.mov(ax, wrap_sel).unwrap();
+    a.mov(es, ax).unwrap();
+    a.mov(eax, wrapped(DATA + 8)).unwrap();
+    a.add(wrapped(DATA + 12), 7).unwrap();
+    a.mov(dword_ptr(DATA + 4), eax).unwrap();
+    print(&mut a, b"faults ");
+    print_count(&mut a);
+    let (mut bad, mut end) = (a.create_label(), a.create_label());
+    a.cmp(dword_ptr(DATA + 4), 0x1234_5678).unwrap();
+    a.jne(bad).unwrap();
+    a.cmp(dword_ptr(DATA + 12), 7).unwrap();
+    a.jne(bad).unwrap();
+    print(&mut a, b"\nwrap ok\n");
+    a.jmp(end).unwrap();
+    a.set_label(&mut bad).unwrap();
+    print(&mut a, b"\nwrap bad\n");
+    a.set_label(&mut end).unwrap();
+    a.mov(al, 0x10).unwrap();
+    a.out(0xf4, al).unwrap();
+    a.hlt().unwrap();
+    // Every vector: count, skip the 6-byte access, return (#GP and #SS
+    // push an error code).
+    let mut handler = a.create_label();
+    a.set_label(&mut handler).unwrap();
+    a.inc(dword_ptr(DATA)).unwrap();
+    a.add(dword_ptr(esp + 4), 6).unwrap();
+    a.add(esp, 4).unwrap();
+    a.iretd().unwrap();
+    let mut entries: Vec<u64> = table.iter().map(|t| t.0).collect();
+    entries.push(gdt_entry(0x40_0000, 0xffbff, 0x96, 0xc));
+    (image(a, handler, &entries), table.len() as u32)
+}
+
+#[test]
+fn trap_confines_every_segment_below_the_monitor() {
+    let (code, n) = segment_attack();
+    let t = run_flat(
+        "segments.bin",
+        &code,
+        "flat-protected",
+        LOAD,
+        &["--engine", "trap", "--memory", "4M"],
+    );
+    assert_bounded(&t, "trap", 4 << 20);
+    assert_eq!(t.status, 0x21, "{}\n{}", t.stdout, t.stderr);
+    assert!(
+        t.stdout.contains(&format!("faults {n:02}")),
+        "every access into the monitor's area faults under trap:\n{}",
+        t.stdout
+    );
+    assert!(t.stdout.contains("wrap ok"), "{}", t.stdout);
+    // The same accesses are fine on a CPU with no monitor in the way.
+    let i = run_flat(
+        "segments.bin",
+        &code,
+        "flat-protected",
+        LOAD,
+        &["--engine", "interp", "--memory", "4M"],
+    );
+    assert_eq!(i.status, 0x21, "{}\n{}", i.stdout, i.stderr);
+    assert!(i.stdout.contains("faults 00"), "{}", i.stdout);
+    assert!(i.stdout.contains("wrap ok"), "{}", i.stdout);
+}
