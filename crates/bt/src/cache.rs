@@ -1,19 +1,20 @@
 //! The translation cache: executable memory under W^X.
 //!
-//! One `memfd_create` file is mapped twice: a read-write view the
-//! translator copies code into, and a read-execute view the dispatcher
-//! calls. No mapping is ever both writable and executable. Code is
-//! appended (bump allocation); when the cache is full the owner drops every
-//! translation and calls [`CodeCache::reset`].
+//! One `memfd_create` file, mapped once read + execute: the dispatcher
+//! calls into the mapping, the translator writes code into the file with
+//! `pwrite`. No mapping is ever writable and executable, and the cache's
+//! pages count once in popek's resident set (a second, writable view of
+//! them would count them twice). Code is appended (bump allocation); when
+//! the cache is full the owner drops every translation and calls
+//! [`CodeCache::reset`].
 
 use std::io;
 
 /// Alignment of each compiled code fragment.
 const ALIGN: usize = 16;
 
-/// Executable memory with a separate writable view of the same pages.
+/// Executable memory written through its file.
 pub struct CodeCache {
-    rw: *mut u8,
     rx: *const u8,
     size: usize,
     used: usize,
@@ -40,22 +41,8 @@ impl CodeCache {
         if unsafe { libc::ftruncate(fd, size as libc::off_t) } != 0 {
             return Err(fail(fd));
         }
-        // SAFETY: a fresh shared mapping of our memfd; no existing memory is
-        // affected.
-        let rw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if rw == libc::MAP_FAILED {
-            return Err(fail(fd));
-        }
-        // SAFETY: as above, a second view of the same file, read + execute.
+        // SAFETY: a fresh shared mapping of our memfd, read + execute; no
+        // existing memory is affected.
         let rx = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -67,18 +54,44 @@ impl CodeCache {
             )
         };
         if rx == libc::MAP_FAILED {
-            let e = fail(fd);
-            // SAFETY: `rw` is the mapping created above, of `size` bytes.
-            unsafe { libc::munmap(rw, size) };
-            return Err(e);
+            return Err(fail(fd));
         }
         Ok(CodeCache {
-            rw: rw as *mut u8,
             rx: rx as *const u8,
             size,
             used: 0,
             fd,
         })
+    }
+
+    /// Writes `data` at offset `off` of the file (all of it, or an error).
+    fn write_file(&self, off: usize, mut data: &[u8]) -> io::Result<()> {
+        let mut off = off as libc::off_t;
+        while !data.is_empty() {
+            // SAFETY: `data` is a valid buffer of `data.len()` bytes; `fd` is
+            // our memfd.
+            let n = unsafe {
+                libc::pwrite(
+                    self.fd,
+                    data.as_ptr() as *const libc::c_void,
+                    data.len(),
+                    off,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            data = &data[n as usize..];
+            off += n as libc::off_t;
+        }
+        Ok(())
     }
 
     /// The executable address the next fragment will get.
@@ -87,29 +100,28 @@ impl CodeCache {
     }
 
     /// Copies `code` in; returns its executable address, or `None` when the
-    /// cache is full.
+    /// cache is full (or the host refuses the write: the owner then treats
+    /// the cache as full).
     pub fn push(&mut self, code: &[u8]) -> Option<*const u8> {
         let at = self.used.next_multiple_of(ALIGN);
         if at + code.len() > self.size {
             return None;
         }
-        // SAFETY: `at + code.len() <= size`, so the destination lies inside
-        // the RW view, which no Rust reference aliases; `code` is a separate
-        // heap buffer.
-        unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), self.rw.add(at), code.len()) };
+        self.write_file(at, code).ok()?;
         self.used = at + code.len();
-        // SAFETY: `at < size`: inside the RX view.
+        // SAFETY: `at < size`: inside the mapping.
         Some(unsafe { self.rx.add(at) })
     }
 
     /// Overwrites code at an executable address (a chain link). The caller
     /// guarantees that no CCF is running (the dispatcher is
-    /// single-threaded and patches only between calls).
-    pub fn write_at(&mut self, addr: u64, data: &[u8]) {
+    /// single-threaded and patches only between calls). False if the host
+    /// refused the write: the site then keeps its old target, which stays
+    /// correct (an unlinked exit).
+    pub fn write_at(&mut self, addr: u64, data: &[u8]) -> bool {
         let off = (addr as usize).wrapping_sub(self.rx as usize);
         assert!(off <= self.used && data.len() <= self.used - off);
-        // SAFETY: checked to lie inside the used part of the RW view.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.rw.add(off), data.len()) };
+        self.write_file(off, data).is_ok()
     }
 
     /// Bytes in use.
@@ -126,8 +138,8 @@ impl CodeCache {
     pub fn bytes(&self, addr: u64, len: usize) -> &[u8] {
         let off = (addr as usize).wrapping_sub(self.rx as usize);
         assert!(off <= self.used && len <= self.used - off);
-        // SAFETY: checked above to lie within the used part of the RX view,
-        // which is readable and only written through the RW view while no
+        // SAFETY: checked above to lie within the used part of the mapping,
+        // which is readable and only written (through the file) while no
         // `&self` borrow exists (`push` takes `&mut self`).
         unsafe { std::slice::from_raw_parts(self.rx.add(off), len) }
     }
@@ -135,10 +147,9 @@ impl CodeCache {
 
 impl Drop for CodeCache {
     fn drop(&mut self) {
-        // SAFETY: both mappings and the descriptor were created in `new`
-        // and are released exactly once here.
+        // SAFETY: the mapping and the descriptor were created in `new` and
+        // are released exactly once here.
         unsafe {
-            libc::munmap(self.rw as *mut libc::c_void, self.size);
             libc::munmap(self.rx as *mut libc::c_void, self.size);
             libc::close(self.fd);
         }

@@ -34,6 +34,16 @@ use translate::{Ctx, Translation};
 /// Size of the translation cache.
 pub const CACHE_SIZE: usize = 32 << 20;
 
+/// Most TU keys the translator remembers (translations and interpreter
+/// entries in the map, heat counts of cold code): past it the map or the
+/// counts start again empty, so that a guest running code at every address
+/// of its memory cannot grow popek without bound (≈ 100 bytes a key).
+pub const MAX_KEYS: usize = 1 << 16;
+
+/// The bound of the interpreter's decoded-block cache under `bt`: it holds
+/// only code that is not translated (cold code, call-outs).
+pub const BLOCK_CACHE_BYTES: usize = 8 << 20;
+
 /// Slow-path exits of one inline memory instruction after which it is
 /// retranslated as a call-out (adaptive BT).
 const ADAPT_MISSES: u32 = 8;
@@ -179,6 +189,8 @@ pub struct BtStats {
     pub invalidations: u64,
     /// Whole-cache flushes (cache full or code cache flushed).
     pub flushes: u64,
+    /// Times the heat counts of cold code started again ([`MAX_KEYS`]).
+    pub cold_resets: u64,
     /// Indirect transfers (RET) that found their target in the inline
     /// indirect-branch table (counted by the CCFs: `translate::IB_HIT`).
     pub ib_hits: u64,
@@ -295,6 +307,9 @@ pub struct BtCore {
     /// `translate::IbTable`): records of 8 u64, filled by the dispatcher
     /// for each CCF it enters, cleared with the CCF.
     ib: Vec<[u64; 8]>,
+    /// The translation cache could not take the runtime code after a
+    /// flush (the host refused the write): interpret everything.
+    translation_off: bool,
     /// The fetch-entry generation when the records' generation fields were
     /// last cleared (it wraps after 2^23 changes: they are cleared every
     /// 2^21, so a stale one never matches again).
@@ -331,6 +346,7 @@ impl BtCore {
 
     /// Wraps a CPU. Fails when the translation cache cannot be mapped.
     pub fn new(mut cpu: Cpu) -> std::io::Result<BtCore> {
+        cpu.set_block_cache_limit(BLOCK_CACHE_BYTES);
         cpu.track_invalidations = true;
         let mut core = BtCore {
             cpu,
@@ -354,6 +370,7 @@ impl BtCore {
             nogroup_times: HashMap::new(),
             next_retry: ADAPT_RETRY,
             ib: vec![[0u64; 8]; translate::IB_SLOTS],
+            translation_off: false,
             ib_gen_epoch: 0,
             runtime: translate::Runtime { entry: 0, tail: 0 },
             bmi2: std::arch::is_x86_feature_detected!("bmi2"),
@@ -374,16 +391,28 @@ impl BtCore {
             stats: BtStats::default(),
         };
         core.push_runtime();
+        if core.translation_off {
+            return Err(std::io::Error::other(
+                "the translation cache refused its runtime code",
+            ));
+        }
         Ok(core)
     }
 
     /// Puts the shared entry and exit tail at the start of the (empty)
-    /// cache.
+    /// cache. Should the host refuse the write, nothing is translated any
+    /// more: the guest runs on the interpreter.
     fn push_runtime(&mut self) {
         let ip = self.cache.next_addr();
-        let (code, tail) =
-            translate::compile_runtime(ip, self.bmi2).expect("the runtime assembles");
-        let at = self.cache.push(&code).expect("the runtime fits") as u64;
+        let Ok((code, tail)) = translate::compile_runtime(ip, self.bmi2) else {
+            self.translation_off = true;
+            return;
+        };
+        let Some(at) = self.cache.push(&code) else {
+            self.translation_off = true;
+            return;
+        };
+        let at = at as u64;
         debug_assert_eq!(at, ip);
         self.runtime = translate::Runtime {
             entry: at,
@@ -518,6 +547,11 @@ impl BtCore {
                     e
                 }
                 None if {
+                    if self.cold.len() >= MAX_KEYS || self.cold_pages.len() >= MAX_KEYS {
+                        self.cold = HashMap::new();
+                        self.cold_pages = HashMap::new();
+                        self.stats.cold_resets += 1;
+                    }
                     let n = self.cold.entry(key).or_insert(0);
                     *n += 1;
                     let n = *n;
@@ -839,6 +873,13 @@ impl BtCore {
     }
 
     fn translate_untimed(&mut self, key: Key) -> Option<Entry> {
+        if self.translation_off {
+            return None;
+        }
+        if self.map.len() >= MAX_KEYS {
+            // As when the code cache is full (see `MAX_KEYS`).
+            self.flush_all();
+        }
         let (phys, eip, cpl) = key;
         let code16 = cpl & 0x20 != 0;
         let cs_lo = cpl >> 8;
@@ -946,8 +987,9 @@ impl BtCore {
                         callout: false,
                         first: 0,
                     };
-                    self.map.insert(key, e);
-                    self.page_keys.entry(phys >> 12).or_default().push(key);
+                    if self.map.insert(key, e).is_none() {
+                        self.page_keys.entry(phys >> 12).or_default().push(key);
+                    }
                     return Some(e);
                 };
                 let mut at = self.cache.push(&host.code);
@@ -1021,8 +1063,9 @@ impl BtCore {
         // Stores to this page now take the CPU's slow path, which reports
         // the page through `take_invalidated_pages`.
         self.cpu.mark_translated_page(phys >> 12);
-        self.map.insert(key, entry);
-        self.page_keys.entry(phys >> 12).or_default().push(key);
+        if self.map.insert(key, entry).is_none() {
+            self.page_keys.entry(phys >> 12).or_default().push(key);
+        }
         Some(entry)
     }
 
@@ -1030,8 +1073,9 @@ impl BtCore {
     fn link(&mut self, site: u64, body: u64) {
         let mut rel = [0u8; 4];
         translate::patch(&mut rel, site, body);
-        self.cache.write_at(site, &rel);
-        self.stats.links += 1;
+        if self.cache.write_at(site, &rel) {
+            self.stats.links += 1;
+        }
     }
 
     /// Forgets every translation of a physical page (with the chain links
@@ -1201,6 +1245,16 @@ impl BtCore {
             ("adaptive retranslations", s.adapted),
             ("code pages invalidated", s.invalidations),
             ("cache flushes", s.flushes),
+            ("TU map entries", self.map.len() as u64),
+            ("heat counts reset", s.cold_resets),
+            (
+                "decoded-block cache, KiB",
+                self.cpu.block_cache_bytes() as u64 >> 10,
+            ),
+            (
+                "decoded-block cache flushes",
+                self.cpu.stats.block_cache_flushes,
+            ),
             ("compile errors", s.compile_errors),
             ("chained transfers", s.chains),
             (

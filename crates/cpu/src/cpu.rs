@@ -9,7 +9,7 @@ use popek_memory::GuestRam;
 
 use crate::bus::Bus;
 use crate::cpuid::CpuidModel;
-use crate::decode::{decode_block, Block};
+use crate::decode::{decode_block, Block, DecodedInsn};
 use crate::exception::{Exc, Vector};
 use crate::flags::{FlagOp, LazyFlags};
 use crate::mmu::Tlb;
@@ -51,6 +51,9 @@ pub struct CpuStats {
     pub blocks_decoded: u64,
     /// Block cache invalidations (pages).
     pub invalidations: u64,
+    /// Times the decoded-block cache was emptied because it reached its
+    /// bound ([`Cpu::set_block_cache_limit`]).
+    pub block_cache_flushes: u64,
     /// Exceptions and interrupts delivered.
     pub deliveries: u64,
 }
@@ -70,6 +73,10 @@ pub struct Cpu {
     pub(crate) fast_blocks: Box<[FastSlot]>,
     pub(crate) page_blocks: HashMap<u64, Vec<u64>>,
     pub(crate) code_pages: Vec<u64>,
+    /// Estimated bytes in `blocks` (see [`BLOCK_CACHE_BYTES`]).
+    block_cache_bytes: usize,
+    /// The bound of `block_cache_bytes`.
+    block_cache_limit: usize,
     /// Per segment register: fast-path permission bits (see `seg.rs`).
     pub(crate) seg_ok: [u8; 6],
     /// CPL, cached.
@@ -125,6 +132,19 @@ fn fast_slot(key: u64) -> usize {
 /// Largest number of instructions in one decoded block.
 pub(crate) const MAX_BLOCK: usize = 64;
 
+/// Default bound of the decoded-block cache (its instructions, blocks and
+/// index entries, estimated): when a new block would pass it, the whole
+/// cache is emptied and fills again with what runs (a guest that executes
+/// every byte of its memory must not grow popek without bound). Debian's
+/// boot on `interp` keeps about 34 MiB of blocks; a flush costs it the
+/// decoding of what it runs next.
+pub const BLOCK_CACHE_BYTES: usize = 16 << 20;
+
+/// Estimated bytes a cached block of `n` instructions takes.
+fn block_bytes(n: usize) -> usize {
+    n * std::mem::size_of::<DecodedInsn>() + std::mem::size_of::<Block>() + 96
+}
+
 impl Cpu {
     /// A CPU in the RESET state attached to `ram`.
     pub fn new(ram: Arc<GuestRam>) -> Cpu {
@@ -142,6 +162,8 @@ impl Cpu {
             fast_blocks: (0..FAST_BLOCKS).map(|_| None).collect(),
             page_blocks: HashMap::new(),
             code_pages: vec![0; pages.div_ceil(64) as usize],
+            block_cache_bytes: 0,
+            block_cache_limit: BLOCK_CACHE_BYTES,
             seg_ok: [0; 6],
             cpl: 0,
             next_ip: 0,
@@ -533,10 +555,19 @@ impl Cpu {
         self.stats.blocks_decoded += 1;
         let block = Rc::new(block);
         if block.cacheable {
+            let bytes = block_bytes(block.insns.len());
+            if self.block_cache_bytes + bytes > self.block_cache_limit {
+                self.drop_blocks();
+                self.stats.block_cache_flushes += 1;
+            }
             let page = phys >> 12;
             self.mark_code_page(page);
-            self.page_blocks.entry(page).or_default().push(key);
-            self.blocks.insert(key, block.clone());
+            self.block_cache_bytes += bytes;
+            match self.blocks.insert(key, block.clone()) {
+                // An alias (same code, another EIP) replaced its block.
+                Some(old) => self.block_cache_bytes -= block_bytes(old.insns.len()),
+                None => self.page_blocks.entry(page).or_default().push(key),
+            }
             self.fast_blocks[slot] = Some((key, block.clone()));
         }
         Ok(block)
@@ -569,7 +600,9 @@ impl Cpu {
         }
         if let Some(keys) = self.page_blocks.remove(&page) {
             for k in keys {
-                self.blocks.remove(&k);
+                if let Some(b) = self.blocks.remove(&k) {
+                    self.block_cache_bytes -= block_bytes(b.insns.len());
+                }
                 let slot = fast_slot(k);
                 if matches!(&self.fast_blocks[slot], Some((fk, _)) if *fk == k) {
                     self.fast_blocks[slot] = None;
@@ -585,12 +618,34 @@ impl Cpu {
 
     /// Drops every decoded block (e.g. after restoring memory).
     pub fn flush_code_cache(&mut self) {
-        self.fast_blocks.iter_mut().for_each(|b| *b = None);
-        self.blocks.clear();
-        self.page_blocks.clear();
-        self.code_pages.iter_mut().for_each(|w| *w = 0);
+        self.drop_blocks();
         if self.track_invalidations {
             self.invalidated.push(u64::MAX);
         }
+    }
+
+    /// Empties the decoded-block cache. Pages stay marked as code (their
+    /// stores keep taking the slow path): the binary translator's
+    /// translations of them live on and need their invalidations.
+    fn drop_blocks(&mut self) {
+        self.fast_blocks.iter_mut().for_each(|b| *b = None);
+        self.blocks = HashMap::new();
+        self.page_blocks = HashMap::new();
+        self.block_cache_bytes = 0;
+        if !self.track_invalidations {
+            self.code_pages.iter_mut().for_each(|w| *w = 0);
+        }
+    }
+
+    /// Estimated bytes held by the decoded-block cache.
+    pub fn block_cache_bytes(&self) -> usize {
+        self.block_cache_bytes
+    }
+
+    /// Sets the bound of the decoded-block cache (default
+    /// [`BLOCK_CACHE_BYTES`]; the binary translator, whose CPU decodes
+    /// only cold code, keeps it smaller).
+    pub fn set_block_cache_limit(&mut self, bytes: usize) {
+        self.block_cache_limit = bytes;
     }
 }

@@ -889,3 +889,43 @@ fn v86_io_follows_the_bitmap_even_with_iopl3() {
     assert_eq!(s.stub_vector(), Some(13));
     assert_eq!(s.bus.outs.len(), 1);
 }
+
+/// The decoded-block cache stays within its bound however many distinct
+/// blocks a guest enters: it is emptied when full, and the code still runs.
+#[test]
+fn the_decoded_block_cache_is_bounded() {
+    let mut s = Sys::new();
+    // 16 KiB of NOPs at 0x40000 with a RET every 64 bytes; call each byte.
+    let mut sled = vec![0x90u8; 0x4000];
+    for i in (63..sled.len()).step_by(64) {
+        sled[i] = 0xc3;
+    }
+    s.ram().write(0x40000, &sled).unwrap();
+    let code = kcode(|a| {
+        let mut top = a.create_label();
+        a.mov(esi, 0x40000u32)?;
+        a.set_label(&mut top)?;
+        a.call(esi)?;
+        a.inc(esi)?;
+        a.cmp(esi, 0x44000u32)?;
+        a.jb(top)?;
+        a.hlt()
+    });
+    s.c.set_block_cache_limit(256 << 10);
+    s.start_kernel(&code);
+    let mut peak = 0;
+    loop {
+        let x = s.c.run(&mut s.bus, 10_000);
+        peak = peak.max(s.c.block_cache_bytes());
+        if x != RunExit::Budget {
+            assert_eq!(x, RunExit::Halted);
+            break;
+        }
+    }
+    assert_eq!(s.gpr(6), 0x44000, "every entry point ran");
+    assert!(peak <= 256 << 10, "peak {peak}");
+    assert!(
+        s.c.stats.block_cache_flushes > 0,
+        "the cache was emptied when full"
+    );
+}

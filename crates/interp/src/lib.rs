@@ -150,6 +150,11 @@ impl Engine for Interp {
             ("instructions", self.cpu.icount),
             ("blocks decoded", s.blocks_decoded),
             ("code pages invalidated", s.invalidations),
+            (
+                "decoded-block cache, KiB",
+                self.cpu.block_cache_bytes() as u64 >> 10,
+            ),
+            ("decoded-block cache flushes", s.block_cache_flushes),
             ("events delivered", s.deliveries),
         ]
     }
