@@ -229,18 +229,20 @@ struct InitramfsArgs {
 }
 
 fn initramfs(a: InitramfsArgs) -> u8 {
-    let busybox = match std::fs::read(&a.busybox) {
+    // An initramfs lands in guest RAM: no input can be larger than it.
+    let max = popek_vmm::MAX_MEMORY;
+    let busybox = match popek_vmm::read_input(&a.busybox, max) {
         Ok(b) => b,
         Err(e) => {
-            eprintln!("popek: {}: {e}", a.busybox.display());
+            eprintln!("popek: {e}");
             return 2;
         }
     };
     let init = match &a.init {
-        Some(p) => match std::fs::read(p) {
+        Some(p) => match popek_vmm::read_input(p, max) {
             Ok(b) => b,
             Err(e) => {
-                eprintln!("popek: {}: {e}", p.display());
+                eprintln!("popek: {e}");
                 return 2;
             }
         },

@@ -106,7 +106,7 @@ fn trap_refuses_what_it_cannot_deprivilege() {
     assert!(err.contains("real mode"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     // The shuffled physical map moves 64 KiB chunks.
-    let (code, err) = popek(&["run", "--engine", "trap", "--memory", "2100K"]);
+    let (code, err) = popek(&["run", "--engine", "trap", "--memory", "6500K"]);
     assert_eq!(code, 2, "trap: {err}");
     assert!(err.contains("multiple of 64 KiB"), "{err}");
 }
@@ -134,4 +134,51 @@ fn missing_initrd() {
     let (code, err) = popek(&["run", "--initrd", "/nonexistent/initrd.gz"]);
     assert_eq!(code, 2);
     assert!(err.contains("/nonexistent/initrd.gz"), "{err}");
+}
+
+/// Inputs are checked before they are read: a device would be read until
+/// memory runs out, a FIFO waited on forever.
+#[test]
+fn a_device_or_a_fifo_as_kernel_or_initrd_is_refused_at_once() {
+    let dir = std::env::temp_dir().join(format!("popek-bad-input-fifo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let kernel = temp_file("k-for-initrd", b"\x7fELF");
+    for args in [
+        vec!["run", "--kernel", "/dev/zero"],
+        vec!["run", "--kernel", fifo.to_str().unwrap()],
+        vec![
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            "/dev/zero",
+        ],
+        vec!["initramfs", "--busybox", "/dev/zero", "-o", "/dev/null"],
+    ] {
+        let t = std::time::Instant::now();
+        let (code, err) = popek(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains("not a regular file"), "{args:?}: {err}");
+        assert!(t.elapsed().as_secs() < 10, "{args:?} answered at once");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_kernel_larger_than_guest_ram_is_refused_before_it_is_read() {
+    let p = temp_file("big-kernel", &vec![0u8; 3 << 20]);
+    let (code, err) = popek(&["run", "--kernel", p.to_str().unwrap(), "--memory", "2M"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("larger than guest RAM"), "{err}");
+}
+
+#[test]
+fn the_embedded_guests_refuse_less_memory_than_they_need() {
+    let (code, err) = popek(&["run", "--memory", "2M", "--engine", "interp"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("needs at least 6 MiB"), "{err}");
 }

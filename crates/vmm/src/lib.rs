@@ -160,7 +160,9 @@ pub fn guest_mode(kernel: &KernelSource) -> Option<GuestMode> {
             Some(FileFormat::FlatReal { .. }) => Some(GuestMode::Real),
             Some(FileFormat::FlatProtected { .. }) => Some(GuestMode::Protected32),
             Some(FileFormat::Linux) | None => {
-                let image = std::fs::read(path).ok()?;
+                // Only a kernel that would load (see `read_input`): the
+                // VM's own read reports what is wrong with the others.
+                let image = read_input(path, MAX_MEMORY).ok()?;
                 linux_64bit(&image).map(|long| {
                     if long {
                         GuestMode::Long64
@@ -256,6 +258,14 @@ pub enum VmError {
         path: String,
         /// Why.
         source: BootError,
+    },
+    /// A kernel or initrd that cannot be loaded as it is.
+    #[error("{path}: {why}")]
+    Input {
+        /// The file.
+        path: String,
+        /// Why.
+        why: String,
     },
     /// The kernel's format is not recognized.
     #[error("{path}: not a Multiboot ELF or Linux bzImage (for a flat binary give --format flat-real or flat-protected and --load-addr)")]
@@ -397,11 +407,46 @@ impl Write for WatchedConsole {
     }
 }
 
-fn read_file(path: &PathBuf) -> Result<Vec<u8>, VmError> {
-    std::fs::read(path).map_err(|source| VmError::Read {
+/// Reads a kernel or initrd: a regular file of at most `max` bytes (guest
+/// RAM: nothing larger can be loaded), checked before reading so that a
+/// device (`/dev/zero`) or a FIFO is refused at once instead of read
+/// forever or waited on.
+pub fn read_input(path: &std::path::Path, max: u64) -> Result<Vec<u8>, VmError> {
+    use std::io::Read;
+    let err = |source| VmError::Read {
         path: path.display().to_string(),
         source,
-    })
+    };
+    let meta = std::fs::metadata(path).map_err(err)?;
+    if !meta.is_file() {
+        return Err(VmError::Input {
+            path: path.display().to_string(),
+            why: "not a regular file".into(),
+        });
+    }
+    if meta.len() > max {
+        return Err(VmError::Input {
+            path: path.display().to_string(),
+            why: format!(
+                "{} bytes: larger than guest RAM ({} MiB), so it cannot be loaded",
+                meta.len(),
+                max >> 20
+            ),
+        });
+    }
+    let mut buf = Vec::with_capacity(meta.len() as usize);
+    std::fs::File::open(path)
+        .map_err(err)?
+        .take(max + 1)
+        .read_to_end(&mut buf)
+        .map_err(err)?;
+    if buf.len() as u64 > max {
+        return Err(VmError::Input {
+            path: path.display().to_string(),
+            why: "grew beyond guest RAM while being read".into(),
+        });
+    }
+    Ok(buf)
 }
 
 impl Vm {
@@ -447,7 +492,11 @@ impl Vm {
         });
         let machine = Machine::new(MachineConfig { clock: cfg.clock }, ram.clone(), console)
             .map_err(|e| VmError::Setup(e.to_string()))?;
-        let initrd = cfg.initrd.as_ref().map(read_file).transpose()?;
+        let initrd = cfg
+            .initrd
+            .as_ref()
+            .map(|p| read_input(p, cfg.memory))
+            .transpose()?;
         let initrd_name = cfg
             .initrd
             .as_ref()
@@ -459,6 +508,13 @@ impl Vm {
                     let img = popek_guests::by_name(n).ok_or_else(|| {
                         VmError::NoGuest(n.clone(), popek_guests::NAMES.join(", "))
                     })?;
+                    if cfg.memory < popek_guests::MIN_MEMORY {
+                        return Err(VmError::Setup(format!(
+                            "--memory {} KiB: guest {n} needs at least {} MiB",
+                            cfg.memory >> 10,
+                            popek_guests::MIN_MEMORY >> 20
+                        )));
+                    }
                     if n.contains("64") && cfg.engine != EngineKind::Hw {
                         return Err(VmError::Engine(format!(
                             "--guest {n}: a 64-bit guest; engine {} has no long mode yet (use --engine hw)",
@@ -471,9 +527,11 @@ impl Vm {
                         Some(FileFormat::Multiboot),
                     )
                 }
-                KernelSource::File { path, format } => {
-                    (read_file(path)?.into(), path.display().to_string(), *format)
-                }
+                KernelSource::File { path, format } => (
+                    read_input(path, cfg.memory)?.into(),
+                    path.display().to_string(),
+                    *format,
+                ),
             };
         let boot_err = |source| VmError::Boot {
             path: name.clone(),
