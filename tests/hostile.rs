@@ -400,3 +400,118 @@ fn a_guest_running_through_zeroed_ram_stays_within_its_memory_bound() {
         );
     }
 }
+
+/// Prints EAX as eight hex digits and a newline on COM1.
+fn print_eax_hex(a: &mut CodeAssembler) {
+    let (mut pr, mut digit) = (a.create_label(), a.create_label());
+    a.mov(ebx, eax).unwrap();
+    a.mov(ecx, 8).unwrap();
+    a.mov(edx, 0x3f8).unwrap();
+    a.set_label(&mut pr).unwrap();
+    a.rol(ebx, 4).unwrap();
+    a.mov(al, bl).unwrap();
+    a.and(al, 0xf).unwrap();
+    a.add(al, b'0' as i32).unwrap();
+    a.cmp(al, b'9' as i32).unwrap();
+    a.jbe(digit).unwrap();
+    a.add(al, 7).unwrap();
+    a.set_label(&mut digit).unwrap();
+    a.out(dx, al).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(pr).unwrap();
+    a.mov(al, 0x0a).unwrap();
+    a.out(dx, al).unwrap();
+}
+
+/// A guest whose IDT entry for #UD is `bad` (the other gates lead to a
+/// handler that prints the error code on the stack and exits), then UD2.
+fn delivery_fault(bad_gate: Option<u64>, extra_gdt: &[u64]) -> Vec<u8> {
+    let mut a = CodeAssembler::new(32).unwrap();
+    prologue(&mut a);
+    a.ud2().unwrap();
+    let mut handler = a.create_label();
+    a.set_label(&mut handler).unwrap();
+    a.mov(eax, dword_ptr(esp)).unwrap();
+    print_eax_hex(&mut a);
+    a.mov(al, 0x10).unwrap();
+    a.out(0xf4, al).unwrap();
+    a.hlt().unwrap();
+    let mut img = image(a, handler, extra_gdt);
+    if let Some(g) = bad_gate {
+        let o = (IDT - LOAD) as usize + 6 * 8;
+        img[o..o + 8].copy_from_slice(&g.to_le_bytes());
+    }
+    img
+}
+
+/// What `trap` does where the other engines agree with each other:
+/// the error code of a #NP raised while delivering an exception carries
+/// EXT (0x33 through a not-present gate for #UD, 0x29 through a gate to a
+/// not-present code segment 0x28), and a push at ESP = 2 whose #SS cannot
+/// be delivered either ends in a triple fault.
+#[test]
+fn trap_delivers_faults_during_delivery_as_the_cpu_does() {
+    let gate = |sel: u64, present: bool| {
+        let h = LOAD + 0x10; // any offset: the fault comes first
+        (h & 0xffff) | (sel << 16) | ((0x0e00 | (present as u64) << 15) << 32) | ((h >> 16) << 48)
+    };
+    let cases: [(&str, Vec<u8>, &str); 2] = [
+        (
+            "gate.bin",
+            delivery_fault(Some(gate(0x08, false)), &[]),
+            "00000033",
+        ),
+        (
+            "segment.bin",
+            // GDT index 5 (0x28): code, not present.
+            delivery_fault(
+                Some(gate(0x28, true)),
+                &[
+                    gdt_entry(0, 0xfffff, 0x92, 0xc),
+                    gdt_entry(0, 0xfffff, 0x92, 0xc),
+                    gdt_entry(0, 0xfffff, 0x1a, 0xc),
+                ],
+            ),
+            "00000029",
+        ),
+    ];
+    for (name, code, want) in &cases {
+        for engine in ["interp", "bt", "trap"] {
+            let r = run_flat(
+                name,
+                code,
+                "flat-protected",
+                LOAD,
+                &["--engine", engine, "--memory", "8M"],
+            );
+            assert_eq!(
+                r.status, 0x21,
+                "{engine} {name}: {}\n{}",
+                r.stdout, r.stderr
+            );
+            assert_eq!(r.stdout.trim(), *want, "{engine} {name}: #NP's error code");
+        }
+    }
+    // push at ESP = 2: #SS, whose frame does not fit either: #DF, whose
+    // frame does not fit: triple fault.
+    let mut a = CodeAssembler::new(32).unwrap();
+    prologue(&mut a);
+    a.mov(esp, 2).unwrap();
+    a.push(eax).unwrap();
+    a.hlt().unwrap();
+    let mut handler = a.create_label();
+    a.set_label(&mut handler).unwrap();
+    a.hlt().unwrap();
+    let code = image(a, handler, &[]);
+    for engine in ["interp", "bt", "trap"] {
+        let r = run_flat(
+            "esp2.bin",
+            &code,
+            "flat-protected",
+            LOAD,
+            &["--engine", engine, "--memory", "8M"],
+        );
+        assert_eq!(r.status, 4, "{engine}: triple fault\n{}", r.stderr);
+        assert!(r.stderr.contains("triple fault"), "{engine}: {}", r.stderr);
+    }
+}

@@ -304,8 +304,9 @@ impl Cpu {
     }
 
     /// Checks a segment value (not necessarily loaded) for an access, giving
-    /// its linear address; used for stacks being switched to.
-    pub(crate) fn seg_value_lin(sg: &Segment, off: u32, size: u8) -> Option<u32> {
+    /// its linear address; used for stacks being switched to (and by
+    /// monitors that build exception frames themselves).
+    pub fn seg_value_lin(sg: &Segment, off: u32, size: u8) -> Option<u32> {
         let last = off as u64 + size as u64 - 1;
         if sg.attr & (attr::CODE | attr::DC) == attr::DC {
             let upper: u64 = if sg.big() { 0xffff_ffff } else { 0xffff };

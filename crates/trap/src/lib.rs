@@ -990,7 +990,9 @@ impl Trap {
 
     fn try_deliver(&mut self, ev: Event) -> Result<(), DeliveryError> {
         let (vector, code, ext, soft_next) = match ev {
-            Event::Exception(v, c) => (v, c, false, None),
+            // A fault while delivering an exception or an interrupt (not
+            // INT n) has EXT set in its error code (SDM 6.13).
+            Event::Exception(v, c) => (v, c, true, None),
             Event::Soft(v, next) => (v, None, false, Some(next)),
             Event::External(v) => (v, None, true, None),
         };
@@ -1091,6 +1093,17 @@ impl Trap {
         };
         let bytes: Vec<u8> = frame.iter().rev().flat_map(|w| w.to_le_bytes()).collect();
         let esp = new_esp.wrapping_sub(bytes.len() as u32);
+        // The whole frame within the stack segment's limit (a frame that
+        // wraps around the top of a 32-bit stack does not fit either): #SS,
+        // with the new SS selector when the stack was switched.
+        let len = bytes.len() as u32;
+        let fits = esp as u64 + len as u64 <= 1 << 32
+            && popek_cpu::Cpu::seg_value_lin(&ss_seg, esp, 1).is_some()
+            && popek_cpu::Cpu::seg_value_lin(&ss_seg, esp + (len - 1), 1).is_some();
+        if !fits {
+            let sel = new_ss.map_or(0, |s| (s & !3) as u32);
+            return Err(DeliveryError::Fault(12, Some(sel + ext_bit)));
+        }
         let lin = (ss_seg.base as u32).wrapping_add(esp);
         self.guest_write(lin, &bytes)
             .map_err(|(l, e)| self.pf(l, e))?;
