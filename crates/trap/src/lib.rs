@@ -41,7 +41,7 @@ use popek_memory::GuestRam;
 use audit::{Audit, IfLoss};
 use desc::SEG_TOP;
 use phys::PhysMap;
-use shadow::{pte, Shadow, GDT_PAGE, IDT_PAGE, SCRATCH_PAGE, TSS_PAGE, VMM_LINEAR};
+use shadow::{pte, Shadow, GDT_PAGE, IDT_PAGE, TSS_PAGE, VMM_LINEAR};
 
 /// The port of the hypercall doorbell (`docs/hypercalls.md`).
 pub const HYPERCALL_PORT: u16 = 0x5650;
@@ -157,13 +157,15 @@ impl Bus for TrapBus<'_> {
         }
     }
     fn mmio_read(&mut self, addr: u64, size: u8) -> u64 {
-        if addr < self.host_size {
+        if addr < self.host_size + 0x1000 {
+            // Host RAM the CPU reached as MMIO, or the void page (guest
+            // pages beyond guest RAM): nothing there, as on the bus.
             return u64::MAX;
         }
         self.machine.mmio_read(addr, size)
     }
     fn mmio_write(&mut self, addr: u64, size: u8, value: u64) -> BusAction {
-        if addr >= self.host_size {
+        if addr >= self.host_size + 0x1000 {
             self.machine.mmio_write(addr, size, value);
         }
         if self.machine.stop_pending() {
@@ -492,11 +494,18 @@ impl Trap {
 
     // ----- shadow paging -----
 
+    /// The host page behind guest-physical `gpp`: RAM through the
+    /// physical map; the machine's own addresses above the host's memory
+    /// (devices, unassigned space) as they are; the rest of the guest's
+    /// space below them — beyond guest RAM but where host pages lie — the
+    /// void page just past host memory, which the bus answers with
+    /// all-ones and whose writes it drops, as it does for unassigned
+    /// addresses.
     fn host_page(&self, gpp: u64) -> u64 {
         match self.map.to_host(gpp) {
             Some(h) => h,
-            None if gpp >= self.hram.size() => gpp,
-            None => self.pool(SCRATCH_PAGE),
+            None if gpp >= self.hram.size() + 0x1000 => gpp & !0xfff,
+            None => self.hram.size(),
         }
     }
 
@@ -514,8 +523,9 @@ impl Trap {
         if w.user_ok {
             flags |= pte::U;
         }
-        let in_ram = self.map.to_host(w.gpp).is_some();
-        let may_write = w.writable && (write || w.dirty) && in_ram;
+        // Pages outside guest RAM reach the bus (devices, the void page):
+        // stores to them need no tracking.
+        let may_write = w.writable && (write || w.dirty);
         if force_writable || (may_write && (self.pv_mmu || !self.shadow.is_tracked(page))) {
             flags |= pte::W | pte::D;
         }
@@ -1358,10 +1368,122 @@ impl Trap {
                 return self.deliver(Event::Soft(vector, i.next_ip()));
             }
         }
+        if code == 0 {
+            if let Some(h) = self.monitor_area_access(&i, real_cpl) {
+                return h;
+            }
+        }
         if real_cpl == 3 {
             return self.user_gp(machine, &i, code);
         }
         self.kernel_gp(machine, &i, code)
+    }
+
+    /// A #GP(0) from an access that the guest's segment allows but that
+    /// reaches the monitor's linear area (the top 4 MiB, which the shadow
+    /// segments stop short of): the guest kernel's MOV loads and stores
+    /// are emulated through its page tables (as the CPU would have done
+    /// them at ring 0); anything else gets the #GP, counted as a trap of
+    /// its own. `None`: not such an access.
+    fn monitor_area_access(&mut self, i: &Instruction, real_cpl: u8) -> Option<Handled> {
+        use iced_x86::Code::*;
+        let op = (0..i.op_count()).find(|&k| i.op_kind(k) == OpKind::Memory)?;
+        let size = i.memory_size().size() as u32;
+        let lin = self.mem_linear(i)?;
+        if size == 0 || (lin as u64 + size as u64 - 1) < VMM_LINEAR as u64 {
+            return None;
+        }
+        let s = match i.memory_segment() {
+            Register::ES => seg::ES,
+            Register::CS => seg::CS,
+            Register::SS => seg::SS,
+            Register::FS => seg::FS,
+            Register::GS => seg::GS,
+            _ => seg::DS,
+        };
+        let guest = self.compose().seg[s];
+        let off = lin.wrapping_sub(guest.base as u32);
+        let write = op == 0 && i.mnemonic() != Mnemonic::Cmp && i.mnemonic() != Mnemonic::Test;
+        let usable = guest.present()
+            && (guest.attr & popek_cpu::state::attr::CODE == 0 || !write)
+            && popek_cpu::Cpu::seg_value_lin(&guest, off, size as u8).is_some();
+        if !usable {
+            return None;
+        }
+        let eip = self.cpu.state().rip;
+        let emulated = real_cpl != 3
+            && matches!(
+                i.code(),
+                Mov_r8_rm8
+                    | Mov_r16_rm16
+                    | Mov_r32_rm32
+                    | Mov_rm8_r8
+                    | Mov_rm16_r16
+                    | Mov_rm32_r32
+                    | Mov_rm8_imm8
+                    | Mov_rm16_imm16
+                    | Mov_rm32_imm32
+                    | Mov_AL_moffs8
+                    | Mov_AX_moffs16
+                    | Mov_EAX_moffs32
+                    | Mov_moffs8_AL
+                    | Mov_moffs16_AX
+                    | Mov_moffs32_EAX
+                    | Movzx_r16_rm8
+                    | Movzx_r32_rm8
+                    | Movzx_r32_rm16
+                    | Movsx_r16_rm8
+                    | Movsx_r32_rm8
+                    | Movsx_r32_rm16
+            );
+        if !emulated {
+            self.count("#GP monitor-area access (reflected)");
+            if self.trace {
+                self.trace_line(
+                    "#GP",
+                    eip,
+                    &format!("{lin:#x}: the monitor's linear area; only kernel MOVs are emulated: #GP reflected"),
+                );
+            }
+            return Some(self.deliver(Event::Exception(13, Some(0))));
+        }
+        let result = if op == 0 {
+            let v = if i.op1_kind() == OpKind::Register {
+                self.reg(i.op1_register())
+            } else {
+                i.immediate(1)
+            };
+            self.guest_write(lin, &v.to_le_bytes()[..size as usize])
+                .map(|()| format!("{size}-byte store to {lin:#x} emulated"))
+        } else {
+            let mut b = [0u8; 8];
+            self.guest_read(lin, &mut b[..size as usize]).map(|()| {
+                let raw = u64::from_le_bytes(b);
+                let v = match i.mnemonic() {
+                    Mnemonic::Movsx => {
+                        let sh = 64 - size * 8;
+                        (((raw << sh) as i64) >> sh) as u64
+                    }
+                    _ => raw,
+                };
+                self.set_reg(i.op0_register(), v);
+                format!("{size}-byte load from {lin:#x} emulated")
+            })
+        };
+        Some(match result {
+            Ok(what) => {
+                self.count("#GP monitor-area access (emulated)");
+                if self.trace {
+                    self.trace_line("#GP", eip, &what);
+                }
+                self.skip(i);
+                Ok(Flow::Continue)
+            }
+            Err((l, e)) => {
+                self.v.cr2 = l as u64;
+                self.deliver(Event::Exception(14, Some(e)))
+            }
+        })
     }
 
     fn reflect_gp(&mut self, code: u32, what: &str) -> Handled {
@@ -2515,10 +2637,13 @@ impl Engine for Trap {
             .into_iter()
             .filter(|r| r.differed > 0)
             .collect();
-        if self.v.vif && rows.is_empty() {
+        // The gap explains a virtual IF stuck at 0 only if the guest really
+        // tried to set IF where the CPU ignored it.
+        let if_lost = self.audit.last_if_loss.is_some();
+        if (self.v.vif || !if_lost) && rows.is_empty() {
             return None;
         }
-        let mut s = if self.v.vif {
+        let mut s = if self.v.vif || !if_lost {
             String::from(
                 "popek: the audit: the deprivileged guest kernel saw results that differ from ring 0",
             )
@@ -2529,7 +2654,7 @@ impl Engine for Trap {
                  stayed 0",
             )
         };
-        if !self.v.vif {
+        if !self.v.vif && if_lost {
             if let Some(l) = &self.audit.last_if_loss {
                 s.push_str(&format!(
                     ".\n  last lost attempt: {} at {:#010x} (CPL{}): {}",

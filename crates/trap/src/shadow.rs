@@ -24,8 +24,8 @@ pub const GDT_PAGE: u64 = 2;
 pub const IDT_PAGE: u64 = 18;
 /// Pool page: the monitor's TSS.
 pub const TSS_PAGE: u64 = 19;
-/// Pool page: where guest-physical pages outside RAM are mapped.
-pub const SCRATCH_PAGE: u64 = 20;
+// Pool page 20 is spare (guest pages beyond RAM map to the void page just
+// past host memory, see `Trap::host_page`).
 /// Pool page: first shadow page table.
 const PT_FIRST: u64 = 21;
 /// Shadow page tables available (one per guest PDE at most).
