@@ -344,7 +344,10 @@ pub(crate) fn decode_block(cpu: &mut Cpu, bus: &mut dyn Bus, lin: u32, phys: u64
         let d = resolve(&insn, code_size);
         let ends = ends_block(&insn);
         insns.push(d);
-        if ends || consumed >= page_left {
+        // The block also ends where IP wraps (at 64 KiB in 16-bit code):
+        // the next instruction is at CS:0, not at the next linear byte.
+        let ip_end = if code_size == 4 { 1u64 << 32 } else { 1 << 16 };
+        if ends || consumed >= page_left || ip + consumed as u64 >= ip_end {
             break;
         }
     }

@@ -382,3 +382,25 @@ fn protected_mode_only_instructions_are_ud_in_real_mode() {
         assert_eq!(c.state().rip, 0x7c00);
     }
 }
+
+/// IP wraps at 64 KiB: after an instruction ending at CS:FFFF the next one
+/// is at CS:0000, not at the linear byte after it (a decoded block must
+/// end there; it used to run on into the next 64 KiB).
+#[test]
+fn ip_wraps_to_the_start_of_the_code_segment() {
+    // CS = 0x1000 (base 0x10000): at 1000:FFFE `inc ax` twice (40 40), at
+    // 1000:0000 `hlt`; the linear bytes after 0x1FFFF are `inc bx` (43).
+    let (mut c, mut bus) = real(&[]);
+    c.ram().write(0x1fffe, &[0x40, 0x40]).unwrap();
+    c.ram().write(0x20000, &[0x43; 16]).unwrap();
+    c.ram().write_u8(0x10000, 0xf4).unwrap();
+    let mut st = c.state().clone();
+    st.seg[sr::CS] = Segment::real(0x1000);
+    st.seg[sr::CS].attr |= popek_cpu::state::attr::CODE;
+    st.rip = 0xfffe;
+    c.set_state(st);
+    assert_eq!(c.run(&mut bus, 100), RunExit::Halted);
+    let st = c.state().clone();
+    assert_eq!((st.gpr[0] & 0xffff, st.gpr[3] & 0xffff), (2, 0), "{st:x?}");
+    assert_eq!(st.rip, 1, "halted at 1000:0000");
+}

@@ -560,6 +560,19 @@ impl Machine {
             .map(|t| Duration::from_nanos(t.saturating_sub(now)))
     }
 
+    /// Under [`ClockMode::Virtual`]: how many more instructions until the
+    /// next timer interrupt is due (at least 1), so that the VMM can stop
+    /// its CPU exactly there and every engine takes the interrupt at the
+    /// same instruction. `None` under the host clock or with no timer armed.
+    pub fn instructions_to_next_event(&self, guest_instructions: u64) -> Option<u64> {
+        if self.clock.mode != ClockMode::Virtual {
+            return None;
+        }
+        let now = self.clock.at(guest_instructions);
+        let next = self.next_event_ns(now)?;
+        Some(next.saturating_sub(now).div_ceil(NS_PER_INSTRUCTION).max(1))
+    }
+
     /// For a halted CPU under [`ClockMode::Virtual`]: skips idle machine
     /// time up to the next timer event and raises it. Returns false (and
     /// does nothing) when no timer is armed — the guest would sleep forever

@@ -757,7 +757,12 @@ impl Vm {
                 return Outcome::NoProgress(LIMIT_REACHED.into());
             }
             let before = self.engine.instructions();
-            let budget = SLICE.min(limit - before);
+            let mut budget = SLICE.min(limit - before);
+            // Virtual clock: stop where the next timer interrupt is due, so
+            // that it comes at the same instruction on every engine.
+            if let Some(n) = self.machine.instructions_to_next_event(before) {
+                budget = budget.min(n);
+            }
             let exit = match self.engine.run(&mut self.machine, budget) {
                 Ok(x) => x,
                 Err(EngineError::Unsupported { engine, reason }) => {
