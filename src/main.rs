@@ -83,6 +83,7 @@ fn audit(a: AuditArgs) -> u8 {
         Outcome::Reset => "the guest reset the machine".into(),
         Outcome::DebugExit(v) => format!("the guest wrote {v} to the debug-exit port"),
         Outcome::Quit => "quit from the console".into(),
+        Outcome::Stopped(n) => format!("stopped after {n} instructions"),
     };
     let rows = vm.engine.audit().unwrap_or_default();
     let stats: Vec<(String, u64)> = vm
@@ -381,6 +382,11 @@ struct RunArgs {
     /// of the guest code at this guest-physical address.
     #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
     dump_ccf: Option<u64>,
+    /// Stop after about N guest instructions (exactly N on the software
+    /// engines), print the CPU state on stderr and exit 0: for comparing
+    /// engines and studying a guest (with --clock virtual, runs repeat).
+    #[arg(long, value_name = "N")]
+    max_instructions: Option<u64>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -422,6 +428,7 @@ fn default_run() -> RunArgs {
         stats: false,
         trace: None,
         dump_ccf: None,
+        max_instructions: None,
     }
 }
 
@@ -487,7 +494,10 @@ fn run(a: RunArgs) -> u8 {
     }
     let raw = console::enter_raw_mode();
     vm.set_input(console::spawn_reader());
-    let outcome = vm.run();
+    let outcome = match a.max_instructions {
+        None => vm.run(),
+        Some(n) => vm.run_limited(n).unwrap_or(Outcome::Stopped(n)),
+    };
     let _ = std::io::stdout().flush();
     if raw {
         console::restore();
@@ -496,6 +506,10 @@ fn run(a: RunArgs) -> u8 {
         Outcome::Died(r) | Outcome::NoProgress(r) => eprintln!("{r}"),
         Outcome::Unsupported(r) => eprintln!("popek: {r}"),
         Outcome::Quit => eprintln!("popek: quit from the console"),
+        Outcome::Stopped(n) => eprintln!(
+            "popek: stopped after {n} instructions (--max-instructions)\n{}",
+            popek_vmm::report::cpu_dump(vm.engine.as_mut())
+        ),
         _ => {}
     }
     if let Some(addr) = a.dump_ccf {

@@ -115,3 +115,19 @@ fn exception_loop_is_no_progress() {
         assert!(err.contains("retires no instructions"), "{engine}: {err}");
     }
 }
+
+#[test]
+fn max_instructions_stops_the_guest_and_prints_its_state() {
+    // jmp $ (forever)
+    let (code, _, err) = run_flat(
+        "spin.bin",
+        &[0xeb, 0xfe],
+        &["--max-instructions", "1000", "--clock", "virtual"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("stopped after 1000 instructions"), "{err}");
+    assert!(
+        err.contains("EIP=00000000") && err.contains("jmp short"),
+        "{err}"
+    );
+}

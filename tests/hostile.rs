@@ -580,3 +580,63 @@ fn memory_outside_ram_behaves_alike_on_every_engine() {
         assert_eq!(r.stdout, want, "{engine}");
     }
 }
+
+/// Random programs (random bytes after CLI, in real and in 32-bit
+/// protected mode) in child `popek` processes: whatever they do, popek
+/// ends with one of its statuses — never a signal — within its memory
+/// bound. `POPEK_HOSTILE_RANDOM` sets the number per engine and mode
+/// (default 12); the in-process fuzzer (`crates/vmm/tests/fuzz_vm.rs`)
+/// runs many more and compares the engines' states.
+#[test]
+fn random_programs_end_cleanly_in_child_processes() {
+    let n: u64 = std::env::var("POPEK_HOSTILE_RANDOM")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
+    let mut x: u64 = 0x686f_7374_696c_6521;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut peak = 0u64;
+    for i in 0..n {
+        let mut code = vec![0xfa];
+        code.extend((0..4096).map(|_| next() as u8));
+        for (mode, load) in [("flat-real", 0x7c00), ("flat-protected", LOAD)] {
+            for engine in ["interp", "bt", "trap"] {
+                if engine == "trap" && mode == "flat-real" {
+                    continue;
+                }
+                let r = run_flat(
+                    &format!("random-{i}.bin"),
+                    &code,
+                    mode,
+                    load,
+                    &[
+                        "--engine",
+                        engine,
+                        "--memory",
+                        "8M",
+                        "--max-instructions",
+                        "300000",
+                    ],
+                );
+                assert_bounded(&r, engine, 8 << 20);
+                assert!(
+                    r.status == 0 || r.status % 2 == 1 || [2, 4, 6].contains(&r.status),
+                    "random program {i} ({mode}) on {engine}: status {}\n{}",
+                    r.status,
+                    r.stderr
+                );
+                assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+                peak = peak.max(r.max_rss);
+            }
+        }
+    }
+    println!(
+        "{n} random programs per engine and mode: peak RSS {:.1} MiB",
+        peak as f64 / 1048576.0
+    );
+}

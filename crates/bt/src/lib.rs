@@ -1341,6 +1341,10 @@ impl Bt {
 }
 
 impl Engine for Bt {
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
+
     fn name(&self) -> &'static str {
         "bt"
     }

@@ -38,6 +38,10 @@ pub trait Bus {
     fn clock(&mut self, instructions: u64) -> u64 {
         instructions
     }
+    /// The CPU's instruction count just before it accesses a device (a port
+    /// or MMIO), so that a machine on a virtual clock shows the device the
+    /// exact time of the access whatever the engine's slices were.
+    fn device_time(&mut self, _instructions: u64) {}
     /// Called after a sensitive-unprivileged instruction ran, when
     /// [`Cpu::report_sensitive`](crate::Cpu::report_sensitive) is on. It only
     /// observes: nothing the guest sees changes.

@@ -364,6 +364,7 @@ impl Cpu {
             // SAFETY: bounds checked against the RAM mapping just above.
             Ok(unsafe { read_host(self.ram_ptr.add(phys as usize), size) })
         } else {
+            bus.device_time(self.icount);
             Ok(bus.mmio_read(phys, size))
         }
     }
@@ -385,6 +386,7 @@ impl Cpu {
             unsafe { write_host(self.ram_ptr.add(phys as usize), size, val) };
             Ok(())
         } else {
+            bus.device_time(self.icount);
             if bus.mmio_write(phys, size, val) == BusAction::Stop {
                 // Finish the instruction (e.g. a PUSH's ESP update, a REP
                 // iteration's register updates), then stop.

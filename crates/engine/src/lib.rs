@@ -181,4 +181,10 @@ pub trait Engine {
     fn stats(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
+
+    /// The concrete engine, for tools that need what only it offers (the
+    /// fuzzer's knobs and checks). `None` where nothing is offered.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
 }

@@ -64,6 +64,9 @@ impl Bus for MachineBus<'_> {
     fn clock(&mut self, instructions: u64) -> u64 {
         self.machine.tsc(instructions)
     }
+    fn device_time(&mut self, instructions: u64) {
+        self.machine.device_time(instructions);
+    }
     fn sensitive(&mut self, event: &SensitiveEvent) {
         if let Some(ev) = self.events.as_mut() {
             ev.push(event.clone());

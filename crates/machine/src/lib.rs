@@ -529,6 +529,14 @@ impl Machine {
         self.pic.set_irq(rtc::RTC_IRQ, self.rtc.irq_level());
     }
 
+    /// Sets machine time to `guest_instructions` for the device access the
+    /// CPU is about to make (it reads the exact time), without raising the
+    /// timer interrupts that became due: those come at
+    /// [`advance`](Self::advance), where the VMM stops its CPU.
+    pub fn device_time(&mut self, guest_instructions: u64) {
+        self.clock.instructions = self.clock.instructions.max(guest_instructions);
+    }
+
     /// The guest's time-stamp counter at `guest_instructions`: machine
     /// time in ns at [`TSC_HZ`] = 1 GHz.
     pub fn tsc(&self, guest_instructions: u64) -> u64 {

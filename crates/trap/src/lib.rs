@@ -177,6 +177,9 @@ impl Bus for TrapBus<'_> {
     fn clock(&mut self, instructions: u64) -> u64 {
         self.machine.tsc(instructions)
     }
+    fn device_time(&mut self, instructions: u64) {
+        self.machine.device_time(instructions);
+    }
     fn sensitive(&mut self, event: &SensitiveEvent) {
         self.events.push(event.clone());
     }
@@ -216,6 +219,9 @@ pub struct Trap {
     emulating: bool,
     /// The trapping instruction's text, for `--trace traps`.
     trace_text: Option<String>,
+    /// Where the CPU was seen running at real ring 0 (an isolation break:
+    /// ring 0 is the monitor's), for [`Trap::isolation_check`].
+    ring0_seen: Option<u64>,
 }
 
 /// Exception names for traces and reports.
@@ -274,6 +280,7 @@ impl Trap {
             depth: 0,
             emulating: false,
             trace_text: None,
+            ring0_seen: None,
         };
         t.write_idt_and_tss();
         Ok(t)
@@ -305,6 +312,44 @@ impl Trap {
             let _ = self.hram.write_u32_untracked(a, d.lo);
             let _ = self.hram.write_u32_untracked(a + 4, d.hi);
         }
+    }
+
+    /// Checks that the guest has not broken out: the CPU never ran at real
+    /// ring 0, and the monitor's IDT, TSS, GDT entries and page tables of
+    /// its own 4 MiB hold what the monitor wrote. For fuzzers and tests
+    /// (it reads a few pages).
+    pub fn isolation_check(&self) -> Result<(), String> {
+        if let Some(eip) = self.ring0_seen {
+            return Err(format!("guest code ran at real ring 0 (EIP {eip:#x})"));
+        }
+        let gate = desc::idt_gate();
+        for v in 0..256u64 {
+            let a = self.pool(IDT_PAGE) + v * 8;
+            let got = (self.hram.read_u32(a).ok(), self.hram.read_u32(a + 4).ok());
+            if got != (Some(gate.lo), Some(gate.hi)) {
+                return Err(format!("the monitor's IDT gate {v} changed: {got:x?}"));
+            }
+        }
+        let mut tss = [0u8; 4096];
+        let _ = self.hram.read(self.pool(TSS_PAGE), &mut tss);
+        let mut want = [0u8; 4096];
+        want[8..12].copy_from_slice(&(desc::VMM_DS as u32).to_le_bytes());
+        want[0x66..0x68].copy_from_slice(&104u16.to_le_bytes());
+        if tss != want {
+            return Err("the monitor's TSS changed".into());
+        }
+        for (sel, d) in desc::vmm_descriptors() {
+            let a = self.pool(GDT_PAGE) + sel as u64;
+            let got = (self.hram.read_u32(a).ok(), self.hram.read_u32(a + 4).ok());
+            // The TSS descriptor's busy bit is the CPU's to set.
+            let busy = 2 << 8;
+            if got.0 != Some(d.lo) || got.1.map(|h| h | busy) != Some(d.hi | busy) {
+                return Err(format!(
+                    "the monitor's GDT entry {sel:#x} changed: {got:x?}"
+                ));
+            }
+        }
+        self.shadow.check_monitor_tables(&self.hram)
     }
 
     fn count(&mut self, kind: impl Into<String>) {
@@ -1102,15 +1147,22 @@ impl Trap {
             None => st.seg[seg::SS],
         };
         let bytes: Vec<u8> = frame.iter().rev().flat_map(|w| w.to_le_bytes()).collect();
-        let esp = new_esp.wrapping_sub(bytes.len() as u32);
+        // A 16-bit stack (B = 0) moves SP only, wrapping at 64 KiB.
+        let sp_mask: u32 = if ss_seg.big() { u32::MAX } else { 0xffff };
+        let esp = new_esp.wrapping_sub(bytes.len() as u32) & sp_mask;
         // The whole frame within the stack segment's limit (a frame that
-        // wraps around the top of a 32-bit stack does not fit either): #SS,
+        // wraps around the top of the stack does not fit either): #SS,
         // with the new SS selector when the stack was switched.
         let len = bytes.len() as u32;
-        let fits = esp as u64 + len as u64 <= 1 << 32
+        let fits = esp as u64 + len as u64 <= sp_mask as u64 + 1
             && popek_cpu::Cpu::seg_value_lin(&ss_seg, esp, 1).is_some()
             && popek_cpu::Cpu::seg_value_lin(&ss_seg, esp + (len - 1), 1).is_some();
         if !fits {
+            let top = (ss_seg.base as u32 as u64) + esp as u64 + len as u64;
+            if top > VMM_LINEAR as u64 {
+                // Where the monitor's 4 MiB cut the guest's stack short.
+                self.count("#SS monitor-area frame (reflected)");
+            }
             let sel = new_ss.map_or(0, |s| (s & !3) as u32);
             return Err(DeliveryError::Fault(12, Some(sel + ext_bit)));
         }
@@ -1125,7 +1177,12 @@ impl Trap {
         if new_ss.is_some() {
             s.seg[seg::SS] = ss_seg;
         }
-        s.gpr[4] = (s.gpr[4] & !0xffff_ffff) | esp as u64;
+        let upper = if new_ss.is_some() {
+            new_esp as u64
+        } else {
+            s.gpr[4] & 0xffff_ffff
+        } & !(sp_mask as u64);
+        s.gpr[4] = upper | esp as u64;
         s.rip = offset as u64;
         s.rflags &= !((flags::TF | flags::NT | flags::RF | flags::VM) as u64);
         s.halted = false;
@@ -1992,6 +2049,7 @@ impl Trap {
                     self.skip(i);
                     return Ok(Flow::Exit(VmExit::Hypercall));
                 }
+                machine.device_time(self.cpu.icount);
                 let v = machine.io_in(port, size) as u64;
                 self.set_reg(i.op0_register(), v);
                 self.count("#GP in");
@@ -2001,6 +2059,7 @@ impl Trap {
             }
             Out => {
                 let v = self.reg(i.op1_register()) as u32;
+                machine.device_time(self.cpu.icount);
                 machine.io_out(port, size, v);
                 self.count("#GP out");
                 if self.trace {
@@ -2043,6 +2102,7 @@ impl Trap {
         let mut done = 0u64;
         while count > 0 && done < 65536 {
             let lin = (seg_base + ptr) as u32;
+            machine.device_time(self.cpu.icount);
             if input {
                 let v = machine.io_in(port, size);
                 if let Err((l, e)) = self.guest_write(lin, &v.to_le_bytes()[..size as usize]) {
@@ -2188,6 +2248,57 @@ impl Trap {
 
     /// A far JMP or CALL at virtual ring 0 to guest ring-0 code (whose
     /// shadow descriptor is not present): emulated, CS loaded with RPL 1.
+    /// MOV or POP of a data segment register with a readable guest
+    /// ring-0 code segment: its shadow is marked not present (so that far
+    /// transfers to it trap), and the CPU, having checked everything else,
+    /// raised #NP. The monitor completes the load.
+    fn kernel_code_as_data(&mut self, i: &Instruction, sel: u16, eip: u64, code: u32) -> Handled {
+        let target = i.op0_register();
+        let s = match target {
+            Register::ES => seg::ES,
+            Register::DS => seg::DS,
+            Register::FS => seg::FS,
+            Register::GS => seg::GS,
+            _ => {
+                self.count("#NP reflected");
+                return self.deliver(Event::Exception(11, Some(code)));
+            }
+        };
+        let Some(mut sg) = self.shadow_segment(sel) else {
+            return self.reflect_gp(code, "a segment the monitor cannot load");
+        };
+        // A data segment register keeps the selector as loaded (the error
+        // code lost its RPL: ring 0's is 0).
+        sg.selector = sel;
+        use iced_x86::Code::*;
+        let pop = match i.code() {
+            Popw_ES | Popw_DS | Popw_FS | Popw_GS => 2,
+            Popd_ES | Popd_DS | Popd_FS | Popd_GS => 4,
+            _ => 0,
+        };
+        self.skip(i);
+        let st = self.cpu.state_mut();
+        st.seg[s] = sg;
+        if pop > 0 {
+            let mask = if st.seg[seg::SS].big() {
+                0xffff_ffff
+            } else {
+                0xffff
+            };
+            let sp = (st.gpr[4] & mask) + pop;
+            st.gpr[4] = (st.gpr[4] & !mask) | (sp & mask);
+        }
+        self.count("#NP ring-0 code segment loaded as data (emulated)");
+        if self.trace {
+            self.trace_line(
+                "#NP",
+                eip,
+                &format!("{target:?} := {sel:#x} (ring-0 code as data)"),
+            );
+        }
+        Ok(Flow::Continue)
+    }
+
     fn far_to_kernel(&mut self, sel: u16, code: u32) -> Handled {
         let eip = self.cpu.state().rip;
         let Some(i) = self.fetch() else {
@@ -2196,6 +2307,7 @@ impl Trap {
         let call = match i.mnemonic() {
             Mnemonic::Jmp => false,
             Mnemonic::Call => true,
+            Mnemonic::Mov | Mnemonic::Pop => return self.kernel_code_as_data(&i, sel, eip, code),
             _ => {
                 self.count("#NP reflected");
                 return self.deliver(Event::Exception(11, Some(code)));
@@ -2549,6 +2661,10 @@ fn io_operands(t: &mut Trap, i: &Instruction) -> (u16, u8) {
 }
 
 impl Engine for Trap {
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
+
     fn name(&self) -> &'static str {
         NAME
     }
@@ -2589,6 +2705,9 @@ impl Engine for Trap {
                 continue;
             }
             let exit = self.run_cpu(machine, slice);
+            if self.cpu.cpl() == 0 && self.ring0_seen.is_none() {
+                self.ring0_seen = Some(self.cpu.state().rip);
+            }
             if matches!(exit, RunExit::Exception { .. }) {
                 handled += 1;
             }
@@ -2708,6 +2827,18 @@ impl Engine for Trap {
             ),
             ("gap instructions executed", self.audit.events),
             ("gap instructions that differed", self.audit.differed),
+            (
+                "isolation breaks (monitor tables changed, real ring 0)",
+                self.isolation_check().is_err() as u64,
+            ),
+            (
+                "decoded-block cache, KiB",
+                self.cpu.block_cache_bytes() as u64 >> 10,
+            ),
+            (
+                "decoded-block cache flushes",
+                self.cpu.stats.block_cache_flushes,
+            ),
         ]
     }
 }

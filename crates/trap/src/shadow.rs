@@ -117,6 +117,29 @@ impl Shadow {
         s
     }
 
+    /// Checks that the page table of the monitor's 4 MiB and its entry in
+    /// the shadow page directory are as [`Shadow::new`] wrote them.
+    pub fn check_monitor_tables(&self, hram: &GuestRam) -> Result<(), String> {
+        for k in 0..PT_FIRST {
+            let want = (self.page(k) as u32) | pte::P | pte::W | pte::A | pte::D;
+            let got = hram.read_u32(self.page(VMM_PT) + k * 4).ok();
+            // The CPU may set D on the monitor's own pages; nothing else.
+            if got.map(|g| g | pte::D) != Some(want) {
+                return Err(format!(
+                    "the monitor's page-table entry {k} changed: {got:x?}"
+                ));
+            }
+        }
+        let pde = hram.read_u32(self.page(SPD) + 1023 * 4).ok();
+        let want = self.page(VMM_PT) as u32 | pte::P | pte::W | pte::A;
+        if pde.map(|p| p & !pte::D) != Some(want) {
+            return Err(format!(
+                "the monitor's page-directory entry changed: {pde:x?}"
+            ));
+        }
+        Ok(())
+    }
+
     /// hpp of a pool page.
     pub fn page(&self, k: u64) -> u64 {
         self.pool + k * 4096

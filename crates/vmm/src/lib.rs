@@ -301,6 +301,9 @@ pub enum Outcome {
     DebugExit(u8),
     /// The user quit from the console (Ctrl-A x).
     Quit,
+    /// The run was stopped after this many instructions, as asked
+    /// (`--max-instructions`).
+    Stopped(u64),
     /// Triple fault or an internal error: a paragraph with the reason,
     /// registers and instruction bytes.
     Died(String),
@@ -315,7 +318,7 @@ impl Outcome {
     /// popek's exit status for this outcome (VISION's table).
     pub fn exit_status(&self) -> i32 {
         match self {
-            Outcome::PowerOff | Outcome::Reset | Outcome::Quit => 0,
+            Outcome::PowerOff | Outcome::Reset | Outcome::Quit | Outcome::Stopped(_) => 0,
             Outcome::DebugExit(v) => ((*v as i32) << 1) | 1,
             Outcome::Died(_) => 4,
             Outcome::NoProgress(_) => 6,

@@ -264,6 +264,7 @@ pub(crate) fn ins(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
         // The destination is checked before the port is read.
         let di = c.gr(7, s.asize) as u32;
         c.seg_lin(seg::ES, di, s.size, true)?;
+        bus.device_time(c.icount);
         let v = bus.io_in(port, s.size) as u64;
         c.write_mem(bus, seg::ES, di, s.size, v)?;
         adv(c, 7, &s);
@@ -278,6 +279,7 @@ pub(crate) fn outs(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     run_rep(c, &s, bus, |c, bus| {
         let v = c.read_mem(bus, s.src_seg, c.gr(6, s.asize) as u32, s.size)?;
         adv(c, 6, &s);
+        bus.device_time(c.icount);
         if bus.io_out(port, s.size, v as u32) == BusAction::Stop {
             // Stop after this iteration; `run_rep` leaves EIP on the REP
             // when iterations remain (it sees `stop_block`).

@@ -643,6 +643,7 @@ pub(crate) fn in_(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     if Some(port) == c.hypercall_port && c.cpl == 0 && size == 4 {
         return Err(Exc::Exit(RunExit::Hypercall));
     }
+    bus.device_time(c.icount);
     let v = bus.io_in(port, size) as u64;
     c.reg_set(d.ops[0], v);
     Ok(())
@@ -653,6 +654,7 @@ pub(crate) fn out(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let port = io_port(c, d, 0);
     c.check_io(bus, port, size)?;
     let v = c.reg_get(d.ops[1]) as u32;
+    bus.device_time(c.icount);
     if bus.io_out(port, size, v) == BusAction::Stop {
         return Err(Exc::Exit(RunExit::BusStop));
     }
