@@ -401,3 +401,80 @@ fn debian_amd64_boots_on_hw_with_real_vt() {
         "the initramfs started:\n{text}"
     );
 }
+
+/// VERR, VERW and RDRAND at CPL 0 end in an emulation failure on a
+/// software KVM (kvm_pvm); popek finishes them itself, as it does LAR and
+/// LSL, and the guest goes on. On hardware VT they never exit.
+#[test]
+fn hw_finishes_what_a_software_kvm_cannot_emulate() {
+    if !kvm() {
+        return;
+    }
+    // Flat protected mode, the loader's GDT (0x10 code, 0x18 data):
+    //   mov ax, 0x18; verw ax; setz bl; verr ax; setz bh
+    //   mov ax, 0x10; verw ax; setz cl; rdrand eax; setc ch
+    //   result = bl | bh<<1 | (!cl)<<2 | ch<<3  (15 when all is right)
+    let code = [
+        0x66, 0xb8, 0x18, 0x00, // mov ax, 0x18
+        0x0f, 0x00, 0xe8, // verw ax
+        0x0f, 0x94, 0xc3, // setz bl
+        0x0f, 0x00, 0xe0, // verr ax
+        0x0f, 0x94, 0xc7, // setz bh
+        0x66, 0xb8, 0x10, 0x00, // mov ax, 0x10
+        0x0f, 0x00, 0xe8, // verw ax
+        0x0f, 0x94, 0xc1, // setz cl
+        0x0f, 0xc7, 0xf0, // rdrand eax
+        0x0f, 0x92, 0xc5, // setc ch
+        0x88, 0xd8, // mov al, bl
+        0xd0, 0xe7, // shl bh, 1
+        0x08, 0xf8, // or al, bh
+        0x80, 0xf1, 0x01, // xor cl, 1
+        0xc0, 0xe1, 0x02, // shl cl, 2
+        0x08, 0xc8, // or al, cl
+        0xc0, 0xe5, 0x03, // shl ch, 3
+        0x08, 0xe8, // or al, ch
+        0xe6, 0xf4, // out 0xf4, al
+    ];
+    let (status, _, err) = run_flat("verw.bin", &code, "flat-protected");
+    assert_eq!(status, (15 << 1) | 1, "{err}");
+}
+
+/// A guest under an interrupt storm (the PIT at its highest rate, divisor
+/// 1, in real mode) completes its loop on hw as on the software engines:
+/// it once died with KVM_EXIT_INTERNAL_ERROR here.
+#[test]
+fn hw_survives_an_interrupt_storm() {
+    if !kvm() {
+        return;
+    }
+    // IVT[8] -> EOI + IRET; PIC base 8, only IRQ 0; PIT mode 2, divisor 1;
+    // STI; 40 x 65536 iterations of DEC/JNZ; CLI; exit 0x2a.
+    let code = [
+        0x31, 0xc0, 0x8e, 0xc0, 0x26, 0xc7, 0x06, 0x20, 0x00, 0x46, 0x00, 0x26, 0xc7, 0x06, 0x22,
+        0x00, 0xc0, 0x07, 0xbc, 0x00, 0x70, 0xb0, 0x11, 0xe6, 0x20, 0xb0, 0x08, 0xe6, 0x21, 0xb0,
+        0x04, 0xe6, 0x21, 0xb0, 0x01, 0xe6, 0x21, 0xb0, 0xfe, 0xe6, 0x21, 0xb0, 0x34, 0xe6, 0x43,
+        0xb0, 0x01, 0xe6, 0x40, 0xb0, 0x00, 0xe6, 0x40, 0x31, 0xc9, 0xba, 0x28, 0x00, 0xfb, 0x49,
+        0x75, 0xfd, 0x4a, 0x75, 0xfa, 0xfa, 0xb0, 0x2a, 0xe6, 0xf4, 0x50, 0xb0, 0x20, 0xe6, 0x20,
+        0x58, 0xcf,
+    ];
+    for engine in ["hw", "interp"] {
+        let (status, _, err) = popek(&[
+            "run",
+            "--engine",
+            engine,
+            "--kernel",
+            temp(&code).to_str().unwrap(),
+            "--format",
+            "flat-real",
+        ]);
+        assert_eq!(status, (0x2a << 1) | 1, "{engine}: {err}");
+    }
+}
+
+fn temp(code: &[u8]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("popek-hw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("storm.bin");
+    std::fs::write(&p, code).unwrap();
+    p
+}

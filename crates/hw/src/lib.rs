@@ -594,6 +594,9 @@ impl Hw {
             fn read_linear(&mut self, addr: u64, buf: &mut [u8]) -> Option<()> {
                 self.0.peek_linear(addr, buf)
             }
+            fn write_linear(&mut self, addr: u64, data: &[u8]) -> Option<()> {
+                self.0.poke_linear(addr, data)
+            }
         }
         let bitness = code_bitness(&state);
         let Some(what) = emulate::emulate(&mut state, &bytes[..n], bitness, &mut Mem(self)) else {
