@@ -124,15 +124,15 @@ pub fn confine_segment(s: Segment) -> Option<Segment> {
     let base = s.base as u32;
     let code = s.attr & attr::CODE != 0;
     let cut = if code || s.attr & attr::DC == 0 {
-        (base <= SEG_TOP).then_some(Segment {
+        (base <= SEG_TOP).then(|| Segment {
             limit: SEG_TOP - base,
             ..s
         })
     } else {
         // Raise the start to where offsets wrap to linear 0: the wrapped
         // part ends at base − 1.
-        (base != 0).then_some(Segment {
-            limit: (1u64 << 32).wrapping_sub(base as u64 + 1) as u32,
+        (base != 0).then(|| Segment {
+            limit: ((1u64 << 32) - (base as u64 + 1)) as u32,
             ..s
         })
     };
