@@ -40,6 +40,17 @@ pub const CACHE_SIZE: usize = 32 << 20;
 /// of its memory cannot grow popek without bound (≈ 100 bytes a key).
 pub const MAX_KEYS: usize = 1 << 16;
 
+/// Translations of a page dropped this often (the page was written, or its
+/// probes kept missing) make `bt` stop translating it: code that keeps
+/// rewriting itself, or touches memory no probe can predict, runs faster
+/// on the interpreter than retranslated over and over.
+pub const VOLATILE_AFTER: u32 = 32;
+
+/// Drops count towards [`VOLATILE_AFTER`] only when less than this many
+/// instructions apart, and a page left to the interpreter is translated
+/// again this many instructions after its last drop.
+pub const VOLATILE_WINDOW: u64 = 50_000_000;
+
 /// The bound of the interpreter's decoded-block cache under `bt`: it holds
 /// only code that is not translated (cold code, call-outs).
 pub const BLOCK_CACHE_BYTES: usize = 8 << 20;
@@ -277,6 +288,10 @@ pub struct BtCore {
     cold: HashMap<Key, u32>,
     /// The same per physical page.
     cold_pages: HashMap<u64, u32>,
+    /// Per physical page: how often its translations were dropped (it was
+    /// written: self-modifying code; or retranslated for probes that keep
+    /// missing); at [`VOLATILE_AFTER`] the page is interpreted from then on.
+    smc_pages: HashMap<u64, (u32, u64)>,
     /// [`HOT_AFTER`], or `POPEK_BT_HOT_AFTER` (1 translates at once).
     hot_after: u32,
     /// Direct-mapped front of `map`: most dispatches end here.
@@ -354,6 +369,7 @@ impl BtCore {
             map: HashMap::new(),
             cold: HashMap::new(),
             cold_pages: HashMap::new(),
+            smc_pages: HashMap::new(),
             hot_after: std::env::var("POPEK_BT_HOT_AFTER")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -558,6 +574,9 @@ impl BtCore {
                     let p = self.cold_pages.entry(phys >> 12).or_insert(0);
                     *p += 1;
                     n < self.hot_after && (n < HOT_IN_HOT_PAGE || *p < self.hot_after)
+                        || self.smc_pages.get(&(phys >> 12)).is_some_and(|&(c, at)| {
+                            c >= VOLATILE_AFTER && self.cpu.icount - at < VOLATILE_WINDOW
+                        })
                 } =>
                 {
                     self.stats.cold_runs += 1;
@@ -1080,12 +1099,24 @@ impl BtCore {
 
     /// Forgets every translation of a physical page (with the chain links
     /// between them: chains never leave a page).
+    /// Counts the drop against the page (see [`VOLATILE_AFTER`]).
     fn drop_page(&mut self, page: u64) {
         if let Some(keys) = self.page_keys.remove(&page) {
             self.stats.invalidations += 1;
             for k in keys {
                 self.drop_key(k);
             }
+            if self.smc_pages.len() >= MAX_KEYS {
+                self.smc_pages = HashMap::new();
+            }
+            let now = self.cpu.icount;
+            let e = self.smc_pages.entry(page).or_insert((0, now));
+            // Drops long apart (boot-time patching) do not add up.
+            *e = if now - e.1 > VOLATILE_WINDOW {
+                (1, now)
+            } else {
+                (e.0.saturating_add(1), now)
+            };
         }
         self.pending.retain(|k, _| k.0 >> 12 != page);
     }
@@ -1129,6 +1160,7 @@ impl BtCore {
         self.fast.iter_mut().for_each(|e| *e = None);
         self.page_keys.clear();
         self.traces.clear();
+        self.smc_pages.clear();
         self.ib.iter_mut().for_each(|r| *r = [0; 8]);
         self.cache.reset();
         self.push_runtime();
@@ -1247,6 +1279,13 @@ impl BtCore {
             ("cache flushes", s.flushes),
             ("TU map entries", self.map.len() as u64),
             ("heat counts reset", s.cold_resets),
+            (
+                "pages left to the interpreter (retranslated too often)",
+                self.smc_pages
+                    .values()
+                    .filter(|&&(c, _)| c >= VOLATILE_AFTER)
+                    .count() as u64,
+            ),
             (
                 "decoded-block cache, KiB",
                 self.cpu.block_cache_bytes() as u64 >> 10,
