@@ -73,6 +73,10 @@ pub struct Cpu {
     pub(crate) fast_blocks: Box<[FastSlot]>,
     pub(crate) page_blocks: HashMap<u64, Vec<u64>>,
     pub(crate) code_pages: Vec<u64>,
+    /// RAM pages some TLB entry may have granted fast writes to since the
+    /// page was last made code (a bit per page): marking a page as code
+    /// scans the TLB only for these.
+    writable_pages: Vec<u64>,
     /// Estimated bytes in `blocks` (see [`BLOCK_CACHE_BYTES`]).
     block_cache_bytes: usize,
     /// The bound of `block_cache_bytes`.
@@ -162,6 +166,7 @@ impl Cpu {
             fast_blocks: (0..FAST_BLOCKS).map(|_| None).collect(),
             page_blocks: HashMap::new(),
             code_pages: vec![0; pages.div_ceil(64) as usize],
+            writable_pages: vec![0; pages.div_ceil(64) as usize],
             block_cache_bytes: 0,
             block_cache_limit: BLOCK_CACHE_BYTES,
             seg_ok: [0; 6],
@@ -583,9 +588,23 @@ impl Cpu {
         if let Some(w) = self.code_pages.get_mut((page / 64) as usize) {
             if *w & (1 << (page % 64)) == 0 {
                 *w |= 1 << (page % 64);
-                // Stores to this page must now take the slow path.
-                self.tlb.drop_write_access(page);
+                // Stores to this page must now take the slow path (a scan
+                // of the whole TLB, only if it may hold a write entry).
+                if let Some(x) = self.writable_pages.get_mut((page / 64) as usize) {
+                    if *x & (1 << (page % 64)) != 0 {
+                        *x &= !(1 << (page % 64));
+                        self.tlb.drop_write_access(page);
+                    }
+                }
             }
+        }
+    }
+
+    /// A TLB entry now grants fast writes to RAM page `page`.
+    #[inline]
+    pub(crate) fn note_writable_page(&mut self, page: u64) {
+        if let Some(x) = self.writable_pages.get_mut((page / 64) as usize) {
+            *x |= 1 << (page % 64);
         }
     }
 

@@ -464,10 +464,15 @@ impl Cpu {
         if ways[idx + TLB_SIZE].vtag == tag {
             ways[idx + TLB_SIZE] = INVALID;
         }
+        let write_ok = ram && writable && !code;
+        if write_ok {
+            self.note_writable_page(phys >> 12);
+        }
+        let ways = &mut self.tlb.e[set];
         ways[idx] = TlbEntry {
             vtag: tag,
             read_tag: if ram { tag } else { 0 },
-            write_tag: if ram && writable && !code { tag } else { 0 },
+            write_tag: if write_ok { tag } else { 0 },
             writable,
             global,
             big: false,

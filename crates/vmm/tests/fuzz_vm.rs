@@ -254,7 +254,8 @@ struct End {
     outcome: Option<Outcome>,
     icount: u64,
     state: CpuState,
-    ram: Vec<u8>,
+    /// A hash of guest RAM.
+    ram: u64,
     /// trap only: gap instructions that behaved differently.
     differed: u64,
     /// trap only: its traps by kind.
@@ -339,8 +340,14 @@ fn run(
             .map(|r| r.differed)
             .sum::<u64>();
     }
-    let mut ram = vec![0u8; RAM as usize];
-    vm.machine.ram().read(0, &mut ram).unwrap();
+    let mut ram = 0xcbf2_9ce4_8422_2325u64;
+    let mut chunk = vec![0u8; 1 << 16];
+    for at in (0..RAM).step_by(chunk.len()) {
+        vm.machine.ram().read(at, &mut chunk).unwrap();
+        for w in chunk.chunks_exact(8) {
+            ram = (ram ^ u64::from_le_bytes(w.try_into().unwrap())).wrapping_mul(0x100_0000_01b3);
+        }
+    }
     End {
         outcome,
         icount: vm.engine.instructions(),
@@ -511,6 +518,9 @@ fn fuzz(modes: &[Mode], with_trap: bool) -> u64 {
                 }
             }
             ran += 1;
+            if ran % 1000 == 0 {
+                eprintln!("vm fuzz: {ran} programs ({mode:?} up to {i}), trap compared on {trap_compared}");
+            }
         }
     }
     eprintln!(

@@ -84,14 +84,19 @@ pub(crate) fn handler_for(insn: &Instruction) -> Option<Handler> {
         Fcomi | Fcomip | Fucomi | Fucomip => fcomi,
         Fcmovb | Fcmove | Fcmovbe | Fcmovu | Fcmovnb | Fcmovne | Fcmovnbe | Fcmovnu => fcmov,
         F2xm1 | Fyl2x | Fyl2xp1 | Fptan | Fpatan | Fsin | Fcos | Fsincos => ftrans,
-        m if is_x87(m) => x87_unimplemented,
+        _ if is_x87(insn) => x87_unimplemented,
         _ => return None,
     })
 }
 
-fn is_x87(m: Mnemonic) -> bool {
-    let name = format!("{m:?}");
-    name.starts_with('F') && m != Mnemonic::Femms
+/// An x87 instruction: one of the escape opcodes D8–DF. (Decoding calls
+/// this for every instruction the match above does not name: it must be
+/// cheap.)
+fn is_x87(insn: &Instruction) -> bool {
+    let oc = insn.op_code();
+    oc.encoding() == iced_x86::EncodingKind::Legacy
+        && oc.table() == iced_x86::OpCodeTableKind::Normal
+        && (0xd8..=0xdf).contains(&oc.op_code())
 }
 
 /// #NM rules for x87 instructions (SDM table 2-2).
