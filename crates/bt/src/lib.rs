@@ -464,17 +464,24 @@ impl BtCore {
         // Dispatches that retire nothing (an exception loop, an interrupt
         // storm) count against the budget, as in `Cpu::run`, so `run`
         // always returns.
+        // Events the interpreter delivers count as `Cpu::run` counts them
+        // (so an exception loop gets as many deliveries as under interp);
+        // a dispatch that neither retires nor delivers counts as one.
         let mut stalls = 0u64;
         loop {
             let now = self.cpu.icount;
             if now.saturating_add(stalls) >= end {
                 return RunExit::Budget;
             }
-            if let Some(exit) = self.step(bus, end - now - stalls) {
-                return exit;
-            }
-            if self.cpu.icount == now {
+            let events = self.cpu.events_delivered;
+            let exit = self.step(bus, end - now - stalls);
+            let delivered = self.cpu.events_delivered - events;
+            stalls += delivered;
+            if delivered == 0 && self.cpu.icount == now {
                 stalls += 1;
+            }
+            if let Some(exit) = exit {
+                return exit;
             }
         }
     }

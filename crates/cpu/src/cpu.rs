@@ -99,6 +99,11 @@ pub struct Cpu {
     paging_key: (u64, u64, u64, u64),
     /// Instructions retired.
     pub icount: u64,
+    /// Events (exceptions, interrupts) `run` delivered, each counted
+    /// against its budget like an instruction: engines that call `run` in
+    /// pieces count them the same way, so that a guest stuck in an
+    /// exception loop gets the same number of deliveries on every engine.
+    pub events_delivered: u64,
     /// CPUID answers.
     pub cpuid: CpuidModel,
     /// Exceptions (bit per vector) that stop `run` instead of being
@@ -177,6 +182,7 @@ impl Cpu {
             needs_refresh: false,
             paging_key: (0, 0, 0, 0),
             icount: 0,
+            events_delivered: 0,
             cpuid: CpuidModel::for_vendor(CpuState::reset().vendor),
             exception_bitmap: 0,
             intercept_soft_int: false,
@@ -439,6 +445,7 @@ impl Cpu {
                     return exit;
                 }
                 stalls += 1;
+                self.events_delivered += 1;
                 continue;
             }
             if self.st.halted {
@@ -449,6 +456,7 @@ impl Cpu {
                 Ok(b) => b,
                 Err(Exc::Fault { vector, code }) => {
                     stalls += 1;
+                    self.events_delivered += 1;
                     if let Err(exit) = self.fault(bus, vector, code) {
                         return exit;
                     }
@@ -488,6 +496,7 @@ impl Cpu {
                     Err(Exc::Fault { vector, code }) => {
                         self.stop_block = false;
                         stalls += 1;
+                        self.events_delivered += 1;
                         if let Err(exit) = self.fault(bus, vector, code) {
                             return exit;
                         }

@@ -1876,10 +1876,16 @@ impl Trap {
             return self.deliver(Event::Exception(12, Some((sel & !3) as u32)));
         }
         self.skip(i);
+        // The pop moves SP only on a 16-bit stack (the old SS's B bit).
+        let sp_mask: u64 = if self.cpu.state().seg[seg::SS].big() {
+            0xffff_ffff
+        } else {
+            0xffff
+        };
         let s = self.cpu.state_mut();
         s.seg[seg::SS] = sg;
         if pop {
-            s.gpr[4] = (s.gpr[4] + pop_size) & 0xffff_ffff;
+            s.gpr[4] = (s.gpr[4] & !sp_mask) | ((s.gpr[4] + pop_size) & sp_mask);
         }
         self.inhibit = true;
         self.count("#GP mov ss");
@@ -1904,7 +1910,13 @@ impl Trap {
             _ => 2,
         };
         let iret = i.mnemonic() != Mnemonic::Retf;
-        let esp = st.gpr[4] as u32;
+        // A 16-bit stack (B = 0) moves SP only, wrapping at 64 KiB.
+        let sp_mask: u32 = if st.seg[seg::SS].big() {
+            u32::MAX
+        } else {
+            0xffff
+        };
+        let esp = st.gpr[4] as u32 & sp_mask;
         let base = st.seg[seg::SS].base as u32;
         let mut frame = vec![0u8; (size * 3) as usize];
         if let Err((l, e)) = self.guest_read(base.wrapping_add(esp), &mut frame) {
@@ -1943,7 +1955,7 @@ impl Trap {
         let s = self.cpu.state_mut();
         s.seg[seg::CS] = cs;
         s.rip = new_eip as u64;
-        s.gpr[4] = (s.gpr[4] & !0xffff_ffff) | esp.wrapping_add(pop) as u64;
+        s.gpr[4] = (s.gpr[4] & !(sp_mask as u64)) | (esp.wrapping_add(pop) & sp_mask) as u64;
         if let Some(f) = new_flags {
             let mask = if size == 4 { 0x0025_4fd5u32 } else { 0x4fd5 };
             let f = (f & mask & !(flags::IF | flags::IOPL)) | flags::IF | flags::FIXED1;
