@@ -1397,6 +1397,9 @@ impl Trap {
             0xffff
         };
         self.cpu.set_rip(i.next_ip() & mask);
+        // The emulated instruction retired, as on the CPU: the guest's
+        // clock (TSC, virtual time) counts it.
+        self.cpu.icount += 1;
     }
 
     fn general_protection(&mut self, machine: &mut Machine, code: u32) -> Handled {
