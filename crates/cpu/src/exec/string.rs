@@ -81,7 +81,10 @@ fn run_rep(
             return Ok(());
         }
         n += 1;
-        if n >= CHUNK || c.stop_block {
+        // A chunk ends after CHUNK iterations or at a device stop — not
+        // when an iteration invalidated decoded code elsewhere: where a
+        // REP pauses must not depend on the engine's caches.
+        if n >= CHUNK || c.pending_exit.is_some() {
             // Re-execute this instruction: RIP stays.
             c.next_ip = c.st.rip;
             c.stop_block = true;
@@ -282,7 +285,7 @@ pub(crate) fn outs(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
         bus.device_time(c.icount);
         if bus.io_out(port, s.size, v as u32) == BusAction::Stop {
             // Stop after this iteration; `run_rep` leaves EIP on the REP
-            // when iterations remain (it sees `stop_block`).
+            // when iterations remain (it sees `pending_exit`).
             c.pending_exit = Some(RunExit::BusStop);
             c.stop_block = true;
         }
