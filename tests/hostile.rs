@@ -605,8 +605,14 @@ fn random_programs_end_cleanly_in_child_processes() {
         let mut code = vec![0xfa];
         code.extend((0..4096).map(|_| next() as u8));
         for (mode, load) in [("flat-real", 0x7c00), ("flat-protected", LOAD)] {
-            for engine in ["interp", "bt", "trap"] {
+            for engine in ["interp", "bt", "trap", "hw"] {
                 if engine == "trap" && mode == "flat-real" {
+                    continue;
+                }
+                if engine == "hw" && std::fs::File::open("/dev/kvm").is_err() {
+                    if i == 0 {
+                        println!("hw: no /dev/kvm here, its random programs are skipped");
+                    }
                     continue;
                 }
                 let r = run_flat(
