@@ -2108,14 +2108,37 @@ impl Trap {
         let st = self.cpu.state().clone();
         let df = st.rflags & flags::DF as u64 != 0;
         let mut count = if rep { st.gpr[1] & amask } else { 1 };
-        let (idx, seg_base) = if input {
-            (7usize, st.seg[seg::ES].base)
+        let (idx, sreg) = if input {
+            (7usize, seg::ES)
         } else {
-            (6usize, self.reg(i.memory_segment()))
+            let s = match i.memory_segment() {
+                Register::ES => seg::ES,
+                Register::CS => seg::CS,
+                Register::SS => seg::SS,
+                Register::FS => seg::FS,
+                Register::GS => seg::GS,
+                _ => seg::DS,
+            };
+            (6usize, s)
         };
+        let segment = st.seg[sreg];
+        let seg_base = segment.base;
         let mut ptr = st.gpr[idx] & amask;
         let mut done = 0u64;
         while count > 0 && done < 65536 {
+            // What the CPU checks of the memory operand once the I/O is
+            // allowed (ring 0): a usable segment and its limit (#SS for SS).
+            use popek_cpu::state::attr::{CODE, RW};
+            let code = segment.attr & CODE != 0;
+            let rw = segment.attr & RW != 0;
+            let usable = segment.present()
+                && if input { !code && rw } else { !code || rw }
+                && popek_cpu::Cpu::seg_value_lin(&segment, ptr as u32, size).is_some();
+            if !usable {
+                self.save_string(idx, ptr, rep, count, amask);
+                let v = if sreg == seg::SS { 12 } else { 13 };
+                return self.deliver(Event::Exception(v, Some(0)));
+            }
             let lin = (seg_base + ptr) as u32;
             machine.device_time(self.cpu.icount);
             if input {
