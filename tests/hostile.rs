@@ -519,6 +519,23 @@ fn trap_delivers_faults_during_delivery_as_the_cpu_does() {
     }
 }
 
+/// Ends a guest with status 0x21 (debug-exit 0x10), and gives it an
+/// exception handler that prints the faulting instruction's return
+/// address and exits with status 0x23: the image.
+fn exit_or_report(mut a: CodeAssembler) -> Vec<u8> {
+    a.mov(al, 0x10).unwrap();
+    a.out(0xf4, al).unwrap();
+    a.hlt().unwrap();
+    let mut handler = a.create_label();
+    a.set_label(&mut handler).unwrap();
+    // Any exception: print the vector's return address and stop.
+    a.mov(eax, dword_ptr(esp)).unwrap();
+    print_eax_hex(&mut a);
+    a.mov(al, 0x11).unwrap();
+    a.out(0xf4, al).unwrap();
+    image(a, handler, &[])
+}
+
 /// Memory outside RAM, paging off: reads give all-ones and writes are
 /// dropped, at every address the PC leaves unassigned — just past RAM, in
 /// the middle of the 4 GiB, where the local and I/O APICs will sit, a
@@ -551,17 +568,7 @@ fn outside_ram(ram: u32) -> Vec<u8> {
         a.mov(eax, dword_ptr(addr as u64)).unwrap();
         print_eax_hex(&mut a);
     }
-    a.mov(al, 0x10).unwrap();
-    a.out(0xf4, al).unwrap();
-    a.hlt().unwrap();
-    let mut handler = a.create_label();
-    a.set_label(&mut handler).unwrap();
-    // Any exception: print the vector's return address and stop.
-    a.mov(eax, dword_ptr(esp)).unwrap();
-    print_eax_hex(&mut a);
-    a.mov(al, 0x11).unwrap();
-    a.out(0xf4, al).unwrap();
-    image(a, handler, &[])
+    exit_or_report(a)
 }
 
 #[test]
@@ -645,4 +652,64 @@ fn random_programs_end_cleanly_in_child_processes() {
         "{n} random programs per engine and mode: peak RSS {:.1} MiB",
         peak as f64 / 1048576.0
     );
+}
+
+/// One instruction that stores to two guest page-table pages at once: a
+/// dword across the boundary between the page directory and the page
+/// table after it (the directory's last entry and the table's first).
+/// `trap` write-protects both; its store emulation must keep both open
+/// until the instruction completes (re-protecting the first before the
+/// second ended in endless nested emulation and a host stack overflow),
+/// then resynchronize: the table's new entry maps linear page 0 to
+/// [`DATA`]. Prints the dword read through that page and the directory's
+/// last entry; exits with status 0x21.
+fn store_across_page_tables() -> Vec<u8> {
+    const PDIR: i32 = 0x11_0000;
+    const PT: i32 = PDIR + 0x1000;
+    let mut a = CodeAssembler::new(32).unwrap();
+    prologue(&mut a);
+    a.mov(dword_ptr(DATA), 0x600d_cafe_u32 as i32).unwrap();
+    // Identity map of the first 4 MiB but page 0: not present, frame DATA.
+    a.mov(ecx, 1).unwrap();
+    let mut fill = a.create_label();
+    a.set_label(&mut fill).unwrap();
+    a.mov(eax, ecx).unwrap();
+    a.shl(eax, 12).unwrap();
+    a.or(eax, 3).unwrap();
+    a.mov(dword_ptr(ecx * 4 + PT), eax).unwrap();
+    a.inc(ecx).unwrap();
+    a.cmp(ecx, 1024).unwrap();
+    a.jne(fill).unwrap();
+    a.mov(dword_ptr(PT), DATA).unwrap();
+    a.mov(dword_ptr(PDIR), PT | 3).unwrap();
+    a.mov(eax, PDIR).unwrap();
+    a.mov(cr3, eax).unwrap();
+    a.mov(eax, cr0).unwrap();
+    a.or(eax, 0x8000_0000_u32 as i32).unwrap();
+    a.mov(cr0, eax).unwrap();
+    // Bytes 21 43 to the directory's last entry, 03 00 to the table's
+    // first (present, writable).
+    a.mov(dword_ptr(PDIR + 0xffe), 0x0003_4321).unwrap();
+    a.mov(eax, dword_ptr(0)).unwrap();
+    print_eax_hex(&mut a);
+    a.mov(eax, dword_ptr(PDIR + 0xffc)).unwrap();
+    print_eax_hex(&mut a);
+    exit_or_report(a)
+}
+
+#[test]
+fn a_store_across_two_page_tables_completes_on_every_engine() {
+    let code = store_across_page_tables();
+    for engine in ["interp", "bt", "trap"] {
+        let r = run_flat(
+            "two-tables.bin",
+            &code,
+            "flat-protected",
+            LOAD,
+            &["--engine", engine, "--memory", "4M"],
+        );
+        assert_eq!(r.signal, None, "{engine}: {}", r.stderr);
+        assert_eq!(r.status, 0x21, "{engine}: {}\n{}", r.stdout, r.stderr);
+        assert_eq!(r.stdout, "600DCAFE\n43210000\n", "{engine}");
+    }
 }

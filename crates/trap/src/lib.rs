@@ -647,29 +647,84 @@ impl Trap {
         }
     }
 
-    /// Runs the faulting store once with the page temporarily writable in
-    /// the shadow, then re-protects it and resynchronizes what it changed.
-    fn emulate_store(&mut self, machine: &mut Machine, lin: u32, w: &Walk) -> Handled {
+    /// Whether a store through `w` must be emulated: its page is a
+    /// tracked guest page table (or GDT) or read-only in the guest's
+    /// tables, and lies in RAM.
+    fn store_needs_emulation(&self, w: &Walk) -> bool {
         let page = w.gpp >> 12;
+        let in_ram = self.map.to_host(w.gpp).is_some();
+        let protected = self.shadow.is_tracked(page) && !self.pv_mmu;
+        in_ram && (protected || !w.writable)
+    }
+
+    /// The page a single-stepped instruction faulted on, if the fault is
+    /// another store that needs emulation (an instruction that writes two
+    /// protected pages: a dword across a page boundary, ENTER's frame).
+    fn second_protected_store(&mut self, exit: &RunExit) -> Option<(u32, Walk)> {
+        let RunExit::Exception {
+            vector: 14,
+            error_code: Some(code),
+            software: false,
+        } = *exit
+        else {
+            return None;
+        };
+        let lin = self.cpu.state().cr2 as u32;
+        if code & 2 == 0 || lin >= VMM_LINEAR {
+            return None;
+        }
+        let w = self.walk(lin, true, code & 4 != 0).ok()?;
+        self.store_needs_emulation(&w).then_some((lin, w))
+    }
+
+    /// Runs the faulting instruction once with the page temporarily
+    /// writable in the shadow, then re-protects it and resynchronizes what
+    /// it changed. Every protected page the instruction stores to stays
+    /// open until it completes: re-protecting one before the next store
+    /// would fault on it again without end.
+    fn emulate_store(&mut self, machine: &mut Machine, lin: u32, w: &Walk) -> Handled {
+        /// Pages one instruction may need open at once (a task switch
+        /// writes two TSSs; string moves one page each side).
+        const MAX_OPEN: usize = 8;
         if self.depth > 4 {
             // A store that keeps faulting on tracked pages: let the next
             // run retry it (the watchdog ends a true livelock).
             return Ok(Flow::Continue);
         }
-        let before = self.snapshot_if_tracked(page);
-        self.fill(lin, w, true, true);
+        // Held across `after_run` too: a handler that emulates again
+        // nests, and the nesting is bounded here, not by the host stack.
         self.depth += 1;
         let was = std::mem::replace(&mut self.emulating, true);
-        let exit = self.run_cpu(machine, 1);
+        let mut opened: Vec<(u32, u64, Option<Vec<u8>>)> = Vec::new();
+        let (mut lin, mut w) = (lin, *w);
+        let exit = loop {
+            let page = w.gpp >> 12;
+            opened.push((lin, page, self.snapshot_if_tracked(page)));
+            self.fill(lin, &w, true, true);
+            let exit = self.run_cpu(machine, 1);
+            match self.second_protected_store(&exit) {
+                Some(next) if opened.len() < MAX_OPEN => {
+                    self.stats.wp_traps += 1;
+                    self.count("#PF write-protect (store emulated)");
+                    (lin, w) = next;
+                }
+                _ => break exit,
+            }
+        };
         self.emulating = was;
-        self.depth -= 1;
         // Re-protect: the next fill decides the permissions again.
-        self.shadow.zap_page(&self.hram, lin);
-        self.cpu.flush_tlb_page(lin);
-        if let Some(before) = before {
-            self.resync_table_page(page, &before);
+        for (lin, _, _) in &opened {
+            self.shadow.zap_page(&self.hram, *lin);
+            self.cpu.flush_tlb_page(*lin);
         }
-        self.after_run(machine, exit)
+        for (_, page, before) in opened {
+            if let Some(before) = before {
+                self.resync_table_page(page, &before);
+            }
+        }
+        let flow = self.after_run(machine, exit);
+        self.depth -= 1;
+        flow
     }
 
     fn page_fault(&mut self, machine: &mut Machine, code: u32) -> Handled {
@@ -700,10 +755,7 @@ impl Trap {
                 self.deliver(Event::Exception(14, Some(gerr)))
             }
             Ok(w) => {
-                let page = w.gpp >> 12;
-                let in_ram = self.map.to_host(w.gpp).is_some();
-                let protected = self.shadow.is_tracked(page) && !self.pv_mmu;
-                if write && in_ram && (protected || !w.writable) {
+                if write && self.store_needs_emulation(&w) {
                     self.stats.wp_traps += 1;
                     self.count("#PF write-protect (store emulated)");
                     if self.trace {
@@ -2121,7 +2173,10 @@ impl Trap {
             };
             (6usize, s)
         };
-        let segment = st.seg[sreg];
+        // The guest's view of the segment (limits as it wrote them, not
+        // cut below the monitor's area: the accesses go through the guest's
+        // page tables).
+        let segment = self.compose().seg[sreg];
         let seg_base = segment.base;
         let mut ptr = st.gpr[idx] & amask;
         let mut done = 0u64;
@@ -2277,11 +2332,13 @@ impl Trap {
         let was = std::mem::replace(&mut self.emulating, true);
         self.depth += 1;
         let exit = self.run_cpu(machine, 1);
-        self.depth -= 1;
         self.emulating = was;
         let cpl = self.cpu.cpl();
         self.set_view(cpl == 3);
-        self.after_run(machine, exit)
+        // Held across `after_run`: nesting is bounded here.
+        let flow = self.after_run(machine, exit);
+        self.depth -= 1;
+        flow
     }
 
     /// A far JMP or CALL at virtual ring 0 to guest ring-0 code (whose

@@ -391,6 +391,9 @@ fn fuzz(modes: &[Mode], with_trap: bool) -> u64 {
             if only.as_ref().is_some_and(|o| *o != name) {
                 continue;
             }
+            if std::env::var_os("POPEK_VM_FUZZ_VERBOSE").is_some() {
+                eprintln!("vm fuzz: {name}");
+            }
             let (image, format) = program(seed, mode, i);
             if let Some(dir) = std::env::var_os("POPEK_VM_FUZZ_SAVE") {
                 let _ = std::fs::write(
