@@ -24,8 +24,9 @@ pub mod translate;
 use std::collections::{HashMap, HashSet};
 
 use popek_cpu::{Bus, Cpu, CpuState, RunExit};
+use popek_engine::bus::{vm_exit, MachineBus};
+use popek_engine::hypercall::HYPERCALL_PORT;
 use popek_engine::{Engine, EngineError, VmExit};
-use popek_interp::{vm_exit, MachineBus, HYPERCALL_PORT};
 use popek_machine::Machine;
 
 use cache::CodeCache;

@@ -14,6 +14,9 @@
 //! The vCPU state crosses the seam as the engine-neutral
 //! [`popek_cpu::CpuState`], so a VM can move between engines.
 
+pub mod bus;
+pub mod hypercall;
+
 use popek_cpu::CpuState;
 use popek_machine::Machine;
 

@@ -38,14 +38,12 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use popek_cpu::state::{attr, flags, seg};
 use popek_cpu::CpuState;
+use popek_engine::hypercall::HYPERCALL_PORT;
 use popek_engine::{Engine, EngineError, VmExit};
 use popek_machine::Machine;
 use popek_memory::GuestRam;
 
 pub use probe::{probe, Capabilities};
-
-/// The port the hypercall doorbell listens on (`docs/hypercalls.md`).
-pub const HYPERCALL_PORT: u16 = 0x5650;
 
 /// Where KVM may put the real-mode TSS (three pages) on VMX hosts without
 /// unrestricted guest: above the largest RAM popek allows, below 4 GiB.

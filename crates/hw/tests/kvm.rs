@@ -444,15 +444,16 @@ fn a_spinning_guest_returns_at_the_end_of_its_slice() {
     assert!(b.hw.instructions() > 0);
 }
 
-/// Serves hypercalls with the VMM's own `hypercall::serve`.
+/// Serves hypercalls with the engine crate's `hypercall::serve` (what the VMM uses).
 fn run_with_hypercalls(
     b: &mut Booted,
-) -> (Option<StopReason>, popek_vmm::hypercall::HypercallStats) {
-    let mut stats = popek_vmm::hypercall::HypercallStats::default();
+) -> (Option<StopReason>, popek_engine::hypercall::HypercallStats) {
+    let mut stats = popek_engine::hypercall::HypercallStats::default();
     for _ in 0..1000 {
         match b.hw.run(&mut b.machine, 200_000).unwrap() {
             VmExit::Hypercall => {
-                if let Some(r) = popek_vmm::hypercall::serve(&mut b.hw, &mut b.machine, &mut stats)
+                if let Some(r) =
+                    popek_engine::hypercall::serve(&mut b.hw, &mut b.machine, &mut stats)
                 {
                     return (Some(r), stats);
                 }

@@ -5,74 +5,11 @@
 //! straight to the machine's devices through [`MachineBus`]; only HLT,
 //! shutdown, hypercalls and device stop requests come back to the VMM.
 
-use popek_cpu::{Bus, BusAction, Cpu, CpuState, RunExit, SensitiveEvent};
+use popek_cpu::{Cpu, CpuState};
+use popek_engine::bus::{vm_exit, MachineBus};
+use popek_engine::hypercall::HYPERCALL_PORT;
 use popek_engine::{Engine, EngineError, VmExit};
 use popek_machine::Machine;
-
-/// The port the hypercall doorbell listens on (`docs/hypercalls.md`).
-pub const HYPERCALL_PORT: u16 = 0x5650;
-
-/// Adapts the machine to the CPU's view of the outside world.
-pub struct MachineBus<'a> {
-    machine: &'a mut Machine,
-    /// Sensitive-instruction events, when the CPU reports them.
-    pub events: Option<&'a mut Vec<SensitiveEvent>>,
-}
-
-impl<'a> MachineBus<'a> {
-    /// Wraps a machine.
-    pub fn new(machine: &'a mut Machine) -> Self {
-        MachineBus {
-            machine,
-            events: None,
-        }
-    }
-}
-
-impl Bus for MachineBus<'_> {
-    #[inline]
-    fn io_in(&mut self, port: u16, size: u8) -> u32 {
-        self.machine.io_in(port, size)
-    }
-    #[inline]
-    fn io_out(&mut self, port: u16, size: u8, value: u32) -> BusAction {
-        self.machine.io_out(port, size, value);
-        if self.machine.stop_pending() {
-            BusAction::Stop
-        } else {
-            BusAction::Continue
-        }
-    }
-    fn mmio_read(&mut self, addr: u64, size: u8) -> u64 {
-        self.machine.mmio_read(addr, size)
-    }
-    fn mmio_write(&mut self, addr: u64, size: u8, value: u64) -> BusAction {
-        self.machine.mmio_write(addr, size, value);
-        if self.machine.stop_pending() {
-            BusAction::Stop
-        } else {
-            BusAction::Continue
-        }
-    }
-    #[inline]
-    fn interrupt_pending(&mut self) -> bool {
-        self.machine.interrupt_pending()
-    }
-    fn acknowledge_interrupt(&mut self) -> u8 {
-        self.machine.acknowledge_interrupt()
-    }
-    fn clock(&mut self, instructions: u64) -> u64 {
-        self.machine.tsc(instructions)
-    }
-    fn device_time(&mut self, instructions: u64) {
-        self.machine.device_time(instructions);
-    }
-    fn sensitive(&mut self, event: &SensitiveEvent) {
-        if let Some(ev) = self.events.as_mut() {
-            ev.push(event.clone());
-        }
-    }
-}
 
 /// The `interp` engine.
 pub struct Interp {
@@ -90,22 +27,6 @@ impl Interp {
     /// The software CPU, for tests and tools.
     pub fn cpu(&mut self) -> &mut Cpu {
         &mut self.cpu
-    }
-}
-
-/// Maps a CPU run exit to a VM exit.
-pub fn vm_exit(exit: RunExit) -> VmExit {
-    match exit {
-        RunExit::Budget => VmExit::Budget,
-        RunExit::Halted => VmExit::Halt,
-        RunExit::Shutdown => VmExit::Shutdown {
-            reason: "triple fault".into(),
-        },
-        RunExit::Hypercall => VmExit::Hypercall,
-        RunExit::BusStop => VmExit::MachineStop,
-        RunExit::Exception { vector, .. } => VmExit::Shutdown {
-            reason: format!("unexpected intercepted exception {vector}"),
-        },
     }
 }
 

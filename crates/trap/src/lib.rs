@@ -33,7 +33,9 @@ use std::sync::Arc;
 use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, Mnemonic, OpKind, Register};
 use popek_cpu::seg::Descriptor;
 use popek_cpu::state::{cr, flags, seg, Msrs, Segment, TableReg};
-use popek_cpu::{Bus, BusAction, Cpu, CpuState, RunExit, SensitiveEvent, SensitiveKind};
+use popek_cpu::{Cpu, CpuState, RunExit, SensitiveEvent, SensitiveKind};
+use popek_engine::bus::MachineBus;
+use popek_engine::hypercall::HYPERCALL_PORT;
 use popek_engine::{AuditRow, Engine, EngineError, VmExit};
 use popek_machine::Machine;
 use popek_memory::GuestRam;
@@ -42,9 +44,6 @@ use audit::{Audit, IfLoss};
 use desc::SEG_TOP;
 use phys::PhysMap;
 use shadow::{pte, Shadow, GDT_PAGE, IDT_PAGE, TSS_PAGE, VMM_LINEAR};
-
-/// The port of the hypercall doorbell (`docs/hypercalls.md`).
-pub const HYPERCALL_PORT: u16 = 0x5650;
 
 const NAME: &str = "trap";
 
@@ -133,56 +132,6 @@ struct Walk {
     pte: Option<u64>,
     /// The dirty bit is already set.
     dirty: bool,
-}
-
-/// The CPU's view of the world under `trap`: no external interrupts (the
-/// monitor injects them), I/O that never arrives (it all faults), and the
-/// sensitive-instruction reports collected for the audit.
-struct TrapBus<'a> {
-    machine: &'a mut Machine,
-    events: &'a mut Vec<SensitiveEvent>,
-    host_size: u64,
-}
-
-impl Bus for TrapBus<'_> {
-    fn io_in(&mut self, port: u16, size: u8) -> u32 {
-        self.machine.io_in(port, size)
-    }
-    fn io_out(&mut self, port: u16, size: u8, value: u32) -> BusAction {
-        self.machine.io_out(port, size, value);
-        if self.machine.stop_pending() {
-            BusAction::Stop
-        } else {
-            BusAction::Continue
-        }
-    }
-    fn mmio_read(&mut self, addr: u64, size: u8) -> u64 {
-        if addr < self.host_size + 0x1000 {
-            // Host RAM the CPU reached as MMIO, or the void page (guest
-            // pages beyond guest RAM): nothing there, as on the bus.
-            return u64::MAX;
-        }
-        self.machine.mmio_read(addr, size)
-    }
-    fn mmio_write(&mut self, addr: u64, size: u8, value: u64) -> BusAction {
-        if addr >= self.host_size + 0x1000 {
-            self.machine.mmio_write(addr, size, value);
-        }
-        if self.machine.stop_pending() {
-            BusAction::Stop
-        } else {
-            BusAction::Continue
-        }
-    }
-    fn clock(&mut self, instructions: u64) -> u64 {
-        self.machine.tsc(instructions)
-    }
-    fn device_time(&mut self, instructions: u64) {
-        self.machine.device_time(instructions);
-    }
-    fn sensitive(&mut self, event: &SensitiveEvent) {
-        self.events.push(event.clone());
-    }
 }
 
 /// The `trap` engine.
@@ -1256,11 +1205,13 @@ impl Trap {
 
     fn run_cpu(&mut self, machine: &mut Machine, budget: u64) -> RunExit {
         let host_size = self.hram.size();
-        let mut bus = TrapBus {
-            machine,
-            events: &mut self.events,
-            host_size,
-        };
+        // Host RAM the CPU reaches as MMIO, or the void page (guest pages
+        // beyond guest RAM): nothing there, as on the bus. Interrupts are
+        // the monitor's to deliver.
+        let mut bus = MachineBus::new(machine)
+            .with_events(&mut self.events)
+            .void_below(host_size + 0x1000)
+            .without_interrupts();
         let exit = self.cpu.run(&mut bus, budget);
         if !self.events.is_empty() && self.emulating {
             self.events.clear();

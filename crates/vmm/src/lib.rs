@@ -10,7 +10,7 @@
 
 pub mod bench;
 pub mod boot;
-pub mod hypercall;
+pub use popek_engine::hypercall;
 pub mod report;
 
 use std::io::Write;

@@ -1,11 +1,16 @@
-//! The host side of the hypercall ABI (`docs/hypercalls.md`), shared by the
-//! engines that stop at the doorbell with [`VmExit::Hypercall`].
+//! The hypercall ABI (`docs/hypercalls.md`): the doorbell port every
+//! engine watches, the call numbers, and the host side that serves a call
+//! once an engine stops at the doorbell with [`VmExit::Hypercall`].
 //!
-//! [`VmExit::Hypercall`]: popek_engine::VmExit::Hypercall
+//! [`VmExit::Hypercall`]: crate::VmExit::Hypercall
 
 use popek_cpu::state::{cr, flags};
-use popek_engine::Engine;
 use popek_machine::{Machine, StopReason};
+
+use crate::Engine;
+
+/// The port the hypercall doorbell listens on.
+pub const HYPERCALL_PORT: u16 = 0x5650;
 
 /// ABI version reported by `HC_VERSION`.
 pub const VERSION: u32 = 1;
