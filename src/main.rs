@@ -73,7 +73,9 @@ fn audit(a: AuditArgs) -> u8 {
         Ok(vm) => vm,
         Err(code) => return code,
     };
-    vm.engine.set_trace_traps(r.trace.is_some());
+    if let Some(i) = vm.engine.inspect() {
+        i.set_trace_traps(r.trace.is_some());
+    }
     let outcome = vm.run();
     let _ = std::io::stdout().flush();
     let status = outcome.exit_status();
@@ -85,14 +87,12 @@ fn audit(a: AuditArgs) -> u8 {
         Outcome::Quit => "quit from the console".into(),
         Outcome::Stopped(n) => format!("stopped after {n} instructions"),
     };
-    let rows = vm.engine.audit().unwrap_or_default();
-    let stats: Vec<(String, u64)> = vm
+    let rows = vm
         .engine
-        .stats()
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .chain(vm.engine.detail_stats())
-        .collect();
+        .inspect()
+        .and_then(|i| i.audit())
+        .unwrap_or_default();
+    let stats = vm.stats();
     if a.json {
         let rows_json: Vec<serde_json::Value> = rows
             .iter()
@@ -235,7 +235,7 @@ fn initramfs(a: InitramfsArgs) -> u8 {
     let busybox = match popek_vmm::read_input(&a.busybox, max) {
         Ok(b) => b,
         Err(e) => {
-            eprintln!("popek: {e}");
+            eprintln!("popek: {}", e.chain());
             return 2;
         }
     };
@@ -243,7 +243,7 @@ fn initramfs(a: InitramfsArgs) -> u8 {
         Some(p) => match popek_vmm::read_input(p, max) {
             Ok(b) => b,
             Err(e) => {
-                eprintln!("popek: {e}");
+                eprintln!("popek: {}", e.chain());
                 return 2;
             }
         },
@@ -479,7 +479,7 @@ fn make_vm(a: &RunArgs, console: Box<dyn Write + Send>) -> Result<Vm, u8> {
         }),
     };
     Vm::new(&cfg, console).map_err(|e| {
-        eprintln!("popek: {e}");
+        eprintln!("popek: {}", e.chain());
         2
     })
 }
@@ -489,8 +489,8 @@ fn run(a: RunArgs) -> u8 {
         Ok(vm) => vm,
         Err(code) => return code,
     };
-    if a.trace.is_some() {
-        vm.engine.set_trace_traps(true);
+    if let (Some(_), Some(i)) = (&a.trace, vm.engine.inspect()) {
+        i.set_trace_traps(true);
     }
     let raw = console::enter_raw_mode();
     vm.set_input(console::spawn_reader());
@@ -513,7 +513,7 @@ fn run(a: RunArgs) -> u8 {
         _ => {}
     }
     if let Some(addr) = a.dump_ccf {
-        match vm.engine.dump_translation(addr) {
+        match vm.engine.inspect().and_then(|i| i.dump_translation(addr)) {
             Some(text) => eprint!("{text}"),
             None => eprintln!(
                 "popek: --dump-ccf {addr:#x}: engine {} has no translation there",
@@ -523,10 +523,7 @@ fn run(a: RunArgs) -> u8 {
     }
     if a.stats {
         eprintln!("popek: {} statistics:", vm.engine.name());
-        for (k, v) in vm.engine.stats() {
-            eprintln!("  {k:<28} {v}");
-        }
-        for (k, v) in vm.engine.detail_stats() {
+        for (k, v) in vm.stats() {
             eprintln!("  {k:<28} {v}");
         }
         let touched = vm.machine.ram().resident_bytes();

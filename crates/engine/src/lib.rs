@@ -15,7 +15,10 @@
 //! [`popek_cpu::CpuState`], so a VM can move between engines.
 
 pub mod bus;
+pub mod factory;
 pub mod hypercall;
+
+pub use factory::{EngineFactory, GuestMode};
 
 use popek_cpu::CpuState;
 use popek_machine::Machine;
@@ -74,7 +77,7 @@ pub enum VmExit {
     MachineStop,
 }
 
-/// An engine failure: something inside popek, not the guest.
+/// An engine failure: something inside popek or the host, not the guest.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// The engine cannot run this guest state (e.g. a CPU mode it lacks).
@@ -84,6 +87,24 @@ pub enum EngineError {
         engine: &'static str,
         /// Why.
         reason: String,
+    },
+    /// The engine does not exist in this build or on this host, or refuses
+    /// this configuration (e.g. `hw` without a usable `/dev/kvm`).
+    #[error("engine {engine} is not available: {reason}")]
+    Unavailable {
+        /// Engine name.
+        engine: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// Building the engine failed (a host resource it needs).
+    #[error("cannot set up engine {engine}")]
+    Setup {
+        /// Engine name.
+        engine: &'static str,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// An internal error while running the guest.
     #[error("engine {engine} failed: {reason}")]
@@ -146,6 +167,28 @@ pub trait Engine {
     /// VMM services such as hypercalls), or `None` where it is unmapped.
     fn poke_linear(&mut self, addr: u64, data: &[u8]) -> Option<()>;
 
+    /// Drops the engine's cached translation of one guest-linear page (the
+    /// `HC_INVLPG` hypercall). Engines whose TLB is flushed by
+    /// [`Engine::set_state`] anyway ignore it.
+    fn invalidate_page(&mut self, _lin: u64) {}
+
+    /// What the engine offers for inspection (statistics, traces, audits,
+    /// translation dumps), or `None`.
+    fn inspect(&mut self) -> Option<&mut dyn Inspect> {
+        None
+    }
+
+    /// The concrete engine, for tools that need what only it offers (the
+    /// fuzzer's knobs and checks). `None` where nothing is offered.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
+}
+
+/// What an engine may offer to people looking inside it: statistics for
+/// `--stats`, the trap trace, the x86-gap audit, translation dumps, and
+/// the watchdog's hint. None of it changes what the guest sees.
+pub trait Inspect {
     /// The translation the engine keeps for the guest code at guest-physical
     /// `phys`, disassembled (guest instructions, then the host code), for
     /// `popek run --dump-ccf`. Engines that translate nothing answer `None`.
@@ -165,11 +208,6 @@ pub trait Engine {
         None
     }
 
-    /// Drops the engine's cached translation of one guest-linear page (the
-    /// `HC_INVLPG` hypercall). Engines whose TLB is flushed by
-    /// [`Engine::set_state`] anyway ignore it.
-    fn invalidate_page(&mut self, _lin: u64) {}
-
     /// Prints each trap as it is handled (`popek run --trace traps`).
     /// Engines without traps ignore it.
     fn set_trace_traps(&mut self, _on: bool) {}
@@ -185,9 +223,12 @@ pub trait Engine {
         Vec::new()
     }
 
-    /// The concrete engine, for tools that need what only it offers (the
-    /// fuzzer's knobs and checks). `None` where nothing is offered.
-    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
-        None
+    /// [`Inspect::stats`] followed by [`Inspect::detail_stats`].
+    fn all_stats(&self) -> Vec<(String, u64)> {
+        self.stats()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .chain(self.detail_stats())
+            .collect()
     }
 }

@@ -38,8 +38,9 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use popek_cpu::state::{attr, flags, seg};
 use popek_cpu::CpuState;
+use popek_cpu::Vendor;
 use popek_engine::hypercall::HYPERCALL_PORT;
-use popek_engine::{Engine, EngineError, VmExit};
+use popek_engine::{Engine, EngineError, EngineFactory, GuestMode, Inspect, VmExit};
 use popek_machine::Machine;
 use popek_memory::GuestRam;
 
@@ -63,28 +64,88 @@ const MIN_SLICE: Duration = Duration::from_micros(100);
 #[derive(Debug, thiserror::Error)]
 pub enum HwError {
     /// `/dev/kvm` cannot be opened.
-    #[error("/dev/kvm: {0}")]
-    NoKvm(String),
+    #[error("cannot open /dev/kvm")]
+    NoKvm(#[source] kvm_ioctls::Error),
     /// A KVM set-up call failed.
-    #[error("KVM {call}: {err}")]
+    #[error("KVM set-up call {call} failed")]
     Setup {
         /// The failing call.
         call: &'static str,
         /// The error.
-        err: String,
+        #[source]
+        source: std::io::Error,
     },
 }
 
 fn setup(call: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> HwError {
     move |e| HwError::Setup {
         call,
-        err: e.to_string(),
+        source: std::io::Error::from_raw_os_error(e.errno()),
     }
 }
 
 /// Whether `/dev/kvm` exists and opens.
 pub fn kvm_available() -> bool {
     Kvm::new().is_ok()
+}
+
+/// What the VMM knows of `hw` before it builds one: the KVM at hand and
+/// what its probe found it can run.
+pub struct HwFactory;
+
+/// The `hw` engine's factory, for the VMM's list.
+pub static FACTORY: HwFactory = HwFactory;
+
+impl EngineFactory for HwFactory {
+    fn name(&self) -> &'static str {
+        "hw"
+    }
+    fn describe(&self) -> String {
+        let kind = probe::kind_from_modules(&probe::kvm_modules());
+        match kind {
+            probe::KvmKind::Hardware => {
+                "hw, hardware-assisted through the hardware-backed KVM here, runs this guest's CPU mode".into()
+            }
+            _ => "hw: no software engine runs this guest, and the KVM here (software, kvm_pvm) does".into(),
+        }
+    }
+    fn available(&self) -> Result<(), String> {
+        Kvm::new()
+            .map(|_| ())
+            .map_err(|e| format!("no usable KVM (/dev/kvm: {e})"))
+    }
+    fn can_run(&self, mode: GuestMode) -> Result<(), String> {
+        // The probe (cached per boot) says what this KVM refuses; the
+        // rest is found at run time.
+        probe().can_run(mode)
+    }
+    fn accepts_vendor(&self, vendor: Vendor) -> Result<(), String> {
+        // KVM runs guest code on the host's processor: its undefined
+        // results are the host vendor's, whatever CPUID would claim.
+        let host = Vendor::host();
+        if vendor == host {
+            Ok(())
+        } else {
+            Err(format!(
+                "--cpu-vendor {vendor}: the hw engine runs guest code on this host's {host} processor; use the {host} profile or a software engine"
+            ))
+        }
+    }
+    fn auto_rank(&self) -> Option<u8> {
+        // A software KVM (kvm_pvm) is ~30× slower than bt: only for the
+        // guests no software engine runs.
+        match probe::kind_from_modules(&probe::kvm_modules()) {
+            probe::KvmKind::Hardware => Some(0),
+            _ => Some(3),
+        }
+    }
+    fn create(&self, machine: &Machine) -> Result<Box<dyn Engine>, EngineError> {
+        let hw = Hw::new(machine).map_err(|e| EngineError::Setup {
+            engine: "hw",
+            source: Box::new(e),
+        })?;
+        Ok(Box::new(hw))
+    }
 }
 
 /// Exit counters, for `--stats`.
@@ -210,7 +271,7 @@ impl Hw {
 
     /// As [`Hw::new`], on bare RAM (for the probe and tests).
     pub fn with_ram(ram: Arc<GuestRam>) -> Result<Hw, HwError> {
-        let kvm = Kvm::new().map_err(|e| HwError::NoKvm(e.to_string()))?;
+        let kvm = Kvm::new().map_err(HwError::NoKvm)?;
         let vm = kvm.create_vm().map_err(setup("KVM_CREATE_VM"))?;
         // Needed by VMX without unrestricted guest for real mode; refused or
         // ignored elsewhere (AMD, kvm_pvm), which is fine.
@@ -244,9 +305,9 @@ impl Hw {
         if let Err(e) = vcpu.set_tsc_khz(TSC_KHZ) {
             tracing::debug!("KVM_SET_TSC_KHZ: {e}");
         }
-        let timer = timer::SliceTimer::new().map_err(|e| HwError::Setup {
+        let timer = timer::SliceTimer::new().map_err(|source| HwError::Setup {
             call: "timer_create",
-            err: e.to_string(),
+            source,
         })?;
         let mut hw = Hw {
             vcpu,
@@ -892,6 +953,12 @@ impl Engine for Hw {
         Some(())
     }
 
+    fn inspect(&mut self) -> Option<&mut dyn Inspect> {
+        Some(self)
+    }
+}
+
+impl Inspect for Hw {
     fn stats(&self) -> Vec<(&'static str, u64)> {
         let s = &self.stats;
         vec![

@@ -157,20 +157,7 @@ pub enum KvmKind {
     UnknownSoftware,
 }
 
-/// A CPU mode a guest needs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GuestMode {
-    /// Real mode.
-    Real,
-    /// Unpaged 32-bit protected mode.
-    Protected32,
-    /// 32-bit (or PAE) paging.
-    Paged32,
-    /// 64-bit long mode, entered by the loader.
-    Long64,
-    /// Long mode, entered by the guest itself from 32-bit code.
-    LongFrom32,
-}
+pub use popek_engine::GuestMode;
 
 /// What the probe found.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

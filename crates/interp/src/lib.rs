@@ -7,9 +7,37 @@
 
 use popek_cpu::{Cpu, CpuState};
 use popek_engine::bus::{vm_exit, MachineBus};
+use popek_engine::factory::software_cpu_can_run;
 use popek_engine::hypercall::HYPERCALL_PORT;
-use popek_engine::{Engine, EngineError, VmExit};
+use popek_engine::{Engine, EngineError, EngineFactory, GuestMode, Inspect, VmExit};
 use popek_machine::Machine;
+
+/// What the VMM knows of `interp` before it builds one.
+pub struct InterpFactory;
+
+/// The `interp` engine's factory, for the VMM's list.
+pub static FACTORY: InterpFactory = InterpFactory;
+
+impl EngineFactory for InterpFactory {
+    fn name(&self) -> &'static str {
+        "interp"
+    }
+    fn describe(&self) -> String {
+        "interp, the reference software CPU, runs every 32-bit guest".into()
+    }
+    fn available(&self) -> Result<(), String> {
+        Ok(())
+    }
+    fn can_run(&self, mode: GuestMode) -> Result<(), String> {
+        software_cpu_can_run(mode)
+    }
+    fn auto_rank(&self) -> Option<u8> {
+        Some(2)
+    }
+    fn create(&self, machine: &Machine) -> Result<Box<dyn Engine>, EngineError> {
+        Ok(Box::new(Interp::new(machine)))
+    }
+}
 
 /// The `interp` engine.
 pub struct Interp {
@@ -68,6 +96,12 @@ impl Engine for Interp {
         self.cpu.poke_linear(addr, data)
     }
 
+    fn inspect(&mut self) -> Option<&mut dyn Inspect> {
+        Some(self)
+    }
+}
+
+impl Inspect for Interp {
     fn stats(&self) -> Vec<(&'static str, u64)> {
         let s = &self.cpu.stats;
         vec![

@@ -35,10 +35,12 @@ use popek_cpu::seg::Descriptor;
 use popek_cpu::state::{cr, flags, seg, Msrs, Segment, TableReg};
 use popek_cpu::{Cpu, CpuState, RunExit, SensitiveEvent, SensitiveKind};
 use popek_engine::bus::MachineBus;
+use popek_engine::factory::software_cpu_can_run;
 use popek_engine::hypercall::HYPERCALL_PORT;
-use popek_engine::{AuditRow, Engine, EngineError, VmExit};
+use popek_engine::{AuditRow, Engine, EngineError, EngineFactory, GuestMode, Inspect, VmExit};
 use popek_machine::Machine;
 use popek_memory::GuestRam;
+use popek_memory::MemoryError;
 
 use audit::{Audit, IfLoss};
 use desc::SEG_TOP;
@@ -134,6 +136,63 @@ struct Walk {
     dirty: bool,
 }
 
+/// Why a `trap` engine could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TrapError {
+    /// The monitor shuffles guest RAM in chunks: RAM must be whole chunks.
+    #[error("guest RAM ({size} bytes) must be a multiple of {} KiB", chunk / 1024)]
+    RamSize {
+        /// Guest RAM in bytes.
+        size: u64,
+        /// The chunk size in bytes.
+        chunk: u64,
+    },
+    /// The second (host-physical) mapping of guest RAM failed.
+    #[error("cannot build the host-physical view of guest RAM")]
+    HostView(#[source] MemoryError),
+}
+
+/// What the VMM knows of `trap` before it builds one.
+pub struct TrapFactory;
+
+/// The `trap` engine's factory, for the VMM's list.
+pub static FACTORY: TrapFactory = TrapFactory;
+
+impl EngineFactory for TrapFactory {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+    fn describe(&self) -> String {
+        "trap, trap-and-emulate with ring deprivileging and shadow page tables".into()
+    }
+    fn available(&self) -> Result<(), String> {
+        // memfd-backed RAM with a second, shuffled mapping.
+        if cfg!(target_os = "linux") {
+            Ok(())
+        } else {
+            Err("trap maps guest RAM twice through memfd: it needs a Linux host".into())
+        }
+    }
+    fn can_run(&self, mode: GuestMode) -> Result<(), String> {
+        software_cpu_can_run(mode)
+    }
+    fn needs_shareable_ram(&self) -> bool {
+        // The CPU sees guest RAM through a second, shuffled mapping.
+        true
+    }
+    fn auto_rank(&self) -> Option<u8> {
+        // For seeing the classic technique at work, not for speed.
+        None
+    }
+    fn create(&self, machine: &Machine) -> Result<Box<dyn Engine>, EngineError> {
+        let t = Trap::new(machine).map_err(|e| EngineError::Setup {
+            engine: NAME,
+            source: Box::new(e),
+        })?;
+        Ok(Box::new(t))
+    }
+}
+
 /// The `trap` engine.
 pub struct Trap {
     cpu: Cpu,
@@ -186,20 +245,19 @@ impl Trap {
     /// An engine for `machine`, whose RAM must be shareable
     /// ([`GuestRam::new_shareable`]): the CPU sees it through a shuffled
     /// physical map, followed by the monitor's pool.
-    pub fn new(machine: &Machine) -> Result<Trap, String> {
+    pub fn new(machine: &Machine) -> Result<Trap, TrapError> {
         let gram = machine.ram().clone();
         let ram_size = gram.size().div_ceil(phys::CHUNK) * phys::CHUNK;
         if ram_size != gram.size() {
-            return Err(format!(
-                "guest RAM ({} bytes) must be a multiple of {} KiB",
-                gram.size(),
-                phys::CHUNK / 1024
-            ));
+            return Err(TrapError::RamSize {
+                size: gram.size(),
+                chunk: phys::CHUNK,
+            });
         }
         let map = PhysMap::shuffled(ram_size, 0x9e37_79b9_7f4a_7c15);
         let hram = map
             .host_view(&gram, shadow::POOL_BYTES)
-            .map_err(|e| format!("cannot build the host-physical view: {e}"))?;
+            .map_err(TrapError::HostView)?;
         let shadow = Shadow::new(&hram, ram_size);
         let mut cpu = Cpu::new(hram.clone());
         cpu.exception_bitmap = u32::MAX;
@@ -2791,6 +2849,12 @@ impl Engine for Trap {
         self.guest_write(addr as u32, data).ok()
     }
 
+    fn inspect(&mut self) -> Option<&mut dyn Inspect> {
+        Some(self)
+    }
+}
+
+impl Inspect for Trap {
     fn audit(&self) -> Option<Vec<AuditRow>> {
         Some(self.audit.rows())
     }

@@ -201,17 +201,9 @@ pub fn run_engine(engine: EngineKind) -> Column {
     let mut marks: Vec<Option<u64>> = vec![None; BENCHES.len() + 1];
     let mut stats: Vec<(String, u64)> = Vec::new();
     let outcome = Vm::new(&cfg, Box::new(cap.clone())).map(|mut vm| {
-        let grab = |vm: &Vm| -> Vec<(String, u64)> {
-            vm.engine
-                .stats()
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .chain(vm.engine.detail_stats())
-                .collect()
-        };
         if engine != EngineKind::Trap {
             let o = vm.run();
-            stats = grab(&vm);
+            stats = vm.stats();
             return o;
         }
         // Snapshot the trap count as each result line appears (the line
@@ -220,12 +212,7 @@ pub fn run_engine(engine: EngineKind) -> Column {
             let limit = vm.engine.instructions() + TRAP_SAMPLE;
             let done = vm.run_limited(limit);
             let text = text_now();
-            let traps = vm
-                .engine
-                .stats()
-                .iter()
-                .find(|(k, _)| *k == "traps")
-                .map(|(_, v)| *v);
+            let traps = vm.stat("traps");
             for (i, m) in marks.iter_mut().enumerate() {
                 let line = match i {
                     0 => "minios: sched ".to_string(),
@@ -236,7 +223,7 @@ pub fn run_engine(engine: EngineKind) -> Column {
                 }
             }
             if let Some(o) = done {
-                stats = grab(&vm);
+                stats = vm.stats();
                 return o;
             }
         }

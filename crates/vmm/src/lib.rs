@@ -20,9 +20,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use popek_boot::{flat, linux, multiboot, BootError, KernelFormat};
-use popek_engine::{Engine, EngineError, VmExit};
+use popek_engine::{Engine, EngineError, EngineFactory, VmExit};
+use popek_machine::MachineError;
 use popek_machine::{ClockMode, Machine, MachineConfig, StopReason};
 use popek_memory::GuestRam;
+use popek_memory::MemoryError;
 
 /// Smallest `--memory`.
 pub const MIN_MEMORY: u64 = 2 << 20;
@@ -51,99 +53,66 @@ pub enum EngineKind {
     Interp,
 }
 
+/// Every engine's factory, in [`EngineKind`] order.
+static ENGINES: [(EngineKind, &dyn EngineFactory); 4] = [
+    (EngineKind::Hw, &popek_hw::FACTORY),
+    (EngineKind::Bt, &popek_bt::FACTORY),
+    (EngineKind::Trap, &popek_trap::FACTORY),
+    (EngineKind::Interp, &popek_interp::FACTORY),
+];
+
 impl EngineKind {
+    /// What the VMM knows of the engine before building it.
+    pub fn factory(self) -> &'static dyn EngineFactory {
+        ENGINES
+            .iter()
+            .find(|(k, _)| *k == self)
+            .map(|(_, f)| *f)
+            .expect("every kind is listed")
+    }
+
     /// The engine's name on the command line.
     pub fn name(self) -> &'static str {
-        match self {
-            EngineKind::Hw => "hw",
-            EngineKind::Bt => "bt",
-            EngineKind::Trap => "trap",
-            EngineKind::Interp => "interp",
-        }
+        self.factory().name()
     }
 
     /// Whether this build of popek has the engine on this host (`hw`:
     /// when `/dev/kvm` opens).
     pub fn available(self) -> bool {
-        match self {
-            EngineKind::Interp => true,
-            EngineKind::Hw => popek_hw::kvm_available(),
-            // Emits x86-64 host code.
-            EngineKind::Bt => cfg!(all(target_arch = "x86_64", target_os = "linux")),
-            // memfd-backed RAM with a second, shuffled mapping.
-            EngineKind::Trap => cfg!(target_os = "linux"),
-        }
+        self.factory().available().is_ok()
     }
 
-    /// VISION's `--engine auto` rule for a guest whose needs are unknown
+    /// The `--engine auto` rule for a guest whose needs are unknown
     /// (treated as a 32-bit guest).
     pub fn auto() -> (EngineKind, String) {
         Self::auto_for(&KernelSource::Embedded("minios".into()))
     }
 
-    /// VISION's `--engine auto` rule for this guest, given what exists:
-    /// `hw` on a hardware-backed KVM that can run the guest's CPU mode;
-    /// else `bt` where it exists (it runs every 32-bit guest: what it does
-    /// not translate runs on the software CPU); else `interp`; else `hw` on a
-    /// software KVM such as kvm_pvm — today that is the 64-bit guests.
-    /// Returns the engine and the reason, in words.
+    /// The `--engine auto` rule for this guest (`docs/engines.md`): of the
+    /// engines here, in the order their factories rank themselves (`hw` on
+    /// a hardware-backed KVM, then `bt`, then `interp`, then `hw` on a
+    /// software KVM such as kvm_pvm), the first that runs the guest's CPU
+    /// mode. Returns the engine and the reason, in words.
     pub fn auto_for(kernel: &KernelSource) -> (EngineKind, String) {
-        let (soft, soft_why) = if EngineKind::Bt.available() {
-            (
-                EngineKind::Bt,
-                "bt, the binary translator, runs every 32-bit guest (5–9× interp on Debian, ≈ 10× on compute loops)",
-            )
-        } else {
-            (
+        let factories: Vec<&dyn EngineFactory> = ENGINES.iter().map(|(_, f)| *f).collect();
+        match popek_engine::factory::choose(&factories, guest_mode(kernel)) {
+            Some((f, why)) => {
+                let kind = ENGINES
+                    .iter()
+                    .find(|(_, g)| g.name() == f.name())
+                    .map_or(EngineKind::Interp, |(k, _)| *k);
+                (kind, why)
+            }
+            None => (
                 EngineKind::Interp,
-                "the reference software CPU runs every 32-bit guest (bt needs an x86-64 Linux host)",
-            )
-        };
-        let mode = guest_mode(kernel);
-        let long = matches!(mode, Some(GuestMode::Long64 | GuestMode::LongFrom32));
-        if !EngineKind::Hw.available() {
-            return if long {
-                (
-                    EngineKind::Interp,
-                    "no usable /dev/kvm and no software engine runs 64-bit guests yet; trying the reference software CPU".into(),
-                )
-            } else {
-                (soft, format!("no usable /dev/kvm; {soft_why}"))
-            };
-        }
-        // The module list is enough to tell a software KVM without booting
-        // the probe guests; the probe (cached per boot) decides the rest.
-        let kind = popek_hw::probe::kind_from_modules(&popek_hw::probe::kvm_modules());
-        let software = kind != popek_hw::probe::KvmKind::Hardware;
-        if software && !long {
-            return (
-                soft,
-                format!(
-                    "the KVM here is software (kvm_pvm), so hw is only for guests no software engine can run; {soft_why}"
-                ),
-            );
-        }
-        let caps = popek_hw::probe();
-        let fits = mode.map_or(Ok(()), |m| caps.can_run(m));
-        match fits {
-            Ok(()) if !caps.software() => (
-                EngineKind::Hw,
-                "the KVM here is hardware-backed and runs this guest's CPU mode".into(),
+                "no engine takes part in the automatic choice here".into(),
             ),
-            Ok(()) => (
-                EngineKind::Hw,
-                format!(
-                    "a 64-bit guest: no software engine runs long mode yet, and the KVM here ({}) does",
-                    caps.kind_name()
-                ),
-            ),
-            Err(why) => (soft, format!("{why}; {soft_why}")),
         }
     }
 }
 
 pub use popek_cpu::Vendor;
-pub use popek_hw::probe::GuestMode;
+pub use popek_engine::GuestMode;
 
 /// The CPU mode a guest is known to need, where popek can tell before
 /// running it: the embedded guests (minios pages with 32-bit paging,
@@ -282,12 +251,49 @@ pub enum VmError {
     /// The named embedded guest does not exist.
     #[error("--guest {0}: no such guest (known: {1})")]
     NoGuest(String, String),
-    /// The engine is not available in this build or cannot run the guest.
-    #[error("{0}")]
-    Engine(String),
-    /// Anything else at set-up.
-    #[error("{0}")]
-    Setup(String),
+    /// The engine is not available here, cannot run the guest, or could
+    /// not be built.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// Guest RAM could not be allocated.
+    #[error("cannot allocate {size} bytes of guest RAM")]
+    Ram {
+        /// Bytes asked for.
+        size: u64,
+        /// Why.
+        #[source]
+        source: MemoryError,
+    },
+    /// The machine could not be built.
+    #[error("cannot build the machine")]
+    Machine(#[source] MachineError),
+    /// An embedded guest needs more memory than given.
+    #[error("--memory {} KiB: guest {guest} needs at least {} MiB", size >> 10, min >> 20)]
+    GuestMemory {
+        /// The guest.
+        guest: String,
+        /// The memory given, bytes.
+        size: u64,
+        /// Its minimum, bytes.
+        min: u64,
+    },
+}
+
+impl VmError {
+    /// The message with every cause after it (`a: b: c`), on one line.
+    pub fn chain(&self) -> String {
+        let mut s = self.to_string();
+        let mut cur = std::error::Error::source(self);
+        while let Some(e) = cur {
+            let text = e.to_string();
+            // A transparent variant repeats its inner error's text.
+            if !s.ends_with(&text) {
+                s = format!("{s}: {text}");
+            }
+            cur = e.source();
+        }
+        s
+    }
 }
 
 /// How a VM run ended.
@@ -460,41 +466,46 @@ impl Vm {
             return Err(VmError::Memory { size: cfg.memory });
         }
         let vendor = cfg.vendor.unwrap_or_else(popek_cpu::Vendor::host);
-        if cfg.engine == EngineKind::Hw && vendor != popek_cpu::Vendor::host() {
-            // KVM runs guest code on the host's processor: its undefined
-            // results are the host vendor's, whatever CPUID would claim.
-            return Err(VmError::Engine(format!(
-                "--cpu-vendor {vendor}: the hw engine runs guest code on this host's {} processor; use the {} profile or a software engine",
-                popek_cpu::Vendor::host(),
-                popek_cpu::Vendor::host()
-            )));
+        let factory = cfg.engine.factory();
+        let engine_name = factory.name();
+        factory
+            .available()
+            .map_err(|reason| EngineError::Unavailable {
+                engine: engine_name,
+                reason,
+            })?;
+        factory
+            .accepts_vendor(vendor)
+            .map_err(|reason| EngineError::Unsupported {
+                engine: engine_name,
+                reason,
+            })?;
+        // Refuse up front what the engine says it cannot run (for hw the
+        // probe, cached per boot); the rest is found at run time.
+        if let Some(mode) = guest_mode(&cfg.kernel) {
+            factory
+                .can_run(mode)
+                .map_err(|reason| EngineError::Unsupported {
+                    engine: engine_name,
+                    reason,
+                })?;
         }
-        if cfg.engine == EngineKind::Hw && !cfg.engine.available() {
-            return Err(VmError::Engine(
-                "--engine hw: no usable KVM (/dev/kvm is absent or cannot be opened)".into(),
-            ));
-        }
-        if !cfg.engine.available() {
-            return Err(VmError::Engine(format!(
-                "--engine {}: this engine does not exist yet",
-                cfg.engine.name()
-            )));
-        }
-        // trap's CPU sees guest RAM through a second, shuffled mapping of
-        // the same pages: that needs memfd-backed RAM.
-        let ram = if cfg.engine == EngineKind::Trap {
+        let ram = if factory.needs_shareable_ram() {
             GuestRam::new_shareable(cfg.memory)
         } else {
             GuestRam::new(cfg.memory)
         };
-        let ram = Arc::new(ram.map_err(|e| VmError::Setup(e.to_string()))?);
+        let ram = Arc::new(ram.map_err(|source| VmError::Ram {
+            size: cfg.memory,
+            source,
+        })?);
         let panic = Arc::new(PanicWatch::default());
         let console = Box::new(WatchedConsole {
             inner: console,
             watch: panic.clone(),
         });
         let machine = Machine::new(MachineConfig { clock: cfg.clock }, ram.clone(), console)
-            .map_err(|e| VmError::Setup(e.to_string()))?;
+            .map_err(VmError::Machine)?;
         let initrd = cfg
             .initrd
             .as_ref()
@@ -512,17 +523,11 @@ impl Vm {
                         VmError::NoGuest(n.clone(), popek_guests::NAMES.join(", "))
                     })?;
                     if cfg.memory < popek_guests::MIN_MEMORY {
-                        return Err(VmError::Setup(format!(
-                            "--memory {} KiB: guest {n} needs at least {} MiB",
-                            cfg.memory >> 10,
-                            popek_guests::MIN_MEMORY >> 20
-                        )));
-                    }
-                    if n.contains("64") && cfg.engine != EngineKind::Hw {
-                        return Err(VmError::Engine(format!(
-                            "--guest {n}: a 64-bit guest; engine {} has no long mode yet (use --engine hw)",
-                            cfg.engine.name()
-                        )));
+                        return Err(VmError::GuestMemory {
+                            guest: n.clone(),
+                            size: cfg.memory,
+                            min: popek_guests::MIN_MEMORY,
+                        });
                     }
                     (
                         img.into(),
@@ -574,10 +579,12 @@ impl Vm {
                     initrd: initrd.as_deref(),
                     acpi_rsdp_addr: Some(machine.rsdp_address()),
                 };
-                // A 64-bit kernel under hw takes the 64-bit entry (long
-                // mode, identity page tables): the only way in on a KVM
-                // without 32-bit paging, and the direct one on VT.
-                let load = if cfg.engine == EngineKind::Hw && linux_64bit(&image) == Some(true) {
+                // A 64-bit kernel takes the 64-bit entry (long mode,
+                // identity page tables) on an engine that runs long mode:
+                // the only way in on a KVM without 32-bit paging, and the
+                // direct one on VT.
+                let long = factory.can_run(GuestMode::Long64).is_ok();
+                let load = if long && linux_64bit(&image) == Some(true) {
                     linux::load_64
                 } else {
                     linux::load
@@ -598,36 +605,10 @@ impl Vm {
                     .map_err(boot_err)?
             }
         };
-        let mut engine: Box<dyn Engine> = match cfg.engine {
-            EngineKind::Hw => {
-                // Refuse up front what the probe (cached per boot) says this
-                // KVM cannot run; the rest is found at run time.
-                let caps = popek_hw::probe();
-                if let Some(mode) = guest_mode(&cfg.kernel) {
-                    if let Err(why) = caps.can_run(mode) {
-                        return Err(VmError::Engine(format!("--engine hw: {name}: {why}")));
-                    }
-                }
-                Box::new(
-                    popek_hw::Hw::new(&machine)
-                        .map_err(|e| VmError::Engine(format!("--engine hw: {e}")))?,
-                )
-            }
-            EngineKind::Bt => Box::new(
-                popek_bt::Bt::new(&machine)
-                    .map_err(|e| VmError::Engine(format!("--engine bt: {e}")))?,
-            ),
-            EngineKind::Trap => Box::new(
-                popek_trap::Trap::new(&machine)
-                    .map_err(|e| VmError::Engine(format!("--engine trap: {e}")))?,
-            ),
-            EngineKind::Interp => Box::new(popek_interp::Interp::new(&machine)),
-        };
+        let mut engine = factory.create(&machine)?;
         let mut state = boot::entry_cpu_state(&entry);
         state.vendor = vendor;
-        engine
-            .set_state(state)
-            .map_err(|e: EngineError| VmError::Engine(e.to_string()))?;
+        engine.set_state(state)?;
         Ok(Vm {
             machine,
             engine,
@@ -635,6 +616,22 @@ impl Vm {
             input: None,
             panic,
         })
+    }
+
+    /// The engine's statistics (`--stats`), empty when it offers none.
+    pub fn stats(&mut self) -> Vec<(String, u64)> {
+        self.engine
+            .inspect()
+            .map(|i| i.all_stats())
+            .unwrap_or_default()
+    }
+
+    /// One of the engine's statistics by name.
+    pub fn stat(&mut self, name: &str) -> Option<u64> {
+        self.stats()
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|x| x.1)
     }
 
     /// Connects terminal input.

@@ -132,7 +132,8 @@ pub fn died(engine: &mut dyn Engine, reason: &str) -> String {
         );
     }
     let hint = engine
-        .stall_hint()
+        .inspect()
+        .and_then(|i| i.stall_hint())
         .map(|h| format!("\n{h}"))
         .unwrap_or_default();
     format!(
@@ -145,7 +146,8 @@ pub fn died(engine: &mut dyn Engine, reason: &str) -> String {
 /// The report for a guest that stopped making progress.
 pub fn no_progress(engine: &mut dyn Engine, reason: &str) -> String {
     let hint = engine
-        .stall_hint()
+        .inspect()
+        .and_then(|i| i.stall_hint())
         .map(|h| format!("\n{h}"))
         .unwrap_or_default();
     format!(

@@ -315,14 +315,7 @@ fn run(
         );
     }
     let mut differed = 0;
-    let mut traps = vm.engine.detail_stats();
-    traps.extend(
-        vm.engine
-            .stats()
-            .into_iter()
-            .filter(|(_, v)| *v > 0)
-            .map(|(k, v)| (k.to_string(), v)),
-    );
+    let traps: Vec<(String, u64)> = vm.stats().into_iter().filter(|(_, v)| *v > 0).collect();
     if engine == EngineKind::Trap {
         let trap = vm
             .engine
@@ -334,7 +327,8 @@ fn run(
         }
         differed = vm
             .engine
-            .audit()
+            .inspect()
+            .and_then(|i| i.audit())
             .unwrap_or_default()
             .iter()
             .map(|r| r.differed)
