@@ -1,7 +1,7 @@
 //! `popek`: the command-line front end.
 //!
 //! `popek run` boots a guest (by default the embedded minios) on an engine;
-//! the serial console is the terminal. Exit statuses follow VISION.md:
+//! the serial console is the terminal. Exit statuses (`docs/architecture.md`):
 //! 0 power-off/reset, odd for the debug-exit port, 2 bad input, 4 the guest
 //! died, 6 no progress.
 

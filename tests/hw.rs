@@ -229,11 +229,11 @@ fn auto_keeps_the_i386_minios_off_a_software_kvm() {
     }
     assert!(
         i.contains("engine auto for minios: bt"),
-        "VISION: bt (software) runs every 32-bit guest:\n{i}"
+        "auto: bt (software) runs every 32-bit guest:\n{i}"
     );
     assert!(
         i.contains("engine auto for minios64: hw"),
-        "VISION: hw for guests no software engine runs:\n{i}"
+        "auto: hw for guests no software engine runs:\n{i}"
     );
 }
 

@@ -1,5 +1,5 @@
 //! Differential test: the software CPU against the host CPU (silicon is the
-//! oracle, `docs/VISION.md`).
+//! oracle, `docs/cpu.md`).
 //!
 //! A seeded generator builds short sequences (1–12 instructions, plus the
 //! register set-up they need) of unprivileged IA-32 code over all operand

@@ -1,4 +1,10 @@
-//! The engine seam: one trait every way of running a vCPU implements.
+//! The engine seam: what the VMM knows of every way of running a vCPU.
+//!
+//! Three traits: [`EngineFactory`] (the engine before there is a VM: is it
+//! here, what can it run, build it), [`Engine`] (the running vCPU) and
+//! [`Inspect`] (statistics, traces, audits, dumps an engine may offer).
+//! Below every engine also live the software engines' bus ([`bus`]) and the
+//! hypercall ABI ([`hypercall`]). `docs/architecture.md` draws the whole.
 //!
 //! An engine runs the guest CPU for a bounded budget, or until the VMM is
 //! needed, and says why it returned with a [`VmExit`]. Software engines may

@@ -88,7 +88,7 @@ impl EngineKind {
         Self::auto_for(&KernelSource::Embedded("minios".into()))
     }
 
-    /// The `--engine auto` rule for this guest (`docs/engines.md`): of the
+    /// The `--engine auto` rule for this guest (`docs/architecture.md`): of the
     /// engines here, in the order their factories rank themselves (`hw` on
     /// a hardware-backed KVM, then `bt`, then `interp`, then `hw` on a
     /// software KVM such as kvm_pvm), the first that runs the guest's CPU
@@ -321,7 +321,8 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// popek's exit status for this outcome (VISION's table).
+    /// popek's exit status for this outcome (the README's table,
+    /// `docs/architecture.md`).
     pub fn exit_status(&self) -> i32 {
         match self {
             Outcome::PowerOff | Outcome::Reset | Outcome::Quit | Outcome::Stopped(_) => 0,
