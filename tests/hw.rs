@@ -153,9 +153,9 @@ fn hw_emulation_failure_is_reported_with_registers_and_bytes() {
         err.contains("KVM_EXIT_INTERNAL_ERROR, suberror 1 (emulation failure)"),
         "{err}"
     );
-    assert!(err.contains("RIP=") && err.contains("RAX="), "{err}");
+    assert!(err.contains("EIP=") && err.contains("EAX="), "{err}");
     assert!(err.contains("fld1 [d9 e8]"), "{err}");
-    assert_eq!(err.matches("RIP=").count(), 1, "registers once:\n{err}");
+    assert_eq!(err.matches("EIP=").count(), 1, "registers once:\n{err}");
 }
 
 #[test]

@@ -18,6 +18,7 @@ pub mod bus;
 pub mod cpu;
 pub mod cpuid;
 pub mod decode;
+pub mod dump;
 pub mod exception;
 mod exec;
 pub mod flags;

@@ -36,7 +36,7 @@ use kvm_bindings::{
     kvm_vcpu_events, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use popek_cpu::state::{attr, flags, seg};
+use popek_cpu::state::{flags, seg};
 use popek_cpu::CpuState;
 use popek_cpu::Vendor;
 use popek_engine::hypercall::HYPERCALL_PORT;
@@ -558,7 +558,7 @@ impl Hw {
             Err(e) => return internal(format!("{text} (and the registers are unreadable: {e})")),
         };
         text.push('\n');
-        text.push_str(&register_dump(&state));
+        text.push_str(&state.to_string());
         let cs = state.seg[seg::CS];
         let bytes = match kvm_insn {
             Some(b) if !b.is_empty() => b,
@@ -577,12 +577,8 @@ impl Hw {
                 b
             }
         };
-        text.push_str(&format!(
-            "\n  instruction at {:04x}:{:016x}: {}",
-            cs.selector,
-            state.rip,
-            disassemble(&bytes, &state)
-        ));
+        text.push_str("\n  ");
+        text.push_str(&state.instruction_line(&bytes));
         internal(text)
     }
 
@@ -605,7 +601,7 @@ impl Hw {
             .take_while(|&i| self.peek_linear(lin + i as u64, &mut b[i..i + 1]).is_some())
             .count();
         let mut dec = iced_x86::Decoder::with_ip(
-            code_bitness(&s),
+            s.code_bits(),
             &b[..n],
             s.rip,
             iced_x86::DecoderOptions::NONE,
@@ -657,7 +653,7 @@ impl Hw {
                 self.0.poke_linear(addr, data)
             }
         }
-        let bitness = code_bitness(&state);
+        let bitness = state.code_bits();
         let Some(what) = emulate::emulate(&mut state, &bytes[..n], bitness, &mut Mem(self)) else {
             return Ok(false);
         };
@@ -718,76 +714,6 @@ fn kvm_interrupt_ioctl() -> libc::c_ulong {
         | ((std::mem::size_of::<kvm_bindings::kvm_interrupt>() as libc::c_ulong) << 16)
         | (0xae << 8)
         | 0x86
-}
-
-/// Registers, 64 bits wide, for failure reports.
-pub fn register_dump(s: &CpuState) -> String {
-    let g = &s.gpr;
-    let cs = s.seg[seg::CS];
-    format!(
-        "  RAX={:016x} RBX={:016x} RCX={:016x} RDX={:016x}\n  \
-         RSI={:016x} RDI={:016x} RBP={:016x} RSP={:016x}\n  \
-         R8 ={:016x} R9 ={:016x} R10={:016x} R11={:016x}\n  \
-         R12={:016x} R13={:016x} R14={:016x} R15={:016x}\n  \
-         RIP={:016x} RFLAGS={:08x} CPL={} CS={:04x}/{:04x} SS={:04x} DS={:04x}\n  \
-         CR0={:08x} CR2={:016x} CR3={:016x} CR4={:08x} EFER={:x}",
-        g[0],
-        g[3],
-        g[1],
-        g[2],
-        g[6],
-        g[7],
-        g[5],
-        g[4],
-        g[8],
-        g[9],
-        g[10],
-        g[11],
-        g[12],
-        g[13],
-        g[14],
-        g[15],
-        s.rip,
-        s.rflags,
-        s.cpl(),
-        cs.selector,
-        cs.attr,
-        s.seg[seg::SS].selector,
-        s.seg[seg::DS].selector,
-        s.cr0,
-        s.cr2,
-        s.cr3,
-        s.cr4,
-        s.efer
-    )
-}
-
-/// The code size the vCPU decodes with: 64, 32 or 16.
-pub fn code_bitness(s: &CpuState) -> u32 {
-    let cs = s.seg[seg::CS];
-    if s.efer & (1 << 10) != 0 && cs.attr & attr::L != 0 {
-        64
-    } else if s.cr0 & 1 != 0 && cs.big() {
-        32
-    } else {
-        16
-    }
-}
-
-/// `mnemonic [hex bytes]` for the instruction at the start of `bytes`.
-pub fn disassemble(bytes: &[u8], s: &CpuState) -> String {
-    use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter};
-    let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    if bytes.is_empty() {
-        return "(unreadable)".into();
-    }
-    let mut dec = Decoder::with_ip(code_bitness(s), bytes, s.rip, DecoderOptions::NONE);
-    let mut insn = Instruction::default();
-    dec.decode_out(&mut insn);
-    let mut out = String::new();
-    IntelFormatter::new().format(&insn, &mut out);
-    let used = insn.len().min(bytes.len()).max(1);
-    format!("{out} [{}]", hex[..used].join(" "))
 }
 
 impl Engine for Hw {

@@ -193,7 +193,7 @@ fn long_mode_guest_entered_directly() {
     let s = b.hw.state();
     assert_eq!(s.gpr[15], 0x1223_3445_5667_7880);
     assert_eq!(s.efer & 0x500, 0x500);
-    assert_eq!(popek_hw::code_bitness(&s), 64);
+    assert_eq!(s.code_bits(), 64);
 }
 
 #[test]
@@ -462,10 +462,7 @@ fn run_with_hypercalls(
             VmExit::Budget => {}
             other => {
                 let st = b.hw.state();
-                panic!(
-                    "unexpected exit {other:?}\n{}",
-                    popek_hw::register_dump(&st)
-                )
+                panic!("unexpected exit {other:?}\n{st}")
             }
         }
     }
