@@ -5,6 +5,7 @@
 //! 0 power-off/reset, odd for the debug-exit port, 2 bad input, 4 the guest
 //! died, 6 no progress.
 
+mod bench;
 mod console;
 
 use std::io::Write;
@@ -180,7 +181,6 @@ struct BenchArgs {
 }
 
 fn bench(a: BenchArgs) -> u8 {
-    use popek_vmm::bench;
     let mut cols = Vec::new();
     for e in &a.engines {
         let kind = match e {

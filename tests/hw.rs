@@ -293,7 +293,7 @@ fn minios64_on_hw(guest: &str, needs: &[&str]) {
             out.contains("minios: sched ok"),
             "scheduler demo:\n{out}\n{err}"
         );
-        for b in popek_vmm::bench::BENCHES {
+        for b in popek_guests::BENCHES {
             assert!(
                 out.lines()
                     .any(|l| l.starts_with(&format!("minios: bench {b} "))

@@ -20,6 +20,19 @@ static MINIOS64_PV: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/minios64-p
 /// The names [`by_name`] knows, default guest first.
 pub const NAMES: &[&str] = &["minios", "minios-pv", "minios64", "minios64-pv"];
 
+/// minios's micro-benchmarks, in the order it runs them (each prints a
+/// line `minios: bench NAME cycles_per_iter=… ns_per_iter=…`).
+pub const BENCHES: [&str; 8] = [
+    "syscall",
+    "in",
+    "callret",
+    "pagefault",
+    "ptemod",
+    "divzero",
+    "forkwait",
+    "compute",
+];
+
 /// The least guest RAM the embedded guests need: below it their
 /// benchmarks (the page-fault and fork ones allocate hundreds of pages)
 /// fail. Measured: every flavour passes at 6 MiB and fails at 5 MiB.

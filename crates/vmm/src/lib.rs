@@ -8,7 +8,6 @@
 //! terminal input, hypercall → [`hypercall`], device stop → outcome), feed
 //! terminal input to COM1.
 
-pub mod bench;
 pub mod boot;
 pub use popek_engine::hypercall;
 pub mod report;

@@ -18,19 +18,8 @@ use std::sync::{Arc, Mutex};
 
 use popek_machine::ClockMode;
 
-use crate::{EngineKind, KernelSource, Outcome, Vm, VmConfig};
-
-/// The benchmarks, in minios's order.
-pub const BENCHES: [&str; 8] = [
-    "syscall",
-    "in",
-    "callret",
-    "pagefault",
-    "ptemod",
-    "divzero",
-    "forkwait",
-    "compute",
-];
+pub use popek_guests::BENCHES;
+use popek_vmm::{EngineKind, KernelSource, Outcome, Vm, VmConfig};
 
 /// The classic paper's figures (Adams & Agesen, ASPLOS 2006), CPU cycles
 /// per operation on a 3.8 GHz Pentium 4: (benchmark, software VMM (BT),
