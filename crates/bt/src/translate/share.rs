@@ -43,7 +43,7 @@ pub(super) fn slot_offset(slot: u8) -> i32 {
 
 /// What a memory instruction does about its probe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Share {
+pub(crate) enum Share {
     /// Probes the span `[disp = low, low + size)` (through its own base and
     /// index), write tag if `write`; stores the host address of `low` in
     /// `slot`.
