@@ -8,7 +8,8 @@
 //! Layout: [`state`] is the plain-data architectural state; [`cpu`] holds
 //! the run loop and the decoded-block cache; `decode` resolves instructions
 //! once; `exec/*` executes them; `mmu` translates addresses through a
-//! software TLB; `seg` applies segmentation; `interrupt` and `task` deliver
+//! software TLB, walking the guest's tables with [`paging`] (the one page
+//! walker every engine uses); `seg` applies segmentation; `interrupt` and `task` deliver
 //! events; [`bus`] is everything outside the CPU; [`hooks`] reports
 //! sensitive instructions.
 
@@ -25,6 +26,7 @@ pub mod flags;
 pub mod hooks;
 mod interrupt;
 pub mod mmu;
+pub mod paging;
 pub mod seg;
 pub mod state;
 mod task;

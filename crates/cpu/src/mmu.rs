@@ -9,6 +9,7 @@
 use crate::bus::{Bus, BusAction};
 use crate::cpu::{Cpu, RunExit};
 use crate::exception::{Exc, Vector};
+use crate::paging;
 use crate::state::cr;
 
 const TLB_SIZE: usize = 1024;
@@ -216,17 +217,6 @@ impl Tlb {
 #[inline(always)]
 fn tlb_set(kind: AccessKind, user: bool) -> usize {
     user as usize + if kind == AccessKind::Fetch { 2 } else { 0 }
-}
-
-/// Page-table entry bits.
-mod pte {
-    pub const P: u32 = 1;
-    pub const W: u32 = 2;
-    pub const U: u32 = 4;
-    pub const A: u32 = 0x20;
-    pub const D: u32 = 0x40;
-    pub const PS: u32 = 0x80;
-    pub const G: u32 = 0x100;
 }
 
 impl Cpu {
@@ -481,21 +471,6 @@ impl Cpu {
         };
     }
 
-    fn page_fault(&mut self, lin: u32, present: bool, kind: AccessKind, user: bool) -> Exc {
-        self.st.cr2 = lin as u64;
-        let mut code = 0;
-        if present {
-            code |= 1;
-        }
-        if kind == AccessKind::Write {
-            code |= 2;
-        }
-        if user {
-            code |= 4;
-        }
-        Exc::fault_code(Vector::PF, code)
-    }
-
     fn walk(
         &mut self,
         bus: &mut dyn Bus,
@@ -505,58 +480,36 @@ impl Cpu {
     ) -> Result<u64, Exc> {
         let write = kind == AccessKind::Write;
         let wp = self.st.cr0 & cr::CR0_WP != 0;
-        let pde_addr = (self.st.cr3 & 0xffff_f000) + ((lin >> 22) << 2) as u64;
-        let pde = self.read_phys(bus, pde_addr, 4)? as u32;
-        if pde & pte::P == 0 {
-            return Err(self.page_fault(lin, false, kind, user));
-        }
-        let big = pde & pte::PS != 0 && self.st.cr4 & cr::CR4_PSE != 0;
-        if big && pde & 0x003f_e000 != 0 {
-            // Bits 21:13 of a 4 MiB PDE are reserved without PSE-36 (not in
-            // CPUID): #PF with P and RSVD set (SDM 4.3, 4.7).
-            let e = self.page_fault(lin, true, kind, user);
-            return Err(match e {
-                Exc::Fault { vector, code } => Exc::Fault {
-                    vector,
-                    code: code.map(|c| c | 8),
-                },
-                other => other,
-            });
-        }
-        let (entry, entry_addr, phys, perm) = if big {
-            let phys = (pde & 0xffc0_0000) as u64 | (lin & 0x003f_f000) as u64;
-            (pde, pde_addr, phys, pde)
-        } else {
-            let pte_addr = (pde & 0xffff_f000) as u64 + (((lin >> 12) & 0x3ff) << 2) as u64;
-            let pte = self.read_phys(bus, pte_addr, 4)? as u32;
-            if pte & pte::P == 0 {
-                return Err(self.page_fault(lin, false, kind, user));
-            }
-            (pte, pte_addr, (pte & 0xffff_f000) as u64, pde & pte)
+        // The model has 32-bit paging only (MOV CR0 refuses PG with PAE).
+        let mode = paging::Mode::Bits32 {
+            pse: self.st.cr4 & cr::CR4_PSE != 0,
         };
-        let u_ok = perm & pte::U != 0;
-        let w_ok = perm & pte::W != 0;
-        if user && !u_ok {
-            return Err(self.page_fault(lin, true, kind, user));
+        let acc = paging::Access {
+            write,
+            user,
+            fetch: false,
+            wp,
+            nxe: false,
+        };
+        let cr3 = self.st.cr3;
+        let mut tables = PhysTables { cpu: self, bus };
+        let walked = paging::walk(&mut tables, mode, cr3, lin as u64, acc);
+        if let Ok(w) = &walked {
+            paging::set_accessed_dirty(&mut tables, w, mode, write);
         }
-        let may_write = if user { w_ok } else { w_ok || !wp };
-        if write && !may_write {
-            return Err(self.page_fault(lin, true, kind, user));
-        }
-        // Accessed bits on the way down, dirty on a write (SDM 4.8).
-        if !big && pde & pte::A == 0 {
-            self.write_phys(bus, pde_addr, 4, (pde | pte::A) as u64)?;
-        }
-        let mut new = entry | pte::A;
-        if write {
-            new |= pte::D;
-        }
-        if new != entry {
-            self.write_phys(bus, entry_addr, 4, new as u64)?;
-        }
-        let global = entry & pte::G != 0 && self.st.cr4 & cr::CR4_PGE != 0;
+        let w = match walked {
+            Ok(w) => w,
+            Err(code) => {
+                self.st.cr2 = lin as u64;
+                return Err(Exc::fault_code(Vector::PF, code));
+            }
+        };
+        let phys = w.page;
+        let big = w.page_size > 0x1000;
+        let may_write = w.may_write(user, wp);
+        let global = w.global && self.st.cr4 & cr::CR4_PGE != 0;
         // Direct writes only once D is set, so that the first write sets it.
-        let writable = may_write && new & pte::D != 0;
+        let writable = may_write && (w.dirty || write);
         let idx = ((lin >> 12) as usize) % TLB_SIZE;
         self.fill(
             tlb_set(kind, user),
@@ -638,27 +591,23 @@ impl Cpu {
     }
 
     fn peek_translate(&self, lin: u32) -> Option<u64> {
-        if self.st.cr0 & cr::CR0_PG == 0 {
-            return Some(lin as u64);
-        }
-        let pde = self
-            .ram
-            .read_u32((self.st.cr3 & 0xffff_f000) + ((lin >> 22) << 2) as u64)
-            .ok()?;
-        if pde & pte::P == 0 {
-            return None;
-        }
-        if pde & pte::PS != 0 && self.st.cr4 & cr::CR4_PSE != 0 {
-            return Some((pde & 0xffc0_0000) as u64 | (lin & 0x3f_ffff) as u64);
-        }
-        let pte = self
-            .ram
-            .read_u32((pde & 0xffff_f000) as u64 + (((lin >> 12) & 0x3ff) << 2) as u64)
-            .ok()?;
-        if pte & pte::P == 0 {
-            return None;
-        }
-        Some((pte & 0xffff_f000) as u64 | (lin & 0xfff) as u64)
+        paging::peek(&self.ram, &self.st, lin as u64)
+    }
+}
+
+/// The CPU's view of guest-physical memory for its page walks: RAM, and
+/// the bus beyond it (a table in unassigned memory reads all-ones).
+struct PhysTables<'a> {
+    cpu: &'a mut Cpu,
+    bus: &'a mut dyn Bus,
+}
+
+impl paging::TableMemory for PhysTables<'_> {
+    fn read_entry(&mut self, addr: u64, size: u8) -> u64 {
+        self.cpu.read_phys(self.bus, addr, size).unwrap_or(u64::MAX)
+    }
+    fn write_entry(&mut self, addr: u64, size: u8, value: u64) {
+        let _ = self.cpu.write_phys(self.bus, addr, size, value);
     }
 }
 

@@ -26,7 +26,6 @@ pub mod guests;
 pub mod probe;
 pub mod regs;
 mod timer;
-pub mod walk;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,8 +36,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use popek_cpu::state::{flags, seg};
-use popek_cpu::CpuState;
 use popek_cpu::Vendor;
+use popek_cpu::{paging, CpuState};
 use popek_engine::hypercall::HYPERCALL_PORT;
 use popek_engine::{Engine, EngineError, EngineFactory, GuestMode, Inspect, VmExit};
 use popek_machine::Machine;
@@ -855,7 +854,7 @@ impl Engine for Hw {
     fn peek_linear(&mut self, addr: u64, buf: &mut [u8]) -> Option<()> {
         let state = self.fetch().ok()?.state.clone();
         for (i, b) in buf.iter_mut().enumerate() {
-            let pa = walk::translate(&self.ram, &state, addr.wrapping_add(i as u64))?;
+            let pa = paging::peek(&self.ram, &state, addr.wrapping_add(i as u64))?;
             let mut one = [0u8];
             self.ram.read(pa, &mut one).ok()?;
             *b = one[0];
@@ -867,7 +866,7 @@ impl Engine for Hw {
         let state = self.fetch().ok()?.state.clone();
         let mut pas = Vec::with_capacity(data.len());
         for i in 0..data.len() {
-            pas.push(walk::translate(
+            pas.push(paging::peek(
                 &self.ram,
                 &state,
                 addr.wrapping_add(i as u64),

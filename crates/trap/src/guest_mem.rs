@@ -19,85 +19,41 @@ impl Trap {
         }
     }
 
+    /// The guest's paging mode (the virtual CR0/CR4: 32-bit paging only,
+    /// PAE is refused at MOV CR0).
+    pub(crate) fn paging_mode(&self) -> paging::Mode {
+        if self.paging() {
+            paging::Mode::Bits32 {
+                pse: self.v.cr4 & cr::CR4_PSE != 0,
+            }
+        } else {
+            paging::Mode::Off
+        }
+    }
+
     /// Walks the guest's page tables for `lin` (gvp → gpp) with the checks
     /// hardware makes; `Err` is the guest's #PF error code.
     pub(crate) fn walk(&self, lin: u32, write: bool, user: bool) -> Result<Walk, u32> {
-        if !self.paging() {
-            return Ok(Walk {
-                gpp: (lin & !0xfff) as u64,
-                user_ok: true,
-                writable: true,
-                pde: None,
-                pte: None,
-                dirty: true,
-            });
-        }
-        let err = |present: bool| (present as u32) | ((write as u32) << 1) | ((user as u32) << 2);
-        let pde_a = (self.v.cr3 & 0xffff_f000) + ((lin >> 22) as u64) * 4;
-        let pde = self.gread32(pde_a).unwrap_or(0);
-        if pde & pte::P == 0 {
-            return Err(err(false));
-        }
-        let (gpp, flags, pte_a) = if pde & pte::PS != 0 && self.v.cr4 & cr::CR4_PSE != 0 {
-            (
-                ((pde & 0xffc0_0000) | (lin & 0x003f_f000)) as u64,
-                pde,
-                None,
-            )
-        } else {
-            let a = (pde & 0xffff_f000) as u64 + ((lin >> 12) & 0x3ff) as u64 * 4;
-            let e = self.gread32(a).unwrap_or(0);
-            if e & pte::P == 0 {
-                return Err(err(false));
-            }
-            (
-                (e & 0xffff_f000) as u64,
-                e & (pde | !(pte::U | pte::W)),
-                Some(a),
-            )
+        let acc = paging::Access {
+            write,
+            user,
+            fetch: false,
+            wp: self.v.cr0 & cr::CR0_WP != 0,
+            nxe: false,
         };
-        let user_ok = flags & pte::U != 0;
-        let writable = flags & pte::W != 0;
-        if user && !user_ok {
-            return Err(err(true));
-        }
-        if write && !writable && (user || self.v.cr0 & cr::CR0_WP != 0) {
-            return Err(err(true));
-        }
-        let dirty = match pte_a {
-            Some(a) => self.gread32(a).unwrap_or(0) & pte::D != 0,
-            None => pde & pte::D != 0,
-        };
-        Ok(Walk {
-            gpp,
-            user_ok,
-            writable,
-            pde: Some(pde_a),
-            pte: pte_a,
-            dirty,
-        })
+        paging::walk(
+            &mut GuestTables(self),
+            self.paging_mode(),
+            self.v.cr3,
+            lin as u64,
+            acc,
+        )
     }
 
     /// Sets the accessed (and for writes the dirty) bits a hardware walk
     /// would set.
     pub(crate) fn set_ad(&self, w: &Walk, write: bool) {
-        if let Some(a) = w.pde {
-            let e = self.gread32(a).unwrap_or(0);
-            let mut n = e | pte::A;
-            if w.pte.is_none() && write {
-                n |= pte::D;
-            }
-            if n != e {
-                self.gwrite32(a, n);
-            }
-        }
-        if let Some(a) = w.pte {
-            let e = self.gread32(a).unwrap_or(0);
-            let n = e | pte::A | if write { pte::D } else { 0 };
-            if n != e {
-                self.gwrite32(a, n);
-            }
-        }
+        paging::set_accessed_dirty(&mut GuestTables(self), w, self.paging_mode(), write);
     }
 
     /// Reads guest-linear memory as the guest kernel would (supervisor).
@@ -122,7 +78,7 @@ impl Trap {
                 self.set_ad(&w, false);
             }
             let n = ((0x1000 - (a & 0xfff)) as usize).min(buf.len() - done);
-            let g = w.gpp + (a & 0xfff) as u64;
+            let g = w.page + (a & 0xfff) as u64;
             if self.gram.read(g, &mut buf[done..done + n]).is_err() {
                 buf[done..done + n].fill(0xff);
             }
@@ -146,7 +102,7 @@ impl Trap {
         }
         for (a, w, off, n) in walks {
             self.set_ad(&w, true);
-            let g = w.gpp + (a & 0xfff) as u64;
+            let g = w.page + (a & 0xfff) as u64;
             let page = g >> 12;
             let before = self.snapshot_if_tracked(page);
             if let Some(h) = self.map.to_host(g) {
@@ -164,5 +120,19 @@ impl Trap {
         let mut b = [0u8; 4];
         self.guest_read(lin, &mut b)?;
         Ok(u32::from_le_bytes(b))
+    }
+}
+
+/// The guest's page tables as the monitor reads and updates them: guest
+/// RAM read directly (all-ones outside it, as on the bus), A/D updates
+/// written without invalidating decoded code (a page table is not code).
+struct GuestTables<'a>(&'a Trap);
+
+impl paging::TableMemory for GuestTables<'_> {
+    fn read_entry(&mut self, addr: u64, _size: u8) -> u64 {
+        self.0.gread32(addr).unwrap_or(u32::MAX) as u64
+    }
+    fn write_entry(&mut self, addr: u64, _size: u8, value: u64) {
+        self.0.gwrite32(addr, value as u32);
     }
 }

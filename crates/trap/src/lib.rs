@@ -21,7 +21,7 @@
 //! See `docs/trap-and-emulate.md`.
 //!
 //! Layout: this file holds the engine, its run loop and the dispatch of
-//! each trap; `guest_mem` walks the guest's page tables, `paging` keeps the
+//! each trap; `guest_mem` walks the guest's page tables, `page_faults` keeps the
 //! shadow, `segments` the shadow GDT, `virt` composes the virtual CPU,
 //! `delivery` reflects events through the guest's IDT, `gp`, `io`,
 //! `segment_loads` and `monitor_area` emulate what faulted, `gap_audit`
@@ -38,7 +38,7 @@ mod guest_mem;
 mod inspect;
 mod io;
 mod monitor_area;
-mod paging;
+mod page_faults;
 pub mod phys;
 mod segment_loads;
 mod segments;
@@ -49,6 +49,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, Mnemonic, OpKind, Register};
+use popek_cpu::paging;
 use popek_cpu::seg::Descriptor;
 use popek_cpu::state::{cr, flags, seg, Msrs, Segment, TableReg};
 use popek_cpu::{Cpu, CpuState, RunExit, SensitiveEvent, SensitiveKind};
@@ -139,20 +140,8 @@ enum Event {
     External(u8),
 }
 
-/// The result of a guest page-table walk.
-#[derive(Clone, Copy, Debug)]
-struct Walk {
-    /// Guest-physical page address.
-    gpp: u64,
-    user_ok: bool,
-    writable: bool,
-    /// Guest-physical addresses of the PDE and PTE used (PTE absent for
-    /// 4 MiB pages; both absent with paging off).
-    pde: Option<u64>,
-    pte: Option<u64>,
-    /// The dirty bit is already set.
-    dirty: bool,
-}
+/// A guest page-table walk.
+type Walk = paging::Walk;
 
 /// Why a `trap` engine could not be built.
 #[derive(Debug, thiserror::Error)]

@@ -40,9 +40,9 @@ impl Trap {
         let mut lin = first;
         loop {
             if let Ok(w) = self.walk(lin, false, false) {
-                let g = w.gpp >> 12;
+                let g = w.page >> 12;
                 if !pages.iter().any(|&(p, _)| p == g) {
-                    pages.push((g, self.host_page(w.gpp)));
+                    pages.push((g, self.host_page(w.page)));
                 }
             }
             if lin == last {

@@ -29,9 +29,9 @@ impl Trap {
     /// Fills the shadow PTE for `lin` from a successful guest walk.
     pub(crate) fn fill(&mut self, lin: u32, w: &Walk, write: bool, force_writable: bool) {
         self.set_ad(w, write);
-        let page = w.gpp >> 12;
+        let page = w.page >> 12;
         let mut flags = pte::P | pte::A;
-        if w.user_ok {
+        if w.user {
             flags |= pte::U;
         }
         // Pages outside guest RAM reach the bus (devices, the void page):
@@ -40,11 +40,13 @@ impl Trap {
         if force_writable || (may_write && (self.pv_mmu || !self.shadow.is_tracked(page))) {
             flags |= pte::W | pte::D;
         }
-        let src = w.pte.map(|a| {
-            let p = a >> 12;
+        // The guest page table the leaf entry came from (none for a
+        // 4 MiB page, mapped by the directory itself).
+        let src = (w.entries().len() == 2).then(|| {
+            let p = w.entries()[1].addr >> 12;
             (p, self.host_page(p << 12))
         });
-        let host = self.host_page(w.gpp);
+        let host = self.host_page(w.page);
         let gpage = (!force_writable).then_some(page);
         if !self
             .shadow
@@ -117,8 +119,8 @@ impl Trap {
     /// tracked guest page table (or GDT) or read-only in the guest's
     /// tables, and lies in RAM.
     pub(crate) fn store_needs_emulation(&self, w: &Walk) -> bool {
-        let page = w.gpp >> 12;
-        let in_ram = self.map.to_host(w.gpp).is_some();
+        let page = w.page >> 12;
+        let in_ram = self.map.to_host(w.page).is_some();
         let protected = self.shadow.is_tracked(page) && !self.pv_mmu;
         in_ram && (protected || !w.writable)
     }
@@ -164,7 +166,7 @@ impl Trap {
         let mut opened: Vec<(u32, u64, Option<Vec<u8>>)> = Vec::new();
         let (mut lin, mut w) = (lin, *w);
         let exit = loop {
-            let page = w.gpp >> 12;
+            let page = w.page >> 12;
             opened.push((lin, page, self.snapshot_if_tracked(page)));
             self.fill(lin, &w, true, true);
             let exit = self.run_cpu(machine, 1);
@@ -228,7 +230,7 @@ impl Trap {
                         self.trace_line(
                             "#PF",
                             eip,
-                            &format!("store to guest page table {:08x}: emulated", w.gpp),
+                            &format!("store to guest page table {:08x}: emulated", w.page),
                         );
                     }
                     return self.emulate_store(machine, lin, &w);
@@ -241,8 +243,8 @@ impl Trap {
                         eip,
                         &format!(
                             "hidden: {lin:08x} -> gpp {:08x} -> hpp {:08x}",
-                            w.gpp,
-                            self.host_page(w.gpp)
+                            w.page,
+                            self.host_page(w.page)
                         ),
                     );
                 }
