@@ -520,9 +520,10 @@ fn trap_delivers_faults_during_delivery_as_the_cpu_does() {
 }
 
 /// Ends a guest with status 0x21 (debug-exit 0x10), and gives it an
-/// exception handler that prints the faulting instruction's return
-/// address and exits with status 0x23: the image.
-fn exit_or_report(mut a: CodeAssembler) -> Vec<u8> {
+/// exception handler that prints the dword on top of its stack (the error
+/// code, or the return address of a vector without one) and exits with
+/// status 0x23: the image, with `entries` in its GDT from 0x18.
+fn exit_or_report(mut a: CodeAssembler, entries: &[u64]) -> Vec<u8> {
     a.mov(al, 0x10).unwrap();
     a.out(0xf4, al).unwrap();
     a.hlt().unwrap();
@@ -533,7 +534,7 @@ fn exit_or_report(mut a: CodeAssembler) -> Vec<u8> {
     print_eax_hex(&mut a);
     a.mov(al, 0x11).unwrap();
     a.out(0xf4, al).unwrap();
-    image(a, handler, &[])
+    image(a, handler, entries)
 }
 
 /// Memory outside RAM, paging off: reads give all-ones and writes are
@@ -568,7 +569,7 @@ fn outside_ram(ram: u32) -> Vec<u8> {
         a.mov(eax, dword_ptr(addr as u64)).unwrap();
         print_eax_hex(&mut a);
     }
-    exit_or_report(a)
+    exit_or_report(a, &[])
 }
 
 #[test]
@@ -694,7 +695,7 @@ fn store_across_page_tables() -> Vec<u8> {
     print_eax_hex(&mut a);
     a.mov(eax, dword_ptr(PDIR + 0xffc)).unwrap();
     print_eax_hex(&mut a);
-    exit_or_report(a)
+    exit_or_report(a, &[])
 }
 
 #[test]
@@ -711,5 +712,36 @@ fn a_store_across_two_page_tables_completes_on_every_engine() {
         assert_eq!(r.signal, None, "{engine}: {}", r.stderr);
         assert_eq!(r.status, 0x21, "{engine}: {}\n{}", r.stdout, r.stderr);
         assert_eq!(r.stdout, "600DCAFE\n43210000\n", "{engine}");
+    }
+}
+
+/// LGDT whose 6-byte operand runs past its data segment's limit: #GP(0)
+/// at ring 0, before any table is loaded. `trap` emulates LGDT (it traps
+/// at the guest kernel's ring 1) and must check the operand's segment as
+/// the CPU does; it once read past the limit and loaded the GDTR. Exits
+/// through the exception handler with status 0x23 after printing the
+/// error code.
+fn lgdt_past_the_limit() -> Vec<u8> {
+    let mut a = CodeAssembler::new(32).unwrap();
+    prologue(&mut a);
+    a.mov(ax, 0x18).unwrap();
+    a.mov(ds, ax).unwrap();
+    a.lgdt(dword_ptr(0xffc)).unwrap();
+    exit_or_report(a, &[gdt_entry(0, 0xfff, 0x92, 0x4)])
+}
+
+#[test]
+fn an_emulated_lgdt_checks_its_operand_segment() {
+    let code = lgdt_past_the_limit();
+    for engine in ["interp", "bt", "trap"] {
+        let r = run_flat(
+            "lgdt-limit.bin",
+            &code,
+            "flat-protected",
+            LOAD,
+            &["--engine", engine, "--memory", "4M"],
+        );
+        assert_eq!(r.status, 0x23, "{engine}: {}\n{}", r.stdout, r.stderr);
+        assert_eq!(r.stdout, "00000000\n", "{engine}: #GP(0)");
     }
 }

@@ -122,6 +122,48 @@ impl Trap {
         .map(|a| a as u32)
     }
 
+    /// Reads `i`'s memory operand into `buf` as the CPU does at ring 0:
+    /// the guest's view of the segment (usable, readable, within its
+    /// limit: else #SS(0) through SS, #GP(0) otherwise), then the guest's
+    /// page tables (#PF, with CR2 set). `None`: `i` has no memory operand.
+    pub(crate) fn read_operand(
+        &mut self,
+        i: &Instruction,
+        buf: &mut [u8],
+    ) -> Option<Result<(), Event>> {
+        let op = (0..i.op_count()).find(|&k| i.op_kind(k) == OpKind::Memory)?;
+        // The offset: segment bases left out (the segment is checked below).
+        let offset = i.virtual_address(op, 0, |r, _, _| {
+            Some(if r.is_segment_register() {
+                0
+            } else {
+                self.reg(r)
+            })
+        })? as u32;
+        let sreg = match i.memory_segment() {
+            Register::ES => seg::ES,
+            Register::CS => seg::CS,
+            Register::SS => seg::SS,
+            Register::FS => seg::FS,
+            Register::GS => seg::GS,
+            _ => seg::DS,
+        };
+        let segment = self.compose().seg[sreg];
+        use popek_cpu::state::attr::{CODE, RW};
+        let readable = segment.attr & CODE == 0 || segment.attr & RW != 0;
+        let lin = (segment.present() && readable)
+            .then(|| popek_cpu::Cpu::seg_value_lin(&segment, offset, buf.len() as u8))
+            .flatten();
+        let Some(lin) = lin else {
+            let v = if sreg == seg::SS { 12 } else { 13 };
+            return Some(Err(Event::Exception(v, Some(0))));
+        };
+        Some(self.guest_read(lin, buf).map_err(|(l, e)| {
+            self.v.cr2 = l as u64;
+            Event::Exception(14, Some(e))
+        }))
+    }
+
     /// Completes an emulated instruction.
     pub(crate) fn skip(&mut self, i: &Instruction) {
         let mask = if self.cpu.state().seg[seg::CS].big() {
@@ -275,13 +317,11 @@ impl Trap {
             }
             Lmsw => {
                 let v = if i.op0_kind() == OpKind::Memory {
-                    let Some(a) = self.mem_linear(i) else {
-                        return self.reflect_gp(code, "LMSW");
-                    };
                     let mut b = [0u8; 2];
-                    if let Err((l, e)) = self.guest_read(a, &mut b) {
-                        self.v.cr2 = l as u64;
-                        return self.deliver(Event::Exception(14, Some(e)));
+                    match self.read_operand(i, &mut b) {
+                        None => return self.reflect_gp(code, "LMSW"),
+                        Some(Err(ev)) => return self.deliver(ev),
+                        Some(Ok(())) => {}
                     }
                     u16::from_le_bytes(b) as u64
                 } else {
@@ -294,13 +334,11 @@ impl Trap {
                 return Ok(Flow::Continue);
             }
             Lgdt | Lidt => {
-                let Some(a) = self.mem_linear(i) else {
-                    return self.reflect_gp(code, "LGDT/LIDT without memory");
-                };
                 let mut b = [0u8; 6];
-                if let Err((l, e)) = self.guest_read(a, &mut b) {
-                    self.v.cr2 = l as u64;
-                    return self.deliver(Event::Exception(14, Some(e)));
+                match self.read_operand(i, &mut b) {
+                    None => return self.reflect_gp(code, "LGDT/LIDT without memory"),
+                    Some(Err(ev)) => return self.deliver(ev),
+                    Some(Ok(())) => {}
                 }
                 let limit = u16::from_le_bytes([b[0], b[1]]);
                 let mut base = u32::from_le_bytes([b[2], b[3], b[4], b[5]]) as u64;
@@ -319,13 +357,11 @@ impl Trap {
             }
             Lldt | Ltr => {
                 let sel = if i.op0_kind() == OpKind::Memory {
-                    let Some(a) = self.mem_linear(i) else {
-                        return self.reflect_gp(code, "LLDT/LTR");
-                    };
                     let mut b = [0u8; 2];
-                    if let Err((l, e)) = self.guest_read(a, &mut b) {
-                        self.v.cr2 = l as u64;
-                        return self.deliver(Event::Exception(14, Some(e)));
+                    match self.read_operand(i, &mut b) {
+                        None => return self.reflect_gp(code, "LLDT/LTR"),
+                        Some(Err(ev)) => return self.deliver(ev),
+                        Some(Ok(())) => {}
                     }
                     u16::from_le_bytes(b)
                 } else {

@@ -27,13 +27,11 @@ impl Trap {
             }
             (_, OpKind::Register) => (self.reg(i.op1_register()) as u16, false),
             (Mnemonic::Mov, OpKind::Memory) => {
-                let Some(a) = self.mem_linear(i) else {
-                    return self.reflect_gp(code, "MOV SS");
-                };
                 let mut b = [0u8; 2];
-                if let Err((l, e)) = self.guest_read(a, &mut b) {
-                    self.v.cr2 = l as u64;
-                    return self.deliver(Event::Exception(14, Some(e)));
+                match self.read_operand(i, &mut b) {
+                    None => return self.reflect_gp(code, "MOV SS"),
+                    Some(Err(ev)) => return self.deliver(ev),
+                    Some(Ok(())) => {}
                 }
                 (u16::from_le_bytes(b), false)
             }
@@ -337,13 +335,11 @@ impl Trap {
             OpKind::FarBranch16 => (i.far_branch_selector(), i.far_branch16() as u32),
             OpKind::FarBranch32 => (i.far_branch_selector(), i.far_branch32()),
             OpKind::Memory => {
-                let Some(a) = self.mem_linear(&i) else {
-                    return self.deliver(Event::Exception(11, Some(code)));
-                };
                 let mut b = [0u8; 6];
-                if let Err((l, e)) = self.guest_read(a, &mut b[..size as usize + 2]) {
-                    self.v.cr2 = l as u64;
-                    return self.deliver(Event::Exception(14, Some(e)));
+                match self.read_operand(&i, &mut b[..size as usize + 2]) {
+                    None => return self.deliver(Event::Exception(11, Some(code))),
+                    Some(Err(ev)) => return self.deliver(ev),
+                    Some(Ok(())) => {}
                 }
                 let off = if size == 4 {
                     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
