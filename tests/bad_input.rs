@@ -1,30 +1,17 @@
 //! Bad input gets one clear line and exit status 2, never a panic.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+mod support;
+use support::*;
 
-fn popek(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_popek"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("popek runs");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!err.contains("panicked"), "popek panicked:\n{err}");
-    (out.status.code().unwrap_or(-1), err)
-}
-
-fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("popek-bad-input-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
-    std::fs::File::create(&p).unwrap().write_all(bytes).unwrap();
-    p
+/// Runs popek: (exit status, stderr).
+fn popek_err(args: &[&str]) -> (i32, String) {
+    let (status, _, err) = popek(args);
+    (status, err)
 }
 
 #[test]
 fn missing_kernel_file() {
-    let (code, err) = popek(&["run", "--kernel", "/nonexistent/vmlinuz"]);
+    let (code, err) = popek_err(&["run", "--kernel", "/nonexistent/vmlinuz"]);
     assert_eq!(code, 2);
     assert!(err.contains("/nonexistent/vmlinuz"), "{err}");
 }
@@ -32,7 +19,7 @@ fn missing_kernel_file() {
 #[test]
 fn wrong_format_kernel() {
     let p = temp_file("notakernel", b"hello, I am not a kernel\n");
-    let (code, err) = popek(&["run", "--kernel", p.to_str().unwrap()]);
+    let (code, err) = popek_err(&["run", "--kernel", p.to_str().unwrap()]);
     assert_eq!(code, 2);
     assert!(
         err.contains("not a Multiboot ELF or Linux bzImage"),
@@ -49,7 +36,7 @@ fn truncated_bzimage() {
     img[0x206] = 0x0f;
     img[0x207] = 0x02;
     let p = temp_file("truncated-bzimage", &img);
-    let (code, err) = popek(&["run", "--kernel", p.to_str().unwrap()]);
+    let (code, err) = popek_err(&["run", "--kernel", p.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("truncated-bzimage"), "{err}");
 }
@@ -66,7 +53,7 @@ fn truncated_multiboot_elf() {
     img.extend_from_slice(&flags.to_le_bytes());
     img.extend_from_slice(&sum.to_le_bytes());
     let p = temp_file("truncated-elf", &img);
-    let (code, err) = popek(&["run", "--kernel", p.to_str().unwrap()]);
+    let (code, err) = popek_err(&["run", "--kernel", p.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("truncated-elf"), "{err}");
 }
@@ -74,17 +61,17 @@ fn truncated_multiboot_elf() {
 #[test]
 fn memory_out_of_range() {
     for m in ["1M", "4G", "0"] {
-        let (code, err) = popek(&["run", "--memory", m]);
+        let (code, err) = popek_err(&["run", "--memory", m]);
         assert_eq!(code, 2, "--memory {m}: {err}");
         assert!(err.contains("--memory"), "{err}");
     }
-    let (code, err) = popek(&["run", "--memory", "lots"]);
+    let (code, err) = popek_err(&["run", "--memory", "lots"]);
     assert_eq!(code, 2, "{err}");
 }
 
 #[test]
 fn unknown_guest() {
-    let (code, err) = popek(&["run", "--guest", "windows"]);
+    let (code, err) = popek_err(&["run", "--guest", "windows"]);
     assert_eq!(code, 2);
     assert!(err.contains("no such guest"), "{err}");
 }
@@ -93,7 +80,7 @@ fn unknown_guest() {
 fn trap_refuses_what_it_cannot_deprivilege() {
     // Real mode has no rings to deprivilege into: one clear line, exit 2.
     let p = temp_file("real.bin", &[0xf4]);
-    let (code, err) = popek(&[
+    let (code, err) = popek_err(&[
         "run",
         "--engine",
         "trap",
@@ -106,7 +93,7 @@ fn trap_refuses_what_it_cannot_deprivilege() {
     assert!(err.contains("real mode"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     // The shuffled physical map moves 64 KiB chunks.
-    let (code, err) = popek(&["run", "--engine", "trap", "--memory", "6500K"]);
+    let (code, err) = popek_err(&["run", "--engine", "trap", "--memory", "6500K"]);
     assert_eq!(code, 2, "trap: {err}");
     assert!(err.contains("multiple of 64 KiB"), "{err}");
 }
@@ -114,7 +101,7 @@ fn trap_refuses_what_it_cannot_deprivilege() {
 #[test]
 fn flat_binary_too_big_for_memory() {
     let p = temp_file("big.bin", &vec![0x90u8; 3 << 20]);
-    let (code, err) = popek(&[
+    let (code, err) = popek_err(&[
         "run",
         "--memory",
         "2M",
@@ -131,7 +118,7 @@ fn flat_binary_too_big_for_memory() {
 
 #[test]
 fn missing_initrd() {
-    let (code, err) = popek(&["run", "--initrd", "/nonexistent/initrd.gz"]);
+    let (code, err) = popek_err(&["run", "--initrd", "/nonexistent/initrd.gz"]);
     assert_eq!(code, 2);
     assert!(err.contains("/nonexistent/initrd.gz"), "{err}");
 }
@@ -160,7 +147,7 @@ fn a_device_or_a_fifo_as_kernel_or_initrd_is_refused_at_once() {
         vec!["initramfs", "--busybox", "/dev/zero", "-o", "/dev/null"],
     ] {
         let t = std::time::Instant::now();
-        let (code, err) = popek(&args);
+        let (code, err) = popek_err(&args);
         assert_eq!(code, 2, "{args:?}: {err}");
         assert!(err.contains("not a regular file"), "{args:?}: {err}");
         assert!(t.elapsed().as_secs() < 10, "{args:?} answered at once");
@@ -171,14 +158,14 @@ fn a_device_or_a_fifo_as_kernel_or_initrd_is_refused_at_once() {
 #[test]
 fn a_kernel_larger_than_guest_ram_is_refused_before_it_is_read() {
     let p = temp_file("big-kernel", &vec![0u8; 3 << 20]);
-    let (code, err) = popek(&["run", "--kernel", p.to_str().unwrap(), "--memory", "2M"]);
+    let (code, err) = popek_err(&["run", "--kernel", p.to_str().unwrap(), "--memory", "2M"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("larger than guest RAM"), "{err}");
 }
 
 #[test]
 fn the_embedded_guests_refuse_less_memory_than_they_need() {
-    let (code, err) = popek(&["run", "--memory", "2M", "--engine", "interp"]);
+    let (code, err) = popek_err(&["run", "--memory", "2M", "--engine", "interp"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("needs at least 6 MiB"), "{err}");
 }

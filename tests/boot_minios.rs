@@ -1,20 +1,8 @@
 //! Boots the embedded minios guests through the `popek` binary and checks
 //! what they print and how popek exits.
 
-use std::process::{Command, Stdio};
-
-fn popek(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_popek"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("popek runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod support;
+use support::*;
 
 /// The guest measured its TSC against the PIT (the machine's TSC is a
 /// nominal 1 GHz on the software engines) and every bench line carries

@@ -4,20 +4,8 @@
 //! byte-identical to `interp`'s (the same instructions retire in the same
 //! order, so every benchmark line matches too).
 
-use std::process::{Command, Stdio};
-
-fn popek(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_popek"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("popek runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod support;
+use support::*;
 
 fn bt_matches_interp(guest: &str) {
     let (code, out, err) = popek(&[

@@ -1,42 +1,21 @@
 //! Exit statuses for the guest's ways of ending: debug-exit, triple fault,
 //! halting forever, reset — with flat binaries built here.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+mod support;
+use support::*;
 
-fn run_flat(name: &str, code: &[u8], extra: &[&str]) -> (i32, String, String) {
-    let dir = std::env::temp_dir().join(format!("popek-exit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
-    std::fs::File::create(&p).unwrap().write_all(code).unwrap();
-    let mut args = vec![
-        "run",
-        "--kernel",
-        p.to_str().unwrap(),
-        "--format",
-        "flat-real",
-        "--load-addr",
-        "0x7c00",
-        "--memory",
-        "4M",
-    ];
-    args.extend_from_slice(extra);
-    let out = Command::new(env!("CARGO_BIN_EXE_popek"))
-        .args(&args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// Runs a flat real-mode binary at 0x7c00 in 4 MiB: (status, stdout,
+/// stderr).
+fn run_real(name: &str, code: &[u8], extra: &[&str]) -> (i32, String, String) {
+    let extra = [&["--memory", "4M"][..], extra].concat();
+    let r = run_flat(name, code, "flat-real", 0x7c00, &extra);
+    (r.status, r.stdout, r.stderr)
 }
 
 #[test]
 fn debug_exit_port_gives_odd_status() {
     // mov al, 0x2a; out 0xf4, al
-    let (code, _, err) = run_flat("debug-exit.bin", &[0xb0, 0x2a, 0xe6, 0xf4], &[]);
+    let (code, _, err) = run_real("debug-exit.bin", &[0xb0, 0x2a, 0xe6, 0xf4], &[]);
     assert_eq!(code, (0x2a << 1) | 1, "{err}");
 }
 
@@ -46,7 +25,7 @@ fn serial_output_reaches_stdout() {
     let code = [
         0xba, 0xf8, 0x03, 0xb0, b'H', 0xee, 0xb0, b'i', 0xee, 0xb0, 0x00, 0xe6, 0xf4,
     ];
-    let (status, out, _) = run_flat("serial.bin", &code, &[]);
+    let (status, out, _) = run_real("serial.bin", &code, &[]);
     assert_eq!(status, 1);
     assert_eq!(out, "Hi");
 }
@@ -58,7 +37,7 @@ fn triple_fault_is_reported_with_registers() {
     let code = [
         0x0f, 0x01, 0x1e, 0x0c, 0x7c, 0xcd, 0x10, 0xf4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
     ];
-    let (status, _, err) = run_flat("triple.bin", &code, &[]);
+    let (status, _, err) = run_real("triple.bin", &code, &[]);
     assert_eq!(status, 4, "{err}");
     assert!(err.contains("triple fault"), "{err}");
     assert!(err.contains("EIP="), "{err}");
@@ -68,7 +47,7 @@ fn triple_fault_is_reported_with_registers() {
 #[test]
 fn halt_with_interrupts_disabled_is_no_progress() {
     // cli; hlt
-    let (status, _, err) = run_flat("cli-hlt.bin", &[0xfa, 0xf4], &[]);
+    let (status, _, err) = run_real("cli-hlt.bin", &[0xfa, 0xf4], &[]);
     assert_eq!(status, 6, "{err}");
     assert!(err.contains("interrupts disabled"), "{err}");
 }
@@ -76,7 +55,7 @@ fn halt_with_interrupts_disabled_is_no_progress() {
 #[test]
 fn keyboard_controller_reset_exits_zero() {
     // mov al, 0xfe; out 0x64, al; jmp $
-    let (status, _, err) = run_flat("reset.bin", &[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe], &[]);
+    let (status, _, err) = run_real("reset.bin", &[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe], &[]);
     assert_eq!(status, 0, "{err}");
 }
 
@@ -87,7 +66,7 @@ fn invalid_opcode_without_handler_dies_cleanly() {
     let code = [
         0x0f, 0x01, 0x1e, 0x08, 0x7c, 0x0f, 0x0b, 0x90, 0, 0, 0, 0, 0, 0,
     ];
-    let (status, _, err) = run_flat("ud2.bin", &code, &[]);
+    let (status, _, err) = run_real("ud2.bin", &code, &[]);
     assert_eq!(status, 4, "{err}");
     assert!(
         err.contains("ud2"),
@@ -106,7 +85,7 @@ fn exception_loop_is_no_progress() {
         0x00, 0xc7, 0x06, 0x00, 0x00, 0xff, 0xff, 0x0f, 0x0b,
     ];
     for engine in ["interp", "bt"] {
-        let (status, _, err) = run_flat(
+        let (status, _, err) = run_real(
             "ud-loop.bin",
             &code,
             &["--engine", engine, "--clock", "virtual"],
@@ -119,7 +98,7 @@ fn exception_loop_is_no_progress() {
 #[test]
 fn max_instructions_stops_the_guest_and_prints_its_state() {
     // jmp $ (forever)
-    let (code, _, err) = run_flat(
+    let (code, _, err) = run_real(
         "spin.bin",
         &[0xeb, 0xfe],
         &["--max-instructions", "1000", "--clock", "virtual"],

@@ -4,81 +4,16 @@
 //! `ru_maxrss`), so that a guest that makes popek grow is caught whatever
 //! the engine reserves as address space.
 
-use std::io::Write;
-use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Stdio};
-
 use iced_x86::code_asm::*;
 use iced_x86::{BlockEncoderOptions, Code, Instruction, MemoryOperand, Register};
 
-/// How a child `popek` ended.
-struct Run {
-    status: i32,
-    signal: Option<i32>,
-    stdout: String,
-    stderr: String,
-    /// Peak resident set, bytes.
-    max_rss: u64,
-}
+mod support;
+use support::*;
 
-/// Runs `popek run` on a flat binary (`format`: flat-real or
-/// flat-protected, loaded at `load`) with `extra` options.
-fn run_flat(name: &str, code: &[u8], format: &str, load: u64, extra: &[&str]) -> Run {
-    let dir = std::env::temp_dir().join(format!("popek-hostile-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
-    std::fs::File::create(&p).unwrap().write_all(code).unwrap();
-    let load = format!("{load:#x}");
-    let mut args = vec![
-        "run",
-        "--kernel",
-        p.to_str().unwrap(),
-        "--format",
-        format,
-        "--load-addr",
-        &load,
-        "--clock",
-        "virtual",
-    ];
-    args.extend_from_slice(extra);
-    let child = Command::new(env!("CARGO_BIN_EXE_popek"))
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("popek starts");
-    let pid = child.id() as libc::pid_t;
-    // Read the pipes on threads while waiting for the child ourselves
-    // (wait4 gives its peak RSS).
-    let mut child = child;
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut out, &mut s).ok();
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut err, &mut s).ok();
-        s
-    });
-    let mut wstatus = 0;
-    // SAFETY: an all-zero rusage is a valid value to be overwritten.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `pid` is our child, not yet reaped; the pointers are valid
-    // for the call.
-    let r = unsafe { libc::wait4(pid, &mut wstatus, 0, &mut ru) };
-    assert_eq!(r, pid, "wait4");
-    let st = std::process::ExitStatus::from_raw(wstatus);
-    Run {
-        status: st.code().unwrap_or(-1),
-        signal: st.signal(),
-        stdout: t_out.join().unwrap(),
-        stderr: t_err.join().unwrap(),
-        max_rss: ru.ru_maxrss as u64 * 1024,
-    }
+/// Runs a flat binary under the virtual clock (reproducible runs).
+fn run_virtual(name: &str, code: &[u8], format: &str, load: u64, extra: &[&str]) -> Run {
+    let extra = [&["--clock", "virtual"][..], extra].concat();
+    run_flat(name, code, format, load, &extra)
 }
 
 /// popek's fixed allowance over guest RAM (docs/security.md).
@@ -286,7 +221,7 @@ fn segment_attack() -> (Vec<u8>, u32) {
 #[test]
 fn trap_confines_every_segment_below_the_monitor() {
     let (code, n) = segment_attack();
-    let t = run_flat(
+    let t = run_virtual(
         "segments.bin",
         &code,
         "flat-protected",
@@ -305,7 +240,7 @@ fn trap_confines_every_segment_below_the_monitor() {
     );
     assert!(t.stdout.contains("wrap ok"), "{}", t.stdout);
     // The same accesses are fine on a CPU with no monitor in the way.
-    let i = run_flat(
+    let i = run_virtual(
         "segments.bin",
         &code,
         "flat-protected",
@@ -363,7 +298,7 @@ fn zeroed_ram() -> Vec<u8> {
 fn a_guest_entering_code_everywhere_stays_within_its_memory_bound() {
     let code = every_entry_point();
     for engine in ["interp", "bt", "trap"] {
-        let r = run_flat(
+        let r = run_virtual(
             "entries.bin",
             &code,
             "flat-protected",
@@ -383,7 +318,7 @@ fn a_guest_entering_code_everywhere_stays_within_its_memory_bound() {
 fn a_guest_running_through_zeroed_ram_stays_within_its_memory_bound() {
     let code = zeroed_ram();
     for engine in ["interp", "bt", "trap"] {
-        let r = run_flat(
+        let r = run_virtual(
             "zeroes.bin",
             &code,
             "flat-protected",
@@ -480,7 +415,7 @@ fn trap_delivers_faults_during_delivery_as_the_cpu_does() {
     ];
     for (name, code, want) in &cases {
         for engine in ["interp", "bt", "trap"] {
-            let r = run_flat(
+            let r = run_virtual(
                 name,
                 code,
                 "flat-protected",
@@ -507,7 +442,7 @@ fn trap_delivers_faults_during_delivery_as_the_cpu_does() {
     a.hlt().unwrap();
     let code = image(a, handler, &[]);
     for engine in ["interp", "bt", "trap"] {
-        let r = run_flat(
+        let r = run_virtual(
             "esp2.bin",
             &code,
             "flat-protected",
@@ -577,7 +512,7 @@ fn memory_outside_ram_behaves_alike_on_every_engine() {
     let code = outside_ram(8 << 20);
     let want = "FFFFFFFF\nFFFFFFFF\nFFFFFFFF\nFFFFFFFF\nFFFFFFFF\nFFFF5566\nFFFFFFFF\n";
     for engine in ["interp", "bt", "trap"] {
-        let r = run_flat(
+        let r = run_virtual(
             "outside.bin",
             &code,
             "flat-protected",
@@ -623,7 +558,7 @@ fn random_programs_end_cleanly_in_child_processes() {
                     }
                     continue;
                 }
-                let r = run_flat(
+                let r = run_virtual(
                     &format!("random-{i}.bin"),
                     &code,
                     mode,
@@ -702,7 +637,7 @@ fn store_across_page_tables() -> Vec<u8> {
 fn a_store_across_two_page_tables_completes_on_every_engine() {
     let code = store_across_page_tables();
     for engine in ["interp", "bt", "trap"] {
-        let r = run_flat(
+        let r = run_virtual(
             "two-tables.bin",
             &code,
             "flat-protected",
@@ -734,7 +669,7 @@ fn lgdt_past_the_limit() -> Vec<u8> {
 fn an_emulated_lgdt_checks_its_operand_segment() {
     let code = lgdt_past_the_limit();
     for engine in ["interp", "bt", "trap"] {
-        let r = run_flat(
+        let r = run_virtual(
             "lgdt-limit.bin",
             &code,
             "flat-protected",

@@ -4,20 +4,22 @@
 //!
 //! Each test needs `/dev/kvm`; without it the test says so and returns.
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 
-fn popek(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_popek"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("popek runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+mod support;
+use support::*;
+
+/// Runs a flat binary at 0x7c00 in 4 MiB on `hw`: (status, stdout,
+/// stderr).
+fn run_hw(name: &str, code: &[u8], format: &str) -> (i32, String, String) {
+    let r = run_flat(
+        name,
+        code,
+        format,
+        0x7c00,
+        &["--engine", "hw", "--memory", "4M"],
+    );
+    (r.status, r.stdout, r.stderr)
 }
 
 fn kvm() -> bool {
@@ -49,26 +51,6 @@ fn info_says(info: &str, item: &str) -> bool {
         })
 }
 
-fn run_flat(name: &str, code: &[u8], format: &str) -> (i32, String, String) {
-    let dir = std::env::temp_dir().join(format!("popek-hw-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
-    std::fs::File::create(&p).unwrap().write_all(code).unwrap();
-    popek(&[
-        "run",
-        "--engine",
-        "hw",
-        "--kernel",
-        p.to_str().unwrap(),
-        "--format",
-        format,
-        "--load-addr",
-        "0x7c00",
-        "--memory",
-        "4M",
-    ])
-}
-
 #[test]
 fn info_prints_the_kvm_and_what_it_runs() {
     if !kvm() {
@@ -97,7 +79,7 @@ fn hw_real_mode_serial_and_debug_exit() {
     let code = [
         0xba, 0xf8, 0x03, 0xb0, b'H', 0xee, 0xb0, b'i', 0xee, 0xb0, 0x15, 0xe6, 0xf4,
     ];
-    let (status, out, err) = run_flat("serial.bin", &code, "flat-real");
+    let (status, out, err) = run_hw("serial.bin", &code, "flat-real");
     assert_eq!(status, (0x15 << 1) | 1, "{err}");
     assert_eq!(out, "Hi");
 }
@@ -109,7 +91,7 @@ fn hw_unpaged_protected_mode_flat_binary() {
     }
     // mov eax, 40; add eax, 2; out 0xf4, al
     let code = [0xb8, 40, 0, 0, 0, 0x83, 0xc0, 0x02, 0xe6, 0xf4];
-    let (status, _, err) = run_flat("pm.bin", &code, "flat-protected");
+    let (status, _, err) = run_hw("pm.bin", &code, "flat-protected");
     assert_eq!(status, (42 << 1) | 1, "{err}");
 }
 
@@ -121,7 +103,7 @@ fn hw_triple_fault_is_reported_with_registers() {
     // ud2 in protected mode: the IDT (base 0) holds no gates → #NP → #DF →
     // shutdown. (A real-mode zero-limit IDT would not do: kvm_pvm ignores
     // the IDT limit in real mode and runs off into the vector table.)
-    let (status, _, err) = run_flat("triple.bin", &[0x0f, 0x0b], "flat-protected");
+    let (status, _, err) = run_hw("triple.bin", &[0x0f, 0x0b], "flat-protected");
     assert_eq!(status, 4, "{err}");
     assert!(err.contains("the guest died on engine hw"), "{err}");
     assert!(err.contains("triple fault"), "{err}");
@@ -138,7 +120,7 @@ fn hw_emulation_failure_is_reported_with_registers_and_bytes() {
     }
     // fld1; mov al, 1; out 0xf4, al — kvm_pvm's emulator has no x87 (it
     // runs real mode through it), hardware VT runs it.
-    let (status, _, err) = run_flat(
+    let (status, _, err) = run_hw(
         "fld1.bin",
         &[0xd9, 0xe8, 0xb0, 0x01, 0xe6, 0xf4],
         "flat-real",
@@ -163,7 +145,7 @@ fn hw_halt_with_interrupts_disabled_is_no_progress() {
     if !kvm() {
         return;
     }
-    let (status, _, err) = run_flat("cli-hlt.bin", &[0xfa, 0xf4], "flat-real");
+    let (status, _, err) = run_hw("cli-hlt.bin", &[0xfa, 0xf4], "flat-real");
     assert_eq!(status, 6, "{err}");
     assert!(err.contains("no progress on engine hw"), "{err}");
     assert!(err.contains("interrupts disabled"), "{err}");
@@ -175,7 +157,7 @@ fn hw_keyboard_controller_reset_exits_zero() {
         return;
     }
     // mov al, 0xfe; out 0x64, al; jmp $
-    let (status, _, err) = run_flat(
+    let (status, _, err) = run_hw(
         "reset.bin",
         &[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe],
         "flat-real",
@@ -211,7 +193,7 @@ fn hw_finds_refused_paging_at_run_time() {
     // A flat protected-mode guest that turns paging on (its needs are not
     // known before it runs): mov eax, 0x80000011; mov cr0, eax.
     let code = [0xb8, 0x11, 0, 0, 0x80, 0x0f, 0x22, 0xc0, 0xe6, 0xf4];
-    let (status, _, err) = run_flat("paging.bin", &code, "flat-protected");
+    let (status, _, err) = run_hw("paging.bin", &code, "flat-protected");
     assert_eq!(status, 2, "{err}");
     assert!(err.contains("refuses 32-bit paging"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one line:\n{err}");
@@ -435,7 +417,7 @@ fn hw_finishes_what_a_software_kvm_cannot_emulate() {
         0x08, 0xe8, // or al, ch
         0xe6, 0xf4, // out 0xf4, al
     ];
-    let (status, _, err) = run_flat("verw.bin", &code, "flat-protected");
+    let (status, _, err) = run_hw("verw.bin", &code, "flat-protected");
     assert_eq!(status, (15 << 1) | 1, "{err}");
 }
 

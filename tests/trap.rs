@@ -5,20 +5,9 @@
 //! stalls, and popek says why; `--trace traps` shows the traps.
 
 use std::collections::BTreeSet;
-use std::process::{Command, Stdio};
 
-fn popek(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_popek"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("popek runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod support;
+use support::*;
 
 fn audit_json(guest: &str) -> (serde_json::Value, String) {
     let (code, out, err) = popek(&["audit", "--guest", guest, "--json"]);
@@ -156,14 +145,6 @@ fn native_minios_fails_exactly_where_the_audit_differs() {
             "{ok}: {console}"
         );
     }
-}
-
-fn temp_file(name: &str, data: &[u8]) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("popek-trap-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
-    std::fs::write(&p, data).unwrap();
-    p
 }
 
 #[test]

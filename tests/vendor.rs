@@ -6,10 +6,10 @@
 //! each vendor profile; the profiles give different answers (they are
 //! different processors), and CPUID names the profile's vendor.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use iced_x86::code_asm::*;
+
+mod support;
+use support::*;
 
 const LOAD: u64 = 0x10_0000;
 
@@ -141,15 +141,9 @@ fn guest() -> Vec<u8> {
 
 /// Runs the guest; returns (status, stdout, stderr).
 fn run(engine: &str, vendor: &str, env: &[(&str, &str)]) -> (i32, String, String) {
-    let dir = std::env::temp_dir().join(format!("popek-vendor-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join("vendor.bin");
-    std::fs::File::create(&p)
-        .unwrap()
-        .write_all(&guest())
-        .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_popek"))
-        .args([
+    let p = temp_file("vendor.bin", &guest());
+    let r = popek_with(
+        &[
             "run",
             "--engine",
             engine,
@@ -165,16 +159,10 @@ fn run(engine: &str, vendor: &str, env: &[(&str, &str)]) -> (i32, String, String
             "4M",
             "--clock",
             "virtual",
-        ])
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+        ],
+        env,
+    );
+    (r.status, r.stdout, r.stderr)
 }
 
 #[test]
