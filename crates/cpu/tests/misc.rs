@@ -663,24 +663,11 @@ fn v86_mode_runs_real_mode_code_and_int_goes_to_ring0() {
         a.mov(bx, cs)?;
         a.int(0x80)
     });
-    s.ram().write(0x20000, &v86_code).unwrap();
     s.idt(
         0x80,
         gate(INT_GATE, KCODE, (STUBS + 0x80 * 16) as u32, 3, 0),
     );
-    let code = kcode(|a| {
-        a.push(0u32)?; // GS
-        a.push(0u32)?; // FS
-        a.push(0u32)?; // DS
-        a.push(0u32)?; // ES
-        a.push(0x0900u32)?; // SS
-        a.push(0x0ff0u32)?; // ESP
-        a.push(flags::VM | flags::IOPL | 2)?;
-        a.push(0x2000u32)?; // CS
-        a.push(0u32)?; // EIP
-        a.iretd()
-    });
-    s.start_kernel(&code);
+    s.start_v86(&v86_code, 3);
     let x = s.run();
     assert_eq!(x, RunExit::Halted);
     assert_eq!(s.stub_vector(), Some(0x80));
@@ -702,21 +689,7 @@ fn v86_mode_runs_real_mode_code_and_int_goes_to_ring0() {
 #[test]
 fn v86_int_with_iopl_below_3_is_gp0() {
     let mut s = Sys::new();
-    s.ram()
-        .write(0x20000, &asm(16, 0, |a| a.int(0x80)))
-        .unwrap();
-    let code = kcode(|a| {
-        for _ in 0..4 {
-            a.push(0u32)?;
-        }
-        a.push(0x0900u32)?;
-        a.push(0x0ff0u32)?;
-        a.push(flags::VM | 2)?;
-        a.push(0x2000u32)?;
-        a.push(0u32)?;
-        a.iretd()
-    });
-    s.start_kernel(&code);
+    s.start_v86(&asm(16, 0, |a| a.int(0x80)), 0);
     assert_eq!(s.run(), RunExit::Halted);
     assert_eq!(s.stub_vector(), Some(13));
     let stk = s.c.state().gpr[4];
@@ -815,30 +788,13 @@ fn bus_stop_on_mmio_write_finishes_the_instruction() {
     );
 }
 
-/// Enters V86 mode at 0x2000:0 running `code` with the given IOPL.
-fn v86_start(s: &mut Sys, code: &[u8], iopl: u32) {
-    s.ram().write(0x20000, code).unwrap();
-    let k = kcode(|a| {
-        for _ in 0..4 {
-            a.push(0u32)?;
-        }
-        a.push(0x0900u32)?;
-        a.push(0x0ff0u32)?;
-        a.push(flags::VM | iopl << 12 | 2)?;
-        a.push(0x2000u32)?;
-        a.push(0u32)?;
-        a.iretd()
-    });
-    s.start_kernel(&k);
-}
-
 #[test]
 fn v86_interrupt_to_a_nonzero_ring_is_gp_sel() {
     let mut s = Sys::new();
     s.gdt(FREE, code32(1));
     let r1 = (FREE as u16) << 3;
     s.idt(0x80, gate(INT_GATE, r1, 0x1234, 3, 0));
-    v86_start(&mut s, &asm(16, 0, |a| a.int(0x80)), 3);
+    s.start_v86(&asm(16, 0, |a| a.int(0x80)), 3);
     assert_eq!(s.run(), RunExit::Halted);
     assert_eq!(s.stub_vector(), Some(13));
     let stk = s.c.state().gpr[4];
@@ -861,7 +817,7 @@ fn v86_privileged_and_iopl_sensitive_instructions_fault() {
     ];
     for (name, iopl, f) in cases {
         let mut s = Sys::new();
-        v86_start(&mut s, &asm(16, 0, f), iopl);
+        s.start_v86(&asm(16, 0, f), iopl);
         assert_eq!(s.run(), RunExit::Halted, "{name}");
         assert_eq!(s.stub_vector(), Some(13), "{name}");
         let stk = s.c.state().gpr[4];
@@ -877,8 +833,7 @@ fn v86_privileged_and_iopl_sensitive_instructions_fault() {
 fn v86_io_follows_the_bitmap_even_with_iopl3() {
     let mut s = Sys::new();
     s.allow_port(0x80);
-    v86_start(
-        &mut s,
+    s.start_v86(
         &asm(16, 0, |a| {
             a.out(0x80, al)?;
             a.out(0x81, al)

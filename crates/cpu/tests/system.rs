@@ -1207,7 +1207,6 @@ fn iret_from_ring0_back_to_v86() {
         a.mov(word_ptr(0x20), 0x4321u32)?;
         a.int(0x81)
     });
-    s.ram().write(0x20000, &v86).unwrap();
     s.idt(0x80, gate(INT_GATE, KCODE, HANDLER as u32, 3, 0));
     s.idt(
         0x81,
@@ -1218,18 +1217,7 @@ fn iret_from_ring0_back_to_v86() {
         a.mov(dword_ptr(esp + 24), 0x3000u32)?;
         a.iretd()
     });
-    let code = kcode(|a| {
-        for _ in 0..4 {
-            a.push(0u32)?;
-        }
-        a.push(0x0900u32)?;
-        a.push(0x0ff0u32)?;
-        a.push(flags::VM | flags::IOPL | 2)?;
-        a.push(0x2000u32)?;
-        a.push(0u32)?;
-        a.iretd()
-    });
-    s.start_kernel(&code);
+    s.start_v86(&v86, 3);
     assert_eq!(s.run(), RunExit::Halted);
     assert_eq!(s.stub_vector(), Some(0x81));
     assert_eq!(
@@ -1373,19 +1361,7 @@ fn page_fault_in_v86_mode_is_a_user_fault() {
         a.mov(ds, ax)?;
         a.mov(word_ptr(0x10), ax)
     });
-    s.ram().write(0x20000, &v86).unwrap();
-    let k = kcode(|a| {
-        for _ in 0..4 {
-            a.push(0u32)?;
-        }
-        a.push(0x0900u32)?;
-        a.push(0x0ff0u32)?;
-        a.push(flags::VM | 2)?;
-        a.push(0x2000u32)?;
-        a.push(0u32)?;
-        a.iretd()
-    });
-    s.start_kernel(&k);
+    s.start_v86(&v86, 0);
     assert_eq!(s.run(), RunExit::Halted);
     assert_eq!(s.stub_vector(), Some(14));
     let stk = s.c.state().gpr[4];

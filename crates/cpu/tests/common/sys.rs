@@ -259,6 +259,24 @@ impl Sys {
         self.start_at(KCODE, KDATA, KCODE_AT as u32, KSTACK, code);
     }
 
+    /// Virtual-8086 code at 0x2000:0 (linear 0x20000, stack 0x0900:0x0ff0)
+    /// with IOPL `iopl`, entered from ring 0 by IRETD with a V86 frame.
+    pub fn start_v86(&mut self, code: &[u8], iopl: u32) {
+        self.ram().write(0x20000, code).unwrap();
+        let k = kcode(|a| {
+            for _ in 0..4 {
+                a.push(0u32)?; // GS, FS, DS, ES
+            }
+            a.push(0x0900u32)?; // SS
+            a.push(0x0ff0u32)?; // ESP
+            a.push(flags::VM | iopl << 12 | 2)?;
+            a.push(0x2000u32)?; // CS
+            a.push(0u32)?; // EIP
+            a.iretd()
+        });
+        self.start_kernel(&k);
+    }
+
     /// User code at ring 3.
     pub fn start_user(&mut self, code: &[u8]) {
         self.start_at(UCODE, UDATA, UCODE_AT as u32, USTACK, code);
