@@ -27,7 +27,7 @@ COMMON_CFLAGS="-ffreestanding -fno-pic -fno-pie -fno-stack-protector -nostdlib
  -I$SRC/include"
 CFLAGS_i386="-m32 -march=i686 -mno-sse -mno-mmx -mno-80387"
 CFLAGS_x86_64="-m64 -mno-red-zone -mgeneral-regs-only -mcmodel=small"
-COMMON_SOURCES="kernel/main.c kernel/console.c kernel/acpi.c kernel/pic_pit.c
+COMMON_SOURCES="kernel/main.c kernel/console.c kernel/acpi.c kernel/pic_pit.c kernel/mm.c
  kernel/trap.c kernel/proc.c kernel/checks.c kernel/pv_shim.c
  lib/lib.c lib/sha256.c user/ulib.c user/programs.c user/bench.c"
 

@@ -7,34 +7,11 @@
 #include "kernel.h"
 
 uptr kernel_pd;
-uptr active_pd;
 uptr ram_top;
-static uptr free_list;
-static u32 nfree;
 static uptr kmap_top;
 
 #define IDX(va, level) (((va) >> (12 + 9 * (level))) & 511)
 #define TABLE(e) ((pte_t *)(uptr)((e) & PTE_ADDR))
-
-uptr page_alloc(void)
-{
-	uptr pa = free_list;
-	if (!pa)
-		return 0;
-	free_list = *(uptr *)pa;
-	nfree--;
-	memset((void *)pa, 0, PAGE_SIZE);
-	return pa;
-}
-
-void page_free(uptr pa)
-{
-	*(uptr *)pa = free_list;
-	free_list = pa;
-	nfree++;
-}
-
-u32 pages_free(void) { return nfree; }
 
 pte_t *pte_lookup(uptr pd, uptr va, int create)
 {
@@ -52,30 +29,6 @@ pte_t *pte_lookup(uptr pd, uptr va, int create)
 		t = TABLE(*e);
 	}
 	return &t[IDX(va, 0)];
-}
-
-void flush_page(uptr pd, uptr va)
-{
-	if (pd == active_pd)
-		invlpg(va);
-}
-
-void switch_pd(uptr pd)
-{
-	if (pd != active_pd) {
-		active_pd = pd;
-		write_cr3(pd);
-	}
-}
-
-int map_page(uptr pd, uptr va, uptr pa, u32 flags)
-{
-	pte_t *pte = pte_lookup(pd, va, 1);
-	if (!pte)
-		return -1;
-	*pte = pa | flags | PTE_P;
-	flush_page(pd, va);
-	return 0;
 }
 
 void mmu_init(uptr top)
