@@ -13,6 +13,7 @@ use crate::bus::Bus;
 use crate::cpu::{Cpu, MAX_BLOCK};
 use crate::exception::{Exc, Res};
 use crate::exec::{handler_for, Handler};
+use crate::facts;
 
 /// Operand kinds of a decoded instruction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -239,44 +240,9 @@ pub fn resolve(insn: &Instruction, code_size: u8) -> DecodedInsn {
         } else {
             imm
         },
-        rmw: ops[0].kind == OpK::Mem && is_rmw(insn.mnemonic()),
+        rmw: ops[0].kind == OpK::Mem && facts::is_rmw(insn.mnemonic()),
         insn: *insn,
     }
-}
-
-/// Instructions that read and write their first operand.
-fn is_rmw(m: iced_x86::Mnemonic) -> bool {
-    use iced_x86::Mnemonic::*;
-    matches!(
-        m,
-        Add | Or
-            | Adc
-            | Sbb
-            | And
-            | Sub
-            | Xor
-            | Inc
-            | Dec
-            | Neg
-            | Not
-            | Shl
-            | Sal
-            | Shr
-            | Sar
-            | Rol
-            | Ror
-            | Rcl
-            | Rcr
-            | Shld
-            | Shrd
-            | Xadd
-            | Xchg
-            | Cmpxchg
-            | Cmpxchg8b
-            | Bts
-            | Btr
-            | Btc
-    )
 }
 
 /// Decodes the block starting at linear `lin` (physical `phys`).

@@ -22,6 +22,7 @@ pub mod decode;
 pub mod dump;
 pub mod exception;
 mod exec;
+pub mod facts;
 pub mod flags;
 pub mod hooks;
 mod interrupt;

@@ -149,32 +149,22 @@ pub fn protected32(body: Body<'_>) -> TestGuest {
 /// A 32-bit guest that first turns on 32-bit paging (4 MiB pages,
 /// identity) itself, then runs `body`.
 pub fn paged32(body: Body<'_>) -> TestGuest {
-    let code = assemble(32, CODE, &|a| {
-        a.mov(eax, PD32 as u32)?;
-        a.mov(iced_x86::code_asm::cr3, eax)?;
-        a.mov(eax, iced_x86::code_asm::cr4)?;
-        a.or(eax, cr::CR4_PSE as u32)?;
-        a.mov(iced_x86::code_asm::cr4, eax)?;
-        a.mov(eax, iced_x86::code_asm::cr0)?;
-        a.or(eax, cr::CR0_PG as u32 as i32)?;
-        a.mov(iced_x86::code_asm::cr0, eax)?;
-        body(a)
-    });
-    let mut memory = vec![(GDT, gdt()), (CODE, code)];
-    memory.extend(page_tables());
-    TestGuest {
-        memory,
-        state: protected_state(),
-    }
+    paging_on(PD32, cr::CR4_PSE, body)
 }
 
 /// A 32-bit guest that first turns on PAE paging (2 MiB pages, identity).
 pub fn pae32(body: Body<'_>) -> TestGuest {
+    paging_on(PDPT_PAE, cr::CR4_PAE, body)
+}
+
+/// A 32-bit guest that loads CR3 with `cr3`, sets `cr4_bit`, turns paging
+/// on, then runs `body` (the tables are [`page_tables`]).
+fn paging_on(cr3: u64, cr4_bit: u64, body: Body<'_>) -> TestGuest {
     let code = assemble(32, CODE, &|a| {
-        a.mov(eax, PDPT_PAE as u32)?;
+        a.mov(eax, cr3 as u32)?;
         a.mov(iced_x86::code_asm::cr3, eax)?;
         a.mov(eax, iced_x86::code_asm::cr4)?;
-        a.or(eax, cr::CR4_PAE as u32)?;
+        a.or(eax, cr4_bit as u32 as i32)?;
         a.mov(iced_x86::code_asm::cr4, eax)?;
         a.mov(eax, iced_x86::code_asm::cr0)?;
         a.or(eax, cr::CR0_PG as u32 as i32)?;

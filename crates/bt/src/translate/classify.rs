@@ -340,35 +340,7 @@ pub(crate) fn harmless(ins: &Instruction) -> bool {
                 && (ins.op_register(i).is_segment_register()
                     || matches!(ins.op_register(i), Register::ESP | Register::SP))
         })
-        && matches!(
-            ins.mnemonic(),
-            Add | Or
-                | Adc
-                | Sbb
-                | And
-                | Sub
-                | Xor
-                | Cmp
-                | Test
-                | Inc
-                | Dec
-                | Neg
-                | Not
-                | Mov
-                | Movzx
-                | Movsx
-                | Lea
-                | Xchg
-                | Bswap
-                | Cbw
-                | Cwde
-                | Cwd
-                | Cdq
-                | Clc
-                | Stc
-                | Cmc
-                | Nop
-        )
+        && (simple_integer(ins.mnemonic()) || ins.mnemonic() == Nop)
 }
 
 /// The arithmetic flags in `mask`, left as the vendor's silicon leaves them
@@ -406,27 +378,7 @@ pub(crate) fn classify(ins: &Instruction, ctx: Ctx, foreign: bool) -> Option<(It
     use Mnemonic::*;
     let m = ins.mnemonic();
     if ins.has_lock_prefix()
-        && !(ins.op0_kind() == OpKind::Memory
-            && matches!(
-                m,
-                Add | Or
-                    | Adc
-                    | Sbb
-                    | And
-                    | Sub
-                    | Xor
-                    | Inc
-                    | Dec
-                    | Neg
-                    | Not
-                    | Xchg
-                    | Cmpxchg
-                    | Xadd
-                    | Bts
-                    | Btr
-                    | Btc
-                    | Cmpxchg8b
-            ))
+        && !(ins.op0_kind() == OpKind::Memory && popek_cpu::facts::lock_legal(m))
     {
         return None; // #UD
     }
@@ -550,91 +502,66 @@ pub(crate) fn classify(ins: &Instruction, ctx: Ctx, foreign: bool) -> Option<(It
         mi.eip = ins.ip32();
         return Some((Item::Mem(Box::new(mi)), Class::Ident));
     }
-    let ok = matches!(
-        m,
-        Add | Or
-            | Adc
-            | Sbb
-            | And
-            | Sub
-            | Xor
-            | Cmp
-            | Test
-            | Inc
-            | Dec
-            | Neg
-            | Not
-            | Mov
-            | Movzx
-            | Movsx
-            | Lea
-            | Shl
-            | Sal
-            | Shr
-            | Sar
-            | Rol
-            | Ror
-            | Rcl
-            | Rcr
-            | Xchg
-            | Bswap
-            | Cbw
-            | Cwde
-            | Cwd
-            | Cdq
-            | Clc
-            | Stc
-            | Cmc
-            | Lahf
-            | Sahf
-            | Seto
-            | Setno
-            | Setb
-            | Setae
-            | Sete
-            | Setne
-            | Setbe
-            | Seta
-            | Sets
-            | Setns
-            | Setp
-            | Setnp
-            | Setl
-            | Setge
-            | Setle
-            | Setg
-            | Cmovo
-            | Cmovno
-            | Cmovb
-            | Cmovae
-            | Cmove
-            | Cmovne
-            | Cmovbe
-            | Cmova
-            | Cmovs
-            | Cmovns
-            | Cmovp
-            | Cmovnp
-            | Cmovl
-            | Cmovge
-            | Cmovle
-            | Cmovg
-            | Imul
-            | Mul
-            | Bt
-            | Bts
-            | Btr
-            | Btc
-            | Cmpxchg
-            | Cmpxchg8b
-            | Xadd
-            | Bsf
-            | Bsr
-            | Tzcnt
-            | Lzcnt
-            | Shld
-            | Shrd
-    );
+    let ok = simple_integer(m)
+        || matches!(
+            m,
+            Shl | Sal
+                | Shr
+                | Sar
+                | Rol
+                | Ror
+                | Rcl
+                | Rcr
+                | Lahf
+                | Sahf
+                | Seto
+                | Setno
+                | Setb
+                | Setae
+                | Sete
+                | Setne
+                | Setbe
+                | Seta
+                | Sets
+                | Setns
+                | Setp
+                | Setnp
+                | Setl
+                | Setge
+                | Setle
+                | Setg
+                | Cmovo
+                | Cmovno
+                | Cmovb
+                | Cmovae
+                | Cmove
+                | Cmovne
+                | Cmovbe
+                | Cmova
+                | Cmovs
+                | Cmovns
+                | Cmovp
+                | Cmovnp
+                | Cmovl
+                | Cmovge
+                | Cmovle
+                | Cmovg
+                | Imul
+                | Mul
+                | Bt
+                | Bts
+                | Btr
+                | Btc
+                | Cmpxchg
+                | Cmpxchg8b
+                | Xadd
+                | Bsf
+                | Bsr
+                | Tzcnt
+                | Lzcnt
+                | Shld
+                | Shrd
+        );
     if !ok {
         return None;
     }
@@ -758,4 +685,40 @@ pub(crate) fn classify(ins: &Instruction, ctx: Ctx, foreign: bool) -> Option<(It
         return mem_form(ins, h, m, ctx).map(|mi| (Item::Mem(Box::new(mi)), Class::Ident));
     }
     encodable(h).map(|i| (Item::Ident(i), Class::Ident))
+}
+
+/// The plain integer instructions both the register-only fast path and
+/// the memory forms translate as they are: arithmetic and logic, moves
+/// and extensions, exchanges, sign extensions of the accumulator, carry
+/// flag changes.
+fn simple_integer(m: Mnemonic) -> bool {
+    use Mnemonic::*;
+    matches!(
+        m,
+        Add | Or
+            | Adc
+            | Sbb
+            | And
+            | Sub
+            | Xor
+            | Cmp
+            | Test
+            | Inc
+            | Dec
+            | Neg
+            | Not
+            | Mov
+            | Movzx
+            | Movsx
+            | Lea
+            | Xchg
+            | Bswap
+            | Cbw
+            | Cwde
+            | Cwd
+            | Cdq
+            | Clc
+            | Stc
+            | Cmc
+    )
 }

@@ -75,20 +75,7 @@ pub(crate) fn emit_probe(
     debug_assert!(m.seg_base.is_none() && !m.addr16);
     a.pushfq()?;
     a.pop(r12)?;
-    if m.base == Register::None && m.index == Register::None {
-        a.mov(r9d, m.disp)?;
-    } else {
-        let mo = iced_x86::MemoryOperand::new(
-            m.base,
-            m.index,
-            m.scale,
-            m.disp as i32 as i64,
-            if m.disp != 0 { 4 } else { 0 },
-            false,
-            Register::None,
-        );
-        a.add_instruction(Instruction::with2(Code::Lea_r32_m, Register::R9D, mo)?)?;
-    }
+    emit_offset(a, m)?;
     a.mov(r10d, r9d)?;
     a.shr(r10d, 12)?;
     a.and(r10d, (t.entries - 1) as i32)?;
@@ -184,20 +171,7 @@ pub(crate) fn emit_probe_bmi2(
     miss: CodeLabel,
     consts: Consts,
 ) -> Result<(), IcedError> {
-    if m.base == Register::None && m.index == Register::None {
-        a.mov(r9d, m.disp)?;
-    } else {
-        let mo = iced_x86::MemoryOperand::new(
-            m.base,
-            m.index,
-            m.scale,
-            m.disp as i32 as i64,
-            if m.disp != 0 { 4 } else { 0 },
-            false,
-            Register::None,
-        );
-        a.add_instruction(Instruction::with2(Code::Lea_r32_m, Register::R9D, mo)?)?;
-    }
+    emit_offset(a, m)?;
     if m.addr16 {
         a.movzx(r9d, r9w)?;
     }
@@ -456,4 +430,24 @@ pub(crate) fn emit_access(
 /// `[r11]`.
 pub(crate) fn at11() -> iced_x86::MemoryOperand {
     iced_x86::MemoryOperand::with_base(Register::R11)
+}
+
+/// R9D := the guest offset of `m`'s memory operand (base + index × scale
+/// + displacement, in the guest registers the host registers hold).
+fn emit_offset(a: &mut CodeAssembler, m: &MemInsn) -> Result<(), IcedError> {
+    if m.base == Register::None && m.index == Register::None {
+        a.mov(r9d, m.disp)?;
+    } else {
+        let mo = iced_x86::MemoryOperand::new(
+            m.base,
+            m.index,
+            m.scale,
+            m.disp as i32 as i64,
+            if m.disp != 0 { 4 } else { 0 },
+            false,
+            Register::None,
+        );
+        a.add_instruction(Instruction::with2(Code::Lea_r32_m, Register::R9D, mo)?)?;
+    }
+    Ok(())
 }
