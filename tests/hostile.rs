@@ -680,3 +680,48 @@ fn an_emulated_lgdt_checks_its_operand_segment() {
         assert_eq!(r.stdout, "00000000\n", "{engine}: #GP(0)");
     }
 }
+
+/// A REP INSW that overwrites its own bytes (all-ones from an unassigned
+/// port: an invalid opcode) with its first store.
+/// Every engine pauses a REP string instruction after the same number of
+/// iterations and fetches it again ([`popek_cpu::REP_CHUNK`]), so every
+/// engine then meets the overwritten bytes at the same point; `trap`, which
+/// emulates the port I/O, once ran all iterations at once and went on past
+/// it. Exits through the exception handler (status 0x23).
+fn rep_ins_over_itself() -> Vec<u8> {
+    let mut a = CodeAssembler::new(32).unwrap();
+    prologue(&mut a);
+    // EDI := the REP INSW itself, DF = 1: the first store overwrites it,
+    // the rest go down over the code already run (the handler, GDT and IDT
+    // above it stay). CALL/POP gives the address of the POP, 15 bytes
+    // before it (POP 1, ADD with imm8 3, MOV 5, MOV 5, STD 1).
+    let mut here = a.create_label();
+    a.call(here).unwrap();
+    a.set_label(&mut here).unwrap();
+    a.pop(edi).unwrap();
+    a.add(edi, 15).unwrap();
+    a.mov(ecx, 0x2000).unwrap();
+    a.mov(edx, 0x3000).unwrap();
+    a.std().unwrap();
+    a.rep().insw().unwrap();
+    exit_or_report(a, &[])
+}
+
+#[test]
+fn a_rep_ins_over_its_own_code_ends_alike_on_every_engine() {
+    let code = rep_ins_over_itself();
+    let mut outputs = Vec::new();
+    for engine in ["interp", "bt", "trap"] {
+        let r = run_virtual(
+            "rep-ins.bin",
+            &code,
+            "flat-protected",
+            LOAD,
+            &["--engine", engine, "--memory", "4M"],
+        );
+        assert_eq!(r.status, 0x23, "{engine}: {}\n{}", r.stdout, r.stderr);
+        outputs.push(r.stdout);
+    }
+    assert_eq!(outputs[0], outputs[1], "bt");
+    assert_eq!(outputs[0], outputs[2], "trap");
+}

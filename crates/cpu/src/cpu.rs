@@ -104,6 +104,10 @@ pub struct Cpu {
     /// pieces count them the same way, so that a guest stuck in an
     /// exception loop gets the same number of deliveries on every engine.
     pub events_delivered: u64,
+    /// RIP of the instruction that completed with the last exit from `run`
+    /// (a software interrupt stopped by the exception bitmap, a hypercall,
+    /// a device stop): RIP itself is already past it.
+    pub exit_ip: u64,
     /// CPUID answers.
     pub cpuid: CpuidModel,
     /// Exceptions (bit per vector) that stop `run` instead of being
@@ -183,6 +187,7 @@ impl Cpu {
             paging_key: (0, 0, 0, 0),
             icount: 0,
             events_delivered: 0,
+            exit_ip: 0,
             cpuid: CpuidModel::for_vendor(CpuState::reset().vendor),
             exception_bitmap: 0,
             intercept_soft_int: false,
@@ -503,6 +508,7 @@ impl Cpu {
                         break;
                     }
                     Err(Exc::Exit(x)) => {
+                        self.exit_ip = self.st.rip;
                         self.st.rip = self.next_ip;
                         self.icount += 1;
                         self.stop_block = false;

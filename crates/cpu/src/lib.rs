@@ -40,3 +40,9 @@ pub use exception::{Exc, Vector};
 pub use hooks::{SensitiveEvent, SensitiveKind};
 pub use state::{CpuState, Segment, TableReg};
 pub use vendor::Vendor;
+
+/// Iterations a REP string instruction runs before it pauses (as at an
+/// interrupt window: the instruction is fetched again when it resumes, so
+/// bytes it wrote over itself take effect). Every engine pauses at the
+/// same iteration.
+pub const REP_CHUNK: u32 = 4096;

@@ -10,11 +10,18 @@ impl Trap {
     /// by interrupt gates.
     pub(crate) fn deliver(&mut self, ev: Event) -> Handled {
         match self.try_deliver(ev) {
-            Ok(()) => Ok(Flow::Continue),
+            Ok(()) => {
+                if let Event::Soft(..) | Event::Icebp(_) = ev {
+                    // The INT instruction retired with its delivery.
+                    self.cpu.icount += 1;
+                }
+                Ok(Flow::Continue)
+            }
             Err(e) => {
                 let (vector, _) = match ev {
                     Event::Exception(v, c) => (v, c),
                     Event::Soft(v, _) | Event::External(v) => (v, None),
+                    Event::Icebp(_) => (1, None),
                 };
                 if vector == 8 {
                     return Ok(Flow::Exit(VmExit::Shutdown {
@@ -52,6 +59,7 @@ impl Trap {
             // INT n) has EXT set in its error code (SDM 6.13).
             Event::Exception(v, c) => (v, c, true, None),
             Event::Soft(v, next) => (v, None, false, Some(next)),
+            Event::Icebp(next) => (1, None, false, Some(next)),
             Event::External(v) => (v, None, true, None),
         };
         let ext_bit = ext as u32;
@@ -84,7 +92,7 @@ impl Trap {
             }
             return Err(DeliveryError::Fault(13, Some(idt_err)));
         }
-        if soft_next.is_some() && gate_dpl < vcpl {
+        if soft_next.is_some() && !matches!(ev, Event::Icebp(_)) && gate_dpl < vcpl {
             return Err(DeliveryError::Fault(13, Some(idt_err)));
         }
         if hi & (1 << 15) == 0 {

@@ -135,7 +135,9 @@ impl Trap {
         let seg_base = segment.base;
         let mut ptr = st.gpr[idx] & amask;
         let mut done = 0u64;
-        while count > 0 && done < 65536 {
+        // The CPU's own REP pauses after the same number of iterations, or
+        // after a device asked to stop.
+        while count > 0 && done < popek_cpu::REP_CHUNK as u64 && !machine.stop_pending() {
             // What the CPU checks of the memory operand once the I/O is
             // allowed (ring 0): a usable segment and its limit (#SS for SS).
             use popek_cpu::state::attr::{CODE, RW};

@@ -136,6 +136,9 @@ enum Event {
     Exception(u8, Option<u32>),
     /// `INT n`/`INT3`/`INTO`: the return address follows the instruction.
     Soft(u8, u64),
+    /// ICEBP (INT1): #DB delivered like INT n (return address past it,
+    /// EXT clear) but without the gate's DPL check.
+    Icebp(u64),
     /// An external interrupt.
     External(u8),
 }
@@ -443,9 +446,38 @@ impl Trap {
             RunExit::Hypercall => Ok(Flow::Exit(VmExit::Hypercall)),
             RunExit::BusStop => Ok(Flow::Exit(VmExit::MachineStop)),
             RunExit::Exception {
+                vector,
+                software: true,
+                ..
+            } => self.software_interrupt(vector),
+            RunExit::Exception {
                 vector, error_code, ..
             } => self.exception(machine, vector, error_code),
         }
+    }
+
+    /// INT3, INTO, ICEBP or INT n that the CPU stopped at (RIP past it, counted as
+    /// retired): back to the instruction, then delivered as the CPU would,
+    /// retiring only if the delivery succeeds.
+    fn software_interrupt(&mut self, vector: u8) -> Handled {
+        let next = self.cpu.state().rip;
+        let at = self.cpu.exit_ip;
+        self.cpu.set_rip(at);
+        self.cpu.icount -= 1;
+        self.count(format!("{} reflected", vector_name(vector)));
+        if self.trace {
+            self.trace_text = Some(self.fetch_text());
+            self.trace_line(
+                vector_name(vector),
+                at,
+                "software interrupt: reflected to the guest",
+            );
+        }
+        self.deliver(if vector == 1 {
+            Event::Icebp(next)
+        } else {
+            Event::Soft(vector, next)
+        })
     }
 
     fn exception(&mut self, machine: &mut Machine, vector: u8, code: Option<u32>) -> Handled {

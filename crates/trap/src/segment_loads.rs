@@ -129,6 +129,9 @@ impl Trap {
         } else if i.op_count() == 1 && i.op0_kind() == OpKind::Immediate16 {
             pop += i.immediate16() as u32;
         }
+        // The emulated return retires, as on the CPU (the guest's clock
+        // counts it).
+        self.cpu.icount += 1;
         let s = self.cpu.state_mut();
         s.seg[seg::CS] = cs;
         s.rip = new_eip as u64;
@@ -380,6 +383,8 @@ impl Trap {
             }
             self.cpu.set_gpr(4, (st.gpr[4] & !0xffff_ffff) | esp as u64);
         }
+        // The emulated transfer retires, as on the CPU.
+        self.cpu.icount += 1;
         let s = self.cpu.state_mut();
         s.seg[seg::CS] = cs;
         s.rip = off as u64;

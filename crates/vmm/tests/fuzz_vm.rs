@@ -501,8 +501,10 @@ fn fuzz(modes: &[Mode], with_trap: bool) -> u64 {
                     // loop) is stopped by the watchdog after a number of
                     // deliveries that depends on the engine's slices.
                     assert!(
-                        stalled(&t.outcome) || t.state.gpr[..8] == reference.state.gpr[..8],
-                        "{name}: trap and interp registers: {:x?} vs {:x?}; trap rip {:#x} \
+                        stalled(&t.outcome)
+                            || (t.state.gpr[..8] == reference.state.gpr[..8]
+                                && t.icount == reference.icount),
+                        "{name}: trap and interp registers or instruction counts: {:x?} vs {:x?}; trap rip {:#x} \
                          icount {}, interp rip {:#x} icount {}; trap's traps {:?}",
                         &t.state.gpr[..8],
                         &reference.state.gpr[..8],

@@ -14,7 +14,7 @@ use crate::state::{flags::DF, seg};
 type R = Res;
 
 /// Iterations per step before yielding (keeps interrupt latency bounded).
-const CHUNK: u32 = 4096;
+const CHUNK: u32 = crate::REP_CHUNK;
 
 struct Str {
     size: u8,
