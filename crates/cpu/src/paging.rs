@@ -150,17 +150,6 @@ impl Access {
     }
 }
 
-/// One paging-structure entry a walk used.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Entry {
-    /// Its guest-physical address.
-    pub addr: u64,
-    /// Its value when read.
-    pub value: u64,
-    /// 4 or 8 bytes.
-    pub size: u8,
-}
-
 /// Guest RAM as paging-structure memory, for walks outside the CPU
 /// (reports, VMM services): reads outside RAM give all-ones, as the bus
 /// does; writes go to RAM like any guest-physical write.
@@ -211,8 +200,13 @@ pub struct Walk {
     pub global: bool,
     /// The leaf's dirty bit was set.
     pub dirty: bool,
-    entries: [Entry; 4],
+    /// Guest-physical addresses of the entries used, top level first.
+    entries: [u64; 4],
+    /// Their values when read.
+    values: [u64; 4],
     levels: u8,
+    /// 8-byte entries.
+    wide: bool,
 }
 
 impl Walk {
@@ -226,20 +220,18 @@ impl Walk {
             executable: true,
             global: false,
             dirty: true,
-            entries: [Entry::default(); 4],
+            entries: [0; 4],
+            values: [0; 4],
             levels: 0,
+            wide: false,
         }
     }
 
-    /// The entries used, from the top level to the leaf (none with paging
-    /// off).
-    pub fn entries(&self) -> &[Entry] {
+    /// Guest-physical addresses of the entries used (4 bytes wide in 32-bit
+    /// paging, 8 in PAE and 4-level paging), from the top level to the leaf
+    /// (none with paging off).
+    pub fn entries(&self) -> &[u64] {
         &self.entries[..self.levels as usize]
-    }
-
-    /// The leaf entry, if paging is on.
-    pub fn leaf(&self) -> Option<Entry> {
-        self.entries().last().copied()
     }
 
     /// The guest-physical address of `lin`.
@@ -261,6 +253,7 @@ impl Walk {
 /// Walks the paging structures from `cr3` for `lin`. `Err` is the #PF
 /// error code (the caller sets CR2). Reads entries only: see
 /// [`set_accessed_dirty`].
+#[inline(always)]
 pub fn walk(
     mem: &mut impl TableMemory,
     mode: Mode,
@@ -268,14 +261,16 @@ pub fn walk(
     lin: u64,
     acc: Access,
 ) -> Result<Walk, u32> {
-    let mut w = Walk::unpaged(lin);
-    w.dirty = false;
     let (levels, mut table, size, width, top_shift): (u8, u64, u8, u32, u32) = match mode {
         Mode::Off => return Ok(Walk::unpaged(lin & 0xffff_ffff)),
-        Mode::Bits32 { .. } => (2, cr3 & 0xffff_f000, 4, 10, 22),
+        // The mode every engine runs today: straight-line.
+        Mode::Bits32 { pse } => return walk32(mem, pse, cr3, lin as u32, acc),
         Mode::Pae => (3, cr3 & 0xffff_ffe0, 8, 9, 30),
         Mode::Level4 => (4, cr3 & ADDR64, 8, 9, 39),
     };
+    let mut w = Walk::unpaged(lin);
+    w.dirty = false;
+    w.wide = true;
     let lin = if mode == Mode::Level4 {
         lin
     } else {
@@ -289,7 +284,8 @@ pub fn walk(
         let index = (lin >> shift) & ((1u64 << width) - 1);
         let addr = table + index * size as u64;
         let value = mem.read_entry(addr, size);
-        w.entries[level as usize] = Entry { addr, value, size };
+        w.entries[level as usize] = addr;
+        w.values[level as usize] = value;
         w.levels = level + 1;
         if value & pte::P == 0 {
             return not_present;
@@ -350,6 +346,12 @@ pub fn walk(
             value & ADDR64
         };
     }
+    check(w, acc)
+}
+
+/// The permission checks of a completed walk.
+#[inline(always)]
+fn check(w: Walk, acc: Access) -> Result<Walk, u32> {
     if acc.user && !w.user {
         return Err(acc.error(error::P));
     }
@@ -362,21 +364,69 @@ pub fn walk(
     Ok(w)
 }
 
+/// 32-bit paging: a directory entry, then a table entry or a 4 MiB page
+/// (with CR4.PSE; bits 21:13 of its frame reserved without PSE-36).
+#[inline(always)]
+fn walk32(
+    mem: &mut impl TableMemory,
+    pse: bool,
+    cr3: u64,
+    lin: u32,
+    acc: Access,
+) -> Result<Walk, u32> {
+    let pde_addr = (cr3 & 0xffff_f000) + ((lin >> 22) << 2) as u64;
+    let pde = mem.read_entry(pde_addr, 4);
+    if pde & pte::P == 0 {
+        return Err(acc.error(0));
+    }
+    let mut w = Walk::unpaged(lin as u64);
+    w.entries[0] = pde_addr;
+    w.values[0] = pde;
+    let (leaf, flags) = if pde & pte::PS != 0 && pse {
+        if pde & 0x003f_e000 != 0 {
+            return Err(acc.error(error::P | error::RSVD));
+        }
+        w.levels = 1;
+        w.page = (pde & 0xffc0_0000) | (lin & 0x003f_f000) as u64;
+        w.page_size = 4 << 20;
+        (pde, pde)
+    } else {
+        let pte_addr = (pde & 0xffff_f000) + (((lin >> 12) & 0x3ff) << 2) as u64;
+        let pte = mem.read_entry(pte_addr, 4);
+        if pte & pte::P == 0 {
+            return Err(acc.error(0));
+        }
+        w.entries[1] = pte_addr;
+        w.values[1] = pte;
+        w.levels = 2;
+        w.page = pte & 0xffff_f000;
+        (pte, pde & pte)
+    };
+    w.user = flags & pte::U != 0;
+    w.writable = flags & pte::W != 0;
+    w.global = leaf & pte::G != 0;
+    w.dirty = leaf & pte::D != 0;
+    check(w, acc)
+}
+
 /// Sets the accessed bit of every entry the walk used and, for a write,
 /// the leaf's dirty bit, as the processor does (SDM 4.8): each entry
 /// written only where a bit changes. (PAE PDPTEs have no accessed bit.)
+#[inline]
 pub fn set_accessed_dirty(mem: &mut impl TableMemory, w: &Walk, mode: Mode, write: bool) {
     let n = w.entries().len();
-    for (i, e) in w.entries().iter().enumerate() {
+    let size = if w.wide { 8 } else { 4 };
+    for (i, &addr) in w.entries().iter().enumerate() {
         if mode == Mode::Pae && i == 0 {
             continue;
         }
-        let mut v = e.value | pte::A;
+        let old = w.values[i];
+        let mut v = old | pte::A;
         if write && i + 1 == n {
             v |= pte::D;
         }
-        if v != e.value {
-            mem.write_entry(e.addr, e.size, v);
+        if v != old {
+            mem.write_entry(addr, size, v);
         }
     }
 }

@@ -33,6 +33,7 @@ impl Trap {
 
     /// Walks the guest's page tables for `lin` (gvp → gpp) with the checks
     /// hardware makes; `Err` is the guest's #PF error code.
+    #[inline]
     pub(crate) fn walk(&self, lin: u32, write: bool, user: bool) -> Result<Walk, u32> {
         let acc = paging::Access {
             write,
@@ -52,6 +53,7 @@ impl Trap {
 
     /// Sets the accessed (and for writes the dirty) bits a hardware walk
     /// would set.
+    #[inline]
     pub(crate) fn set_ad(&self, w: &Walk, write: bool) {
         paging::set_accessed_dirty(&mut GuestTables(self), w, self.paging_mode(), write);
     }

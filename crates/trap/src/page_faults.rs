@@ -43,7 +43,7 @@ impl Trap {
         // The guest page table the leaf entry came from (none for a
         // 4 MiB page, mapped by the directory itself).
         let src = (w.entries().len() == 2).then(|| {
-            let p = w.entries()[1].addr >> 12;
+            let p = w.entries()[1] >> 12;
             (p, self.host_page(p << 12))
         });
         let host = self.host_page(w.page);
