@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::io::io_operands;
+use crate::privileged::Emulated;
 
 impl Trap {
     /// Decodes the instruction at CS:EIP, read through the guest's own page
@@ -243,6 +244,8 @@ impl Trap {
         }
     }
 
+    /// A privileged instruction of the guest kernel (virtual ring 0) that
+    /// faulted at real ring 1: emulated on the virtual CPU.
     pub(crate) fn kernel_gp(
         &mut self,
         machine: &mut Machine,
@@ -252,160 +255,48 @@ impl Trap {
         use Mnemonic::*;
         let eip = self.cpu.state().rip;
         let m = i.mnemonic();
-        let action: String;
-        match m {
-            Cli => {
-                self.v.vif = false;
-                self.last_cli = Some(eip);
-                action = "virtual IF := 0".into();
-            }
-            Sti => {
-                self.v.vif = true;
-                self.inhibit = true;
-                action = "virtual IF := 1 (one-instruction shadow)".into();
-            }
-            Hlt => {
-                self.count("#GP hlt");
-                self.trace_line("#GP", eip, "HLT: wait for an interrupt");
-                self.skip(i);
-                self.v.halted = true;
-                return Ok(Flow::Exit(VmExit::Halt));
-            }
+        let reg_op = |k: u32| i.op_kind(k) == OpKind::Register;
+        let done: Emulated = match m {
+            Cli | Sti => Ok(self.set_virtual_if(m == Sti, eip)),
+            Hlt => return self.emulate_hlt(i, eip),
             In | Out | Insb | Insw | Insd | Outsb | Outsw | Outsd => {
                 return self.port_io(machine, i, 0);
             }
-            Mov if i.op0_kind() == OpKind::Register && i.op0_register().is_cr() => {
-                let cr_n = i.op0_register() as u32 - Register::CR0 as u32;
-                let v = self.reg(i.op1_register());
-                self.skip(i);
-                action = format!("virtual CR{cr_n} := {v:#x}");
-                self.count(format!("#GP mov cr{cr_n}"));
-                self.trace_line("#GP", eip, &action);
-                self.write_cr(cr_n, v)?;
-                return Ok(Flow::Continue);
+            Mov if reg_op(0) && i.op0_register().is_cr() => return self.mov_to_cr(i, eip),
+            Mov if reg_op(1) && i.op1_register().is_cr() => self.mov_from_cr(i, code),
+            Mov if reg_op(0) && i.op0_register().is_dr()
+                || reg_op(1) && i.op1_register().is_dr() =>
+            {
+                Ok(self.mov_dr(i))
             }
-            Mov if i.op1_kind() == OpKind::Register && i.op1_register().is_cr() => {
-                let cr_n = i.op1_register() as u32 - Register::CR0 as u32;
-                let v = match cr_n {
-                    0 => self.v.cr0,
-                    2 => self.v.cr2,
-                    3 => self.v.cr3,
-                    4 => self.v.cr4,
-                    _ => return self.reflect_gp(code, "MOV from a CR that does not exist"),
-                };
-                self.set_reg(i.op0_register(), v);
-                action = format!("read virtual CR{cr_n} = {v:#x}");
-            }
-            Mov if i.op0_kind() == OpKind::Register && i.op0_register().is_dr() => {
-                let n = (i.op0_register() as usize - Register::DR0 as usize) & 7;
-                self.v.dr[n] = self.reg(i.op1_register());
-                action = format!("virtual DR{n} written (breakpoints not armed)");
-            }
-            Mov if i.op1_kind() == OpKind::Register && i.op1_register().is_dr() => {
-                let n = (i.op1_register() as usize - Register::DR0 as usize) & 7;
-                let v = self.v.dr[n];
-                self.set_reg(i.op0_register(), v);
-                action = format!("read virtual DR{n}");
-            }
-            Mov | Pop if i.op0_kind() == OpKind::Register && i.op0_register() == Register::SS => {
+            Mov | Pop if reg_op(0) && i.op0_register() == Register::SS => {
                 return self.load_ss(i, code);
             }
             Clts => {
                 self.v.cr0 &= !cr::CR0_TS;
                 self.cpu.state_mut().cr0 &= !cr::CR0_TS;
-                action = "virtual CR0.TS := 0".into();
+                Ok("virtual CR0.TS := 0".into())
             }
-            Lmsw => {
-                let v = if i.op0_kind() == OpKind::Memory {
-                    let mut b = [0u8; 2];
-                    match self.read_operand(i, &mut b) {
-                        None => return self.reflect_gp(code, "LMSW"),
-                        Some(Err(ev)) => return self.deliver(ev),
-                        Some(Ok(())) => {}
-                    }
-                    u16::from_le_bytes(b) as u64
-                } else {
-                    self.reg(i.op0_register())
-                };
-                let new = (self.v.cr0 & !0xe) | (v & 0xf) | (self.v.cr0 & 1);
-                self.skip(i);
-                self.count("#GP lmsw");
-                self.write_cr(0, new)?;
-                return Ok(Flow::Continue);
-            }
-            Lgdt | Lidt => {
-                let mut b = [0u8; 6];
-                match self.read_operand(i, &mut b) {
-                    None => return self.reflect_gp(code, "LGDT/LIDT without memory"),
-                    Some(Err(ev)) => return self.deliver(ev),
-                    Some(Ok(())) => {}
+            Lmsw => return self.lmsw(i, code),
+            Lgdt | Lidt => self.load_table_register(i, code, m == Lgdt),
+            Lldt => self.load_ldtr(i, code),
+            Ltr => self.load_tr(i, code),
+            Invlpg => match self.mem_linear(i) {
+                Some(a) => {
+                    self.invlpg(a);
+                    Ok(format!("shadow PTE of {a:#x} dropped"))
                 }
-                let limit = u16::from_le_bytes([b[0], b[1]]);
-                let mut base = u32::from_le_bytes([b[2], b[3], b[4], b[5]]) as u64;
-                if i.op_code().operand_size() == 16 {
-                    base &= 0x00ff_ffff;
-                }
-                let t = TableReg { base, limit };
-                if m == Lgdt {
-                    self.v.gdtr = t;
-                    self.sync_gdt();
-                    action = format!("virtual GDTR := {base:#x}/{limit:#x}; shadow GDT rebuilt");
-                } else {
-                    self.v.idtr = t;
-                    action = format!("virtual IDTR := {base:#x}/{limit:#x}");
-                }
-            }
-            Lldt | Ltr => {
-                let sel = if i.op0_kind() == OpKind::Memory {
-                    let mut b = [0u8; 2];
-                    match self.read_operand(i, &mut b) {
-                        None => return self.reflect_gp(code, "LLDT/LTR"),
-                        Some(Err(ev)) => return self.deliver(ev),
-                        Some(Ok(())) => {}
-                    }
-                    u16::from_le_bytes(b)
-                } else {
-                    self.reg(i.op0_register()) as u16
-                };
-                if m == Lldt {
-                    if sel & !3 == 0 {
-                        self.v.ldtr = Segment::default();
-                    } else {
-                        match self
-                            .guest_descriptor(sel)
-                            .filter(|d| !d.is_code_data() && d.typ() == 2)
-                        {
-                            Some(d) => self.v.ldtr = d.to_segment(sel),
-                            None => return self.reflect_gp((sel & !3) as u32, "LLDT of a non-LDT"),
-                        }
-                    }
-                    action = format!("virtual LDTR := {sel:#x} (LDT segments are not shadowed)");
-                } else {
-                    let Some(d) = self
-                        .guest_descriptor(sel)
-                        .filter(|d| !d.is_code_data() && matches!(d.typ(), 1 | 9))
-                    else {
-                        return self.reflect_gp((sel & !3) as u32, "LTR of a non-TSS");
-                    };
-                    let busy = d.hi | (2 << 8);
-                    let at = (self.v.gdtr.base as u32).wrapping_add((sel & !7) as u32 + 4);
-                    let _ = self.guest_write(at, &busy.to_le_bytes());
-                    self.v.tr = Descriptor { lo: d.lo, hi: busy }.to_segment(sel);
-                    action = format!("virtual TR := {sel:#x} (the guest's TSS)");
-                }
-            }
-            Invlpg => {
-                let Some(a) = self.mem_linear(i) else {
-                    return self.reflect_gp(code, "INVLPG");
-                };
-                self.invlpg(a);
-                action = format!("shadow PTE of {a:#x} dropped");
-            }
-            Wbinvd | Invd => action = "nothing to do".into(),
+                None => Err(self.reflect_gp(code, "INVLPG")),
+            },
+            Wbinvd | Invd => Ok("nothing to do".into()),
             Rdmsr | Wrmsr => return self.msr(machine, i, code),
             Iret | Iretd | Retf => return self.same_ring_return(i, code),
             _ => return self.reflect_gp(code, "not a privileged instruction the monitor emulates"),
-        }
+        };
+        let action = match done {
+            Ok(action) => action,
+            Err(flow) => return flow,
+        };
         self.count(format!("#GP {}", format!("{m:?}").to_lowercase()));
         if self.trace {
             self.trace_line("#GP", eip, &action);

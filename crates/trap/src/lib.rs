@@ -40,6 +40,7 @@ mod io;
 mod monitor_area;
 mod page_faults;
 pub mod phys;
+mod privileged;
 mod segment_loads;
 mod segments;
 pub mod shadow;

@@ -28,10 +28,8 @@ impl Trap {
             (_, OpKind::Register) => (self.reg(i.op1_register()) as u16, false),
             (Mnemonic::Mov, OpKind::Memory) => {
                 let mut b = [0u8; 2];
-                match self.read_operand(i, &mut b) {
-                    None => return self.reflect_gp(code, "MOV SS"),
-                    Some(Err(ev)) => return self.deliver(ev),
-                    Some(Ok(())) => {}
+                if let Err(flow) = self.operand(i, &mut b, code, "MOV SS") {
+                    return flow;
                 }
                 (u16::from_le_bytes(b), false)
             }
