@@ -388,19 +388,16 @@ pub(crate) fn classify(ins: &Instruction, ctx: Ctx, foreign: bool) -> Option<(It
     {
         return None; // the bit offset reaches beyond the operand
     }
-    if foreign {
+    let one_at_a_time = ctx.interp1
+        && !ctx.code16
+        && (ins.is_string_instruction() || matches!(m, Rdtsc | In | Out));
+    if foreign || one_at_a_time {
+        // Under a foreign vendor profile every instruction, and string
+        // instructions, RDTSC and port I/O always, run one at a time on
+        // the interpreter from the CCF.
         if !ctx.interp1 || ctx.code16 {
             return None;
         }
-        let it = Item::Interp1 {
-            eip: ins.ip32(),
-            next: next_ip(ins, ctx),
-            before: 0,
-        };
-        return Some((it, Class::Callout));
-    }
-    if ctx.interp1 && !ctx.code16 && (ins.is_string_instruction() || matches!(m, Rdtsc | In | Out))
-    {
         let it = Item::Interp1 {
             eip: ins.ip32(),
             next: next_ip(ins, ctx),
@@ -416,64 +413,8 @@ pub(crate) fn classify(ins: &Instruction, ctx: Ctx, foreign: bool) -> Option<(It
             return Some((Item::Mem(Box::new(mi)), Class::Ident));
         }
     }
-    match m {
-        Jmp | Jo | Jno | Jb | Jae | Je | Jne | Jbe | Ja | Js | Jns | Jp | Jnp | Jl | Jge | Jle
-        | Jg => {
-            // Near relative forms with the code's own operand size only:
-            // o16 in 32-bit code truncates EIP, o32 in 16-bit code may
-            // pass the CS limit (flat 32-bit CS needs no limit check, and
-            // 16-bit code runs only with a limit of at least 0xffff).
-            let want = if ctx.code16 {
-                OpKind::NearBranch16
-            } else {
-                OpKind::NearBranch32
-            };
-            if ins.op0_kind() != want {
-                return None;
-            }
-            let target = if ctx.code16 {
-                ins.near_branch16() as u32
-            } else {
-                ins.near_branch32()
-            };
-            if m == Jmp {
-                return Some((Item::Jmp(target), Class::Ident));
-            }
-            return Some((
-                Item::Jcc(ins.condition_code(), target, next_ip(ins, ctx)),
-                Class::Ident,
-            ));
-        }
-        Pause => return Some((Item::Nop, Class::Ident)),
-        Nop if ins.code() == Code::Nopd || ins.code() == Code::Nopw || ins.op_count() <= 1 => {
-            return Some((Item::Nop, Class::Ident));
-        }
-        Cli if ctx.cpl == 0 => return Some((Item::Cli, Class::Inline)),
-        // DF lives in `CpuState` (string instructions run on the
-        // interpreter; the host's DF stays clear).
-        Cld => return Some((Item::SetDf(false), Class::Ident)),
-        Std => return Some((Item::SetDf(true), Class::Ident)),
-        Sti if ctx.cpl == 0 => return Some((Item::Sti, Class::Inline)),
-        Smsw | Sldt | Str
-            if ctx.cpl == 0
-                && ctx.inline_sensitive
-                && ins.op0_kind() == OpKind::Register
-                && !ctx.code16 =>
-        {
-            let r = ins.op0_register();
-            let host = map_reg(r)?;
-            let size = r.size() as u32;
-            if size != 2 && size != 4 {
-                return None;
-            }
-            let off = match m {
-                Smsw => OFF_CR0,
-                Sldt => OFF_LDTR_SEL,
-                _ => OFF_TR_SEL,
-            };
-            return Some((Item::StoreReg(off, host, size), Class::Inline));
-        }
-        _ => {}
+    if let Some(decided) = control_or_system(ins, ctx) {
+        return decided;
     }
     if let Some(x) = inline_op(ins, ctx) {
         return Some(x);
@@ -484,24 +425,120 @@ pub(crate) fn classify(ins: &Instruction, ctx: Ctx, foreign: bool) -> Option<(It
         }
     }
     if matches!(ins.code(), Code::Div_rm32 | Code::Idiv_rm32) {
-        let signed = ins.code() == Code::Idiv_rm32;
-        if ins.op0_kind() == OpKind::Register {
-            let r = map_reg(ins.op0_register())?;
-            return Some((Item::Div(r, signed, ins.ip32(), 0), Class::Ident));
-        }
-        if !ctx.flat_data {
-            return None;
-        }
-        let mut mi = MemInsn::new(
-            MemOp::Div(signed),
-            Instruction::default(),
-            mem_addr(ins, ctx)?,
-            4,
-            false,
-        );
-        mi.eip = ins.ip32();
-        return Some((Item::Mem(Box::new(mi)), Class::Ident));
+        return divide(ins, ctx);
     }
+    if !runs_as_itself(ins) {
+        return None;
+    }
+    let mut h = host_form(ins)?;
+    h.set_segment_prefix(Register::None);
+    // One virtual CPU: a locked access is an ordinary one.
+    h.set_has_lock_prefix(false);
+    host_operands(ins, h, ctx)
+}
+
+/// Branches, NOPs, the flag instructions and the sensitive register reads
+/// the translator handles itself: `Some(decision)` for those (`Some(None)`:
+/// not translated), `None` for every other instruction.
+fn control_or_system(ins: &Instruction, ctx: Ctx) -> Option<Option<(Item, Class)>> {
+    use Mnemonic::*;
+    Some(match ins.mnemonic() {
+        Jmp | Jo | Jno | Jb | Jae | Je | Jne | Jbe | Ja | Js | Jns | Jp | Jnp | Jl | Jge | Jle
+        | Jg => near_branch(ins, ctx),
+        Pause => Some((Item::Nop, Class::Ident)),
+        Nop if ins.code() == Code::Nopd || ins.code() == Code::Nopw || ins.op_count() <= 1 => {
+            Some((Item::Nop, Class::Ident))
+        }
+        Cli if ctx.cpl == 0 => Some((Item::Cli, Class::Inline)),
+        // DF lives in `CpuState` (string instructions run on the
+        // interpreter; the host's DF stays clear).
+        Cld => Some((Item::SetDf(false), Class::Ident)),
+        Std => Some((Item::SetDf(true), Class::Ident)),
+        Sti if ctx.cpl == 0 => Some((Item::Sti, Class::Inline)),
+        Smsw | Sldt | Str
+            if ctx.cpl == 0
+                && ctx.inline_sensitive
+                && ins.op0_kind() == OpKind::Register
+                && !ctx.code16 =>
+        {
+            store_system_register(ins)
+        }
+        _ => return None,
+    })
+}
+
+/// A near relative JMP or Jcc, in the code's own operand size only: o16
+/// in 32-bit code truncates EIP, o32 in 16-bit code may pass the CS limit
+/// (flat 32-bit CS needs no limit check, and 16-bit code runs only with a
+/// limit of at least 0xffff).
+fn near_branch(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
+    let want = if ctx.code16 {
+        OpKind::NearBranch16
+    } else {
+        OpKind::NearBranch32
+    };
+    if ins.op0_kind() != want {
+        return None;
+    }
+    let target = if ctx.code16 {
+        ins.near_branch16() as u32
+    } else {
+        ins.near_branch32()
+    };
+    Some(if ins.mnemonic() == Mnemonic::Jmp {
+        (Item::Jmp(target), Class::Ident)
+    } else {
+        (
+            Item::Jcc(ins.condition_code(), target, next_ip(ins, ctx)),
+            Class::Ident,
+        )
+    })
+}
+
+/// SMSW, SLDT or STR into a 16- or 32-bit register, read from the
+/// virtual CPU's state.
+fn store_system_register(ins: &Instruction) -> Option<(Item, Class)> {
+    let r = ins.op0_register();
+    let host = map_reg(r)?;
+    let size = r.size() as u32;
+    if size != 2 && size != 4 {
+        return None;
+    }
+    let off = match ins.mnemonic() {
+        Mnemonic::Smsw => OFF_CR0,
+        Mnemonic::Sldt => OFF_LDTR_SEL,
+        _ => OFF_TR_SEL,
+    };
+    Some((Item::StoreReg(off, host, size), Class::Inline))
+}
+
+/// 32-bit DIV/IDIV: through the translator's own sequence, which raises
+/// #DE as the CPU does.
+fn divide(ins: &Instruction, ctx: Ctx) -> Option<(Item, Class)> {
+    let signed = ins.code() == Code::Idiv_rm32;
+    if ins.op0_kind() == OpKind::Register {
+        let r = map_reg(ins.op0_register())?;
+        return Some((Item::Div(r, signed, ins.ip32(), 0), Class::Ident));
+    }
+    if !ctx.flat_data {
+        return None;
+    }
+    let mut mi = MemInsn::new(
+        MemOp::Div(signed),
+        Instruction::default(),
+        mem_addr(ins, ctx)?,
+        4,
+        false,
+    );
+    mi.eip = ins.ip32();
+    Some((Item::Mem(Box::new(mi)), Class::Ident))
+}
+
+/// The integer instructions the host runs as they are, once their
+/// registers are mapped and their memory operand translated.
+fn runs_as_itself(ins: &Instruction) -> bool {
+    use Mnemonic::*;
+    let m = ins.mnemonic();
     let ok = simple_integer(m)
         || matches!(
             m,
@@ -563,7 +600,7 @@ pub(crate) fn classify(ins: &Instruction, ctx: Ctx, foreign: bool) -> Option<(It
                 | Shrd
         );
     if !ok {
-        return None;
+        return false;
     }
     // SHLD/SHRD of a 16-bit operand by more than 16 is undefined (the model
     // follows Intel's result): only the 32-bit forms run as themselves.
@@ -576,14 +613,15 @@ pub(crate) fn classify(ins: &Instruction, ctx: Ctx, foreign: bool) -> Option<(It
                 | Code::Shrd_rm32_r32_CL
         )
     {
-        return None;
+        return false;
     }
+    // BSWAP r16 is undefined.
+    !(m == Bswap && ins.op0_register().size() != 4)
+}
 
-    if m == Bswap && ins.op0_register().size() != 4 {
-        return None; // BSWAP r16 is undefined
-    }
-    // Rebuild the forms that do not exist in 64-bit mode (and the moffs
-    // forms, which take no base register).
+/// The instruction as the host encodes it: the forms that do not exist in
+/// 64-bit mode rebuilt (and the moffs forms, which take no base register).
+fn host_form(ins: &Instruction) -> Option<Instruction> {
     let moffs = |code: Code, r: Register, load: bool| -> Option<Instruction> {
         let mo = iced_x86::MemoryOperand::with_base_displ(Register::R11, 0);
         if load {
@@ -592,7 +630,7 @@ pub(crate) fn classify(ins: &Instruction, ctx: Ctx, foreign: bool) -> Option<(It
             Instruction::with2(code, mo, r).ok()
         }
     };
-    let mut h = match ins.code() {
+    Some(match ins.code() {
         Code::Mov_AL_moffs8 => moffs(Code::Mov_r8_rm8, Register::AL, true)?,
         Code::Mov_AX_moffs16 => moffs(Code::Mov_r16_rm16, Register::AX, true)?,
         Code::Mov_EAX_moffs32 => moffs(Code::Mov_r32_rm32, Register::EAX, true)?,
@@ -620,10 +658,15 @@ pub(crate) fn classify(ins: &Instruction, ctx: Ctx, foreign: bool) -> Option<(It
             h
         }
         _ => *ins,
-    };
-    h.set_segment_prefix(Register::None);
-    // One virtual CPU: a locked access is an ordinary one.
-    h.set_has_lock_prefix(false);
+    })
+}
+
+/// Maps the operands of `h` (the host form of `ins`) onto host registers
+/// and, for a memory operand, the translated access; LEA computes its
+/// address in host registers.
+fn host_operands(ins: &Instruction, mut h: Instruction, ctx: Ctx) -> Option<(Item, Class)> {
+    use Mnemonic::*;
+    let m = ins.mnemonic();
     let mut mem_op = false;
     for i in 0..h.op_count() {
         match h.op_kind(i) {
