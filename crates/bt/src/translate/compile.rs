@@ -180,85 +180,124 @@ pub fn compile_with(
         emit_prologue(&mut a, tlb.bmi2)?;
     }
     let body = a.instructions().len();
-    let mut consts = Consts {
+    let consts = Consts {
         idx: a.create_label(),
         page: a.create_label(),
         bit32: a.create_label(),
         bit16: a.create_label(),
         tail: a.create_label(),
     };
-    let tail = consts.tail;
-    let mut ex = Exits {
-        cs_lo: p.cs_lo,
-        page,
-        n: p.insns,
-        sites: Vec::new(),
-        ib: ib.copied(),
-        tlb: *tlb,
-        tail,
-    };
-    let mut ended = false;
-    // Slow paths: label, guest EIP, instructions before, exit_info word 1.
-    let mut slow: Vec<(CodeLabel, u32, u32, u64)> = Vec::new();
-    // RETs of callees the trace went into that returned elsewhere: label,
-    // instructions retired.
-    let mut returns: Vec<(CodeLabel, u32)> = Vec::new();
-    let info1 = |m: &MemInsn| (m.size | (m.write as u32) << 8) as u64;
     let roles = if tlb.bmi2 {
         share::plan_sharing(&p.items, nogroup)
     } else {
         vec![None; p.items.len()]
     };
-    for (k, item) in p.items.iter().enumerate() {
+    let mut e = Emission {
+        ex: Exits {
+            cs_lo: p.cs_lo,
+            page,
+            n: p.insns,
+            sites: Vec::new(),
+            ib: ib.copied(),
+            tlb: *tlb,
+            tail: consts.tail,
+        },
+        a,
+        p,
+        tlb,
+        ib,
+        consts,
+        slow: Vec::new(),
+        returns: Vec::new(),
+    };
+    let mut ended = false;
+    for (item, role) in p.items.iter().zip(&roles) {
+        ended |= e.item(item, *role)?;
+    }
+    if !ended {
+        e.ex.exit(&mut e.a, p.next_eip)?;
+    }
+    e.out_of_line()?;
+    let Emission {
+        mut a,
+        mut consts,
+        ex,
+        ..
+    } = e;
+    a.set_label(&mut consts.tail)?;
+    match runtime {
+        Some(rt) => a.jmp(rt.tail)?,
+        None => emit_exit_tail(&mut a)?,
+    }
+    if tlb.bmi2 {
+        emit_probe_constants(&mut a, &mut consts, tlb)?;
+    }
+    let (code, offsets) = encode_block(a.instructions(), ip)?;
+    let body = offsets[body] as u64;
+    let mut sites = Vec::new();
+    for (k, t) in ex.sites {
+        // The displacement follows the E9 opcode.
+        sites.push((offsets[k] as u64 + 1, t));
+    }
+    for &(off, _) in &sites {
+        assert_eq!(code[off as usize - 1], 0xe9, "chain site is a jmp rel32");
+    }
+    let shared = roles
+        .iter()
+        .filter(|r| matches!(r, Some(share::Share::Member { .. })))
+        .count() as u32;
+    Ok(Compiled {
+        code,
+        body,
+        sites,
+        shared,
+    })
+}
+
+/// The flag-free probe's masks: TLB index bits, page bits.
+fn emit_probe_constants(
+    a: &mut CodeAssembler,
+    consts: &mut Consts,
+    tlb: &Probe,
+) -> Result<(), IcedError> {
+    a.set_label(&mut consts.idx)?;
+    a.dd(&[(tlb.entries - 1) << 12])?;
+    a.set_label(&mut consts.page)?;
+    a.dq(&[0x1_ffff_f000])?;
+    a.set_label(&mut consts.bit32)?;
+    a.dq(&[1 << 32])?;
+    a.set_label(&mut consts.bit16)?;
+    a.dq(&[1 << 16])
+}
+
+/// One CCF being emitted: the assembler, the TU, and what goes out of
+/// line after the body.
+struct Emission<'a> {
+    a: CodeAssembler,
+    p: &'a Plan,
+    tlb: &'a Probe,
+    ib: Option<&'a IbTable>,
+    consts: Consts,
+    ex: Exits,
+    /// TLB-miss slow paths: label, guest EIP, instructions before,
+    /// exit_info word 1.
+    slow: Vec<(CodeLabel, u32, u32, u64)>,
+    /// RETs of callees the trace went into that returned elsewhere: label,
+    /// instructions retired.
+    returns: Vec<(CodeLabel, u32)>,
+}
+
+impl Emission<'_> {
+    /// Emits one item; true when it ends the CCF (an exit).
+    fn item(&mut self, item: &Item, role: Option<share::Share>) -> Result<bool, IcedError> {
+        let (p, tlb, ib, tail) = (self.p, self.tlb, self.ib, self.consts.tail);
+        let a = &mut self.a;
         match *item {
+            Item::Mem(ref m) => return self.memory(m, role),
             Item::Ident(i) => a.add_instruction(i)?,
-            Item::Mem(ref m) => {
-                if let Some(role) = roles[k] {
-                    emit_shared(&mut a, m, role, tlb, consts, &mut slow)?;
-                } else {
-                    if let Some(pre) = &m.pre {
-                        let miss = a.create_label();
-                        emit_probe(&mut a, pre, tlb, miss, consts)?;
-                        slow.push((miss, pre.eip, pre.before, info1(pre)));
-                    }
-                    let miss = a.create_label();
-                    emit_probe(&mut a, m, tlb, miss, consts)?;
-                    slow.push((miss, m.eip, m.before, info1(m)));
-                }
-                match m.op {
-                    MemOp::Call { target, .. } => {
-                        ex.exit(&mut a, target)?;
-                        ended = true;
-                    }
-                    MemOp::CallInd { .. } | MemOp::JmpMem => {
-                        a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
-                        emit_indirect_exit(&mut a, ib, tlb, tail, p.insns)?;
-                        ended = true;
-                    }
-                    MemOp::Ret(_) => {
-                        a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
-                        emit_indirect_exit(&mut a, ib, tlb, tail, p.insns)?;
-                        ended = true;
-                    }
-                    MemOp::RetIn { expect, .. } => {
-                        // EIP (R11) − expect, flag-free, into ECX: zero
-                        // goes on; else out of line, the indirect exit.
-                        let mut go = a.create_label();
-                        let other = a.create_label();
-                        a.mov(r12, rcx)?;
-                        a.lea(ecx, dword_ptr(r11 + (expect as i32).wrapping_neg()))?;
-                        a.jrcxz(go)?;
-                        a.jmp(other)?;
-                        a.set_label(&mut go)?;
-                        a.mov(rcx, r12)?;
-                        returns.push((other, m.before + 1));
-                    }
-                    _ => {}
-                }
-            }
             Item::Nop => {}
             Item::Interp1 { eip, next, before } => {
-                emit_interp1(&mut a, eip, next, before, tlb, tail)?;
+                emit_interp1(a, eip, next, before, tlb, tail)?;
             }
             Item::SetDf(set) => {
                 a.pushfq()?;
@@ -286,8 +325,8 @@ pub fn compile_with(
                 a.or(qword_ptr(r15 + OFF_RFLAGS), IF)?;
                 a.popfq()?;
                 a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
-                emit_store_exit(&mut a, Some(p.next_eip), None, tail)?;
-                ended = true;
+                emit_store_exit(a, Some(p.next_eip), None, tail)?;
+                return Ok(true);
             }
             Item::StoreReg(off, r, size) => {
                 let ins = if off == OFF_CR0 {
@@ -305,92 +344,114 @@ pub fn compile_with(
                 a.add_instruction(ins)?;
             }
             Item::Jmp(t) => {
-                ex.exit(&mut a, t)?;
-                ended = true;
+                self.ex.exit(a, t)?;
+                return Ok(true);
             }
             Item::Div(r, signed, eip, before) => {
-                emit_div(&mut a, r, signed, eip, before, tlb, tail)?;
+                emit_div(a, r, signed, eip, before, tlb, tail)?;
             }
             Item::JmpReg(r) => {
                 a.add_instruction(Instruction::with2(Code::Mov_r32_rm32, Register::R11D, r)?)?;
                 a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
-                emit_indirect_exit(&mut a, ib, tlb, tail, p.insns)?;
-                ended = true;
+                emit_indirect_exit(a, ib, tlb, tail, p.insns)?;
+                return Ok(true);
             }
             Item::Jcc(cc, t, f) => {
                 let mut taken = a.create_label();
-                jcc(&mut a, cc, taken)?;
-                ex.exit(&mut a, f)?;
+                jcc(a, cc, taken)?;
+                self.ex.exit(a, f)?;
                 a.set_label(&mut taken)?;
-                ex.exit(&mut a, t)?;
-                ended = true;
+                self.ex.exit(a, t)?;
+                return Ok(true);
             }
         }
+        Ok(false)
     }
-    if !ended {
-        ex.exit(&mut a, p.next_eip)?;
-    }
-    for (mut l, n) in returns {
-        // A RET the trace went into returned elsewhere.
-        a.set_label(&mut l)?;
-        a.mov(rcx, r12)?;
-        a.lea(r14, qword_ptr(r14 + n as i32))?;
-        emit_indirect_exit(&mut a, ib, tlb, tail, n)?;
-    }
-    for (mut l, eip, before, info) in slow {
-        // TLB miss: the guest flags back, leave before the instruction and
-        // have the dispatcher run it on the interpreter (which walks the
-        // page tables, faults precisely or reaches MMIO).
-        a.set_label(&mut l)?;
-        if tlb.bmi2 {
-            a.mov(rcx, r12)?;
+
+    /// A memory access through the inline TLB probe (shared with others
+    /// or its own), then what the instruction does after it.
+    fn memory(&mut self, m: &MemInsn, role: Option<share::Share>) -> Result<bool, IcedError> {
+        let (p, tlb, ib, tail) = (self.p, self.tlb, self.ib, self.consts.tail);
+        let info1 = |m: &MemInsn| (m.size | (m.write as u32) << 8) as u64;
+        let a = &mut self.a;
+
+        if let Some(role) = role {
+            emit_shared(a, m, role, tlb, self.consts, &mut self.slow)?;
         } else {
-            a.push(r12)?;
-            a.popfq()?;
+            if let Some(pre) = &m.pre {
+                let miss = a.create_label();
+                emit_probe(a, pre, tlb, miss, self.consts)?;
+                self.slow.push((miss, pre.eip, pre.before, info1(pre)));
+            }
+            let miss = a.create_label();
+            emit_probe(a, m, tlb, miss, self.consts)?;
+            self.slow.push((miss, m.eip, m.before, info1(m)));
         }
-        // Tell the dispatcher the access (adaptive BT looks at it).
-        a.mov(r10, tlb.exit_info)?;
-        a.mov(qword_ptr(r10), r9)?;
-        a.mov(qword_ptr(r10 + 8), info as i32)?;
-        a.lea(r14, qword_ptr(r14 + before as i32))?;
-        emit_store_exit(&mut a, Some(eip), Some(SLOW_BIT), tail)?;
+        match m.op {
+            MemOp::Call { target, .. } => {
+                self.ex.exit(a, target)?;
+                return Ok(true);
+            }
+            MemOp::CallInd { .. } | MemOp::JmpMem => {
+                a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
+                emit_indirect_exit(a, ib, tlb, tail, p.insns)?;
+                return Ok(true);
+            }
+            MemOp::Ret(_) => {
+                a.lea(r14, qword_ptr(r14 + p.insns as i32))?;
+                emit_indirect_exit(a, ib, tlb, tail, p.insns)?;
+                return Ok(true);
+            }
+            MemOp::RetIn { expect, .. } => {
+                // EIP (R11) − expect, flag-free, into ECX: zero
+                // goes on; else out of line, the indirect exit.
+                let mut go = a.create_label();
+                let other = a.create_label();
+                a.mov(r12, rcx)?;
+                a.lea(ecx, dword_ptr(r11 + (expect as i32).wrapping_neg()))?;
+                a.jrcxz(go)?;
+                a.jmp(other)?;
+                a.set_label(&mut go)?;
+                a.mov(rcx, r12)?;
+                self.returns.push((other, m.before + 1));
+            }
+            _ => {}
+        }
+        Ok(false)
     }
-    a.set_label(&mut consts.tail)?;
-    match runtime {
-        Some(rt) => a.jmp(rt.tail)?,
-        None => emit_exit_tail(&mut a)?,
+
+    /// After the body: the returns that went elsewhere and the TLB-miss
+    /// slow paths.
+    fn out_of_line(&mut self) -> Result<(), IcedError> {
+        let (tlb, ib, tail) = (self.tlb, self.ib, self.consts.tail);
+        let a = &mut self.a;
+        for (mut l, n) in std::mem::take(&mut self.returns) {
+            // A RET the trace went into returned elsewhere.
+            a.set_label(&mut l)?;
+            a.mov(rcx, r12)?;
+            a.lea(r14, qword_ptr(r14 + n as i32))?;
+            emit_indirect_exit(a, ib, tlb, tail, n)?;
+        }
+        for (mut l, eip, before, info) in std::mem::take(&mut self.slow) {
+            // TLB miss: the guest flags back, leave before the instruction
+            // and have the dispatcher run it on the interpreter (which
+            // walks the page tables, faults precisely or reaches MMIO).
+            a.set_label(&mut l)?;
+            if tlb.bmi2 {
+                a.mov(rcx, r12)?;
+            } else {
+                a.push(r12)?;
+                a.popfq()?;
+            }
+            // Tell the dispatcher the access (adaptive BT looks at it).
+            a.mov(r10, tlb.exit_info)?;
+            a.mov(qword_ptr(r10), r9)?;
+            a.mov(qword_ptr(r10 + 8), info as i32)?;
+            a.lea(r14, qword_ptr(r14 + before as i32))?;
+            emit_store_exit(a, Some(eip), Some(SLOW_BIT), tail)?;
+        }
+        Ok(())
     }
-    if tlb.bmi2 {
-        // The flag-free probe's masks: TLB index bits, page bits.
-        a.set_label(&mut consts.idx)?;
-        a.dd(&[(tlb.entries - 1) << 12])?;
-        a.set_label(&mut consts.page)?;
-        a.dq(&[0x1_ffff_f000])?;
-        a.set_label(&mut consts.bit32)?;
-        a.dq(&[1 << 32])?;
-        a.set_label(&mut consts.bit16)?;
-        a.dq(&[1 << 16])?;
-    }
-    let (code, offsets) = encode_block(a.instructions(), ip)?;
-    let body = offsets[body] as u64;
-    let mut sites = Vec::new();
-    for (k, t) in ex.sites {
-        // The displacement follows the E9 opcode.
-        sites.push((offsets[k] as u64 + 1, t));
-    }
-    for &(off, _) in &sites {
-        assert_eq!(code[off as usize - 1], 0xe9, "chain site is a jmp rel32");
-    }
-    let shared = roles
-        .iter()
-        .filter(|r| matches!(r, Some(share::Share::Member { .. })))
-        .count() as u32;
-    Ok(Compiled {
-        code,
-        body,
-        sites,
-        shared,
-    })
 }
 
 /// The exits of one CCF being compiled.
