@@ -330,81 +330,8 @@ pub(crate) fn emit_access(
             a.mov(r9d, dword_ptr(r11))?;
             emit_div(a, Register::R9D, signed, m.eip, m.before, t, tail)
         }
-        MemOp::PushFlags => {
-            // The guest image: arithmetic flags from RFLAGS, the others
-            // from `CpuState`, VM and RF clear; RFLAGS restored after.
-            a.pushfq()?;
-            a.pop(r12)?;
-            a.mov(r9, r12)?;
-            a.and(r9d, ARITH)?;
-            a.mov(r10, qword_ptr(r15 + OFF_RFLAGS))?;
-            a.and(r10, !(ARITH | VM_RF))?;
-            a.or(r10, r9)?;
-            if m.size == 4 {
-                a.mov(dword_ptr(r11), r10d)?;
-            } else {
-                a.mov(word_ptr(r11), r10w)?;
-            }
-            sp_add(a, -(m.size as i32), m.addr16)?;
-            a.push(r12)?;
-            a.popfq()
-        }
-        MemOp::PopFlags { next, cpl } => {
-            if m.size == 4 {
-                a.mov(r9d, dword_ptr(r11))?;
-            } else {
-                a.movzx(r9d, word_ptr(r11))?;
-            }
-            sp_add(a, m.size as i32, m.addr16)?;
-            // What POPF writes (SDM): IF when CPL ≤ IOPL (read at run
-            // time: the host flags are free, POPF sets them all), IOPL at
-            // CPL 0; the low word for POPFW.
-            let word = if m.size == 2 { 0xffff } else { -1 };
-            let cpl = cpl as i32;
-            let fixed = (POPF_MASK & !IF & !0x3000) | if cpl == 0 { IF | 0x3000 } else { 0 };
-            a.mov(r10, qword_ptr(r15 + OFF_RFLAGS))?;
-            a.mov(r12, r10)?;
-            a.mov(r11d, fixed & word)?;
-            if cpl > 0 {
-                let mut no_if = a.create_label();
-                a.mov(r11d, r10d)?;
-                a.shr(r11d, 12)?;
-                a.and(r11d, 3)?;
-                a.cmp(r11d, cpl)?;
-                a.mov(r11d, fixed & word)?;
-                a.jb(no_if)?;
-                a.or(r11d, IF)?;
-                a.set_label(&mut no_if)?;
-            }
-            // new = old ^ ((old ^ value) & mask)
-            a.xor(r10, r9)?;
-            a.and(r10, r11)?;
-            a.xor(r10, r12)?;
-            a.or(r10, 2)?;
-            a.mov(qword_ptr(r15 + OFF_RFLAGS), r10)?;
-            a.and(r9d, ARITH)?;
-            // TF set (the trap after the next instruction), or IF turned
-            // on (an interrupt may be due now): the dispatcher decides.
-            let mut leave = a.create_label();
-            let mut stay = a.create_label();
-            a.test(r10d, TF)?;
-            a.jnz(leave)?;
-            a.test(r10d, IF)?;
-            a.jz(stay)?;
-            a.test(r12d, IF)?;
-            a.jz(leave)?;
-            a.set_label(&mut stay)?;
-            a.push(r9)?;
-            a.popfq()?;
-            let mut done = a.create_label();
-            a.jmp(done)?;
-            a.set_label(&mut leave)?;
-            a.push(r9)?;
-            a.popfq()?;
-            a.lea(r14, qword_ptr(r14 + (m.before as i32 + 1)))?;
-            emit_store_exit(a, Some(next), None, tail)?;
-            a.set_label(&mut done)
-        }
+        MemOp::PushFlags => emit_push_flags(a, m),
+        MemOp::PopFlags { next, cpl } => emit_pop_flags(a, m, next, cpl, tail),
         MemOp::StoreTable(off) => {
             a.movzx(r9d, word_ptr(r15 + (off + OFF_TABLE_LIMIT)))?;
             a.mov(word_ptr(r11), r9w)?;
@@ -425,6 +352,94 @@ pub(crate) fn emit_access(
             sp_add(a, m.disp as i32, m.addr16)
         }
     }
+}
+
+/// PUSHF: the guest image (arithmetic flags from RFLAGS, the others from
+/// `CpuState`, VM and RF clear) at [R11]; RFLAGS restored after.
+fn emit_push_flags(a: &mut CodeAssembler, m: &MemInsn) -> Result<(), IcedError> {
+    // The guest image: arithmetic flags from RFLAGS, the others
+    // from `CpuState`, VM and RF clear; RFLAGS restored after.
+    a.pushfq()?;
+    a.pop(r12)?;
+    a.mov(r9, r12)?;
+    a.and(r9d, ARITH)?;
+    a.mov(r10, qword_ptr(r15 + OFF_RFLAGS))?;
+    a.and(r10, !(ARITH | VM_RF))?;
+    a.or(r10, r9)?;
+    if m.size == 4 {
+        a.mov(dword_ptr(r11), r10d)?;
+    } else {
+        a.mov(word_ptr(r11), r10w)?;
+    }
+    sp_add(a, -(m.size as i32), m.addr16)?;
+    a.push(r12)?;
+    a.popfq()
+}
+
+/// POPF from [R11]: what POPF may write at `cpl` merged into `CpuState`'s
+/// flags; leaves the CCF for `next` when TF is set or IF turned on (the
+/// dispatcher decides then).
+fn emit_pop_flags(
+    a: &mut CodeAssembler,
+    m: &MemInsn,
+    next: u32,
+    cpl: u8,
+    tail: CodeLabel,
+) -> Result<(), IcedError> {
+    if m.size == 4 {
+        a.mov(r9d, dword_ptr(r11))?;
+    } else {
+        a.movzx(r9d, word_ptr(r11))?;
+    }
+    sp_add(a, m.size as i32, m.addr16)?;
+    // What POPF writes (SDM): IF when CPL ≤ IOPL (read at run
+    // time: the host flags are free, POPF sets them all), IOPL at
+    // CPL 0; the low word for POPFW.
+    let word = if m.size == 2 { 0xffff } else { -1 };
+    let cpl = cpl as i32;
+    let fixed = (POPF_MASK & !IF & !0x3000) | if cpl == 0 { IF | 0x3000 } else { 0 };
+    a.mov(r10, qword_ptr(r15 + OFF_RFLAGS))?;
+    a.mov(r12, r10)?;
+    a.mov(r11d, fixed & word)?;
+    if cpl > 0 {
+        let mut no_if = a.create_label();
+        a.mov(r11d, r10d)?;
+        a.shr(r11d, 12)?;
+        a.and(r11d, 3)?;
+        a.cmp(r11d, cpl)?;
+        a.mov(r11d, fixed & word)?;
+        a.jb(no_if)?;
+        a.or(r11d, IF)?;
+        a.set_label(&mut no_if)?;
+    }
+    // new = old ^ ((old ^ value) & mask)
+    a.xor(r10, r9)?;
+    a.and(r10, r11)?;
+    a.xor(r10, r12)?;
+    a.or(r10, 2)?;
+    a.mov(qword_ptr(r15 + OFF_RFLAGS), r10)?;
+    a.and(r9d, ARITH)?;
+    // TF set (the trap after the next instruction), or IF turned
+    // on (an interrupt may be due now): the dispatcher decides.
+    let mut leave = a.create_label();
+    let mut stay = a.create_label();
+    a.test(r10d, TF)?;
+    a.jnz(leave)?;
+    a.test(r10d, IF)?;
+    a.jz(stay)?;
+    a.test(r12d, IF)?;
+    a.jz(leave)?;
+    a.set_label(&mut stay)?;
+    a.push(r9)?;
+    a.popfq()?;
+    let mut done = a.create_label();
+    a.jmp(done)?;
+    a.set_label(&mut leave)?;
+    a.push(r9)?;
+    a.popfq()?;
+    a.lea(r14, qword_ptr(r14 + (m.before as i32 + 1)))?;
+    emit_store_exit(a, Some(next), None, tail)?;
+    a.set_label(&mut done)
 }
 
 /// `[r11]`.
