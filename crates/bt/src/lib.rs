@@ -136,7 +136,6 @@ enum Entry {
         body: *const u8,
         bytes: u32,
         insns: u32,
-        ident: u32,
         inline: u32,
     },
     /// Run `run` instructions on the interpreter (`first`: the first

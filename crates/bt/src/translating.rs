@@ -196,7 +196,6 @@ impl BtCore {
                     body: body as *const u8,
                     bytes: host.code.len() as u32,
                     insns: plan.insns,
-                    ident: plan.ident,
                     inline: plan.inline,
                 }
             }
