@@ -458,6 +458,145 @@ pub fn read_input(path: &std::path::Path, max: u64) -> Result<Vec<u8>, VmError> 
     Ok(buf)
 }
 
+/// Refuses, before anything is built, an engine that is not here, cannot
+/// present the vendor profile, or cannot run the guest's CPU mode (for
+/// `hw` the probe, cached per boot; the rest is found at run time).
+fn check_engine(
+    cfg: &VmConfig,
+    factory: &dyn EngineFactory,
+    vendor: popek_cpu::Vendor,
+) -> Result<(), VmError> {
+    let engine_name = factory.name();
+    factory
+        .available()
+        .map_err(|reason| EngineError::Unavailable {
+            engine: engine_name,
+            reason,
+        })?;
+    factory
+        .accepts_vendor(vendor)
+        .map_err(|reason| EngineError::Unsupported {
+            engine: engine_name,
+            reason,
+        })?;
+    if let Some(mode) = guest_mode(&cfg.kernel) {
+        factory
+            .can_run(mode)
+            .map_err(|reason| EngineError::Unsupported {
+                engine: engine_name,
+                reason,
+            })?;
+    }
+    Ok(())
+}
+
+/// Reads the kernel (and initrd), detects its format and loads it into
+/// guest RAM: the CPU state the guest starts in.
+fn load_kernel(
+    cfg: &VmConfig,
+    factory: &dyn EngineFactory,
+    ram: &GuestRam,
+    machine: &Machine,
+) -> Result<popek_boot::EntryState, VmError> {
+    let initrd = cfg
+        .initrd
+        .as_ref()
+        .map(|p| read_input(p, cfg.memory))
+        .transpose()?;
+    let initrd_name = cfg
+        .initrd
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let (image, name, format): (std::borrow::Cow<'static, [u8]>, String, Option<FileFormat>) =
+        match &cfg.kernel {
+            KernelSource::Embedded(n) => {
+                let img = popek_guests::by_name(n)
+                    .ok_or_else(|| VmError::NoGuest(n.clone(), popek_guests::NAMES.join(", ")))?;
+                if cfg.memory < popek_guests::MIN_MEMORY {
+                    return Err(VmError::GuestMemory {
+                        guest: n.clone(),
+                        size: cfg.memory,
+                        min: popek_guests::MIN_MEMORY,
+                    });
+                }
+                (
+                    img.into(),
+                    format!("embedded guest {n}"),
+                    Some(FileFormat::Multiboot),
+                )
+            }
+            KernelSource::File { path, format } => (
+                read_input(path, cfg.memory)?.into(),
+                path.display().to_string(),
+                *format,
+            ),
+        };
+    let boot_err = |source| VmError::Boot {
+        path: name.clone(),
+        source,
+    };
+    let format = match format {
+        Some(f) => f,
+        None => match popek_boot::detect(&image) {
+            KernelFormat::Multiboot => FileFormat::Multiboot,
+            KernelFormat::LinuxBzImage => FileFormat::Linux,
+            KernelFormat::Unknown => {
+                // A Multiboot header with a bad checksum gets its precise error.
+                if let Err(e) = multiboot::find_header(&image) {
+                    if !matches!(e, BootError::NoMultibootHeader) {
+                        return Err(boot_err(e));
+                    }
+                }
+                return Err(VmError::UnknownFormat { path: name });
+            }
+        },
+    };
+    Ok(match format {
+        FileFormat::Multiboot => {
+            let mods: Vec<multiboot::Module<'_>> = initrd
+                .as_deref()
+                .map(|d| multiboot::Module {
+                    data: d,
+                    cmdline: "initrd",
+                })
+                .into_iter()
+                .collect();
+            multiboot::load(ram, &image, &cfg.cmdline, &mods).map_err(boot_err)?
+        }
+        FileFormat::Linux => {
+            let p = linux::LinuxParams {
+                cmdline: &cfg.cmdline,
+                initrd: initrd.as_deref(),
+                acpi_rsdp_addr: Some(machine.rsdp_address()),
+            };
+            // A 64-bit kernel takes the 64-bit entry (long mode,
+            // identity page tables) on an engine that runs long mode:
+            // the only way in on a KVM without 32-bit paging, and the
+            // direct one on VT.
+            let long = factory.can_run(GuestMode::Long64).is_ok();
+            let load = if long && linux_64bit(&image) == Some(true) {
+                linux::load_64
+            } else {
+                linux::load
+            };
+            load(ram, &image, &p).map_err(|e| match e {
+                BootError::InitrdTooBig { .. } => VmError::Boot {
+                    path: initrd_name.clone(),
+                    source: e,
+                },
+                e => boot_err(e),
+            })?
+        }
+        FileFormat::FlatReal { load_addr } => {
+            flat::load(ram, &image, load_addr, flat::FlatEntry::Real).map_err(boot_err)?
+        }
+        FileFormat::FlatProtected { load_addr } => {
+            flat::load(ram, &image, load_addr, flat::FlatEntry::Protected32).map_err(boot_err)?
+        }
+    })
+}
+
 impl Vm {
     /// Builds a VM: RAM, machine, kernel loaded, engine with its entry
     /// state. `console` receives the serial output.
@@ -467,29 +606,7 @@ impl Vm {
         }
         let vendor = cfg.vendor.unwrap_or_else(popek_cpu::Vendor::host);
         let factory = cfg.engine.factory();
-        let engine_name = factory.name();
-        factory
-            .available()
-            .map_err(|reason| EngineError::Unavailable {
-                engine: engine_name,
-                reason,
-            })?;
-        factory
-            .accepts_vendor(vendor)
-            .map_err(|reason| EngineError::Unsupported {
-                engine: engine_name,
-                reason,
-            })?;
-        // Refuse up front what the engine says it cannot run (for hw the
-        // probe, cached per boot); the rest is found at run time.
-        if let Some(mode) = guest_mode(&cfg.kernel) {
-            factory
-                .can_run(mode)
-                .map_err(|reason| EngineError::Unsupported {
-                    engine: engine_name,
-                    reason,
-                })?;
-        }
+        check_engine(cfg, factory, vendor)?;
         let ram = if factory.needs_shareable_ram() {
             GuestRam::new_shareable(cfg.memory)
         } else {
@@ -506,105 +623,7 @@ impl Vm {
         });
         let machine = Machine::new(MachineConfig { clock: cfg.clock }, ram.clone(), console)
             .map_err(VmError::Machine)?;
-        let initrd = cfg
-            .initrd
-            .as_ref()
-            .map(|p| read_input(p, cfg.memory))
-            .transpose()?;
-        let initrd_name = cfg
-            .initrd
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        let (image, name, format): (std::borrow::Cow<'static, [u8]>, String, Option<FileFormat>) =
-            match &cfg.kernel {
-                KernelSource::Embedded(n) => {
-                    let img = popek_guests::by_name(n).ok_or_else(|| {
-                        VmError::NoGuest(n.clone(), popek_guests::NAMES.join(", "))
-                    })?;
-                    if cfg.memory < popek_guests::MIN_MEMORY {
-                        return Err(VmError::GuestMemory {
-                            guest: n.clone(),
-                            size: cfg.memory,
-                            min: popek_guests::MIN_MEMORY,
-                        });
-                    }
-                    (
-                        img.into(),
-                        format!("embedded guest {n}"),
-                        Some(FileFormat::Multiboot),
-                    )
-                }
-                KernelSource::File { path, format } => (
-                    read_input(path, cfg.memory)?.into(),
-                    path.display().to_string(),
-                    *format,
-                ),
-            };
-        let boot_err = |source| VmError::Boot {
-            path: name.clone(),
-            source,
-        };
-        let format = match format {
-            Some(f) => f,
-            None => match popek_boot::detect(&image) {
-                KernelFormat::Multiboot => FileFormat::Multiboot,
-                KernelFormat::LinuxBzImage => FileFormat::Linux,
-                KernelFormat::Unknown => {
-                    // A Multiboot header with a bad checksum gets its precise error.
-                    if let Err(e) = multiboot::find_header(&image) {
-                        if !matches!(e, BootError::NoMultibootHeader) {
-                            return Err(boot_err(e));
-                        }
-                    }
-                    return Err(VmError::UnknownFormat { path: name });
-                }
-            },
-        };
-        let entry = match format {
-            FileFormat::Multiboot => {
-                let mods: Vec<multiboot::Module<'_>> = initrd
-                    .as_deref()
-                    .map(|d| multiboot::Module {
-                        data: d,
-                        cmdline: "initrd",
-                    })
-                    .into_iter()
-                    .collect();
-                multiboot::load(&ram, &image, &cfg.cmdline, &mods).map_err(boot_err)?
-            }
-            FileFormat::Linux => {
-                let p = linux::LinuxParams {
-                    cmdline: &cfg.cmdline,
-                    initrd: initrd.as_deref(),
-                    acpi_rsdp_addr: Some(machine.rsdp_address()),
-                };
-                // A 64-bit kernel takes the 64-bit entry (long mode,
-                // identity page tables) on an engine that runs long mode:
-                // the only way in on a KVM without 32-bit paging, and the
-                // direct one on VT.
-                let long = factory.can_run(GuestMode::Long64).is_ok();
-                let load = if long && linux_64bit(&image) == Some(true) {
-                    linux::load_64
-                } else {
-                    linux::load
-                };
-                load(&ram, &image, &p).map_err(|e| match e {
-                    BootError::InitrdTooBig { .. } => VmError::Boot {
-                        path: initrd_name.clone(),
-                        source: e,
-                    },
-                    e => boot_err(e),
-                })?
-            }
-            FileFormat::FlatReal { load_addr } => {
-                flat::load(&ram, &image, load_addr, flat::FlatEntry::Real).map_err(boot_err)?
-            }
-            FileFormat::FlatProtected { load_addr } => {
-                flat::load(&ram, &image, load_addr, flat::FlatEntry::Protected32)
-                    .map_err(boot_err)?
-            }
-        };
+        let entry = load_kernel(cfg, factory, &ram, &machine)?;
         let mut engine = factory.create(&machine)?;
         let mut state = boot::entry_cpu_state(&entry);
         state.vendor = vendor;
