@@ -13,6 +13,82 @@ impl BtCore {
         e
     }
 
+    /// The guest code of `key` and where its TU starts in it: for 32-bit
+    /// code the whole page (a trace may jump back in it) and the first
+    /// bytes of the next page when mapped (for an instruction straddling
+    /// the page end, which the interpreter runs: they only give its
+    /// length); 16-bit code from EIP on. `None`: code outside RAM (MMIO),
+    /// interpreted.
+    fn code_of(&mut self, key: Key) -> Option<(Vec<u8>, usize)> {
+        let (phys, eip, cpl) = key;
+        let code16 = cpl & 0x20 != 0;
+        let page_end = (phys | 0xfff) + 1;
+        if page_end > self.cpu.ram().size() {
+            return None;
+        }
+        let start = if code16 { 0 } else { (phys & 0xfff) as usize };
+        let mut code = vec![0u8; (page_end - phys) as usize + start];
+        self.cpu.ram().read(phys - start as u64, &mut code).ok()?;
+        if !code16 {
+            let next = (eip as u64 | 0xfff) + 1;
+            let mut more = [0u8; 15];
+            if next >> 32 == 0 && self.cpu.peek_linear(next, &mut more).is_some() {
+                code.extend_from_slice(&more);
+            }
+        }
+        Some((code, start))
+    }
+
+    /// Where the inline TLB probe finds the CPU's TLB (the user or the
+    /// supervisor sets), and what else translated code calls.
+    fn probe_for(&self, user: bool) -> translate::Probe {
+        let l = self.cpu.tlb_layout();
+        debug_assert!(l.entry_size.is_power_of_two() && l.entries.is_power_of_two());
+        translate::Probe {
+            set_base: l.base as u64 + if user { l.set_stride as u64 } else { 0 },
+            entries: l.entries as u32,
+            entry_shift: l.entry_size.trailing_zeros(),
+            way_stride: l.way_stride as i32,
+            read_tag: l.read_tag as i32,
+            write_tag: l.write_tag as i32,
+            host: l.host as i32,
+            exit_info: self.exit_info.as_ptr() as u64,
+            bmi2: self.bmi2,
+            amd_div_flags: self.cpu.vendor() == popek_cpu::Vendor::Amd,
+            interp1_fn: interp1 as *const () as u64,
+            interp1_ctx: &*self.call as *const CallCtx as u64,
+        }
+    }
+
+    /// Chaining: links the new CCF's exit sites (offsets from `at`) to
+    /// the CCFs of the same page that exist, records the others for when
+    /// they are translated, and links the sites waiting for `key` to
+    /// `body`.
+    fn chain(&mut self, key: Key, at: u64, sites: &[(u64, u32)], body: u64) {
+        let (phys, _, cpl) = key;
+        let cs_lo = cpl >> 8;
+        for &(off, target) in sites {
+            let site = at + off;
+            let tkey = (
+                (phys & !0xfff) | ((cs_lo + target) & 0xfff) as u64,
+                target,
+                cpl,
+            );
+            match self.map.get(&tkey) {
+                Some(Entry::Ccf { body: tb, .. }) => {
+                    let tb = *tb as u64;
+                    self.link(site, tb);
+                }
+                _ => self.pending.entry(tkey).or_default().push(site),
+            }
+        }
+        if let Some(waiting) = self.pending.remove(&key) {
+            for site in waiting {
+                self.link(site, body);
+            }
+        }
+    }
+
     pub(crate) fn translate_untimed(&mut self, key: Key) -> Option<Entry> {
         if self.translation_off {
             return None;
@@ -24,25 +100,7 @@ impl BtCore {
         let (phys, eip, cpl) = key;
         let code16 = cpl & 0x20 != 0;
         let cs_lo = cpl >> 8;
-        let page_end = (phys | 0xfff) + 1;
-        if page_end > self.cpu.ram().size() {
-            return None; // code outside RAM (MMIO): interpret
-        }
-        // 32-bit code: the whole page (a trace may jump back in it), the TU
-        // at `start`; 16-bit code from EIP on.
-        let start = if code16 { 0 } else { (phys & 0xfff) as usize };
-        let mut code = vec![0u8; (page_end - phys) as usize + start];
-        self.cpu.ram().read(phys - start as u64, &mut code).ok()?;
-        if !code16 {
-            // The first bytes of the next page, when mapped, for an
-            // instruction straddling the page end (`translate::plan` has
-            // the interpreter run it: these bytes only give its length).
-            let next = (eip as u64 | 0xfff) + 1;
-            let mut more = [0u8; 15];
-            if next >> 32 == 0 && self.cpu.peek_linear(next, &mut more).is_some() {
-                code.extend_from_slice(&more);
-            }
-        }
+        let (code, start) = self.code_of(key)?;
         let ctx = Ctx {
             cpl: (cpl & 3) as u8,
             inline_sensitive: !self.cpu.report_sensitive,
@@ -55,21 +113,7 @@ impl BtCore {
             amd: self.cpu.vendor() == popek_cpu::Vendor::Amd,
         };
         let l = self.cpu.tlb_layout();
-        let probe = translate::Probe {
-            set_base: l.base as u64 + if cpl & 3 == 3 { l.set_stride as u64 } else { 0 },
-            entries: l.entries as u32,
-            entry_shift: l.entry_size.trailing_zeros(),
-            way_stride: l.way_stride as i32,
-            read_tag: l.read_tag as i32,
-            write_tag: l.write_tag as i32,
-            host: l.host as i32,
-            exit_info: self.exit_info.as_ptr() as u64,
-            bmi2: self.bmi2,
-            amd_div_flags: self.cpu.vendor() == popek_cpu::Vendor::Amd,
-            interp1_fn: interp1 as *const () as u64,
-            interp1_ctx: &*self.call as *const CallCtx as u64,
-        };
-        debug_assert!(l.entry_size.is_power_of_two() && l.entries.is_power_of_two());
+        let probe = self.probe_for(cpl & 3 == 3);
         let forced = |e: u32| {
             self.forced
                 .contains_key(&(phys + e.wrapping_sub(eip) as u64))
@@ -162,29 +206,8 @@ impl BtCore {
                         plan.insns
                     );
                 }
-                // Chaining: link this CCF's exits to CCFs of the same page
-                // that exist, and have future ones link them.
                 let body = at as u64 + host.body;
-                for &(off, target) in &host.sites {
-                    let site = at as u64 + off;
-                    let tkey = (
-                        (phys & !0xfff) | ((cs_lo + target) & 0xfff) as u64,
-                        target,
-                        cpl,
-                    );
-                    match self.map.get(&tkey) {
-                        Some(Entry::Ccf { body: tb, .. }) => {
-                            let tb = *tb as u64;
-                            self.link(site, tb);
-                        }
-                        _ => self.pending.entry(tkey).or_default().push(site),
-                    }
-                }
-                if let Some(sites) = self.pending.remove(&key) {
-                    for site in sites {
-                        self.link(site, body);
-                    }
-                }
+                self.chain(key, at as u64, &host.sites, body);
                 if plan.traced {
                     self.traces.insert(key, plan.eips.clone());
                 }
