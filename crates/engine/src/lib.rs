@@ -238,3 +238,19 @@ pub trait Inspect {
             .collect()
     }
 }
+
+/// An error with every cause after it (`a: b: c`), on one line, as popek
+/// prints bad input and set-up failures. A cause whose text the message
+/// already ends with (a transparent wrapper) is not repeated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !s.ends_with(&text) {
+            s = format!("{s}: {text}");
+        }
+        cur = c.source();
+    }
+    s
+}

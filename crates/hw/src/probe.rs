@@ -48,9 +48,33 @@ pub enum GuestEnd {
     Timeout,
 }
 
+/// Why a probe guest could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// Its RAM could not be allocated or written.
+    #[error("probe guest RAM")]
+    Ram(#[from] popek_memory::MemoryError),
+    /// Its machine could not be built.
+    #[error("probe machine")]
+    Machine(#[from] popek_machine::MachineError),
+    /// The `hw` engine could not be created.
+    #[error("probe engine")]
+    Engine(#[from] crate::HwError),
+    /// The engine refused the guest's entry state.
+    #[error("probe guest state")]
+    State(#[from] popek_engine::EngineError),
+}
+
+impl ProbeError {
+    /// The message with its causes, on one line.
+    pub fn chain(&self) -> String {
+        popek_engine::error_chain(self)
+    }
+}
+
 /// Boots `guest` on a fresh machine with `ram` bytes of RAM under `hw`,
 /// until it ends or `timeout` passes.
-pub fn run_guest(guest: &TestGuest, ram: u64, timeout: Duration) -> Result<GuestEnd, String> {
+pub fn run_guest(guest: &TestGuest, ram: u64, timeout: Duration) -> Result<GuestEnd, ProbeError> {
     run_guest_stats(guest, ram, timeout).map(|(end, _)| end)
 }
 
@@ -59,7 +83,7 @@ pub fn run_guest_stats(
     guest: &TestGuest,
     ram: u64,
     timeout: Duration,
-) -> Result<(GuestEnd, crate::HwStats), String> {
+) -> Result<(GuestEnd, crate::HwStats), ProbeError> {
     run_guest_full(guest, ram, timeout).map(|(end, stats, _)| (end, stats))
 }
 
@@ -68,20 +92,18 @@ pub fn run_guest_full(
     guest: &TestGuest,
     ram: u64,
     timeout: Duration,
-) -> Result<(GuestEnd, crate::HwStats, Arc<GuestRam>), String> {
-    let ram = Arc::new(GuestRam::new(ram).map_err(|e| e.to_string())?);
+) -> Result<(GuestEnd, crate::HwStats, Arc<GuestRam>), ProbeError> {
+    let ram = Arc::new(GuestRam::new(ram)?);
     let mut machine = Machine::new(
         MachineConfig {
             clock: ClockMode::Host,
         },
         ram.clone(),
         Box::new(std::io::sink()),
-    )
-    .map_err(|e| e.to_string())?;
-    guest.load(&ram).map_err(|e| e.to_string())?;
-    let mut hw = Hw::new(&machine).map_err(|e| e.to_string())?;
-    hw.set_state(guest.state.clone())
-        .map_err(|e| e.to_string())?;
+    )?;
+    guest.load(&ram)?;
+    let mut hw = Hw::new(&machine)?;
+    hw.set_state(guest.state.clone())?;
     let end = run_until_end(&mut hw, &mut machine, timeout);
     Ok((end, hw.hw_stats().clone(), ram))
 }
@@ -345,7 +367,7 @@ fn check(guest: &TestGuest, marker: u8) -> Check {
         },
         Err(e) => Check {
             ok: false,
-            detail: e,
+            detail: e.chain(),
         },
     }
 }
@@ -374,7 +396,7 @@ fn lar_check() -> Check {
         },
         Err(e) => Check {
             ok: false,
-            detail: e,
+            detail: e.chain(),
         },
     }
 }
@@ -404,7 +426,7 @@ fn vector_check(guest: &TestGuest, want: u8) -> Check {
         },
         Err(e) => Check {
             ok: false,
-            detail: e,
+            detail: e.chain(),
         },
     }
 }
@@ -435,7 +457,7 @@ fn tsc_check() -> Check {
         Err(e) => {
             return Check {
                 ok: false,
-                detail: e,
+                detail: e.chain(),
             }
         }
     };

@@ -281,17 +281,7 @@ pub enum VmError {
 impl VmError {
     /// The message with every cause after it (`a: b: c`), on one line.
     pub fn chain(&self) -> String {
-        let mut s = self.to_string();
-        let mut cur = std::error::Error::source(self);
-        while let Some(e) = cur {
-            let text = e.to_string();
-            // A transparent variant repeats its inner error's text.
-            if !s.ends_with(&text) {
-                s = format!("{s}: {text}");
-            }
-            cur = e.source();
-        }
-        s
+        popek_engine::error_chain(self)
     }
 }
 
