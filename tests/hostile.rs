@@ -724,4 +724,35 @@ fn a_rep_ins_over_its_own_code_ends_alike_on_every_engine() {
     }
     assert_eq!(outputs[0], outputs[1], "bt");
     assert_eq!(outputs[0], outputs[2], "trap");
+    // Stopped after each count around the REP (a paused chunk retires as
+    // an instruction on every engine): the same state everywhere.
+    for n in 14..24u32 {
+        let n = n.to_string();
+        let dumps: Vec<String> = ["interp", "bt", "trap"]
+            .iter()
+            .map(|engine| {
+                let r = run_virtual(
+                    "rep-ins.bin",
+                    &code,
+                    "flat-protected",
+                    LOAD,
+                    &[
+                        "--engine",
+                        engine,
+                        "--memory",
+                        "4M",
+                        "--max-instructions",
+                        &n,
+                    ],
+                );
+                r.stderr
+                    .lines()
+                    .filter(|l| l.contains("EAX=") || l.contains("EIP="))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .collect();
+        assert_eq!(dumps[0], dumps[1], "bt after {n} instructions");
+        assert_eq!(dumps[0], dumps[2], "trap after {n} instructions");
+    }
 }

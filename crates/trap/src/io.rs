@@ -180,6 +180,10 @@ impl Trap {
         self.save_string(idx, ptr, rep, count, amask);
         if count == 0 {
             self.skip(i);
+        } else {
+            // A paused REP counts as a retired instruction on the CPU too
+            // (each chunk), and is executed again from the same EIP.
+            self.cpu.icount += 1;
         }
         self.count(if input { "#GP ins" } else { "#GP outs" });
         if machine.stop_pending() {
