@@ -21,11 +21,12 @@
 //! See `docs/trap-and-emulate.md`.
 //!
 //! Layout: this file holds the engine, its run loop and the dispatch of
-//! each trap; `guest_mem` walks the guest's page tables, `page_faults` keeps the
-//! shadow, `segments` the shadow GDT, `virt` composes the virtual CPU,
-//! `delivery` reflects events through the guest's IDT, `gp`, `io`,
-//! `segment_loads` and `monitor_area` emulate what faulted, `gap_audit`
-//! classifies the x86 gap, `inspect` shows it all.
+//! each trap; `guest_mem` walks the guest's page tables (with the shared
+//! walker), `page_faults` keeps the shadow, `segments` the shadow GDT,
+//! `virt` composes the virtual CPU, `delivery` reflects events through the
+//! guest's IDT, `gp` dispatches general-protection traps to `privileged`,
+//! `io`, `segment_loads` and `monitor_area`, which emulate what faulted,
+//! `gap_audit` classifies the x86 gap, `inspect` shows it all.
 
 #![warn(missing_docs)]
 
