@@ -107,3 +107,52 @@ pub fn run_flat(name: &str, code: &[u8], format: &str, load: u64, extra: &[&str]
     args.extend_from_slice(extra);
     popek_with(&args, &[])
 }
+
+/// A Multiboot ELF32 image whose one loadable segment (file bytes `code`,
+/// `memsz` in memory) is linked at `addr`, entered at `entry`; the
+/// Multiboot header sits in the first 8 KiB as the specification asks.
+pub fn multiboot_elf(addr: u32, code: &[u8], memsz: u32, entry: u32) -> Vec<u8> {
+    const DATA: usize = 0x1000;
+    let mut f = vec![0u8; DATA + code.len()];
+    // ELF header.
+    f[..4].copy_from_slice(b"\x7fELF");
+    f[4] = 1; // 32-bit
+    f[5] = 1; // little-endian
+    f[6] = 1; // version
+    let put16 =
+        |f: &mut Vec<u8>, at: usize, v: u16| f[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    let put32 =
+        |f: &mut Vec<u8>, at: usize, v: u32| f[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    put16(&mut f, 16, 2); // ET_EXEC
+    put16(&mut f, 18, 3); // EM_386
+    put32(&mut f, 20, 1);
+    put32(&mut f, 24, entry);
+    put32(&mut f, 28, 52); // program headers
+    put16(&mut f, 40, 52);
+    put16(&mut f, 42, 32);
+    put16(&mut f, 44, 1);
+    // The one PT_LOAD.
+    let ph = 52;
+    for (i, v) in [
+        1,
+        DATA as u32,
+        addr,
+        addr,
+        code.len() as u32,
+        memsz,
+        7,
+        0x1000,
+    ]
+    .iter()
+    .enumerate()
+    {
+        put32(&mut f, ph + 4 * i, *v);
+    }
+    // Multiboot header: magic, flags (none), checksum.
+    let magic: u32 = 0x1BAD_B002;
+    put32(&mut f, 0x80, magic);
+    put32(&mut f, 0x84, 0);
+    put32(&mut f, 0x88, 0u32.wrapping_sub(magic));
+    f[DATA..].copy_from_slice(code);
+    f
+}

@@ -307,6 +307,15 @@ pub enum BootError {
         /// RAM size.
         ram: u64,
     },
+    /// Nothing is left above the kernel and its modules for the loader's
+    /// own structures.
+    #[error("no room for the Multiboot information above the kernel and modules (they end at {base:#x}, RAM at {ram:#x})")]
+    NoRoomForBootInfo {
+        /// Where the structures would start.
+        base: u64,
+        /// RAM size.
+        ram: u64,
+    },
     /// A kernel segment overlaps the boot structures or the BIOS area.
     #[error("segment {addr:#x}+{len:#x} overlaps {what}")]
     SegmentOverlapsBootArea {
@@ -459,12 +468,21 @@ pub(crate) fn check_ram(ram: &GuestRam) -> Result<(), BootError> {
 /// Writes the loaders' GDT at [`GDT_ADDR`] with `code` as the descriptor for
 /// [`BOOT_CS`] and the flat data descriptor for [`BOOT_DS`].
 pub(crate) fn write_gdt(ram: &GuestRam, code: u64) -> Result<DescriptorTable, BootError> {
+    write_gdt_at(ram, GDT_ADDR, code)
+}
+
+/// [`write_gdt`] at `base`.
+pub(crate) fn write_gdt_at(
+    ram: &GuestRam,
+    base: u64,
+    code: u64,
+) -> Result<DescriptorTable, BootError> {
     let entries = [0u64, 0, code, gdt::DATA];
     for (i, d) in entries.iter().enumerate() {
-        ram.write_u64(GDT_ADDR + 8 * i as u64, *d)?;
+        ram.write_u64(base + 8 * i as u64, *d)?;
     }
     Ok(DescriptorTable {
-        base: GDT_ADDR,
+        base,
         limit: GDT_LIMIT,
     })
 }
@@ -477,7 +495,13 @@ pub(crate) fn write_strings(
     strings: &[&str],
     max_first: u64,
 ) -> Result<Vec<u64>, BootError> {
-    let area = CMDLINE_END - CMDLINE_ADDR;
+    check_strings(strings, max_first, CMDLINE_END - CMDLINE_ADDR)?;
+    write_strings_at(ram, strings, CMDLINE_ADDR)
+}
+
+/// Checks strings for [`write_strings_at`]: no NUL inside, the first at
+/// most `max_first` bytes, all of them (NUL-terminated) at most `area`.
+pub(crate) fn check_strings(strings: &[&str], max_first: u64, area: u64) -> Result<(), BootError> {
     let mut total: u64 = 0;
     for (i, s) in strings.iter().enumerate() {
         if s.as_bytes().contains(&0) {
@@ -497,7 +521,22 @@ pub(crate) fn write_strings(
             max: area - 1,
         });
     }
-    let mut addr = CMDLINE_ADDR;
+    Ok(())
+}
+
+/// The bytes [`write_strings_at`] writes for `strings`.
+pub(crate) fn strings_len(strings: &[&str]) -> u64 {
+    strings.iter().map(|s| s.len() as u64 + 1).sum()
+}
+
+/// Writes checked strings NUL-terminated one after another from `start`,
+/// returning the guest address of each.
+pub(crate) fn write_strings_at(
+    ram: &GuestRam,
+    strings: &[&str],
+    start: u64,
+) -> Result<Vec<u64>, BootError> {
+    let mut addr = start;
     let mut out = Vec::with_capacity(strings.len());
     for s in strings {
         ram.write(addr, s.as_bytes())?;

@@ -37,8 +37,7 @@ use popek_memory::GuestRam;
 
 use crate::e820::e820_map;
 use crate::{
-    check_ram, gdt, le16, le32, page_align_up, slice, write_gdt, write_strings, BootError,
-    EntryState, KERNEL_MIN_ADDR,
+    check_ram, gdt, le16, le32, page_align_up, slice, BootError, EntryState, KERNEL_MIN_ADDR,
 };
 
 /// Magic number of the Multiboot header.
@@ -176,20 +175,93 @@ struct Segment<'a> {
     memsz: u64,
 }
 
-/// Checks that `addr..addr+len` lies in RAM at or above 1 MiB.
+/// The legacy PC holes no segment may take: the EBDA, VGA memory, option
+/// ROMs and the BIOS/ACPI area.
+const LEGACY_HOLES: (u64, u64) = (crate::e820::EBDA_START, KERNEL_MIN_ADDR);
+
+/// Checks that `addr..addr+len` lies in RAM outside the legacy holes
+/// (anywhere else a kernel may load; the loader moves its own structures
+/// out of the way).
 fn check_segment(addr: u64, len: u64, ram: u64) -> Result<(), BootError> {
-    match addr.checked_add(len) {
-        Some(end) if end <= ram => {}
+    let end = match addr.checked_add(len) {
+        Some(end) if end <= ram => end,
         _ => return Err(BootError::SegmentOutsideRam { addr, len, ram }),
-    }
-    if addr < KERNEL_MIN_ADDR {
+    };
+    if addr < LEGACY_HOLES.1 && end > LEGACY_HOLES.0 {
         return Err(BootError::SegmentOverlapsBootArea {
             addr,
             len,
-            what: "the boot structures and BIOS area below 1 MiB",
+            what: "the EBDA, VGA memory and BIOS/ACPI area 0x9FC00-0xFFFFF",
         });
     }
     Ok(())
+}
+
+/// Where the loader puts its own structures: the GDT, the Multiboot
+/// information, the memory map, the loader name, the module list and the
+/// strings (command lines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// The GDT.
+    pub gdt: u64,
+    /// The Multiboot information structure.
+    pub info: u64,
+    /// The memory map.
+    pub mmap: u64,
+    /// The boot loader name.
+    pub name: u64,
+    /// The module list.
+    pub mods: u64,
+    /// The strings, up to `strings_end`.
+    pub strings: u64,
+    /// End of the room for the strings.
+    pub strings_end: u64,
+}
+
+impl Layout {
+    /// Low memory, below the EBDA: where the loader puts its structures
+    /// when the kernel and its modules leave it free.
+    pub const LOW: Layout = Layout {
+        gdt: crate::GDT_ADDR,
+        info: INFO_ADDR,
+        mmap: MMAP_ADDR,
+        name: LOADER_NAME_ADDR,
+        mods: MODS_ADDR,
+        strings: crate::CMDLINE_ADDR,
+        strings_end: crate::CMDLINE_END,
+    };
+
+    /// The same structures from `base` (page aligned), above everything
+    /// loaded, as QEMU does; the strings may take the rest of RAM.
+    fn above(base: u64, ram: u64) -> Layout {
+        Layout {
+            gdt: base,
+            info: base + 0x100,
+            mmap: base + 0x200,
+            name: base + 0x300,
+            mods: base + 0x1000,
+            strings: base + 0x2000,
+            strings_end: ram.min(1 << 32),
+        }
+    }
+
+    /// The ranges the structures take for `modules` modules, `strings`
+    /// bytes of strings and `mmap` memory-map entries.
+    fn used(&self, modules: usize, strings: u64, mmap: usize) -> [(u64, u64); 6] {
+        [
+            (self.gdt, crate::GDT_LIMIT as u64 + 1),
+            (self.info, INFO_SIZE),
+            (self.mmap, 24 * mmap as u64),
+            (self.name, LOADER_NAME.len() as u64 + 1),
+            (self.mods, 16 * modules.max(1) as u64),
+            (self.strings, strings),
+        ]
+    }
+}
+
+/// Whether `a..a+alen` and `b..b+blen` overlap.
+fn overlaps((a, alen): (u64, u64), (b, blen): (u64, u64)) -> bool {
+    a < b.saturating_add(blen) && b < a.saturating_add(alen)
 }
 
 /// Segments and entry point from the address fields.
@@ -349,7 +421,8 @@ pub fn load(
         kernel_end = kernel_end.max(s.addr + s.memsz);
     }
 
-    // Module placement: page aligned, one after another above the kernel.
+    // Module placement: page aligned, one after another above the kernel
+    // and above 1 MiB (clear of the legacy holes).
     if modules.len() > MAX_MODULES {
         return Err(BootError::TooManyModules {
             count: modules.len(),
@@ -357,7 +430,7 @@ pub fn load(
         });
     }
     let mut placed = Vec::with_capacity(modules.len());
-    let mut cursor = page_align_up(kernel_end).unwrap_or(u64::MAX);
+    let mut cursor = page_align_up(kernel_end.max(KERNEL_MIN_ADDR)).unwrap_or(u64::MAX);
     for (index, m) in modules.iter().enumerate() {
         let len = m.data.len() as u64;
         let end = match cursor.checked_add(len) {
@@ -375,55 +448,84 @@ pub fn load(
         cursor = page_align_up(end).unwrap_or(u64::MAX);
     }
 
-    // Strings are validated before anything is written.
+    // The loader's structures: in low memory unless something loaded
+    // there, else above everything loaded.
     let mut strings = Vec::with_capacity(1 + modules.len());
     strings.push(cmdline);
     strings.extend(modules.iter().map(|m| m.cmdline));
-    let string_addrs = write_strings(ram, &strings, u64::MAX)?;
+    let strings_len = crate::strings_len(&strings);
+    let map = e820_map(size);
+    let loaded: Vec<(u64, u64)> = segments
+        .iter()
+        .map(|s| (s.addr, s.memsz))
+        .chain(placed.iter().map(|&(start, end)| (start, end - start)))
+        .collect();
+    let clash = |l: &Layout| {
+        l.used(modules.len(), strings_len, map.len())
+            .iter()
+            .any(|&u| loaded.iter().any(|&x| overlaps(u, x)))
+    };
+    let layout = if clash(&Layout::LOW) {
+        let top = loaded.iter().map(|&(a, l)| a + l).max().unwrap_or(0);
+        let base = page_align_up(top.max(KERNEL_MIN_ADDR)).unwrap_or(u64::MAX);
+        let l = Layout::above(base, size);
+        if base.saturating_add(0x2000) > l.strings_end {
+            return Err(BootError::NoRoomForBootInfo { base, ram: size });
+        }
+        l
+    } else {
+        Layout::LOW
+    };
+    // Strings are validated before anything is written.
+    crate::check_strings(&strings, u64::MAX, layout.strings_end - layout.strings)?;
 
     for s in &segments {
         ram.write(s.addr, s.data)?;
         let filesz = s.data.len() as u64;
         ram.fill(s.addr + filesz, s.memsz - filesz, 0)?;
     }
+    let string_addrs = crate::write_strings_at(ram, &strings, layout.strings)?;
     for (i, (m, &(start, end))) in modules.iter().zip(&placed).enumerate() {
         ram.write(start, m.data)?;
-        let entry_addr = MODS_ADDR + 16 * i as u64;
+        let entry_addr = layout.mods + 16 * i as u64;
         ram.write_u32(entry_addr, start as u32)?;
         ram.write_u32(entry_addr + 4, end as u32)?;
         ram.write_u32(entry_addr + 8, string_addrs[i + 1] as u32)?;
         ram.write_u32(entry_addr + 12, 0)?;
     }
 
-    let map = e820_map(size);
     for (i, e) in map.iter().enumerate() {
-        let a = MMAP_ADDR + 24 * i as u64;
+        let a = layout.mmap + 24 * i as u64;
         ram.write_u32(a, 20)?;
         ram.write_u64(a + 4, e.addr)?;
         ram.write_u64(a + 12, e.size)?;
         ram.write_u32(a + 20, e.kind as u32)?;
     }
-    ram.write(LOADER_NAME_ADDR, LOADER_NAME.as_bytes())?;
-    ram.write_u8(LOADER_NAME_ADDR + LOADER_NAME.len() as u64, 0)?;
+    ram.write(layout.name, LOADER_NAME.as_bytes())?;
+    ram.write_u8(layout.name + LOADER_NAME.len() as u64, 0)?;
 
+    let info = layout.info;
     let mem_lower = size.min(crate::e820::EBDA_START) / 1024;
     let mem_upper = (size.min(1 << 32) - KERNEL_MIN_ADDR) / 1024;
-    ram.fill(INFO_ADDR, INFO_SIZE, 0)?;
+    ram.fill(info, INFO_SIZE, 0)?;
     let flags = INFO_MEMORY | INFO_CMDLINE | INFO_MODS | INFO_MMAP | INFO_LOADER_NAME;
-    ram.write_u32(INFO_ADDR, flags)?;
-    ram.write_u32(INFO_ADDR + 4, mem_lower as u32)?;
-    ram.write_u32(INFO_ADDR + 8, mem_upper as u32)?;
-    ram.write_u32(INFO_ADDR + 16, string_addrs[0] as u32)?;
-    ram.write_u32(INFO_ADDR + 20, modules.len() as u32)?;
-    ram.write_u32(INFO_ADDR + 24, MODS_ADDR as u32)?;
-    ram.write_u32(INFO_ADDR + 44, 24 * map.len() as u32)?;
-    ram.write_u32(INFO_ADDR + 48, MMAP_ADDR as u32)?;
-    ram.write_u32(INFO_ADDR + 64, LOADER_NAME_ADDR as u32)?;
+    ram.write_u32(info, flags)?;
+    ram.write_u32(info + 4, mem_lower as u32)?;
+    ram.write_u32(info + 8, mem_upper as u32)?;
+    ram.write_u32(info + 16, string_addrs[0] as u32)?;
+    ram.write_u32(info + 20, modules.len() as u32)?;
+    ram.write_u32(info + 24, layout.mods as u32)?;
+    ram.write_u32(info + 44, 24 * map.len() as u32)?;
+    ram.write_u32(info + 48, layout.mmap as u32)?;
+    ram.write_u32(info + 64, layout.name as u32)?;
 
-    write_gdt(ram, gdt::CODE32)?;
+    let gdt = crate::write_gdt_at(ram, layout.gdt, gdt::CODE32)?;
     let mut state = EntryState::protected32(entry);
+    if let crate::EntryMode::Protected32 { gdt: g, .. } = &mut state.mode {
+        *g = gdt;
+    }
     state.rax = BOOTLOADER_MAGIC as u64;
-    state.rbx = INFO_ADDR;
+    state.rbx = info;
     Ok(state)
 }
 
@@ -791,12 +893,77 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn segment_overlapping_boot_structures() {
+    fn segment_in_the_legacy_holes_is_refused() {
         let ram = ram(4 << 20);
-        let k = elf32(&[(0x8000, 0x8000, &[1], 0x100)], 0x8000, 0);
+        for at in [0x9FC00u32, 0xA0000, 0xB8000, 0xF0000] {
+            let k = elf32(&[(at, at, &[1], 0x100)], at, 0);
+            assert!(
+                matches!(
+                    load(&ram, &k, "", &[]),
+                    Err(BootError::SegmentOverlapsBootArea { what, .. }) if what.contains("0x9FC00")
+                ),
+                "{at:#x}"
+            );
+        }
+    }
+
+    /// Reads the Multiboot information at `info`: (mods_count, mods_addr,
+    /// mmap_addr, loader name address, cmdline address).
+    fn info_fields(ram: &GuestRam, info: u64) -> (u32, u32, u32, u32, u32) {
+        let r = |o: u64| ram.read_u32(info + o).unwrap();
+        (r(20), r(24), r(48), r(64), r(16))
+    }
+
+    #[test]
+    fn a_kernel_in_low_memory_moves_the_boot_structures_above_it() {
+        let ram = ram(4 << 20);
+        // Linked at 0x8000, where the information would go, with a module.
+        let code = [0xF4u8; 0x800];
+        let k = elf32(&[(0x8000, 0x8000, &code, 0x284c)], 0x8000, 0);
+        let module = [0x5Au8; 0x3000];
+        let m = [Module {
+            data: &module,
+            cmdline: "initrd",
+        }];
+        let st = load(&ram, &k, "console=ttyS0", &m).unwrap();
+        // The kernel is intact.
+        assert_eq!(ram.read_u8(0x8000).unwrap(), 0xF4);
+        assert_eq!(ram.read_u8(0x87FF).unwrap(), 0xF4);
+        // The module above 1 MiB; the structures above the module.
+        let (count, mods, mmap, name, cmd) = info_fields(&ram, st.rbx);
+        assert_eq!(count, 1);
+        let mod_start = ram.read_u32(mods as u64).unwrap() as u64;
+        let mod_end = ram.read_u32(mods as u64 + 4).unwrap() as u64;
+        assert_eq!((mod_start, mod_end), (0x100000, 0x103000));
+        assert_eq!(ram.read_u8(mod_start).unwrap(), 0x5A);
+        for a in [st.rbx, mods as u64, mmap as u64, name as u64, cmd as u64] {
+            assert!(a >= mod_end, "{a:#x} above the module");
+        }
+        assert_eq!(read_cstr(&ram, cmd as u64), "console=ttyS0");
+        assert_eq!(read_cstr(&ram, name as u64), "popek");
+        let EntryMode::Protected32 { gdt, .. } = st.mode else {
+            panic!("protected mode entry");
+        };
+        assert!(gdt.base >= mod_end);
+        assert_eq!(ram.read_u64(gdt.base + 16).unwrap(), gdt::CODE32);
+    }
+
+    #[test]
+    fn a_kernel_at_the_top_of_ram_keeps_the_low_structures() {
+        let ram = ram(4 << 20);
+        let k = elf32(&[(0x3FF000, 0x3FF000, &[0xF4], 0x1000)], 0x3FF000, 0);
+        let st = load(&ram, &k, "x", &[]).unwrap();
+        assert_eq!(st.rbx, INFO_ADDR);
+        assert_eq!(ram.read_u8(0x3FF000).unwrap(), 0xF4);
+        // And with a module there is no room above: the module does not fit.
+        let module = [0u8; 16];
+        let m = [Module {
+            data: &module,
+            cmdline: "",
+        }];
         assert!(matches!(
-            load(&ram, &k, "", &[]),
-            Err(BootError::SegmentOverlapsBootArea { addr: 0x8000, .. })
+            load(&ram, &k, "", &m),
+            Err(BootError::ModuleTooBig { .. })
         ));
     }
 
