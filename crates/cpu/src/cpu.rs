@@ -469,7 +469,9 @@ impl Cpu {
                 }
                 Err(Exc::Exit(x)) => return x,
             };
-            let mut n = block.insns.len().min((end - self.icount) as usize);
+            // Events delivered in this run count against the budget too: a
+            // block does not run past it (as `bt`'s dispatcher does not).
+            let mut n = block.insns.len().min((end - self.icount - stalls) as usize);
             if single || tf {
                 n = 1;
             }
@@ -486,6 +488,8 @@ impl Cpu {
             let mut completed = false;
             for d in &block.insns[..n] {
                 if check_limit && self.st.rip + d.len as u64 > cs_limit + 1 {
+                    stalls += 1;
+                    self.events_delivered += 1;
                     if let Err(exit) = self.fault(bus, Vector::GP as u8, Some(0)) {
                         return exit;
                     }

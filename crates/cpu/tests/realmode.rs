@@ -404,3 +404,24 @@ fn ip_wraps_to_the_start_of_the_code_segment() {
     assert_eq!((st.gpr[0] & 0xffff, st.gpr[3] & 0xffff), (2, 0), "{st:x?}");
     assert_eq!(st.rip, 1, "halted at 1000:0000");
 }
+
+/// Events delivered count against `run`'s budget, and a block does not run
+/// past it: in a loop of a fault (UD2) and a 5-instruction handler, every
+/// budget ends with instructions + events = budget exactly (`bt` stops at
+/// the same point; a block once ran up to its end after an event, and the
+/// engines' slices then differed).
+#[test]
+fn a_run_never_goes_past_its_budget_counting_events() {
+    let code = r16(|a| a.ud2());
+    for budget in 1..=40u64 {
+        let (mut c, mut bus) = real(&code);
+        c.ram().write_u16(6 * 4, 0x0010).unwrap();
+        c.ram().write_u16(6 * 4 + 2, 0x0800).unwrap();
+        // inc ax ×4; iret — back to the UD2.
+        c.ram()
+            .write(0x8010, &[0x40, 0x40, 0x40, 0x40, 0xcf])
+            .unwrap();
+        assert_eq!(c.run(&mut bus, budget), RunExit::Budget);
+        assert_eq!(c.icount + c.events_delivered, budget, "budget {budget}");
+    }
+}

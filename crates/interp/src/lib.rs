@@ -99,6 +99,10 @@ impl Engine for Interp {
     fn inspect(&mut self) -> Option<&mut dyn Inspect> {
         Some(self)
     }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
 }
 
 impl Inspect for Interp {
