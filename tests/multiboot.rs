@@ -130,6 +130,26 @@ fn a_kernel_linked_at_0x8000_round_trips_through_real_mode() {
         assert_eq!(status, 0x21, "{engine}: {out}\n{err}");
         assert_eq!(out, "pm\nrm\nback\n", "{engine}");
     }
+    // hw where a KVM is at hand and runs real and protected mode.
+    if std::fs::File::open("/dev/kvm").is_err() {
+        eprintln!("hw skipped: /dev/kvm does not open here");
+    } else {
+        let (status, out, err) = popek(&[
+            "run",
+            "--engine",
+            "hw",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--memory",
+            "8M",
+        ]);
+        if status == 2 && err.contains("cannot run") {
+            eprintln!("hw skipped: {}", err.trim());
+        } else {
+            assert_eq!(status, 0x21, "hw: {out}\n{err}");
+            assert_eq!(out, "pm\nrm\nback\n", "hw");
+        }
+    }
     // trap deprivileges protected-mode kernels only: it loads and enters
     // the kernel, then stops cleanly where it leaves protected mode.
     let (status, out, err) = popek(&[

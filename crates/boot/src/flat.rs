@@ -10,7 +10,8 @@
 //!   the top of the 64 KiB segment). The whole image must lie below 1 MiB.
 //! * [`FlatEntry::Protected32`]: flat 32-bit protected mode, paging off,
 //!   with the loaders' GDT at 0x500 (CS = 0x10, DS = ES = SS = FS = GS =
-//!   0x18), EIP = `load_addr`. The image must not overlap the GDT.
+//!   0x18), EIP = `load_addr`; an image over 0x500 gets the GDT just above
+//!   itself instead.
 //!
 //! In both modes RFLAGS = 0x2 (IF = 0), every general register is 0 (the
 //! binary sets up its own stack), and the image must fit in RAM and not
@@ -19,7 +20,7 @@
 use popek_memory::GuestRam;
 
 use crate::{
-    check_ram, gdt, write_gdt, BootError, EntryMode, EntryState, BIOS_AREA_END, BIOS_AREA_START,
+    check_ram, gdt, write_gdt_at, BootError, EntryMode, EntryState, BIOS_AREA_END, BIOS_AREA_START,
     GDT_ADDR, GDT_LIMIT,
 };
 
@@ -92,15 +93,35 @@ pub fn load(
             )
         }
         FlatEntry::Protected32 => {
-            if overlaps(load_addr, len, GDT_ADDR, GDT_LIMIT as u64 + 1) {
-                return Err(BootError::SegmentOverlapsBootArea {
-                    addr: load_addr,
-                    len,
-                    what: "the GDT at 0x500-0x51F",
-                });
+            // The GDT goes at 0x500, or just above the image when the image
+            // is there (the loader moves out of the way).
+            let gdt_size = GDT_LIMIT as u64 + 1;
+            let base = if overlaps(load_addr, len, GDT_ADDR, gdt_size) {
+                let above = (load_addr + len + 15) & !15;
+                if above + gdt_size > ram.size()
+                    || overlaps(
+                        above,
+                        gdt_size,
+                        BIOS_AREA_START,
+                        BIOS_AREA_END - BIOS_AREA_START,
+                    )
+                {
+                    return Err(BootError::SegmentOverlapsBootArea {
+                        addr: load_addr,
+                        len,
+                        what: "the GDT at 0x500-0x51F, with no room for it above the image",
+                    });
+                }
+                above
+            } else {
+                GDT_ADDR
+            };
+            let table = write_gdt_at(ram, base, gdt::CODE32)?;
+            let mut st = EntryState::protected32(load_addr);
+            if let EntryMode::Protected32 { gdt, .. } = &mut st.mode {
+                *gdt = table;
             }
-            write_gdt(ram, gdt::CODE32)?;
-            EntryState::protected32(load_addr)
+            st
         }
     };
     ram.write(load_addr, image)?;
@@ -176,8 +197,17 @@ mod tests {
             load(&ram, &[0; 0x100], 0xDFF80, FlatEntry::Real),
             Err(BootError::SegmentOverlapsBootArea { .. })
         ));
+        // A protected-mode image over 0x500 gets its GDT above itself.
+        let st = load(&ram, &[0x90; 0x100], 0x480, FlatEntry::Protected32).unwrap();
+        let EntryMode::Protected32 { gdt: table, .. } = st.mode else {
+            panic!("protected mode");
+        };
+        assert_eq!(table.base, 0x580);
+        assert_eq!(ram.read_u64(0x580 + 0x10).unwrap(), gdt::CODE32);
+        assert_eq!(ram.read_u8(0x57F).unwrap(), 0x90, "the image intact");
+        // Unless that would reach the BIOS area.
         assert!(matches!(
-            load(&ram, &[0; 0x100], 0x480, FlatEntry::Protected32),
+            load(&ram, &vec![0; 0xDFB70], 0x480, FlatEntry::Protected32),
             Err(BootError::SegmentOverlapsBootArea { .. })
         ));
         // A real-mode image may sit over 0x500: no GDT is written.
