@@ -252,14 +252,7 @@ pub fn plan_at(
             dec.set_ip(t as u64);
             continue;
         }
-        let ends = match &item {
-            Item::Sti | Item::Jmp(_) | Item::Jcc(..) | Item::JmpReg(_) => true,
-            Item::Mem(m) => matches!(
-                m.op,
-                MemOp::Call { .. } | MemOp::Ret(_) | MemOp::CallInd { .. } | MemOp::JmpMem
-            ),
-            _ => false,
-        };
+        let ends = ends_tu(&item);
         p.items.push(item);
         if ends {
             break;
@@ -269,8 +262,21 @@ pub fn plan_at(
         flags_liveness(&mut p.items);
         return Translation::Tu(p);
     }
-    // A call-out: count how far the interpreter may run (up to the next
-    // translatable instruction or control transfer).
+    plan_callout(code, start, eip, page_end, bits, ctx, forced)
+}
+
+/// A call-out: how far the interpreter may run from `eip` (up to the next
+/// translatable instruction or control transfer), how many of those are
+/// system instructions, and the first one's form (for the profile).
+fn plan_callout(
+    code: &[u8],
+    start: usize,
+    eip: u32,
+    page_end: u64,
+    bits: u32,
+    ctx: Ctx,
+    forced: &dyn Fn(u32) -> bool,
+) -> Translation {
     let code = &code[start..code.len().min(start + (page_end - eip as u64) as usize)];
     let mut dec = Decoder::with_ip(bits, code, eip as u64, DecoderOptions::NONE);
     let (mut run, mut callouts) = (0, 0);
@@ -312,5 +318,18 @@ pub fn plan_at(
         run: run.max(1),
         callouts,
         first,
+    }
+}
+
+/// Items after which a TU ends: transfers out of it and STI (the
+/// dispatcher must see its shadow).
+fn ends_tu(item: &Item) -> bool {
+    match item {
+        Item::Sti | Item::Jmp(_) | Item::Jcc(..) | Item::JmpReg(_) => true,
+        Item::Mem(m) => matches!(
+            m.op,
+            MemOp::Call { .. } | MemOp::Ret(_) | MemOp::CallInd { .. } | MemOp::JmpMem
+        ),
+        _ => false,
     }
 }
