@@ -49,16 +49,7 @@ fn minios_passes_its_checks_on_interp_and_powers_off() {
         out.contains("minios: sched ok"),
         "the timer-driven scheduler ran:\n{out}"
     );
-    for bench in [
-        "syscall",
-        "in",
-        "callret",
-        "pagefault",
-        "ptemod",
-        "divzero",
-        "forkwait",
-        "compute",
-    ] {
+    for bench in popek_guests::BENCHES {
         assert!(
             out.contains(&format!("minios: bench {bench} iters=")),
             "benchmark {bench} missing:\n{out}"

@@ -36,16 +36,7 @@ fn paravirtual_minios_passes_with_zero_gap_events() {
     assert!(console.contains("minios: all checks passed"), "{console}");
     assert!(!console.contains("FAILED"), "{console}");
     assert!(console.contains("minios: sched ok"), "{console}");
-    for b in [
-        "syscall",
-        "in",
-        "callret",
-        "pagefault",
-        "ptemod",
-        "divzero",
-        "forkwait",
-        "compute",
-    ] {
+    for b in popek_guests::BENCHES {
         assert!(
             console.contains(&format!("minios: bench {b} ")),
             "bench {b} ran: {console}"
