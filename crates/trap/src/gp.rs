@@ -89,38 +89,10 @@ impl Trap {
 
     /// The linear address of a memory operand.
     pub(crate) fn mem_linear(&mut self, i: &Instruction) -> Option<u32> {
-        let regs: Vec<(Register, u64)> = [
-            Register::EAX,
-            Register::ECX,
-            Register::EDX,
-            Register::EBX,
-            Register::ESP,
-            Register::EBP,
-            Register::ESI,
-            Register::EDI,
-            Register::AX,
-            Register::CX,
-            Register::DX,
-            Register::BX,
-            Register::SP,
-            Register::BP,
-            Register::SI,
-            Register::DI,
-            Register::ES,
-            Register::CS,
-            Register::SS,
-            Register::DS,
-            Register::FS,
-            Register::GS,
-        ]
-        .into_iter()
-        .map(|r| (r, self.reg(r)))
-        .collect();
         let op = (0..i.op_count()).find(|&k| i.op_kind(k) == OpKind::Memory)?;
-        i.virtual_address(op, 0, |r, _, _| {
-            regs.iter().find(|(x, _)| *x == r).map(|(_, v)| *v)
-        })
-        .map(|a| a as u32)
+        // `reg` gives a segment register's base, a GPR's value.
+        i.virtual_address(op, 0, |r, _, _| Some(self.reg(r)))
+            .map(|a| a as u32)
     }
 
     /// Reads `i`'s memory operand into `buf` as the CPU does at ring 0:
