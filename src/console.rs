@@ -1,7 +1,8 @@
 //! The serial console on the user's terminal: raw mode on a TTY (restored on
 //! every exit path: normal return, panic, SIGTERM/SIGHUP/SIGQUIT), and a
 //! reader thread that turns stdin into console events, with QEMU's
-//! Ctrl-A x to quit (Ctrl-A Ctrl-A sends one Ctrl-A).
+//! Ctrl-A x to quit, Ctrl-A s to write a snapshot (Ctrl-A Ctrl-A sends one
+//! Ctrl-A).
 
 use std::io::Read;
 use std::sync::mpsc::{channel, Receiver};
@@ -95,6 +96,12 @@ pub fn spawn_reader() -> Receiver<ConsoleEvent> {
                             }
                             let _ = tx.send(ConsoleEvent::Quit);
                             return;
+                        }
+                        b's' | b'S' => {
+                            if !out.is_empty() {
+                                let _ = tx.send(ConsoleEvent::Input(std::mem::take(&mut out)));
+                            }
+                            let _ = tx.send(ConsoleEvent::Snapshot);
                         }
                         0x01 => out.push(0x01),
                         _ => out.push(b),

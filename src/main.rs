@@ -5,6 +5,7 @@
 //! 0 power-off/reset, odd for the debug-exit port, 2 bad input, 4 the guest
 //! died, 6 no progress.
 
+mod api;
 mod bench;
 mod console;
 
@@ -31,7 +32,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a guest with its serial console on this terminal (Ctrl-A x quits).
+    /// Boot a guest with its serial console on this terminal (Ctrl-A x
+    /// quits, Ctrl-A s writes a snapshot).
     Run(RunArgs),
     /// Run minios's micro-benchmarks on every engine: one table, plus JSON and SVG.
     Bench(BenchArgs),
@@ -46,6 +48,125 @@ enum Command {
     /// sensitive but unprivileged instruction it ran deprivileged, how often
     /// the result differed from ring 0, and what that did.
     Audit(AuditArgs),
+    /// Snapshot a running VM through its API socket: pause, write the state
+    /// file FILE and its memory file FILE.mem, resume (or end it).
+    Snapshot(SnapshotArgs),
+    /// Continue a VM from a snapshot, on its engine or another one.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args, Clone)]
+struct SnapshotArgs {
+    /// The API socket of the VM (`popek run --api-sock PATH`).
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    /// The state file to write; the memory file is FILE.mem beside it.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    output: PathBuf,
+    /// Write only the pages that changed since the VM's last snapshot (a
+    /// diff snapshot; restoring it needs its parent).
+    #[arg(long)]
+    diff: bool,
+    /// End the VM after the snapshot instead of resuming it.
+    #[arg(long)]
+    stop: bool,
+}
+
+fn snapshot_cmd(a: SnapshotArgs) -> u8 {
+    use popek_api::client::request;
+    let abs = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let state = abs(&a.output);
+    let mem = popek_vmm::snapshot::mem_path_for(&state);
+    let step = |method: &str, path: &str, body: serde_json::Value| -> Result<String, String> {
+        let r = request(&a.api_sock, method, path, Some(&body))?;
+        if r.ok() {
+            Ok(r.body)
+        } else {
+            Err(format!("{method} {path}: {} {}", r.status, r.message()))
+        }
+    };
+    let result = step("PATCH", "/vm", serde_json::json!({"state": "Paused"})).and_then(|_| {
+        let made = step(
+            "PUT",
+            "/snapshot/create",
+            serde_json::json!({
+                "snapshot_type": if a.diff { "Diff" } else { "Full" },
+                "snapshot_path": state,
+                "mem_file_path": mem,
+            }),
+        );
+        // Resume (or end) whether or not the snapshot worked.
+        let after = if a.stop {
+            step(
+                "PUT",
+                "/actions",
+                serde_json::json!({"action_type": "Stop"}),
+            )
+        } else {
+            step("PATCH", "/vm", serde_json::json!({"state": "Resumed"}))
+        };
+        let made = made?;
+        after?;
+        Ok(made)
+    });
+    match result {
+        Ok(body) => {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            eprintln!(
+                "popek: wrote {} and {} ({} pages, {:.1} ms){}",
+                state.display(),
+                mem.display(),
+                v["pages"],
+                v["took_ms"].as_f64().unwrap_or(0.0),
+                if a.stop { "; the VM ended" } else { "" }
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("popek: snapshot: {e}");
+            2
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+struct RestoreArgs {
+    /// The state file (its memory file is found through it).
+    file: PathBuf,
+    /// Engine to continue on (default: the one that took the snapshot,
+    /// when it is here and runs the vCPU's mode).
+    #[arg(long, value_enum)]
+    engine: Option<EngineArg>,
+    /// Map the memory file copy-on-write, sharing unchanged pages with
+    /// every other VM restored from it (the file must then stay as it is).
+    #[arg(long)]
+    clone: bool,
+    #[command(flatten)]
+    session: Session,
+}
+
+fn restore(a: RestoreArgs) -> u8 {
+    let opts = popek_vmm::RestoreOptions {
+        engine: a.engine.and_then(engine_kind),
+        clone: a.clone,
+    };
+    let api = match api::start(&a.session) {
+        Ok(api) => api,
+        Err(code) => return code,
+    };
+    let vm = match Vm::restore(&a.file, &opts, Box::new(std::io::stdout())) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("popek: {}", e.chain());
+            return 2;
+        }
+    };
+    eprintln!(
+        "popek: restored {} on engine {}",
+        a.file.display(),
+        vm.engine_kind().name()
+    );
+    drive(vm, &a.session, api)
 }
 
 #[derive(Args, Clone)]
@@ -75,7 +196,7 @@ fn audit(a: AuditArgs) -> u8 {
         Err(code) => return code,
     };
     if let Some(i) = vm.engine.inspect() {
-        i.set_trace_traps(r.trace.is_some());
+        i.set_trace_traps(r.session.trace.is_some());
     }
     let outcome = vm.run();
     let _ = std::io::stdout().flush();
@@ -86,6 +207,7 @@ fn audit(a: AuditArgs) -> u8 {
         Outcome::Reset => "the guest reset the machine".into(),
         Outcome::DebugExit(v) => format!("the guest wrote {v} to the debug-exit port"),
         Outcome::Quit => "quit from the console".into(),
+        Outcome::Ended(why) => format!("the VM ended: {why}"),
         Outcome::Stopped(n) => format!("stopped after {n} instructions"),
     };
     let rows = vm
@@ -371,6 +493,19 @@ struct RunArgs {
     /// (default: the host's vendor; `hw` runs only the host's).
     #[arg(long, value_enum, value_name = "VENDOR")]
     cpu_vendor: Option<VendorArg>,
+    /// Do not boot: wait for the API socket to configure and start the VM
+    /// (`PUT /boot-source`, `PUT /machine-config`, `PUT /actions`
+    /// `InstanceStart`) or load a snapshot (`PUT /snapshot/load`).
+    #[arg(long, requires = "api_sock")]
+    no_boot: bool,
+    #[command(flatten)]
+    session: Session,
+}
+
+/// What `popek run` and `popek restore` share: how the session around
+/// the VM behaves.
+#[derive(Args, Clone, Default)]
+struct Session {
     /// Print engine statistics when the guest ends.
     #[arg(long)]
     stats: bool,
@@ -382,11 +517,19 @@ struct RunArgs {
     /// of the guest code at this guest-physical address.
     #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
     dump_ccf: Option<u64>,
-    /// Stop after about N guest instructions (exactly N on the software
-    /// engines), print the CPU state on stderr and exit 0: for comparing
-    /// engines and studying a guest (with --clock virtual, runs repeat).
+    /// Stop after about N guest instructions in all (exactly N on the
+    /// software engines; a restored VM counts from its snapshot), print
+    /// the CPU state on stderr and exit 0: for comparing engines and
+    /// studying a guest (with --clock virtual, runs repeat).
     #[arg(long, value_name = "N")]
     max_instructions: Option<u64>,
+    /// Serve the control API (Firecracker's, see docs/snapshots.md) on
+    /// this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Where Ctrl-A s writes its snapshots.
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    snapshot_dir: PathBuf,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -425,10 +568,11 @@ fn default_run() -> RunArgs {
         load_addr: 0x7c00,
         clock: ClockArg::Host,
         cpu_vendor: None,
-        stats: false,
-        trace: None,
-        dump_ccf: None,
-        max_instructions: None,
+        no_boot: false,
+        session: Session {
+            snapshot_dir: PathBuf::from("."),
+            ..Session::default()
+        },
     }
 }
 
@@ -452,17 +596,11 @@ fn make_vm(a: &RunArgs, console: Box<dyn Write + Send>) -> Result<Vm, u8> {
         }
         None => KernelSource::Embedded(a.guest.clone()),
     };
-    let engine = match a.engine {
-        EngineArg::Auto => {
-            let (e, why) = EngineKind::auto_for(&kernel);
-            eprintln!("popek: engine auto -> {} ({why})", e.name());
-            e
-        }
-        EngineArg::Hw => EngineKind::Hw,
-        EngineArg::Bt => EngineKind::Bt,
-        EngineArg::Trap => EngineKind::Trap,
-        EngineArg::Interp => EngineKind::Interp,
-    };
+    let engine = engine_kind(a.engine).unwrap_or_else(|| {
+        let (e, why) = EngineKind::auto_for(&kernel);
+        eprintln!("popek: engine auto -> {} ({why})", e.name());
+        e
+    });
     let cfg = VmConfig {
         memory: a.memory,
         kernel,
@@ -484,17 +622,49 @@ fn make_vm(a: &RunArgs, console: Box<dyn Write + Send>) -> Result<Vm, u8> {
     })
 }
 
+/// The engine `--engine` names; `None` for `auto`.
+fn engine_kind(e: EngineArg) -> Option<EngineKind> {
+    match e {
+        EngineArg::Auto => None,
+        EngineArg::Hw => Some(EngineKind::Hw),
+        EngineArg::Bt => Some(EngineKind::Bt),
+        EngineArg::Trap => Some(EngineKind::Trap),
+        EngineArg::Interp => Some(EngineKind::Interp),
+    }
+}
+
 fn run(a: RunArgs) -> u8 {
-    let mut vm = match make_vm(&a, Box::new(std::io::stdout())) {
-        Ok(vm) => vm,
+    let api = match api::start(&a.session) {
+        Ok(api) => api,
         Err(code) => return code,
     };
-    if let (Some(_), Some(i)) = (&a.trace, vm.engine.inspect()) {
+    let (vm, api) = match api {
+        Some((server, rx)) if a.no_boot => match api::preboot(&a, &rx) {
+            Ok(vm) => (vm, Some((server, rx))),
+            Err(code) => return code,
+        },
+        api => match make_vm(&a, Box::new(std::io::stdout())) {
+            Ok(vm) => (vm, api),
+            Err(code) => return code,
+        },
+    };
+    drive(vm, &a.session, api)
+}
+
+/// Runs a built VM with the terminal as its console until it ends, and
+/// reports: `popek run` and `popek restore`.
+fn drive(mut vm: Vm, s: &Session, api: Option<api::Api>) -> u8 {
+    let _server = api.map(|(server, rx)| {
+        vm.set_control(api::forward(rx));
+        server
+    });
+    vm.set_snapshot_dir(s.snapshot_dir.clone());
+    if let (Some(_), Some(i)) = (&s.trace, vm.engine.inspect()) {
         i.set_trace_traps(true);
     }
     let raw = console::enter_raw_mode();
     vm.set_input(console::spawn_reader());
-    let outcome = match a.max_instructions {
+    let outcome = match s.max_instructions {
         None => vm.run(),
         Some(n) => vm.run_limited(n).unwrap_or(Outcome::Stopped(n)),
     };
@@ -506,13 +676,14 @@ fn run(a: RunArgs) -> u8 {
         Outcome::Died(r) | Outcome::NoProgress(r) => eprintln!("{r}"),
         Outcome::Unsupported(r) => eprintln!("popek: {r}"),
         Outcome::Quit => eprintln!("popek: quit from the console"),
+        Outcome::Ended(why) => eprintln!("popek: the VM ended: {why}"),
         Outcome::Stopped(n) => eprintln!(
             "popek: stopped after {n} instructions (--max-instructions)\n{}",
             popek_vmm::report::cpu_dump(vm.engine.as_mut())
         ),
         _ => {}
     }
-    if let Some(addr) = a.dump_ccf {
+    if let Some(addr) = s.dump_ccf {
         match vm.engine.inspect().and_then(|i| i.dump_translation(addr)) {
             Some(text) => eprint!("{text}"),
             None => eprintln!(
@@ -521,11 +692,12 @@ fn run(a: RunArgs) -> u8 {
             ),
         }
     }
-    if a.stats {
+    if s.stats {
         eprintln!("popek: {} statistics:", vm.engine.name());
         for (k, v) in vm.stats() {
             eprintln!("  {k:<28} {v}");
         }
+        eprintln!("  {:<28} {}", "engine switches", vm.engine_switches());
         let touched = vm.machine.ram().resident_bytes();
         if let Some(rss) = popek_memory::process_rss() {
             eprintln!(
@@ -553,6 +725,8 @@ fn main() -> ExitCode {
         Some(Command::Bench(a)) => bench(a),
         Some(Command::Info(a)) => info(a),
         Some(Command::Audit(a)) => audit(a),
+        Some(Command::Snapshot(a)) => snapshot_cmd(a),
+        Some(Command::Restore(a)) => restore(a),
         Some(Command::Guests) => {
             for g in popek_guests::NAMES {
                 println!("{g}");

@@ -555,6 +555,10 @@ impl Engine for Bt {
         self.core.cpu.icount
     }
 
+    fn set_instructions(&mut self, n: u64) {
+        self.core.cpu.icount = n;
+    }
+
     fn peek_linear(&mut self, addr: u64, buf: &mut [u8]) -> Option<()> {
         self.core.cpu.peek_linear(addr, buf)
     }

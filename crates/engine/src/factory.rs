@@ -29,6 +29,33 @@ pub enum GuestMode {
 }
 
 impl GuestMode {
+    /// The mode a vCPU in `state` runs in now (a restored snapshot, an
+    /// engine switch).
+    pub fn of_state(state: &popek_cpu::CpuState) -> GuestMode {
+        use popek_cpu::state::cr;
+        const EFER_LMA: u64 = 1 << 10;
+        if state.efer & EFER_LMA != 0 {
+            GuestMode::Long64
+        } else if state.cr0 & cr::CR0_PG != 0 {
+            GuestMode::Paged32
+        } else if state.cr0 & cr::CR0_PE != 0 {
+            GuestMode::Protected32
+        } else {
+            GuestMode::Real
+        }
+    }
+
+    /// The mode's name in messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            GuestMode::Real => "real mode",
+            GuestMode::Protected32 => "unpaged protected mode",
+            GuestMode::Paged32 => "paged 32-bit protected mode",
+            GuestMode::Long64 => "long mode",
+            GuestMode::LongFrom32 => "32-bit code that enters long mode",
+        }
+    }
+
     /// Whether the mode is (or leads to) long mode.
     pub fn is_long(self) -> bool {
         matches!(self, GuestMode::Long64 | GuestMode::LongFrom32)

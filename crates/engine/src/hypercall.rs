@@ -60,7 +60,7 @@ pub mod nr {
 }
 
 /// Per-number call counts, for statistics.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HypercallStats {
     /// Calls by number (unknown numbers counted in the last slot).
     pub calls: [u64; 19],

@@ -161,6 +161,11 @@ pub trait Engine {
     /// Guest instructions retired so far (an estimate for hardware engines).
     fn instructions(&self) -> u64;
 
+    /// Sets the count of guest instructions retired so far: a VM restored
+    /// from a snapshot, or moved from another engine, goes on counting
+    /// from where it was (the virtual clock runs on this count).
+    fn set_instructions(&mut self, n: u64);
+
     /// Completes an [`VmExit::IoIn`] or [`VmExit::MmioRead`] exit with its
     /// value. Engines that never return those exits ignore it.
     fn complete_io_in(&mut self, _value: u64) {}

@@ -851,6 +851,10 @@ impl Engine for Hw {
         self.guest_ns
     }
 
+    fn set_instructions(&mut self, n: u64) {
+        self.guest_ns = n;
+    }
+
     fn peek_linear(&mut self, addr: u64, buf: &mut [u8]) -> Option<()> {
         let state = self.fetch().ok()?.state.clone();
         for (i, b) in buf.iter_mut().enumerate() {

@@ -88,6 +88,10 @@ impl Engine for Interp {
         self.cpu.icount
     }
 
+    fn set_instructions(&mut self, n: u64) {
+        self.cpu.icount = n;
+    }
+
     fn peek_linear(&mut self, addr: u64, buf: &mut [u8]) -> Option<()> {
         self.cpu.peek_linear(addr, buf)
     }

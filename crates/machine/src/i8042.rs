@@ -32,8 +32,8 @@ const STATUS_UNLOCKED: u8 = 0x10;
 const CTR_KBD_INT: u8 = 0x01;
 const CTR_SYS: u8 = 0x04;
 
-/// The controller.
-#[derive(Debug, Clone)]
+/// The controller. Its saved state is itself.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct I8042 {
     ctr: u8,
     out: VecDeque<u8>,
@@ -69,6 +69,13 @@ impl I8042 {
                 self.out.push_back(b);
             }
         }
+    }
+
+    /// Presses and releases Ctrl-Alt-Del on the keyboard: the scan codes
+    /// (set 1, as the controller's translation delivers them) enter the
+    /// output buffer, as Firecracker's `SendCtrlAltDel` does.
+    pub fn ctrl_alt_del(&mut self) {
+        self.push(&[0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d]);
     }
 
     /// Reads the status register (port 0x64).
@@ -186,5 +193,16 @@ mod tests {
         assert_eq!(k.read_data(), 0xfa);
         assert_eq!(k.read_data(), 0xaa);
         assert_eq!(k.read_status() & STATUS_OBF, 0);
+    }
+}
+
+impl I8042 {
+    /// Checks a saved state's invariants (see [`crate::persist`]).
+    pub(crate) fn check(&self) -> Result<(), String> {
+        // The controller never queues more than a reply or two.
+        if self.out.len() > 16 {
+            return Err("output queue too long".into());
+        }
+        Ok(())
     }
 }

@@ -27,6 +27,7 @@ pub mod bus;
 pub mod debug_exit;
 pub mod i8042;
 pub mod memmap;
+pub mod persist;
 pub mod pic;
 pub mod pit;
 pub mod rtc;
@@ -39,9 +40,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use popek_memory::{GuestRam, MemoryError};
 
 pub use bus::{Bus, BusDevice, BusError};
+pub use persist::{MachineState, Persist, StateError};
 
 /// How machine time advances.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ClockMode {
     /// Time is the host's monotonic clock since the machine was created;
     /// the RTC starts at the host's time of day. A guest `sleep 1` takes a
@@ -91,7 +94,7 @@ pub struct MachineConfig {
 }
 
 /// Why the machine wants the VMM to stop running the guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum StopReason {
     /// ACPI S5 through the PM1 control port. popek exits 0.
     PowerOff,
@@ -125,6 +128,9 @@ pub enum MachineError {
     /// Two devices claim overlapping ranges.
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
+    /// A saved device state was refused.
+    #[error("a saved device state was refused")]
+    State(#[source] StateError),
 }
 
 /// Which device a port range belongs to.
@@ -147,6 +153,8 @@ enum Port {
 struct Clock {
     mode: ClockMode,
     start: Instant,
+    /// Host clock: machine time at `start` (non-zero after a restore).
+    start_ns: u64,
     /// Unix time (ns) at machine time 0.
     wall_base_ns: u64,
     /// Virtual: idle time skipped while halted, plus port-access time.
@@ -166,6 +174,7 @@ impl Clock {
         Clock {
             mode,
             start: Instant::now(),
+            start_ns: 0,
             wall_base_ns,
             idle_ns: 0,
             instructions: 0,
@@ -175,7 +184,9 @@ impl Clock {
     /// Machine time in ns for an instruction count.
     fn at(&self, guest_instructions: u64) -> u64 {
         match self.mode {
-            ClockMode::Host => u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            ClockMode::Host => u64::try_from(self.start.elapsed().as_nanos())
+                .unwrap_or(u64::MAX)
+                .saturating_add(self.start_ns),
             ClockMode::Virtual => guest_instructions
                 .max(self.instructions)
                 .saturating_mul(NS_PER_INSTRUCTION)
@@ -234,6 +245,23 @@ impl Machine {
         ram: Arc<GuestRam>,
         console: Box<dyn Write + Send>,
     ) -> Result<Machine, MachineError> {
+        let m = Machine::build(config, ram, console)?;
+        for (addr, bytes) in acpi::tables() {
+            m.ram.write(addr, &bytes)?;
+        }
+        m.ram.write_u16(BDA_COM1, uart::COM1_PORT)?;
+        m.ram
+            .write_u16(BDA_EBDA_SEGMENT, (memmap::EBDA_START >> 4) as u16)?;
+        m.ram
+            .write_u16(BDA_BASE_MEMORY_KIB, (memmap::LOW_RAM_END >> 10) as u16)?;
+        Ok(m)
+    }
+
+    fn build(
+        config: MachineConfig,
+        ram: Arc<GuestRam>,
+        console: Box<dyn Write + Send>,
+    ) -> Result<Machine, MachineError> {
         if ram.size() < MIN_RAM || ram.size() > memmap::MAX_RAM {
             return Err(MachineError::RamSize {
                 size: ram.size(),
@@ -241,12 +269,6 @@ impl Machine {
                 max: memmap::MAX_RAM,
             });
         }
-        for (addr, bytes) in acpi::tables() {
-            ram.write(addr, &bytes)?;
-        }
-        ram.write_u16(BDA_COM1, uart::COM1_PORT)?;
-        ram.write_u16(BDA_EBDA_SEGMENT, (memmap::EBDA_START >> 4) as u16)?;
-        ram.write_u16(BDA_BASE_MEMORY_KIB, (memmap::LOW_RAM_END >> 10) as u16)?;
         let mut io = Bus::new();
         for (base, len, dev) in [
             (pic::MASTER_CMD, 2, Port::PicMaster),
@@ -597,6 +619,110 @@ impl Machine {
         self.clock.idle_ns = self.clock.idle_ns.saturating_add(next.saturating_sub(now));
         self.advance(guest_instructions);
         true
+    }
+
+    /// The state of every device and of the clock, for a snapshot (the
+    /// vCPU must be stopped). Fails when a device that cannot be saved is
+    /// attached (an MMIO device added with
+    /// [`add_mmio_device`](Self::add_mmio_device)).
+    pub fn save_state(&self) -> Result<MachineState, StateError> {
+        if !self.mmio.is_empty() {
+            return Err(StateError::new(
+                "mmio",
+                "an MMIO device without saved state is attached",
+            ));
+        }
+        Ok(MachineState {
+            clock: persist::ClockState {
+                mode: self.clock.mode,
+                now_ns: self.clock.now(),
+                wall_base_ns: self.clock.wall_base_ns,
+                idle_ns: self.clock.idle_ns,
+                instructions: self.clock.instructions,
+            },
+            pic: self.pic.save(),
+            pit: self.pit.save(),
+            rtc: self.rtc.save(),
+            uart: self.uart.save(),
+            i8042: self.i8042.save(),
+            pm: self.pm.save(),
+            stop: self.stop,
+        })
+    }
+
+    /// Takes back a saved state: every device's, and the clock's (machine
+    /// time goes on from the snapshot's; the clock mode is the snapshot's).
+    /// A state some device refuses leaves the machine unchanged.
+    pub fn restore_state(&mut self, s: MachineState) -> Result<(), StateError> {
+        // Restore into copies first, so that a refusal changes nothing.
+        let mut pic = self.pic.clone();
+        pic.restore(s.pic)?;
+        let mut pit = self.pit.clone();
+        pit.restore(s.pit)?;
+        let mut rtc = self.rtc.clone();
+        rtc.restore(s.rtc)?;
+        let mut i8042 = self.i8042.clone();
+        i8042.restore(s.i8042)?;
+        let mut pm = self.pm.clone();
+        pm.restore(s.pm)?;
+        let c = &s.clock;
+        // Far from overflow in every clock sum (about 36 years of ns).
+        const LIMIT: u64 = 1 << 60;
+        if [c.now_ns, c.idle_ns, c.instructions]
+            .iter()
+            .any(|&v| v >= LIMIT)
+            || c.wall_base_ns >= 1 << 62
+        {
+            return Err(StateError::new("clock", "time out of range"));
+        }
+        self.uart.restore(s.uart)?;
+        self.pic = pic;
+        self.pit = pit;
+        self.rtc = rtc;
+        self.i8042 = i8042;
+        self.pm = pm;
+        self.stop = s.stop;
+        self.clock = Clock {
+            mode: c.mode,
+            start: Instant::now(),
+            start_ns: if c.mode == ClockMode::Host {
+                c.now_ns
+            } else {
+                0
+            },
+            wall_base_ns: c.wall_base_ns,
+            idle_ns: c.idle_ns,
+            instructions: c.instructions,
+        };
+        self.sync_irqs();
+        Ok(())
+    }
+
+    /// Replaces guest RAM with `ram` (same size), for an engine that needs
+    /// another kind of mapping; the caller copies the contents.
+    pub fn replace_ram(&mut self, ram: Arc<GuestRam>) {
+        assert_eq!(ram.size(), self.ram.size(), "RAM keeps its size");
+        self.ram = ram;
+    }
+
+    /// Builds the machine for a VM restored from a snapshot: as
+    /// [`new`](Self::new), but RAM already holds the firmware tables, so
+    /// nothing is written to it, and the devices take `state`.
+    pub fn restored(
+        config: MachineConfig,
+        ram: Arc<GuestRam>,
+        console: Box<dyn Write + Send>,
+        state: MachineState,
+    ) -> Result<Machine, MachineError> {
+        let mut m = Machine::build(config, ram, console)?;
+        m.restore_state(state).map_err(MachineError::State)?;
+        Ok(m)
+    }
+
+    /// Ctrl-Alt-Del on the keyboard (see [`i8042::I8042::ctrl_alt_del`]).
+    pub fn send_ctrl_alt_del(&mut self) {
+        self.i8042.ctrl_alt_del();
+        self.sync_irqs();
     }
 
     /// Bytes from the terminal for COM1's receiver.

@@ -22,7 +22,7 @@ pub const SLAVE_CMD: u16 = 0xa0;
 /// ELCR ports 0x4d0 (master) and 0x4d1 (slave).
 pub const ELCR: u16 = 0x4d0;
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Chip {
     /// Line levels as last seen (edge detection).
     last_irr: u8,
@@ -198,8 +198,8 @@ impl Chip {
     }
 }
 
-/// The cascaded 8259A pair.
-#[derive(Debug, Clone)]
+/// The cascaded 8259A pair. Its saved state is itself.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pic {
     chips: [Chip; 2],
     intr: bool,
@@ -493,5 +493,17 @@ mod tests {
         let mut pic = Pic::new();
         pic.set_irq(200, true);
         assert!(!pic.interrupt_pending());
+    }
+}
+
+impl Pic {
+    /// Checks a saved state's invariants (see [`crate::persist`]).
+    pub(crate) fn check(&self) -> Result<(), String> {
+        for c in &self.chips {
+            if c.priority_add > 7 || c.init_state > 3 {
+                return Err("ICW sequence or rotation state out of range".into());
+            }
+        }
+        Ok(())
     }
 }

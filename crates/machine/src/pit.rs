@@ -43,7 +43,7 @@ pub fn ticks_to_ns(ticks: u64) -> u64 {
     u64::try_from(ns).unwrap_or(u64::MAX)
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Counter {
     mode: u8,
     /// Access mode: 1 LSB, 2 MSB, 3 LSB then MSB.
@@ -318,8 +318,9 @@ impl Counter {
     }
 }
 
-/// The 8254 with its three counters and port 0x61.
-#[derive(Debug, Clone)]
+/// The 8254 with its three counters and port 0x61. Its saved state is
+/// itself.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pit {
     counters: [Counter; 3],
     /// Port 0x61 bits 0–3 as written.
@@ -562,5 +563,26 @@ mod tests {
         assert!(!pit.advance(1 << 40));
         assert_eq!(pit.next_irq(0), None);
         assert_eq!(pit.read(3, 0), 0xff);
+    }
+}
+
+/// Ticks no saved counter may reach: about 2^62 ns of machine time is far
+/// beyond any run, and keeps tick arithmetic clear of overflow.
+const TICK_LIMIT: u64 = 1 << 60;
+
+impl Pit {
+    /// Checks a saved state's invariants (see [`crate::persist`]).
+    pub(crate) fn check(&self) -> Result<(), String> {
+        for (i, c) in self.counters.iter().enumerate() {
+            let ticks = [c.start, c.paused_at].into_iter().flatten();
+            if c.mode > 5
+                || c.rw > 3
+                || !(1..=65536).contains(&c.reload)
+                || ticks.chain([self.irq_checked]).any(|t| t >= TICK_LIMIT)
+            {
+                return Err(format!("counter {i} out of range"));
+            }
+        }
+        Ok(())
     }
 }

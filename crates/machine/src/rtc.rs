@@ -67,7 +67,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 /// A broken-down date and time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct DateTime {
     year: i64,
     month: u32,
@@ -477,5 +477,66 @@ mod tests {
         rtc.advance(T + NS_PER_SEC);
         assert_eq!(read(&mut rtc, 0x0c, T) & 0x90, 0x90);
         assert_eq!(rtc.next_event(T + NS_PER_SEC), Some(T + 2 * NS_PER_SEC));
+    }
+}
+
+/// The RTC's saved state: CMOS RAM, the index register, the guest's
+/// offset from the wall clock and where interrupts were evaluated up to.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RtcState {
+    ram: Vec<u8>,
+    index: u8,
+    offset: i64,
+    frozen: Option<DateTime>,
+    checked_ns: u64,
+}
+
+impl crate::persist::Persist for Rtc {
+    type State = RtcState;
+    const NAME: &'static str = "rtc";
+
+    fn save(&self) -> RtcState {
+        RtcState {
+            ram: self.ram.to_vec(),
+            index: self.index,
+            offset: self.offset,
+            frozen: self.frozen,
+            checked_ns: self.checked_ns,
+        }
+    }
+
+    fn restore(&mut self, s: RtcState) -> Result<(), crate::persist::StateError> {
+        let bad = |why: &str| crate::persist::StateError::new(Self::NAME, why);
+        let ram: [u8; 128] = s
+            .ram
+            .as_slice()
+            .try_into()
+            .map_err(|_| bad("CMOS RAM is not 128 bytes"))?;
+        if usize::from(s.index) >= ram.len() {
+            return Err(bad("index register beyond CMOS RAM"));
+        }
+        // Far enough from overflow for any date arithmetic.
+        if s.offset.unsigned_abs() > 1 << 40 {
+            return Err(bad("clock offset out of range"));
+        }
+        if let Some(d) = s.frozen {
+            let ok = (1..=12).contains(&d.month)
+                && (1..=31).contains(&d.day)
+                && d.hour < 24
+                && d.min < 60
+                && d.sec < 60
+                && (0..=9999).contains(&d.year);
+            if !ok {
+                return Err(bad("frozen date out of range"));
+            }
+        }
+        *self = Rtc {
+            ram,
+            index: s.index,
+            offset: s.offset,
+            frozen: s.frozen,
+            checked_ns: s.checked_ns,
+        };
+        Ok(())
     }
 }

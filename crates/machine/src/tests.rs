@@ -450,3 +450,84 @@ fn random_port_traffic_never_panics() {
         }
     }
 }
+
+/// A machine with every device in a non-reset state: PICs programmed, the
+/// PIT running, an RTC index chosen, COM1 with input queued, a keyboard
+/// command answered, time advanced.
+fn busy_machine() -> (Machine, SharedSink) {
+    let (mut m, sink) = machine();
+    init_pics(&mut m);
+    m.io_out(0x43, 1, 0x34); // counter 0, mode 2
+    m.io_out(0x40, 1, 0x9c);
+    m.io_out(0x40, 1, 0x2e);
+    m.advance(5_000_000);
+    m.io_out(0x70, 1, 0x0b);
+    m.io_out(0x3fc, 1, 0x08); // MCR OUT2
+    m.io_out(0x3f9, 1, 0x01); // IER RDA
+    m.serial_input(&[b'x'; 100]);
+    m.io_out(0x64, 1, 0x20); // read the command byte
+    m.advance(7_000_000);
+    (m, sink)
+}
+
+#[test]
+fn a_saved_machine_restores_to_the_same_state_and_behaviour() {
+    let (mut a, _) = busy_machine();
+    let saved = a.save_state().unwrap();
+    let json = serde_json::to_string(&saved).unwrap();
+    let back: MachineState = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, saved, "the state survives serialization");
+    let ram = Arc::new(GuestRam::new(16 << 20).unwrap());
+    let sink = SharedSink::default();
+    let mut b = Machine::restored(
+        MachineConfig {
+            clock: ClockMode::Virtual,
+        },
+        ram,
+        Box::new(sink.clone()),
+        back,
+    )
+    .unwrap();
+    assert_eq!(b.save_state().unwrap(), saved);
+    // Both go on identically: timer edges, input, the keyboard's reply.
+    for step in 1..20u64 {
+        let t = 7_000_000 + step * 700_000;
+        a.advance(t);
+        b.advance(t);
+        assert_eq!(a.interrupt_pending(), b.interrupt_pending(), "step {step}");
+        if a.interrupt_pending() {
+            assert_eq!(a.acknowledge_interrupt(), b.acknowledge_interrupt());
+            a.io_out(0x20, 1, 0x20);
+            b.io_out(0x20, 1, 0x20);
+        }
+        assert_eq!(a.io_in(0x3f8, 1), b.io_in(0x3f8, 1));
+        assert_eq!(a.io_in(0x40, 1), b.io_in(0x40, 1));
+    }
+    assert_eq!(a.io_in(0x60, 1), b.io_in(0x60, 1));
+    assert_eq!(a.serial_input_pending(), b.serial_input_pending());
+    // Output goes to the new machine's console.
+    b.io_out(0x3f8, 1, u32::from(b'!'));
+    assert_eq!(&*sink.0.lock().unwrap(), b"!");
+}
+
+#[test]
+fn a_bad_device_state_is_refused_and_changes_nothing() {
+    let (mut m, _) = busy_machine();
+    let good = m.save_state().unwrap();
+    let json = serde_json::to_value(&good).unwrap();
+    let cases: [(&str, serde_json::Value); 5] = [
+        ("/pit/counters/0/reload", 0.into()),
+        ("/pit/counters/1/mode", 9.into()),
+        ("/rtc/index", 200.into()),
+        ("/pic/chips/0/priority_add", 255.into()),
+        ("/uart/fifo", serde_json::Value::Array(vec![0.into(); 65])),
+    ];
+    for (ptr, v) in cases {
+        let mut bad = json.clone();
+        *bad.pointer_mut(ptr).unwrap() = v;
+        let bad: MachineState = serde_json::from_value(bad).unwrap();
+        let err = m.restore_state(bad).unwrap_err();
+        assert!(!err.why.is_empty(), "{ptr}");
+        assert_eq!(m.save_state().unwrap(), good, "{ptr}: nothing changed");
+    }
+}

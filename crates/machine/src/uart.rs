@@ -160,6 +160,81 @@ impl Uart {
     }
 }
 
+/// COM1's saved state: the serial model's registers and receive FIFO
+/// (vm-superio's `SerialState`), the terminal input not yet in the FIFO,
+/// and the interrupt line.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UartState {
+    dll: u8,
+    dlm: u8,
+    ier: u8,
+    iir: u8,
+    lcr: u8,
+    lsr: u8,
+    mcr: u8,
+    msr: u8,
+    scr: u8,
+    fifo: Vec<u8>,
+    backlog: Vec<u8>,
+    irq: bool,
+}
+
+impl crate::persist::Persist for Uart {
+    type State = UartState;
+    const NAME: &'static str = "uart";
+
+    fn save(&self) -> UartState {
+        let s = self.serial.state();
+        UartState {
+            dll: s.baud_divisor_low,
+            dlm: s.baud_divisor_high,
+            ier: s.interrupt_enable,
+            iir: s.interrupt_identification,
+            lcr: s.line_control,
+            lsr: s.line_status,
+            mcr: s.modem_control,
+            msr: s.modem_status,
+            scr: s.scratch,
+            fifo: s.in_buffer,
+            backlog: self.backlog.iter().copied().collect(),
+            irq: self.irq,
+        }
+    }
+
+    fn restore(&mut self, s: UartState) -> Result<(), crate::persist::StateError> {
+        let bad = |why: &str| crate::persist::StateError::new(Self::NAME, why);
+        if s.fifo.len() > FIFO_SIZE {
+            return Err(bad("receive FIFO longer than 64 bytes"));
+        }
+        if s.backlog.len() > BACKLOG_MAX {
+            return Err(bad("input backlog longer than 1 MiB"));
+        }
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.dll,
+            baud_divisor_high: s.dlm,
+            interrupt_enable: s.ier,
+            interrupt_identification: s.iir,
+            line_control: s.lcr,
+            line_status: s.lsr,
+            modem_control: s.mcr,
+            modem_status: s.msr,
+            scratch: s.scr,
+            in_buffer: s.fifo,
+        };
+        // The console sink stays: only the registers come from the snapshot.
+        let old = std::mem::replace(
+            &mut self.serial,
+            Serial::new(NoTrigger, Box::new(std::io::sink())),
+        );
+        let sink = old.into_writer();
+        self.serial = Serial::from_state(&state, NoTrigger, NoEvents, sink)
+            .map_err(|e| bad(&format!("{e:?}")))?;
+        self.backlog = s.backlog.into();
+        self.irq = s.irq;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

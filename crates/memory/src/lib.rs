@@ -10,7 +10,11 @@
 //! recorded per 4 KiB page so that a CPU engine can throw away code it decoded
 //! or translated from those pages before it runs again.
 
+pub mod image;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+pub use image::ImageStats;
 
 /// Size of a guest page as the dirty-tracking granule.
 pub const PAGE_SIZE: u64 = 4096;
@@ -49,6 +53,9 @@ pub struct GuestRam {
     /// The memfd behind the mapping, when it was made shareable
     /// ([`GuestRam::new_shareable`]), so other views can map the same pages.
     fd: Option<std::os::fd::OwnedFd>,
+    /// Mapped from a file ([`GuestRam::map_private`]): a page the process
+    /// has not touched holds the file's data, not zeros.
+    file_backed: bool,
 }
 
 // SAFETY: the mapping is owned by this value and lives until drop; all
@@ -104,6 +111,7 @@ impl GuestRam {
             external_dirty: (0..words).map(|_| AtomicU64::new(0)).collect(),
             any_external_dirty: AtomicBool::new(false),
             fd,
+            file_backed: false,
         }
     }
 

@@ -576,6 +576,10 @@ impl Engine for Trap {
         self.cpu.icount
     }
 
+    fn set_instructions(&mut self, n: u64) {
+        self.cpu.icount = n;
+    }
+
     fn peek_linear(&mut self, addr: u64, buf: &mut [u8]) -> Option<()> {
         self.guest_read_as(addr as u32, buf, false).ok()
     }

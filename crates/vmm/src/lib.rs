@@ -9,8 +9,13 @@
 //! terminal input to COM1.
 
 pub mod boot;
+mod checkpoint;
+pub mod control;
 pub use popek_engine::hypercall;
 pub mod report;
+pub mod snapshot;
+
+pub use checkpoint::{RestoreOptions, SnapshotReport};
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -304,6 +309,9 @@ pub enum Outcome {
     Died(String),
     /// The watchdog saw no progress.
     NoProgress(String),
+    /// The VM was ended on request (the API, `popek snapshot --stop`):
+    /// why, in words.
+    Ended(String),
     /// The engine found at run time that it cannot run this guest (e.g.
     /// `hw` on a KVM that refuses 32-bit paging): one line, exit status 2.
     Unsupported(String),
@@ -314,7 +322,11 @@ impl Outcome {
     /// `docs/architecture.md`).
     pub fn exit_status(&self) -> i32 {
         match self {
-            Outcome::PowerOff | Outcome::Reset | Outcome::Quit | Outcome::Stopped(_) => 0,
+            Outcome::PowerOff
+            | Outcome::Reset
+            | Outcome::Quit
+            | Outcome::Stopped(_)
+            | Outcome::Ended(_) => 0,
             Outcome::DebugExit(v) => ((*v as i32) << 1) | 1,
             Outcome::Died(_) => 4,
             Outcome::NoProgress(_) => 6,
@@ -330,6 +342,8 @@ pub enum ConsoleEvent {
     Input(Vec<u8>),
     /// The user asked to quit (Ctrl-A x).
     Quit,
+    /// The user asked for a snapshot (Ctrl-A s).
+    Snapshot,
     /// The input closed.
     Eof,
 }
@@ -345,6 +359,21 @@ pub struct Vm {
     input: Option<Receiver<ConsoleEvent>>,
     /// Set when the guest's console printed a kernel panic.
     panic: Arc<PanicWatch>,
+    /// The engine running the vCPU.
+    kind: EngineKind,
+    /// What the VM was built from, for snapshots.
+    config: snapshot::ConfigDesc,
+    /// The last snapshot written or restored from: what a diff snapshot
+    /// is taken against.
+    last_snapshot: Option<checkpoint::LastSnapshot>,
+    /// Requests from the API socket.
+    control: Option<Receiver<control::Call>>,
+    /// The exit loop is paused (`PATCH /vm` `Paused`).
+    paused: bool,
+    /// Engine switches so far.
+    switches: u64,
+    /// Where Ctrl-A s writes, and how many it wrote.
+    console_snapshots: (PathBuf, u32),
 }
 
 /// What a guest kernel prints when it gives up; after it, a guest makes no
@@ -618,13 +647,59 @@ impl Vm {
         let mut state = boot::entry_cpu_state(&entry);
         state.vendor = vendor;
         engine.set_state(state)?;
-        Ok(Vm {
+        let config = snapshot::ConfigDesc {
+            memory: cfg.memory,
+            guest: match &cfg.kernel {
+                KernelSource::Embedded(n) => format!("embedded guest {n}"),
+                KernelSource::File { path, .. } => path.display().to_string(),
+            },
+            cmdline: cfg.cmdline.clone(),
+        };
+        Ok(Vm::assemble(machine, engine, cfg.engine, config, panic))
+    }
+
+    fn assemble(
+        machine: Machine,
+        engine: Box<dyn Engine>,
+        kind: EngineKind,
+        config: snapshot::ConfigDesc,
+        panic: Arc<PanicWatch>,
+    ) -> Vm {
+        Vm {
             machine,
             engine,
             hypercalls: hypercall::HypercallStats::default(),
             input: None,
             panic,
-        })
+            kind,
+            config,
+            last_snapshot: None,
+            control: None,
+            paused: false,
+            switches: 0,
+            console_snapshots: (PathBuf::from("."), 0),
+        }
+    }
+
+    /// The engine running the vCPU now.
+    pub fn engine_kind(&self) -> EngineKind {
+        self.kind
+    }
+
+    /// How many times the vCPU moved between engines.
+    pub fn engine_switches(&self) -> u64 {
+        self.switches
+    }
+
+    /// Serves API requests from `rx` while the VM runs.
+    pub fn set_control(&mut self, rx: Receiver<control::Call>) {
+        self.control = Some(rx);
+    }
+
+    /// Where Ctrl-A s writes its snapshots (default: the current
+    /// directory).
+    pub fn set_snapshot_dir(&mut self, dir: PathBuf) {
+        self.console_snapshots.0 = dir;
     }
 
     /// The engine's statistics (`--stats`), empty when it offers none.
@@ -655,6 +730,10 @@ impl Vm {
                 None
             }
             ConsoleEvent::Quit => Some(Outcome::Quit),
+            ConsoleEvent::Snapshot => {
+                self.console_snapshot();
+                None
+            }
             ConsoleEvent::Eof => {
                 self.input = None;
                 None
@@ -753,6 +832,9 @@ impl Vm {
         let mut stuck_slices = 0;
         let mut panicked_at: Option<u64> = None;
         loop {
+            if let Some(o) = self.serve_control() {
+                return o;
+            }
             if let Some(line) = self.panic.panicked() {
                 let at = *panicked_at.get_or_insert(self.engine.instructions());
                 if self.engine.instructions() - at >= PANIC_GRACE {

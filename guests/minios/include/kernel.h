@@ -15,6 +15,8 @@ static inline int tf_from_user(const struct trapframe *tf) { return (tf->cs & 3)
 
 /* console.c */
 void console_init(void);
+void console_listen(void);
+void console_irq(void);
 void console_write(const char *s, size_t n);
 int kprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -44,6 +44,39 @@ void console_write(const char *s, size_t n)
 }
 #endif
 
+/*
+ * Console input (the `wait` command-line word): COM1's received-data
+ * interrupt on IRQ 4; each line typed is echoed, and "off" powers off.
+ * Port accesses are hypercalls with -DPARAVIRT, so both flavours listen.
+ */
+void console_listen(void)
+{
+	outb(COM1 + 1, 0x01);              /* IER: received data */
+	outb(COM1 + 4, 0x0b);              /* DTR, RTS, OUT2 (the IRQ gate) */
+	outb(0x21, inb(0x21) & ~(1u << 4)); /* unmask IRQ 4 */
+}
+
+void console_irq(void)
+{
+	static char line[80];
+	static u32 len;
+	while (inb(COM1 + 5) & 1) {
+		char c = (char)inb(COM1);
+		if (c != '\r' && c != '\n') {
+			if (len < sizeof(line) - 1)
+				line[len++] = c;
+			continue;
+		}
+		if (!len)
+			continue;
+		line[len] = 0;
+		kprintf("minios: line: %s\n", line);
+		if (len == 3 && !memcmp(line, "off", 3))
+			machine_power_off();
+		len = 0;
+	}
+}
+
 int kprintf(const char *fmt, ...)
 {
 	char buf[256];

@@ -110,6 +110,18 @@ void kmain(u32 magic, uptr mbi_addr)
 		kprintf("minios: going on despite the failed checks (checks=continue)\n");
 	}
 
+	/* `wait`: an idle machine that answers the console (a guest to
+	 * snapshot, restore and clone while it waits). */
+	if (cmdline_has(mbi, "wait")) {
+		timer_start();
+		console_listen();
+		kprintf("minios: waiting for input: each line is echoed, \"off\" powers off\n");
+		for (;;) {
+			safe_halt();
+			irq_disable();
+		}
+	}
+
 	/* init runs the scheduler demo and the benchmarks; its exit powers the
 	 * machine off (see proc_exit). */
 	if (proc_spawn(PROG_INIT, 0, NULL) < 0)

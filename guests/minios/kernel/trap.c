@@ -88,7 +88,10 @@ void trap(struct trapframe *tf)
 				stat_preemptions++;
 		}
 	} else if (v > 32 && v < 48) {
-		/* Nothing else is unmasked; spurious IRQ 7/15 need no EOI. */
+		/* Only COM1 is also unmasked (the `wait` mode); spurious IRQ
+		 * 7/15 need no EOI. */
+		if (v == 36)
+			console_irq();
 		if (v != 39 && v != 47)
 			pic_eoi(v - 32);
 	} else if (v == 14) {
