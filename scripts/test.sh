@@ -5,7 +5,8 @@
 #   scripts/test.sh [cargo test arguments, e.g. -p popek-cpu]
 #
 # Environment: POPEK_DIFF_CASES (differential test size, default 20000),
-# POPEK_FUZZ_CASES (fuzz smoke size).
+# POPEK_FUZZ_CASES (fuzz smoke size), POPEK_SNAPSHOT_FUZZ_CASES (snapshot
+# loader fuzz size, default 300).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,8 @@ need=()
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
 command -v ld >/dev/null 2>&1 || need+=(binutils)
 command -v make >/dev/null 2>&1 || need+=(make)
+# The API tests speak HTTP on a Unix socket with a real client.
+command -v curl >/dev/null 2>&1 || need+=(curl)
 if command -v gcc >/dev/null 2>&1; then
   # Guests and the native differential runner are 32-bit freestanding code.
   if ! echo 'int x;' | gcc -m32 -ffreestanding -x c -c -o /dev/null - >/dev/null 2>&1; then

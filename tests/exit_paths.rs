@@ -53,6 +53,27 @@ fn halt_with_interrupts_disabled_is_no_progress() {
 }
 
 #[test]
+fn halt_with_only_masked_timers_is_no_progress_under_the_virtual_clock() {
+    // The PIT runs (counter 0, mode 2), its IRQ is masked; sti; hlt. The
+    // timer fires for ever and wakes nothing: a real machine hangs, popek
+    // says so instead of skipping idle time for ever.
+    let code = [
+        0xb0, 0x34, 0xe6, 0x43, 0xb0, 0x9c, 0xe6, 0x40, 0xb0, 0x2e, 0xe6, 0x40, // PIT
+        0xb0, 0xff, 0xe6, 0x21, // mask every master line
+        0xfb, 0xf4, 0xeb, 0xfd, // sti; hlt; jmp back
+    ];
+    for engine in ["interp", "bt"] {
+        let (status, _, err) = run_real(
+            "masked-timer.bin",
+            &code,
+            &["--clock", "virtual", "--engine", engine],
+        );
+        assert_eq!(status, 6, "{engine}: {err}");
+        assert!(err.contains("only masked interrupts"), "{engine}: {err}");
+    }
+}
+
+#[test]
 fn keyboard_controller_reset_exits_zero() {
     // mov al, 0xfe; out 0x64, al; jmp $
     let (status, _, err) = run_real("reset.bin", &[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe], &[]);

@@ -186,6 +186,13 @@ impl EngineFactory for TrapFactory {
         }
     }
     fn can_run(&self, mode: GuestMode) -> Result<(), String> {
+        if mode == GuestMode::Real {
+            // A flat real-mode entry is refused the same way at run time.
+            return Err(
+                "trap-and-emulate runs protected-mode guests (ring deprivileging needs rings): use --engine bt or interp"
+                    .into(),
+            );
+        }
         software_cpu_can_run(mode)
     }
     fn needs_shareable_ram(&self) -> bool {

@@ -153,6 +153,34 @@ fn abs(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
+/// Refuses a vCPU state no x86 CPU can be in outside long mode (the only
+/// states popek's software CPU holds; a 64-bit state goes to an engine
+/// that checks its own): what a hand-edited or damaged snapshot could
+/// hold even with a good checksum.
+fn check_vcpu(s: &popek_cpu::CpuState) -> Result<(), String> {
+    use popek_cpu::state::cr;
+    if GuestMode::of_state(s) == GuestMode::Long64 {
+        return Ok(());
+    }
+    if s.rip > u64::from(u32::MAX) || s.gpr[..8].iter().any(|&r| r > u64::from(u32::MAX)) {
+        return Err("a register wider than 32 bits outside long mode".into());
+    }
+    if s.cr0 & cr::CR0_PG != 0 && s.cr0 & cr::CR0_PE == 0 {
+        return Err("paging without protected mode".into());
+    }
+    if s.cr0 > u64::from(u32::MAX) || s.cr3 > u64::from(u32::MAX) || s.cr4 > u64::from(u32::MAX) {
+        return Err("a control register wider than 32 bits outside long mode".into());
+    }
+    let segs = s.seg.iter().chain([&s.ldtr, &s.tr]);
+    if segs.clone().any(|g| g.base > u64::from(u32::MAX)) {
+        return Err("a segment base beyond 4 GiB outside long mode".into());
+    }
+    if s.gdtr.base > u64::from(u32::MAX) || s.idtr.base > u64::from(u32::MAX) {
+        return Err("a descriptor table beyond 4 GiB outside long mode".into());
+    }
+    Ok(())
+}
+
 /// Refuses an engine that is not here or cannot run `state`.
 fn check_engine_for(kind: EngineKind, state: &popek_cpu::CpuState) -> Result<(), String> {
     let f = kind.factory();
@@ -301,6 +329,17 @@ impl Vm {
                 why: format!("RAM of {size} bytes: popek runs 2 MiB to 3 GiB in whole pages"),
             });
         }
+        // Far from overflow in any count or time sum (as the clock checks).
+        if st.instructions >= 1 << 60 {
+            return Err(SnapshotError::Bad {
+                path: path.display().to_string(),
+                why: format!("{} instructions retired: out of range", st.instructions),
+            });
+        }
+        check_vcpu(&st.vcpu).map_err(|why| SnapshotError::Bad {
+            path: path.display().to_string(),
+            why: format!("vCPU state: {why}"),
+        })?;
         if st.config.memory != size {
             return Err(SnapshotError::Bad {
                 path: path.display().to_string(),

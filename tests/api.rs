@@ -1,0 +1,424 @@
+//! The control API on a Unix socket, driven by a real HTTP client (curl,
+//! as Firecracker's documentation does), and the commands built on it:
+//! `popek snapshot`, `popek restore`, `--no-boot`, engine switching.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A `popek` running in the background with its console on pipes.
+struct Popek {
+    child: Child,
+    out: Arc<Mutex<String>>,
+    err: Arc<Mutex<String>>,
+}
+
+impl Popek {
+    fn start(args: &[&str]) -> Popek {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_popek"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("popek starts");
+        let out = Arc::new(Mutex::new(String::new()));
+        let err = Arc::new(Mutex::new(String::new()));
+        for (mut pipe, buf) in [
+            (
+                Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+                out.clone(),
+            ),
+            (Box::new(child.stderr.take().unwrap()), err.clone()),
+        ] {
+            std::thread::spawn(move || {
+                let mut b = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut b) {
+                    if n == 0 {
+                        break;
+                    }
+                    buf.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&b[..n]));
+                }
+            });
+        }
+        Popek { child, out, err }
+    }
+
+    fn out(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    /// Waits until the console shows `what` (or fails after 30 s).
+    fn wait_for(&self, what: &str) {
+        let t = Instant::now();
+        while !self.out().contains(what) {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "no {what:?} on the console:\n{}\nstderr:\n{}",
+                self.out(),
+                self.err.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn type_line(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(format!("{line}\r").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Waits for the exit status.
+    fn finish(mut self) -> (i32, String, String) {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(50));
+                let err = self.err.lock().unwrap().clone();
+                assert!(!err.contains("panicked"), "popek panicked:\n{err}");
+                return (st.code().unwrap_or(-1), self.out(), err);
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                let _ = self.child.kill();
+                panic!("popek did not end:\n{}", self.out());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn wait_socket(p: &Path) {
+    let t = Instant::now();
+    while std::os::unix::net::UnixStream::connect(p).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(20), "no API socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `curl` on the socket: (status, body).
+fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut c = Command::new("curl");
+    c.args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
+        .arg(sock)
+        .args(["-X", method])
+        .arg(format!("http://localhost{path}"));
+    if let Some(b) = body {
+        c.args(["-H", "Content-Type: application/json", "-d", b]);
+    }
+    let o = c.output().expect("curl runs (scripts/test.sh installs it)");
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn fault(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    v["fault_message"].as_str().unwrap_or("").to_string()
+}
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("popek-api-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn a_running_vm_is_paused_snapshotted_and_restored_on_another_engine() {
+    let d = dir("run");
+    let sock = d.join("api.sock");
+    let mut vm = Popek::start(&[
+        "run",
+        "--engine",
+        "bt",
+        "-m",
+        "64M",
+        "--cmdline",
+        "wait",
+        "--api-sock",
+        s(&sock),
+    ]);
+    wait_socket(&sock);
+    vm.wait_for("waiting for input");
+    let (st, body) = curl(&sock, "GET", "/", None);
+    assert_eq!(st, 200, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(info["state"], "Running");
+    assert_eq!(info["engine"], "bt");
+    let (st, body) = curl(&sock, "GET", "/machine-config", None);
+    assert_eq!(st, 200);
+    let mc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (mc["vcpu_count"].as_u64(), mc["mem_size_mib"].as_u64()),
+        (Some(1), Some(64))
+    );
+
+    // Malformed and misplaced requests: 400 with a fault message.
+    for (m, p, b) in [
+        ("GET", "/nowhere", None),
+        ("DELETE", "/vm", None),
+        ("PATCH", "/vm", Some("{not json")),
+        ("PATCH", "/vm", Some(r#"{"state":"Sleeping"}"#)),
+        ("PATCH", "/vm", Some(r#"{"state":"Paused","colour":1}"#)),
+        ("PATCH", "/vm", Some(r#"{"engine":"warp"}"#)),
+        ("PUT", "/actions", Some(r#"{"action_type":"Explode"}"#)),
+        (
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type":"InstanceStart"}"#),
+        ),
+        ("PUT", "/boot-source", Some(r#"{"kernel_image_path":"/x"}"#)),
+        ("PUT", "/snapshot/load", Some(r#"{"snapshot_path":"/x"}"#)),
+        // Firecracker's rule: only a paused VM is snapshotted.
+        (
+            "PUT",
+            "/snapshot/create",
+            Some(r#"{"snapshot_path":"/tmp/x"}"#),
+        ),
+        ("PUT", "/actions", Some(r#"{"action_type":"FlushMetrics"}"#)),
+    ] {
+        let (st, body) = curl(&sock, m, p, b);
+        assert_eq!(st, 400, "{m} {p} {b:?}: {body}");
+        assert!(!fault(&body).is_empty(), "{m} {p}: {body}");
+    }
+    // The guest still answers.
+    vm.type_line("before");
+    vm.wait_for("minios: line: before");
+
+    // Metrics, Ctrl-Alt-Del (the keyboard is not the guest's console: it
+    // goes on).
+    let metrics = d.join("metrics.json");
+    let (st, _) = curl(
+        &sock,
+        "PUT",
+        "/metrics",
+        Some(&format!(r#"{{"metrics_path":"{}"}}"#, s(&metrics))),
+    );
+    assert_eq!(st, 204);
+    let (st, _) = curl(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type":"FlushMetrics"}"#),
+    );
+    assert_eq!(st, 204);
+    let line = std::fs::read_to_string(&metrics).unwrap();
+    let m: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert!(m["instructions"].as_u64().unwrap() > 1_000_000, "{line}");
+    let (st, _) = curl(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type":"SendCtrlAltDel"}"#),
+    );
+    assert_eq!(st, 204);
+
+    // Paused: GET / says so, typed input waits.
+    let (st, _) = curl(&sock, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
+    assert_eq!(st, 204);
+    let (_, body) = curl(&sock, "GET", "/", None);
+    assert!(body.contains("\"Paused\""), "{body}");
+    vm.type_line("while-paused");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !vm.out().contains("while-paused"),
+        "a paused VM runs nothing"
+    );
+    let snap = d.join("vm.snap");
+    let (st, body) = curl(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(&format!(
+            r#"{{"snapshot_type":"Full","snapshot_path":"{}","mem_file_path":"{}"}}"#,
+            s(&snap),
+            s(&d.join("vm.mem"))
+        )),
+    );
+    assert_eq!(st, 200, "{body}");
+    let (st, _) = curl(&sock, "PATCH", "/vm", Some(r#"{"state":"Resumed"}"#));
+    assert_eq!(st, 204);
+    vm.wait_for("minios: line: while-paused");
+
+    // popek snapshot: pause, write FILE and FILE.mem, end the VM.
+    let snap2 = d.join("second.snap");
+    let (st, _, err) = support::popek(&[
+        "snapshot",
+        "--api-sock",
+        s(&sock),
+        "-o",
+        s(&snap2),
+        "--stop",
+    ]);
+    assert_eq!(st, 0, "{err}");
+    assert!(d.join("second.snap.mem").exists());
+    let (st, _, err) = vm.finish();
+    assert_eq!(st, 0, "{err}");
+    assert!(err.contains("stopped through the API"), "{err}");
+    assert!(!sock.exists(), "the socket is removed at exit");
+
+    // Both snapshots go on under interp: the first has the paused line
+    // queued, the second has already echoed it.
+    for (file, expect) in [
+        (&snap, "minios: line: while-paused"),
+        (&snap2, "minios: line: after"),
+    ] {
+        let mut r = Popek::start(&["restore", s(file), "--engine", "interp"]);
+        r.type_line("after");
+        r.wait_for(expect);
+        r.type_line("off");
+        let (st, out, err) = r.finish();
+        assert_eq!(st, 0, "{err}");
+        assert!(err.contains("on engine interp"), "{err}");
+        assert!(
+            !out.contains("booting"),
+            "a restored VM does not boot again:\n{out}"
+        );
+    }
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn no_boot_waits_for_the_api_to_configure_and_start_the_vm() {
+    let d = dir("noboot");
+    let sock = d.join("api.sock");
+    let kernel = d.join("minios.elf");
+    std::fs::write(&kernel, popek_guests::by_name("minios").unwrap()).unwrap();
+    let mut vm = Popek::start(&["run", "--engine", "bt", "--api-sock", s(&sock), "--no-boot"]);
+    wait_socket(&sock);
+    let (st, body) = curl(&sock, "GET", "/", None);
+    assert_eq!(st, 200);
+    assert!(body.contains("Not started"), "{body}");
+    let (st, body) = curl(&sock, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
+    assert_eq!(st, 400, "runtime requests wait for the boot: {body}");
+    let (st, _) = curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count":2}"#));
+    assert_eq!(st, 400, "one vCPU");
+    let (st, _) = curl(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count":1,"mem_size_mib":48}"#),
+    );
+    assert_eq!(st, 204);
+    let (st, _) = curl(
+        &sock,
+        "PUT",
+        "/boot-source",
+        Some(&format!(
+            r#"{{"kernel_image_path":"{}","boot_args":"wait"}}"#,
+            s(&kernel)
+        )),
+    );
+    assert_eq!(st, 204);
+    assert!(vm.out().is_empty(), "nothing runs before InstanceStart");
+    let (st, _) = curl(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type":"InstanceStart"}"#),
+    );
+    assert_eq!(st, 204);
+    vm.wait_for("waiting for input");
+    let (_, body) = curl(&sock, "GET", "/machine-config", None);
+    assert!(body.contains("\"mem_size_mib\":48"), "{body}");
+
+    // A live engine switch (popek's extension of PATCH /vm): the guest
+    // goes on under interp and back under bt.
+    let (st, body) = curl(&sock, "PATCH", "/vm", Some(r#"{"engine":"interp"}"#));
+    assert_eq!(st, 204, "{body}");
+    let (_, body) = curl(&sock, "GET", "/", None);
+    assert!(body.contains("\"engine\":\"interp\""), "{body}");
+    vm.type_line("on-interp");
+    vm.wait_for("minios: line: on-interp");
+    let (st, _) = curl(&sock, "PATCH", "/vm", Some(r#"{"engine":"bt"}"#));
+    assert_eq!(st, 204);
+    let (st, body) = curl(&sock, "PATCH", "/vm", Some(r#"{"engine":"hw"}"#));
+    if st == 400 {
+        // Only where the KVM here cannot run 32-bit paging (kvm_pvm): the
+        // reason comes back.
+        assert!(fault(&body).contains("cannot run"), "{body}");
+        eprintln!("engine switch to hw refused here: {}", fault(&body));
+    }
+    let (_, body) = curl(&sock, "GET", "/", None);
+    let switches = serde_json::from_str::<serde_json::Value>(&body).unwrap()["engine_switches"]
+        .as_u64()
+        .unwrap();
+    assert!(switches >= 2, "{body}");
+    vm.type_line("off");
+    let (st, _, err) = vm.finish();
+    assert_eq!(st, 0, "{err}");
+
+    // Loading a snapshot into an empty popek, started paused, then resumed.
+    let src = Popek::start(&[
+        "run",
+        "--engine",
+        "bt",
+        "-m",
+        "32M",
+        "--cmdline",
+        "wait",
+        "--api-sock",
+        s(&sock),
+    ]);
+    wait_socket(&sock);
+    src.wait_for("waiting for input");
+    let snap = d.join("vm.snap");
+    let (st, _, err) =
+        support::popek(&["snapshot", "--api-sock", s(&sock), "-o", s(&snap), "--stop"]);
+    assert_eq!(st, 0, "{err}");
+    src.finish();
+    let mut vm = Popek::start(&[
+        "run",
+        "--api-sock",
+        s(&sock),
+        "--no-boot",
+        "--engine",
+        "interp",
+    ]);
+    wait_socket(&sock);
+    let (st, body) = curl(
+        &sock,
+        "PUT",
+        "/snapshot/load",
+        Some(&format!(
+            r#"{{"snapshot_path":"{}","mem_backend":{{"backend_type":"File","backend_path":"{}"}},"resume_vm":false}}"#,
+            s(&snap),
+            s(&d.join("elsewhere.mem"))
+        )),
+    );
+    assert_eq!(st, 400, "a memory file other than the snapshot's: {body}");
+    let (st, body) = curl(
+        &sock,
+        "PUT",
+        "/snapshot/load",
+        Some(&format!(
+            r#"{{"snapshot_path":"{}","mem_backend":{{"backend_type":"File","backend_path":"{}.mem"}},"resume_vm":false}}"#,
+            s(&snap),
+            s(&snap)
+        )),
+    );
+    assert_eq!(st, 204, "{body}");
+    let (_, body) = curl(&sock, "GET", "/", None);
+    assert!(
+        body.contains("\"Paused\"") && body.contains("interp"),
+        "{body}"
+    );
+    vm.type_line("loaded");
+    let (st, _) = curl(&sock, "PATCH", "/vm", Some(r#"{"state":"Resumed"}"#));
+    assert_eq!(st, 204);
+    vm.wait_for("minios: line: loaded");
+    vm.type_line("off");
+    let (st, _, err) = vm.finish();
+    assert_eq!(st, 0, "{err}");
+    std::fs::remove_dir_all(d).unwrap();
+}
