@@ -530,6 +530,12 @@ struct Session {
     /// Where Ctrl-A s writes its snapshots.
     #[arg(long, value_name = "DIR", default_value = ".")]
     snapshot_dir: PathBuf,
+    /// The engine that takes over, for a while, where the engine at hand
+    /// cannot execute an instruction (a software KVM's emulator lacks it);
+    /// the VM then returns. `--engine auto` on hw falls back to bt (or
+    /// interp) by itself.
+    #[arg(long, value_enum, value_name = "ENGINE")]
+    fallback_engine: Option<EngineArg>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -638,7 +644,7 @@ fn run(a: RunArgs) -> u8 {
         Ok(api) => api,
         Err(code) => return code,
     };
-    let (vm, api) = match api {
+    let (mut vm, api) = match api {
         Some((server, rx)) if a.no_boot => match api::preboot(&a, &rx) {
             Ok(vm) => (vm, Some((server, rx))),
             Err(code) => return code,
@@ -648,12 +654,19 @@ fn run(a: RunArgs) -> u8 {
             Err(code) => return code,
         },
     };
+    if matches!(a.engine, EngineArg::Auto) && vm.engine_kind() == EngineKind::Hw {
+        let mode = vm.cpu_mode();
+        vm.set_fallback(EngineKind::fallback_for(mode));
+    }
     drive(vm, &a.session, api)
 }
 
 /// Runs a built VM with the terminal as its console until it ends, and
 /// reports: `popek run` and `popek restore`.
 fn drive(mut vm: Vm, s: &Session, api: Option<api::Api>) -> u8 {
+    if let Some(f) = s.fallback_engine.and_then(engine_kind) {
+        vm.set_fallback(Some(f));
+    }
     let _server = api.map(|(server, rx)| {
         vm.set_control(api::forward(rx));
         server

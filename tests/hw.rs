@@ -460,3 +460,66 @@ fn temp(code: &[u8]) -> std::path::PathBuf {
     std::fs::write(&p, code).unwrap();
     p
 }
+
+/// Where a software KVM cannot execute an instruction (kvm_pvm has no x87
+/// in real mode), `--fallback-engine bt` runs it and the VM returns to hw
+/// afterwards: the guest ends as on every engine, with the switches
+/// counted. On hardware VT nothing needs to fall back.
+#[test]
+fn hw_falls_back_to_bt_where_it_cannot_go_on_and_returns() {
+    if !kvm() {
+        return;
+    }
+    // mov ecx, 300000; fld1; l: dec ecx; jnz l; mov al, 21; out 0xf4, al
+    let code = [
+        0x66, 0xb9, 0xe0, 0x93, 0x04, 0x00, 0xd9, 0xe8, 0x66, 0x49, 0x75, 0xfc, 0xb0, 0x15, 0xe6,
+        0xf4,
+    ];
+    let r = run_flat(
+        "fallback.bin",
+        &code,
+        "flat-real",
+        0x7c00,
+        &[
+            "--engine",
+            "hw",
+            "--memory",
+            "4M",
+            "--fallback-engine",
+            "bt",
+            "--stats",
+        ],
+    );
+    assert_eq!(r.status, (21 << 1) | 1, "{}", r.stderr);
+    let switches: u64 = r
+        .stderr
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("engine switches"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("--stats counts engine switches");
+    let plain = run_flat(
+        "fallback.bin",
+        &code,
+        "flat-real",
+        0x7c00,
+        &["--engine", "hw", "--memory", "4M"],
+    );
+    if plain.status == r.status {
+        assert_eq!(
+            switches, 0,
+            "this KVM runs x87 code in real mode: nothing fell back"
+        );
+        eprintln!("nothing to fall back from here: this KVM runs x87 code in real mode");
+    } else {
+        assert_eq!(
+            plain.status, 4,
+            "without a fallback the VM dies: {}",
+            plain.stderr
+        );
+        assert_eq!(
+            switches, 2,
+            "to bt at the fld1, back to hw after it:\n{}",
+            r.stderr
+        );
+    }
+}

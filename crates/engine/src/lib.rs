@@ -112,6 +112,17 @@ pub enum EngineError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The engine cannot execute the vCPU's next instruction (a software
+    /// KVM's emulator lacks it), and stopped before it with the state
+    /// intact: another engine can go on from there. Reported like
+    /// [`EngineError::Internal`] when no other engine is asked to.
+    #[error("engine {engine} failed: {reason}")]
+    CannotContinue {
+        /// Engine name.
+        engine: &'static str,
+        /// What it could not do, with the vCPU's registers.
+        reason: String,
+    },
     /// An internal error while running the guest.
     #[error("engine {engine} failed: {reason}")]
     Internal {

@@ -980,7 +980,20 @@ impl Hw {
                     if self.emulate_failed_instruction()? {
                         continue;
                     }
-                    return Err(self.internal_error());
+                    let run = self.vcpu.get_kvm_run();
+                    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR:
+                    // `internal` is live.
+                    let sub = unsafe { run.__bindgen_anon_1.internal.suberror };
+                    return Err(match self.internal_error() {
+                        // The vCPU stopped before the instruction, its state
+                        // intact: another engine can run it.
+                        EngineError::Internal { engine, reason }
+                            if sub == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION =>
+                        {
+                            EngineError::CannotContinue { engine, reason }
+                        }
+                        e => e,
+                    });
                 }
                 Exit::Other(name) => {
                     return Err(self.failure(format!("{name}: an exit popek does not handle"), None))

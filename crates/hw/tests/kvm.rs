@@ -579,3 +579,27 @@ fn state_round_trips_through_kvm() {
     assert_eq!(back.seg, s.seg);
     assert_eq!(back.efer, s.efer);
 }
+
+/// The x87 and SSE state goes into KVM and comes back as it went in: an
+/// engine switch or a snapshot carries it.
+#[test]
+fn fpu_state_round_trips_through_kvm() {
+    if caps().is_none() {
+        return;
+    }
+    let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
+    let machine = Machine::new(MachineConfig::default(), ram, Box::new(std::io::sink())).unwrap();
+    let mut hw = Hw::new(&machine).unwrap();
+    let mut s = popek_cpu::CpuState::reset();
+    s.fpu.fcw = 0x37f;
+    s.fpu.fsw = 7 << 11; // TOP = 7: ST0 is R7
+    s.fpu.ftw = 0x3fff; // R7 valid, the rest empty
+    s.fpu.regs[7] = popek_cpu::state::F80 {
+        mantissa: 0x8000_0000_0000_0000,
+        sign_exp: 0x3fff,
+    };
+    s.fpu.xmm[1] = 0x1234;
+    hw.set_state(s.clone()).unwrap();
+    let back = hw.state();
+    assert_eq!(back.fpu, s.fpu);
+}

@@ -21,6 +21,12 @@ use crate::snapshot::{
 };
 use crate::{EngineKind, Outcome, PanicWatch, Vm, VmError, WatchedConsole, ENGINES};
 
+/// Instructions the fallback engine runs before the VM returns to the
+/// engine that could not go on: enough to get past the instruction and
+/// its neighbours (a loop of them), few enough that the fast engine soon
+/// runs again.
+pub const FALLBACK_SLICE: u64 = 100_000;
+
 /// What a diff snapshot is taken against: the memory chain of the last
 /// snapshot this VM wrote or was restored from.
 #[derive(Clone, Debug)]
@@ -452,6 +458,46 @@ impl Vm {
         Ok(())
     }
 
+    /// The vCPU's CPU mode now.
+    pub fn cpu_mode(&mut self) -> GuestMode {
+        GuestMode::of_state(&self.engine.state())
+    }
+
+    /// Names the engine that takes over, for a while, where the engine at
+    /// hand cannot execute an instruction (`--engine auto` on `hw`: a
+    /// software KVM's emulator lacks it); `None`: such a failure ends the
+    /// VM, reported with registers.
+    pub fn set_fallback(&mut self, engine: Option<EngineKind>) {
+        self.fallback = engine.filter(|&e| e != self.kind);
+    }
+
+    /// The engine at hand cannot go on: moves to the fallback engine for
+    /// [`FALLBACK_SLICE`] instructions, then back. Without a fallback (or
+    /// when it cannot take the vCPU) the VM dies with the report.
+    pub(crate) fn fall_back(&mut self, engine: &str, reason: &str) -> Option<Outcome> {
+        let died = |vm: &mut Vm, why: String| {
+            Some(Outcome::Died(crate::report::died(
+                vm.engine.as_mut(),
+                &format!("engine {engine} failed: {why}"),
+            )))
+        };
+        let Some(to) = self.fallback.filter(|&f| f != self.kind) else {
+            return died(self, reason.to_string());
+        };
+        let from = self.kind;
+        if let Err(why) = self.switch_engine(to) {
+            return died(self, format!("{reason}\n(and the fallback failed: {why})"));
+        }
+        tracing::debug!(
+            "{} cannot go on at {}: {} takes over",
+            from.name(),
+            self.engine.instructions(),
+            to.name()
+        );
+        self.return_to = Some((from, self.engine.instructions() + FALLBACK_SLICE));
+        None
+    }
+
     /// Pauses the VM: its exit loop serves only control requests until a
     /// `Resume` (a snapshot loaded without `resume_vm`).
     pub fn pause(&mut self) {
@@ -613,6 +659,15 @@ impl EngineKind {
             .iter()
             .find(|(_, f)| f.name() == name)
             .map(|(k, _)| *k)
+    }
+
+    /// The software engine that takes over where `hw` cannot go on, for a
+    /// vCPU in `mode`: `bt` where it runs the mode, else `interp`.
+    pub fn fallback_for(mode: GuestMode) -> Option<EngineKind> {
+        [EngineKind::Bt, EngineKind::Interp].into_iter().find(|k| {
+            let f = k.factory();
+            f.available().is_ok() && f.can_run(mode).is_ok()
+        })
     }
 
     /// `--engine auto`'s choice for a vCPU in `mode`.

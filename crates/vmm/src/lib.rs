@@ -379,6 +379,11 @@ pub struct Vm {
     switches: u64,
     /// Where Ctrl-A s writes, and how many it wrote.
     console_snapshots: (PathBuf, u32),
+    /// The engine that goes on where the engine at hand cannot.
+    fallback: Option<EngineKind>,
+    /// After a fallback: the engine to return to, and from which
+    /// instruction count.
+    return_to: Option<(EngineKind, u64)>,
 }
 
 /// What a guest kernel prints when it gives up; after it, a guest makes no
@@ -683,6 +688,8 @@ impl Vm {
             paused: false,
             switches: 0,
             console_snapshots: (PathBuf::from("."), 0),
+            fallback: None,
+            return_to: None,
         }
     }
 
@@ -872,8 +879,22 @@ impl Vm {
             if let Some(n) = self.machine.instructions_to_next_event(before) {
                 budget = budget.min(n);
             }
+            if let Some((back, at)) = self.return_to {
+                if before >= at {
+                    self.return_to = None;
+                    if let Err(why) = self.switch_engine(back) {
+                        tracing::debug!("staying on {}: {why}", self.kind.name());
+                    }
+                }
+            }
             let exit = match self.engine.run(&mut self.machine, budget) {
                 Ok(x) => x,
+                Err(EngineError::CannotContinue { engine, reason }) => {
+                    if let Some(o) = self.fall_back(engine, &reason) {
+                        return o;
+                    }
+                    continue;
+                }
                 Err(EngineError::Unsupported { engine, reason }) => {
                     return Outcome::Unsupported(format!(
                         "engine {engine} cannot run this guest: {reason}"
