@@ -189,7 +189,7 @@ impl EngineFactory for TrapFactory {
         if mode == GuestMode::Real {
             // A flat real-mode entry is refused the same way at run time.
             return Err(
-                "trap-and-emulate runs protected-mode guests (ring deprivileging needs rings): use --engine bt or interp"
+                "a guest in real mode: trap-and-emulate runs protected-mode guests (ring deprivileging needs rings): use --engine bt or interp"
                     .into(),
             );
         }
