@@ -101,8 +101,9 @@ fn mem_err(path: &Path, e: popek_memory::MemoryError) -> SnapshotError {
 
 /// Fills `ram` from a memory chain: each layer's pages over the ones
 /// before, each checked against its state file's checksum. With `mapped`,
-/// the first (full) layer is already `ram`'s backing file and is only
-/// checked.
+/// the first (full) layer is already `ram`'s backing file: it is not read
+/// at all (that is what makes a clone start in milliseconds), so only its
+/// size was checked.
 fn load_layers(ram: &GuestRam, layers: &[Layer], mapped: bool) -> Result<(), SnapshotError> {
     let pages = ram.size() / PAGE_SIZE;
     for (i, l) in layers.iter().enumerate() {
@@ -120,12 +121,12 @@ fn load_layers(ram: &GuestRam, layers: &[Layer], mapped: bool) -> Result<(), Sna
         };
         let wanted = set.as_ref().map(|s| move |p: u64| s[p as usize]);
         let wanted_dyn: Option<&dyn Fn(u64) -> bool> = wanted.as_ref().map(|w| w as _);
-        let got = if i == 0 && mapped {
-            ram.image_crc(&f, wanted_dyn)
-        } else {
-            ram.load_image(&f, wanted_dyn)
+        if i == 0 && mapped {
+            continue;
         }
-        .map_err(|e| mem_err(&l.mem, e))?;
+        let got = ram
+            .load_image(&f, wanted_dyn)
+            .map_err(|e| mem_err(&l.mem, e))?;
         if got.pages != l.desc.pages_stored || got.crc != l.desc.crc32 {
             return Err(SnapshotError::Bad {
                 path: l.mem.display().to_string(),
@@ -143,16 +144,59 @@ fn load_layers(ram: &GuestRam, layers: &[Layer], mapped: bool) -> Result<(), Sna
     Ok(())
 }
 
-/// RAM as it was at a snapshot: its full memory file mapped copy-on-write,
-/// its diffs read over it.
-fn memory_at(layers: &[Layer], size: u64) -> Result<GuestRam, SnapshotError> {
-    let first = layers
-        .first()
-        .ok_or_else(|| SnapshotError::Refused("an empty memory chain".into()))?;
-    let f = open_mem(&first.mem, size)?;
-    let ram = GuestRam::map_private(&f, size).map_err(|e| mem_err(&first.mem, e))?;
-    load_layers(&ram, &layers[1..], false)?;
-    Ok(ram)
+/// Which pages of `ram` differ from RAM as it was at the snapshot whose
+/// memory chain is `layers`: the full memory file read chunk by chunk
+/// (holes read as zeros), each diff's pages laid over it.
+fn changed_since(ram: &GuestRam, layers: &[Layer]) -> Result<Vec<bool>, SnapshotError> {
+    use std::os::unix::fs::FileExt;
+    let pages = ram.size() / PAGE_SIZE;
+    let mut files = Vec::new();
+    for l in layers {
+        let f = open_mem(&l.mem, ram.size())?;
+        let set = match l.desc.kind {
+            SnapshotKind::Full => None,
+            SnapshotKind::Diff => {
+                Some(
+                    page_set(&l.desc.pages, pages).ok_or_else(|| SnapshotError::Bad {
+                        path: l.state.display().to_string(),
+                        why: "a diff page list beyond RAM".into(),
+                    })?,
+                )
+            }
+        };
+        // Only the data extents are read: reading a hole would fill the
+        // page cache with zeros.
+        let extents =
+            popek_memory::image::data_extents(&f, ram.size()).map_err(|e| mem_err(&l.mem, e))?;
+        files.push((f, set, extents));
+    }
+    let mut fill = |first: u64, buf: &mut [u8]| -> std::io::Result<()> {
+        let (lo, hi) = (first * PAGE_SIZE, first * PAGE_SIZE + buf.len() as u64);
+        for (f, set, extents) in &files {
+            match set {
+                None => {
+                    buf.fill(0);
+                    for &(s, e) in extents {
+                        let (s, e) = (s.max(lo), e.min(hi));
+                        if s < e {
+                            f.read_exact_at(&mut buf[(s - lo) as usize..(e - lo) as usize], s)?;
+                        }
+                    }
+                }
+                Some(set) => {
+                    for (i, page) in buf.chunks_exact_mut(PAGE_SIZE as usize).enumerate() {
+                        let p = first + i as u64;
+                        if set[p as usize] {
+                            f.read_exact_at(page, p * PAGE_SIZE)?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    };
+    ram.pages_differing(&mut fill)
+        .map_err(|e| SnapshotError::Refused(format!("cannot compare with the last snapshot: {e}")))
 }
 
 fn abs(p: &Path) -> PathBuf {
@@ -239,12 +283,7 @@ impl Vm {
                                 .into(),
                         ));
                     }
-                    let base = memory_at(&last.layers, ram.size())?;
-                    let changed: Vec<bool> = (0..pages)
-                        // SAFETY: both RAMs are still: the vCPU is stopped and
-                        // `base` is private to this function.
-                        .map(|p| unsafe { ram.page_slice(p) != base.page_slice(p) })
-                        .collect();
+                    let changed = changed_since(&ram, &last.layers)?;
                     (Some(last.clone()), Some(changed))
                 }
             };

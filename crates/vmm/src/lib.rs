@@ -856,6 +856,12 @@ impl Vm {
         // Watchdog: whole slices in which not one instruction retired.
         let mut stuck_slices = 0;
         let mut panicked_at: Option<u64> = None;
+        // The restore benchmark times process start to this line.
+        tracing::debug!(
+            "running the vCPU on {} from instruction {}",
+            self.kind.name(),
+            self.engine.instructions()
+        );
         loop {
             if let Some(o) = self.serve_control() {
                 return o;
