@@ -4,94 +4,11 @@
 
 mod support;
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// A `popek` running in the background with its console on pipes.
-struct Popek {
-    child: Child,
-    out: Arc<Mutex<String>>,
-    err: Arc<Mutex<String>>,
-}
-
-impl Popek {
-    fn start(args: &[&str]) -> Popek {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_popek"))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("popek starts");
-        let out = Arc::new(Mutex::new(String::new()));
-        let err = Arc::new(Mutex::new(String::new()));
-        for (mut pipe, buf) in [
-            (
-                Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-                out.clone(),
-            ),
-            (Box::new(child.stderr.take().unwrap()), err.clone()),
-        ] {
-            std::thread::spawn(move || {
-                let mut b = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut b) {
-                    if n == 0 {
-                        break;
-                    }
-                    buf.lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&b[..n]));
-                }
-            });
-        }
-        Popek { child, out, err }
-    }
-
-    fn out(&self) -> String {
-        self.out.lock().unwrap().clone()
-    }
-
-    /// Waits until the console shows `what` (or fails after 30 s).
-    fn wait_for(&self, what: &str) {
-        let t = Instant::now();
-        while !self.out().contains(what) {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "no {what:?} on the console:\n{}\nstderr:\n{}",
-                self.out(),
-                self.err.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn type_line(&mut self, line: &str) {
-        let stdin = self.child.stdin.as_mut().unwrap();
-        stdin.write_all(format!("{line}\r").as_bytes()).unwrap();
-        stdin.flush().unwrap();
-    }
-
-    /// Waits for the exit status.
-    fn finish(mut self) -> (i32, String, String) {
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(50));
-                let err = self.err.lock().unwrap().clone();
-                assert!(!err.contains("panicked"), "popek panicked:\n{err}");
-                return (st.code().unwrap_or(-1), self.out(), err);
-            }
-            if t.elapsed() > Duration::from_secs(60) {
-                let _ = self.child.kill();
-                panic!("popek did not end:\n{}", self.out());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
+use support::Popek;
 
 fn wait_socket(p: &Path) {
     let t = Instant::now();

@@ -496,3 +496,57 @@ fn the_snapshot_loader_survives_random_state_files() {
     assert!(refused > 0 && ran > 0);
     std::fs::remove_dir_all(d).unwrap();
 }
+
+/// A snapshot moves between hw and the software engines in both
+/// directions (an unpaged protected-mode guest in the middle of a loop:
+/// what every KVM here runs). Skipped, saying why, without a usable KVM.
+#[test]
+fn snapshots_move_between_hw_and_bt_both_ways() {
+    if !EngineKind::Hw.available() {
+        eprintln!("skipped: no usable /dev/kvm here");
+        return;
+    }
+    let d = dir("hw");
+    // mov ecx, 3000000; l: dec ecx; jnz l; mov eax, ecx; add al, 7; out 0xf4, al
+    let code = [
+        0xb9, 0xc0, 0xc6, 0x2d, 0x00, 0x49, 0x75, 0xfd, 0x89, 0xc8, 0x04, 0x07, 0xe6, 0xf4,
+    ];
+    let kernel = d.join("loop.bin");
+    std::fs::write(&kernel, code).unwrap();
+    for (first, then) in [
+        (EngineKind::Hw, EngineKind::Bt),
+        (EngineKind::Bt, EngineKind::Hw),
+    ] {
+        let mut cfg = config("minios", first, "");
+        cfg.memory = 8 << 20;
+        cfg.kernel = KernelSource::File {
+            path: kernel.clone(),
+            format: Some(popek_vmm::FileFormat::FlatProtected {
+                load_addr: 0x100000,
+            }),
+        };
+        let mut vm = Vm::new(&cfg, Box::new(std::io::sink())).unwrap();
+        // A few slices in: the loop is under way (hw counts time, not
+        // instructions, so stop after a few of its slices).
+        assert_eq!(vm.run_limited(vm.engine.instructions() + 1_000_000), None);
+        let ecx = vm.engine.state().gpr[1];
+        assert!(
+            ecx > 0 && ecx < 3_000_000,
+            "{}: mid-loop, ecx {ecx}",
+            first.name()
+        );
+        let snap = d.join(format!("{}.snap", first.name()));
+        vm.snapshot(&snap, None, SnapshotKind::Full).unwrap();
+        drop(vm);
+        let (mut vm, _) = restore(&snap, then, false);
+        assert_eq!(vm.engine.state().gpr[1], ecx, "the vCPU arrives as it left");
+        assert_eq!(
+            vm.run(),
+            Outcome::DebugExit(7),
+            "{} -> {}: the loop finishes",
+            first.name(),
+            then.name()
+        );
+    }
+    std::fs::remove_dir_all(d).unwrap();
+}

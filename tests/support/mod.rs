@@ -5,9 +5,12 @@
 // Each test binary uses a different part of it.
 #![allow(dead_code)]
 
+use std::io::{Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// How a `popek` process ended.
 pub struct Run {
@@ -155,4 +158,100 @@ pub fn multiboot_elf(addr: u32, code: &[u8], memsz: u32, entry: u32) -> Vec<u8> 
     put32(&mut f, 0x88, 0u32.wrapping_sub(magic));
     f[DATA..].copy_from_slice(code);
     f
+}
+
+/// A `popek` running in the background with its console on pipes.
+pub struct Popek {
+    child: Child,
+    out: Arc<Mutex<String>>,
+    err: Arc<Mutex<String>>,
+}
+
+impl Popek {
+    /// Starts `popek` with `args`.
+    pub fn start(args: &[&str]) -> Popek {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_popek"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("popek starts");
+        let out = Arc::new(Mutex::new(String::new()));
+        let err = Arc::new(Mutex::new(String::new()));
+        for (mut pipe, buf) in [
+            (
+                Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+                out.clone(),
+            ),
+            (Box::new(child.stderr.take().unwrap()), err.clone()),
+        ] {
+            std::thread::spawn(move || {
+                let mut b = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut b) {
+                    if n == 0 {
+                        break;
+                    }
+                    buf.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&b[..n]));
+                }
+            });
+        }
+        Popek { child, out, err }
+    }
+
+    /// What it printed so far.
+    pub fn out(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    /// Waits until the console shows `what` (or fails after `secs` s).
+    pub fn wait_for_within(&self, what: &str, secs: u64) {
+        let t = Instant::now();
+        while !self.out().contains(what) {
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "no {what:?} on the console:\n{}\nstderr:\n{}",
+                self.out(),
+                self.err.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the console shows `what` (or fails after 30 s).
+    pub fn wait_for(&self, what: &str) {
+        self.wait_for_within(what, 30);
+    }
+
+    /// Types `line` and Enter on its console.
+    pub fn type_line(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(format!("{line}\r").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Waits for the exit status (at most 60 s): (status, stdout, stderr).
+    pub fn finish(self) -> (i32, String, String) {
+        self.finish_within(60)
+    }
+
+    /// As [`Popek::finish`], waiting at most `secs` s.
+    pub fn finish_within(mut self, secs: u64) -> (i32, String, String) {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(50));
+                let err = self.err.lock().unwrap().clone();
+                assert!(!err.contains("panicked"), "popek panicked:\n{err}");
+                return (st.code().unwrap_or(-1), self.out(), err);
+            }
+            if t.elapsed() > Duration::from_secs(secs) {
+                let _ = self.child.kill();
+                panic!("popek did not end:\n{}", self.out());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
