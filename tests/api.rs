@@ -339,3 +339,51 @@ fn no_boot_waits_for_the_api_to_configure_and_start_the_vm() {
     assert_eq!(st, 0, "{err}");
     std::fs::remove_dir_all(d).unwrap();
 }
+
+#[test]
+fn ctrl_a_s_on_the_console_writes_a_snapshot_that_restores() {
+    let d = dir("ctrl-a-s");
+    let mut vm = Popek::start(&[
+        "run",
+        "--engine",
+        "bt",
+        "-m",
+        "32M",
+        "--cmdline",
+        "wait",
+        "--snapshot-dir",
+        s(&d),
+    ]);
+    vm.wait_for("waiting for input");
+    vm.type_line("first");
+    vm.wait_for("minios: line: first");
+    vm.type_line("\u{1}s");
+    let t = Instant::now();
+    let snap = loop {
+        let found = std::fs::read_dir(&d)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "snap"));
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "no snapshot in {}", d.display());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    vm.type_line("off");
+    let (st, _, err) = vm.finish();
+    assert_eq!(st, 0, "{err}");
+    assert!(
+        err.contains("snapshot written to") && err.contains(s(&snap)),
+        "the path is printed:\n{err}"
+    );
+    let mut r = Popek::start(&["restore", s(&snap)]);
+    r.type_line("second");
+    r.wait_for("minios: line: second");
+    r.type_line("off");
+    let (st, out, err) = r.finish();
+    assert_eq!(st, 0, "{err}");
+    assert!(!out.contains("first"), "it goes on from the snapshot:\n{out}");
+    std::fs::remove_dir_all(d).unwrap();
+}
