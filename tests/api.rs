@@ -368,7 +368,11 @@ fn ctrl_a_s_on_the_console_writes_a_snapshot_that_restores() {
         if let Some(p) = found {
             break p;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "no snapshot in {}", d.display());
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no snapshot in {}",
+            d.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     vm.type_line("off");
@@ -384,6 +388,9 @@ fn ctrl_a_s_on_the_console_writes_a_snapshot_that_restores() {
     r.type_line("off");
     let (st, out, err) = r.finish();
     assert_eq!(st, 0, "{err}");
-    assert!(!out.contains("first"), "it goes on from the snapshot:\n{out}");
+    assert!(
+        !out.contains("first"),
+        "it goes on from the snapshot:\n{out}"
+    );
     std::fs::remove_dir_all(d).unwrap();
 }

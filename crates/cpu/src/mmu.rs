@@ -49,6 +49,14 @@ pub(crate) struct TlbEntry {
     host: usize,
 }
 
+impl TlbEntry {
+    /// Anything but [`INVALID`]: some tag is set.
+    #[inline]
+    fn live(&self) -> bool {
+        self.vtag | self.read_tag | self.write_tag != 0
+    }
+}
+
 const INVALID: TlbEntry = TlbEntry {
     vtag: 0,
     read_tag: 0,
@@ -144,11 +152,14 @@ impl Cpu {
 
 impl Tlb {
     pub(crate) fn new() -> Box<Tlb> {
-        Box::new(Tlb {
-            e: [[INVALID; WAYS * TLB_SIZE]; 4],
-            has_big: false,
-            fetch_gen: FETCH_GEN_STEP,
-        })
+        // Zeroed memory is untouched memory: a TLB costs host pages only
+        // for the indices a guest uses (a clone of an idle VM stays small).
+        // SAFETY: every field of `Tlb` and `TlbEntry` is an integer or a
+        // bool, for which all-zero bytes are valid, and an all-zero entry
+        // is `INVALID` (the test `an_all_zero_entry_is_invalid`).
+        let mut t = unsafe { Box::<Tlb>::new_zeroed().assume_init() };
+        t.fetch_gen = FETCH_GEN_STEP;
+        t
     }
 
     fn fetch_changed(&mut self) {
@@ -157,7 +168,13 @@ impl Tlb {
 
     /// Forgets everything, global pages included.
     pub(crate) fn flush_all(&mut self) {
-        self.e = [[INVALID; WAYS * TLB_SIZE]; 4];
+        // Entry by entry, writing only live ones: a page of entries never
+        // filled stays untouched host memory.
+        for set in self.e.iter_mut() {
+            for e in set.iter_mut().filter(|e| e.live()) {
+                *e = INVALID;
+            }
+        }
         self.has_big = false;
         self.fetch_changed();
     }
@@ -169,7 +186,7 @@ impl Tlb {
             // Fetch sets use way 0 only.
             let used = if i < 2 { WAYS * TLB_SIZE } else { TLB_SIZE };
             for e in set[..used].iter_mut() {
-                if !e.global {
+                if !e.global && e.live() {
                     *e = INVALID;
                 }
             }
@@ -642,6 +659,43 @@ unsafe fn write_host(p: *mut u8, size: u8, v: u64) {
             2 => (p as *mut u16).write_unaligned(v as u16),
             4 => (p as *mut u32).write_unaligned(v as u32),
             _ => (p as *mut u64).write_unaligned(v),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_all_zero_entry_is_invalid() {
+        let t = Tlb::new();
+        assert_eq!(t.fetch_gen, FETCH_GEN_STEP);
+        assert!(!t.has_big);
+        for set in t.e.iter() {
+            for e in set.iter() {
+                let fields = (
+                    e.vtag,
+                    e.read_tag,
+                    e.write_tag,
+                    e.writable,
+                    e.global,
+                    e.big,
+                    e.phys,
+                    e.host,
+                );
+                let invalid = (
+                    INVALID.vtag,
+                    INVALID.read_tag,
+                    INVALID.write_tag,
+                    INVALID.writable,
+                    INVALID.global,
+                    INVALID.big,
+                    INVALID.phys,
+                    INVALID.host,
+                );
+                assert_eq!(fields, invalid);
+            }
         }
     }
 }

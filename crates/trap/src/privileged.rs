@@ -119,7 +119,7 @@ impl Trap {
         self.operand(i, &mut b, code, "LGDT/LIDT without memory")?;
         let limit = u16::from_le_bytes([b[0], b[1]]);
         let mut base = u32::from_le_bytes([b[2], b[3], b[4], b[5]]) as u64;
-        if i.op_code().operand_size() == 16 {
+        if popek_cpu::facts::operand_size(i.code()) == 16 {
             base &= 0x00ff_ffff;
         }
         let t = TableReg { base, limit };

@@ -327,7 +327,7 @@ impl Trap {
                 return self.deliver(Event::Exception(11, Some(code)));
             }
         };
-        let size: u32 = if i.op_code().operand_size() == 16 {
+        let size: u32 = if popek_cpu::facts::operand_size(i.code()) == 16 {
             2
         } else {
             4

@@ -119,7 +119,7 @@ pub(crate) fn ret(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
 
 /// Operand size of RET/RETF/IRET/PUSH-class instructions from their Code.
 fn c_op_size(d: &DecodedInsn) -> u8 {
-    match d.insn.op_code().operand_size() {
+    match crate::facts::operand_size(d.insn.code()) {
         16 => 2,
         32 => 4,
         _ => {

@@ -109,10 +109,7 @@ pub(crate) fn handler_for(insn: &Instruction) -> Option<Handler> {
 /// this for every instruction the match above does not name: it must be
 /// cheap.)
 fn is_x87(insn: &Instruction) -> bool {
-    let oc = insn.op_code();
-    oc.encoding() == iced_x86::EncodingKind::Legacy
-        && oc.table() == iced_x86::OpCodeTableKind::Normal
-        && (0xd8..=0xdf).contains(&oc.op_code())
+    crate::facts::is_x87(insn.code())
 }
 
 /// #NM rules for x87 instructions (SDM table 2-2).

@@ -79,7 +79,7 @@ macro_rules! pick1 {
 
 /// The operand-size attribute (2 or 4) of an instruction.
 pub fn op_size(insn: &Instruction, code_size: u8) -> u8 {
-    match insn.op_code().operand_size() {
+    match crate::facts::operand_size(insn.code()) {
         16 => 2,
         32 => 4,
         64 => 8,

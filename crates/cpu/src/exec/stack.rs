@@ -15,7 +15,7 @@ type R = Res;
 
 /// Operand size of PUSH/POP-class instructions.
 fn stack_op_size(d: &DecodedInsn) -> u8 {
-    match d.insn.op_code().operand_size() {
+    match crate::facts::operand_size(d.insn.code()) {
         16 => 2,
         32 => 4,
         _ => {
