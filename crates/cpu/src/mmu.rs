@@ -157,7 +157,15 @@ impl Tlb {
         // SAFETY: every field of `Tlb` and `TlbEntry` is an integer or a
         // bool, for which all-zero bytes are valid, and an all-zero entry
         // is `INVALID` (the test `an_all_zero_entry_is_invalid`).
-        let mut t = unsafe { Box::<Tlb>::new_zeroed().assume_init() };
+        let layout = std::alloc::Layout::new::<Tlb>();
+        // SAFETY: `Tlb` is not zero-sized; the pointer is checked below.
+        let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<Tlb>();
+        if p.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        // SAFETY: allocated by the global allocator with `Tlb`'s layout, and
+        // all-zero bytes are a valid `Tlb` (above).
+        let mut t = unsafe { Box::from_raw(p) };
         t.fetch_gen = FETCH_GEN_STEP;
         t
     }
