@@ -154,9 +154,9 @@ impl Tlb {
     pub(crate) fn new() -> Box<Tlb> {
         // Zeroed memory is untouched memory: a TLB costs host pages only
         // for the indices a guest uses (a clone of an idle VM stays small).
-        // SAFETY: every field of `Tlb` and `TlbEntry` is an integer or a
-        // bool, for which all-zero bytes are valid, and an all-zero entry
-        // is `INVALID` (the test `an_all_zero_entry_is_invalid`).
+        // Every field of `Tlb` and `TlbEntry` is an integer or a bool, for
+        // which all-zero bytes are valid, and an all-zero entry is
+        // `INVALID` (the test `an_all_zero_entry_is_invalid`).
         let layout = std::alloc::Layout::new::<Tlb>();
         // SAFETY: `Tlb` is not zero-sized; the pointer is checked below.
         let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<Tlb>();
