@@ -146,6 +146,12 @@ fn boot(engine: &str, vendor: &str) {
         out.contains("awk: 0.333"),
         "x87 arithmetic in busybox awk:\n{tail}"
     );
+    // PCI configuration mechanism #1 and the host bridge.
+    assert!(
+        out.contains("pci: 0000:00:00.0 0x8086 0x1237"),
+        "the host bridge is on the PCI bus:\n{tail}"
+    );
+    assert!(out.contains("pci fatal: 0"), "{tail}");
     assert!(out.contains("POPEK-DONE"), "{tail}");
     assert_eq!(
         status.code(),

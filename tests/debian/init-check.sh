@@ -12,5 +12,7 @@ echo "dmesg lines: $(dmesg | wc -l)"
 echo "arith: $((6*7))"
 echo "sha: $(echo popek | sha256sum | cut -c1-16)"
 echo "awk: $(awk 'BEGIN { printf "%.3f", 1/3 }')"
+echo "pci: $(ls /sys/bus/pci/devices | tr '\n' ' ')$(cat /sys/bus/pci/devices/0000:00:00.0/vendor /sys/bus/pci/devices/0000:00:00.0/device 2>/dev/null | tr '\n' ' ')"
+echo "pci fatal: $(dmesg | grep -c 'No config space access')"
 echo "POPEK-DONE"
 poweroff -f

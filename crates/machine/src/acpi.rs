@@ -11,7 +11,7 @@
 //! | XSDT | 0xE0080 | → FADT |
 //! | FACS | 0xE00C0 | 64-byte aligned, as required |
 //! | FADT | 0xE0100 | revision 6.5; SCI on IRQ 9; PM1a event block 0x600 (4 bytes), PM1a control block 0x604 (2 bytes), PM timer 0x608 (24-bit); no SMI command port (always in ACPI mode); reset register: I/O port 0x64, value 0xFE; century at CMOS 0x32; boot flags: legacy devices, no 8042 |
-//! | DSDT | 0xE0400 | `Name(\_S5_, Package(){5, 5, 0, 0})` |
+//! | DSDT | 0xE0400 | `Name(\_S5_, Package(){5, 5, 0, 0})`; `\_SB.PCI0`, the PCI root bridge of bus 0 (PNP0A03) with its `_CRS` |
 //!
 //! No MADT: the machine has no APIC yet, so guests use the 8259 PICs.
 //!
@@ -24,7 +24,10 @@
 //! Other sleep types are ignored (there is no S1–S4). No event ever raises
 //! the SCI.
 
-use acpi_tables::aml::{Name, Package, Path};
+use acpi_tables::aml::{
+    AddressSpace as AmlSpace, AddressSpaceCacheable, Device, EISAName, Name, Package, Path,
+    ResourceTemplate, Scope, IO,
+};
 use acpi_tables::facs::FACS;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -82,11 +85,54 @@ fn checksum(data: &[u8]) -> u8 {
     0u8.wrapping_sub(data.iter().fold(0u8, |a, &b| a.wrapping_add(b)))
 }
 
+/// `\_SB.PCI0`: the PCI root bridge (PNP0A03) of bus 0 behind
+/// configuration mechanism #1, with the resources it decodes — the ports
+/// but 0xCF8–0xCFF, the legacy VGA window and the MMIO window below 4 GiB.
+/// Under ACPI, Linux scans a PCI bus only where the DSDT names its root.
+fn pci_root() -> Vec<u8> {
+    use crate::memmap::{HOLE_START, MMIO_START};
+    // Below the I/O APIC and local APIC pages a modern PC keeps at the top.
+    const MMIO_TOP: u32 = 0xfebf_ffff;
+    let hid = EISAName::new("PNP0A03");
+    let buses = AmlSpace::<u16>::new_bus_number(0, 0xff);
+    let config = IO::new(0xcf8, 0xcf8, 1, 8);
+    let ports_low = AmlSpace::<u16>::new_io(0, 0xcf7, None);
+    let ports_high = AmlSpace::<u16>::new_io(0xd00, 0xffff, None);
+    let vga = AmlSpace::<u32>::new_memory(
+        AddressSpaceCacheable::Cacheable,
+        true,
+        HOLE_START as u32,
+        0xb_ffff,
+        None,
+    );
+    let mmio = AmlSpace::<u32>::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        MMIO_START as u32,
+        MMIO_TOP,
+        None,
+    );
+    let crs = ResourceTemplate::new(vec![&buses, &config, &ports_low, &ports_high, &vga, &mmio]);
+    let names = [
+        Name::new(Path::new("_HID"), &hid),
+        Name::new(Path::new("_ADR"), &0u8),
+        Name::new(Path::new("_BBN"), &0u8),
+        Name::new(Path::new("_UID"), &0u8),
+        Name::new(Path::new("_CRS"), &crs),
+    ];
+    let pci0 = Device::new(
+        Path::new("PCI0"),
+        names.iter().map(|n| n as &dyn Aml).collect(),
+    );
+    bytes(&Scope::new(Path::new("\\_SB_"), vec![&pci0]))
+}
+
 /// The ACPI tables: `(guest-physical address, bytes)` for each.
 pub fn tables() -> Vec<(u64, Vec<u8>)> {
     let s5 = Package::new(vec![&5u8, &5u8, &0u8, &0u8]);
     let mut dsdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, 1);
     dsdt.append_slice(&bytes(&Name::new(Path::new("\\_S5_"), &s5)));
+    dsdt.append_slice(&pci_root());
 
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, 1)
         .dsdt_32(DSDT_ADDR as u32)
@@ -257,6 +303,22 @@ mod tests {
     }
 
     #[test]
+    fn dsdt_names_the_pci_root_bridge() {
+        let t = tables();
+        let dsdt = &t.iter().find(|(a, _)| *a == DSDT_ADDR).unwrap().1;
+        let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"_SB_") && has(b"PCI0") && has(b"_CRS") && has(b"_BBN"));
+        // EISAID("PNP0A03") compressed: 41 D0 0A 03.
+        assert!(has(&[0x0c, 0x41, 0xd0, 0x0a, 0x03]), "_HID PNP0A03");
+        assert_eq!(
+            dsdt.iter().fold(0u8, |a, &b| a.wrapping_add(b)),
+            0,
+            "checksum"
+        );
+        assert!(DSDT_ADDR + dsdt.len() as u64 <= ACPI_END);
+    }
+
+    #[test]
     fn dsdt_has_s5() {
         let t = tables();
         let dsdt = &t.iter().find(|(a, _)| *a == DSDT_ADDR).unwrap().1;
@@ -264,7 +326,7 @@ mod tests {
         let aml = &dsdt[36..];
         // NameOp '\' "_S5_" PackageOp len 4 BytePrefix 5 BytePrefix 5 Zero Zero
         assert_eq!(
-            aml,
+            &aml[..15],
             &[
                 0x08, b'\\', b'_', b'S', b'5', b'_', 0x12, 0x08, 0x04, 0x0a, 0x05, 0x0a, 0x05,
                 0x00, 0x00

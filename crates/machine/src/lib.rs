@@ -3,8 +3,9 @@
 //! A [`Machine`] owns guest RAM (shared with the engine), an I/O-port bus
 //! and an MMIO bus, and the PC devices: the 8259A PIC pair ([`pic`]), the
 //! 8254 PIT ([`pit`]), the CMOS RTC ([`rtc`]), COM1 ([`uart`]), a minimal
-//! i8042 ([`i8042`]), the ACPI tables and PM1 block ([`acpi`]) and QEMU's
-//! isa-debug-exit ([`debug_exit`]). Unclaimed ports read all ones and
+//! i8042 ([`i8042`]), the ACPI tables and PM1 block ([`acpi`]), QEMU's
+//! isa-debug-exit ([`debug_exit`]) and PCI configuration mechanism #1 with
+//! a host bridge ([`pci`]). Unclaimed ports read all ones and
 //! ignore writes.
 //!
 //! The machine knows nothing about CPUs. An engine drives it through a
@@ -27,6 +28,7 @@ pub mod bus;
 pub mod debug_exit;
 pub mod i8042;
 pub mod memmap;
+pub mod pci;
 pub mod persist;
 pub mod pic;
 pub mod pit;
@@ -147,6 +149,8 @@ enum Port {
     Uart,
     DebugExit,
     Pm,
+    PciAddress,
+    PciData,
 }
 
 #[derive(Debug)]
@@ -223,6 +227,7 @@ pub struct Machine {
     uart: uart::Uart,
     i8042: i8042::I8042,
     pm: acpi::PmBlock,
+    pci: pci::Pci,
     stop: Option<StopReason>,
     rsdp: u64,
 }
@@ -286,6 +291,8 @@ impl Machine {
                 Port::DebugExit,
             ),
             (acpi::PM_BASE, acpi::PM_LEN, Port::Pm),
+            (pci::CONFIG_ADDRESS, 4, Port::PciAddress),
+            (pci::CONFIG_DATA, 4, Port::PciData),
         ] {
             io.insert(u64::from(base), u64::from(len), dev)?;
         }
@@ -302,6 +309,7 @@ impl Machine {
             uart: uart::Uart::new(console),
             i8042: i8042::I8042::new(),
             pm: acpi::PmBlock::new(),
+            pci: pci::Pci::new(),
             stop: None,
             rsdp: acpi::RSDP_ADDR,
         })
@@ -361,7 +369,7 @@ impl Machine {
             Port::Rtc if offset == 0 => self.rtc.read_index(),
             Port::Rtc => self.rtc.read_data(self.clock.wall(now)),
             Port::Uart => self.uart.read(offset as u8),
-            Port::DebugExit | Port::Pm => 0xff,
+            Port::DebugExit | Port::Pm | Port::PciAddress | Port::PciData => 0xff,
         }
     }
 
@@ -396,13 +404,15 @@ impl Machine {
                 self.rtc.write_data(val, wall);
             }
             Port::Uart => self.uart.write(offset as u8, val),
-            Port::DebugExit | Port::Pm => {}
+            Port::DebugExit | Port::Pm | Port::PciAddress | Port::PciData => {}
         }
     }
 
     fn dev_read(&mut self, dev: Port, offset: u16, data: &mut [u8]) {
         match dev {
             Port::Pm => self.pm.read(u64::from(offset), data, self.clock.now()),
+            Port::PciAddress => self.pci.read_address(offset, data),
+            Port::PciData => self.pci.read_data(offset, data),
             _ => {
                 for (i, d) in data.iter_mut().enumerate() {
                     *d = self.read_byte(dev, offset + i as u16);
@@ -421,6 +431,11 @@ impl Machine {
                 let r = debug_exit::write(data);
                 self.request_stop(r);
             }
+            Port::PciAddress => {
+                let r = self.pci.write_address(offset, data);
+                self.request_stop(r);
+            }
+            Port::PciData => self.pci.write_data(offset, data),
             _ => {
                 for (i, &d) in data.iter().enumerate() {
                     self.write_byte(dev, offset + i as u16, d);
@@ -646,6 +661,7 @@ impl Machine {
             uart: self.uart.save(),
             i8042: self.i8042.save(),
             pm: self.pm.save(),
+            pci: self.pci.save(),
             stop: self.stop,
         })
     }
@@ -665,6 +681,8 @@ impl Machine {
         i8042.restore(s.i8042)?;
         let mut pm = self.pm.clone();
         pm.restore(s.pm)?;
+        let mut pci = self.pci.clone();
+        pci.restore(s.pci)?;
         let c = &s.clock;
         // Far from overflow in every clock sum (about 36 years of ns).
         const LIMIT: u64 = 1 << 60;
@@ -681,6 +699,7 @@ impl Machine {
         self.rtc = rtc;
         self.i8042 = i8042;
         self.pm = pm;
+        self.pci = pci;
         self.stop = s.stop;
         self.clock = Clock {
             mode: c.mode,

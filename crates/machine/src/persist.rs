@@ -69,6 +69,7 @@ persist_as_itself!(crate::pic::Pic, "pic");
 persist_as_itself!(crate::pit::Pit, "pit");
 persist_as_itself!(crate::i8042::I8042, "i8042");
 persist_as_itself!(crate::acpi::PmBlock, "acpi-pm");
+persist_as_itself!(crate::pci::Pci, "pci");
 
 /// The machine clock's saved state: machine time carries on from where it
 /// was (under the host clock, from the machine time at the snapshot).
@@ -103,6 +104,10 @@ pub struct MachineState {
     pub i8042: crate::i8042::I8042,
     /// The ACPI PM1 block.
     pub pm: crate::acpi::PmBlock,
+    /// PCI configuration mechanism #1 and the host bridge (absent from
+    /// snapshots taken before it existed: then as after reset).
+    #[serde(default)]
+    pub pci: crate::pci::Pci,
     /// A stop a device asked for and the VMM has not yet served.
     pub stop: Option<crate::StopReason>,
 }

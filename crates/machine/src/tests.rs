@@ -53,7 +53,7 @@ fn unclaimed_ports_read_all_ones_and_ignore_writes() {
     m.io_out(0x80, 1, 0x12);
     assert_eq!(m.io_in(0x80, 1), 0xff);
     assert_eq!(m.io_in(0x1234, 2), 0xffff);
-    assert_eq!(m.io_in(0xcf8, 4), 0xffff_ffff);
+    assert_eq!(m.io_in(0x2f8, 4), 0xffff_ffff);
     assert_eq!(m.io_in(0xffff, 4), 0xffff_ffff); // wraps harmlessly
     assert_eq!(m.io_in(0x80, 0), 0xff); // odd sizes are clamped
     assert!(!m.stop_pending());
@@ -530,4 +530,29 @@ fn a_bad_device_state_is_refused_and_changes_nothing() {
         assert!(!err.why.is_empty(), "{ptr}");
         assert_eq!(m.save_state().unwrap(), good, "{ptr}: nothing changed");
     }
+}
+
+#[test]
+fn pci_configuration_mechanism_one_is_on_the_port_bus() {
+    let (mut m, _) = machine();
+    m.io_out(0xcf8, 4, 0x8000_0000);
+    assert_eq!(m.io_in(0xcf8, 4), 0x8000_0000);
+    assert_eq!(
+        m.io_in(0xcfc, 4),
+        0x1237_8086,
+        "the 440FX host bridge at 00:00.0"
+    );
+    assert_eq!(m.io_in(0xcfe, 2), 0x1237);
+    m.io_out(0xcf8, 4, 0x8000_0800); // device 1: nothing there
+    assert_eq!(m.io_in(0xcfc, 4), 0xffff_ffff);
+    // The state is saved with the machine.
+    m.io_out(0xcf8, 4, 0x8000_0004);
+    let saved = m.save_state().unwrap();
+    let (mut n, _) = machine();
+    n.restore_state(saved).unwrap();
+    assert_eq!(n.io_in(0xcf8, 4), 0x8000_0004);
+    // 0xCF9 resets.
+    assert!(!m.stop_pending());
+    m.io_out(0xcf9, 1, 0x06);
+    assert_eq!(m.take_stop(), Some(StopReason::Reset));
 }

@@ -1,0 +1,249 @@
+//! PCI configuration space through configuration mechanism #1 (ports
+//! 0xCF8/0xCFC), with a host bridge at 00:00.0 — the first piece of the
+//! modern PC (`docs/machine.md`).
+//!
+//! The 32-bit register at 0xCF8 selects bus, device, function and a
+//! dword of configuration space (bit 31 enables); 0xCFC–0xCFF read and
+//! write that dword's bytes, in any access size. A function that does not
+//! exist reads all ones, as on a PC, and ignores writes. Byte port 0xCF9,
+//! inside the address register's range, is the PC's reset control
+//! register: writing it with bit 2 (reset CPU) set resets the machine
+//! (Linux's `reboot=pci`).
+//!
+//! The host bridge presents itself as Intel's 82441FX (440FX), the bridge
+//! of the PC QEMU and most firmware know: vendor 8086h, device 1237h,
+//! class 06 00 00. It has no BARs; its command register and its
+//! device-specific registers (40h–FFh: PAM, SMRAM, …) hold what is
+//! written, the rest is read-only.
+
+use serde::{Deserialize, Serialize};
+
+use crate::StopReason;
+
+/// The configuration address register (dword) and, at +1, the reset
+/// control register (byte).
+pub const CONFIG_ADDRESS: u16 = 0xcf8;
+/// The configuration data window (0xCFC–0xCFF).
+pub const CONFIG_DATA: u16 = 0xcfc;
+
+const ENABLE: u32 = 1 << 31;
+
+/// Size of a function's configuration space.
+const CONFIG_SIZE: usize = 256;
+
+/// The host bridge's identity.
+const VENDOR_INTEL: u16 = 0x8086;
+const DEVICE_82441FX: u16 = 0x1237;
+const CLASS_HOST_BRIDGE: [u8; 3] = [0x00, 0x00, 0x06]; // prog-if, subclass, class
+
+/// Reset control register: bit 2 resets the CPU (bit 1 chooses a hard
+/// reset; popek stops at any reset).
+const RCR_RESET_CPU: u8 = 0x04;
+
+/// The host bridge's configuration space.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct HostBridge {
+    space: Vec<u8>,
+}
+
+impl HostBridge {
+    fn new() -> Self {
+        let mut space = vec![0u8; CONFIG_SIZE];
+        space[0..2].copy_from_slice(&VENDOR_INTEL.to_le_bytes());
+        space[2..4].copy_from_slice(&DEVICE_82441FX.to_le_bytes());
+        space[0x08] = 0x02; // revision
+        space[0x09..0x0c].copy_from_slice(&CLASS_HOST_BRIDGE);
+        space[0x0e] = 0x00; // header type 0, single function
+        HostBridge { space }
+    }
+
+    /// Which bits of each byte a guest may write.
+    fn write_mask(offset: usize) -> u8 {
+        match offset {
+            0x04 => 0x46, // memory space, bus master, parity error response
+            0x05 => 0x01, // SERR# enable
+            0x0d => 0xff, // latency timer
+            0x40..=0xff => 0xff,
+            _ => 0,
+        }
+    }
+}
+
+/// The PCI configuration mechanism and the functions behind it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pci {
+    address: u32,
+    reset_control: u8,
+    bridge: HostBridge,
+}
+
+impl Default for Pci {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Pci {
+    /// The mechanism after reset, with the host bridge at 00:00.0.
+    pub fn new() -> Self {
+        Pci {
+            address: 0,
+            reset_control: 0,
+            bridge: HostBridge::new(),
+        }
+    }
+
+    /// The configuration space of the function the address register
+    /// selects, and the dword offset; `None` when it is disabled or no
+    /// function is there.
+    fn selected(&mut self) -> Option<(&mut HostBridge, usize)> {
+        if self.address & ENABLE == 0 {
+            return None;
+        }
+        let bus = (self.address >> 16) & 0xff;
+        let dev = (self.address >> 11) & 0x1f;
+        let func = (self.address >> 8) & 0x7;
+        let reg = (self.address & 0xfc) as usize;
+        (bus == 0 && dev == 0 && func == 0).then_some((&mut self.bridge, reg))
+    }
+
+    /// Reads from the address register's ports (`offset` 0–3 from 0xCF8).
+    pub fn read_address(&self, offset: u16, data: &mut [u8]) {
+        if offset == 0 && data.len() == 4 {
+            data.copy_from_slice(&self.address.to_le_bytes());
+        } else if offset == 1 && data.len() == 1 {
+            data[0] = self.reset_control;
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    /// Writes to the address register's ports: a dword at 0xCF8 selects,
+    /// a byte at 0xCF9 is the reset control register.
+    pub fn write_address(&mut self, offset: u16, data: &[u8]) -> Option<StopReason> {
+        if offset == 0 && data.len() == 4 {
+            self.address = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) & !0x7f00_0003;
+        } else if offset == 1 && data.len() == 1 {
+            self.reset_control = data[0] & 0x0e;
+            if data[0] & RCR_RESET_CPU != 0 {
+                return Some(StopReason::Reset);
+            }
+        }
+        None
+    }
+
+    /// Reads from the data window (`offset` 0–3 from 0xCFC).
+    pub fn read_data(&mut self, offset: u16, data: &mut [u8]) {
+        match self.selected() {
+            Some((f, reg)) => {
+                for (i, d) in data.iter_mut().enumerate() {
+                    *d = f.space[(reg + usize::from(offset) + i) & (CONFIG_SIZE - 1)];
+                }
+            }
+            None => data.fill(0xff),
+        }
+    }
+
+    /// Writes to the data window.
+    pub fn write_data(&mut self, offset: u16, data: &[u8]) {
+        if let Some((f, reg)) = self.selected() {
+            for (i, &d) in data.iter().enumerate() {
+                let at = (reg + usize::from(offset) + i) & (CONFIG_SIZE - 1);
+                let mask = HostBridge::write_mask(at);
+                f.space[at] = (f.space[at] & !mask) | (d & mask);
+            }
+        }
+    }
+
+    /// Checks a saved state's invariants (see [`crate::persist`]).
+    pub(crate) fn check(&self) -> Result<(), String> {
+        let fresh = HostBridge::new();
+        let space = &self.bridge.space;
+        if space.len() != CONFIG_SIZE {
+            return Err("configuration space is not 256 bytes".into());
+        }
+        // The read-only part is the bridge's identity: it cannot change.
+        if (0..CONFIG_SIZE).any(|i| HostBridge::write_mask(i) == 0 && space[i] != fresh.space[i]) {
+            return Err("the host bridge's read-only registers differ".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg_read(p: &mut Pci, bus: u32, dev: u32, func: u32, reg: u32) -> u32 {
+        let a = ENABLE | bus << 16 | dev << 11 | func << 8 | reg;
+        p.write_address(0, &a.to_le_bytes());
+        let mut d = [0u8; 4];
+        p.read_data(0, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    #[test]
+    fn mechanism_one_finds_exactly_the_host_bridge() {
+        let mut p = Pci::new();
+        let mut found = Vec::new();
+        for dev in 0..32 {
+            for func in 0..8 {
+                let id = cfg_read(&mut p, 0, dev, func, 0);
+                if id != 0xffff_ffff {
+                    found.push((dev, func, id));
+                }
+            }
+        }
+        assert_eq!(found, vec![(0, 0, 0x1237_8086)]);
+        assert_eq!(
+            cfg_read(&mut p, 0, 0, 0, 8) >> 8,
+            0x06_0000,
+            "class: host bridge"
+        );
+        assert_eq!(cfg_read(&mut p, 1, 0, 0, 0), 0xffff_ffff, "no bus 1");
+        // Disabled: all ones.
+        p.write_address(0, &0u32.to_le_bytes());
+        let mut d = [0u8; 4];
+        p.read_data(0, &mut d);
+        assert_eq!(d, [0xff; 4]);
+    }
+
+    #[test]
+    fn byte_and_word_accesses_reach_the_selected_dword() {
+        let mut p = Pci::new();
+        p.write_address(0, &ENABLE.to_le_bytes());
+        let mut w = [0u8; 2];
+        p.read_data(2, &mut w);
+        assert_eq!(u16::from_le_bytes(w), DEVICE_82441FX);
+        // The command register keeps only its writable bits.
+        p.write_data(0, &[0xff, 0xff, 0xff, 0xff]);
+        let mut d = [0u8; 4];
+        p.read_data(0, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x1237_8086, "the IDs are read-only");
+        p.write_address(0, &(ENABLE | 4).to_le_bytes());
+        p.write_data(0, &[0xff, 0xff]);
+        p.read_data(0, &mut w);
+        assert_eq!(u16::from_le_bytes(w), 0x0146);
+        // A PAM register holds what firmware writes.
+        p.write_address(0, &(ENABLE | 0x58).to_le_bytes());
+        p.write_data(1, &[0x33]);
+        let mut b = [0u8];
+        p.read_data(1, &mut b);
+        assert_eq!(b, [0x33]);
+        assert!(p.check().is_ok());
+    }
+
+    #[test]
+    fn the_reset_control_register_resets() {
+        let mut p = Pci::new();
+        assert_eq!(
+            p.write_address(1, &[0x02]),
+            None,
+            "bit 1 alone chooses the kind"
+        );
+        assert_eq!(p.write_address(1, &[0x06]), Some(StopReason::Reset));
+        let mut a = [0u8; 4];
+        p.read_address(0, &mut a);
+        assert_eq!(a, [0; 4], "the reset register is not the address register");
+    }
+}
