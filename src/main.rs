@@ -711,6 +711,20 @@ fn drive(mut vm: Vm, s: &Session, api: Option<api::Api>) -> u8 {
             eprintln!("  {k:<28} {v}");
         }
         eprintln!("  {:<28} {}", "engine switches", vm.engine_switches());
+        let irqs: Vec<String> = vm
+            .machine
+            .interrupt_counts()
+            .iter()
+            .map(|(v, n)| format!("{v:#04x}: {n}"))
+            .collect();
+        eprintln!("  {:<28} {}", "interrupts by vector", irqs.join(", "));
+        let ports: Vec<String> = vm
+            .machine
+            .port_map()
+            .iter()
+            .map(|(name, base, len)| format!("{name} {base:#x}+{len}"))
+            .collect();
+        eprintln!("  {:<28} {}", "machine ports", ports.join(", "));
         let touched = vm.machine.ram().resident_bytes();
         if let Some(rss) = popek_memory::process_rss() {
             eprintln!(

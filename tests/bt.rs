@@ -28,6 +28,22 @@ fn bt_matches_interp(guest: &str) {
             .unwrap_or_else(|| panic!("no `{name}` in --stats:\n{err}"))
     };
     assert!(stat("TUs translated") > 100, "{err}");
+    // The machine's side of --stats: the timer's vector (minios puts the
+    // master PIC at 0x20) and the port map.
+    let irqs = err
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("interrupts by vector"))
+        .unwrap_or_else(|| panic!("no interrupt counts:\n{err}"));
+    let timer: u64 = irqs
+        .split(',')
+        .find_map(|e| e.trim().strip_prefix("0x20: "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(timer > 10, "timer interrupts counted: {irqs}");
+    assert!(
+        err.contains("com1 0x3f8+8") && err.contains("pci config data 0xcfc+4"),
+        "{err}"
+    );
     assert!(stat("ident instructions (dynamic)") > 1_000_000, "{err}");
     let (icode, iout, ierr) = popek(&[
         "run", "--engine", "interp", "--guest", guest, "--clock", "virtual",

@@ -103,6 +103,11 @@ impl<D> Bus<D> {
         (addr - base < *len).then_some((base, *len, dev))
     }
 
+    /// Every range in address order: `(base, len, device)`.
+    pub fn ranges(&self) -> impl Iterator<Item = (u64, u64, &D)> {
+        self.ranges.iter().map(|(&b, (l, d))| (b, *l, d))
+    }
+
     /// Number of ranges on the bus.
     pub fn len(&self) -> usize {
         self.ranges.len()

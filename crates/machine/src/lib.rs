@@ -228,6 +228,8 @@ pub struct Machine {
     i8042: i8042::I8042,
     pm: acpi::PmBlock,
     pci: pci::Pci,
+    /// Interrupts delivered, by vector (statistics, not guest state).
+    irq_counts: Box<[u64; 256]>,
     stop: Option<StopReason>,
     rsdp: u64,
 }
@@ -310,6 +312,7 @@ impl Machine {
             i8042: i8042::I8042::new(),
             pm: acpi::PmBlock::new(),
             pci: pci::Pci::new(),
+            irq_counts: Box::new([0; 256]),
             stop: None,
             rsdp: acpi::RSDP_ADDR,
         })
@@ -545,7 +548,44 @@ impl Machine {
     /// The INTA cycle, when the CPU accepts the interrupt: returns the
     /// vector (a spurious IRQ 7 vector if nothing was pending).
     pub fn acknowledge_interrupt(&mut self) -> u8 {
-        self.pic.acknowledge()
+        let v = self.pic.acknowledge();
+        self.irq_counts[usize::from(v)] += 1;
+        v
+    }
+
+    /// Interrupts the CPU has acknowledged so far, by vector: `(vector,
+    /// count)` for each vector that came (`--stats`).
+    pub fn interrupt_counts(&self) -> Vec<(u8, u64)> {
+        (0..=255u8)
+            .map(|v| (v, self.irq_counts[usize::from(v)]))
+            .filter(|&(_, n)| n > 0)
+            .collect()
+    }
+
+    /// The devices on the port bus: `(name, first port, number of ports)`
+    /// in port order (`--stats`).
+    pub fn port_map(&self) -> Vec<(&'static str, u16, u16)> {
+        self.io
+            .ranges()
+            .map(|(base, len, dev)| {
+                let name = match dev {
+                    Port::PicMaster => "pic (master)",
+                    Port::PicSlave => "pic (slave)",
+                    Port::Elcr => "pic elcr",
+                    Port::Pit => "pit",
+                    Port::PortB => "port b (speaker, pit gate)",
+                    Port::I8042Data => "i8042 data",
+                    Port::I8042Command => "i8042 status/command",
+                    Port::Rtc => "rtc/cmos",
+                    Port::Uart => "com1",
+                    Port::DebugExit => "debug-exit",
+                    Port::Pm => "acpi pm1 block",
+                    Port::PciAddress => "pci config address, reset control",
+                    Port::PciData => "pci config data",
+                };
+                (name, base as u16, len as u16)
+            })
+            .collect()
     }
 
     /// Advances machine time to `guest_instructions` (the total count of

@@ -556,3 +556,22 @@ fn pci_configuration_mechanism_one_is_on_the_port_bus() {
     m.io_out(0xcf9, 1, 0x06);
     assert_eq!(m.take_stop(), Some(StopReason::Reset));
 }
+
+#[test]
+fn acknowledged_interrupts_are_counted_by_vector() {
+    let (mut m, _) = machine();
+    init_pics(&mut m);
+    m.io_out(0x43, 1, 0x34);
+    m.io_out(0x40, 1, 0x9c);
+    m.io_out(0x40, 1, 0x2e);
+    for t in 1..=3u64 {
+        m.advance(t * 10_000_000);
+        assert!(m.interrupt_pending());
+        assert_eq!(m.acknowledge_interrupt(), 0x30);
+        m.io_out(0x20, 1, 0x20);
+    }
+    assert_eq!(m.interrupt_counts(), vec![(0x30, 3)]);
+    let ports = m.port_map();
+    assert!(ports.contains(&("com1", 0x3f8, 8)));
+    assert!(ports.windows(2).all(|w| w[0].1 < w[1].1), "in port order");
+}
