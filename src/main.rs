@@ -536,6 +536,10 @@ struct Session {
     /// interp) by itself.
     #[arg(long, value_enum, value_name = "ENGINE")]
     fallback_engine: Option<EngineArg>,
+    /// Write what the guest sends to the debug console port 0xE9 to this
+    /// file (QEMU's -debugcon, Bochs's port E9 hack).
+    #[arg(long, value_name = "FILE")]
+    debugcon: Option<PathBuf>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -664,6 +668,15 @@ fn run(a: RunArgs) -> u8 {
 /// Runs a built VM with the terminal as its console until it ends, and
 /// reports: `popek run` and `popek restore`.
 fn drive(mut vm: Vm, s: &Session, api: Option<api::Api>) -> u8 {
+    if let Some(p) = &s.debugcon {
+        match std::fs::File::create(p) {
+            Ok(f) => vm.machine.set_debugcon(Box::new(f)),
+            Err(e) => {
+                eprintln!("popek: --debugcon {}: {e}", p.display());
+                return 2;
+            }
+        }
+    }
     if let Some(f) = s.fallback_engine.and_then(engine_kind) {
         vm.set_fallback(Some(f));
     }
@@ -718,6 +731,12 @@ fn drive(mut vm: Vm, s: &Session, api: Option<api::Api>) -> u8 {
             .map(|(v, n)| format!("{v:#04x}: {n}"))
             .collect();
         eprintln!("  {:<28} {}", "interrupts by vector", irqs.join(", "));
+        if let (Some(code), n) = vm.machine.post_code() {
+            eprintln!(
+                "  {:<28} {code:#04x} (last of {n})",
+                "POST code (port 0x80)"
+            );
+        }
         let ports: Vec<String> = vm
             .machine
             .port_map()

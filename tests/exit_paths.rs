@@ -131,3 +131,33 @@ fn max_instructions_stops_the_guest_and_prints_its_state() {
         "{err}"
     );
 }
+
+#[test]
+fn the_debug_console_and_the_post_port_reach_the_user() {
+    // mov al, 0x42; out 0x80, al; mov al, 'o'; out 0xe9, al; mov al, 'k';
+    // out 0xe9, al; in al, 0xe9; out 0xf4, al (exit with what 0xE9 reads)
+    let code = [
+        0xb0, 0x42, 0xe6, 0x80, 0xb0, b'o', 0xe6, 0xe9, 0xb0, b'k', 0xe6, 0xe9, 0xe4, 0xe9, 0xe6,
+        0xf4,
+    ];
+    let log = std::env::temp_dir().join(format!("popek-debugcon-{}", std::process::id()));
+    let (status, _, err) = run_real(
+        "debugcon.bin",
+        &code,
+        &["--debugcon", log.to_str().unwrap(), "--stats"],
+    );
+    assert_eq!(
+        status,
+        ((0xe9 << 1) | 1) & 0xff,
+        "0xE9 reads 0xE9 with a console attached: {err}"
+    );
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "ok");
+    assert!(
+        err.contains("POST code (port 0x80)") && err.contains("0x42 (last of 1)"),
+        "{err}"
+    );
+    std::fs::remove_file(log).unwrap();
+    // Without one, the port is not there.
+    let (status, _, err) = run_real("debugcon.bin", &code, &[]);
+    assert_eq!(status, ((0xff << 1) | 1) & 0xff, "{err}");
+}

@@ -4,8 +4,9 @@
 //! and an MMIO bus, and the PC devices: the 8259A PIC pair ([`pic`]), the
 //! 8254 PIT ([`pit`]), the CMOS RTC ([`rtc`]), COM1 ([`uart`]), a minimal
 //! i8042 ([`i8042`]), the ACPI tables and PM1 block ([`acpi`]), QEMU's
-//! isa-debug-exit ([`debug_exit`]) and PCI configuration mechanism #1 with
-//! a host bridge ([`pci`]). Unclaimed ports read all ones and
+//! isa-debug-exit ([`debug_exit`]), PCI configuration mechanism #1 with
+//! a host bridge ([`pci`]), the POST code port 0x80 and the 0xE9 debug
+//! console. Unclaimed ports read all ones and
 //! ignore writes.
 //!
 //! The machine knows nothing about CPUs. An engine drives it through a
@@ -82,6 +83,13 @@ pub const VIRTUAL_EPOCH_UNIX_SECS: u64 = 1_735_689_600;
 /// Guest RAM the machine needs at least: the ACPI tables live below 1 MiB.
 pub const MIN_RAM: u64 = 1 << 20;
 
+/// The POST code port firmware writes its progress to (and Linux its I/O
+/// delays).
+pub const POST_PORT: u16 = 0x80;
+
+/// The debug console port (`--debugcon`).
+pub const DEBUGCON_PORT: u16 = 0xe9;
+
 /// BIOS data area words the machine fills, as a BIOS would: COM1's base
 /// port, the EBDA segment and the base memory size in KiB.
 const BDA_COM1: u64 = 0x400;
@@ -151,6 +159,8 @@ enum Port {
     Pm,
     PciAddress,
     PciData,
+    Post,
+    DebugCon,
 }
 
 #[derive(Debug)]
@@ -230,6 +240,10 @@ pub struct Machine {
     pci: pci::Pci,
     /// Interrupts delivered, by vector (statistics, not guest state).
     irq_counts: Box<[u64; 256]>,
+    /// The last POST code written to port 0x80, and how many were.
+    post: (Option<u8>, u64),
+    /// Where bytes written to port 0xE9 go (`--debugcon`).
+    debugcon: Option<Box<dyn Write + Send>>,
     stop: Option<StopReason>,
     rsdp: u64,
 }
@@ -295,6 +309,8 @@ impl Machine {
             (acpi::PM_BASE, acpi::PM_LEN, Port::Pm),
             (pci::CONFIG_ADDRESS, 4, Port::PciAddress),
             (pci::CONFIG_DATA, 4, Port::PciData),
+            (POST_PORT, 1, Port::Post),
+            (DEBUGCON_PORT, 1, Port::DebugCon),
         ] {
             io.insert(u64::from(base), u64::from(len), dev)?;
         }
@@ -313,6 +329,8 @@ impl Machine {
             pm: acpi::PmBlock::new(),
             pci: pci::Pci::new(),
             irq_counts: Box::new([0; 256]),
+            post: (None, 0),
+            debugcon: None,
             stop: None,
             rsdp: acpi::RSDP_ADDR,
         })
@@ -372,7 +390,15 @@ impl Machine {
             Port::Rtc if offset == 0 => self.rtc.read_index(),
             Port::Rtc => self.rtc.read_data(self.clock.wall(now)),
             Port::Uart => self.uart.read(offset as u8),
-            Port::DebugExit | Port::Pm | Port::PciAddress | Port::PciData => 0xff,
+            // The Bochs/QEMU convention: 0xE9 reads 0xE9 where a debug
+            // console is attached.
+            Port::DebugCon if self.debugcon.is_some() => 0xe9,
+            Port::DebugExit
+            | Port::Pm
+            | Port::PciAddress
+            | Port::PciData
+            | Port::Post
+            | Port::DebugCon => 0xff,
         }
     }
 
@@ -407,6 +433,16 @@ impl Machine {
                 self.rtc.write_data(val, wall);
             }
             Port::Uart => self.uart.write(offset as u8, val),
+            Port::Post => {
+                self.post = (Some(val), self.post.1 + 1);
+            }
+            Port::DebugCon => {
+                if let Some(out) = self.debugcon.as_mut() {
+                    if out.write_all(&[val]).and_then(|_| out.flush()).is_err() {
+                        tracing::debug!("debugcon: write failed");
+                    }
+                }
+            }
             Port::DebugExit | Port::Pm | Port::PciAddress | Port::PciData => {}
         }
     }
@@ -562,6 +598,18 @@ impl Machine {
             .collect()
     }
 
+    /// Attaches the debug console: bytes the guest writes to port 0xE9
+    /// go to `out` (QEMU's `-debugcon`, Bochs's port E9 hack).
+    pub fn set_debugcon(&mut self, out: Box<dyn Write + Send>) {
+        self.debugcon = Some(out);
+    }
+
+    /// The last POST code the guest wrote to port 0x80, and how many it
+    /// wrote (`--stats`).
+    pub fn post_code(&self) -> (Option<u8>, u64) {
+        self.post
+    }
+
     /// The devices on the port bus: `(name, first port, number of ports)`
     /// in port order (`--stats`).
     pub fn port_map(&self) -> Vec<(&'static str, u16, u16)> {
@@ -582,6 +630,8 @@ impl Machine {
                     Port::Pm => "acpi pm1 block",
                     Port::PciAddress => "pci config address, reset control",
                     Port::PciData => "pci config data",
+                    Port::Post => "post code",
+                    Port::DebugCon => "debugcon",
                 };
                 (name, base as u16, len as u16)
             })
