@@ -550,3 +550,35 @@ fn snapshots_move_between_hw_and_bt_both_ways() {
     }
     std::fs::remove_dir_all(d).unwrap();
 }
+
+/// A running VM moves from bt to trap (whose RAM must be a memfd: it is
+/// copied into one), to interp and back to bt, answering its console on
+/// each; the instruction count carries on.
+#[test]
+fn a_running_vm_moves_between_the_software_engines() {
+    let d = dir("switch");
+    let (mut vm, sink, _) = waiting(EngineKind::Bt, &d);
+    assert!(!vm.machine.ram().is_shareable());
+    for (i, engine) in [EngineKind::Trap, EngineKind::Interp, EngineKind::Bt]
+        .into_iter()
+        .enumerate()
+    {
+        let before = vm.engine.instructions();
+        vm.switch_engine(engine).unwrap();
+        assert_eq!(vm.engine_kind(), engine);
+        assert_eq!(vm.engine.instructions(), before, "the count carries on");
+        vm.machine
+            .serial_input(format!("on-{}\r", engine.name()).as_bytes());
+        run_until(
+            &mut vm,
+            &sink,
+            &format!("minios: line: on-{}", engine.name()),
+        );
+        assert_eq!(vm.engine_switches(), i as u64 + 1);
+    }
+    assert!(
+        vm.machine.ram().is_shareable(),
+        "trap left its memfd RAM behind"
+    );
+    std::fs::remove_dir_all(d).unwrap();
+}
