@@ -99,6 +99,24 @@ fn mem_err(path: &Path, e: popek_memory::MemoryError) -> SnapshotError {
     }
 }
 
+impl Layer {
+    /// The pages this layer replaces, one flag per page of a RAM of `pages`
+    /// pages: `None` for a full snapshot (all of them).
+    fn page_set(&self, pages: u64) -> Result<Option<Vec<bool>>, SnapshotError> {
+        match self.desc.kind {
+            SnapshotKind::Full => Ok(None),
+            SnapshotKind::Diff => {
+                page_set(&self.desc.pages, pages)
+                    .map(Some)
+                    .ok_or_else(|| SnapshotError::Bad {
+                        path: self.state.display().to_string(),
+                        why: "a diff page list beyond RAM".into(),
+                    })
+            }
+        }
+    }
+}
+
 /// Fills `ram` from a memory chain: each layer's pages over the ones
 /// before, each checked against its state file's checksum. With `mapped`,
 /// the first (full) layer is already `ram`'s backing file: it is not read
@@ -107,23 +125,13 @@ fn mem_err(path: &Path, e: popek_memory::MemoryError) -> SnapshotError {
 fn load_layers(ram: &GuestRam, layers: &[Layer], mapped: bool) -> Result<(), SnapshotError> {
     let pages = ram.size() / PAGE_SIZE;
     for (i, l) in layers.iter().enumerate() {
-        let f = open_mem(&l.mem, ram.size())?;
-        let set = match l.desc.kind {
-            SnapshotKind::Full => None,
-            SnapshotKind::Diff => {
-                Some(
-                    page_set(&l.desc.pages, pages).ok_or_else(|| SnapshotError::Bad {
-                        path: l.state.display().to_string(),
-                        why: "a diff page list beyond RAM".into(),
-                    })?,
-                )
-            }
-        };
-        let wanted = set.as_ref().map(|s| move |p: u64| s[p as usize]);
-        let wanted_dyn: Option<&dyn Fn(u64) -> bool> = wanted.as_ref().map(|w| w as _);
         if i == 0 && mapped {
             continue;
         }
+        let f = open_mem(&l.mem, ram.size())?;
+        let set = l.page_set(pages)?;
+        let wanted = set.as_ref().map(|s| move |p: u64| s[p as usize]);
+        let wanted_dyn: Option<&dyn Fn(u64) -> bool> = wanted.as_ref().map(|w| w as _);
         let got = ram
             .load_image(&f, wanted_dyn)
             .map_err(|e| mem_err(&l.mem, e))?;
@@ -153,17 +161,7 @@ fn changed_since(ram: &GuestRam, layers: &[Layer]) -> Result<Vec<bool>, Snapshot
     let mut files = Vec::new();
     for l in layers {
         let f = open_mem(&l.mem, ram.size())?;
-        let set = match l.desc.kind {
-            SnapshotKind::Full => None,
-            SnapshotKind::Diff => {
-                Some(
-                    page_set(&l.desc.pages, pages).ok_or_else(|| SnapshotError::Bad {
-                        path: l.state.display().to_string(),
-                        why: "a diff page list beyond RAM".into(),
-                    })?,
-                )
-            }
-        };
+        let set = l.page_set(pages)?;
         // Only the data extents are read: reading a hole would fill the
         // page cache with zeros.
         let extents =
