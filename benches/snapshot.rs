@@ -45,6 +45,25 @@ fn api(sock: &Path, method: &str, path: &str, body: serde_json::Value) -> serde_
     serde_json::from_str(&r.body).unwrap_or(serde_json::Value::Null)
 }
 
+/// Pauses the VM, writes a snapshot of `kind` (`Full`, `Diff`) to
+/// `path`, resumes it: the API's answer.
+fn paused_snapshot(sock: &Path, path: &Path, kind: &str) -> serde_json::Value {
+    api(sock, "PATCH", "/vm", serde_json::json!({"state": "Paused"}));
+    let r = api(
+        sock,
+        "PUT",
+        "/snapshot/create",
+        serde_json::json!({"snapshot_path": path, "snapshot_type": kind}),
+    );
+    api(
+        sock,
+        "PATCH",
+        "/vm",
+        serde_json::json!({"state": "Resumed"}),
+    );
+    r
+}
+
 /// A 256 MiB minios waiting for input under bt, with an API socket.
 fn waiting_vm(dir: &Path) -> (Child, PathBuf) {
     let sock = dir.join("api.sock");
@@ -168,50 +187,16 @@ fn main() {
     let (mut vm, sock) = waiting_vm(&dir);
     let (mut full, mut diff, mut pages, mut changed) = (Vec::new(), Vec::new(), 0, 0);
     for i in 0..runs.min(5) {
-        api(
-            &sock,
-            "PATCH",
-            "/vm",
-            serde_json::json!({"state": "Paused"}),
-        );
-        let r = api(
-            &sock,
-            "PUT",
-            "/snapshot/create",
-            serde_json::json!({"snapshot_path": dir.join(format!("full{i}.snap"))}),
-        );
+        let r = paused_snapshot(&sock, &dir.join(format!("full{i}.snap")), "Full");
         full.push(r["took_ms"].as_f64().unwrap());
         pages = r["pages"].as_u64().unwrap();
-        api(
-            &sock,
-            "PATCH",
-            "/vm",
-            serde_json::json!({"state": "Resumed"}),
-        );
         let stdin = vm.stdin.as_mut().unwrap();
         stdin.write_all(format!("line {i}\r").as_bytes()).unwrap();
         stdin.flush().unwrap();
         std::thread::sleep(Duration::from_millis(50));
-        api(
-            &sock,
-            "PATCH",
-            "/vm",
-            serde_json::json!({"state": "Paused"}),
-        );
-        let r = api(
-            &sock,
-            "PUT",
-            "/snapshot/create",
-            serde_json::json!({"snapshot_path": dir.join(format!("diff{i}.snap")), "snapshot_type": "Diff"}),
-        );
+        let r = paused_snapshot(&sock, &dir.join(format!("diff{i}.snap")), "Diff");
         diff.push(r["took_ms"].as_f64().unwrap());
         changed = r["changed_pages"].as_u64().unwrap();
-        api(
-            &sock,
-            "PATCH",
-            "/vm",
-            serde_json::json!({"state": "Resumed"}),
-        );
     }
     let snap = dir.join("base.snap");
     api(
