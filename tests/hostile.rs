@@ -474,7 +474,7 @@ fn exit_or_report(mut a: CodeAssembler, entries: &[u64]) -> Vec<u8> {
 
 /// Memory outside RAM, paging off: reads give all-ones and writes are
 /// dropped, at every address the PC leaves unassigned — just past RAM, in
-/// the middle of the 4 GiB, where the local and I/O APICs will sit, a
+/// the middle of the 4 GiB, two pages of the MMIO window no device holds, a
 /// dword straddling the end of RAM, and the top dword of the 4 GiB (in
 /// what `trap`'s monitor occupies of the linear space). Prints each value
 /// read; `trap` must print what `interp` and `bt` print.
@@ -485,8 +485,8 @@ fn outside_ram(ram: u32) -> Vec<u8> {
     for addr in [
         ram + 0x1000,
         0xc000_0000,
-        0xfec0_0000,
-        0xfee0_0000,
+        0xfd00_0000,
+        0xfebf_f000,
         0xffff_fffc,
     ] {
         a.mov(dword_ptr(addr as u64), 0x1234_5678).unwrap();
@@ -496,8 +496,8 @@ fn outside_ram(ram: u32) -> Vec<u8> {
         ram + 0x1000,
         ram + 0x10_0000,
         0xc000_0000,
-        0xfec0_0000,
-        0xfee0_0000,
+        0xfd00_0000,
+        0xfebf_f000,
         ram - 2,
         0xffff_fffc,
     ] {

@@ -42,6 +42,18 @@ pub trait Bus {
     /// or MMIO), so that a machine on a virtual clock shows the device the
     /// exact time of the access whatever the engine's slices were.
     fn device_time(&mut self, _instructions: u64) {}
+    /// RDMSR of a model-specific register the platform implements (the
+    /// local APIC's: `IA32_APIC_BASE`, `IA32_TSC_DEADLINE` with the
+    /// deadline in platform-clock units, the x2APIC range). `None`: not the
+    /// platform's, the CPU answers; `Some(None)`: #GP.
+    fn msr_read(&mut self, _msr: u32) -> Option<Option<u64>> {
+        None
+    }
+    /// WRMSR of a platform MSR (see [`msr_read`](Self::msr_read)).
+    /// `None`: not the platform's; `Some(false)`: #GP.
+    fn msr_write(&mut self, _msr: u32, _value: u64) -> Option<bool> {
+        None
+    }
     /// Called after a sensitive-unprivileged instruction ran, when
     /// [`Cpu::report_sensitive`](crate::Cpu::report_sensitive) is on. It only
     /// observes: nothing the guest sees changes.

@@ -1,7 +1,9 @@
 //! The CPUID model: what the virtual processor says it is.
 //!
 //! Only features the model implements are advertised: a P6-class (i686)
-//! processor with x87, TSC, MSR, CX8, SEP, PGE, CMOV, PSE, FXSR, and no SSE
+//! processor with x87, TSC, MSR, CX8, an on-chip APIC (with x2APIC and
+//! TSC-deadline timer modes: the machine's local APIC), SEP, PGE, CMOV,
+//! PSE, FXSR, and no SSE
 //! (the SSE instructions are not implemented yet). Vendor string, family,
 //! model and brand come from the vendor profile ([`Vendor::identity`]).
 
@@ -31,6 +33,14 @@ pub struct CpuidModel {
     pub vendor: Vendor,
 }
 
+/// CPUID.1:ECX feature bits.
+pub mod ecx1 {
+    /// x2APIC mode.
+    pub const X2APIC: u32 = 1 << 21;
+    /// The local APIC timer's TSC-deadline mode.
+    pub const TSC_DEADLINE: u32 = 1 << 24;
+}
+
 /// CPUID.1:EDX feature bits.
 pub mod edx1 {
     /// x87 FPU on chip.
@@ -47,6 +57,8 @@ pub mod edx1 {
     pub const MSR: u32 = 1 << 5;
     /// CMPXCHG8B.
     pub const CX8: u32 = 1 << 8;
+    /// On-chip local APIC.
+    pub const APIC: u32 = 1 << 9;
     /// SYSENTER/SYSEXIT.
     pub const SEP: u32 = 1 << 11;
     /// Page global enable.
@@ -75,7 +87,7 @@ impl CpuidModel {
         use edx1::*;
         let id = vendor.identity();
         let signature = ((id.family as u32) << 8) | ((id.model as u32) << 4) | id.stepping as u32;
-        let features = FPU | DE | PSE | TSC | MSR | CX8 | SEP | PGE | CMOV | FXSR;
+        let features = FPU | DE | PSE | TSC | MSR | CX8 | APIC | SEP | PGE | CMOV | FXSR;
         let mut brand = [0u8; 48];
         brand[..id.brand.len().min(47)]
             .copy_from_slice(&id.brand.as_bytes()[..id.brand.len().min(47)]);
@@ -128,8 +140,10 @@ impl CpuidModel {
                 },
                 CpuidLeaf {
                     eax: signature,
-                    ebx: 0,
-                    ecx: 0,
+                    // Initial APIC ID 0, one logical processor, CLFLUSH
+                    // line 64 bytes (8 quadwords).
+                    ebx: (1 << 16) | (8 << 8),
+                    ecx: ecx1::X2APIC | ecx1::TSC_DEADLINE,
                     edx: features,
                 },
             ],

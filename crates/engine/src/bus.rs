@@ -99,6 +99,12 @@ impl Bus for MachineBus<'_> {
     fn device_time(&mut self, instructions: u64) {
         self.machine.device_time(instructions);
     }
+    fn msr_read(&mut self, msr: u32) -> Option<Option<u64>> {
+        self.machine.read_msr(0, msr).map(Result::ok)
+    }
+    fn msr_write(&mut self, msr: u32, value: u64) -> Option<bool> {
+        self.machine.write_msr(0, msr, value).map(|r| r.is_ok())
+    }
     fn sensitive(&mut self, event: &SensitiveEvent) {
         if let Some(ev) = self.events.as_mut() {
             ev.push(event.clone());

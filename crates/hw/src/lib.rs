@@ -293,9 +293,17 @@ impl Hw {
         unsafe { vm.set_user_memory_region(region) }
             .map_err(setup("KVM_SET_USER_MEMORY_REGION"))?;
         let vcpu = vm.create_vcpu(0).map_err(setup("KVM_CREATE_VCPU"))?;
-        let cpuid = kvm
+        let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(setup("KVM_GET_SUPPORTED_CPUID"))?;
+        for e in cpuid.as_mut_slice() {
+            if e.function == 1 {
+                // The local APIC is the machine's, reached through MMIO
+                // exits: without KVM's in-kernel APIC neither the x2APIC
+                // MSRs nor IA32_TSC_DEADLINE reach it.
+                e.ecx &= !((1 << 21) | (1 << 24));
+            }
+        }
         vcpu.set_cpuid2(&cpuid).map_err(setup("KVM_SET_CPUID2"))?;
         // The machine's TSC runs at 1 GHz on every engine (a cycle is a
         // nanosecond, so guest benchmarks compare across engines): ask KVM

@@ -11,9 +11,10 @@
 //! | XSDT | 0xE0080 | → FADT |
 //! | FACS | 0xE00C0 | 64-byte aligned, as required |
 //! | FADT | 0xE0100 | revision 6.5; SCI on IRQ 9; PM1a event block 0x600 (4 bytes), PM1a control block 0x604 (2 bytes), PM timer 0x608 (24-bit); no SMI command port (always in ACPI mode); reset register: I/O port 0x64, value 0xFE; century at CMOS 0x32; boot flags: legacy devices, no 8042 |
+//! | MADT | 0xE0240 | local APIC address 0xFEE00000, PC/AT-compatible 8259s present; one processor local APIC per vCPU (ACPI UID = APIC ID = vCPU index); the I/O APIC (ID 0) at 0xFEC00000 with GSIs 0–23; interrupt source overrides IRQ 0 → GSI 2 (the PIT on pin 2) and IRQ 9 → GSI 9 level, active high (the SCI); LINT1 of every processor is the NMI |
 //! | DSDT | 0xE0400 | `Name(\_S5_, Package(){5, 5, 0, 0})`; `\_SB.PCI0`, the PCI root bridge of bus 0 (PNP0A03) with its `_CRS` |
 //!
-//! No MADT: the machine has no APIC yet, so guests use the 8259 PICs.
+//! RSDT and XSDT list the FADT and the MADT.
 //!
 //! The PM1 block at 0x600–0x60B (QEMU's PIIX4 layout): PM1 status
 //! (write 1 to clear) and enable at 0x600/0x602, PM1 control at 0x604
@@ -48,6 +49,8 @@ pub const XSDT_ADDR: u64 = 0xe_0080;
 pub const FACS_ADDR: u64 = 0xe_00c0;
 /// Guest-physical address of the FADT.
 pub const FADT_ADDR: u64 = 0xe_0100;
+/// Guest-physical address of the MADT.
+pub const MADT_ADDR: u64 = 0xe_0240;
 /// Guest-physical address of the DSDT.
 pub const DSDT_ADDR: u64 = 0xe_0400;
 /// End of the area the tables may use.
@@ -127,8 +130,37 @@ fn pci_root() -> Vec<u8> {
     bytes(&Scope::new(Path::new("\\_SB_"), vec![&pci0]))
 }
 
-/// The ACPI tables: `(guest-physical address, bytes)` for each.
-pub fn tables() -> Vec<(u64, Vec<u8>)> {
+/// The MADT ("APIC"): the interrupt controllers of a machine with `cpus`
+/// vCPUs.
+fn madt(cpus: u32) -> Vec<u8> {
+    use crate::{ioapic, lapic};
+    let mut madt = Sdt::new(*b"APIC", 36, 5, OEM_ID, OEM_TABLE_ID, 1);
+    madt.append_slice(&(lapic::DEFAULT_BASE as u32).to_le_bytes());
+    // PCAT_COMPAT: the 8259s are there (and must be masked to use the APIC).
+    madt.append_slice(&1u32.to_le_bytes());
+    for i in 0..cpus {
+        // Processor local APIC: UID, APIC ID, enabled.
+        madt.append_slice(&[0, 8, i as u8, i as u8, 1, 0, 0, 0]);
+    }
+    let mut io = vec![1, 12, 0, 0];
+    io.extend_from_slice(&(ioapic::BASE as u32).to_le_bytes());
+    io.extend_from_slice(&0u32.to_le_bytes());
+    madt.append_slice(&io);
+    // Interrupt source overrides: bus 0 (ISA), source, GSI, flags.
+    for (irq, gsi, flags) in [(0u8, 2u32, 0u16), (SCI_IRQ, u32::from(SCI_IRQ), 0x000d)] {
+        let mut iso = vec![2, 10, 0, irq];
+        iso.extend_from_slice(&gsi.to_le_bytes());
+        iso.extend_from_slice(&flags.to_le_bytes());
+        madt.append_slice(&iso);
+    }
+    // Local APIC NMI: all processors (UID 0xFF), LINT1.
+    madt.append_slice(&[4, 6, 0xff, 0, 0, 1]);
+    madt.as_slice().to_vec()
+}
+
+/// The ACPI tables of a machine with `cpus` vCPUs: `(guest-physical
+/// address, bytes)` for each.
+pub fn tables(cpus: u32) -> Vec<(u64, Vec<u8>)> {
     let s5 = Package::new(vec![&5u8, &5u8, &0u8, &0u8]);
     let mut dsdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, 1);
     dsdt.append_slice(&bytes(&Name::new(Path::new("\\_S5_"), &s5)));
@@ -158,9 +190,11 @@ pub fn tables() -> Vec<(u64, Vec<u8>)> {
 
     let mut rsdt = Sdt::new(*b"RSDT", 36, 1, OEM_ID, OEM_TABLE_ID, 1);
     rsdt.append_slice(&(FADT_ADDR as u32).to_le_bytes());
+    rsdt.append_slice(&(MADT_ADDR as u32).to_le_bytes());
 
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, 1);
     xsdt.add_entry(FADT_ADDR);
+    xsdt.add_entry(MADT_ADDR);
 
     // The crate's RSDP leaves the RSDT address zero; fill it in and
     // recompute both checksums.
@@ -177,6 +211,7 @@ pub fn tables() -> Vec<(u64, Vec<u8>)> {
         (XSDT_ADDR, bytes(&xsdt)),
         (FACS_ADDR, bytes(&FACS::new())),
         (FADT_ADDR, fadt),
+        (MADT_ADDR, madt(cpus)),
         (DSDT_ADDR, dsdt.as_slice().to_vec()),
     ]
 }
@@ -261,7 +296,7 @@ mod tests {
 
     #[test]
     fn checksums_and_lengths_are_valid() {
-        let t = tables();
+        let t = tables(1);
         let (_, rsdp) = &t[0];
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(rsdp.len(), 36);
@@ -284,8 +319,44 @@ mod tests {
     }
 
     #[test]
+    fn madt_describes_the_apics() {
+        for cpus in [1u32, 4] {
+            let t = tables(cpus);
+            let (_, m) = t.iter().find(|(a, _)| *a == MADT_ADDR).unwrap();
+            assert_eq!(&m[..4], b"APIC");
+            assert_eq!(
+                u32::from_le_bytes(m[36..40].try_into().unwrap()),
+                0xfee0_0000
+            );
+            assert_eq!(u32::from_le_bytes(m[40..44].try_into().unwrap()), 1);
+            // Walk the structures.
+            let mut seen = Vec::new();
+            let mut i = 44;
+            while i < m.len() {
+                seen.push((m[i], m[i + 2], m[i + 3]));
+                i += usize::from(m[i + 1]);
+            }
+            assert_eq!(i, m.len());
+            let cpus_seen: Vec<_> = seen.iter().filter(|s| s.0 == 0).collect();
+            assert_eq!(cpus_seen.len(), cpus as usize);
+            assert!(seen.contains(&(1, 0, 0)), "I/O APIC");
+            assert!(seen.contains(&(2, 0, 0)), "IRQ 0 override");
+            assert!(seen.contains(&(2, 0, 9)), "SCI override");
+            assert!(seen.contains(&(4, 0xff, 0)), "LINT1 NMI");
+        }
+        // RSDT and XSDT list it.
+        let t = tables(1);
+        let rsdt = &t.iter().find(|(a, _)| *a == RSDT_ADDR).unwrap().1;
+        assert!(rsdt[36..]
+            .chunks(4)
+            .any(|c| c == (MADT_ADDR as u32).to_le_bytes()));
+        let xsdt = &t.iter().find(|(a, _)| *a == XSDT_ADDR).unwrap().1;
+        assert!(xsdt[36..].chunks(8).any(|c| c == MADT_ADDR.to_le_bytes()));
+    }
+
+    #[test]
     fn fadt_points_at_pm_block_and_dsdt() {
-        let t = tables();
+        let t = tables(1);
         let fadt = &t.iter().find(|(a, _)| *a == FADT_ADDR).unwrap().1;
         let u16_at = |o: usize| u16::from_le_bytes([fadt[o], fadt[o + 1]]);
         let u32_at =
@@ -304,7 +375,7 @@ mod tests {
 
     #[test]
     fn dsdt_names_the_pci_root_bridge() {
-        let t = tables();
+        let t = tables(1);
         let dsdt = &t.iter().find(|(a, _)| *a == DSDT_ADDR).unwrap().1;
         let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
         assert!(has(b"_SB_") && has(b"PCI0") && has(b"_CRS") && has(b"_BBN"));
@@ -320,7 +391,7 @@ mod tests {
 
     #[test]
     fn dsdt_has_s5() {
-        let t = tables();
+        let t = tables(1);
         let dsdt = &t.iter().find(|(a, _)| *a == DSDT_ADDR).unwrap().1;
         assert_eq!(&dsdt[..4], b"DSDT");
         let aml = &dsdt[36..];

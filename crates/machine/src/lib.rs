@@ -28,6 +28,8 @@ pub mod acpi;
 pub mod bus;
 pub mod debug_exit;
 pub mod i8042;
+pub mod ioapic;
+pub mod lapic;
 pub mod memmap;
 pub mod pci;
 pub mod persist;
@@ -238,6 +240,13 @@ pub struct Machine {
     i8042: i8042::I8042,
     pm: acpi::PmBlock,
     pci: pci::Pci,
+    /// One local APIC per vCPU.
+    lapics: Vec<lapic::LocalApic>,
+    ioapic: ioapic::IoApic,
+    /// Cached: vCPU 0's local APIC has a fixed interrupt to deliver.
+    apic_irq: bool,
+    /// Cached: vCPU 0's LINT0 passes the 8259's INTR.
+    extint_open: bool,
     /// Interrupts delivered, by vector (statistics, not guest state).
     irq_counts: Box<[u64; 256]>,
     /// The last POST code written to port 0x80, and how many were.
@@ -267,7 +276,7 @@ impl Machine {
         console: Box<dyn Write + Send>,
     ) -> Result<Machine, MachineError> {
         let m = Machine::build(config, ram, console)?;
-        for (addr, bytes) in acpi::tables() {
+        for (addr, bytes) in acpi::tables(m.lapics.len() as u32) {
             m.ram.write(addr, &bytes)?;
         }
         m.ram.write_u16(BDA_COM1, uart::COM1_PORT)?;
@@ -328,6 +337,10 @@ impl Machine {
             i8042: i8042::I8042::new(),
             pm: acpi::PmBlock::new(),
             pci: pci::Pci::new(),
+            lapics: vec![lapic::LocalApic::new(0)],
+            ioapic: ioapic::IoApic::new(),
+            apic_irq: false,
+            extint_open: true,
             irq_counts: Box::new([0; 256]),
             post: (None, 0),
             debugcon: None,
@@ -372,9 +385,78 @@ impl Machine {
     }
 
     fn sync_irqs(&mut self) {
-        self.pic.set_irq(i8042::KBD_IRQ, self.i8042.irq_level());
-        self.pic.set_irq(uart::COM1_IRQ, self.uart.irq_level());
-        self.pic.set_irq(rtc::RTC_IRQ, self.rtc.irq_level());
+        self.set_irq(i8042::KBD_IRQ, self.i8042.irq_level());
+        self.set_irq(uart::COM1_IRQ, self.uart.irq_level());
+        self.set_irq(rtc::RTC_IRQ, self.rtc.irq_level());
+    }
+
+    /// Drives ISA interrupt line `irq` to both interrupt controllers: the
+    /// 8259 pair and the I/O APIC pin it is wired to.
+    fn set_irq(&mut self, irq: u8, level: bool) {
+        self.pic.set_irq(irq, level);
+        let mut out = Vec::new();
+        self.ioapic.set_irq(isa_gsi(irq), level, &mut out);
+        self.deliver_messages(out, None);
+    }
+
+    /// An edge on ISA line `irq` (the PIT's output).
+    fn pulse_irq(&mut self, irq: u8) {
+        self.pic.pulse_irq(irq);
+        let mut out = Vec::new();
+        self.ioapic.pulse_irq(isa_gsi(irq), &mut out);
+        self.deliver_messages(out, None);
+    }
+
+    /// Routes interrupt messages on the APIC bus to the local APICs they
+    /// are addressed to (`sender`: the vCPU whose APIC sent them, for the
+    /// self shorthands).
+    fn deliver_messages(&mut self, msgs: Vec<lapic::Message>, sender: Option<usize>) {
+        if msgs.is_empty() {
+            return;
+        }
+        for m in msgs {
+            let targets: Vec<usize> = (0..self.lapics.len())
+                .filter(|&i| {
+                    let a = &self.lapics[i];
+                    a.enabled() && a.matches(m.dest, sender == Some(i), a.x2apic())
+                })
+                .collect();
+            let targets = if m.mode == lapic::DeliveryMode::LowestPriority {
+                // The matching APIC whose processor priority is lowest.
+                targets
+                    .into_iter()
+                    .min_by_key(|&i| self.lapics[i].ppr())
+                    .into_iter()
+                    .collect()
+            } else {
+                targets
+            };
+            for i in targets {
+                self.lapics[i].accept(m.mode, m.vector, m.level_triggered);
+            }
+        }
+        self.sync_apic();
+    }
+
+    /// Acts on what a local APIC register access asked for.
+    fn apic_event(&mut self, cpu: usize, event: Option<lapic::Event>) {
+        match event {
+            Some(lapic::Event::Ipi(m)) => self.deliver_messages(vec![m], Some(cpu)),
+            Some(lapic::Event::Eoi(vector)) => {
+                let mut out = Vec::new();
+                self.ioapic.eoi(vector, &mut out);
+                self.deliver_messages(out, None);
+            }
+            None => {}
+        }
+        self.sync_apic();
+    }
+
+    /// Recomputes the cached interrupt-line inputs from vCPU 0's APIC.
+    fn sync_apic(&mut self) {
+        let a = &self.lapics[0];
+        self.apic_irq = a.deliverable().is_some();
+        self.extint_open = a.accepts_extint();
     }
 
     fn read_byte(&mut self, dev: Port, offset: u16) -> u8 {
@@ -413,7 +495,7 @@ impl Machine {
                 // can make it vanish (engines advance time only between
                 // budgets).
                 if self.pit.advance(pit::ns_to_ticks(now)) {
-                    self.pic.pulse_irq(0);
+                    self.pulse_irq(0);
                 }
                 self.pit.write(offset, val, pit::ns_to_ticks(now));
             }
@@ -542,7 +624,12 @@ impl Machine {
     pub fn mmio_read(&mut self, addr: u64, size: u8) -> u64 {
         let n = usize::from(size.clamp(1, 8));
         let mut buf = [0xffu8; 8];
-        if !self.mmio.read(addr, &mut buf[..n]) {
+        let now = self.clock.now();
+        if self.lapics[0].mmio_base() == Some(addr & !(lapic::PAGE - 1)) {
+            self.lapics[0].mmio_read(addr & (lapic::PAGE - 1), &mut buf[..n], now);
+        } else if (ioapic::BASE..ioapic::BASE + ioapic::LEN).contains(&addr) {
+            self.ioapic.mmio_read(addr - ioapic::BASE, &mut buf[..n]);
+        } else if !self.mmio.read(addr, &mut buf[..n]) {
             tracing::debug!("unclaimed MMIO read {addr:#x}/{n}");
         }
         let v = u64::from_le_bytes(buf);
@@ -557,7 +644,17 @@ impl Machine {
     /// ignore the write.
     pub fn mmio_write(&mut self, addr: u64, size: u8, value: u64) {
         let n = usize::from(size.clamp(1, 8));
-        if !self.mmio.write(addr, &value.to_le_bytes()[..n]) {
+        let bytes = value.to_le_bytes();
+        if self.lapics[0].mmio_base() == Some(addr & !(lapic::PAGE - 1)) {
+            let now = self.clock.now();
+            let e = self.lapics[0].mmio_write(addr & (lapic::PAGE - 1), &bytes[..n], now);
+            self.apic_event(0, e);
+        } else if (ioapic::BASE..ioapic::BASE + ioapic::LEN).contains(&addr) {
+            let mut out = Vec::new();
+            self.ioapic
+                .mmio_write(addr - ioapic::BASE, &bytes[..n], &mut out);
+            self.deliver_messages(out, None);
+        } else if !self.mmio.write(addr, &bytes[..n]) {
             tracing::debug!("unclaimed MMIO write {addr:#x}/{n} <- {value:#x}");
         }
     }
@@ -574,19 +671,88 @@ impl Machine {
         self.stop.take()
     }
 
-    /// The CPU's INTR line: the master PIC has an interrupt to deliver.
-    /// Cheap: one load.
+    /// The CPU's maskable-interrupt input: its local APIC has a fixed
+    /// interrupt above the processor priority, or the master PIC's INTR
+    /// reaches it through LINT0 (ExtINT). Cheap: a few loads.
     #[inline]
     pub fn interrupt_pending(&self) -> bool {
-        self.pic.interrupt_pending()
+        self.apic_irq || (self.extint_open && self.pic.interrupt_pending())
     }
 
     /// The INTA cycle, when the CPU accepts the interrupt: returns the
-    /// vector (a spurious IRQ 7 vector if nothing was pending).
+    /// vector. ExtINT comes first (the 8259 answers the cycle), then the
+    /// local APIC's highest deliverable vector; with neither any more, a
+    /// spurious vector: the 8259's IRQ 7 while LINT0 passes it, else the
+    /// APIC's.
     pub fn acknowledge_interrupt(&mut self) -> u8 {
-        let v = self.pic.acknowledge();
+        let v = if self.extint_open && self.pic.interrupt_pending() {
+            self.pic.acknowledge()
+        } else if let Some(v) = self.lapics[0].acknowledge() {
+            v
+        } else if self.extint_open {
+            // The request came through LINT0 and vanished: the 8259
+            // answers with its spurious IRQ 7.
+            self.pic.acknowledge()
+        } else {
+            self.lapics[0].spurious_vector()
+        };
+        self.sync_apic();
         self.irq_counts[usize::from(v)] += 1;
         v
+    }
+
+    /// Reads a model-specific register the platform implements for vCPU
+    /// `cpu`: `IA32_APIC_BASE` (0x1B), `IA32_TSC_DEADLINE` (0x6E0, in
+    /// machine ns: the CPU adds its TSC offset) and the x2APIC registers
+    /// (0x800–0x8FF). `None`: not a platform MSR; `Some(Err)`: #GP.
+    pub fn read_msr(
+        &mut self,
+        cpu: usize,
+        msr: u32,
+    ) -> Option<Result<u64, lapic::GeneralProtection>> {
+        let now = self.clock.now();
+        let a = self.lapics.get_mut(cpu)?;
+        match msr {
+            MSR_APIC_BASE => Some(Ok(a.base_msr())),
+            MSR_TSC_DEADLINE => Some(Ok(a.tsc_deadline())),
+            0x800..=0x8ff => Some(a.msr_read(msr, now)),
+            _ => None,
+        }
+    }
+
+    /// Writes a platform MSR (see [`read_msr`](Self::read_msr)).
+    pub fn write_msr(
+        &mut self,
+        cpu: usize,
+        msr: u32,
+        value: u64,
+    ) -> Option<Result<(), lapic::GeneralProtection>> {
+        let now = self.clock.now();
+        let a = self.lapics.get_mut(cpu)?;
+        let r = match msr {
+            MSR_APIC_BASE => a.write_base_msr(value, true).map(|()| None),
+            MSR_TSC_DEADLINE => {
+                a.set_tsc_deadline(value, now);
+                Ok(None)
+            }
+            0x800..=0x8ff => a.msr_write(msr, value, now),
+            _ => return None,
+        };
+        Some(r.map(|event| self.apic_event(cpu, event)))
+    }
+
+    /// Vector-by-vector delivery statistics aside, the machine's APIC
+    /// state at a glance for `--stats`: `(APIC ID, IA32_APIC_BASE, SVR
+    /// enabled, x2APIC)` per vCPU.
+    pub fn apic_summary(&mut self) -> Vec<(u32, u64, bool, bool)> {
+        let now = self.clock.now();
+        self.lapics
+            .iter_mut()
+            .map(|a| {
+                let svr = a.read_register(lapic::reg::SVR, now).unwrap_or(0);
+                (a.id(), a.base_msr(), svr & 0x100 != 0, a.x2apic())
+            })
+            .collect()
     }
 
     /// Interrupts the CPU has acknowledged so far, by vector: `(vector,
@@ -650,10 +816,17 @@ impl Machine {
         self.clock.instructions = self.clock.instructions.max(guest_instructions);
         let now = self.clock.now();
         if self.pit.advance(pit::ns_to_ticks(now)) {
-            self.pic.pulse_irq(0);
+            self.pulse_irq(0);
         }
         self.rtc.advance(self.clock.wall(now));
-        self.pic.set_irq(rtc::RTC_IRQ, self.rtc.irq_level());
+        self.set_irq(rtc::RTC_IRQ, self.rtc.irq_level());
+        if self
+            .lapics
+            .iter_mut()
+            .fold(false, |f, a| a.advance(now) | f)
+        {
+            self.sync_apic();
+        }
     }
 
     /// Sets machine time to `guest_instructions` for the device access the
@@ -679,10 +852,8 @@ impl Machine {
             .rtc
             .next_event(self.clock.wall(now))
             .map(|w| w.saturating_sub(self.clock.wall_base_ns));
-        match (pit, rtc) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let apic = self.lapics.iter().filter_map(|a| a.next_timer_ns()).min();
+        [pit, rtc, apic].into_iter().flatten().min()
     }
 
     /// How long, in machine time, until the next timer interrupt (PIT
@@ -752,6 +923,8 @@ impl Machine {
             i8042: self.i8042.save(),
             pm: self.pm.save(),
             pci: self.pci.save(),
+            lapics: self.lapics.iter().map(Persist::save).collect(),
+            ioapic: self.ioapic.save(),
             stop: self.stop,
         })
     }
@@ -773,6 +946,22 @@ impl Machine {
         pm.restore(s.pm)?;
         let mut pci = self.pci.clone();
         pci.restore(s.pci)?;
+        if s.lapics.len() != self.lapics.len() {
+            return Err(StateError::new(
+                "lapic",
+                &format!(
+                    "{} local APICs for a machine with {} vCPUs",
+                    s.lapics.len(),
+                    self.lapics.len()
+                ),
+            ));
+        }
+        let mut lapics = self.lapics.clone();
+        for (a, st) in lapics.iter_mut().zip(s.lapics) {
+            a.restore(st)?;
+        }
+        let mut ioapic = self.ioapic.clone();
+        ioapic.restore(s.ioapic)?;
         let c = &s.clock;
         // Far from overflow in every clock sum (about 36 years of ns).
         const LIMIT: u64 = 1 << 60;
@@ -790,6 +979,8 @@ impl Machine {
         self.i8042 = i8042;
         self.pm = pm;
         self.pci = pci;
+        self.lapics = lapics;
+        self.ioapic = ioapic;
         self.stop = s.stop;
         self.clock = Clock {
             mode: c.mode,
@@ -804,6 +995,7 @@ impl Machine {
             instructions: c.instructions,
         };
         self.sync_irqs();
+        self.sync_apic();
         Ok(())
     }
 
@@ -837,13 +1029,29 @@ impl Machine {
     /// Bytes from the terminal for COM1's receiver.
     pub fn serial_input(&mut self, bytes: &[u8]) {
         self.uart.enqueue_input(bytes);
-        self.pic.set_irq(uart::COM1_IRQ, self.uart.irq_level());
+        self.set_irq(uart::COM1_IRQ, self.uart.irq_level());
     }
 
     /// Terminal bytes not yet read by the guest (for flow control: a VMM
     /// may stop reading its terminal while this is large).
     pub fn serial_input_pending(&self) -> usize {
         self.uart.pending_input()
+    }
+}
+
+/// `IA32_APIC_BASE`.
+const MSR_APIC_BASE: u32 = 0x1b;
+/// `IA32_TSC_DEADLINE`.
+const MSR_TSC_DEADLINE: u32 = 0x6e0;
+
+/// The I/O APIC pin an ISA interrupt line is wired to: as on a PC (and in
+/// the MADT's interrupt source override), the PIT's IRQ 0 is pin 2; the
+/// others are identity-mapped.
+fn isa_gsi(irq: u8) -> usize {
+    if irq == 0 {
+        2
+    } else {
+        usize::from(irq)
     }
 }
 

@@ -70,6 +70,12 @@ persist_as_itself!(crate::pit::Pit, "pit");
 persist_as_itself!(crate::i8042::I8042, "i8042");
 persist_as_itself!(crate::acpi::PmBlock, "acpi-pm");
 persist_as_itself!(crate::pci::Pci, "pci");
+persist_as_itself!(crate::ioapic::IoApic, "ioapic");
+persist_as_itself!(crate::lapic::LocalApic, "lapic");
+
+fn reset_lapics() -> Vec<crate::lapic::LocalApic> {
+    vec![crate::lapic::LocalApic::new(0)]
+}
 
 /// The machine clock's saved state: machine time carries on from where it
 /// was (under the host clock, from the machine time at the snapshot).
@@ -108,6 +114,13 @@ pub struct MachineState {
     /// snapshots taken before it existed: then as after reset).
     #[serde(default)]
     pub pci: crate::pci::Pci,
+    /// The local APIC of each vCPU (absent from snapshots taken before the
+    /// APIC existed: one, as after reset).
+    #[serde(default = "reset_lapics")]
+    pub lapics: Vec<crate::lapic::LocalApic>,
+    /// The I/O APIC (absent from older snapshots: as after reset).
+    #[serde(default)]
+    pub ioapic: crate::ioapic::IoApic,
     /// A stop a device asked for and the VMM has not yet served.
     pub stop: Option<crate::StopReason>,
 }

@@ -575,3 +575,141 @@ fn acknowledged_interrupts_are_counted_by_vector() {
     assert!(ports.contains(&("com1", 0x3f8, 8)));
     assert!(ports.windows(2).all(|w| w[0].1 < w[1].1), "in port order");
 }
+
+fn apic_write(m: &mut Machine, reg: u64, v: u32) {
+    m.mmio_write(lapic::DEFAULT_BASE + reg, 4, u64::from(v));
+}
+
+fn ioapic_write(m: &mut Machine, index: u32, v: u32) {
+    m.mmio_write(ioapic::BASE, 4, u64::from(index));
+    m.mmio_write(ioapic::BASE + 0x10, 4, u64::from(v));
+}
+
+/// Linux's symmetric I/O mode: the 8259s masked, LINT0 masked, the APIC
+/// software-enabled, ISA lines through the I/O APIC.
+fn symmetric_io(m: &mut Machine) {
+    init_pics(m);
+    m.io_out(0x21, 1, 0xff);
+    m.io_out(0xa1, 1, 0xff);
+    apic_write(m, 0xf0, 0x1ff);
+    apic_write(m, 0x350, 0x1_0700);
+}
+
+#[test]
+fn the_pit_reaches_the_local_apic_through_ioapic_pin_2() {
+    let (mut m, _) = machine();
+    // Through the 8259 and LINT0 (ExtINT) after reset.
+    init_pics(&mut m);
+    m.io_out(0x43, 1, 0x34);
+    m.io_out(0x40, 1, 0xa9);
+    m.io_out(0x40, 1, 0x04); // 1193: 1 ms
+    m.advance(1_100_000);
+    assert!(m.interrupt_pending());
+    assert_eq!(m.acknowledge_interrupt(), 0x30);
+    m.io_out(0x20, 1, 0x20);
+    // Symmetric I/O: pin 2 to vector 0x61.
+    symmetric_io(&mut m);
+    ioapic_write(&mut m, 0x14, 0x61);
+    ioapic_write(&mut m, 0x15, 0);
+    m.advance(2_100_000);
+    assert!(m.interrupt_pending());
+    assert_eq!(m.acknowledge_interrupt(), 0x61);
+    assert!(!m.interrupt_pending());
+    // In service until EOI: the next tick's 0x61 waits in IRR.
+    m.advance(3_100_000);
+    assert!(!m.interrupt_pending(), "same class as the one in service");
+    apic_write(&mut m, 0xb0, 0);
+    assert!(m.interrupt_pending());
+    assert_eq!(m.acknowledge_interrupt(), 0x61);
+    assert_eq!(m.interrupt_counts(), vec![(0x30, 1), (0x61, 2)]);
+}
+
+#[test]
+fn a_level_triggered_line_is_resent_after_the_eoi_while_asserted() {
+    let (mut m, _) = machine();
+    symmetric_io(&mut m);
+    // COM1 (IRQ 4) level-triggered to vector 0x44.
+    ioapic_write(&mut m, 0x18, 0x44 | (1 << 15));
+    ioapic_write(&mut m, 0x19, 0);
+    m.io_out(0x3f9, 1, 0x01); // receive-data interrupt
+    m.serial_input(b"ab");
+    assert_eq!(m.acknowledge_interrupt(), 0x44);
+    // The line stays up (data pending): after the EOI it comes again.
+    apic_write(&mut m, 0xb0, 0);
+    assert!(m.interrupt_pending());
+    assert_eq!(m.acknowledge_interrupt(), 0x44);
+    // Reading the data drops the line: the EOI then brings nothing.
+    m.io_in(0x3f8, 1);
+    m.io_in(0x3f8, 1);
+    apic_write(&mut m, 0xb0, 0);
+    assert!(!m.interrupt_pending());
+}
+
+#[test]
+fn the_apic_timer_is_saved_with_the_machine() {
+    let (mut a, _) = machine();
+    symmetric_io(&mut a);
+    apic_write(&mut a, 0x3e0, 0xb);
+    apic_write(&mut a, 0x320, 0x2_0050); // periodic, vector 0x50
+    apic_write(&mut a, 0x380, 250_000);
+    a.advance(100_000);
+    let saved = a.save_state().unwrap();
+    let json = serde_json::to_string(&saved).unwrap();
+    let (mut b, _) = machine();
+    b.restore_state(serde_json::from_str(&json).unwrap())
+        .unwrap();
+    for t in (200_000..2_000_000).step_by(50_000) {
+        a.advance(t);
+        b.advance(t);
+        assert_eq!(a.interrupt_pending(), b.interrupt_pending(), "{t}");
+        assert_eq!(
+            a.instructions_to_next_event(t),
+            b.instructions_to_next_event(t)
+        );
+        if a.interrupt_pending() {
+            assert_eq!(a.acknowledge_interrupt(), 0x50);
+            assert_eq!(b.acknowledge_interrupt(), 0x50);
+            apic_write(&mut a, 0xb0, 0);
+            apic_write(&mut b, 0xb0, 0);
+        }
+    }
+    assert_eq!(a.interrupt_counts(), vec![(0x50, 7)]);
+    // Bad APIC states are refused and change nothing.
+    let good = a.save_state().unwrap();
+    let json = serde_json::to_value(&good).unwrap();
+    for (ptr, v) in [
+        ("/lapics/0/base", serde_json::Value::from(0xfee0_0401u64)),
+        ("/lapics/0/timer/divide", 0xff.into()),
+        (
+            "/ioapic/redirect",
+            serde_json::Value::Array(vec![0.into(); 3]),
+        ),
+        ("/lapics", serde_json::Value::Array(vec![])),
+    ] {
+        let mut bad = json.clone();
+        *bad.pointer_mut(ptr).unwrap() = v;
+        let bad: MachineState = serde_json::from_value(bad).unwrap();
+        assert!(a.restore_state(bad).is_err(), "{ptr}");
+        assert_eq!(a.save_state().unwrap(), good, "{ptr}: nothing changed");
+    }
+}
+
+#[test]
+fn apic_msrs_relocate_and_disable_the_apic() {
+    let (mut m, _) = machine();
+    assert_eq!(m.read_msr(0, 0x1b), Some(Ok(0xfee0_0900)));
+    assert_eq!(m.read_msr(0, 0x10), None, "not a platform MSR");
+    assert!(m.read_msr(0, 0x802).unwrap().is_err(), "xAPIC mode");
+    // Relocated: the old page is unassigned, the new one answers.
+    assert_eq!(m.write_msr(0, 0x1b, 0x8000_0900), Some(Ok(())));
+    assert_eq!(m.mmio_read(0xfee0_0030, 4), 0xffff_ffff);
+    assert_eq!(m.mmio_read(0x8000_0030, 4), 0x5_0014);
+    // Globally disabled: the 8259 reaches the CPU directly.
+    assert_eq!(m.write_msr(0, 0x1b, 0x8000_0100), Some(Ok(())));
+    init_pics(&mut m);
+    m.serial_input(b"x");
+    m.io_out(0x3f9, 1, 0x01);
+    assert!(m.interrupt_pending());
+    // x2APIC needs the enable bit.
+    assert!(m.write_msr(0, 0x1b, 0xfee0_0500).unwrap().is_err());
+}

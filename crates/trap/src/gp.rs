@@ -329,8 +329,49 @@ impl Trap {
         let ecx = st.gpr[1] as u32;
         let value = (st.gpr[2] << 32) | (st.gpr[0] & 0xffff_ffff);
         let icount = self.cpu.icount;
-        let m = &mut self.v.msr;
         let write = i.mnemonic() == Mnemonic::Wrmsr;
+        if matches!(ecx, 0x1b | 0x6e0 | 0x800..=0x8ff) {
+            // The local APIC's registers are the machine's.
+            machine.device_time(icount);
+            let tsc_offset = self.v.msr.tsc_offset;
+            let done = if write {
+                let pv = if ecx == 0x6e0 && value != 0 {
+                    value.wrapping_sub(tsc_offset).max(1)
+                } else {
+                    value
+                };
+                machine.write_msr(0, ecx, pv).map(|r| {
+                    if r.is_ok() && ecx == 0x1b {
+                        self.v.msr.apic_base = value;
+                    }
+                    r.is_ok()
+                })
+            } else {
+                machine.read_msr(0, ecx).map(|r| match r {
+                    Ok(mut v) => {
+                        if ecx == 0x6e0 && v != 0 {
+                            v = v.wrapping_add(tsc_offset);
+                        }
+                        self.cpu.set_gpr(0, v & 0xffff_ffff);
+                        self.cpu.set_gpr(2, v >> 32);
+                        true
+                    }
+                    Err(_) => false,
+                })
+            };
+            match done {
+                Some(true) => {
+                    self.count(if write { "#GP wrmsr" } else { "#GP rdmsr" });
+                    self.skip(i);
+                    return Ok(Flow::Continue);
+                }
+                Some(false) => {
+                    return self.reflect_gp(code, "a local APIC MSR access the APIC refuses")
+                }
+                None => {}
+            }
+        }
+        let m = &mut self.v.msr;
         let slot: Option<&mut u64> = match ecx {
             0x174 => Some(&mut m.sysenter_cs),
             0x175 => Some(&mut m.sysenter_esp),
