@@ -54,7 +54,7 @@ pub fn preboot(args: &RunArgs, rx: &Receiver<ApiCall>) -> Result<Vm, u8> {
             ),
             ApiRequest::Vm(popek_vmm::control::Request::MachineConfig) => (
                 Ok(serde_json::json!({
-                    "vcpu_count": 1,
+                    "vcpu_count": a.cpus,
                     "mem_size_mib": a.memory >> 20,
                     "smt": false,
                     "track_dirty_pages": false,
@@ -77,12 +77,14 @@ pub fn preboot(args: &RunArgs, rx: &Receiver<ApiCall>) -> Result<Vm, u8> {
                     vcpu_count,
                     mem_size_mib,
                 } => {
-                    if vcpu_count.is_some_and(|n| n != 1) {
-                        (
-                            Err(Fault::bad("popek runs one vCPU: vcpu_count must be 1")),
-                            None,
-                        )
+                    if vcpu_count
+                        .is_some_and(|n| !(1..=u64::from(popek_vmm::MAX_CPUS)).contains(&n))
+                    {
+                        (Err(Fault::bad("vcpu_count must be between 1 and 32")), None)
                     } else {
+                        if let Some(n) = vcpu_count {
+                            a.cpus = n as u32;
+                        }
                         match mem_size_mib {
                             Some(m)
                                 if !(popek_vmm::MIN_MEMORY..=popek_vmm::MAX_MEMORY)

@@ -179,6 +179,7 @@ pub fn run_engine(engine: EngineKind) -> Column {
         engine,
         clock: ClockMode::Host,
         vendor: None,
+        cpus: 1,
     };
     let cap = Capture::default();
     let text_now = || {

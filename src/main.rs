@@ -476,6 +476,10 @@ struct RunArgs {
     /// Guest RAM, e.g. 256M or 1G (2M to 3G).
     #[arg(long, short = 'm', value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
     memory: u64,
+    /// vCPUs (1 to 32). More than one runs on `bt` and `interp`, in turn
+    /// on one host thread.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u32,
     /// Embedded guest to boot when no --kernel is given (see `popek guests`).
     #[arg(long, value_name = "NAME", default_value = "minios")]
     guest: String,
@@ -573,6 +577,7 @@ fn default_run() -> RunArgs {
         initrd: None,
         cmdline: String::new(),
         memory: 256 << 20,
+        cpus: 1,
         guest: "minios".into(),
         format: FormatArg::Auto,
         load_addr: 0x7c00,
@@ -625,6 +630,7 @@ fn make_vm(a: &RunArgs, console: Box<dyn Write + Send>) -> Result<Vm, u8> {
             VendorArg::Intel => popek_vmm::Vendor::Intel,
             VendorArg::Amd => popek_vmm::Vendor::Amd,
         }),
+        cpus: a.cpus,
     };
     Vm::new(&cfg, console).map_err(|e| {
         eprintln!("popek: {}", e.chain());

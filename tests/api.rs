@@ -218,13 +218,20 @@ fn no_boot_waits_for_the_api_to_configure_and_start_the_vm() {
     assert!(body.contains("Not started"), "{body}");
     let (st, body) = curl(&sock, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
     assert_eq!(st, 400, "runtime requests wait for the boot: {body}");
-    let (st, _) = curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count":2}"#));
-    assert_eq!(st, 400, "one vCPU");
     let (st, _) = curl(
         &sock,
         "PUT",
         "/machine-config",
-        Some(r#"{"vcpu_count":1,"mem_size_mib":48}"#),
+        Some(r#"{"vcpu_count":33}"#),
+    );
+    assert_eq!(st, 400, "at most 32 vCPUs");
+    let (st, _) = curl(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count":0}"#));
+    assert_eq!(st, 400, "at least one vCPU");
+    let (st, _) = curl(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count":2,"mem_size_mib":48}"#),
     );
     assert_eq!(st, 204);
     let (st, _) = curl(
@@ -248,6 +255,7 @@ fn no_boot_waits_for_the_api_to_configure_and_start_the_vm() {
     vm.wait_for("waiting for input");
     let (_, body) = curl(&sock, "GET", "/machine-config", None);
     assert!(body.contains("\"mem_size_mib\":48"), "{body}");
+    assert!(body.contains("\"vcpu_count\":2"), "{body}");
 
     // A live engine switch (popek's extension of PATCH /vm): the guest
     // goes on under interp and back under bt.

@@ -2,7 +2,10 @@
 //! runs flat protected mode: a test program (assembled here with iced-x86)
 //! programs the APIC timer in its three modes, holds a self-IPI back with
 //! the task priority, routes the PIT through the I/O APIC, and reports the
-//! first stage that went wrong through the debug-exit port.
+//! first stage that went wrong through the debug-exit port. A second
+//! program starts an application processor with INIT and SIPI and has both
+//! vCPUs count on a shared word with locked instructions and send each
+//! other IPIs.
 
 use iced_x86::code_asm::{dword_ptr, eax, ecx, edx, esp, ptr, CodeAssembler, IcedError};
 
@@ -25,7 +28,8 @@ const UNEXPECTED: u8 = 0x7f;
 
 /// Vectors with a counting handler: the I/O APIC's PIT, the timer, the
 /// self-IPI and the TSC-deadline timer.
-const COUNTED: [u8; 4] = [0x30, 0x40, 0x41, 0x42];
+/// (and the IPI of the two-vCPU program).
+const COUNTED: [u8; 5] = [0x30, 0x40, 0x41, 0x42, 0x50];
 
 type Asm = CodeAssembler;
 
@@ -178,8 +182,12 @@ fn assemble(ip: u64, f: &dyn Fn(&mut Asm) -> Result<(), IcedError>) -> Vec<u8> {
 }
 
 fn program() -> Vec<u8> {
+    image(&main_program)
+}
+
+fn image(main: &dyn Fn(&mut Asm) -> Result<(), IcedError>) -> Vec<u8> {
     let mut img = vec![0u8; IMAGE];
-    let code = assemble(LOAD, &main_program);
+    let code = assemble(LOAD, main);
     assert!(code.len() < (HANDLERS - LOAD) as usize);
     img[..code.len()].copy_from_slice(&code);
     let put = |img: &mut Vec<u8>, at: u64, b: &[u8]| {
@@ -218,11 +226,19 @@ fn program() -> Vec<u8> {
 }
 
 fn run(engine: &str, extra: &[&str]) -> Run {
+    run_image("apic", engine, &program(), extra)
+}
+
+fn run_image(name: &str, engine: &str, img: &[u8], extra: &[&str]) -> Run {
     let mut args = vec!["--engine", engine, "--memory", "4M"];
     args.extend_from_slice(extra);
+    let clock = extra
+        .iter()
+        .position(|&a| a == "--clock")
+        .map_or("", |i| extra[i + 1]);
     run_flat(
-        &format!("apic-{engine}.bin"),
-        &program(),
+        &format!("{name}-{engine}{clock}.bin"),
+        img,
         "flat-protected",
         LOAD,
         &args,
@@ -269,4 +285,229 @@ fn apic_on_hw() {
     let r = run("hw", &["--fallback-engine", "bt", "--stats"]);
     assert_passed("hw", &r);
     assert!(r.stderr.contains("0x40: 5"), "{}", r.stderr);
+}
+
+/// The two-vCPU program's layout: the AP's 32-bit code, its real-mode
+/// start-up code (assembled for 0x7000, copied there by the BSP), a GDT
+/// with the flat loader's selectors, and the shared words.
+const AP_CODE: u64 = 0x13000;
+const TRAMPOLINE_IMAGE: u64 = 0x13800;
+const TRAMPOLINE: u64 = 0x7000;
+const GDT: u64 = 0x15900;
+const GDTR: u64 = 0x15920;
+const ALIVE: u32 = 0x21000;
+const SUM: u32 = 0x21004;
+const AP_DONE: u32 = 0x21008;
+const AP_ID: u32 = 0x2100c;
+/// Locked increments per vCPU.
+const INCREMENTS: u32 = 200_000;
+
+/// Spins (PAUSE) until the dword at `addr` is `want`, at most 20 million
+/// times, else fails with `code`.
+fn spin_until(a: &mut Asm, addr: u32, want: u32, code: u8) -> Result<(), IcedError> {
+    let mut again = a.create_label();
+    let mut done = a.create_label();
+    a.mov(ecx, 20_000_000u32)?;
+    a.set_label(&mut again)?;
+    a.cmp(dword_ptr(addr), want)?;
+    a.je(done)?;
+    a.pause()?;
+    a.dec(ecx)?;
+    a.jnz(again)?;
+    exit(a, code)?;
+    a.set_label(&mut done)
+}
+
+fn locked_increments(a: &mut Asm) -> Result<(), IcedError> {
+    let mut again = a.create_label();
+    a.mov(ecx, INCREMENTS)?;
+    a.set_label(&mut again)?;
+    a.lock().inc(dword_ptr(SUM))?;
+    a.dec(ecx)?;
+    a.jnz(again)
+}
+
+fn bsp_program(a: &mut Asm) -> Result<(), IcedError> {
+    a.mov(esp, 0x40000u32)?;
+    a.lgdt(ptr(GDTR as u32))?;
+    a.lidt(ptr(IDTR as u32))?;
+    a.mov(eax, 0xffu32)?;
+    a.out(0x21, iced_x86::code_asm::al)?;
+    a.out(0xa1, iced_x86::code_asm::al)?;
+    // The AP's start-up code to 0x7000.
+    a.cld()?;
+    a.mov(iced_x86::code_asm::esi, TRAMPOLINE_IMAGE as u32)?;
+    a.mov(iced_x86::code_asm::edi, TRAMPOLINE as u32)?;
+    a.mov(ecx, 0x100u32)?;
+    a.rep().movsb()?;
+    apic_write(a, 0xf0, 0x1ff)?;
+    // INIT, then a start-up IPI with vector 0x07, to APIC ID 1.
+    apic_write(a, 0x310, 1 << 24)?;
+    apic_write(a, 0x300, 0x4500)?;
+    apic_write(a, 0x300, 0x8500)?; // INIT level de-assert
+    apic_write(a, 0x310, 1 << 24)?;
+    apic_write(a, 0x300, 0x4600 | (TRAMPOLINE >> 12) as u32)?;
+    spin_until(a, ALIVE, 1, 0x11)?;
+    a.mov(eax, dword_ptr(AP_ID))?;
+    expect_eax(a, 1, 0x12)?;
+    locked_increments(a)?;
+    spin_until(a, AP_DONE, 1, 0x13)?;
+    a.mov(eax, dword_ptr(SUM))?;
+    expect_eax(a, 2 * INCREMENTS, 0x14)?;
+    // A fixed IPI to the AP, then one to all but self.
+    apic_write(a, 0x310, 1 << 24)?;
+    apic_write(a, 0x300, 0x4050)?;
+    spin_until(a, count(0x50), 1, 0x15)?;
+    apic_write(a, 0x300, 0xc_4050)?;
+    spin_until(a, count(0x50), 2, 0x16)?;
+    // The BSP's own APIC ID is 0.
+    a.mov(eax, dword_ptr(APIC + 0x20))?;
+    expect_eax(a, 0, 0x17)?;
+    exit(a, PASSED)
+}
+
+fn ap_program(a: &mut Asm) -> Result<(), IcedError> {
+    a.mov(eax, 0x18u32)?;
+    a.mov(iced_x86::code_asm::ds, iced_x86::code_asm::ax)?;
+    a.mov(iced_x86::code_asm::es, iced_x86::code_asm::ax)?;
+    a.mov(iced_x86::code_asm::ss, iced_x86::code_asm::ax)?;
+    a.mov(esp, 0x38000u32)?;
+    a.lidt(ptr(IDTR as u32))?;
+    apic_write(a, 0xf0, 0x1ff)?;
+    a.mov(eax, 1u32)?;
+    a.cpuid()?;
+    a.shr(iced_x86::code_asm::ebx, 24)?;
+    a.mov(dword_ptr(AP_ID), iced_x86::code_asm::ebx)?;
+    // The APIC's ID register agrees.
+    a.mov(eax, dword_ptr(APIC + 0x20))?;
+    expect_eax(a, 1 << 24, 0x18)?;
+    a.lock().inc(dword_ptr(ALIVE))?;
+    locked_increments(a)?;
+    a.lock().inc(dword_ptr(AP_DONE))?;
+    let mut idle = a.create_label();
+    a.set_label(&mut idle)?;
+    a.sti()?;
+    a.hlt()?;
+    a.jmp(idle)
+}
+
+fn smp_image() -> Vec<u8> {
+    let mut img = image(&bsp_program);
+    let put = |img: &mut Vec<u8>, at: u64, b: &[u8]| {
+        let o = (at - LOAD) as usize;
+        img[o..o + b.len()].copy_from_slice(b);
+    };
+    put(&mut img, AP_CODE, &assemble(AP_CODE, &ap_program));
+    // Real mode at 0700:0000: load the GDT (DS = 0x1000 reaches it), set
+    // PE, jump to the AP's code through the flat code selector.
+    let mut t = CodeAssembler::new(16).unwrap();
+    t.cli().unwrap();
+    t.mov(iced_x86::code_asm::ax, 0x1000u32).unwrap();
+    t.mov(iced_x86::code_asm::ds, iced_x86::code_asm::ax)
+        .unwrap();
+    t.lgdt(ptr((GDTR - 0x10000) as u32)).unwrap();
+    t.mov(eax, iced_x86::code_asm::cr0).unwrap();
+    t.or(eax, 1u32).unwrap();
+    t.mov(iced_x86::code_asm::cr0, eax).unwrap();
+    let mut far = vec![0x66, 0xea];
+    far.extend_from_slice(&(AP_CODE as u32).to_le_bytes());
+    far.extend_from_slice(&0x10u16.to_le_bytes());
+    t.db(&far).unwrap();
+    put(&mut img, TRAMPOLINE_IMAGE, &t.assemble(TRAMPOLINE).unwrap());
+    // The flat loader's selectors: code 0x10, data 0x18.
+    let mut gdt = Vec::new();
+    for d in [0u64, 0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff] {
+        gdt.extend_from_slice(&d.to_le_bytes());
+    }
+    put(&mut img, GDT, &gdt);
+    let mut gdtr = vec![0x1f, 0];
+    gdtr.extend_from_slice(&(GDT as u32).to_le_bytes());
+    put(&mut img, GDTR, &gdtr);
+    img
+}
+
+#[test]
+fn two_vcpus_start_count_together_and_send_ipis() {
+    for engine in ["interp", "bt"] {
+        for clock in ["virtual", "host"] {
+            let r = run_image(
+                "smp",
+                engine,
+                &smp_image(),
+                &["--cpus", "2", "--clock", clock],
+            );
+            assert_passed(engine, &r);
+        }
+    }
+}
+
+#[test]
+fn engines_that_run_one_vcpu_refuse_more() {
+    for engine in ["trap", "hw"] {
+        let r = run_image("smp-refused", engine, &smp_image(), &["--cpus", "2"]);
+        assert_eq!(r.status, 2, "{engine}: {}", r.stderr);
+        assert!(r.stderr.contains("more than one vCPU"), "{}", r.stderr);
+    }
+    let r = run_image("smp-33", "bt", &smp_image(), &["--cpus", "33"]);
+    assert_eq!(r.status, 2);
+    assert!(
+        r.stderr.contains("--cpus 33: must be between 1 and 32"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// A two-vCPU VM snapshotted while the AP starts up, while both count and
+/// while they send IPIs goes on after a restore, on either software engine:
+/// both vCPUs, their local APICs and the I/O APIC are in the snapshot.
+#[test]
+fn a_two_vcpu_vm_snapshotted_mid_run_goes_on_after_a_restore() {
+    use popek_vmm::snapshot::SnapshotKind;
+    use popek_vmm::{EngineKind, FileFormat, KernelSource, Outcome, RestoreOptions, Vm, VmConfig};
+    let img = temp_file("smp-snap.bin", &smp_image());
+    let cfg = VmConfig {
+        memory: 4 << 20,
+        kernel: KernelSource::File {
+            path: img,
+            format: Some(FileFormat::FlatProtected { load_addr: LOAD }),
+        },
+        initrd: None,
+        cmdline: String::new(),
+        engine: EngineKind::Bt,
+        clock: popek_machine::ClockMode::Virtual,
+        vendor: None,
+        cpus: 2,
+    };
+    let mut vm = Vm::new(&cfg, Box::new(std::io::sink())).unwrap();
+    assert_eq!(vm.run(), Outcome::DebugExit(PASSED));
+    let total = vm.engine.instructions();
+    let d = std::env::temp_dir().join(format!("popek-smp-snap-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    for (i, at) in [total / 50, total / 3, total * 9 / 10]
+        .into_iter()
+        .enumerate()
+    {
+        let mut vm = Vm::new(&cfg, Box::new(std::io::sink())).unwrap();
+        assert_eq!(vm.run_limited(at), None, "still running at {at}");
+        let states = vm.vcpu_states();
+        assert_eq!(states.len(), 2);
+        let path = d.join(format!("smp-{i}.snap"));
+        vm.snapshot(&path, None, SnapshotKind::Full).unwrap();
+        drop(vm);
+        let then = [EngineKind::Interp, EngineKind::Bt][i % 2];
+        let opts = RestoreOptions {
+            engine: Some(then),
+            clone: false,
+        };
+        let mut vm = Vm::restore(&path, &opts, Box::new(std::io::sink())).unwrap();
+        assert_eq!(vm.cpus(), 2);
+        assert_eq!(vm.vcpu_states(), states, "both vCPUs come back");
+        assert_eq!(
+            vm.run(),
+            Outcome::DebugExit(PASSED),
+            "snapshot at {at} of {total}, restored on {}",
+            then.name()
+        );
+    }
+    std::fs::remove_dir_all(d).unwrap();
 }

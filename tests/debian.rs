@@ -47,6 +47,15 @@ fn run_guest(
     engine: &str,
     vendor: &str,
 ) -> (Option<std::process::ExitStatus>, String, String, String) {
+    run_guest_with(engine, vendor, &[])
+}
+
+/// [`run_guest`] with more arguments for `popek run`.
+fn run_guest_with(
+    engine: &str,
+    vendor: &str,
+    extra: &[&str],
+) -> (Option<std::process::ExitStatus>, String, String, String) {
     let (kernel, initrd) = guest();
     let start = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_popek"))
@@ -61,6 +70,7 @@ fn run_guest(
             "--cpu-vendor",
             vendor,
         ])
+        .args(extra)
         .arg("--kernel")
         .arg(&kernel)
         .arg("--initrd")
@@ -116,8 +126,14 @@ fn profiles() -> (&'static str, &'static str) {
 }
 
 fn boot(engine: &str, vendor: &str) {
+    boot_cpus(engine, vendor, 1);
+}
+
+/// Boots on `cpus` vCPUs and checks what the init script prints.
+fn boot_cpus(engine: &str, vendor: &str, cpus: u32) {
     let start = Instant::now();
-    let (status, out, err, tail) = run_guest(engine, vendor);
+    let n = cpus.to_string();
+    let (status, out, err, tail) = run_guest_with(engine, vendor, &["--cpus", &n]);
     let Some(status) = status else {
         panic!("Debian on {engine} did not finish within {LIMIT:?}; last output:\n{tail}\nstderr:\n{err}");
     };
@@ -152,6 +168,17 @@ fn boot(engine: &str, vendor: &str) {
         "the host bridge is on the PCI bus:\n{tail}"
     );
     assert!(out.contains("pci fatal: 0"), "{tail}");
+    // The local APIC and the I/O APIC: symmetric I/O mode, every CPU's
+    // local timer ticking, a job run on each CPU.
+    assert!(out.contains(&format!("nproc: {cpus}")), "{tail}");
+    assert!(out.contains("apic: 1"), "Linux enabled APIC mode:\n{tail}");
+    assert!(
+        out.contains(&format!("loc cpus: {cpus}")),
+        "local timer interrupts on every CPU:\n{tail}"
+    );
+    for c in 0..cpus {
+        assert!(out.contains(&format!("job on cpu {c}")), "{tail}");
+    }
     assert!(out.contains("POPEK-DONE"), "{tail}");
     assert_eq!(
         status.code(),
@@ -173,6 +200,11 @@ fn debian_boots_runs_commands_and_powers_off_on_bt() {
 /// The vendor profile that is not the host's: `bt` then hands the
 /// instructions whose undefined results differ between vendors to the
 /// interpreter.
+#[test]
+fn debian_boots_on_two_vcpus_on_bt() {
+    boot_cpus("bt", profiles().0, 2);
+}
+
 #[test]
 fn debian_boots_on_bt_under_the_other_vendor_profile() {
     boot("bt", profiles().1);

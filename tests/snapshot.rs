@@ -47,6 +47,7 @@ fn config(guest: &str, engine: EngineKind, cmdline: &str) -> VmConfig {
         engine,
         clock: popek_machine::ClockMode::Virtual,
         vendor: None,
+        cpus: 1,
     }
 }
 

@@ -14,5 +14,14 @@ echo "sha: $(echo popek | sha256sum | cut -c1-16)"
 echo "awk: $(awk 'BEGIN { printf "%.3f", 1/3 }')"
 echo "pci: $(ls /sys/bus/pci/devices | tr '\n' ' ')$(cat /sys/bus/pci/devices/0000:00:00.0/vendor /sys/bus/pci/devices/0000:00:00.0/device 2>/dev/null | tr '\n' ' ')"
 echo "pci fatal: $(dmesg | grep -c 'No config space access')"
+echo "nproc: $(nproc)"
+echo "apic: $(dmesg | grep -c 'Enabling APIC mode')"
+# CPUs whose local APIC timer ticked.
+echo "loc cpus: $(grep LOC: /proc/interrupts | tr -s ' ' '\n' | grep -c '^[1-9][0-9]*$')"
+# A job pinned to each CPU: field 39 of /proc/self/stat is the CPU it last ran on.
+for c in $(seq 0 $(($(nproc) - 1))); do
+  taskset -c $c sh -c 'i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; echo "job on cpu $(cut -d" " -f39 /proc/self/stat)"' &
+done
+wait
 echo "POPEK-DONE"
 poweroff -f

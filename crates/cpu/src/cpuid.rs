@@ -116,13 +116,20 @@ impl CpuidModel {
             });
         }
         if vendor == Vendor::Amd {
-            // Leaves 0x8000_0005–7 (caches, power) empty; 0x8000_0008: 32
+            // Leaves 0x8000_0005–6 (caches) empty; 0x8000_0008: 32
             // physical and linear address bits, and XSaveErPtr (FXSAVE
             // always stores the x87 error pointers, as the model's does).
             // Without it Linux works around the K7/K8 "FXSAVE leak" with
             // EMMS, an MMX instruction this P6-class CPU lacks.
             ext[0].eax = 0x8000_0008;
-            ext.extend([CpuidLeaf::default(); 3]);
+            ext.extend([CpuidLeaf::default(); 2]);
+            // 0x8000_0007: the invariant TSC (EDX bit 8). The TSC counts
+            // machine time at one rate on every vCPU; without the bit Linux
+            // takes a multi-processor AMD machine's TSCs to be unsynchronized.
+            ext.push(CpuidLeaf {
+                edx: 1 << 8,
+                ..Default::default()
+            });
             ext.push(CpuidLeaf {
                 eax: 0x2020,
                 ebx: 1 << 2,

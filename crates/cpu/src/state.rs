@@ -373,6 +373,10 @@ pub struct CpuState {
     /// ([`crate::vendor`]). Part of the state, so that a snapshot or a
     /// migration carries it.
     pub vendor: Vendor,
+    /// The initial APIC ID CPUID reports (CPUID.1:EBX bits 31–24): the
+    /// vCPU's index in the machine (absent from older snapshots: 0).
+    #[serde(default)]
+    pub apic_id: u32,
 }
 
 impl Default for CpuState {
@@ -430,6 +434,7 @@ impl CpuState {
             halted: false,
             interrupt_shadow: false,
             vendor: Vendor::host(),
+            apic_id: 0,
         }
     }
 

@@ -100,10 +100,14 @@ impl Bus for MachineBus<'_> {
         self.machine.device_time(instructions);
     }
     fn msr_read(&mut self, msr: u32) -> Option<Option<u64>> {
-        self.machine.read_msr(0, msr).map(Result::ok)
+        self.machine
+            .read_msr(self.machine.current_cpu(), msr)
+            .map(Result::ok)
     }
     fn msr_write(&mut self, msr: u32, value: u64) -> Option<bool> {
-        self.machine.write_msr(0, msr, value).map(|r| r.is_ok())
+        self.machine
+            .write_msr(self.machine.current_cpu(), msr, value)
+            .map(|r| r.is_ok())
     }
     fn sensitive(&mut self, event: &SensitiveEvent) {
         if let Some(ev) = self.events.as_mut() {

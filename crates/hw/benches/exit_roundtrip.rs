@@ -55,6 +55,7 @@ fn popek_vm(ram_size: u64) -> PopekVm {
     let machine = Machine::new(
         MachineConfig {
             clock: ClockMode::Host,
+            ..Default::default()
         },
         ram.clone(),
         Box::new(std::io::sink()),

@@ -97,6 +97,7 @@ pub fn run_guest_full(
     let mut machine = Machine::new(
         MachineConfig {
             clock: ClockMode::Host,
+            ..Default::default()
         },
         ram.clone(),
         Box::new(std::io::sink()),

@@ -57,6 +57,7 @@ fn boot(g: &TestGuest) -> Booted {
     let machine = Machine::new(
         MachineConfig {
             clock: ClockMode::Host,
+            ..Default::default()
         },
         ram.clone(),
         Box::new(console.clone()),

@@ -98,11 +98,17 @@ const BDA_COM1: u64 = 0x400;
 const BDA_EBDA_SEGMENT: u64 = 0x40e;
 const BDA_BASE_MEMORY_KIB: u64 = 0x413;
 
+/// The most vCPUs a machine takes (xAPIC IDs are 8 bits; the MADT's
+/// space in the BIOS area holds this many).
+pub const MAX_CPUS: u32 = 32;
+
 /// Machine configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MachineConfig {
     /// How time advances.
     pub clock: ClockMode,
+    /// vCPUs: one local APIC each, described in the MADT (0 means 1).
+    pub cpus: u32,
 }
 
 /// Why the machine wants the VMM to stop running the guest.
@@ -243,12 +249,18 @@ pub struct Machine {
     /// One local APIC per vCPU.
     lapics: Vec<lapic::LocalApic>,
     ioapic: ioapic::IoApic,
-    /// Cached: vCPU 0's local APIC has a fixed interrupt to deliver.
+    /// The vCPU whose accesses and interrupt cycles come now.
+    cur: usize,
+    /// Per vCPU: its local APIC has a fixed interrupt to deliver.
+    apic_pending: Vec<bool>,
+    /// Per vCPU: its LINT0 passes the 8259's INTR.
+    extint: Vec<bool>,
+    /// Cached for the current vCPU: `apic_pending[cur]`, `extint[cur]`.
     apic_irq: bool,
-    /// Cached: vCPU 0's LINT0 passes the 8259's INTR.
     extint_open: bool,
-    /// Interrupts delivered, by vector (statistics, not guest state).
-    irq_counts: Box<[u64; 256]>,
+    /// Interrupts delivered, by vCPU and vector (statistics, not guest
+    /// state).
+    irq_counts: Vec<[u64; 256]>,
     /// The last POST code written to port 0x80, and how many were.
     post: (Option<u8>, u64),
     /// Where bytes written to port 0xE9 go (`--debugcon`).
@@ -325,6 +337,7 @@ impl Machine {
         }
         let clock = Clock::new(config.clock);
         let rtc = rtc::Rtc::new(ram.size(), clock.wall(0));
+        let cpus = config.cpus.clamp(1, MAX_CPUS) as usize;
         Ok(Machine {
             ram,
             clock,
@@ -337,11 +350,14 @@ impl Machine {
             i8042: i8042::I8042::new(),
             pm: acpi::PmBlock::new(),
             pci: pci::Pci::new(),
-            lapics: vec![lapic::LocalApic::new(0)],
+            lapics: (0..cpus as u32).map(lapic::LocalApic::new).collect(),
             ioapic: ioapic::IoApic::new(),
+            cur: 0,
+            apic_pending: vec![false; cpus],
+            extint: (0..cpus).map(|i| i == 0).collect(),
             apic_irq: false,
             extint_open: true,
-            irq_counts: Box::new([0; 256]),
+            irq_counts: vec![[0; 256]; cpus],
             post: (None, 0),
             debugcon: None,
             stop: None,
@@ -452,11 +468,55 @@ impl Machine {
         self.sync_apic();
     }
 
-    /// Recomputes the cached interrupt-line inputs from vCPU 0's APIC.
+    /// Recomputes the cached interrupt inputs of every vCPU.
     fn sync_apic(&mut self) {
-        let a = &self.lapics[0];
-        self.apic_irq = a.deliverable().is_some();
-        self.extint_open = a.accepts_extint();
+        for (i, a) in self.lapics.iter().enumerate() {
+            self.apic_pending[i] = a.deliverable().is_some();
+            self.extint[i] = a.accepts_extint();
+        }
+        self.apic_irq = self.apic_pending[self.cur];
+        self.extint_open = self.extint[self.cur];
+    }
+
+    /// The number of vCPUs.
+    pub fn cpus(&self) -> usize {
+        self.lapics.len()
+    }
+
+    /// Makes vCPU `cpu` the one whose accesses (its local APIC page and
+    /// MSRs) and interrupt cycles come next.
+    pub fn set_current_cpu(&mut self, cpu: usize) {
+        assert!(cpu < self.lapics.len(), "vCPU {cpu} exists");
+        self.cur = cpu;
+        self.apic_irq = self.apic_pending[cpu];
+        self.extint_open = self.extint[cpu];
+    }
+
+    /// The vCPU whose accesses come now.
+    pub fn current_cpu(&self) -> usize {
+        self.cur
+    }
+
+    /// Whether vCPU `cpu` has a maskable interrupt waiting (for a VMM
+    /// deciding whom to wake).
+    pub fn interrupt_pending_for(&self, cpu: usize) -> bool {
+        self.apic_pending.get(cpu).copied().unwrap_or(false)
+            || (self.extint.get(cpu).copied().unwrap_or(false) && self.pic.interrupt_pending())
+    }
+
+    /// Takes an INIT that arrived for vCPU `cpu` (the VMM puts it in the
+    /// wait-for-SIPI state).
+    pub fn take_init(&mut self, cpu: usize) -> bool {
+        self.lapics
+            .get_mut(cpu)
+            .is_some_and(lapic::LocalApic::take_init)
+    }
+
+    /// Takes a start-up IPI's vector that arrived for vCPU `cpu`.
+    pub fn take_sipi(&mut self, cpu: usize) -> Option<u8> {
+        self.lapics
+            .get_mut(cpu)
+            .and_then(lapic::LocalApic::take_sipi)
     }
 
     fn read_byte(&mut self, dev: Port, offset: u16) -> u8 {
@@ -625,8 +685,8 @@ impl Machine {
         let n = usize::from(size.clamp(1, 8));
         let mut buf = [0xffu8; 8];
         let now = self.clock.now();
-        if self.lapics[0].mmio_base() == Some(addr & !(lapic::PAGE - 1)) {
-            self.lapics[0].mmio_read(addr & (lapic::PAGE - 1), &mut buf[..n], now);
+        if self.lapics[self.cur].mmio_base() == Some(addr & !(lapic::PAGE - 1)) {
+            self.lapics[self.cur].mmio_read(addr & (lapic::PAGE - 1), &mut buf[..n], now);
         } else if (ioapic::BASE..ioapic::BASE + ioapic::LEN).contains(&addr) {
             self.ioapic.mmio_read(addr - ioapic::BASE, &mut buf[..n]);
         } else if !self.mmio.read(addr, &mut buf[..n]) {
@@ -645,10 +705,11 @@ impl Machine {
     pub fn mmio_write(&mut self, addr: u64, size: u8, value: u64) {
         let n = usize::from(size.clamp(1, 8));
         let bytes = value.to_le_bytes();
-        if self.lapics[0].mmio_base() == Some(addr & !(lapic::PAGE - 1)) {
+        if self.lapics[self.cur].mmio_base() == Some(addr & !(lapic::PAGE - 1)) {
             let now = self.clock.now();
-            let e = self.lapics[0].mmio_write(addr & (lapic::PAGE - 1), &bytes[..n], now);
-            self.apic_event(0, e);
+            let cur = self.cur;
+            let e = self.lapics[cur].mmio_write(addr & (lapic::PAGE - 1), &bytes[..n], now);
+            self.apic_event(cur, e);
         } else if (ioapic::BASE..ioapic::BASE + ioapic::LEN).contains(&addr) {
             let mut out = Vec::new();
             self.ioapic
@@ -687,17 +748,17 @@ impl Machine {
     pub fn acknowledge_interrupt(&mut self) -> u8 {
         let v = if self.extint_open && self.pic.interrupt_pending() {
             self.pic.acknowledge()
-        } else if let Some(v) = self.lapics[0].acknowledge() {
+        } else if let Some(v) = self.lapics[self.cur].acknowledge() {
             v
         } else if self.extint_open {
             // The request came through LINT0 and vanished: the 8259
             // answers with its spurious IRQ 7.
             self.pic.acknowledge()
         } else {
-            self.lapics[0].spurious_vector()
+            self.lapics[self.cur].spurious_vector()
         };
         self.sync_apic();
-        self.irq_counts[usize::from(v)] += 1;
+        self.irq_counts[self.cur][usize::from(v)] += 1;
         v
     }
 
@@ -759,7 +820,22 @@ impl Machine {
     /// count)` for each vector that came (`--stats`).
     pub fn interrupt_counts(&self) -> Vec<(u8, u64)> {
         (0..=255u8)
-            .map(|v| (v, self.irq_counts[usize::from(v)]))
+            .map(|v| {
+                let n = self.irq_counts.iter().map(|c| c[usize::from(v)]).sum();
+                (v, n)
+            })
+            .filter(|&(_, n)| n > 0)
+            .collect()
+    }
+
+    /// Interrupts vCPU `cpu` has acknowledged so far, by vector (`--stats`
+    /// per vCPU).
+    pub fn interrupt_counts_of(&self, cpu: usize) -> Vec<(u8, u64)> {
+        let Some(c) = self.irq_counts.get(cpu) else {
+            return Vec::new();
+        };
+        (0..=255u8)
+            .map(|v| (v, c[usize::from(v)]))
             .filter(|&(_, n)| n > 0)
             .collect()
     }

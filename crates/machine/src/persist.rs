@@ -114,8 +114,8 @@ pub struct MachineState {
     /// snapshots taken before it existed: then as after reset).
     #[serde(default)]
     pub pci: crate::pci::Pci,
-    /// The local APIC of each vCPU (absent from snapshots taken before the
-    /// APIC existed: one, as after reset).
+    /// The local APIC of each vCPU, in vCPU order (absent from snapshots
+    /// taken before the APIC existed: one, as after reset).
     #[serde(default = "reset_lapics")]
     pub lapics: Vec<crate::lapic::LocalApic>,
     /// The I/O APIC (absent from older snapshots: as after reset).

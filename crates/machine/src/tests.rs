@@ -20,7 +20,15 @@ impl Write for SharedSink {
 fn machine_with(clock: ClockMode, ram: u64) -> (Machine, SharedSink) {
     let sink = SharedSink::default();
     let ram = Arc::new(GuestRam::new(ram).unwrap());
-    let m = Machine::new(MachineConfig { clock }, ram, Box::new(sink.clone())).unwrap();
+    let m = Machine::new(
+        MachineConfig {
+            clock,
+            ..Default::default()
+        },
+        ram,
+        Box::new(sink.clone()),
+    )
+    .unwrap();
     (m, sink)
 }
 
@@ -482,6 +490,7 @@ fn a_saved_machine_restores_to_the_same_state_and_behaviour() {
     let mut b = Machine::restored(
         MachineConfig {
             clock: ClockMode::Virtual,
+            ..Default::default()
         },
         ram,
         Box::new(sink.clone()),
@@ -712,4 +721,55 @@ fn apic_msrs_relocate_and_disable_the_apic() {
     assert!(m.interrupt_pending());
     // x2APIC needs the enable bit.
     assert!(m.write_msr(0, 0x1b, 0xfee0_0500).unwrap().is_err());
+}
+
+#[test]
+fn ipis_reach_the_other_vcpu_and_init_sipi_are_handed_to_the_vmm() {
+    let ram = Arc::new(GuestRam::new(16 << 20).unwrap());
+    let mut m = Machine::new(
+        MachineConfig {
+            clock: ClockMode::Virtual,
+            cpus: 2,
+        },
+        ram,
+        Box::new(std::io::sink()),
+    )
+    .unwrap();
+    assert_eq!(m.cpus(), 2);
+    // The MADT lists both.
+    let mut madt = [0u8; 0x62];
+    m.ram().read(acpi::MADT_ADDR, &mut madt).unwrap();
+    assert_eq!(&madt[..4], b"APIC");
+    // Each vCPU sees its own APIC at the same address.
+    m.set_current_cpu(1);
+    assert_eq!(m.mmio_read(0xfee0_0020, 4), 1 << 24);
+    assert_eq!(m.read_msr(1, 0x1b), Some(Ok(0xfee0_0800)), "not the BSP");
+    apic_write(&mut m, 0xf0, 0x1ff);
+    m.set_current_cpu(0);
+    assert_eq!(m.mmio_read(0xfee0_0020, 4), 0);
+    apic_write(&mut m, 0xf0, 0x1ff);
+    // INIT and SIPI to APIC 1.
+    apic_write(&mut m, 0x310, 1 << 24);
+    apic_write(&mut m, 0x300, 0x4500);
+    assert!(m.take_init(1));
+    assert!(!m.take_init(0));
+    apic_write(&mut m, 0x300, 0x4608);
+    assert_eq!(m.take_sipi(1), Some(8));
+    // A fixed IPI to APIC 1: pending for vCPU 1 only.
+    apic_write(&mut m, 0x300, 0x4051);
+    assert!(m.interrupt_pending_for(1));
+    assert!(!m.interrupt_pending());
+    m.set_current_cpu(1);
+    assert!(m.interrupt_pending());
+    assert_eq!(m.acknowledge_interrupt(), 0x51);
+    // All including self, logical flat with LDRs: both get it.
+    apic_write(&mut m, 0xb0, 0);
+    apic_write(&mut m, 0x300, 0x8_4052);
+    assert!(m.interrupt_pending_for(0) && m.interrupt_pending_for(1));
+    assert_eq!(m.interrupt_counts_of(1), vec![(0x51, 1)]);
+    // A snapshot holds both APICs; a one-vCPU machine refuses it.
+    let saved = m.save_state().unwrap();
+    assert_eq!(saved.lapics.len(), 2);
+    let (mut one, _) = machine();
+    assert!(one.restore_state(saved).is_err());
 }

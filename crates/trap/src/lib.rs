@@ -622,6 +622,7 @@ mod tests {
         let m = Machine::new(
             MachineConfig {
                 clock: ClockMode::Virtual,
+                ..Default::default()
             },
             ram.clone(),
             Box::new(std::io::sink()),

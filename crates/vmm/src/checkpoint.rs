@@ -258,7 +258,17 @@ impl Vm {
     ) -> Result<SnapshotReport, SnapshotError> {
         let t0 = Instant::now();
         let mem = mem.map_or_else(|| mem_path_for(state), Path::to_path_buf);
-        let vcpu = self.engine.state();
+        let mut vcpus = self.vcpu_states().into_iter();
+        let vcpu = vcpus
+            .next()
+            .map(|v| v.0)
+            .unwrap_or_else(|| self.engine.state());
+        let aps: Vec<snapshot::ApState> = vcpus
+            .map(|(vcpu, wait_for_sipi)| snapshot::ApState {
+                vcpu,
+                wait_for_sipi,
+            })
+            .collect();
         let devices = self.machine.save_state().map_err(SnapshotError::Machine)?;
         let ram = self.machine.ram().clone();
         let pages = ram.size() / PAGE_SIZE;
@@ -329,6 +339,7 @@ impl Vm {
             instructions: self.engine.instructions(),
             config: self.config.clone(),
             vcpu,
+            aps,
             devices,
             hypercalls: self.hypercalls.clone(),
             memory: desc.clone(),
@@ -379,10 +390,26 @@ impl Vm {
                 why: format!("{} instructions retired: out of range", st.instructions),
             });
         }
-        check_vcpu(&st.vcpu).map_err(|why| SnapshotError::Bad {
-            path: path.display().to_string(),
-            why: format!("vCPU state: {why}"),
-        })?;
+        for (i, v) in std::iter::once(&st.vcpu)
+            .chain(st.aps.iter().map(|a| &a.vcpu))
+            .enumerate()
+        {
+            check_vcpu(v).map_err(|why| SnapshotError::Bad {
+                path: path.display().to_string(),
+                why: format!("vCPU {i} state: {why}"),
+            })?;
+        }
+        let cpus = 1 + st.aps.len() as u32;
+        if cpus != st.config.cpus || cpus != st.devices.lapics.len() as u32 {
+            return Err(SnapshotError::Bad {
+                path: path.display().to_string(),
+                why: format!(
+                    "{cpus} vCPU states, {} in the configuration, {} local APICs: they must agree",
+                    st.config.cpus,
+                    st.devices.lapics.len()
+                ),
+            });
+        }
         if st.config.memory != size {
             return Err(SnapshotError::Bad {
                 path: path.display().to_string(),
@@ -407,6 +434,9 @@ impl Vm {
                 }
             }
         };
+        if cpus > 1 {
+            crate::smp_engine(kind).map_err(|e| SnapshotError::Refused(e.to_string()))?;
+        }
         let layers = memory_chain(path, &st)?;
         let factory = kind.factory();
         let ram_err = |e| SnapshotError::Refused(format!("cannot allocate guest RAM: {e}"));
@@ -435,6 +465,7 @@ impl Vm {
         let machine = Machine::restored(
             MachineConfig {
                 clock: st.devices.clock.mode,
+                cpus,
             },
             ram,
             console,
@@ -450,6 +481,12 @@ impl Vm {
             .map_err(|e| SnapshotError::Refused(popek_engine::error_chain(&e)))?;
         engine.set_instructions(st.instructions);
         let mut vm = Vm::assemble(machine, engine, kind, st.config.clone(), panic);
+        vm.set_ap_states(
+            st.aps
+                .iter()
+                .map(|a| (a.vcpu.clone(), a.wait_for_sipi))
+                .collect(),
+        );
         vm.hypercalls = st.hypercalls.clone();
         vm.last_snapshot = Some(LastSnapshot {
             state: abs(path),
@@ -465,6 +502,9 @@ impl Vm {
     pub fn switch_engine(&mut self, kind: EngineKind) -> Result<(), String> {
         if kind == self.kind {
             return Ok(());
+        }
+        if self.vcpus.len() > 1 {
+            crate::smp_engine(kind).map_err(|e| e.to_string())?;
         }
         let state = self.engine.state();
         check_engine_for(kind, &state)?;
@@ -575,10 +615,10 @@ impl Vm {
     }
 
     /// The machine configuration as Firecracker's `GET /machine-config`
-    /// shows it (one vCPU).
+    /// shows it.
     pub fn machine_config(&self) -> serde_json::Value {
         serde_json::json!({
-            "vcpu_count": 1,
+            "vcpu_count": self.vcpus.len(),
             "mem_size_mib": self.config.memory >> 20,
             "smt": false,
             "track_dirty_pages": false,

@@ -32,6 +32,9 @@ use popek_memory::MemoryError;
 
 /// Smallest `--memory`.
 pub const MIN_MEMORY: u64 = 2 << 20;
+/// Most vCPUs (`--cpus`).
+pub const MAX_CPUS: u32 = popek_machine::MAX_CPUS;
+
 /// Largest `--memory`.
 pub const MAX_MEMORY: u64 = 3 << 30;
 
@@ -48,6 +51,11 @@ const MASKED_WARPS: u32 = 1000;
 
 /// Instructions per engine slice between clock updates and input polls.
 const SLICE: u64 = 200_000;
+
+/// Instructions a vCPU runs before the next one takes the host thread,
+/// when there are several (round-robin): short enough that an IPI's
+/// sender, spinning for its answer, waits little.
+const SMP_SLICE: u64 = 50_000;
 
 /// Which engine runs the vCPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -215,6 +223,8 @@ pub struct VmConfig {
     /// The CPU vendor profile (what CPUID says, and how the results the
     /// manuals leave undefined come out); `None`: the host's.
     pub vendor: Option<popek_cpu::Vendor>,
+    /// vCPUs (1 to [`popek_machine::MAX_CPUS`]).
+    pub cpus: u32,
 }
 
 /// Bad input: a file, a flag, or an engine that cannot run the guest.
@@ -251,6 +261,9 @@ pub enum VmError {
         /// The file.
         path: String,
     },
+    /// The vCPU count is out of range.
+    #[error("--cpus {0}: must be between 1 and {max}", max = popek_machine::MAX_CPUS)]
+    Cpus(u32),
     /// The memory size is out of range.
     #[error("--memory {size}: must be between 2M and 3G")]
     Memory {
@@ -384,6 +397,44 @@ pub struct Vm {
     /// After a fallback: the engine to return to, and from which
     /// instruction count.
     return_to: Option<(EngineKind, u64)>,
+    /// Every vCPU; the engine runs `current`'s state, the others' wait in
+    /// their slots (round-robin on one host thread).
+    vcpus: Vec<VcpuSlot>,
+    /// The vCPU the engine runs now.
+    current: usize,
+}
+
+/// A vCPU of a VM with several.
+#[derive(Clone, Debug, Default)]
+struct VcpuSlot {
+    /// Its state while another vCPU runs (`None` for the running one).
+    state: Option<popek_cpu::CpuState>,
+    /// Waiting for a start-up IPI (application processors after reset and
+    /// after INIT).
+    wait_for_sipi: bool,
+    /// Halted, and whether its IF was set when it halted (only then can an
+    /// interrupt wake it).
+    halted: Option<bool>,
+}
+
+/// The state of application processor `index` after RESET or INIT.
+fn ap_reset_state(index: usize, vendor: popek_cpu::Vendor) -> popek_cpu::CpuState {
+    let mut s = popek_cpu::CpuState::reset();
+    s.vendor = vendor;
+    s.apic_id = index as u32;
+    s
+}
+
+/// The state a start-up IPI with `vector` gives a vCPU waiting for it:
+/// real mode at `vector`:0000 (SDM 9.4.4.1).
+fn sipi_state(mut s: popek_cpu::CpuState, vector: u8) -> popek_cpu::CpuState {
+    use popek_cpu::state::seg;
+    let cs = &mut s.seg[seg::CS];
+    cs.selector = u16::from(vector) << 8;
+    cs.base = u64::from(vector) << 12;
+    s.rip = 0;
+    s.halted = false;
+    s
 }
 
 /// What a guest kernel prints when it gives up; after it, a guest makes no
@@ -442,6 +493,25 @@ impl Write for WatchedConsole {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// Refuses more than one vCPU on an engine that runs one: `trap`'s monitor
+/// shadows one CPU's tables and `hw` does not yet create a KVM vCPU per
+/// guest vCPU.
+fn smp_engine(kind: EngineKind) -> Result<(), EngineError> {
+    match kind {
+        EngineKind::Bt | EngineKind::Interp => Ok(()),
+        EngineKind::Trap => Err(EngineError::Unsupported {
+            engine: "trap",
+            reason: "more than one vCPU: the monitor shadows one CPU's descriptor and page tables"
+                .into(),
+        }),
+        EngineKind::Hw => Err(EngineError::Unsupported {
+            engine: "hw",
+            reason: "more than one vCPU is not implemented on hw yet (use --engine bt or interp)"
+                .into(),
+        }),
     }
 }
 
@@ -633,6 +703,12 @@ impl Vm {
         if !(MIN_MEMORY..=MAX_MEMORY).contains(&cfg.memory) {
             return Err(VmError::Memory { size: cfg.memory });
         }
+        if !(1..=popek_machine::MAX_CPUS).contains(&cfg.cpus) {
+            return Err(VmError::Cpus(cfg.cpus));
+        }
+        if cfg.cpus > 1 {
+            smp_engine(cfg.engine).map_err(VmError::Engine)?;
+        }
         let vendor = cfg.vendor.unwrap_or_else(popek_cpu::Vendor::host);
         let factory = cfg.engine.factory();
         check_engine(cfg, factory, vendor)?;
@@ -650,8 +726,15 @@ impl Vm {
             inner: console,
             watch: panic.clone(),
         });
-        let machine = Machine::new(MachineConfig { clock: cfg.clock }, ram.clone(), console)
-            .map_err(VmError::Machine)?;
+        let machine = Machine::new(
+            MachineConfig {
+                clock: cfg.clock,
+                cpus: cfg.cpus,
+            },
+            ram.clone(),
+            console,
+        )
+        .map_err(VmError::Machine)?;
         let entry = load_kernel(cfg, factory, &ram, &machine)?;
         let mut engine = factory.create(&machine)?;
         let mut state = boot::entry_cpu_state(&entry);
@@ -664,8 +747,17 @@ impl Vm {
                 KernelSource::File { path, .. } => path.display().to_string(),
             },
             cmdline: cfg.cmdline.clone(),
+            cpus: cfg.cpus,
         };
-        Ok(Vm::assemble(machine, engine, cfg.engine, config, panic))
+        let mut vm = Vm::assemble(machine, engine, cfg.engine, config, panic);
+        for i in 1..cfg.cpus as usize {
+            vm.vcpus.push(VcpuSlot {
+                state: Some(ap_reset_state(i, vendor)),
+                wait_for_sipi: true,
+                halted: None,
+            });
+        }
+        Ok(vm)
     }
 
     fn assemble(
@@ -690,7 +782,138 @@ impl Vm {
             console_snapshots: (PathBuf::from("."), 0),
             fallback: None,
             return_to: None,
+            vcpus: vec![VcpuSlot::default()],
+            current: 0,
         }
+    }
+
+    /// The number of vCPUs.
+    pub fn cpus(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Every vCPU's state, in vCPU order, and whether it waits for a
+    /// start-up IPI.
+    pub fn vcpu_states(&mut self) -> Vec<(popek_cpu::CpuState, bool)> {
+        let current = self.engine.state();
+        self.vcpus
+            .iter()
+            .map(|v| {
+                (
+                    v.state.clone().unwrap_or_else(|| current.clone()),
+                    v.wait_for_sipi,
+                )
+            })
+            .collect()
+    }
+
+    /// Gives the VM the states of vCPUs 1.. (after a restore), the engine
+    /// holding vCPU 0's.
+    pub(crate) fn set_ap_states(&mut self, aps: Vec<(popek_cpu::CpuState, bool)>) {
+        self.vcpus.truncate(1);
+        self.current = 0;
+        self.machine.set_current_cpu(0);
+        for (state, wait_for_sipi) in aps {
+            self.vcpus.push(VcpuSlot {
+                state: Some(state),
+                wait_for_sipi,
+                halted: None,
+            });
+        }
+    }
+
+    /// Loads vCPU `next` into the engine, keeping the running one's state
+    /// in its slot.
+    fn switch_vcpu(&mut self, next: usize) -> Result<(), EngineError> {
+        let Some(state) = self.vcpus[next].state.take() else {
+            return Ok(());
+        };
+        let old = self.engine.state();
+        self.vcpus[self.current].state = Some(old);
+        if let Err(e) = self.engine.set_state(state.clone()) {
+            // Put everything back as it was.
+            let old = self.vcpus[self.current].state.take();
+            self.vcpus[next].state = Some(state);
+            if let Some(o) = old {
+                let _ = self.engine.set_state(o);
+            }
+            return Err(e);
+        }
+        self.current = next;
+        self.machine.set_current_cpu(next);
+        Ok(())
+    }
+
+    /// Sets vCPU `i`'s state, wherever it is held.
+    fn put_vcpu_state(&mut self, i: usize, state: popek_cpu::CpuState) -> Result<(), EngineError> {
+        if i == self.current {
+            self.engine.set_state(state)
+        } else {
+            self.vcpus[i].state = Some(state);
+            Ok(())
+        }
+    }
+
+    fn vcpu_state(&mut self, i: usize) -> popek_cpu::CpuState {
+        match &self.vcpus[i].state {
+            Some(s) => s.clone(),
+            None => self.engine.state(),
+        }
+    }
+
+    /// Serves the INIT and start-up IPIs that arrived for the
+    /// application processors.
+    fn serve_init_sipi(&mut self) -> Result<(), EngineError> {
+        for i in 1..self.vcpus.len() {
+            if self.machine.take_init(i) {
+                let vendor = self.vcpu_state(i).vendor;
+                self.put_vcpu_state(i, ap_reset_state(i, vendor))?;
+                self.vcpus[i].wait_for_sipi = true;
+                self.vcpus[i].halted = None;
+            }
+            if let Some(v) = self.machine.take_sipi(i) {
+                if self.vcpus[i].wait_for_sipi {
+                    let s = sipi_state(self.vcpu_state(i), v);
+                    self.put_vcpu_state(i, s)?;
+                    self.vcpus[i].wait_for_sipi = false;
+                    self.vcpus[i].halted = None;
+                    tracing::debug!("vCPU {i} started at {v:02x}00:0000");
+                }
+            }
+        }
+        // INIT to the BSP would restart the firmware; there is none.
+        if self.machine.take_init(0) {
+            tracing::debug!("INIT to the bootstrap processor ignored");
+        }
+        let _ = self.machine.take_sipi(0);
+        Ok(())
+    }
+
+    fn runnable(&self, i: usize) -> bool {
+        let v = &self.vcpus[i];
+        !v.wait_for_sipi
+            && match v.halted {
+                None => true,
+                Some(if_set) => if_set && self.machine.interrupt_pending_for(i),
+            }
+    }
+
+    /// Round-robin: moves to the next runnable vCPU after the current one
+    /// (or stays). Returns false when none is runnable (all halted or
+    /// waiting).
+    fn pick_vcpu(&mut self) -> Result<bool, EngineError> {
+        let n = self.vcpus.len();
+        for k in 1..=n {
+            let i = (self.current + k) % n;
+            if self.runnable(i) {
+                if i != self.current {
+                    self.switch_vcpu(i)?;
+                }
+                self.vcpus[i].halted = None;
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The engine running the vCPU now.
@@ -780,14 +1003,18 @@ impl Vm {
     /// or (no timer, no input) forever — which the watchdog reports.
     fn wait_halted(&mut self) -> Option<Outcome> {
         let icount = self.engine.instructions();
-        let state = self.engine.state();
-        if state.rflags & popek_cpu::state::flags::IF as u64 == 0 {
+        let can_wake = if self.vcpus.len() == 1 {
+            self.engine.state().rflags & popek_cpu::state::flags::IF as u64 != 0
+        } else {
+            self.vcpus.iter().any(|v| v.halted == Some(true))
+        };
+        if !can_wake {
             return Some(Outcome::NoProgress(report::no_progress(
                 self.engine.as_mut(),
                 "the guest halted with interrupts disabled: nothing can wake it",
             )));
         }
-        if self.machine.interrupt_pending() {
+        if self.woken() {
             return None;
         }
         if self.machine.clock_mode() == ClockMode::Virtual {
@@ -799,7 +1026,7 @@ impl Vm {
                     break;
                 }
                 fired = true;
-                if self.machine.interrupt_pending() {
+                if self.woken() {
                     return None;
                 }
             }
@@ -834,6 +1061,15 @@ impl Vm {
         }
         self.machine.advance(icount);
         None
+    }
+
+    /// Whether a halted VM has a vCPU to run again.
+    fn woken(&self) -> bool {
+        if self.vcpus.len() == 1 {
+            self.machine.interrupt_pending()
+        } else {
+            (0..self.vcpus.len()).any(|i| self.runnable(i))
+        }
     }
 
     /// Runs the guest until it ends.
@@ -878,8 +1114,24 @@ impl Vm {
             if self.engine.instructions() >= limit {
                 return Outcome::NoProgress(LIMIT_REACHED.into());
             }
+            let smp = self.vcpus.len() > 1;
+            if smp {
+                let picked = self.serve_init_sipi().and_then(|()| self.pick_vcpu());
+                match picked {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        if let Some(o) = self.wait_halted() {
+                            return o;
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        return Outcome::Died(report::died(self.engine.as_mut(), &e.to_string()))
+                    }
+                }
+            }
             let before = self.engine.instructions();
-            let mut budget = SLICE.min(limit - before);
+            let mut budget = if smp { SMP_SLICE } else { SLICE }.min(limit - before);
             // Virtual clock: stop where the next timer interrupt is due, so
             // that it comes at the same instruction on every engine.
             if let Some(n) = self.machine.instructions_to_next_event(before) {
@@ -933,6 +1185,11 @@ impl Vm {
                     } else {
                         stuck_slices = 0;
                     }
+                }
+                VmExit::Halt if smp => {
+                    let if_set =
+                        self.engine.state().rflags & popek_cpu::state::flags::IF as u64 != 0;
+                    self.vcpus[self.current].halted = Some(if_set);
                 }
                 VmExit::Halt => {
                     if let Some(o) = self.wait_halted() {

@@ -81,6 +81,22 @@ pub struct ConfigDesc {
     pub guest: String,
     /// Kernel command line.
     pub cmdline: String,
+    /// vCPUs (absent from snapshots of one-vCPU days: 1).
+    #[serde(default = "one")]
+    pub cpus: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// An application processor (vCPU 1 and up) in a state file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApState {
+    /// Its registers.
+    pub vcpu: CpuState,
+    /// Waiting for a start-up IPI.
+    pub wait_for_sipi: bool,
 }
 
 /// The body of a state file.
@@ -102,8 +118,11 @@ pub struct VmState {
     pub instructions: u64,
     /// The configuration.
     pub config: ConfigDesc,
-    /// The vCPU.
+    /// vCPU 0, the bootstrap processor.
     pub vcpu: CpuState,
+    /// vCPUs 1 and up (absent with one vCPU).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aps: Vec<ApState>,
     /// Every device and the clock.
     pub devices: MachineState,
     /// Hypercall counts.

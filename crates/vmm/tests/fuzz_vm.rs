@@ -294,6 +294,7 @@ fn run(
         engine,
         clock: ClockMode::Virtual,
         vendor: None,
+        cpus: 1,
     };
     let mut vm = Vm::new(&cfg, Box::new(std::io::sink())).unwrap_or_else(|e| panic!("{name}: {e}"));
     let _ = std::fs::remove_file(&path);

@@ -458,7 +458,11 @@ pub(crate) fn arpl(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
 
 pub(crate) fn cpuid(c: &mut Cpu, _d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     let leaf = c.gr(0, 4) as u32;
-    let l = c.cpuid.query(leaf, c.gr(1, 4) as u32);
+    let mut l = c.cpuid.query(leaf, c.gr(1, 4) as u32);
+    if leaf == 1 {
+        // Each vCPU reports its own initial APIC ID.
+        l.ebx = (l.ebx & 0x00ff_ffff) | (c.st.apic_id << 24);
+    }
     c.sr(0, 4, l.eax as u64);
     c.sr(3, 4, l.ebx as u64);
     c.sr(1, 4, l.ecx as u64);
