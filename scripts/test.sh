@@ -16,6 +16,8 @@ command -v ld >/dev/null 2>&1 || need+=(binutils)
 command -v make >/dev/null 2>&1 || need+=(make)
 # The API tests speak HTTP on a Unix socket with a real client.
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# The firmware test boots Debian's SeaBIOS from the reset vector.
+[ -f /usr/share/seabios/bios.bin ] || need+=(seabios)
 if command -v gcc >/dev/null 2>&1; then
   # Guests and the native differential runner are 32-bit freestanding code.
   if ! echo 'int x;' | gcc -m32 -ffreestanding -x c -c -o /dev/null - >/dev/null 2>&1; then

@@ -180,6 +180,7 @@ pub fn run_engine(engine: EngineKind) -> Column {
         clock: ClockMode::Host,
         vendor: None,
         cpus: 1,
+        firmware: None,
     };
     let cap = Capture::default();
     let text_now = || {

@@ -467,6 +467,12 @@ struct RunArgs {
     /// Kernel image (Multiboot ELF, bzImage, or flat with --format).
     #[arg(long, value_name = "FILE", conflicts_with = "guest")]
     kernel: Option<PathBuf>,
+    /// Start from this firmware image (e.g. Debian's SeaBIOS,
+    /// /usr/share/seabios/bios.bin) at the reset vector, as a PC does,
+    /// instead of loading a kernel: the ROM sits below 4 GiB and below
+    /// 1 MiB; fw_cfg tells it the machine.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd"])]
+    firmware: Option<PathBuf>,
     /// Initial ramdisk (Linux) or module (Multiboot).
     #[arg(long, value_name = "FILE")]
     initrd: Option<PathBuf>,
@@ -578,6 +584,7 @@ fn default_run() -> RunArgs {
         cmdline: String::new(),
         memory: 256 << 20,
         cpus: 1,
+        firmware: None,
         guest: "minios".into(),
         format: FormatArg::Auto,
         load_addr: 0x7c00,
@@ -631,6 +638,7 @@ fn make_vm(a: &RunArgs, console: Box<dyn Write + Send>) -> Result<Vm, u8> {
             VendorArg::Amd => popek_vmm::Vendor::Amd,
         }),
         cpus: a.cpus,
+        firmware: a.firmware.clone(),
     };
     Vm::new(&cfg, console).map_err(|e| {
         eprintln!("popek: {}", e.chain());
@@ -737,6 +745,17 @@ fn drive(mut vm: Vm, s: &Session, api: Option<api::Api>) -> u8 {
             .map(|(v, n)| format!("{v:#04x}: {n}"))
             .collect();
         eprintln!("  {:<28} {}", "interrupts by vector", irqs.join(", "));
+        if vm.cpus() > 1 {
+            for cpu in 0..vm.cpus() {
+                let irqs: Vec<String> = vm
+                    .machine
+                    .interrupt_counts_of(cpu)
+                    .iter()
+                    .map(|(v, n)| format!("{v:#04x}: {n}"))
+                    .collect();
+                eprintln!("  {:<28} {}", format!("  on vCPU {cpu}"), irqs.join(", "));
+            }
+        }
         if let (Some(code), n) = vm.machine.post_code() {
             eprintln!(
                 "  {:<28} {code:#04x} (last of {n})",
@@ -748,8 +767,14 @@ fn drive(mut vm: Vm, s: &Session, api: Option<api::Api>) -> u8 {
             .port_map()
             .iter()
             .map(|(name, base, len)| format!("{name} {base:#x}+{len}"))
+            .chain(
+                vm.machine
+                    .mmio_map()
+                    .iter()
+                    .map(|(name, base, len)| format!("{name} {base:#x}+{len:#x}")),
+            )
             .collect();
-        eprintln!("  {:<28} {}", "machine ports", ports.join(", "));
+        eprintln!("  {:<28} {}", "machine devices", ports.join(", "));
         let touched = vm.machine.ram().resident_bytes();
         if let Some(rss) = popek_memory::process_rss() {
             eprintln!(

@@ -75,6 +75,12 @@ fn wait_for(a: &mut Asm, v: u8, n: u32, code: u8) -> Result<(), IcedError> {
 }
 
 fn main_program(a: &mut Asm) -> Result<(), IcedError> {
+    program_body(a, true)
+}
+
+/// The stages; `nmi`: with stage 8, the NMIs (`trap` delivers none: its
+/// guest's IRET runs unseen, so NMI blocking could never end).
+fn program_body(a: &mut Asm, nmi: bool) -> Result<(), IcedError> {
     a.mov(esp, 0x40000u32)?;
     a.lidt(ptr(IDTR as u32))?;
     // The 8259s stay out of it.
@@ -165,7 +171,36 @@ fn main_program(a: &mut Asm) -> Result<(), IcedError> {
     a.out(0x40, iced_x86::code_asm::al)?;
     wait_for(a, 0x30, 3, 7)?;
 
+    if !nmi {
+        return exit(a, PASSED);
+    }
+    // 8: an NMI to its own APIC ID, with interrupts off: taken at once;
+    // the one its handler sends waits for the IRET, then comes.
+    a.cli()?;
+    apic_write(a, 0x310, 0)?;
+    apic_write(a, 0x300, 0x4400)?;
+    spin_until(a, count(2), 2, 8)?;
+
     exit(a, PASSED)
+}
+
+/// The NMI handler: counts; the first one sends itself a second NMI,
+/// which must wait for this handler's IRET.
+fn nmi_handler(a: &mut Asm) -> Result<(), IcedError> {
+    let mut done = a.create_label();
+    a.inc(dword_ptr(count(2)))?;
+    a.cmp(dword_ptr(count(2)), 1u32)?;
+    a.jne(done)?;
+    apic_write(a, 0x310, 0)?;
+    apic_write(a, 0x300, 0x4400)?;
+    for _ in 0..10 {
+        a.nop()?;
+    }
+    a.mov(eax, dword_ptr(count(2)))?;
+    expect_eax(a, 1, 0x28)?;
+    a.nop()?;
+    a.set_label(&mut done)?;
+    a.iretd()
 }
 
 /// A handler that counts its vector and signals EOI.
@@ -196,7 +231,7 @@ fn image(main: &dyn Fn(&mut Asm) -> Result<(), IcedError>) -> Vec<u8> {
     };
     // Slot 0: the handler of everything unexpected; then one per counted
     // vector.
-    let slot = |i: usize| HANDLERS + 0x40 * i as u64;
+    let slot = |i: usize| HANDLERS + 0x80 * i as u64;
     put(
         &mut img,
         slot(0),
@@ -209,11 +244,14 @@ fn image(main: &dyn Fn(&mut Asm) -> Result<(), IcedError>) -> Vec<u8> {
             &assemble(slot(i + 1), &|a| counting_handler(a, v)),
         );
     }
+    let nmi = slot(COUNTED.len() + 1);
+    put(&mut img, nmi, &assemble(nmi, &nmi_handler));
     for v in 0..256usize {
         let h = COUNTED
             .iter()
             .position(|&c| usize::from(c) == v)
             .map_or(slot(0), |i| slot(i + 1)) as u32;
+        let h = if v == 2 { nmi as u32 } else { h };
         // 32-bit interrupt gate, DPL 0, the flat loader's code selector.
         let gate =
             u64::from(h & 0xffff) | (0x10 << 16) | (0x8e00u64 << 32) | (u64::from(h >> 16) << 48);
@@ -267,7 +305,8 @@ fn apic_timer_priority_and_ioapic_on_the_software_engines() {
 
 #[test]
 fn apic_on_trap() {
-    let r = run("trap", &["--clock", "virtual"]);
+    let img = image(&|a| program_body(a, false));
+    let r = run_image("apic-no-nmi", "trap", &img, &["--clock", "virtual"]);
     assert_passed("trap", &r);
 }
 
@@ -434,9 +473,21 @@ fn two_vcpus_start_count_together_and_send_ipis() {
                 "smp",
                 engine,
                 &smp_image(),
-                &["--cpus", "2", "--clock", clock],
+                &["--cpus", "2", "--clock", clock, "--stats"],
             );
             assert_passed(engine, &r);
+            // Both IPIs were taken by vCPU 1; its APIC is listed.
+            assert!(
+                r.stderr.contains("on vCPU 1                  0x50: 2"),
+                "{}",
+                r.stderr
+            );
+            assert!(
+                r.stderr
+                    .contains("local apic of vCPU 1 (ID 1, xAPIC, enabled) 0xfee00000+0x1000"),
+                "{}",
+                r.stderr
+            );
         }
     }
 }
@@ -477,6 +528,7 @@ fn a_two_vcpu_vm_snapshotted_mid_run_goes_on_after_a_restore() {
         clock: popek_machine::ClockMode::Virtual,
         vendor: None,
         cpus: 2,
+        firmware: None,
     };
     let mut vm = Vm::new(&cfg, Box::new(std::io::sink())).unwrap();
     assert_eq!(vm.run(), Outcome::DebugExit(PASSED));

@@ -168,6 +168,11 @@ fn boot_cpus(engine: &str, vendor: &str, cpus: u32) {
         "the host bridge is on the PCI bus:\n{tail}"
     );
     assert!(out.contains("pci fatal: 0"), "{tail}");
+    assert!(
+        out.contains("mmconfig: 1"),
+        "Linux uses the ECAM window:\n{tail}"
+    );
+    assert!(out.contains("pci config bytes: 4096"), "{tail}");
     // The local APIC and the I/O APIC: symmetric I/O mode, every CPU's
     // local timer ticking, a job run on each CPU.
     assert!(out.contains(&format!("nproc: {cpus}")), "{tail}");

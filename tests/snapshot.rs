@@ -48,6 +48,7 @@ fn config(guest: &str, engine: EngineKind, cmdline: &str) -> VmConfig {
         clock: popek_machine::ClockMode::Virtual,
         vendor: None,
         cpus: 1,
+        firmware: None,
     }
 }
 

@@ -7,6 +7,7 @@
 //! | 0xA0000–0xDFFFF       | (absent) | VGA window and option ROMs                 |
 //! | 0xE0000–0xFFFFF       | reserved | BIOS area with the machine's ACPI tables   |
 //! | 0x100000–RAM end      | RAM      | extended memory                            |
+//! | 0xE0000000–0xEFFFFFFF | reserved | PCI ECAM (MMCONFIG), as the MCFG says      |
 //!
 //! A RAM size that ends inside one of the low ranges cuts that range short
 //! and leaves out the ranges above it; the loaders themselves refuse RAM
@@ -18,6 +19,10 @@ pub const EBDA_START: u64 = 0x9FC00;
 pub const LOW_MEM_END: u64 = 0xA0000;
 /// Start of extended memory.
 pub const HIGH_MEM_START: u64 = 0x100000;
+/// The PCI ECAM window: reserved, so that Linux trusts the MCFG table.
+pub const ECAM_START: u64 = 0xE000_0000;
+/// Its size (buses 0–255).
+pub const ECAM_SIZE: u64 = 0x1000_0000;
 
 /// The type of an e820 range, with the BIOS's numbering.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +71,11 @@ pub fn e820_map(ram_size: u64) -> Vec<E820Entry> {
         E820Type::Reserved,
     );
     push(HIGH_MEM_START, ram_size, E820Type::Ram);
+    map.push(E820Entry {
+        addr: ECAM_START,
+        size: ECAM_SIZE,
+        kind: E820Type::Reserved,
+    });
     map
 }
 
@@ -86,6 +96,7 @@ mod tests {
                 e(0x9FC00, 0x400, E820Type::Reserved),
                 e(0xE0000, 0x20000, E820Type::Reserved),
                 e(0x100000, (256 << 20) - 0x100000, E820Type::Ram),
+                e(0xE000_0000, 0x1000_0000, E820Type::Reserved),
             ]
         );
     }
@@ -93,15 +104,16 @@ mod tests {
     #[test]
     fn map_for_minimum_ram() {
         let m = e820_map(2 << 20);
-        assert_eq!(m.len(), 4);
+        assert_eq!(m.len(), 5);
         assert_eq!(m[3], e(0x100000, 0x100000, E820Type::Ram));
     }
 
     #[test]
     fn map_for_exactly_one_mib_and_less() {
-        assert_eq!(e820_map(0x100000).len(), 3);
-        assert_eq!(e820_map(0x80000), vec![e(0, 0x80000, E820Type::Ram)]);
-        assert!(e820_map(0).is_empty());
+        let ecam = e(ECAM_START, ECAM_SIZE, E820Type::Reserved);
+        assert_eq!(e820_map(0x100000).len(), 4);
+        assert_eq!(e820_map(0x80000), vec![e(0, 0x80000, E820Type::Ram), ecam]);
+        assert_eq!(e820_map(0), vec![ecam]);
     }
 
     #[test]

@@ -475,12 +475,13 @@ mod tests {
         assert_eq!(ram.read_u8(start + 9999).unwrap(), 0x77);
 
         // e820.
-        assert_eq!(ram.read_u8(z(0x1E8)).unwrap(), 4);
-        let expect: [(u64, u64, u32); 4] = [
+        assert_eq!(ram.read_u8(z(0x1E8)).unwrap(), 5);
+        let expect: [(u64, u64, u32); 5] = [
             (0, 0x9FC00, 1),
             (0x9FC00, 0x400, 2),
             (0xE0000, 0x20000, 2),
             (0x100000, 31 * MIB, 1),
+            (0xE000_0000, 0x1000_0000, 2),
         ];
         for (i, (addr, size, kind)) in expect.iter().enumerate() {
             let a = z(0x2D0) + 20 * i as u64;
@@ -488,7 +489,7 @@ mod tests {
             assert_eq!(ram.read_u64(a + 8).unwrap(), *size);
             assert_eq!(ram.read_u32(a + 16).unwrap(), *kind);
         }
-        assert_eq!(ram.read_u64(z(0x2D0) + 80).unwrap(), 0);
+        assert_eq!(ram.read_u64(z(0x2D0) + 100).unwrap(), 0);
 
         // GDT.
         assert_eq!(ram.read_u64(GDT_ADDR + 0x10).unwrap(), gdt::CODE32);

@@ -654,16 +654,17 @@ pub(crate) mod tests {
         assert_eq!(info(16), 0x20000);
         assert_eq!(info(20), 0);
         assert_eq!(info(24), 0x9000);
-        assert_eq!(info(44), 4 * 24);
+        assert_eq!(info(44), 5 * 24);
         assert_eq!(info(48), 0x8100);
         assert_eq!(read_cstr(&ram, info(64) as u64), "popek");
 
         // mmap entries: size, base, length, type.
-        let expect: [(u64, u64, u32); 4] = [
+        let expect: [(u64, u64, u32); 5] = [
             (0, 0x9FC00, 1),
             (0x9FC00, 0x400, 2),
             (0xE0000, 0x20000, 2),
             (0x100000, 15 << 20, 1),
+            (0xE000_0000, 0x1000_0000, 2),
         ];
         for (i, (base, len, kind)) in expect.iter().enumerate() {
             let a = MMAP_ADDR + 24 * i as u64;

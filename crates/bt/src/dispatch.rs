@@ -16,6 +16,7 @@ impl BtCore {
         let st = self.cpu.state();
         if st.halted
             || st.interrupt_shadow
+            || (!st.nmi_blocked && bus.nmi_pending())
             || (st.rflags & flags::IF as u64 != 0 && bus.interrupt_pending())
         {
             // The interpreter delivers the interrupt (or wakes from HLT,

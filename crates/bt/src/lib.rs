@@ -204,7 +204,8 @@ unsafe extern "sysv64" fn interp1(cx: *mut CallCtx, next: u64, retired: u64) -> 
         && cpu.state().rip == next
         && !cpu.has_invalidated_pages()
         && !(cpu.state().rflags & popek_cpu::state::flags::IF as u64 != 0
-            && bus.interrupt_pending());
+            && bus.interrupt_pending())
+        && (cpu.state().nmi_blocked || !bus.nmi_pending());
     if exit != RunExit::Budget {
         cx.exit = Some(exit);
     }
@@ -272,6 +273,9 @@ pub struct BtCore {
     /// The shared entry and exit tail at the start of the cache
     /// (`translate::compile_runtime`; pushed again after each flush).
     runtime: translate::Runtime,
+    /// PAUSE is left to the interpreter, where the bus may stop the vCPU
+    /// (set when the machine has several vCPUs).
+    pub pause_exits: bool,
     /// Emit the flag-free BMI2 TLB probe (default: when the host has
     /// BMI2; tests turn it off to cover the PUSHFQ/POPFQ probe).
     pub bmi2: bool,
@@ -330,6 +334,7 @@ impl BtCore {
             ib_gen_epoch: 0,
             runtime: translate::Runtime { entry: 0, tail: 0 },
             bmi2: std::arch::is_x86_feature_detected!("bmi2"),
+            pause_exits: false,
             exit_info: Box::new([0; 3]),
             call: Box::new(CallCtx {
                 cpu: std::ptr::null_mut(),
@@ -508,6 +513,8 @@ impl Bt {
             engine: "bt",
             source: format!("cannot map the translation cache: {e}").into(),
         })?;
+        let mut core = core;
+        core.pause_exits = machine.cpus() > 1;
         Ok(Bt { core })
     }
 

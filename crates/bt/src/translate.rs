@@ -112,6 +112,7 @@ mod tests {
             interp1: false,
             foreign_vendor: false,
             amd: false,
+            pause_exits: false,
         };
         plan_ctx(code, ctx).map_or(0, |p| p.insns as usize)
     }
@@ -156,6 +157,7 @@ mod tests {
             interp1: false,
             foreign_vendor: false,
             amd: false,
+            pause_exits: false,
         };
         let p = plan_ctx(&code, ctx).unwrap();
         assert_eq!((p.insns, p.inline), (11, 11));
@@ -209,6 +211,7 @@ mod tests {
             interp1: false,
             foreign_vendor: false,
             amd: false,
+            pause_exits: false,
         };
         if !probe().bmi2 {
             return; // the 16-bit probe needs BMI2
@@ -245,6 +248,7 @@ mod tests {
             interp1: false,
             foreign_vendor: false,
             amd: false,
+            pause_exits: false,
         };
         let Translation::Tu(p) = plan(&code, 0x1000, ctx, &|_| false) else {
             panic!("not translated")
@@ -281,6 +285,7 @@ mod tests {
                 interp1: false,
                 foreign_vendor: false,
                 amd: false,
+                pause_exits: false,
             };
             let n = match plan(&code, 0x1000, ctx, &|_| false) {
                 Translation::Tu(p) => {

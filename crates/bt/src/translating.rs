@@ -111,6 +111,7 @@ impl BtCore {
             interp1: !code16,
             foreign_vendor: self.cpu.vendor() != popek_cpu::Vendor::host(),
             amd: self.cpu.vendor() == popek_cpu::Vendor::Amd,
+            pause_exits: self.pause_exits,
         };
         let l = self.cpu.tlb_layout();
         let probe = self.probe_for(cpl & 3 == 3);

@@ -33,6 +33,20 @@ pub trait Bus {
     fn acknowledge_interrupt(&mut self) -> u8 {
         0
     }
+    /// The CPU executed PAUSE (a spin-wait loop's hint). A platform with
+    /// several vCPUs on one host thread answers [`BusAction::Stop`] so
+    /// that the spinning vCPU gives way to the one it waits for (what
+    /// VT-x's pause-loop exiting does).
+    fn pause(&mut self) -> BusAction {
+        BusAction::Continue
+    }
+    /// The NMI line: a non-maskable interrupt is waiting (the local
+    /// APIC's LINT1 or an NMI message).
+    fn nmi_pending(&mut self) -> bool {
+        false
+    }
+    /// The CPU takes the pending NMI.
+    fn acknowledge_nmi(&mut self) {}
     /// The platform clock the TSC counts from, given the CPU's instruction
     /// count (so a virtual clock can follow execution).
     fn clock(&mut self, instructions: u64) -> u64 {

@@ -443,6 +443,18 @@ impl Cpu {
                 // The shadow covers exactly the next instruction.
                 self.st.interrupt_shadow = false;
                 single = true;
+            } else if !self.st.nmi_blocked && bus.nmi_pending() {
+                // NMI comes before INTR and ignores IF; it blocks further
+                // NMIs until the next IRET.
+                bus.acknowledge_nmi();
+                self.st.halted = false;
+                if let Err(exit) = self.deliver_external(bus, 2) {
+                    return exit;
+                }
+                self.st.nmi_blocked = true;
+                stalls += 1;
+                self.events_delivered += 1;
+                continue;
             } else if self.st.rflags & flags::IF as u64 != 0 && bus.interrupt_pending() {
                 let vector = bus.acknowledge_interrupt();
                 self.st.halted = false;

@@ -377,6 +377,10 @@ pub struct CpuState {
     /// vCPU's index in the machine (absent from older snapshots: 0).
     #[serde(default)]
     pub apic_id: u32,
+    /// NMIs are blocked: one is being handled (from its delivery to the
+    /// next IRET).
+    #[serde(default)]
+    pub nmi_blocked: bool,
 }
 
 impl Default for CpuState {
@@ -435,6 +439,7 @@ impl CpuState {
             interrupt_shadow: false,
             vendor: Vendor::host(),
             apic_id: 0,
+            nmi_blocked: false,
         }
     }
 

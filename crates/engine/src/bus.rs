@@ -93,6 +93,13 @@ impl Bus for MachineBus<'_> {
     fn acknowledge_interrupt(&mut self) -> u8 {
         self.machine.acknowledge_interrupt()
     }
+    #[inline]
+    fn nmi_pending(&mut self) -> bool {
+        self.interrupts && self.machine.nmi_pending()
+    }
+    fn acknowledge_nmi(&mut self) {
+        self.machine.acknowledge_nmi();
+    }
     fn clock(&mut self, instructions: u64) -> u64 {
         self.machine.tsc(instructions)
     }
@@ -108,6 +115,14 @@ impl Bus for MachineBus<'_> {
         self.machine
             .write_msr(self.machine.current_cpu(), msr, value)
             .map(|r| r.is_ok())
+    }
+    fn pause(&mut self) -> BusAction {
+        // Several vCPUs take turns on this thread: a spinning one yields.
+        if self.machine.cpus() > 1 {
+            BusAction::Stop
+        } else {
+            BusAction::Continue
+        }
     }
     fn sensitive(&mut self, event: &SensitiveEvent) {
         if let Some(ev) = self.events.as_mut() {

@@ -428,6 +428,14 @@ impl Hw {
     /// injects it when the guest can take it now, else asks KVM for an
     /// interrupt-window exit.
     fn offer_interrupt(&mut self, machine: &mut Machine) -> Result<(), EngineError> {
+        if machine.nmi_pending() {
+            // KVM queues the NMI and delivers it when the guest's NMI
+            // blocking allows.
+            self.vcpu
+                .nmi()
+                .map_err(|e| internal(format!("KVM_NMI: {e}")))?;
+            machine.acknowledge_nmi();
+        }
         let pending = machine.interrupt_pending();
         // Whether the guest accepts an interrupt now: KVM says so at each
         // exit; once the VMM has read (and perhaps changed) the state, the

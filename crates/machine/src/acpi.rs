@@ -12,9 +12,10 @@
 //! | FACS | 0xE00C0 | 64-byte aligned, as required |
 //! | FADT | 0xE0100 | revision 6.5; SCI on IRQ 9; PM1a event block 0x600 (4 bytes), PM1a control block 0x604 (2 bytes), PM timer 0x608 (24-bit); no SMI command port (always in ACPI mode); reset register: I/O port 0x64, value 0xFE; century at CMOS 0x32; boot flags: legacy devices, no 8042 |
 //! | MADT | 0xE0240 | local APIC address 0xFEE00000, PC/AT-compatible 8259s present; one processor local APIC per vCPU (ACPI UID = APIC ID = vCPU index); the I/O APIC (ID 0) at 0xFEC00000 with GSIs 0–23; interrupt source overrides IRQ 0 → GSI 2 (the PIT on pin 2) and IRQ 9 → GSI 9 level, active high (the SCI); LINT1 of every processor is the NMI |
+//! | MCFG | 0xE03A0 | the PCI ECAM window: 0xE0000000, segment 0, buses 0–255 |
 //! | DSDT | 0xE0400 | `Name(\_S5_, Package(){5, 5, 0, 0})`; `\_SB.PCI0`, the PCI root bridge of bus 0 (PNP0A03) with its `_CRS` |
 //!
-//! RSDT and XSDT list the FADT and the MADT.
+//! RSDT and XSDT list the FADT, the MADT and the MCFG.
 //!
 //! The PM1 block at 0x600–0x60B (QEMU's PIIX4 layout): PM1 status
 //! (write 1 to clear) and enable at 0x600/0x602, PM1 control at 0x604
@@ -32,6 +33,7 @@ use acpi_tables::aml::{
 use acpi_tables::facs::FACS;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -51,6 +53,8 @@ pub const FACS_ADDR: u64 = 0xe_00c0;
 pub const FADT_ADDR: u64 = 0xe_0100;
 /// Guest-physical address of the MADT.
 pub const MADT_ADDR: u64 = 0xe_0240;
+/// Guest-physical address of the MCFG.
+pub const MCFG_ADDR: u64 = 0xe_03a0;
 /// Guest-physical address of the DSDT.
 pub const DSDT_ADDR: u64 = 0xe_0400;
 /// End of the area the tables may use.
@@ -93,7 +97,7 @@ fn checksum(data: &[u8]) -> u8 {
 /// but 0xCF8–0xCFF, the legacy VGA window and the MMIO window below 4 GiB.
 /// Under ACPI, Linux scans a PCI bus only where the DSDT names its root.
 fn pci_root() -> Vec<u8> {
-    use crate::memmap::{HOLE_START, MMIO_START};
+    use crate::memmap::{ECAM_SIZE, ECAM_START, HOLE_START, MMIO_START};
     // Below the I/O APIC and local APIC pages a modern PC keeps at the top.
     const MMIO_TOP: u32 = 0xfebf_ffff;
     let hid = EISAName::new("PNP0A03");
@@ -108,14 +112,31 @@ fn pci_root() -> Vec<u8> {
         0xb_ffff,
         None,
     );
+    // The MMIO window around the ECAM window, which is not the bridge's
+    // to give to devices.
     let mmio = AmlSpace::<u32>::new_memory(
         AddressSpaceCacheable::NotCacheable,
         true,
         MMIO_START as u32,
+        (ECAM_START - 1) as u32,
+        None,
+    );
+    let mmio_high = AmlSpace::<u32>::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        (ECAM_START + ECAM_SIZE) as u32,
         MMIO_TOP,
         None,
     );
-    let crs = ResourceTemplate::new(vec![&buses, &config, &ports_low, &ports_high, &vga, &mmio]);
+    let crs = ResourceTemplate::new(vec![
+        &buses,
+        &config,
+        &ports_low,
+        &ports_high,
+        &vga,
+        &mmio,
+        &mmio_high,
+    ]);
     let names = [
         Name::new(Path::new("_HID"), &hid),
         Name::new(Path::new("_ADR"), &0u8),
@@ -191,10 +212,12 @@ pub fn tables(cpus: u32) -> Vec<(u64, Vec<u8>)> {
     let mut rsdt = Sdt::new(*b"RSDT", 36, 1, OEM_ID, OEM_TABLE_ID, 1);
     rsdt.append_slice(&(FADT_ADDR as u32).to_le_bytes());
     rsdt.append_slice(&(MADT_ADDR as u32).to_le_bytes());
+    rsdt.append_slice(&(MCFG_ADDR as u32).to_le_bytes());
 
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, 1);
     xsdt.add_entry(FADT_ADDR);
     xsdt.add_entry(MADT_ADDR);
+    xsdt.add_entry(MCFG_ADDR);
 
     // The crate's RSDP leaves the RSDT address zero; fill it in and
     // recompute both checksums.
@@ -212,6 +235,11 @@ pub fn tables(cpus: u32) -> Vec<(u64, Vec<u8>)> {
         (FACS_ADDR, bytes(&FACS::new())),
         (FADT_ADDR, fadt),
         (MADT_ADDR, madt(cpus)),
+        (MCFG_ADDR, {
+            let mut m = MCFG::new(OEM_ID, OEM_TABLE_ID, 1);
+            m.add_ecam(crate::memmap::ECAM_START, 0, 0, 255);
+            bytes(&m)
+        }),
         (DSDT_ADDR, dsdt.as_slice().to_vec()),
     ]
 }
@@ -315,6 +343,11 @@ mod tests {
         }
         let (last, b) = t.last().unwrap();
         assert!(last + b.len() as u64 <= ACPI_END);
+        // With the most vCPUs the MADT still ends before the MCFG.
+        let t = tables(crate::MAX_CPUS);
+        for w in t.windows(2) {
+            assert!(w[0].0 + w[0].1.len() as u64 <= w[1].0, "{:#x}", w[0].0);
+        }
         assert_eq!(FACS_ADDR % 64, 0);
     }
 

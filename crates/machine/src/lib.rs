@@ -27,6 +27,7 @@
 pub mod acpi;
 pub mod bus;
 pub mod debug_exit;
+pub mod fw_cfg;
 pub mod i8042;
 pub mod ioapic;
 pub mod lapic;
@@ -92,6 +93,10 @@ pub const POST_PORT: u16 = 0x80;
 /// The debug console port (`--debugcon`).
 pub const DEBUGCON_PORT: u16 = 0xe9;
 
+/// The port SeaBIOS writes its debug log to on QEMU; `--debugcon` takes
+/// it too.
+pub const FIRMWARE_DEBUG_PORT: u16 = 0x402;
+
 /// BIOS data area words the machine fills, as a BIOS would: COM1's base
 /// port, the EBDA segment and the base memory size in KiB.
 const BDA_COM1: u64 = 0x400;
@@ -149,6 +154,9 @@ pub enum MachineError {
     /// A saved device state was refused.
     #[error("a saved device state was refused")]
     State(#[source] StateError),
+    /// The firmware image cannot be mapped.
+    #[error("firmware: {0}")]
+    Firmware(String),
 }
 
 /// Which device a port range belongs to.
@@ -169,6 +177,8 @@ enum Port {
     PciData,
     Post,
     DebugCon,
+    FwCfg,
+    FwCfgDma,
 }
 
 #[derive(Debug)]
@@ -246,6 +256,9 @@ pub struct Machine {
     i8042: i8042::I8042,
     pm: acpi::PmBlock,
     pci: pci::Pci,
+    fw_cfg: fw_cfg::FwCfg,
+    /// The firmware ROM (`--firmware`), at the top of the 4 GiB.
+    rom: Option<Arc<[u8]>>,
     /// One local APIC per vCPU.
     lapics: Vec<lapic::LocalApic>,
     ioapic: ioapic::IoApic,
@@ -332,12 +345,16 @@ impl Machine {
             (pci::CONFIG_DATA, 4, Port::PciData),
             (POST_PORT, 1, Port::Post),
             (DEBUGCON_PORT, 1, Port::DebugCon),
+            (FIRMWARE_DEBUG_PORT, 1, Port::DebugCon),
+            (fw_cfg::SELECTOR_PORT, 2, Port::FwCfg),
+            (fw_cfg::DMA_PORT, 8, Port::FwCfgDma),
         ] {
             io.insert(u64::from(base), u64::from(len), dev)?;
         }
         let clock = Clock::new(config.clock);
         let rtc = rtc::Rtc::new(ram.size(), clock.wall(0));
         let cpus = config.cpus.clamp(1, MAX_CPUS) as usize;
+        let ram_size = ram.size();
         Ok(Machine {
             ram,
             clock,
@@ -350,6 +367,13 @@ impl Machine {
             i8042: i8042::I8042::new(),
             pm: acpi::PmBlock::new(),
             pci: pci::Pci::new(),
+            fw_cfg: {
+                let mut f = fw_cfg::FwCfg::new(ram_size, cpus as u16);
+                f.add_file("etc/e820", fw_cfg::e820_file(&[(0, ram_size, 1)]))
+                    .expect("a valid name");
+                f
+            },
+            rom: None,
             lapics: (0..cpus as u32).map(lapic::LocalApic::new).collect(),
             ioapic: ioapic::IoApic::new(),
             cur: 0,
@@ -535,12 +559,15 @@ impl Machine {
             // The Bochs/QEMU convention: 0xE9 reads 0xE9 where a debug
             // console is attached.
             Port::DebugCon if self.debugcon.is_some() => 0xe9,
+            Port::FwCfg if offset == 1 => self.fw_cfg.read_data(),
+            Port::FwCfgDma => self.fw_cfg.read_dma(offset),
             Port::DebugExit
             | Port::Pm
             | Port::PciAddress
             | Port::PciData
             | Port::Post
-            | Port::DebugCon => 0xff,
+            | Port::DebugCon
+            | Port::FwCfg => 0xff,
         }
     }
 
@@ -585,7 +612,11 @@ impl Machine {
                     }
                 }
             }
-            Port::DebugExit | Port::Pm | Port::PciAddress | Port::PciData => {}
+            Port::FwCfgDma => {
+                let ram = self.ram.clone();
+                self.fw_cfg.write_dma(offset, val, &ram);
+            }
+            Port::DebugExit | Port::Pm | Port::PciAddress | Port::PciData | Port::FwCfg => {}
         }
     }
 
@@ -617,6 +648,13 @@ impl Machine {
                 self.request_stop(r);
             }
             Port::PciData => self.pci.write_data(offset, data),
+            // The selector is a 16-bit register; the data port (offset 1)
+            // takes no writes.
+            Port::FwCfg if offset == 0 && data.len() == 2 => {
+                self.fw_cfg
+                    .write_selector(u16::from_le_bytes([data[0], data[1]]));
+            }
+            Port::FwCfg => {}
             _ => {
                 for (i, &d) in data.iter().enumerate() {
                     self.write_byte(dev, offset + i as u16, d);
@@ -689,6 +727,12 @@ impl Machine {
             self.lapics[self.cur].mmio_read(addr & (lapic::PAGE - 1), &mut buf[..n], now);
         } else if (ioapic::BASE..ioapic::BASE + ioapic::LEN).contains(&addr) {
             self.ioapic.mmio_read(addr - ioapic::BASE, &mut buf[..n]);
+        } else if (memmap::ECAM_START..memmap::ECAM_START + memmap::ECAM_SIZE).contains(&addr) {
+            self.pci.ecam_read(addr - memmap::ECAM_START, &mut buf[..n]);
+        } else if let Some(rom) = self.rom_at(addr) {
+            for (i, b) in buf[..n].iter_mut().enumerate() {
+                *b = rom.get(i).copied().unwrap_or(0xff);
+            }
         } else if !self.mmio.read(addr, &mut buf[..n]) {
             tracing::debug!("unclaimed MMIO read {addr:#x}/{n}");
         }
@@ -698,6 +742,57 @@ impl Machine {
         } else {
             v & ((1u64 << (8 * n)) - 1)
         }
+    }
+
+    /// The firmware ROM's bytes from `addr` on, when `addr` is in it.
+    fn rom_at(&self, addr: u64) -> Option<&[u8]> {
+        let rom = self.rom.as_ref()?;
+        let base = memmap::MMIO_END - rom.len() as u64;
+        (base..memmap::MMIO_END)
+            .contains(&addr)
+            .then(|| &rom[(addr - base) as usize..])
+    }
+
+    /// Maps a firmware image as a PC does: read-only at the top of the
+    /// 4 GiB, its last 128 KiB (or all of a smaller image) also below
+    /// 1 MiB, ending at 0xFFFFF — there as RAM, as after firmware has
+    /// enabled shadowing. The image is 64 KiB to 16 MiB in whole 64 KiB
+    /// units (as QEMU requires). Nothing else is written to RAM: the
+    /// firmware builds its own tables from what fw_cfg says.
+    pub fn load_firmware(&mut self, image: Vec<u8>) -> Result<(), String> {
+        let len = image.len();
+        if len == 0 || len % (64 << 10) != 0 || len > 16 << 20 {
+            return Err(format!(
+                "{len} bytes: a firmware image is 64 KiB to 16 MiB in whole 64 KiB units"
+            ));
+        }
+        let low = len.min(128 << 10);
+        self.ram
+            .write(memmap::HIGH_RAM_START - low as u64, &image[len - low..])
+            .map_err(|e| format!("cannot copy the firmware below 1 MiB: {e}"))?;
+        self.rom = Some(image.into());
+        Ok(())
+    }
+
+    /// The firmware configuration device, for the VMM to add files (boot
+    /// order, the serial console for firmware).
+    pub fn fw_cfg_mut(&mut self) -> &mut fw_cfg::FwCfg {
+        &mut self.fw_cfg
+    }
+
+    /// Builds the machine for firmware (`--firmware`): as
+    /// [`new`](Self::new) but writes no ACPI tables or BIOS data area —
+    /// the firmware does that — and maps `image` (see
+    /// [`load_firmware`](Self::load_firmware)).
+    pub fn with_firmware(
+        config: MachineConfig,
+        ram: Arc<GuestRam>,
+        console: Box<dyn Write + Send>,
+        image: Vec<u8>,
+    ) -> Result<Machine, MachineError> {
+        let mut m = Machine::build(config, ram, console)?;
+        m.load_firmware(image).map_err(MachineError::Firmware)?;
+        Ok(m)
     }
 
     /// MMIO write of the low `size` bytes of `value`. Unmapped addresses
@@ -715,6 +810,8 @@ impl Machine {
             self.ioapic
                 .mmio_write(addr - ioapic::BASE, &bytes[..n], &mut out);
             self.deliver_messages(out, None);
+        } else if (memmap::ECAM_START..memmap::ECAM_START + memmap::ECAM_SIZE).contains(&addr) {
+            self.pci.ecam_write(addr - memmap::ECAM_START, &bytes[..n]);
         } else if !self.mmio.write(addr, &bytes[..n]) {
             tracing::debug!("unclaimed MMIO write {addr:#x}/{n} <- {value:#x}");
         }
@@ -762,6 +859,27 @@ impl Machine {
         v
     }
 
+    /// The current vCPU's NMI input: its local APIC holds an NMI (from an
+    /// NMI message or LINT1).
+    #[inline]
+    pub fn nmi_pending(&self) -> bool {
+        self.lapics[self.cur].nmi_pending()
+    }
+
+    /// The current vCPU takes its pending NMI.
+    pub fn acknowledge_nmi(&mut self) {
+        if self.lapics[self.cur].take_nmi() {
+            self.irq_counts[self.cur][2] += 1;
+        }
+    }
+
+    /// Whether vCPU `cpu` has an NMI waiting (it wakes a halted vCPU).
+    pub fn nmi_pending_for(&self, cpu: usize) -> bool {
+        self.lapics
+            .get(cpu)
+            .is_some_and(lapic::LocalApic::nmi_pending)
+    }
+
     /// Reads a model-specific register the platform implements for vCPU
     /// `cpu`: `IA32_APIC_BASE` (0x1B), `IA32_TSC_DEADLINE` (0x6E0, in
     /// machine ns: the CPU adds its TSC offset) and the x2APIC registers
@@ -802,18 +920,33 @@ impl Machine {
         Some(r.map(|event| self.apic_event(cpu, event)))
     }
 
-    /// Vector-by-vector delivery statistics aside, the machine's APIC
-    /// state at a glance for `--stats`: `(APIC ID, IA32_APIC_BASE, SVR
-    /// enabled, x2APIC)` per vCPU.
-    pub fn apic_summary(&mut self) -> Vec<(u32, u64, bool, bool)> {
+    /// The devices in guest-physical address space outside RAM: `(name,
+    /// base, length)` in address order (`--stats`). Each vCPU's local APIC
+    /// is listed where its `IA32_APIC_BASE` puts it, with its mode.
+    pub fn mmio_map(&mut self) -> Vec<(String, u64, u64)> {
         let now = self.clock.now();
-        self.lapics
-            .iter_mut()
-            .map(|a| {
-                let svr = a.read_register(lapic::reg::SVR, now).unwrap_or(0);
-                (a.id(), a.base_msr(), svr & 0x100 != 0, a.x2apic())
-            })
-            .collect()
+        let mut v: Vec<(String, u64, u64)> = vec![("i/o apic".into(), ioapic::BASE, ioapic::LEN)];
+        for (i, a) in self.lapics.iter_mut().enumerate() {
+            let svr = a.read_register(lapic::reg::SVR, now).unwrap_or(0);
+            let state = match (a.enabled(), a.x2apic(), svr & 0x100 != 0) {
+                (false, _, _) => "disabled",
+                (true, true, _) => "x2APIC (MSRs)",
+                (true, false, true) => "xAPIC, enabled",
+                (true, false, false) => "xAPIC, software-disabled",
+            };
+            v.push((
+                format!("local apic of vCPU {i} (ID {}, {state})", a.id()),
+                a.base_msr() & !0xfff,
+                lapic::PAGE,
+            ));
+        }
+        v.extend(
+            self.mmio
+                .ranges()
+                .map(|(base, len, _)| ("mmio device".to_string(), base, len)),
+        );
+        v.sort_by_key(|e| e.1);
+        v
     }
 
     /// Interrupts the CPU has acknowledged so far, by vector: `(vector,
@@ -874,6 +1007,8 @@ impl Machine {
                     Port::PciData => "pci config data",
                     Port::Post => "post code",
                     Port::DebugCon => "debugcon",
+                    Port::FwCfg => "fw_cfg selector, data",
+                    Port::FwCfgDma => "fw_cfg dma",
                 };
                 (name, base as u16, len as u16)
             })
@@ -978,6 +1113,12 @@ impl Machine {
     /// attached (an MMIO device added with
     /// [`add_mmio_device`](Self::add_mmio_device)).
     pub fn save_state(&self) -> Result<MachineState, StateError> {
+        if self.rom.is_some() {
+            return Err(StateError::new(
+                "firmware",
+                "a VM started from firmware cannot be saved yet (its ROM is not part of the state)",
+            ));
+        }
         if !self.mmio.is_empty() {
             return Err(StateError::new(
                 "mmio",

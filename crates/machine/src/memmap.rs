@@ -6,7 +6,11 @@
 //! 0x000a_0000  hole: not in the e820 map (backed by RAM nobody should use)
 //! 0x000e_0000  reserved: BIOS area; the ACPI tables start at 0xE0000
 //! 0x0010_0000  RAM up to the RAM size (at most 3 GiB)
-//! 0xc000_0000  MMIO window up to 4 GiB (nothing mapped yet; reads all ones)
+//! 0xc000_0000  MMIO window up to 4 GiB (unassigned addresses read all ones):
+//! 0xe000_0000    PCI ECAM (MMCONFIG), 256 MiB: buses 0–255 (reserved in e820)
+//! 0xfec0_0000    I/O APIC
+//! 0xfee0_0000    local APIC (each vCPU's own)
+//!                with --firmware: the ROM at the top, below 4 GiB
 //! ```
 //!
 //! Guest RAM is one contiguous block from 0; the "hole" exists in the e820
@@ -28,5 +32,10 @@ pub const HIGH_RAM_START: u64 = 0x10_0000;
 pub const MMIO_START: u64 = 0xc000_0000;
 /// End (exclusive) of the MMIO window.
 pub const MMIO_END: u64 = 0x1_0000_0000;
+/// The PCI Express enhanced configuration space (ECAM): 4 KiB per
+/// function, buses 0–255.
+pub const ECAM_START: u64 = 0xe000_0000;
+/// The size of the ECAM window.
+pub const ECAM_SIZE: u64 = 0x1000_0000;
 /// Most guest RAM the map allows (RAM must end below [`MMIO_START`]).
 pub const MAX_RAM: u64 = MMIO_START;

@@ -10,6 +10,12 @@
 //! register: writing it with bit 2 (reset CPU) set resets the machine
 //! (Linux's `reboot=pci`).
 //!
+//! The same configuration space is memory-mapped (PCI Express's ECAM,
+//! "MMCONFIG") at [`memmap::ECAM_START`](crate::memmap::ECAM_START): 4 KiB
+//! per function at bus·1 MiB + device·32 KiB + function·4 KiB; the ACPI
+//! MCFG table says where. Conventional functions' extended space
+//! (0x100–0xFFF) reads 0 (no extended capabilities).
+//!
 //! The host bridge presents itself as Intel's 82441FX (440FX), the bridge
 //! of the PC QEMU and most firmware know: vendor 8086h, device 1237h,
 //! class 06 00 00. It has no BARs; its command register and its
@@ -107,6 +113,41 @@ impl Pci {
         (bus == 0 && dev == 0 && func == 0).then_some((&mut self.bridge, reg))
     }
 
+    /// The function at ECAM offset `offset` and the register offset in its
+    /// 4 KiB; `None` when no function is there.
+    fn ecam(&mut self, offset: u64) -> Option<(&mut HostBridge, usize)> {
+        let bus = (offset >> 20) & 0xff;
+        let dev = (offset >> 15) & 0x1f;
+        let func = (offset >> 12) & 0x7;
+        let reg = (offset & 0xfff) as usize;
+        (bus == 0 && dev == 0 && func == 0).then_some((&mut self.bridge, reg))
+    }
+
+    /// A read of the ECAM window at `offset` (from its start).
+    pub fn ecam_read(&mut self, offset: u64, data: &mut [u8]) {
+        match self.ecam(offset) {
+            Some((f, reg)) => {
+                for (i, d) in data.iter_mut().enumerate() {
+                    *d = f.space.get(reg + i).copied().unwrap_or(0);
+                }
+            }
+            None => data.fill(0xff),
+        }
+    }
+
+    /// A write to the ECAM window at `offset`.
+    pub fn ecam_write(&mut self, offset: u64, data: &[u8]) {
+        if let Some((f, reg)) = self.ecam(offset) {
+            for (i, &d) in data.iter().enumerate() {
+                let at = reg + i;
+                if at < CONFIG_SIZE {
+                    let mask = HostBridge::write_mask(at);
+                    f.space[at] = (f.space[at] & !mask) | (d & mask);
+                }
+            }
+        }
+    }
+
     /// Reads from the address register's ports (`offset` 0–3 from 0xCF8).
     pub fn read_address(&self, offset: u16, data: &mut [u8]) {
         if offset == 0 && data.len() == 4 {
@@ -180,6 +221,27 @@ mod tests {
         let mut d = [0u8; 4];
         p.read_data(0, &mut d);
         u32::from_le_bytes(d)
+    }
+
+    #[test]
+    fn ecam_reaches_the_same_space_as_mechanism_one() {
+        let mut p = Pci::new();
+        let mut d = [0u8; 4];
+        p.ecam_read(0, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x1237_8086);
+        // Extended space of a conventional function: 0.
+        p.ecam_read(0x100, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0);
+        // Device 1 and bus 1: nothing.
+        p.ecam_read(1 << 15, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0xffff_ffff);
+        p.ecam_read(1 << 20, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0xffff_ffff);
+        // A write through ECAM is seen through 0xCF8/0xCFC, masked.
+        p.ecam_write(0x59, &[0x30]);
+        p.ecam_write(0x00, &[0, 0]);
+        assert_eq!(cfg_read(&mut p, 0, 0, 0, 0x58) >> 8 & 0xff, 0x30);
+        assert_eq!(cfg_read(&mut p, 0, 0, 0, 0), 0x1237_8086);
     }
 
     #[test]

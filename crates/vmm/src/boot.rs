@@ -101,6 +101,10 @@ mod tests {
         assert!(map.iter().any(|e| e.addr <= memmap::BIOS_AREA_START
             && e.addr + e.size >= memmap::HIGH_RAM_START
             && e.kind != popek_boot::e820::E820Type::Ram));
+        // So is the ECAM window the MCFG names.
+        assert!(map.iter().any(|e| e.addr == memmap::ECAM_START
+            && e.size == memmap::ECAM_SIZE
+            && e.kind == popek_boot::e820::E820Type::Reserved));
     }
 
     #[test]
@@ -111,4 +115,30 @@ mod tests {
         assert_eq!(s.seg[seg::DS].selector, 0x1000);
         assert_eq!(s.cr0 & 1, 0);
     }
+}
+
+/// The architectural state after RESET for the bootstrap processor of
+/// profile `vendor` (SDM 9.1.1): real mode at F000:FFF0 with CS's base at
+/// 0xFFFF0000 (the first fetch is 16 bytes below 4 GiB), CR0 = 0x60000010,
+/// and EDX holding the processor signature, as firmware expects.
+pub fn reset_state(vendor: popek_cpu::Vendor) -> CpuState {
+    let mut s = CpuState::reset();
+    s.vendor = vendor;
+    let id = vendor.identity();
+    s.gpr[2] = (u64::from(id.family) << 8) | (u64::from(id.model) << 4) | u64::from(id.stepping);
+    s
+}
+
+/// The fw_cfg files popek gives firmware beyond the machine's own: the
+/// serial console for SeaBIOS's text output (COM1, popek's console).
+pub fn firmware_files(machine: &mut popek_machine::Machine) {
+    let com1 = 0x3f8u16.to_le_bytes().to_vec();
+    let f = machine.fw_cfg_mut();
+    for name in ["etc/sercon-port", "opt/org.seabios/etc/sercon-port"] {
+        f.add_file(name, com1.clone()).expect("a valid name");
+    }
+    f.set_item(
+        popek_machine::fw_cfg::key::BOOT_MENU,
+        1u16.to_le_bytes().to_vec(),
+    );
 }

@@ -225,6 +225,9 @@ pub struct VmConfig {
     pub vendor: Option<popek_cpu::Vendor>,
     /// vCPUs (1 to [`popek_machine::MAX_CPUS`]).
     pub cpus: u32,
+    /// A firmware image to start from, as a PC does (`--firmware`): the
+    /// vCPU starts at the reset vector, the kernel is not loaded by popek.
+    pub firmware: Option<PathBuf>,
 }
 
 /// Bad input: a file, a flag, or an engine that cannot run the guest.
@@ -515,6 +518,23 @@ fn smp_engine(kind: EngineKind) -> Result<(), EngineError> {
     }
 }
 
+/// Refuses `--firmware` on an engine that cannot start at the reset
+/// vector: `trap` runs no real mode; `hw` would need the ROM as a KVM
+/// memory slot, which is not done yet.
+fn firmware_engine(kind: EngineKind) -> Result<(), EngineError> {
+    match kind {
+        EngineKind::Bt | EngineKind::Interp => Ok(()),
+        EngineKind::Trap => Err(EngineError::Unsupported {
+            engine: "trap",
+            reason: "firmware starts in real mode, which trap does not run".into(),
+        }),
+        EngineKind::Hw => Err(EngineError::Unsupported {
+            engine: "hw",
+            reason: "--firmware is not implemented on hw yet (use --engine bt or interp)".into(),
+        }),
+    }
+}
+
 /// Reads a kernel or initrd: a regular file of at most `max` bytes (guest
 /// RAM: nothing larger can be loaded), checked before reading so that a
 /// device (`/dev/zero`) or a FIFO is refused at once instead of read
@@ -578,7 +598,12 @@ fn check_engine(
             engine: engine_name,
             reason,
         })?;
-    if let Some(mode) = guest_mode(&cfg.kernel) {
+    let mode = if cfg.firmware.is_some() {
+        Some(GuestMode::Real)
+    } else {
+        guest_mode(&cfg.kernel)
+    };
+    if let Some(mode) = mode {
         factory
             .can_run(mode)
             .map_err(|reason| EngineError::Unsupported {
@@ -709,6 +734,9 @@ impl Vm {
         if cfg.cpus > 1 {
             smp_engine(cfg.engine).map_err(VmError::Engine)?;
         }
+        if cfg.firmware.is_some() {
+            firmware_engine(cfg.engine).map_err(VmError::Engine)?;
+        }
         let vendor = cfg.vendor.unwrap_or_else(popek_cpu::Vendor::host);
         let factory = cfg.engine.factory();
         check_engine(cfg, factory, vendor)?;
@@ -726,18 +754,30 @@ impl Vm {
             inner: console,
             watch: panic.clone(),
         });
-        let machine = Machine::new(
-            MachineConfig {
-                clock: cfg.clock,
-                cpus: cfg.cpus,
-            },
-            ram.clone(),
-            console,
-        )
-        .map_err(VmError::Machine)?;
-        let entry = load_kernel(cfg, factory, &ram, &machine)?;
+        let mc = MachineConfig {
+            clock: cfg.clock,
+            cpus: cfg.cpus,
+        };
+        let (machine, mut state) = match &cfg.firmware {
+            None => {
+                let machine = Machine::new(mc, ram.clone(), console).map_err(VmError::Machine)?;
+                let entry = load_kernel(cfg, factory, &ram, &machine)?;
+                (machine, boot::entry_cpu_state(&entry))
+            }
+            Some(path) => {
+                let image = read_input(path, 16 << 20)?;
+                let mut machine =
+                    Machine::with_firmware(mc, ram.clone(), console, image).map_err(|e| {
+                        VmError::Input {
+                            path: path.display().to_string(),
+                            why: popek_engine::error_chain(&e),
+                        }
+                    })?;
+                boot::firmware_files(&mut machine);
+                (machine, boot::reset_state(vendor))
+            }
+        };
         let mut engine = factory.create(&machine)?;
-        let mut state = boot::entry_cpu_state(&entry);
         state.vendor = vendor;
         engine.set_state(state)?;
         let config = snapshot::ConfigDesc {
@@ -894,7 +934,10 @@ impl Vm {
         !v.wait_for_sipi
             && match v.halted {
                 None => true,
-                Some(if_set) => if_set && self.machine.interrupt_pending_for(i),
+                Some(if_set) => {
+                    (if_set && self.machine.interrupt_pending_for(i))
+                        || self.machine.nmi_pending_for(i)
+                }
             }
     }
 
@@ -1003,6 +1046,10 @@ impl Vm {
     /// or (no timer, no input) forever — which the watchdog reports.
     fn wait_halted(&mut self) -> Option<Outcome> {
         let icount = self.engine.instructions();
+        // An NMI wakes a vCPU whatever its IF.
+        if (0..self.vcpus.len()).any(|i| self.machine.nmi_pending_for(i)) {
+            return None;
+        }
         let can_wake = if self.vcpus.len() == 1 {
             self.engine.state().rflags & popek_cpu::state::flags::IF as u64 != 0
         } else {
@@ -1066,7 +1113,7 @@ impl Vm {
     /// Whether a halted VM has a vCPU to run again.
     fn woken(&self) -> bool {
         if self.vcpus.len() == 1 {
-            self.machine.interrupt_pending()
+            self.machine.interrupt_pending() || self.machine.nmi_pending()
         } else {
             (0..self.vcpus.len()).any(|i| self.runnable(i))
         }

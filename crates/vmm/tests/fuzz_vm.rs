@@ -295,6 +295,7 @@ fn run(
         clock: ClockMode::Virtual,
         vendor: None,
         cpus: 1,
+        firmware: None,
     };
     let mut vm = Vm::new(&cfg, Box::new(std::io::sink())).unwrap_or_else(|e| panic!("{name}: {e}"));
     let _ = std::fs::remove_file(&path);

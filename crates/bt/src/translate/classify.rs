@@ -445,6 +445,7 @@ fn control_or_system(ins: &Instruction, ctx: Ctx) -> Option<Option<(Item, Class)
     Some(match ins.mnemonic() {
         Jmp | Jo | Jno | Jb | Jae | Je | Jne | Jbe | Ja | Js | Jns | Jp | Jnp | Jl | Jge | Jle
         | Jg => near_branch(ins, ctx),
+        Pause if ctx.pause_exits => None,
         Pause => Some((Item::Nop, Class::Ident)),
         Nop if ins.code() == Code::Nopd || ins.code() == Code::Nopw || ins.op_count() <= 1 => {
             Some((Item::Nop, Class::Ident))

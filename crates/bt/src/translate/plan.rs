@@ -81,6 +81,9 @@ pub struct Ctx {
     /// The vendor profile is AMD: inline PUSH Sreg writes the selector
     /// zero-extended to the whole 32-bit slot (Intel: 16 bits).
     pub amd: bool,
+    /// PAUSE ends the TU and runs on the interpreter, which may stop the
+    /// vCPU there (several vCPUs share the host thread).
+    pub pause_exits: bool,
 }
 
 /// Plans the TU for `code` (the guest bytes from `eip` to the end of its

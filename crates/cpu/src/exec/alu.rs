@@ -1018,6 +1018,14 @@ pub(crate) fn xlat(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     Ok(())
 }
 
+pub(crate) fn pause(c: &mut Cpu, _d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    if bus.pause() == crate::BusAction::Stop {
+        c.pending_exit = Some(crate::RunExit::BusStop);
+        c.stop_block = true;
+    }
+    Ok(())
+}
+
 pub(crate) fn nop(_c: &mut Cpu, _d: &DecodedInsn, _bus: &mut dyn Bus) -> R {
     Ok(())
 }

@@ -228,6 +228,8 @@ pub(crate) fn into(c: &mut Cpu, _d: &DecodedInsn, bus: &mut dyn Bus) -> R {
 }
 
 pub(crate) fn iret(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
+    // IRET ends NMI blocking (even one that faults later: SDM 6.7.1).
+    c.st.nmi_blocked = false;
     let size = c_op_size(d);
     c.sync_flags();
     let old = c.st.rflags;

@@ -205,8 +205,9 @@ pub fn handler_for(insn: &Instruction) -> Handler {
         Std => alu::std,
         Salc => alu::salc,
         Xlatb => alu::xlat,
-        Nop | Pause | Prefetchnta | Prefetcht0 | Prefetcht1 | Prefetcht2 | Prefetchw | Lfence
-        | Sfence | Mfence => alu::nop,
+        Pause => alu::pause,
+        Nop | Prefetchnta | Prefetcht0 | Prefetcht1 | Prefetcht2 | Prefetchw | Lfence | Sfence
+        | Mfence => alu::nop,
         Bound => alu::bound,
 
         Jmp => control::jmp,
