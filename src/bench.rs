@@ -493,8 +493,8 @@ mod tests {
         Column {
             engine,
             guest: "minios".into(),
-            cycles: vec![Some(cycles); 8],
-            ns: vec![ns; 8],
+            cycles: vec![Some(cycles); BENCHES.len()],
+            ns: vec![ns; BENCHES.len()],
             tsc_mhz: mhz,
             ran: true,
             traps_per_op: vec![None; BENCHES.len()],
@@ -510,7 +510,7 @@ mod tests {
         assert_eq!(v[1], None);
         assert_eq!(v[7], Some(99));
         // Lines without ns_per_iter (older guests) have no ns.
-        assert_eq!(parse_ns(out), vec![None; 8]);
+        assert_eq!(parse_ns(out), vec![None; BENCHES.len()]);
         assert_eq!(parse_tsc_mhz(out), None);
     }
 

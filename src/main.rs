@@ -620,8 +620,27 @@ fn make_vm(a: &RunArgs, console: Box<dyn Write + Send>) -> Result<Vm, u8> {
     };
     let engine = engine_kind(a.engine).unwrap_or_else(|| {
         let (e, why) = EngineKind::auto_for(&kernel);
-        eprintln!("popek: engine auto -> {} ({why})", e.name());
-        e
+        // Several vCPUs and firmware run on the software engines only.
+        let needs = if a.cpus > 1 {
+            Some("more than one vCPU")
+        } else if a.firmware.is_some() {
+            Some("firmware from the reset vector")
+        } else {
+            None
+        };
+        match needs {
+            Some(what) if matches!(e, EngineKind::Hw | EngineKind::Trap) => {
+                eprintln!(
+                    "popek: engine auto -> bt ({what} runs on bt and interp; {} was the choice otherwise: {why})",
+                    e.name()
+                );
+                EngineKind::Bt
+            }
+            _ => {
+                eprintln!("popek: engine auto -> {} ({why})", e.name());
+                e
+            }
+        }
     });
     let cfg = VmConfig {
         memory: a.memory,

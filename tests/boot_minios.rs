@@ -20,7 +20,12 @@ fn assert_tsc_calibrated_and_ns(out: &str) {
         "TSC {mhz} MHz, want ~1000:\n{out}"
     );
     let mut lines = 0;
-    for l in out.lines().filter(|l| l.starts_with("minios: bench ")) {
+    // The paravirtual kernel has no local APIC mapping: that benchmark
+    // says it is unavailable.
+    for l in out
+        .lines()
+        .filter(|l| l.starts_with("minios: bench ") && !l.ends_with("unavailable"))
+    {
         let field = |k: &str| -> f64 {
             l.split_whitespace()
                 .find_map(|kv| kv.strip_prefix(k))
@@ -34,7 +39,12 @@ fn assert_tsc_calibrated_and_ns(out: &str) {
         );
         lines += 1;
     }
-    assert_eq!(lines, 8, "{out}");
+    let unavailable = out.lines().filter(|l| l.ends_with("unavailable")).count();
+    assert!(
+        unavailable == 0 || out.contains("minios: booting (i386 paravirtual)") && unavailable == 1,
+        "{out}"
+    );
+    assert_eq!(lines + unavailable, popek_guests::BENCHES.len(), "{out}");
 }
 
 #[test]

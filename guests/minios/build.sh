@@ -28,7 +28,7 @@ COMMON_CFLAGS="-ffreestanding -fno-pic -fno-pie -fno-stack-protector -nostdlib
 CFLAGS_i386="-m32 -march=i686 -mno-sse -mno-mmx -mno-80387"
 CFLAGS_x86_64="-m64 -mno-red-zone -mgeneral-regs-only -mcmodel=small"
 COMMON_SOURCES="kernel/main.c kernel/console.c kernel/acpi.c kernel/pic_pit.c kernel/mm.c
- kernel/trap.c kernel/proc.c kernel/checks.c kernel/pv_shim.c
+ kernel/trap.c kernel/proc.c kernel/checks.c kernel/pv_shim.c kernel/irqbench.c
  lib/lib.c lib/sha256.c user/ulib.c user/programs.c user/bench.c"
 
 for flavour in "$@"; do

@@ -22,7 +22,7 @@ pub const NAMES: &[&str] = &["minios", "minios-pv", "minios64", "minios64-pv"];
 
 /// minios's micro-benchmarks, in the order it runs them (each prints a
 /// line `minios: bench NAME cycles_per_iter=… ns_per_iter=…`).
-pub const BENCHES: [&str; 8] = [
+pub const BENCHES: [&str; 10] = [
     "syscall",
     "in",
     "callret",
@@ -31,6 +31,8 @@ pub const BENCHES: [&str; 8] = [
     "divzero",
     "forkwait",
     "compute",
+    "irq_pic",
+    "irq_apic",
 ];
 
 /// The least guest RAM the embedded guests need: below it their

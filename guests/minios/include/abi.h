@@ -21,6 +21,7 @@
 #define SYS_INB 10      /* inb(port) -> value (only the benchmark port) */
 #define SYS_REPORT 11   /* report(slot, value): user self-check results to the kernel */
 #define SYS_STAT 12     /* stat(which) -> kernel counter, see STAT_* */
+#define SYS_IRQBENCH 13 /* irqbench(path, n) -> mean TSC cycles per interrupt (0: path unavailable) */
 #define NSYSCALLS 13
 
 #define STAT_PREEMPTIONS 0 /* timer-driven switches away from a ring-3 process */
@@ -44,7 +45,9 @@
 #define BENCH_DIVZERO 5
 #define BENCH_FORKWAIT 6
 #define BENCH_COMPUTE 7
-#define NBENCH 8
+#define BENCH_IRQ_PIC 8    /* an interrupt through the 8259, raised by the i8042 */
+#define BENCH_IRQ_APIC 9   /* a self-IPI through the local APIC */
+#define NBENCH 10
 
 /* Slots of SYS_REPORT (filled by PROG_CHECK). */
 #define REP_CPL 0       /* CS & 3 seen at ring 3 */

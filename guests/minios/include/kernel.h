@@ -17,6 +17,13 @@ static inline int tf_from_user(const struct trapframe *tf) { return (tf->cs & 3)
 void console_init(void);
 void console_listen(void);
 void console_irq(void);
+
+/* The interrupt-delivery benchmark (kernel/irqbench.c). */
+#define IRQ_BENCH_VECTOR 0xf0
+#define LAPIC_VA 0x3ff00000u /* the local APIC's page, in the shared kernel gigabyte */
+u32 irq_bench(u32 apic, u32 n);
+void irq_bench_pic(void);
+void irq_bench_apic(void);
 void console_write(const char *s, size_t n);
 int kprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

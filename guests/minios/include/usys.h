@@ -27,6 +27,7 @@ static inline s32 u_setde(void *eip) { return (s32)sys3(SYS_SETDE, (uptr)eip, 0,
 static inline s32 u_inb(u32 port) { return (s32)sys3(SYS_INB, port, 0, 0); }
 static inline s32 u_report(u32 slot, u32 v) { return (s32)sys3(SYS_REPORT, slot, v, 0); }
 static inline s32 u_stat(u32 which) { return (s32)sys3(SYS_STAT, which, 0, 0); }
+static inline u32 u_irqbench(u32 path, u32 n) { return (u32)sys3(SYS_IRQBENCH, path, n, 0); }
 
 int uprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

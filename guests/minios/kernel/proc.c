@@ -265,6 +265,7 @@ void syscall(struct trapframe *tf)
 			check_reports[a] = (s32)b;
 		r = a < NREP ? 0 : -HC_EINVAL;
 		break;
+	case SYS_IRQBENCH: r = (s32)irq_bench(a, b); break;
 	case SYS_STAT:
 		r = a == STAT_PREEMPTIONS ? (s32)stat_preemptions
 		  : a == STAT_SWITCHES	  ? (s32)stat_switches

@@ -92,8 +92,12 @@ void trap(struct trapframe *tf)
 		 * 7/15 need no EOI. */
 		if (v == 36)
 			console_irq();
+		if (v == 33)
+			irq_bench_pic();
 		if (v != 39 && v != 47)
 			pic_eoi(v - 32);
+	} else if (v == IRQ_BENCH_VECTOR) {
+		irq_bench_apic();
 	} else if (v == 14) {
 		page_fault(tf);
 	} else if (v == 0) {

@@ -112,6 +112,16 @@ void prog_bench(u32 which)
 		t1 = rdtsc();
 		report("forkwait", n, t0, t1);
 		break;
+	case BENCH_IRQ_PIC:  /* raise, deliver, handle and EOI an interrupt: */
+	case BENCH_IRQ_APIC: /* through the 8259 or the local APIC */
+		n = 2000;
+		t1 = (u64)u_irqbench(which == BENCH_IRQ_APIC, n) * n;
+		if (t1)
+			report(which == BENCH_IRQ_APIC ? "irq_apic" : "irq_pic", n, 0, t1);
+		else
+			uprintf("minios: bench %s unavailable\n",
+				which == BENCH_IRQ_APIC ? "irq_apic" : "irq_pic");
+		break;
 	case BENCH_COMPUTE: { /* sha256 over a 64 KiB buffer */
 		const u32 size = 64 * 1024;
 		u8 *buf = (u8 *)u_sbrk(size);

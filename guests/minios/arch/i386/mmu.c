@@ -45,6 +45,10 @@ void mmu_init(uptr top)
 		pte_t *pte = pte_lookup(kernel_pd, va, 1);
 		*pte = va | flags | PTE_P;
 	}
+#ifndef PARAVIRT
+	/* The local APIC's registers (0xFEE00000) for the interrupt benchmark. */
+	*pte_lookup(kernel_pd, LAPIC_VA, 1) = 0xfee00000u | PTE_W | PTE_P;
+#endif
 	/* The shared kernel PDEs must not change later: pd_create copies them. */
 	for (u32 i = 0; i < USER_PDE_FIRST; i++)
 		if (pd[i] & PTE_P)
