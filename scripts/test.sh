@@ -18,6 +18,8 @@ command -v make >/dev/null 2>&1 || need+=(make)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 # The firmware test boots Debian's SeaBIOS from the reset vector.
 [ -f /usr/share/seabios/bios.bin ] || need+=(seabios)
+# ...and hands it a Linux kernel through QEMU's option ROM.
+[ -f /usr/share/qemu/linuxboot_dma.bin ] || need+=(qemu-system-data)
 if command -v gcc >/dev/null 2>&1; then
   # Guests and the native differential runner are 32-bit freestanding code.
   if ! echo 'int x;' | gcc -m32 -ffreestanding -x c -c -o /dev/null - >/dev/null 2>&1; then

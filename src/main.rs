@@ -470,8 +470,10 @@ struct RunArgs {
     /// Start from this firmware image (e.g. Debian's SeaBIOS,
     /// /usr/share/seabios/bios.bin) at the reset vector, as a PC does,
     /// instead of loading a kernel: the ROM sits below 4 GiB and below
-    /// 1 MiB; fw_cfg tells it the machine.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd"])]
+    /// 1 MiB; fw_cfg tells it the machine (and hands it --kernel,
+    /// --initrd and --cmdline, which it boots through QEMU's Linux option
+    /// ROM from Debian's qemu-system-data).
+    #[arg(long, value_name = "FILE")]
     firmware: Option<PathBuf>,
     /// Initial ramdisk (Linux) or module (Multiboot).
     #[arg(long, value_name = "FILE")]

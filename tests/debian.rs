@@ -131,9 +131,16 @@ fn boot(engine: &str, vendor: &str) {
 
 /// Boots on `cpus` vCPUs and checks what the init script prints.
 fn boot_cpus(engine: &str, vendor: &str, cpus: u32) {
+    boot_with(engine, vendor, cpus, &[]);
+}
+
+/// [`boot_cpus`] with more `popek run` arguments.
+fn boot_with(engine: &str, vendor: &str, cpus: u32, extra: &[&str]) {
     let start = Instant::now();
     let n = cpus.to_string();
-    let (status, out, err, tail) = run_guest_with(engine, vendor, &["--cpus", &n]);
+    let mut args = vec!["--cpus", &n];
+    args.extend_from_slice(extra);
+    let (status, out, err, tail) = run_guest_with(engine, vendor, &args);
     let Some(status) = status else {
         panic!("Debian on {engine} did not finish within {LIMIT:?}; last output:\n{tail}\nstderr:\n{err}");
     };
@@ -177,6 +184,7 @@ fn boot_cpus(engine: &str, vendor: &str, cpus: u32) {
     // local timer ticking, a job run on each CPU.
     assert!(out.contains(&format!("nproc: {cpus}")), "{tail}");
     assert!(out.contains("apic: 1"), "Linux enabled APIC mode:\n{tail}");
+    assert!(out.contains("acpi tables: 1"), "popek's MADT:\n{tail}");
     assert!(
         out.contains(&format!("loc cpus: {cpus}")),
         "local timer interrupts on every CPU:\n{tail}"
@@ -208,6 +216,20 @@ fn debian_boots_runs_commands_and_powers_off_on_bt() {
 #[test]
 fn debian_boots_on_two_vcpus_on_bt() {
     boot_cpus("bt", profiles().0, 2);
+}
+
+/// As a PC boots: Debian's SeaBIOS from the reset vector, the kernel
+/// handed over through fw_cfg and started by QEMU's Linux option ROM
+/// (`scripts/test.sh` installs `seabios` and `qemu-system-data`), popek's
+/// ACPI tables installed by the firmware's table loader.
+#[test]
+fn debian_boots_through_seabios_on_two_vcpus() {
+    boot_with(
+        "bt",
+        profiles().0,
+        2,
+        &["--firmware", "/usr/share/seabios/bios.bin"],
+    );
 }
 
 #[test]

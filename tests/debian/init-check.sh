@@ -19,6 +19,7 @@ echo "mmconfig: $(dmesg | grep -c 'Using MMCONFIG for extended config space')"
 echo "pci config bytes: $(wc -c < /sys/bus/pci/devices/0000:00:00.0/config)"
 echo "nproc: $(nproc)"
 echo "apic: $(dmesg | grep -c 'Enabling APIC mode')"
+echo "acpi tables: $(dmesg | grep -c 'ACPI: APIC .*POPEK')"
 # CPUs whose local APIC timer ticked.
 echo "loc cpus: $(grep LOC: /proc/interrupts | tr -s ' ' '\n' | grep -c '^[1-9][0-9]*$')"
 # A job pinned to each CPU: field 39 of /proc/self/stat is the CPU it last ran on.

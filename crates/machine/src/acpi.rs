@@ -244,6 +244,103 @@ pub fn tables(cpus: u32) -> Vec<(u64, Vec<u8>)> {
     ]
 }
 
+/// The tables for firmware, as QEMU hands them to SeaBIOS through fw_cfg:
+/// `etc/acpi/rsdp` (the RSDP, for the F segment), `etc/acpi/tables` (RSDT
+/// to DSDT, for high memory) and `etc/table-loader`, the commands that
+/// allocate both, patch each pointer with where its target landed, and
+/// recompute each checksum. Pointers in the blobs are offsets into
+/// `etc/acpi/tables`. Returns `(rsdp, tables, loader)`.
+pub fn loader_files(cpus: u32) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    const RSDP_FILE: &str = "etc/acpi/rsdp";
+    const TABLES_FILE: &str = "etc/acpi/tables";
+    let t = tables(cpus);
+    let base = RSDT_ADDR;
+    let end = t
+        .iter()
+        .map(|(a, b)| a + b.len() as u64)
+        .max()
+        .unwrap_or(base);
+    let mut blob = vec![0u8; (end - base) as usize];
+    let mut rsdp = Vec::new();
+    for (addr, bytes) in &t {
+        if *addr == RSDP_ADDR {
+            rsdp = bytes.clone();
+        } else {
+            let o = (addr - base) as usize;
+            blob[o..o + bytes.len()].copy_from_slice(bytes);
+        }
+    }
+    // Every pointer field: (in the RSDP?, offset, size).
+    let mut pointers = vec![(true, 16usize, 4usize), (true, 24, 8)];
+    let entries = |addr: u64, size: usize, blob: &[u8]| {
+        let o = (addr - base) as usize;
+        let len = u32::from_le_bytes(blob[o + 4..o + 8].try_into().unwrap()) as usize;
+        (36..len).step_by(size).map(move |f| (false, o + f, size))
+    };
+    pointers.extend(entries(RSDT_ADDR, 4, &blob));
+    pointers.extend(entries(XSDT_ADDR, 8, &blob));
+    let fadt = (FADT_ADDR - base) as usize;
+    pointers.extend([(false, fadt + 36, 4), (false, fadt + 40, 4)]);
+    let mut cmds = Vec::new();
+    let name = |n: &str| {
+        let mut b = [0u8; 56];
+        b[..n.len()].copy_from_slice(n.as_bytes());
+        b
+    };
+    let cmd = |kind: u32, body: &[u8]| {
+        let mut c = kind.to_le_bytes().to_vec();
+        c.extend_from_slice(body);
+        c.resize(128, 0);
+        c
+    };
+    // ALLOCATE: file, alignment, zone (1: high memory, 2: F segment).
+    for (file, align, zone) in [(RSDP_FILE, 16u32, 2u8), (TABLES_FILE, 64, 1)] {
+        let mut b = name(file).to_vec();
+        b.extend_from_slice(&align.to_le_bytes());
+        b.push(zone);
+        cmds.push(cmd(1, &b));
+    }
+    for (in_rsdp, at, size) in pointers {
+        let target = if in_rsdp { &mut rsdp } else { &mut blob };
+        let v = match size {
+            4 => u64::from(u32::from_le_bytes(target[at..at + 4].try_into().unwrap())),
+            _ => u64::from_le_bytes(target[at..at + 8].try_into().unwrap()),
+        };
+        if v == 0 {
+            continue;
+        }
+        let rel = v - base;
+        target[at..at + size].copy_from_slice(&rel.to_le_bytes()[..size]);
+        // ADD_POINTER: destination file, source file, offset, size.
+        let mut b = name(if in_rsdp { RSDP_FILE } else { TABLES_FILE }).to_vec();
+        b.extend_from_slice(&name(TABLES_FILE));
+        b.extend_from_slice(&(at as u32).to_le_bytes());
+        b.push(size as u8);
+        cmds.push(cmd(2, &b));
+    }
+    // ADD_CHECKSUM: file, checksum offset, start, length.
+    let mut sum = |file: &str, offset: usize, start: usize, len: usize| {
+        let mut b = name(file).to_vec();
+        for v in [offset, start, len] {
+            b.extend_from_slice(&(v as u32).to_le_bytes());
+        }
+        cmds.push(cmd(3, &b));
+    };
+    sum(RSDP_FILE, 8, 0, 20);
+    sum(RSDP_FILE, 32, 0, rsdp.len());
+    for (addr, bytes) in &t {
+        if *addr != RSDP_ADDR && &bytes[..4] != b"FACS" {
+            sum(
+                TABLES_FILE,
+                (addr - base) as usize + 9,
+                (addr - base) as usize,
+                bytes.len(),
+            );
+        }
+    }
+    (rsdp, blob, cmds.concat())
+}
+
 /// The PM1 event/control registers and the PM timer. Its saved state is
 /// itself.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -480,5 +577,104 @@ impl PmBlock {
     /// register values are possible.
     pub(crate) fn check(&self) -> Result<(), String> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod loader_tests {
+    use super::*;
+
+    /// Runs the table-loader as firmware does, placing the RSDP at `r` and
+    /// the tables at `t`; returns (rsdp, tables) as they end up.
+    fn run_loader(r: u64, t: u64) -> (Vec<u8>, Vec<u8>) {
+        let (mut rsdp, mut tables, loader) = loader_files(2);
+        let file = |b: &[u8]| {
+            String::from_utf8_lossy(&b[..b.iter().position(|&c| c == 0).unwrap()]).into_owned()
+        };
+        assert_eq!(loader.len() % 128, 0);
+        for c in loader.chunks(128) {
+            let kind = u32::from_le_bytes(c[..4].try_into().unwrap());
+            let b = &c[4..];
+            match kind {
+                1 => assert!(matches!(
+                    file(&b[..56]).as_str(),
+                    "etc/acpi/rsdp" | "etc/acpi/tables"
+                )),
+                2 => {
+                    let dest = file(&b[..56]);
+                    assert_eq!(file(&b[56..112]), "etc/acpi/tables");
+                    let off = u32::from_le_bytes(b[112..116].try_into().unwrap()) as usize;
+                    let size = b[116] as usize;
+                    let d = if dest == "etc/acpi/rsdp" {
+                        &mut rsdp
+                    } else {
+                        &mut tables
+                    };
+                    let mut v = [0u8; 8];
+                    v[..size].copy_from_slice(&d[off..off + size]);
+                    let nv = u64::from_le_bytes(v) + t;
+                    d[off..off + size].copy_from_slice(&nv.to_le_bytes()[..size]);
+                }
+                3 => {
+                    let f = file(&b[..56]);
+                    let w = |i: usize| {
+                        u32::from_le_bytes(b[56 + 4 * i..60 + 4 * i].try_into().unwrap()) as usize
+                    };
+                    let d = if f == "etc/acpi/rsdp" {
+                        &mut rsdp
+                    } else {
+                        &mut tables
+                    };
+                    let s = d[w(1)..w(1) + w(2)]
+                        .iter()
+                        .fold(0u8, |a, &x| a.wrapping_add(x));
+                    d[w(0)] = d[w(0)].wrapping_sub(s);
+                }
+                k => panic!("command {k}"),
+            }
+        }
+        let _ = r;
+        (rsdp, tables)
+    }
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, &x| a.wrapping_add(x))
+    }
+
+    #[test]
+    fn the_table_loader_relocates_every_pointer_and_checksum() {
+        let t = 0x0eff_0000u64;
+        let (rsdp, tables) = run_loader(0xf_5000, t);
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert_eq!(sum(&rsdp[..20]), 0);
+        assert_eq!(sum(&rsdp), 0);
+        let at = |a: u64| (a - t) as usize;
+        let rsdt = u32::from_le_bytes(rsdp[16..20].try_into().unwrap()) as u64;
+        let xsdt = u64::from_le_bytes(rsdp[24..32].try_into().unwrap());
+        assert_eq!(&tables[at(rsdt)..at(rsdt) + 4], b"RSDT");
+        assert_eq!(&tables[at(xsdt)..at(xsdt) + 4], b"XSDT");
+        let len = |o: usize| u32::from_le_bytes(tables[o + 4..o + 8].try_into().unwrap()) as usize;
+        let mut sigs = Vec::new();
+        for e in (36..len(at(rsdt))).step_by(4) {
+            let a = u32::from_le_bytes(tables[at(rsdt) + e..at(rsdt) + e + 4].try_into().unwrap());
+            let o = at(u64::from(a));
+            assert_eq!(sum(&tables[o..o + len(o)]), 0);
+            sigs.push(String::from_utf8_lossy(&tables[o..o + 4]).into_owned());
+        }
+        assert_eq!(sigs, ["FACP", "APIC", "MCFG"]);
+        let fadt = at(u64::from(u32::from_le_bytes(
+            tables[at(rsdt) + 36..at(rsdt) + 40].try_into().unwrap(),
+        )));
+        let dsdt = u32::from_le_bytes(tables[fadt + 40..fadt + 44].try_into().unwrap());
+        assert_eq!(
+            &tables[at(u64::from(dsdt))..at(u64::from(dsdt)) + 4],
+            b"DSDT"
+        );
+        let facs = u32::from_le_bytes(tables[fadt + 36..fadt + 40].try_into().unwrap());
+        assert_eq!(
+            &tables[at(u64::from(facs))..at(u64::from(facs)) + 4],
+            b"FACS"
+        );
+        assert_eq!(facs % 64, 0, "FACS stays 64-byte aligned");
     }
 }

@@ -44,6 +44,30 @@ pub mod key {
     pub const BOOT_MENU: u16 = 0x0e;
     /// Most vCPUs, 16-bit.
     pub const MAX_CPUS: u16 = 0x0f;
+    /// Where the firmware's Linux loader puts the protected-mode kernel.
+    pub const KERNEL_ADDR: u16 = 0x07;
+    /// Its size.
+    pub const KERNEL_SIZE: u16 = 0x08;
+    /// Where the command line goes.
+    pub const CMDLINE_ADDR: u16 = 0x13;
+    /// Its size, NUL included.
+    pub const CMDLINE_SIZE: u16 = 0x14;
+    /// The command line.
+    pub const CMDLINE_DATA: u16 = 0x15;
+    /// Where the initrd goes.
+    pub const INITRD_ADDR: u16 = 0x0a;
+    /// Its size.
+    pub const INITRD_SIZE: u16 = 0x0b;
+    /// The kernel's protected-mode part.
+    pub const KERNEL_DATA: u16 = 0x11;
+    /// The initrd.
+    pub const INITRD_DATA: u16 = 0x12;
+    /// Where the real-mode setup goes.
+    pub const SETUP_ADDR: u16 = 0x16;
+    /// Its size.
+    pub const SETUP_SIZE: u16 = 0x17;
+    /// The real-mode setup, its header filled in for the loader.
+    pub const SETUP_DATA: u16 = 0x18;
     /// The file directory.
     pub const FILE_DIR: u16 = 0x19;
     /// The first file's key.
@@ -131,6 +155,7 @@ impl FwCfg {
     }
 
     fn select(&mut self, selector: u16) {
+        tracing::trace!("fw_cfg: select {selector:#x}");
         self.selector = selector;
         self.offset = 0;
     }
@@ -179,6 +204,7 @@ impl FwCfg {
         let control = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
         let length = u32::from_be_bytes([d[4], d[5], d[6], d[7]]) as usize;
         let target = u64::from_be_bytes([d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15]]);
+        tracing::trace!("fw_cfg: dma control {control:#x} length {length} to {target:#x}");
         if control & DMA_SELECT != 0 {
             self.select((control >> 16) as u16);
         }

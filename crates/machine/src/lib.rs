@@ -369,7 +369,10 @@ impl Machine {
             pci: pci::Pci::new(),
             fw_cfg: {
                 let mut f = fw_cfg::FwCfg::new(ram_size, cpus as u16);
-                f.add_file("etc/e820", fw_cfg::e820_file(&[(0, ram_size, 1)]))
+                // RAM, and the ECAM window reserved (as the loaders' e820
+                // map has it); firmware adds the legacy holes.
+                let e820 = [(0, ram_size, 1), (memmap::ECAM_START, memmap::ECAM_SIZE, 2)];
+                f.add_file("etc/e820", fw_cfg::e820_file(&e820))
                     .expect("a valid name");
                 f
             },

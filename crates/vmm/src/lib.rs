@@ -774,6 +774,32 @@ impl Vm {
                         }
                     })?;
                 boot::firmware_files(&mut machine);
+                if let KernelSource::File { path: kpath, .. } = &cfg.kernel {
+                    // The firmware boots it, through QEMU's option ROM.
+                    let image = read_input(kpath, cfg.memory)?;
+                    let initrd = cfg
+                        .initrd
+                        .as_ref()
+                        .map(|p| read_input(p, cfg.memory))
+                        .transpose()?;
+                    let rom = std::fs::read(boot::LINUXBOOT_ROM).map_err(|e| VmError::Input {
+                        path: boot::LINUXBOOT_ROM.into(),
+                        why: format!(
+                            "{e}: firmware boots a kernel through QEMU's option ROM (Debian package qemu-system-data)"
+                        ),
+                    })?;
+                    boot::firmware_linux(
+                        &mut machine,
+                        &image,
+                        initrd.as_deref(),
+                        &cfg.cmdline,
+                        rom,
+                    )
+                    .map_err(|why| VmError::Input {
+                        path: kpath.display().to_string(),
+                        why,
+                    })?;
+                }
                 (machine, boot::reset_state(vendor))
             }
         };
