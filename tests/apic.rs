@@ -5,7 +5,9 @@
 //! first stage that went wrong through the debug-exit port. A second
 //! program starts an application processor with INIT and SIPI and has both
 //! vCPUs count on a shared word with locked instructions and send each
-//! other IPIs.
+//! other IPIs, and a message-passing litmus test holds x86's store and
+//! load order between them (by construction while the vCPUs take turns on
+//! one host thread; the test is there for when each has its own).
 
 use iced_x86::code_asm::{dword_ptr, eax, ecx, edx, esp, ptr, CodeAssembler, IcedError};
 
@@ -338,6 +340,14 @@ const ALIVE: u32 = 0x21000;
 const SUM: u32 = 0x21004;
 const AP_DONE: u32 = 0x21008;
 const AP_ID: u32 = 0x2100c;
+/// Message passing: the BSP writes DATA then FLAG, the AP reads FLAG then
+/// DATA; a FLAG newer than DATA would break x86's ordering (TSO).
+const DATA: u32 = 0x21040;
+const FLAG: u32 = 0x21080;
+const MP_VIOLATIONS: u32 = 0x21010;
+const MP_DONE: u32 = 0x21014;
+/// Messages the BSP sends.
+const MESSAGES: u32 = 100_000;
 /// Locked increments per vCPU.
 const INCREMENTS: u32 = 200_000;
 
@@ -393,6 +403,18 @@ fn bsp_program(a: &mut Asm) -> Result<(), IcedError> {
     spin_until(a, AP_DONE, 1, 0x13)?;
     a.mov(eax, dword_ptr(SUM))?;
     expect_eax(a, 2 * INCREMENTS, 0x14)?;
+    // Message passing: DATA, then FLAG, MESSAGES times.
+    let mut send = a.create_label();
+    a.mov(ecx, 1u32)?;
+    a.set_label(&mut send)?;
+    a.mov(dword_ptr(DATA), ecx)?;
+    a.mov(dword_ptr(FLAG), ecx)?;
+    a.inc(ecx)?;
+    a.cmp(ecx, MESSAGES)?;
+    a.jbe(send)?;
+    spin_until(a, MP_DONE, 1, 0x19)?;
+    a.mov(eax, dword_ptr(MP_VIOLATIONS))?;
+    expect_eax(a, 0, 0x1a)?;
     // A fixed IPI to the AP, then one to all but self.
     apic_write(a, 0x310, 1 << 24)?;
     apic_write(a, 0x300, 0x4050)?;
@@ -423,6 +445,19 @@ fn ap_program(a: &mut Asm) -> Result<(), IcedError> {
     a.lock().inc(dword_ptr(ALIVE))?;
     locked_increments(a)?;
     a.lock().inc(dword_ptr(AP_DONE))?;
+    // Message passing, the reading side: FLAG, then DATA, until the last.
+    let mut read = a.create_label();
+    let mut ordered = a.create_label();
+    a.set_label(&mut read)?;
+    a.mov(eax, dword_ptr(FLAG))?;
+    a.mov(edx, dword_ptr(DATA))?;
+    a.cmp(edx, eax)?;
+    a.jae(ordered)?;
+    a.lock().inc(dword_ptr(MP_VIOLATIONS))?;
+    a.set_label(&mut ordered)?;
+    a.cmp(eax, MESSAGES)?;
+    a.jne(read)?;
+    a.lock().inc(dword_ptr(MP_DONE))?;
     let mut idle = a.create_label();
     a.set_label(&mut idle)?;
     a.sti()?;

@@ -218,6 +218,11 @@ fn debian_boots_on_two_vcpus_on_bt() {
     boot_cpus("bt", profiles().0, 2);
 }
 
+#[test]
+fn debian_boots_on_two_vcpus_on_interp() {
+    boot_cpus("interp", profiles().0, 2);
+}
+
 /// As a PC boots: Debian's SeaBIOS from the reset vector, the kernel
 /// handed over through fw_cfg and started by QEMU's Linux option ROM
 /// (`scripts/test.sh` installs `seabios` and `qemu-system-data`), popek's
