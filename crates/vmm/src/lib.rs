@@ -53,9 +53,12 @@ const MASKED_WARPS: u32 = 1000;
 const SLICE: u64 = 200_000;
 
 /// Instructions a vCPU runs before the next one takes the host thread,
-/// when there are several (round-robin): short enough that an IPI's
-/// sender, spinning for its answer, waits little.
-const SMP_SLICE: u64 = 50_000;
+/// when there are several (round-robin). As long as a single vCPU's slice:
+/// a vCPU spinning for another gives way at its PAUSE anyway, and shorter
+/// turns cost more than they save (two parallel jobs in Debian on `bt`:
+/// 5.6–5.8 s at 200,000 against 5.9–6.3 s at 50,000 in one sitting, and
+/// 8.0–8.2 s at 20,000 in another).
+const SMP_SLICE: u64 = SLICE;
 
 /// Which engine runs the vCPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
