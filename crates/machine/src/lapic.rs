@@ -207,6 +207,31 @@ pub struct Message {
     pub assert: bool,
 }
 
+impl Message {
+    /// Decodes a message-signalled interrupt (SDM 11.11): the address
+    /// 0xFEExxxxx carries the destination ID (bits 19–12) and the
+    /// destination mode (bit 2: logical); the data the vector (bits 7–0),
+    /// the delivery mode (10–8), the level (14) and the trigger mode (15).
+    /// `None` for an address outside the interrupt window.
+    pub fn from_msi(address: u64, data: u32) -> Option<Message> {
+        if address >> 20 != 0xfee {
+            return None;
+        }
+        let dest = ((address >> 12) & 0xff) as u32;
+        Some(Message {
+            vector: data as u8,
+            mode: DeliveryMode::from_bits(data),
+            dest: if address & (1 << 2) != 0 {
+                Destination::Logical(dest)
+            } else {
+                Destination::Physical(dest)
+            },
+            level_triggered: data & LEVEL != 0,
+            assert: data & (1 << 14) != 0 || data & LEVEL == 0,
+        })
+    }
+}
+
 /// What a register access asks the rest of the machine to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {

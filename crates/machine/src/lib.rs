@@ -481,6 +481,20 @@ impl Machine {
         self.sync_apic();
     }
 
+    /// A message-signalled interrupt (a device's MSI or MSI-X write of
+    /// `data` to `address`, SDM 11.11): delivered to the local APICs it
+    /// names. Returns false, delivering nothing, for an address outside
+    /// the 0xFEExxxxx interrupt window.
+    pub fn msi(&mut self, address: u64, data: u32) -> bool {
+        match lapic::Message::from_msi(address, data) {
+            Some(m) => {
+                self.deliver_messages(vec![m], None);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Acts on what a local APIC register access asked for.
     fn apic_event(&mut self, cpu: usize, event: Option<lapic::Event>) {
         match event {

@@ -773,3 +773,34 @@ fn ipis_reach_the_other_vcpu_and_init_sipi_are_handed_to_the_vmm() {
     let (mut one, _) = machine();
     assert!(one.restore_state(saved).is_err());
 }
+
+#[test]
+fn msi_writes_reach_the_local_apics_they_name() {
+    let ram = Arc::new(GuestRam::new(16 << 20).unwrap());
+    let mut m = Machine::new(
+        MachineConfig {
+            clock: ClockMode::Virtual,
+            cpus: 2,
+        },
+        ram,
+        Box::new(std::io::sink()),
+    )
+    .unwrap();
+    for cpu in [1, 0] {
+        m.set_current_cpu(cpu);
+        apic_write(&mut m, 0xf0, 0x1ff);
+        apic_write(&mut m, 0xd0, (1 << cpu) << 24); // flat logical ID
+    }
+    // Physical destination 1, fixed, vector 0x61, edge.
+    assert!(m.msi(0xfee0_1000, 0x0061));
+    assert!(m.interrupt_pending_for(1) && !m.interrupt_pending_for(0));
+    // Logical destination 0b01 (vCPU 0), vector 0x62.
+    assert!(m.msi(0xfee0_1004, 0x0062));
+    assert!(m.interrupt_pending_for(0));
+    assert_eq!(m.acknowledge_interrupt(), 0x62);
+    // An NMI message.
+    assert!(m.msi(0xfee0_0000, 0x0400));
+    assert!(m.nmi_pending_for(0));
+    // Not the interrupt window: nothing.
+    assert!(!m.msi(0xfed0_0000, 0x0063));
+}
