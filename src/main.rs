@@ -622,14 +622,8 @@ fn make_vm(a: &RunArgs, console: Box<dyn Write + Send>) -> Result<Vm, u8> {
     };
     let engine = engine_kind(a.engine).unwrap_or_else(|| {
         let (e, why) = EngineKind::auto_for(&kernel);
-        // Several vCPUs and firmware run on the software engines only.
-        let needs = if a.cpus > 1 {
-            Some("more than one vCPU")
-        } else if a.firmware.is_some() {
-            Some("firmware from the reset vector")
-        } else {
-            None
-        };
+        // Several vCPUs run on the software engines only.
+        let needs = (a.cpus > 1).then_some("more than one vCPU");
         match needs {
             Some(what) if matches!(e, EngineKind::Hw | EngineKind::Trap) => {
                 eprintln!(

@@ -146,6 +146,22 @@ pub fn host_vendor_string() -> [u8; 12] {
     }
 }
 
+/// The host processor's signature, CPUID leaf 1's EAX (what EDX holds after
+/// RESET on the host, and on a hardware engine's vCPU).
+pub fn host_signature() -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: CPUID leaf 1 exists on every x86-64 processor.
+        #[allow(unused_unsafe)]
+        let r = unsafe { std::arch::x86_64::__cpuid(1) };
+        r.eax
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        0
+    }
+}
+
 /// The host processor's family, model and brand string, for reports and
 /// benchmark headers ("AMD EPYC, family 19h model 11h").
 pub fn host_cpu_description() -> String {

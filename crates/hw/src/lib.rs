@@ -242,6 +242,8 @@ pub struct Hw {
     msr_indices: Vec<u32>,
     /// The KVM is software (kvm_pvm or unknown), from the loaded modules.
     software: bool,
+    /// The firmware ROM's copy that KVM maps below 4 GiB (memory slot 1).
+    rom: Option<Arc<GuestRam>>,
 }
 
 impl std::fmt::Debug for Hw {
@@ -265,7 +267,43 @@ impl Hw {
     /// vCPU starts in KVM's reset state; the VMM sets the boot entry state
     /// with [`Engine::set_state`].
     pub fn new(machine: &Machine) -> Result<Hw, HwError> {
-        Self::with_ram(machine.ram().clone())
+        let mut hw = Self::with_ram(machine.ram().clone())?;
+        if let Some(rom) = machine.firmware_rom() {
+            hw.map_rom(rom)?;
+        }
+        Ok(hw)
+    }
+
+    /// Maps a firmware ROM read-only at the top of the 4 GiB (memory slot
+    /// 1), as the machine does; a write to it exits as MMIO, which the
+    /// machine ignores. Where KVM lacks read-only slots the copy is
+    /// writable, which only the guest's own ROM copy sees.
+    fn map_rom(&mut self, rom: &[u8]) -> Result<(), HwError> {
+        let mapping = |e: popek_memory::MemoryError| HwError::Setup {
+            call: "mmap (the firmware ROM's copy)",
+            source: std::io::Error::other(e.to_string()),
+        };
+        let copy = GuestRam::new(rom.len() as u64).map_err(mapping)?;
+        copy.write(0, rom).map_err(mapping)?;
+        let readonly = self.vm.check_extension(kvm_ioctls::Cap::ReadonlyMem);
+        let region = kvm_userspace_memory_region {
+            slot: 1,
+            flags: if readonly {
+                kvm_bindings::KVM_MEM_READONLY
+            } else {
+                0
+            },
+            guest_phys_addr: (1u64 << 32) - rom.len() as u64,
+            memory_size: rom.len() as u64,
+            userspace_addr: copy.host_ptr() as u64,
+        };
+        // SAFETY: the region is the whole mapping of `copy`, which `self.rom`
+        // keeps alive for as long as the VM exists (the VM fd is dropped
+        // first: field order).
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(setup("KVM_SET_USER_MEMORY_REGION (firmware ROM)"))?;
+        self.rom = Some(Arc::new(copy));
+        Ok(())
     }
 
     /// As [`Hw::new`], on bare RAM (for the probe and tests).
@@ -329,6 +367,7 @@ impl Hw {
             stats: HwStats::default(),
             msr_indices: regs::MSR_INDICES.to_vec(),
             software: probe::kind_from_modules(&probe::kvm_modules()) != probe::KvmKind::Hardware,
+            rom: None,
         };
         // Keep only the MSRs this KVM lets us read (KVM_GET_MSRS stops at
         // the first it refuses).

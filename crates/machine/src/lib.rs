@@ -791,6 +791,11 @@ impl Machine {
         Ok(())
     }
 
+    /// The firmware ROM (`--firmware`), mapped at the top of the 4 GiB.
+    pub fn firmware_rom(&self) -> Option<&[u8]> {
+        self.rom.as_deref()
+    }
+
     /// The firmware configuration device, for the VMM to add files (boot
     /// order, the serial console for firmware).
     pub fn fw_cfg_mut(&mut self) -> &mut fw_cfg::FwCfg {

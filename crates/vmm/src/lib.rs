@@ -522,18 +522,14 @@ fn smp_engine(kind: EngineKind) -> Result<(), EngineError> {
 }
 
 /// Refuses `--firmware` on an engine that cannot start at the reset
-/// vector: `trap` runs no real mode; `hw` would need the ROM as a KVM
-/// memory slot, which is not done yet.
+/// vector: `trap` runs no real mode (`hw` maps the ROM as a read-only KVM
+/// memory slot).
 fn firmware_engine(kind: EngineKind) -> Result<(), EngineError> {
     match kind {
-        EngineKind::Bt | EngineKind::Interp => Ok(()),
+        EngineKind::Bt | EngineKind::Interp | EngineKind::Hw => Ok(()),
         EngineKind::Trap => Err(EngineError::Unsupported {
             engine: "trap",
             reason: "firmware starts in real mode, which trap does not run".into(),
-        }),
-        EngineKind::Hw => Err(EngineError::Unsupported {
-            engine: "hw",
-            reason: "--firmware is not implemented on hw yet (use --engine bt or interp)".into(),
         }),
     }
 }
@@ -803,7 +799,12 @@ impl Vm {
                         why,
                     })?;
                 }
-                (machine, boot::reset_state(vendor))
+                let mut state = boot::reset_state(vendor);
+                if cfg.engine == EngineKind::Hw {
+                    // KVM's vCPU reports the host's CPUID: so does EDX.
+                    state.gpr[2] = u64::from(popek_cpu::vendor::host_signature());
+                }
+                (machine, state)
             }
         };
         let mut engine = factory.create(&machine)?;
