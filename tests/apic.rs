@@ -1,8 +1,10 @@
 //! The local APIC and the I/O APIC seen by a guest, on every engine that
 //! runs flat protected mode: a test program (assembled here with iced-x86)
 //! programs the APIC timer in its three modes, holds a self-IPI back with
-//! the task priority, routes the PIT through the I/O APIC, and reports the
-//! first stage that went wrong through the debug-exit port. A second
+//! the task priority, routes the PIT through the I/O APIC, switches to
+//! x2APIC mode and back (where CPUID offers it), takes NMIs (blocked until
+//! IRET), and reports the first stage that went wrong through the
+//! debug-exit port. A second
 //! program starts an application processor with INIT and SIPI and has both
 //! vCPUs count on a shared word with locked instructions and send each
 //! other IPIs, and a message-passing litmus test holds x86's store and
@@ -29,7 +31,7 @@ const PASSED: u8 = 0x21;
 const UNEXPECTED: u8 = 0x7f;
 
 /// Vectors with a counting handler: the I/O APIC's PIT, the timer, the
-/// self-IPI and the TSC-deadline timer.
+/// self-IPI, the TSC-deadline timer.
 /// (and the IPI of the two-vCPU program).
 const COUNTED: [u8; 5] = [0x30, 0x40, 0x41, 0x42, 0x50];
 
@@ -173,15 +175,55 @@ fn program_body(a: &mut Asm, nmi: bool) -> Result<(), IcedError> {
     a.out(0x40, iced_x86::code_asm::al)?;
     wait_for(a, 0x30, 3, 7)?;
 
+    // 8: x2APIC mode, where CPUID offers it: the registers are MSRs, the
+    // page is gone, a self-IPI through SELF IPI (0x83F) comes and its EOI
+    // (0x80B) retires it.
+    let mut no_x2apic = a.create_label();
+    a.mov(eax, 1u32)?;
+    a.cpuid()?;
+    a.test(ecx, 1u32 << 21)?;
+    a.jz(no_x2apic)?;
+    a.mov(ecx, 0x1bu32)?;
+    a.rdmsr()?;
+    a.or(eax, 1u32 << 10)?;
+    a.wrmsr()?;
+    a.mov(ecx, 0x802u32)?; // ID: 32 bits, the vCPU's index
+    a.rdmsr()?;
+    expect_eax(a, 0, 8)?;
+    a.mov(ecx, 0x803u32)?; // version
+    a.rdmsr()?;
+    a.and(eax, 0xffu32)?;
+    expect_eax(a, 0x14, 8)?;
+    a.mov(eax, dword_ptr(APIC + 0x30))?; // the xAPIC page reads nothing
+    expect_eax(a, 0xffff_ffff, 8)?;
+    a.mov(ecx, 0x83fu32)?;
+    a.mov(eax, 0x43u32)?;
+    a.xor(edx, edx)?;
+    a.wrmsr()?;
+    wait_for(a, 0x43, 1, 8)?;
+    a.mov(ecx, 0x812u32)?; // ISR, vectors 0x40–0x5F: retired
+    a.rdmsr()?;
+    expect_eax(a, 0, 8)?;
+    // Back to xAPIC mode: only through disabled (a direct switch is #GP).
+    a.mov(ecx, 0x1bu32)?;
+    a.rdmsr()?;
+    a.and(eax, !((1u32 << 10) | (1 << 11)))?;
+    a.wrmsr()?;
+    a.or(eax, 1u32 << 11)?;
+    a.wrmsr()?;
+    apic_write(a, 0xf0, 0x1ff)?;
+    a.set_label(&mut no_x2apic)?;
+    a.nop()?;
+
     if !nmi {
         return exit(a, PASSED);
     }
-    // 8: an NMI to its own APIC ID, with interrupts off: taken at once;
+    // 9: an NMI to its own APIC ID, with interrupts off: taken at once;
     // the one its handler sends waits for the IRET, then comes.
     a.cli()?;
     apic_write(a, 0x310, 0)?;
     apic_write(a, 0x300, 0x4400)?;
-    spin_until(a, count(2), 2, 8)?;
+    spin_until(a, count(2), 2, 9)?;
 
     exit(a, PASSED)
 }
@@ -202,6 +244,23 @@ fn nmi_handler(a: &mut Asm) -> Result<(), IcedError> {
     expect_eax(a, 1, 0x28)?;
     a.nop()?;
     a.set_label(&mut done)?;
+    a.iretd()
+}
+
+/// The x2APIC self-IPI's handler: counts, and signals EOI through the
+/// MSR.
+fn x2apic_handler(a: &mut Asm) -> Result<(), IcedError> {
+    a.push(eax)?;
+    a.push(ecx)?;
+    a.push(edx)?;
+    a.inc(dword_ptr(count(0x43)))?;
+    a.mov(ecx, 0x80bu32)?;
+    a.xor(eax, eax)?;
+    a.xor(edx, edx)?;
+    a.wrmsr()?;
+    a.pop(edx)?;
+    a.pop(ecx)?;
+    a.pop(eax)?;
     a.iretd()
 }
 
@@ -248,12 +307,18 @@ fn image(main: &dyn Fn(&mut Asm) -> Result<(), IcedError>) -> Vec<u8> {
     }
     let nmi = slot(COUNTED.len() + 1);
     put(&mut img, nmi, &assemble(nmi, &nmi_handler));
+    let x2 = slot(COUNTED.len() + 2);
+    put(&mut img, x2, &assemble(x2, &x2apic_handler));
     for v in 0..256usize {
         let h = COUNTED
             .iter()
             .position(|&c| usize::from(c) == v)
             .map_or(slot(0), |i| slot(i + 1)) as u32;
-        let h = if v == 2 { nmi as u32 } else { h };
+        let h = match v {
+            2 => nmi as u32,
+            0x43 => x2 as u32,
+            _ => h,
+        };
         // 32-bit interrupt gate, DPL 0, the flat loader's code selector.
         let gate =
             u64::from(h & 0xffff) | (0x10 << 16) | (0x8e00u64 << 32) | (u64::from(h >> 16) << 48);
