@@ -723,10 +723,10 @@ fn apic_msrs_relocate_and_disable_the_apic() {
     assert!(m.write_msr(0, 0x1b, 0xfee0_0500).unwrap().is_err());
 }
 
-#[test]
-fn ipis_reach_the_other_vcpu_and_init_sipi_are_handed_to_the_vmm() {
+/// A machine with two vCPUs on the virtual clock.
+fn two_vcpu_machine() -> Machine {
     let ram = Arc::new(GuestRam::new(16 << 20).unwrap());
-    let mut m = Machine::new(
+    Machine::new(
         MachineConfig {
             clock: ClockMode::Virtual,
             cpus: 2,
@@ -734,7 +734,12 @@ fn ipis_reach_the_other_vcpu_and_init_sipi_are_handed_to_the_vmm() {
         ram,
         Box::new(std::io::sink()),
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn ipis_reach_the_other_vcpu_and_init_sipi_are_handed_to_the_vmm() {
+    let mut m = two_vcpu_machine();
     assert_eq!(m.cpus(), 2);
     // The MADT lists both.
     let mut madt = [0u8; 0x62];
@@ -776,16 +781,7 @@ fn ipis_reach_the_other_vcpu_and_init_sipi_are_handed_to_the_vmm() {
 
 #[test]
 fn msi_writes_reach_the_local_apics_they_name() {
-    let ram = Arc::new(GuestRam::new(16 << 20).unwrap());
-    let mut m = Machine::new(
-        MachineConfig {
-            clock: ClockMode::Virtual,
-            cpus: 2,
-        },
-        ram,
-        Box::new(std::io::sink()),
-    )
-    .unwrap();
+    let mut m = two_vcpu_machine();
     for cpu in [1, 0] {
         m.set_current_cpu(cpu);
         apic_write(&mut m, 0xf0, 0x1ff);
