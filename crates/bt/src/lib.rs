@@ -509,11 +509,10 @@ impl Bt {
     pub fn new(machine: &Machine) -> Result<Bt, EngineError> {
         let mut cpu = Cpu::new(machine.ram().clone());
         cpu.hypercall_port = Some(HYPERCALL_PORT);
-        let core = BtCore::new(cpu).map_err(|e| EngineError::Setup {
+        let mut core = BtCore::new(cpu).map_err(|e| EngineError::Setup {
             engine: "bt",
             source: format!("cannot map the translation cache: {e}").into(),
         })?;
-        let mut core = core;
         core.pause_exits = machine.cpus() > 1;
         Ok(Bt { core })
     }

@@ -74,6 +74,37 @@ pub trait Bus {
     fn sensitive(&mut self, _event: &SensitiveEvent) {}
 }
 
+/// `IA32_TSC_DEADLINE`.
+const TSC_DEADLINE: u32 = 0x6e0;
+
+/// The MSRs the platform's local APIC owns: `IA32_APIC_BASE` (0x1B),
+/// `IA32_TSC_DEADLINE` (0x6E0) and the x2APIC range (0x800–0x8FF). An
+/// engine hands RDMSR and WRMSR of them to the platform
+/// ([`Bus::msr_read`], [`Bus::msr_write`]).
+pub fn is_platform_msr(n: u32) -> bool {
+    matches!(n, 0x1b | TSC_DEADLINE | 0x800..=0x8ff)
+}
+
+/// A platform MSR's value as the guest wrote it, in the platform's terms:
+/// `IA32_TSC_DEADLINE` counts the platform clock, which the guest's TSC
+/// leads by `tsc_offset` (0 still disarms).
+pub fn msr_to_platform(n: u32, v: u64, tsc_offset: u64) -> u64 {
+    if n == TSC_DEADLINE && v != 0 {
+        v.wrapping_sub(tsc_offset).max(1)
+    } else {
+        v
+    }
+}
+
+/// The reverse of [`msr_to_platform`], for RDMSR.
+pub fn msr_from_platform(n: u32, v: u64, tsc_offset: u64) -> u64 {
+    if n == TSC_DEADLINE && v != 0 {
+        v.wrapping_add(tsc_offset)
+    } else {
+        v
+    }
+}
+
 /// A bus with nothing on it: ports read all-ones, MMIO reads all-ones, no
 /// interrupts. Useful for tests and for running user code.
 #[derive(Debug, Default)]

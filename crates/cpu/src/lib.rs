@@ -33,7 +33,7 @@ pub mod state;
 mod task;
 pub mod vendor;
 
-pub use bus::{Bus, BusAction, NullBus};
+pub use bus::{is_platform_msr, msr_from_platform, msr_to_platform, Bus, BusAction, NullBus};
 pub use cpu::{Cpu, CpuStats, RunExit};
 pub use cpuid::{CpuidLeaf, CpuidModel};
 pub use exception::{Exc, Vector};

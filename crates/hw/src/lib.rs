@@ -243,7 +243,7 @@ pub struct Hw {
     /// The KVM is software (kvm_pvm or unknown), from the loaded modules.
     software: bool,
     /// The firmware ROM's copy that KVM maps below 4 GiB (memory slot 1).
-    rom: Option<Arc<GuestRam>>,
+    rom: Option<GuestRam>,
 }
 
 impl std::fmt::Debug for Hw {
@@ -302,7 +302,7 @@ impl Hw {
         // first: field order).
         unsafe { self.vm.set_user_memory_region(region) }
             .map_err(setup("KVM_SET_USER_MEMORY_REGION (firmware ROM)"))?;
-        self.rom = Some(Arc::new(copy));
+        self.rom = Some(copy);
         Ok(())
     }
 

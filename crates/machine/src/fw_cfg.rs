@@ -228,11 +228,6 @@ impl FwCfg {
         }
         let _ = ram.write(addr, &status.to_be_bytes());
     }
-
-    /// The files, by name, for `--stats` and tests.
-    pub fn file_names(&self) -> Vec<String> {
-        self.files.iter().map(|(n, _)| n.clone()).collect()
-    }
 }
 
 /// The e820 map as the `etc/e820` file holds it: per entry a 64-bit

@@ -30,7 +30,6 @@ pub const VERSION: u32 = 0x0017_0020;
 const MASKED: u64 = 1 << 16;
 const LEVEL: u64 = 1 << 15;
 const REMOTE_IRR: u64 = 1 << 14;
-const LOW_ACTIVE: u64 = 1 << 13;
 const DELIVERY_STATUS: u64 = 1 << 12;
 /// Writable bits of a redirection entry: vector, delivery mode,
 /// destination mode, polarity, trigger mode, mask, destination.
@@ -209,14 +208,6 @@ impl IoApic {
             0x10 if n == 4 => self.write_indirect(v, out),
             _ => {}
         }
-    }
-
-    /// The polarity of pin (true: active low). Devices on this machine
-    /// drive active-high lines; a guest that programs active-low on one
-    /// still gets its interrupts (as firmware's ACPI overrides ask only
-    /// for the SCI's level trigger).
-    pub fn active_low(&self, pin: usize) -> bool {
-        self.redirect.get(pin).is_some_and(|e| e & LOW_ACTIVE != 0)
     }
 
     /// Checks a state from a snapshot.

@@ -393,13 +393,9 @@ impl LocalApic {
 
     /// Writes `IA32_APIC_BASE` (SDM 11.12.5: the valid mode transitions).
     /// Disabling resets the APIC to its power-up state but for the base.
-    pub fn write_base_msr(
-        &mut self,
-        v: u64,
-        x2apic_supported: bool,
-    ) -> Result<(), GeneralProtection> {
+    pub fn write_base_msr(&mut self, v: u64) -> Result<(), GeneralProtection> {
         let reserved = !(BASE_ADDR_MASK | BASE_BSP | BASE_ENABLE | BASE_EXTD);
-        if v & reserved != 0 || (v & BASE_EXTD != 0 && !x2apic_supported) {
+        if v & reserved != 0 {
             return Err(GeneralProtection);
         }
         let old = self.base & (BASE_ENABLE | BASE_EXTD);
@@ -420,10 +416,14 @@ impl LocalApic {
         // The BSP flag is read-only.
         let v = (v & !BASE_BSP) | (self.base & BASE_BSP);
         if new == 0 && old != 0 {
-            let keep = (v, self.id);
-            *self = LocalApic::new(if self.base & BASE_BSP != 0 { 0 } else { 1 });
-            self.lvt = [MASKED; 6];
-            (self.base, self.id) = keep;
+            // Disabling resets every register but the ID; the LVT is all
+            // masked (LINT0's ExtINT default is the power-up BSP's only).
+            *self = LocalApic {
+                base: v,
+                id: self.id,
+                lvt: [MASKED; 6],
+                ..LocalApic::new(self.id)
+            };
         } else if new == BASE_ENABLE | BASE_EXTD && old == BASE_ENABLE {
             // Entering x2APIC mode: the logical ID is derived from the ID.
             self.ldr = ((self.id >> 4) << 16) | (1 << (self.id & 15));
@@ -535,20 +535,6 @@ impl LocalApic {
             }
             DeliveryMode::StartUp => self.sipi = Some(vector),
             DeliveryMode::Smi | DeliveryMode::ExtInt | DeliveryMode::Reserved => {}
-        }
-    }
-
-    /// A local interrupt pin (LINT0/LINT1) went active: delivered through
-    /// its LVT entry unless masked. ExtINT is not handled here (see
-    /// [`accepts_extint`](Self::accepts_extint)).
-    pub fn local_pin(&mut self, pin: usize) {
-        let lvt = self.lvt[LVT_LINT0 + pin.min(1)];
-        if lvt & MASKED != 0 {
-            return;
-        }
-        let mode = DeliveryMode::from_bits(lvt);
-        if mode != DeliveryMode::ExtInt {
-            self.accept(mode, lvt as u8, lvt & LEVEL != 0);
         }
     }
 
@@ -1137,29 +1123,28 @@ mod tests {
     #[test]
     fn base_msr_transitions() {
         let mut a = LocalApic::new(0);
-        assert_eq!(a.write_base_msr(0xfee0_0d00, false), Err(GeneralProtection));
-        assert_eq!(a.write_base_msr(0xfee0_0d00, true), Ok(()));
+        assert_eq!(a.write_base_msr(0xfee0_0d00), Ok(()));
         assert!(a.x2apic());
         assert_eq!(a.mmio_base(), None);
         assert_eq!(a.msr_read(0x802, 0), Ok(0));
         assert_eq!(a.msr_read(0x80d, 0), Ok(1));
         // x2APIC → xAPIC directly: #GP.
-        assert_eq!(a.write_base_msr(0xfee0_0900, true), Err(GeneralProtection));
-        assert_eq!(a.write_base_msr(0xfee0_0100, true), Ok(()));
+        assert_eq!(a.write_base_msr(0xfee0_0900), Err(GeneralProtection));
+        assert_eq!(a.write_base_msr(0xfee0_0100), Ok(()));
         assert!(!a.enabled());
         assert!(a.accepts_extint());
         // Disabled → x2APIC directly: #GP; relocation works.
-        assert_eq!(a.write_base_msr(0xfee0_0d00, true), Err(GeneralProtection));
-        assert_eq!(a.write_base_msr(0x8000_0900, true), Ok(()));
+        assert_eq!(a.write_base_msr(0xfee0_0d00), Err(GeneralProtection));
+        assert_eq!(a.write_base_msr(0x8000_0900), Ok(()));
         assert_eq!(a.mmio_base(), Some(0x8000_0000));
         // Reserved bits: #GP.
-        assert_eq!(a.write_base_msr(0xfee0_0901, true), Err(GeneralProtection));
+        assert_eq!(a.write_base_msr(0xfee0_0901), Err(GeneralProtection));
     }
 
     #[test]
     fn x2apic_msrs() {
         let mut a = enabled();
-        a.write_base_msr(0xfee0_0d00, true).unwrap();
+        a.write_base_msr(0xfee0_0d00).unwrap();
         assert_eq!(a.msr_write(0x808, 0x20, 0), Ok(None));
         assert_eq!(a.msr_read(0x808, 0), Ok(0x20));
         // EOI with a non-zero value and reads of EOI are #GP.

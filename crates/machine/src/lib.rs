@@ -14,8 +14,13 @@
 //!
 //! - port and MMIO accesses: [`Machine::io_in`], [`Machine::io_out`],
 //!   [`Machine::mmio_read`], [`Machine::mmio_write`];
-//! - the interrupt line: [`Machine::interrupt_pending`] (the master PIC's
-//!   INTR output) and [`Machine::acknowledge_interrupt`] (the INTA cycle);
+//! - the current vCPU ([`Machine::set_current_cpu`]), whose local APIC
+//!   page and MSRs ([`Machine::read_msr`], [`Machine::write_msr`]) and
+//!   interrupt inputs the accesses reach;
+//! - the interrupt lines: [`Machine::interrupt_pending`] (the local APIC's
+//!   request, or the 8259's INTR through LINT0) and
+//!   [`Machine::acknowledge_interrupt`] (the INTA cycle);
+//!   [`Machine::nmi_pending`] and [`Machine::acknowledge_nmi`];
 //! - time: [`Machine::advance`] between CPU budgets, [`Machine::tsc`],
 //!   and for a halted CPU [`Machine::time_to_next_event`] (host clock) or
 //!   [`Machine::warp_to_next_event`] (virtual clock);
@@ -268,9 +273,11 @@ pub struct Machine {
     apic_pending: Vec<bool>,
     /// Per vCPU: its LINT0 passes the 8259's INTR.
     extint: Vec<bool>,
-    /// Cached for the current vCPU: `apic_pending[cur]`, `extint[cur]`.
+    /// Cached for the current vCPU: `apic_pending[cur]`, `extint[cur]`,
+    /// and whether its APIC holds an NMI (the CPUs poll these).
     apic_irq: bool,
     extint_open: bool,
+    nmi_line: bool,
     /// Interrupts delivered, by vCPU and vector (statistics, not guest
     /// state).
     irq_counts: Vec<[u64; 256]>,
@@ -384,6 +391,7 @@ impl Machine {
             extint: (0..cpus).map(|i| i == 0).collect(),
             apic_irq: false,
             extint_open: true,
+            nmi_line: false,
             irq_counts: vec![[0; 256]; cpus],
             post: (None, 0),
             debugcon: None,
@@ -517,6 +525,7 @@ impl Machine {
         }
         self.apic_irq = self.apic_pending[self.cur];
         self.extint_open = self.extint[self.cur];
+        self.nmi_line = self.lapics[self.cur].nmi_pending();
     }
 
     /// The number of vCPUs.
@@ -529,8 +538,7 @@ impl Machine {
     pub fn set_current_cpu(&mut self, cpu: usize) {
         assert!(cpu < self.lapics.len(), "vCPU {cpu} exists");
         self.cur = cpu;
-        self.apic_irq = self.apic_pending[cpu];
-        self.extint_open = self.extint[cpu];
+        self.sync_apic();
     }
 
     /// The vCPU whose accesses come now.
@@ -885,7 +893,7 @@ impl Machine {
     /// NMI message or LINT1).
     #[inline]
     pub fn nmi_pending(&self) -> bool {
-        self.lapics[self.cur].nmi_pending()
+        self.nmi_line
     }
 
     /// The current vCPU takes its pending NMI.
@@ -893,6 +901,7 @@ impl Machine {
         if self.lapics[self.cur].take_nmi() {
             self.irq_counts[self.cur][2] += 1;
         }
+        self.nmi_line = false;
     }
 
     /// Whether vCPU `cpu` has an NMI waiting (it wakes a halted vCPU).
@@ -931,7 +940,7 @@ impl Machine {
         let now = self.clock.now();
         let a = self.lapics.get_mut(cpu)?;
         let r = match msr {
-            MSR_APIC_BASE => a.write_base_msr(value, true).map(|()| None),
+            MSR_APIC_BASE => a.write_base_msr(value).map(|()| None),
             MSR_TSC_DEADLINE => {
                 a.set_tsc_deadline(value, now);
                 Ok(None)

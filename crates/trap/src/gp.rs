@@ -330,16 +330,12 @@ impl Trap {
         let value = (st.gpr[2] << 32) | (st.gpr[0] & 0xffff_ffff);
         let icount = self.cpu.icount;
         let write = i.mnemonic() == Mnemonic::Wrmsr;
-        if matches!(ecx, 0x1b | 0x6e0 | 0x800..=0x8ff) {
+        if popek_cpu::is_platform_msr(ecx) {
             // The local APIC's registers are the machine's.
             machine.device_time(icount);
             let tsc_offset = self.v.msr.tsc_offset;
             let done = if write {
-                let pv = if ecx == 0x6e0 && value != 0 {
-                    value.wrapping_sub(tsc_offset).max(1)
-                } else {
-                    value
-                };
+                let pv = popek_cpu::msr_to_platform(ecx, value, tsc_offset);
                 machine.write_msr(0, ecx, pv).map(|r| {
                     if r.is_ok() && ecx == 0x1b {
                         self.v.msr.apic_base = value;
@@ -348,10 +344,8 @@ impl Trap {
                 })
             } else {
                 machine.read_msr(0, ecx).map(|r| match r {
-                    Ok(mut v) => {
-                        if ecx == 0x6e0 && v != 0 {
-                            v = v.wrapping_add(tsc_offset);
-                        }
+                    Ok(v) => {
+                        let v = popek_cpu::msr_from_platform(ecx, v, tsc_offset);
                         self.cpu.set_gpr(0, v & 0xffff_ffff);
                         self.cpu.set_gpr(2, v >> 32);
                         true

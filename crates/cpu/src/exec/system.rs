@@ -488,16 +488,10 @@ pub(crate) fn rdpmc(c: &mut Cpu, _d: &DecodedInsn, _bus: &mut dyn Bus) -> R {
     Err(Exc::gp(0))
 }
 
-/// MSRs the local APIC owns when the platform has one.
-fn platform_msr(n: u32) -> bool {
-    matches!(n, msr::APIC_BASE | msr::TSC_DEADLINE | 0x800..=0x8ff)
-}
-
 /// MSR numbers.
 mod msr {
     pub const TSC: u32 = 0x10;
     pub const APIC_BASE: u32 = 0x1b;
-    pub const TSC_DEADLINE: u32 = 0x6e0;
     pub const SYSENTER_CS: u32 = 0x174;
     pub const SYSENTER_ESP: u32 = 0x175;
     pub const SYSENTER_EIP: u32 = 0x176;
@@ -513,14 +507,10 @@ mod msr {
 pub(crate) fn rdmsr(c: &mut Cpu, _d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     require_cpl0(c)?;
     let n = c.gr(1, 4) as u32;
-    if platform_msr(n) {
+    if crate::is_platform_msr(n) {
         bus.device_time(c.icount);
         if let Some(r) = bus.msr_read(n) {
-            let mut v = r.ok_or(Exc::gp(0))?;
-            if n == msr::TSC_DEADLINE && v != 0 {
-                // The platform counts its clock; the guest sees its TSC.
-                v = v.wrapping_add(c.st.msr.tsc_offset);
-            }
+            let v = crate::msr_from_platform(n, r.ok_or(Exc::gp(0))?, c.st.msr.tsc_offset);
             c.sr(0, 4, v & 0xffff_ffff);
             c.sr(2, 4, v >> 32);
             return Ok(());
@@ -547,14 +537,9 @@ pub(crate) fn wrmsr(c: &mut Cpu, _d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     require_cpl0(c)?;
     let n = c.gr(1, 4) as u32;
     let v = c.gr(0, 4) | (c.gr(2, 4) << 32);
-    if platform_msr(n) {
+    if crate::is_platform_msr(n) {
         bus.device_time(c.icount);
-        let pv = if n == msr::TSC_DEADLINE && v != 0 {
-            v.wrapping_sub(c.st.msr.tsc_offset).max(1)
-        } else {
-            v
-        };
-        match bus.msr_write(n, pv) {
+        match bus.msr_write(n, crate::msr_to_platform(n, v, c.st.msr.tsc_offset)) {
             Some(false) => return Err(Exc::gp(0)),
             Some(true) => {
                 if n == msr::APIC_BASE {
