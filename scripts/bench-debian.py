@@ -8,17 +8,22 @@ then each workload between its START and END markers:
   sha   dd if=/dev/zero bs=1M count=160 | sha256sum
   loop  a 10^6-iteration busybox sh arithmetic loop
 
-Usage: scripts/bench-debian.py [--engines interp,bt] [--no-qemu] [--popek BIN]
-Prints a table and writes target/popek-bench/debian.json.
+With --smp (scripts/bench/init-smp.sh): two `dd bs=1M count=96 | sha256sum`
+jobs at once, on `bt` with one vCPU, two vCPUs in turn on one host thread
+(--threads single) and two vCPUs on a thread each (--threads multi), and
+on QEMU TCG with -smp 1 and -smp 2.
+
+Usage: scripts/bench-debian.py [--engines interp,bt] [--no-qemu] [--popek BIN] [--smp]
+Prints a table and writes target/popek-bench/debian.json (smp.json).
 """
 import argparse, json, os, subprocess, sys, time, shutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def guest(popek):
+def guest(popek, init="init-bench.sh"):
     env = dict(os.environ, POPEK_BIN=popek)
     out = subprocess.run(["bash", os.path.join(ROOT, "scripts/debian-guest.sh"),
-                          "--init", os.path.join(ROOT, "scripts/bench/init-bench.sh")],
+                          "--init", os.path.join(ROOT, "scripts/bench", init)],
                          env=env, check=True, capture_output=True, text=True).stdout.split()
     return out[0], out[1]
 
@@ -35,7 +40,8 @@ def measure(cmd, limit=900):
         while b"\n" in buf:
             line, buf = buf.split(b"\n", 1)
             s = line.decode(errors="replace").strip()
-            for key in ("BENCH-INIT", "BENCH-START sha", "BENCH-END sha", "BENCH-START loop", "BENCH-END loop"):
+            for key in ("BENCH-INIT", "BENCH-START sha", "BENCH-END sha", "BENCH-START loop", "BENCH-END loop",
+                        "BENCH-START par", "BENCH-END par"):
                 if s.startswith(key) and key not in marks:
                     marks[key] = time.monotonic() - t0
         if time.monotonic() - t0 > limit:
@@ -49,14 +55,41 @@ def measure(cmd, limit=900):
         r["sha"] = marks["BENCH-END sha"] - marks["BENCH-START sha"]
     if "BENCH-END loop" in marks:
         r["loop"] = marks["BENCH-END loop"] - marks["BENCH-START loop"]
+    if "BENCH-END par" in marks:
+        r["par"] = marks["BENCH-END par"] - marks["BENCH-START par"]
     return r
+
+def smp(a):
+    kernel, initrd = guest(a.popek, "init-smp.sh")
+    boot = ["--memory", "256M", "--kernel", kernel, "--initrd", initrd, "--cmdline", "console=ttyS0 quiet"]
+    runs = [("bt, 1 vCPU", [a.popek, "run", "--engine", "bt", "--cpus", "1"] + boot),
+            ("bt, 2 vCPUs, single", [a.popek, "run", "--engine", "bt", "--cpus", "2", "--threads", "single"] + boot),
+            ("bt, 2 vCPUs, multi", [a.popek, "run", "--engine", "bt", "--cpus", "2", "--threads", "multi"] + boot)]
+    if not a.no_qemu and shutil.which("qemu-system-i386"):
+        q = ["qemu-system-i386", "-accel", "tcg", "-m", "256", "-nographic", "-no-reboot", "-net", "none",
+             "-kernel", kernel, "-initrd", initrd, "-append", "console=ttyS0 quiet"]
+        runs += [("qemu-tcg, -smp 1", q + ["-smp", "1"]), ("qemu-tcg, -smp 2", q + ["-smp", "2"])]
+    rows = {name: measure(cmd) for name, cmd in runs}
+    one = rows["bt, 1 vCPU"].get("par")
+    print(f"{'run':<22} {'init (s)':>9} {'2 jobs (s)':>11} {'vs bt 1 vCPU':>13}")
+    for name, r in rows.items():
+        par = r.get("par")
+        ratio = f"{one / par:.2f}x" if one and par else "-"
+        init = f"{r['init']:.1f}" if "init" in r else "-"
+        print(f"{name:<22} {init:>9} {par or float('nan'):>11.2f} {ratio:>13}")
+    os.makedirs(os.path.join(ROOT, "target/popek-bench"), exist_ok=True)
+    with open(os.path.join(ROOT, "target/popek-bench/smp.json"), "w") as f:
+        json.dump(rows, f, indent=2)
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--engines", default="interp")
     ap.add_argument("--no-qemu", action="store_true")
     ap.add_argument("--popek", default=os.path.join(ROOT, "target/release/popek"))
+    ap.add_argument("--smp", action="store_true")
     a = ap.parse_args()
+    if a.smp:
+        return smp(a)
     kernel, initrd = guest(a.popek)
     rows = {}
     for e in a.engines.split(","):

@@ -181,6 +181,7 @@ pub fn run_engine(engine: EngineKind) -> Column {
         vendor: None,
         cpus: 1,
         firmware: None,
+        threads: popek_vmm::Threads::Auto,
     };
     let cap = Capture::default();
     let text_now = || {

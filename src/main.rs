@@ -438,6 +438,16 @@ enum VendorArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum ThreadsArg {
+    /// Multi under the host clock, else single.
+    Auto,
+    /// All vCPUs in turn on one host thread.
+    Single,
+    /// One host thread per vCPU (QEMU's multi-threaded TCG).
+    Multi,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum ClockArg {
     /// Timers follow the host clock (a guest `sleep 1` takes one second).
     Host,
@@ -484,10 +494,14 @@ struct RunArgs {
     /// Guest RAM, e.g. 256M or 1G (2M to 3G).
     #[arg(long, short = 'm', value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
     memory: u64,
-    /// vCPUs (1 to 32). More than one runs on `bt` and `interp`, in turn
-    /// on one host thread.
+    /// vCPUs (1 to 32). More than one runs on `bt` and `interp`.
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u32,
+    /// How several vCPUs share the host: a thread each (multi), or in turn
+    /// on one thread (single: reproducible with --clock virtual). Auto:
+    /// multi under the host clock.
+    #[arg(long, value_enum, default_value = "auto")]
+    threads: ThreadsArg,
     /// Embedded guest to boot when no --kernel is given (see `popek guests`).
     #[arg(long, value_name = "NAME", default_value = "minios")]
     guest: String,
@@ -586,6 +600,7 @@ fn default_run() -> RunArgs {
         cmdline: String::new(),
         memory: 256 << 20,
         cpus: 1,
+        threads: ThreadsArg::Auto,
         firmware: None,
         guest: "minios".into(),
         format: FormatArg::Auto,
@@ -654,6 +669,11 @@ fn make_vm(a: &RunArgs, console: Box<dyn Write + Send>) -> Result<Vm, u8> {
         }),
         cpus: a.cpus,
         firmware: a.firmware.clone(),
+        threads: match a.threads {
+            ThreadsArg::Auto => popek_vmm::Threads::Auto,
+            ThreadsArg::Single => popek_vmm::Threads::Single,
+            ThreadsArg::Multi => popek_vmm::Threads::Multi,
+        },
     };
     Vm::new(&cfg, console).map_err(|e| {
         eprintln!("popek: {}", e.chain());

@@ -611,8 +611,19 @@ fn engines_that_run_one_vcpu_refuse_more() {
 /// A two-vCPU VM snapshotted while the AP starts up, while both count and
 /// while they send IPIs goes on after a restore, on either software engine:
 /// both vCPUs, their local APICs and the I/O APIC are in the snapshot.
+/// Under the virtual clock they take turns on one thread; under the host
+/// clock each has its own (the snapshot is taken between phases).
 #[test]
 fn a_two_vcpu_vm_snapshotted_mid_run_goes_on_after_a_restore() {
+    for clock in [
+        popek_machine::ClockMode::Virtual,
+        popek_machine::ClockMode::Host,
+    ] {
+        two_vcpus_snapshotted(clock);
+    }
+}
+
+fn two_vcpus_snapshotted(clock: popek_machine::ClockMode) {
     use popek_vmm::snapshot::SnapshotKind;
     use popek_vmm::{EngineKind, FileFormat, KernelSource, Outcome, RestoreOptions, Vm, VmConfig};
     let img = temp_file("smp-snap.bin", &smp_image());
@@ -625,15 +636,16 @@ fn a_two_vcpu_vm_snapshotted_mid_run_goes_on_after_a_restore() {
         initrd: None,
         cmdline: String::new(),
         engine: EngineKind::Bt,
-        clock: popek_machine::ClockMode::Virtual,
+        clock,
         vendor: None,
         cpus: 2,
         firmware: None,
+        threads: popek_vmm::Threads::Auto,
     };
     let mut vm = Vm::new(&cfg, Box::new(std::io::sink())).unwrap();
     assert_eq!(vm.run(), Outcome::DebugExit(PASSED));
     let total = vm.engine.instructions();
-    let d = std::env::temp_dir().join(format!("popek-smp-snap-{}", std::process::id()));
+    let d = std::env::temp_dir().join(format!("popek-smp-snap-{}-{clock:?}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     for (i, at) in [total / 50, total / 3, total * 9 / 10]
         .into_iter()

@@ -49,6 +49,7 @@ fn config(guest: &str, engine: EngineKind, cmdline: &str) -> VmConfig {
         vendor: None,
         cpus: 1,
         firmware: None,
+        threads: popek_vmm::Threads::Auto,
     }
 }
 

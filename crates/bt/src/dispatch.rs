@@ -10,6 +10,11 @@ impl BtCore {
     /// the caller must see something.
     pub fn step(&mut self, bus: &mut dyn Bus, remaining: u64) -> Option<RunExit> {
         use popek_cpu::state::flags;
+        // What other CPUs (on other threads) asked: code they rewrote.
+        self.cpu.serve_requests();
+        if self.cpu.has_invalidated_pages() {
+            self.drain_invalidations();
+        }
         let Some((code16, context)) = self.context() else {
             return self.interp(bus, remaining.min(INTERP_CHUNK), None);
         };

@@ -400,6 +400,13 @@ impl BtCore {
     /// the caller — the same contract and the same results as
     /// [`Cpu::run`].
     pub fn run(&mut self, bus: &mut dyn Bus, budget: u64) -> RunExit {
+        self.cpu.set_running(true);
+        let exit = self.run_slice(bus, budget);
+        self.cpu.set_running(false);
+        exit
+    }
+
+    fn run_slice(&mut self, bus: &mut dyn Bus, budget: u64) -> RunExit {
         self.cpu.prepare();
         self.drain_invalidations();
         if self.cpu.icount >= self.next_retry {
@@ -535,6 +542,18 @@ impl Engine for Bt {
     fn run(&mut self, machine: &mut Machine, budget: u64) -> Result<VmExit, EngineError> {
         let mut bus = MachineBus::new(machine);
         Ok(vm_exit(self.core.run(&mut bus, budget)))
+    }
+
+    fn share_code(&mut self, map: std::sync::Arc<popek_cpu::CodeMap>, index: usize) -> bool {
+        self.core.cpu.share_code_map(map, index);
+        // Each vCPU has its host thread: a spinning one need not yield.
+        self.core.pause_exits = false;
+        self.core.flush_all();
+        true
+    }
+
+    fn run_on(&mut self, bus: &mut dyn Bus, budget: u64) -> Option<Result<VmExit, EngineError>> {
+        Some(Ok(vm_exit(self.core.run(bus, budget))))
     }
 
     fn state(&mut self) -> CpuState {

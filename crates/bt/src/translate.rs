@@ -113,6 +113,7 @@ mod tests {
             foreign_vendor: false,
             amd: false,
             pause_exits: false,
+            atomic: false,
         };
         plan_ctx(code, ctx).map_or(0, |p| p.insns as usize)
     }
@@ -158,6 +159,7 @@ mod tests {
             foreign_vendor: false,
             amd: false,
             pause_exits: false,
+            atomic: false,
         };
         let p = plan_ctx(&code, ctx).unwrap();
         assert_eq!((p.insns, p.inline), (11, 11));
@@ -212,6 +214,7 @@ mod tests {
             foreign_vendor: false,
             amd: false,
             pause_exits: false,
+            atomic: false,
         };
         if !probe().bmi2 {
             return; // the 16-bit probe needs BMI2
@@ -249,6 +252,7 @@ mod tests {
             foreign_vendor: false,
             amd: false,
             pause_exits: false,
+            atomic: false,
         };
         let Translation::Tu(p) = plan(&code, 0x1000, ctx, &|_| false) else {
             panic!("not translated")
@@ -286,6 +290,7 @@ mod tests {
                 foreign_vendor: false,
                 amd: false,
                 pause_exits: false,
+                atomic: false,
             };
             let n = match plan(&code, 0x1000, ctx, &|_| false) {
                 Translation::Tu(p) => {

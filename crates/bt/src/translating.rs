@@ -27,6 +27,11 @@ impl BtCore {
             return None;
         }
         let start = if code16 { 0 } else { (phys & 0xfff) as usize };
+        if self.cpu.shares_code() {
+            // Marked before its bytes are read, so that a store by another
+            // CPU after the read invalidates (`popek_cpu::coherence`).
+            self.cpu.mark_translated_page(phys >> 12);
+        }
         let mut code = vec![0u8; (page_end - phys) as usize + start];
         self.cpu.ram().read(phys - start as u64, &mut code).ok()?;
         if !code16 {
@@ -112,6 +117,7 @@ impl BtCore {
             foreign_vendor: self.cpu.vendor() != popek_cpu::Vendor::host(),
             amd: self.cpu.vendor() == popek_cpu::Vendor::Amd,
             pause_exits: self.pause_exits,
+            atomic: self.cpu.shares_code(),
         };
         let l = self.cpu.tlb_layout();
         let probe = self.probe_for(cpl & 3 == 3);

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use popek_memory::GuestRam;
 
 use crate::bus::Bus;
+use crate::coherence::CodeMap;
 use crate::cpuid::CpuidModel;
 use crate::decode::{decode_block, Block, DecodedInsn};
 use crate::exception::{Exc, Vector};
@@ -129,6 +130,13 @@ pub struct Cpu {
     invalidated: Vec<u64>,
     /// Record invalidated code pages for [`Cpu::take_invalidated_pages`].
     pub track_invalidations: bool,
+    /// The code map shared with CPUs on other host threads, and this CPU's
+    /// index in it (see [`crate::coherence`]); `None` when this CPU is the
+    /// only one running guest code at any time.
+    pub(crate) shared: Option<(Arc<CodeMap>, usize)>,
+    /// A page of scratch memory a LOCKed instruction works on while it is
+    /// made atomic (see `exec::locked`).
+    pub(crate) lock_scratch: Box<[u64; 512]>,
 }
 
 /// One entry of the direct-mapped block cache: key and block.
@@ -196,6 +204,8 @@ impl Cpu {
             stats: CpuStats::default(),
             invalidated: Vec::new(),
             track_invalidations: false,
+            shared: None,
+            lock_scratch: Box::new([0; 512]),
         };
         cpu.refresh_all();
         cpu
@@ -296,9 +306,12 @@ impl Cpu {
                 self.refresh_all();
             }
         }
+        self.serve_requests();
         if self.ram.has_external_writes() {
             for page in self.ram.take_external_writes() {
                 self.invalidate_code_page(page);
+                // Other CPUs' code too (whichever CPU takes them).
+                self.stored_to_code(page);
             }
         }
     }
@@ -438,6 +451,7 @@ impl Cpu {
             if self.icount.saturating_add(stalls) >= end {
                 return RunExit::Budget;
             }
+            self.serve_requests();
             let mut single = false;
             if self.st.interrupt_shadow {
                 // The shadow covers exactly the next instruction.
@@ -587,6 +601,11 @@ impl Cpu {
                 return Ok(b);
             }
         }
+        if self.shared.is_some() {
+            // Marked before its bytes are read: a store by another CPU
+            // after the read then sees the mark and invalidates.
+            self.mark_code_page(phys >> 12);
+        }
         let block = decode_block(self, bus, lin, phys)?;
         self.stats.blocks_decoded += 1;
         let block = Rc::new(block);
@@ -615,7 +634,16 @@ impl Cpu {
             .is_some_and(|w| w & (1 << (page % 64)) != 0)
     }
 
-    fn mark_code_page(&mut self, page: u64) {
+    pub(crate) fn mark_code_page(&mut self, page: u64) {
+        if let Some((map, me)) = self.shared.clone() {
+            // The other CPUs first stop storing to it fast (they may wait
+            // for this one to do the same for a page of theirs).
+            map.mark_code(me, page, |pages| {
+                for p in pages {
+                    self.drop_fast_writes(p);
+                }
+            });
+        }
         if let Some(w) = self.code_pages.get_mut((page / 64) as usize) {
             if *w & (1 << (page % 64)) == 0 {
                 *w |= 1 << (page % 64);
@@ -631,11 +659,92 @@ impl Cpu {
         }
     }
 
-    /// A TLB entry now grants fast writes to RAM page `page`.
+    /// A TLB entry is about to grant fast writes to RAM page `page`, which
+    /// holds none of this CPU's code: false when it must not, because
+    /// another CPU has code there.
     #[inline]
-    pub(crate) fn note_writable_page(&mut self, page: u64) {
+    pub(crate) fn note_writable_page(&mut self, page: u64) -> bool {
         if let Some(x) = self.writable_pages.get_mut((page / 64) as usize) {
-            *x |= 1 << (page % 64);
+            let bit = 1 << (page % 64);
+            let new = *x & bit == 0;
+            *x |= bit;
+            if let Some((map, me)) = &self.shared {
+                return if new {
+                    !map.note_writable(*me, page)
+                } else {
+                    map.code_mask(page) == 0
+                };
+            }
+        }
+        true
+    }
+
+    /// No TLB entry lets stores through to `page` any more (another CPU
+    /// has code there).
+    fn drop_fast_writes(&mut self, page: u64) {
+        if let Some(x) = self.writable_pages.get_mut((page / 64) as usize) {
+            *x &= !(1 << (page % 64));
+        }
+        self.tlb.drop_write_access(page);
+        if let Some((map, me)) = &self.shared {
+            map.unmark_writable(*me, page);
+        }
+    }
+
+    /// After a store to RAM page `page`: the other CPUs with code there
+    /// throw it away.
+    #[inline]
+    pub(crate) fn stored_to_code(&self, page: u64) {
+        if let Some((map, me)) = &self.shared {
+            map.stored(*me, page);
+        }
+    }
+
+    /// Runs on host threads alongside other CPUs: shares `map` with them as
+    /// CPU `index`. Makes LOCKed instructions atomic on the host, and
+    /// forgets decoded code and TLB entries (they were made unshared).
+    pub fn share_code_map(&mut self, map: Arc<CodeMap>, index: usize) {
+        assert!(index < map.cpus());
+        self.shared = Some((map, index));
+        self.tlb.flush_all();
+        self.writable_pages.iter_mut().for_each(|w| *w = 0);
+        self.code_pages.iter_mut().for_each(|w| *w = 0);
+        self.flush_code_cache();
+    }
+
+    /// Whether this CPU shares a code map with CPUs on other threads.
+    pub fn shares_code(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Enters (true) or leaves (false) guest code, for the CPUs sharing its
+    /// code map: an engine calls it around its run. On entry it serves
+    /// what the others asked for meanwhile.
+    pub fn set_running(&mut self, running: bool) {
+        if let Some((map, me)) = &self.shared {
+            map.set_running(*me, running);
+            if running {
+                self.serve_requests();
+            }
+        }
+    }
+
+    /// Serves the other CPUs' requests (drop write access, throw code away),
+    /// if any: at block and dispatch boundaries.
+    #[inline]
+    pub fn serve_requests(&mut self) {
+        let Some((map, me)) = &self.shared else {
+            return;
+        };
+        if !map.has_requests(*me) {
+            return;
+        }
+        let r = map.take_requests(*me);
+        for p in r.drop_write {
+            self.drop_fast_writes(p);
+        }
+        for p in r.invalidate {
+            self.invalidate_code_page(p);
         }
     }
 
@@ -647,6 +756,9 @@ impl Cpu {
         }
         if let Some(w) = self.code_pages.get_mut((page / 64) as usize) {
             *w &= !(1 << (page % 64));
+        }
+        if let Some((map, me)) = &self.shared {
+            map.unmark_code(*me, page);
         }
         if let Some(keys) = self.page_blocks.remove(&page) {
             for k in keys {
@@ -684,6 +796,9 @@ impl Cpu {
         self.block_cache_bytes = 0;
         if !self.track_invalidations {
             self.code_pages.iter_mut().for_each(|w| *w = 0);
+            if let Some((map, me)) = &self.shared {
+                map.unmark_all(*me);
+            }
         }
     }
 

@@ -245,6 +245,16 @@ pub fn resolve(insn: &Instruction, code_size: u8) -> DecodedInsn {
     }
 }
 
+/// [`resolve`] for `cpu`: a CPU sharing memory with CPUs on other threads
+/// runs LOCKed instructions atomically (`exec::locked`).
+fn resolve_for(cpu: &Cpu, insn: &Instruction, code_size: u8) -> DecodedInsn {
+    let mut d = resolve(insn, code_size);
+    if cpu.shares_code() && crate::exec::locked::needs_lock(insn) {
+        d.handler = crate::exec::locked::locked;
+    }
+    d
+}
+
 /// Decodes the block starting at linear `lin` (physical `phys`).
 pub(crate) fn decode_block(cpu: &mut Cpu, bus: &mut dyn Bus, lin: u32, phys: u64) -> Res<Block> {
     let code_size = cpu.code_size();
@@ -293,7 +303,7 @@ pub(crate) fn decode_block(cpu: &mut Cpu, bus: &mut dyn Bus, lin: u32, phys: u64
                 }
                 let mut d3 = Decoder::with_ip(bitness, &buf, ip, DecoderOptions::NONE);
                 d3.decode_out(&mut insn);
-                let d = resolve(&insn, code_size);
+                let d = resolve_for(cpu, &insn, code_size);
                 return Ok(Block {
                     ip,
                     len: d.len as u32,
@@ -307,7 +317,7 @@ pub(crate) fn decode_block(cpu: &mut Cpu, bus: &mut dyn Bus, lin: u32, phys: u64
             dec.decode_out(&mut insn);
         }
         consumed += insn.len().max(1);
-        let d = resolve(&insn, code_size);
+        let d = resolve_for(cpu, &insn, code_size);
         let ends = ends_block(&insn);
         insns.push(d);
         // The block also ends where IP wraps (at 64 KiB in 16-bit code):

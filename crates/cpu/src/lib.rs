@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod bus;
+pub mod coherence;
 pub mod cpu;
 pub mod cpuid;
 pub mod decode;
@@ -34,6 +35,7 @@ mod task;
 pub mod vendor;
 
 pub use bus::{is_platform_msr, msr_from_platform, msr_to_platform, Bus, BusAction, NullBus};
+pub use coherence::CodeMap;
 pub use cpu::{Cpu, CpuStats, RunExit};
 pub use cpuid::{CpuidLeaf, CpuidModel};
 pub use exception::{Exc, Vector};

@@ -225,6 +225,39 @@ impl Tlb {
         }
     }
 
+    /// Points the data entry for linear page `lin` at host memory `host`
+    /// (readable and writable, physical page `phys`) until
+    /// [`Tlb::restore_data`]: a LOCKed instruction runs on a scratch copy.
+    pub(crate) fn redirect_data(
+        &mut self,
+        user: bool,
+        lin: u32,
+        phys: u64,
+        host: usize,
+    ) -> TlbEntry {
+        let idx = ((lin >> 12) as usize) % TLB_SIZE;
+        let tag = (lin & !0xfff) | 1;
+        let e = &mut self.e[user as usize][idx];
+        let saved = *e;
+        *e = TlbEntry {
+            vtag: tag,
+            read_tag: tag,
+            write_tag: tag,
+            writable: true,
+            global: false,
+            big: false,
+            phys: phys & !0xfff,
+            host,
+        };
+        saved
+    }
+
+    /// Undoes [`Tlb::redirect_data`].
+    pub(crate) fn restore_data(&mut self, user: bool, lin: u32, saved: TlbEntry) {
+        let idx = ((lin >> 12) as usize) % TLB_SIZE;
+        self.e[user as usize][idx] = saved;
+    }
+
     /// Stops direct stores to a physical page (it now holds decoded code).
     pub(crate) fn drop_write_access(&mut self, phys_page: u64) {
         for set in self.e.iter_mut() {
@@ -399,6 +432,8 @@ impl Cpu {
             }
             // SAFETY: bounds checked against the RAM mapping just above.
             unsafe { write_host(self.ram_ptr.add(phys as usize), size, val) };
+            // Other CPUs' code, after the store (see `coherence`).
+            self.stored_to_code(page);
             Ok(())
         } else {
             bus.device_time(self.icount);
@@ -479,10 +514,7 @@ impl Cpu {
         if ways[idx + TLB_SIZE].vtag == tag {
             ways[idx + TLB_SIZE] = INVALID;
         }
-        let write_ok = ram && writable && !code;
-        if write_ok {
-            self.note_writable_page(phys >> 12);
-        }
+        let write_ok = ram && writable && !code && self.note_writable_page(phys >> 12);
         let ways = &mut self.tlb.e[set];
         ways[idx] = TlbEntry {
             vtag: tag,

@@ -8,6 +8,11 @@
 //! MMIO window hold nothing (`trap` runs the CPU on host-physical pages,
 //! some of which stand for memory beyond guest RAM).
 
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::thread::Thread;
+use std::time::Instant;
+
 use popek_cpu::{Bus, BusAction, RunExit, SensitiveEvent};
 use popek_machine::Machine;
 
@@ -131,6 +136,162 @@ impl Bus for MachineBus<'_> {
     }
 }
 
+/// The machine as the vCPUs on their own host threads share it: each
+/// device access takes the lock; the interrupt lines are read without it.
+pub struct SharedMachine<'m> {
+    machine: Mutex<&'m mut Machine>,
+    /// Each vCPU's input lines (`popek_machine::LINE_*`), kept current by
+    /// every access that may change them ([`Machine::publish_lines`]).
+    pub lines: Box<[AtomicU8]>,
+    /// Each vCPU's host thread, to wake it when its lines rise.
+    threads: Box<[OnceLock<Thread>]>,
+    /// Machine time's host origin ([`Machine::host_clock_origin`]): RDTSC
+    /// needs no lock.
+    origin: Option<(Instant, u64)>,
+}
+
+impl<'m> SharedMachine<'m> {
+    /// Shares `machine` between its vCPUs' threads.
+    pub fn new(machine: &'m mut Machine) -> SharedMachine<'m> {
+        let n = machine.cpus();
+        let origin = machine.host_clock_origin();
+        let s = SharedMachine {
+            origin,
+            machine: Mutex::new(machine),
+            lines: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            threads: (0..n).map(|_| OnceLock::new()).collect(),
+        };
+        s.with(|_| ());
+        s
+    }
+
+    /// The calling thread runs vCPU `cpu` (it is unparked when its lines
+    /// rise).
+    pub fn register(&self, cpu: usize) {
+        let _ = self.threads[cpu].set(std::thread::current());
+    }
+
+    /// Runs `f` on the machine under its lock, then publishes the lines
+    /// and wakes the vCPUs whose lines rose.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Machine) -> R) -> R {
+        let mut g = self.machine.lock().unwrap_or_else(|e| e.into_inner());
+        let r = f(&mut g);
+        let rose = g.publish_lines(&self.lines);
+        drop(g);
+        if rose != 0 {
+            self.wake(rose);
+        }
+        r
+    }
+
+    /// Unparks the threads of the vCPUs in `mask`.
+    pub fn wake(&self, mask: u32) {
+        for (i, t) in self.threads.iter().enumerate() {
+            if mask & (1 << i) != 0 {
+                if let Some(t) = t.get() {
+                    t.unpark();
+                }
+            }
+        }
+    }
+
+    /// vCPU `cpu`'s lines now.
+    #[inline]
+    pub fn lines(&self, cpu: usize) -> u8 {
+        self.lines[cpu].load(Ordering::Relaxed)
+    }
+
+    /// The bus vCPU `cpu`'s engine runs against.
+    pub fn bus(&self, cpu: usize) -> SharedBus<'_, 'm> {
+        SharedBus { shared: self, cpu }
+    }
+}
+
+/// One vCPU's view of a [`SharedMachine`]: the [`Bus`] of a software
+/// engine on its own host thread.
+pub struct SharedBus<'s, 'm> {
+    shared: &'s SharedMachine<'m>,
+    cpu: usize,
+}
+
+impl SharedBus<'_, '_> {
+    fn with<R>(&mut self, f: impl FnOnce(&mut Machine) -> R) -> R {
+        let cpu = self.cpu;
+        self.shared.with(|m| {
+            m.set_current_cpu(cpu);
+            f(m)
+        })
+    }
+
+    fn after_write(&mut self) -> BusAction {
+        if self.with(|m| m.stop_pending()) {
+            BusAction::Stop
+        } else {
+            BusAction::Continue
+        }
+    }
+}
+
+impl Bus for SharedBus<'_, '_> {
+    fn io_in(&mut self, port: u16, size: u8) -> u32 {
+        self.with(|m| m.io_in(port, size))
+    }
+    fn io_out(&mut self, port: u16, size: u8, value: u32) -> BusAction {
+        let stop = self.with(|m| {
+            m.io_out(port, size, value);
+            m.stop_pending()
+        });
+        if stop {
+            BusAction::Stop
+        } else {
+            BusAction::Continue
+        }
+    }
+    fn mmio_read(&mut self, addr: u64, size: u8) -> u64 {
+        self.with(|m| m.mmio_read(addr, size))
+    }
+    fn mmio_write(&mut self, addr: u64, size: u8, value: u64) -> BusAction {
+        self.with(|m| m.mmio_write(addr, size, value));
+        self.after_write()
+    }
+    #[inline]
+    fn interrupt_pending(&mut self) -> bool {
+        self.shared.lines(self.cpu) & popek_machine::LINE_INTR != 0
+    }
+    fn acknowledge_interrupt(&mut self) -> u8 {
+        self.with(|m| m.acknowledge_interrupt())
+    }
+    #[inline]
+    fn nmi_pending(&mut self) -> bool {
+        self.shared.lines(self.cpu) & popek_machine::LINE_NMI != 0
+    }
+    fn acknowledge_nmi(&mut self) {
+        self.with(|m| m.acknowledge_nmi());
+    }
+    fn clock(&mut self, instructions: u64) -> u64 {
+        match self.shared.origin {
+            Some((start, ns)) => u64::try_from(start.elapsed().as_nanos())
+                .unwrap_or(u64::MAX)
+                .saturating_add(ns),
+            None => self.with(|m| m.tsc(instructions)),
+        }
+    }
+    fn device_time(&mut self, _instructions: u64) {
+        // Host clock only: machine time is the host's.
+    }
+    fn msr_read(&mut self, msr: u32) -> Option<Option<u64>> {
+        let cpu = self.cpu;
+        self.with(|m| m.read_msr(cpu, msr).map(Result::ok))
+    }
+    fn msr_write(&mut self, msr: u32, value: u64) -> Option<bool> {
+        let cpu = self.cpu;
+        self.with(|m| m.write_msr(cpu, msr, value).map(|r| r.is_ok()))
+    }
+    fn pause(&mut self) -> BusAction {
+        BusAction::Continue
+    }
+}
+
 /// Maps a software CPU's run exit to a VM exit (an exception reaching the
 /// VMM means the engine did not intercept what it asked for: a shutdown).
 pub fn vm_exit(exit: RunExit) -> VmExit {
@@ -166,6 +327,42 @@ mod tests {
         let mut bus = MachineBus::new(&mut m).void_below(0x10_0000);
         assert_eq!(bus.mmio_read(0x8000, 4), u64::MAX);
         assert_eq!(bus.mmio_write(0x8000, 4, 1), BusAction::Continue);
+    }
+
+    #[test]
+    fn an_ipi_through_one_vcpus_bus_wakes_the_other_vcpus_thread() {
+        let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
+        let cfg = MachineConfig {
+            cpus: 2,
+            ..MachineConfig::default()
+        };
+        let mut m = Machine::new(cfg, ram, Box::new(std::io::sink())).unwrap();
+        let shared = SharedMachine::new(&mut m);
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                shared.register(1);
+                let mut bus = shared.bus(1);
+                // Software-enable its APIC, then sleep until the line rises.
+                bus.mmio_write(0xfee0_00f0, 4, 0x1ff);
+                let mut rounds = 0;
+                while !bus.interrupt_pending() {
+                    std::thread::park_timeout(std::time::Duration::from_secs(1));
+                    rounds += 1;
+                    assert!(rounds < 30, "never woken");
+                }
+                bus.acknowledge_interrupt()
+            });
+            let mut bus = shared.bus(0);
+            bus.mmio_write(0xfee0_00f0, 4, 0x1ff);
+            // A fixed IPI, vector 0x41, to APIC 1 (again until it took
+            // one: the first may come before its APIC is enabled).
+            while !waiter.is_finished() {
+                bus.mmio_write(0xfee0_0310, 4, 1 << 24);
+                bus.mmio_write(0xfee0_0300, 4, 0x4041);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            assert_eq!(waiter.join().unwrap(), 0x41);
+        });
     }
 
     #[test]

@@ -194,6 +194,25 @@ pub trait Engine {
     /// [`Engine::set_state`] anyway ignore it.
     fn invalidate_page(&mut self, _lin: u64) {}
 
+    /// Shares guest code with engines running the VM's other vCPUs on
+    /// other host threads, as CPU `index` of `map` (see
+    /// `popek_cpu::coherence`). False for an engine that cannot run beside
+    /// others on its own thread.
+    fn share_code(&mut self, _map: std::sync::Arc<popek_cpu::CodeMap>, _index: usize) -> bool {
+        false
+    }
+
+    /// Runs like [`Engine::run`] against `bus` (a vCPU on its own host
+    /// thread reaching a machine shared with others), for engines that
+    /// [`Engine::share_code`]; `None` for the others.
+    fn run_on(
+        &mut self,
+        _bus: &mut dyn popek_cpu::Bus,
+        _budget: u64,
+    ) -> Option<Result<VmExit, EngineError>> {
+        None
+    }
+
     /// What the engine offers for inspection (statistics, traces, audits,
     /// translation dumps), or `None`.
     fn inspect(&mut self) -> Option<&mut dyn Inspect> {

@@ -69,6 +69,22 @@ impl Engine for Interp {
         Ok(vm_exit(exit))
     }
 
+    fn share_code(&mut self, map: std::sync::Arc<popek_cpu::CodeMap>, index: usize) -> bool {
+        self.cpu.share_code_map(map, index);
+        true
+    }
+
+    fn run_on(
+        &mut self,
+        bus: &mut dyn popek_cpu::Bus,
+        budget: u64,
+    ) -> Option<Result<VmExit, EngineError>> {
+        self.cpu.set_running(true);
+        let exit = self.cpu.run(bus, budget);
+        self.cpu.set_running(false);
+        Some(Ok(vm_exit(exit)))
+    }
+
     fn state(&mut self) -> CpuState {
         self.cpu.state().clone()
     }

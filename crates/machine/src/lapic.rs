@@ -493,6 +493,11 @@ impl LocalApic {
         std::mem::take(&mut self.init)
     }
 
+    /// Whether an INIT or a start-up IPI waits to be taken.
+    pub fn startup_pending(&self) -> bool {
+        self.init || self.sipi.is_some()
+    }
+
     /// Takes a pending start-up IPI's vector.
     pub fn take_sipi(&mut self) -> Option<u8> {
         self.sipi.take()

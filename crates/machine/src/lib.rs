@@ -45,6 +45,7 @@ pub mod rtc;
 pub mod uart;
 
 use std::io::Write;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -68,6 +69,13 @@ pub enum ClockMode {
     /// [`VIRTUAL_EPOCH_UNIX_SECS`]. Runs are reproducible.
     Virtual,
 }
+
+/// A vCPU's maskable-interrupt line ([`Machine::lines_of`]).
+pub const LINE_INTR: u8 = 1;
+/// A vCPU's NMI line.
+pub const LINE_NMI: u8 = 2;
+/// An INIT or start-up IPI waits for the vCPU.
+pub const LINE_STARTUP: u8 = 4;
 
 /// Nanoseconds of machine time per guest instruction in
 /// [`ClockMode::Virtual`] (a 1 GHz, one-instruction-per-cycle machine).
@@ -551,6 +559,41 @@ impl Machine {
     pub fn interrupt_pending_for(&self, cpu: usize) -> bool {
         self.apic_pending.get(cpu).copied().unwrap_or(false)
             || (self.extint.get(cpu).copied().unwrap_or(false) && self.pic.interrupt_pending())
+    }
+
+    /// vCPU `cpu`'s input lines as [`LINE_INTR`], [`LINE_NMI`] and
+    /// [`LINE_STARTUP`] bits: what a vCPU on its own host thread polls
+    /// without taking the machine's lock (see [`Machine::publish_lines`]).
+    pub fn lines_of(&self, cpu: usize) -> u8 {
+        let mut l = 0;
+        if self.interrupt_pending_for(cpu) {
+            l |= LINE_INTR;
+        }
+        if self.nmi_pending_for(cpu) {
+            l |= LINE_NMI;
+        }
+        if self
+            .lapics
+            .get(cpu)
+            .is_some_and(lapic::LocalApic::startup_pending)
+        {
+            l |= LINE_STARTUP;
+        }
+        l
+    }
+
+    /// Stores every vCPU's [`Machine::lines_of`] in `lines`, and returns
+    /// the vCPUs whose lines rose (a halted one must be woken).
+    pub fn publish_lines(&self, lines: &[AtomicU8]) -> u32 {
+        let mut rose = 0;
+        for (i, l) in lines.iter().enumerate().take(self.lapics.len()) {
+            let new = self.lines_of(i);
+            let old = l.swap(new, Ordering::SeqCst);
+            if new & !old != 0 {
+                rose |= 1 << i;
+            }
+        }
+        rose
     }
 
     /// Takes an INIT that arrived for vCPU `cpu` (the VMM puts it in the
@@ -1077,6 +1120,14 @@ impl Machine {
     /// [`advance`](Self::advance), where the VMM stops its CPU.
     pub fn device_time(&mut self, guest_instructions: u64) {
         self.clock.instructions = self.clock.instructions.max(guest_instructions);
+    }
+
+    /// Under [`ClockMode::Host`]: the host instant and the machine time (ns)
+    /// at it, from which machine time runs with the host's monotonic clock
+    /// — what [`Machine::tsc`] reads, for a reader that must not take the
+    /// machine's lock. `None` under the virtual clock.
+    pub fn host_clock_origin(&self) -> Option<(Instant, u64)> {
+        (self.clock.mode == ClockMode::Host).then_some((self.clock.start, self.clock.start_ns))
     }
 
     /// The guest's time-stamp counter at `guest_instructions`: machine

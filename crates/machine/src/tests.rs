@@ -780,6 +780,38 @@ fn ipis_reach_the_other_vcpu_and_init_sipi_are_handed_to_the_vmm() {
 }
 
 #[test]
+fn published_lines_say_what_each_vcpu_waits_for_and_whose_rose() {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    let mut m = two_vcpu_machine();
+    let lines = [AtomicU8::new(0), AtomicU8::new(0)];
+    for cpu in [1, 0] {
+        m.set_current_cpu(cpu);
+        apic_write(&mut m, 0xf0, 0x1ff);
+    }
+    // Reset: the BSP's LINT0 passes the (idle) 8259; nothing waits.
+    assert_eq!(m.publish_lines(&lines), 0);
+    // INIT to APIC 1: its start-up line rises.
+    apic_write(&mut m, 0x310, 1 << 24);
+    apic_write(&mut m, 0x300, 0x4500);
+    assert_eq!(m.publish_lines(&lines), 0b10);
+    assert_eq!(lines[1].load(Ordering::SeqCst), LINE_STARTUP);
+    assert!(m.take_init(1));
+    // A fixed IPI to vCPU 1 and an NMI to vCPU 0.
+    apic_write(&mut m, 0x300, 0x4051);
+    assert!(m.msi(0xfee0_0000, 0x0400));
+    assert_eq!(m.publish_lines(&lines), 0b11);
+    assert_eq!(lines[1].load(Ordering::SeqCst), LINE_INTR);
+    assert_eq!(lines[0].load(Ordering::SeqCst), LINE_NMI);
+    // Unchanged lines rise for nobody; taken ones fall.
+    assert_eq!(m.publish_lines(&lines), 0);
+    m.acknowledge_nmi();
+    m.set_current_cpu(1);
+    assert_eq!(m.acknowledge_interrupt(), 0x51);
+    assert_eq!(m.publish_lines(&lines), 0);
+    assert_eq!(lines.each_ref().map(|l| l.load(Ordering::SeqCst)), [0, 0]);
+}
+
+#[test]
 fn msi_writes_reach_the_local_apics_they_name() {
     let mut m = two_vcpu_machine();
     for cpu in [1, 0] {

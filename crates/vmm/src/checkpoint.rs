@@ -487,6 +487,7 @@ impl Vm {
                 .map(|a| (a.vcpu.clone(), a.wait_for_sipi))
                 .collect(),
         );
+        vm.refresh_threads();
         vm.hypercalls = st.hypercalls.clone();
         vm.last_snapshot = Some(LastSnapshot {
             state: abs(path),
@@ -532,6 +533,7 @@ impl Vm {
         self.engine = engine;
         self.kind = kind;
         self.switches += 1;
+        self.refresh_threads();
         Ok(())
     }
 
@@ -695,6 +697,16 @@ impl Vm {
     /// Serves the pending control requests; while paused, waits for more
     /// (and for Ctrl-A x). Returns an outcome when a request ends the VM.
     pub(crate) fn serve_control(&mut self) -> Option<Outcome> {
+        if std::mem::take(&mut self.console_snapshot_asked) {
+            self.console_snapshot();
+        }
+        if let Some(Call { request, reply }) = self.pending_call.take() {
+            let (r, outcome) = self.serve(request);
+            let _ = reply.send(r);
+            if outcome.is_some() {
+                return outcome;
+            }
+        }
         loop {
             let call = match &self.control {
                 None => return None,

@@ -12,10 +12,12 @@ pub mod boot;
 mod checkpoint;
 pub mod control;
 pub use popek_engine::hypercall;
+mod parallel;
 pub mod report;
 pub mod snapshot;
 
 pub use checkpoint::{RestoreOptions, SnapshotReport};
+pub use parallel::Threads;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -231,6 +233,8 @@ pub struct VmConfig {
     /// A firmware image to start from, as a PC does (`--firmware`): the
     /// vCPU starts at the reset vector, the kernel is not loaded by popek.
     pub firmware: Option<PathBuf>,
+    /// How several vCPUs share the host (`--threads`).
+    pub threads: Threads,
 }
 
 /// Bad input: a file, a flag, or an engine that cannot run the guest.
@@ -408,6 +412,12 @@ pub struct Vm {
     vcpus: Vec<VcpuSlot>,
     /// The vCPU the engine runs now.
     current: usize,
+    /// The vCPUs run on host threads of their own (`parallel`).
+    threads: bool,
+    /// A request a threaded phase ended for, served next.
+    pending_call: Option<control::Call>,
+    /// Ctrl-A s ended a threaded phase: write the snapshot.
+    console_snapshot_asked: bool,
 }
 
 /// A vCPU of a VM with several.
@@ -820,6 +830,13 @@ impl Vm {
             cpus: cfg.cpus,
         };
         let mut vm = Vm::assemble(machine, engine, cfg.engine, config, panic);
+        vm.threads =
+            Vm::threads_for(cfg.threads, cfg.cpus, cfg.engine, cfg.clock).map_err(|reason| {
+                VmError::Engine(EngineError::Unsupported {
+                    engine: cfg.engine.name(),
+                    reason,
+                })
+            })?;
         for i in 1..cfg.cpus as usize {
             vm.vcpus.push(VcpuSlot {
                 state: Some(ap_reset_state(i, vendor)),
@@ -854,6 +871,9 @@ impl Vm {
             return_to: None,
             vcpus: vec![VcpuSlot::default()],
             current: 0,
+            threads: false,
+            pending_call: None,
+            console_snapshot_asked: false,
         }
     }
 
@@ -1190,6 +1210,12 @@ impl Vm {
             }
             if self.engine.instructions() >= limit {
                 return Outcome::NoProgress(LIMIT_REACHED.into());
+            }
+            if self.threaded() {
+                if let Some(o) = self.run_threads(limit) {
+                    return o;
+                }
+                continue;
             }
             let smp = self.vcpus.len() > 1;
             if smp {

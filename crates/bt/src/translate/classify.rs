@@ -432,8 +432,11 @@ pub(crate) fn classify(ins: &Instruction, ctx: Ctx, foreign: bool) -> Option<(It
     }
     let mut h = host_form(ins)?;
     h.set_segment_prefix(Register::None);
-    // One virtual CPU: a locked access is an ordinary one.
-    h.set_has_lock_prefix(false);
+    // One virtual CPU at a time on the host: a locked access is an
+    // ordinary one.
+    if !ctx.atomic {
+        h.set_has_lock_prefix(false);
+    }
     host_operands(ins, h, ctx)
 }
 

@@ -84,6 +84,9 @@ pub struct Ctx {
     /// PAUSE ends the TU and runs on the interpreter, which may stop the
     /// vCPU there (several vCPUs share the host thread).
     pub pause_exits: bool,
+    /// Other CPUs run on other host threads: LOCKed instructions keep
+    /// their LOCK prefix (XCHG with memory is locked anyway).
+    pub atomic: bool,
 }
 
 /// Plans the TU for `code` (the guest bytes from `eip` to the end of its

@@ -18,6 +18,7 @@ use crate::state::{flags::*, seg};
 pub(crate) mod alu;
 pub(crate) mod control;
 pub(crate) mod fpu;
+pub(crate) mod locked;
 pub(crate) mod stack;
 pub(crate) mod string;
 pub(crate) mod system;
