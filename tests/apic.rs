@@ -7,9 +7,11 @@
 //! debug-exit port. A second
 //! program starts an application processor with INIT and SIPI and has both
 //! vCPUs count on a shared word with locked instructions and send each
-//! other IPIs, and a message-passing litmus test holds x86's store and
-//! load order between them (by construction while the vCPUs take turns on
-//! one host thread; the test is there for when each has its own).
+//! other IPIs, and two litmus tests hold x86's memory order between them:
+//! message passing (stores and loads stay in order) and store buffering
+//! with fences (MFENCE, a LOCKed instruction: never both loads before the
+//! other's store) — by construction while the vCPUs take turns on one host
+//! thread, and for real with a host thread each (`--threads multi`).
 
 use iced_x86::code_asm::{dword_ptr, eax, ecx, edx, esp, ptr, CodeAssembler, IcedError};
 
@@ -413,6 +415,17 @@ const MP_VIOLATIONS: u32 = 0x21010;
 const MP_DONE: u32 = 0x21014;
 /// Messages the BSP sends.
 const MESSAGES: u32 = 100_000;
+/// Store buffering with fences: in round i the BSP writes i to SB_X,
+/// MFENCE, reads SB_Y into SB_R1[i]; the AP writes i to SB_Y, a LOCKed
+/// no-op on its stack, reads SB_X into SB_R2[i]. Both reading an older
+/// round (the outcome fences forbid) is a violation.
+const SB_X: u32 = 0x21100;
+const SB_Y: u32 = 0x21140;
+const SB_R1: u32 = 0x10_0000;
+const SB_R2: u32 = 0x14_0000;
+const SB_DONE: u32 = 0x21018;
+/// Store-buffering rounds.
+const SB_ROUNDS: u32 = 20_000;
 /// Locked increments per vCPU.
 const INCREMENTS: u32 = 200_000;
 
@@ -439,6 +452,43 @@ fn locked_increments(a: &mut Asm) -> Result<(), IcedError> {
     a.lock().inc(dword_ptr(SUM))?;
     a.dec(ecx)?;
     a.jnz(again)
+}
+
+/// One side of the store-buffering test: round i writes i to `mine`,
+/// fences (MFENCE, or a LOCKed OR on the stack), reads `theirs` into
+/// `seen[i]`.
+fn store_buffering(
+    a: &mut Asm,
+    mine: u32,
+    theirs: u32,
+    seen: u32,
+    locked: bool,
+) -> Result<(), IcedError> {
+    let mut round = a.create_label();
+    let mut wait = a.create_label();
+    let mut go = a.create_label();
+    // The round counters sit beside the words (a barrier per round, so
+    // that both vCPUs run round i at once).
+    a.mov(ecx, 1u32)?;
+    a.set_label(&mut round)?;
+    a.mov(dword_ptr(mine + 0x400), ecx)?;
+    a.set_label(&mut wait)?;
+    a.cmp(dword_ptr(theirs + 0x400), ecx)?;
+    a.jae(go)?;
+    a.pause()?;
+    a.jmp(wait)?;
+    a.set_label(&mut go)?;
+    a.mov(dword_ptr(mine), ecx)?;
+    if locked {
+        a.lock().or(dword_ptr(esp), 0)?;
+    } else {
+        a.mfence()?;
+    }
+    a.mov(eax, dword_ptr(theirs))?;
+    a.mov(dword_ptr(ecx * 4 + seen), eax)?;
+    a.inc(ecx)?;
+    a.cmp(ecx, SB_ROUNDS)?;
+    a.jbe(round)
 }
 
 fn bsp_program(a: &mut Asm) -> Result<(), IcedError> {
@@ -480,6 +530,25 @@ fn bsp_program(a: &mut Asm) -> Result<(), IcedError> {
     spin_until(a, MP_DONE, 1, 0x19)?;
     a.mov(eax, dword_ptr(MP_VIOLATIONS))?;
     expect_eax(a, 0, 0x1a)?;
+    store_buffering(a, SB_X, SB_Y, SB_R1, false)?;
+    spin_until(a, SB_DONE, 1, 0x1b)?;
+    // Rounds where neither saw the other's store.
+    let mut check = a.create_label();
+    let mut seen = a.create_label();
+    a.xor(edx, edx)?;
+    a.mov(ecx, 1u32)?;
+    a.set_label(&mut check)?;
+    a.cmp(dword_ptr(ecx * 4 + SB_R1), ecx)?;
+    a.jae(seen)?;
+    a.cmp(dword_ptr(ecx * 4 + SB_R2), ecx)?;
+    a.jae(seen)?;
+    a.inc(edx)?;
+    a.set_label(&mut seen)?;
+    a.inc(ecx)?;
+    a.cmp(ecx, SB_ROUNDS)?;
+    a.jbe(check)?;
+    a.mov(eax, edx)?;
+    expect_eax(a, 0, 0x1c)?;
     // A fixed IPI to the AP, then one to all but self.
     apic_write(a, 0x310, 1 << 24)?;
     apic_write(a, 0x300, 0x4050)?;
@@ -523,6 +592,8 @@ fn ap_program(a: &mut Asm) -> Result<(), IcedError> {
     a.cmp(eax, MESSAGES)?;
     a.jne(read)?;
     a.lock().inc(dword_ptr(MP_DONE))?;
+    store_buffering(a, SB_Y, SB_X, SB_R2, true)?;
+    a.lock().inc(dword_ptr(SB_DONE))?;
     let mut idle = a.create_label();
     a.set_label(&mut idle)?;
     a.sti()?;
@@ -568,12 +639,20 @@ fn smp_image() -> Vec<u8> {
 #[test]
 fn two_vcpus_start_count_together_and_send_ipis() {
     for engine in ["interp", "bt"] {
-        for clock in ["virtual", "host"] {
+        for (clock, threads) in [("virtual", "single"), ("host", "single"), ("host", "multi")] {
             let r = run_image(
                 "smp",
                 engine,
                 &smp_image(),
-                &["--cpus", "2", "--clock", clock, "--stats"],
+                &[
+                    "--cpus",
+                    "2",
+                    "--clock",
+                    clock,
+                    "--threads",
+                    threads,
+                    "--stats",
+                ],
             );
             assert_passed(engine, &r);
             // Both IPIs were taken by vCPU 1; its APIC is listed.
@@ -599,6 +678,14 @@ fn engines_that_run_one_vcpu_refuse_more() {
         assert_eq!(r.status, 2, "{engine}: {}", r.stderr);
         assert!(r.stderr.contains("more than one vCPU"), "{}", r.stderr);
     }
+    let r = run_image(
+        "smp-virtual-multi",
+        "bt",
+        &smp_image(),
+        &["--cpus", "2", "--clock", "virtual", "--threads", "multi"],
+    );
+    assert_eq!(r.status, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("needs the host clock"), "{}", r.stderr);
     let r = run_image("smp-33", "bt", &smp_image(), &["--cpus", "33"]);
     assert_eq!(r.status, 2);
     assert!(
@@ -651,8 +738,20 @@ fn two_vcpus_snapshotted(clock: popek_machine::ClockMode) {
         .into_iter()
         .enumerate()
     {
+        let mut at = at;
         let mut vm = Vm::new(&cfg, Box::new(std::io::sink())).unwrap();
-        assert_eq!(vm.run_limited(at), None, "still running at {at}");
+        while let Some(o) = vm.run_limited(at) {
+            // With a thread each, how long the vCPUs spin for each other
+            // differs from run to run: this run may end sooner.
+            assert_eq!(
+                clock,
+                popek_machine::ClockMode::Host,
+                "still running at {at}"
+            );
+            assert_eq!(o, Outcome::DebugExit(PASSED));
+            at /= 2;
+            vm = Vm::new(&cfg, Box::new(std::io::sink())).unwrap();
+        }
         let states = vm.vcpu_states();
         assert_eq!(states.len(), 2);
         let path = d.join(format!("smp-{i}.snap"));

@@ -546,8 +546,9 @@ impl Engine for Bt {
 
     fn share_code(&mut self, map: std::sync::Arc<popek_cpu::CodeMap>, index: usize) -> bool {
         self.core.cpu.share_code_map(map, index);
-        // Each vCPU has its host thread: a spinning one need not yield.
-        self.core.pause_exits = false;
+        // PAUSE runs on the interpreter, where the bus may yield the host
+        // CPU (pause-loop exiting in software).
+        self.core.pause_exits = true;
         self.core.flush_all();
         true
     }

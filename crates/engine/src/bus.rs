@@ -203,7 +203,11 @@ impl<'m> SharedMachine<'m> {
 
     /// The bus vCPU `cpu`'s engine runs against.
     pub fn bus(&self, cpu: usize) -> SharedBus<'_, 'm> {
-        SharedBus { shared: self, cpu }
+        SharedBus {
+            shared: self,
+            cpu,
+            pauses: 0,
+        }
     }
 }
 
@@ -212,6 +216,8 @@ impl<'m> SharedMachine<'m> {
 pub struct SharedBus<'s, 'm> {
     shared: &'s SharedMachine<'m>,
     cpu: usize,
+    /// PAUSEs executed (every few yields the host CPU).
+    pauses: u32,
 }
 
 impl SharedBus<'_, '_> {
@@ -288,9 +294,19 @@ impl Bus for SharedBus<'_, '_> {
         self.with(|m| m.write_msr(cpu, msr, value).map(|r| r.is_ok()))
     }
     fn pause(&mut self) -> BusAction {
+        // Pause-loop exiting in software: a vCPU spinning for another
+        // (whose thread the host may have preempted: more vCPUs than host
+        // CPUs) gives its host CPU away now and then.
+        self.pauses = self.pauses.wrapping_add(1);
+        if self.pauses % PAUSES_PER_YIELD == 0 {
+            std::thread::yield_now();
+        }
         BusAction::Continue
     }
 }
+
+/// PAUSEs a vCPU on its own thread executes per host `sched_yield`.
+const PAUSES_PER_YIELD: u32 = 4;
 
 /// Maps a software CPU's run exit to a VM exit (an exception reaching the
 /// VMM means the engine did not intercept what it asked for: a shutdown).

@@ -207,8 +207,10 @@ pub fn handler_for(insn: &Instruction) -> Handler {
         Salc => alu::salc,
         Xlatb => alu::xlat,
         Pause => alu::pause,
-        Nop | Prefetchnta | Prefetcht0 | Prefetcht1 | Prefetcht2 | Prefetchw | Lfence | Sfence
-        | Mfence => alu::nop,
+        Nop | Prefetchnta | Prefetcht0 | Prefetcht1 | Prefetcht2 | Prefetchw | Lfence | Sfence => {
+            alu::nop
+        }
+        Mfence => alu::mfence,
         Bound => alu::bound,
 
         Jmp => control::jmp,
