@@ -213,6 +213,17 @@ pub trait Engine {
         None
     }
 
+    /// An engine for vCPU `index` of the same VM, to run on another host
+    /// thread, for engines whose vCPUs must be made by the first (`hw`:
+    /// another KVM vCPU of the same KVM VM); `None` where every vCPU's
+    /// engine comes from the factory.
+    fn vcpu_engine(
+        &mut self,
+        _index: usize,
+    ) -> Option<Result<Box<dyn Engine + Send>, EngineError>> {
+        None
+    }
+
     /// What the engine offers for inspection (statistics, traces, audits,
     /// translation dumps), or `None`.
     fn inspect(&mut self) -> Option<&mut dyn Inspect> {

@@ -36,8 +36,9 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use popek_cpu::state::{flags, seg};
-use popek_cpu::Vendor;
 use popek_cpu::{paging, CpuState};
+use popek_cpu::{Bus, BusAction, Vendor};
+use popek_engine::bus::MachineBus;
 use popek_engine::hypercall::HYPERCALL_PORT;
 use popek_engine::{Engine, EngineError, EngineFactory, GuestMode, Inspect, VmExit};
 use popek_machine::Machine;
@@ -226,8 +227,8 @@ fn classify(e: &VcpuExit<'_>) -> Exit {
 pub struct Hw {
     // Field order is drop order: the vCPU before the VM before /dev/kvm.
     vcpu: VcpuFd,
-    vm: VmFd,
-    _kvm: Kvm,
+    vm: Arc<VmFd>,
+    kvm: Arc<Kvm>,
     ram: Arc<GuestRam>,
     /// Valid while the vCPU has not run since it was read or written.
     snap: Option<Snapshot>,
@@ -330,7 +331,19 @@ impl Hw {
         // before the Arc).
         unsafe { vm.set_user_memory_region(region) }
             .map_err(setup("KVM_SET_USER_MEMORY_REGION"))?;
-        let vcpu = vm.create_vcpu(0).map_err(setup("KVM_CREATE_VCPU"))?;
+        Self::vcpu_of(Arc::new(kvm), Arc::new(vm), ram, 0)
+    }
+
+    /// vCPU `index` of the KVM VM `vm`.
+    fn vcpu_of(
+        kvm: Arc<Kvm>,
+        vm: Arc<VmFd>,
+        ram: Arc<GuestRam>,
+        index: usize,
+    ) -> Result<Hw, HwError> {
+        let vcpu = vm
+            .create_vcpu(index as u64)
+            .map_err(setup("KVM_CREATE_VCPU"))?;
         let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(setup("KVM_GET_SUPPORTED_CPUID"))?;
@@ -340,6 +353,11 @@ impl Hw {
                 // exits: without KVM's in-kernel APIC neither the x2APIC
                 // MSRs nor IA32_TSC_DEADLINE reach it.
                 e.ecx &= !((1 << 21) | (1 << 24));
+                // Each vCPU's initial APIC ID, as the machine numbers them.
+                e.ebx = (e.ebx & 0x00ff_ffff) | ((index as u32) << 24);
+            }
+            if e.function == 0xb || e.function == 0x1f {
+                e.edx = index as u32;
             }
         }
         vcpu.set_cpuid2(&cpuid).map_err(setup("KVM_SET_CPUID2"))?;
@@ -357,7 +375,7 @@ impl Hw {
         let mut hw = Hw {
             vcpu,
             vm,
-            _kvm: kvm,
+            kvm,
             ram,
             snap: None,
             halted: false,
@@ -466,7 +484,7 @@ impl Hw {
     /// Offers the machine's pending interrupt (8259 INTR) to the vCPU:
     /// injects it when the guest can take it now, else asks KVM for an
     /// interrupt-window exit.
-    fn offer_interrupt(&mut self, machine: &mut Machine) -> Result<(), EngineError> {
+    fn offer_interrupt(&mut self, machine: &mut dyn Bus) -> Result<(), EngineError> {
         if machine.nmi_pending() {
             // KVM queues the NMI and delivers it when the guest's NMI
             // blocking allows.
@@ -512,7 +530,7 @@ impl Hw {
     }
 
     /// Serves a `KVM_EXIT_IO`. Returns the VM exit to report, if any.
-    fn port_io(&mut self, machine: &mut Machine) -> Result<Option<VmExit>, EngineError> {
+    fn port_io(&mut self, machine: &mut dyn Bus) -> Result<Option<VmExit>, EngineError> {
         self.stats.io += 1;
         let run_size = self.vm.run_size();
         let run = self.vcpu.get_kvm_run();
@@ -552,12 +570,13 @@ impl Hw {
                 chunk.copy_from_slice(&v.to_le_bytes()[..usize::from(size)]);
             }
         } else {
+            let mut stop = false;
             for chunk in data.chunks(usize::from(size)) {
                 let mut b = [0u8; 4];
                 b[..chunk.len()].copy_from_slice(chunk);
-                machine.io_out(port, size, u32::from_le_bytes(b));
+                stop |= machine.io_out(port, size, u32::from_le_bytes(b)) == BusAction::Stop;
             }
-            if machine.stop_pending() {
+            if stop {
                 self.complete_io()?;
                 return Ok(Some(VmExit::MachineStop));
             }
@@ -581,7 +600,7 @@ impl Hw {
     }
 
     /// Serves a `KVM_EXIT_MMIO`.
-    fn mmio(&mut self, machine: &mut Machine) -> Result<Option<VmExit>, EngineError> {
+    fn mmio(&mut self, machine: &mut dyn Bus) -> Result<Option<VmExit>, EngineError> {
         self.stats.mmio += 1;
         let run = self.vcpu.get_kvm_run();
         // SAFETY: the exit reason is KVM_EXIT_MMIO, so `mmio` is the live member.
@@ -591,8 +610,8 @@ impl Hw {
         if mmio.is_write != 0 {
             let mut b = [0u8; 8];
             b[..len].copy_from_slice(&mmio.data[..len]);
-            machine.mmio_write(mmio.phys_addr, len as u8, u64::from_le_bytes(b));
-            if machine.stop_pending() {
+            let action = machine.mmio_write(mmio.phys_addr, len as u8, u64::from_le_bytes(b));
+            if action == BusAction::Stop {
                 self.complete_io()?;
                 return Ok(Some(VmExit::MachineStop));
             }
@@ -776,7 +795,6 @@ impl Engine for Hw {
     }
 
     fn run(&mut self, machine: &mut Machine, budget: u64) -> Result<VmExit, EngineError> {
-        self.complete_io()?;
         // The slice: the budget at one instruction per nanosecond, extended
         // up to the machine's next timer event (nothing else needs the VMM
         // while the guest computes), within [MIN_SLICE, MAX_SLICE].
@@ -786,21 +804,28 @@ impl Engine for Hw {
         } else {
             slice = MAX_SLICE;
         }
-        let slice = slice.clamp(MIN_SLICE, MAX_SLICE);
-        let start = Instant::now();
-        let deadline = start + slice;
-        self.timer
-            .ensure_thread()
-            .map_err(|e| internal(format!("timer_create: {e}")))?;
-        let immediate_exit: *mut u8 = &mut self.vcpu.get_kvm_run().immediate_exit;
-        // SAFETY: the kvm_run mapping lives as long as `self.vcpu`, which
-        // outlives this guard (dropped at the end of this function).
-        let _armed = unsafe { timer::Armed::new(immediate_exit) };
-        self.timer.arm(slice);
-        let result = self.run_loop(machine, deadline);
-        self.timer.arm(Duration::ZERO);
-        self.vcpu.set_kvm_immediate_exit(0);
-        result
+        let mut bus = MachineBus::new(machine);
+        self.run_slice(&mut bus, slice)
+    }
+
+    fn share_code(&mut self, _map: Arc<popek_cpu::CodeMap>, _index: usize) -> bool {
+        // KVM keeps the vCPUs' view of memory coherent itself.
+        true
+    }
+
+    fn run_on(&mut self, bus: &mut dyn Bus, budget: u64) -> Option<Result<VmExit, EngineError>> {
+        Some(self.run_slice(bus, Duration::from_nanos(budget)))
+    }
+
+    fn vcpu_engine(&mut self, index: usize) -> Option<Result<Box<dyn Engine + Send>, EngineError>> {
+        let made = Hw::vcpu_of(self.kvm.clone(), self.vm.clone(), self.ram.clone(), index);
+        Some(
+            made.map(|hw| Box::new(hw) as Box<dyn Engine + Send>)
+                .map_err(|e| EngineError::Setup {
+                    engine: "hw",
+                    source: Box::new(e),
+                }),
+        )
     }
 
     fn state(&mut self) -> CpuState {
@@ -961,9 +986,30 @@ impl Inspect for Hw {
 }
 
 impl Hw {
+    /// Runs the vCPU for about `slice` (within [MIN_SLICE, MAX_SLICE]), its
+    /// exits served by `machine`.
+    fn run_slice(&mut self, machine: &mut dyn Bus, slice: Duration) -> Result<VmExit, EngineError> {
+        self.complete_io()?;
+        let slice = slice.clamp(MIN_SLICE, MAX_SLICE);
+        let start = Instant::now();
+        let deadline = start + slice;
+        self.timer
+            .ensure_thread()
+            .map_err(|e| internal(format!("timer_create: {e}")))?;
+        let immediate_exit: *mut u8 = &mut self.vcpu.get_kvm_run().immediate_exit;
+        // SAFETY: the kvm_run mapping lives as long as `self.vcpu`, which
+        // outlives this guard (dropped at the end of this function).
+        let _armed = unsafe { timer::Armed::new(immediate_exit) };
+        self.timer.arm(slice);
+        let result = self.run_loop(machine, deadline);
+        self.timer.arm(Duration::ZERO);
+        self.vcpu.set_kvm_immediate_exit(0);
+        result
+    }
+
     fn run_loop(
         &mut self,
-        machine: &mut Machine,
+        machine: &mut dyn Bus,
         deadline: Instant,
     ) -> Result<VmExit, EngineError> {
         loop {

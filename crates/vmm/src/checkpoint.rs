@@ -533,6 +533,8 @@ impl Vm {
         self.engine = engine;
         self.kind = kind;
         self.switches += 1;
+        // The other vCPUs' engines were the old engine's.
+        self.ap_engines.clear();
         self.refresh_threads();
         Ok(())
     }

@@ -418,6 +418,9 @@ pub struct Vm {
     pending_call: Option<control::Call>,
     /// Ctrl-A s ended a threaded phase: write the snapshot.
     console_snapshot_asked: bool,
+    /// The engines of vCPUs 1.. that outlive a threaded phase (`hw`: KVM
+    /// vCPUs cannot be made twice); software engines are made per phase.
+    ap_engines: Vec<Option<Box<dyn Engine + Send>>>,
 }
 
 /// A vCPU of a VM with several.
@@ -517,15 +520,10 @@ impl Write for WatchedConsole {
 /// guest vCPU.
 fn smp_engine(kind: EngineKind) -> Result<(), EngineError> {
     match kind {
-        EngineKind::Bt | EngineKind::Interp => Ok(()),
+        EngineKind::Bt | EngineKind::Interp | EngineKind::Hw => Ok(()),
         EngineKind::Trap => Err(EngineError::Unsupported {
             engine: "trap",
             reason: "more than one vCPU: the monitor shadows one CPU's descriptor and page tables"
-                .into(),
-        }),
-        EngineKind::Hw => Err(EngineError::Unsupported {
-            engine: "hw",
-            reason: "more than one vCPU is not implemented on hw yet (use --engine bt or interp)"
                 .into(),
         }),
     }
@@ -874,6 +872,7 @@ impl Vm {
             threads: false,
             pending_call: None,
             console_snapshot_asked: false,
+            ap_engines: Vec::new(),
         }
     }
 

@@ -24,6 +24,7 @@ use popek_engine::bus::SharedMachine;
 use popek_engine::{Engine, EngineError, VmExit};
 use popek_machine::{LINE_INTR, LINE_NMI, LINE_STARTUP};
 
+use crate::checkpoint::FALLBACK_SLICE;
 use crate::{
     ap_reset_state, report, sipi_state, ConsoleEvent, EngineKind, Outcome, VcpuSlot, Vm,
     LIMIT_REACHED, PANIC_GRACE, SLICE,
@@ -54,6 +55,8 @@ struct Phase<'a> {
     outcome: Mutex<Option<Outcome>>,
     /// vCPUs neither halted nor waiting for a start-up IPI (a bit each).
     active: AtomicU32,
+    /// The engine that runs a vCPU for a while where its own cannot.
+    fallback: Option<EngineKind>,
 }
 
 impl Phase<'_> {
@@ -157,6 +160,20 @@ impl Vcpu {
         let mut bus = phase.shared.bus(self.index);
         let exit = match engine.run_on(&mut bus, SLICE) {
             Some(Ok(x)) => x,
+            Some(Err(EngineError::CannotContinue {
+                engine: name,
+                reason,
+            })) if phase.fallback.is_some() => {
+                match Self::fall_back(phase, self.index, engine, &reason) {
+                    Ok(x) => x,
+                    Err(why) => {
+                        return Some(Outcome::Died(report::died(
+                            engine,
+                            &format!("engine {name} failed: {reason}; {why}"),
+                        )))
+                    }
+                }
+            }
             Some(Err(e)) => return Some(Outcome::Died(report::died(engine, &e.to_string()))),
             None => {
                 return Some(Outcome::Died(format!(
@@ -187,6 +204,34 @@ impl Vcpu {
     }
 }
 
+impl Vcpu {
+    /// The engine cannot execute the next instruction (a software KVM's
+    /// emulator lacks it): the fallback engine, made on this thread, runs
+    /// [`FALLBACK_SLICE`] instructions of the vCPU, then the state goes
+    /// back. Its exit is the slice's.
+    fn fall_back(
+        phase: &Phase<'_>,
+        index: usize,
+        engine: &mut dyn Engine,
+        reason: &str,
+    ) -> Result<VmExit, String> {
+        let kind = phase.fallback.ok_or("no fallback engine")?;
+        tracing::debug!("vCPU {index}: {} for a while ({reason})", kind.name());
+        let mut fb = phase
+            .shared
+            .with(|m| kind.factory().create(m))
+            .map_err(|e| e.to_string())?;
+        fb.set_state(engine.state()).map_err(|e| e.to_string())?;
+        let mut bus = phase.shared.bus(index);
+        let exit = match fb.run_on(&mut bus, FALLBACK_SLICE) {
+            Some(r) => r.map_err(|e| e.to_string())?,
+            None => return Err(format!("{} runs no vCPU on its own thread", kind.name())),
+        };
+        engine.set_state(fb.state()).map_err(|e| e.to_string())?;
+        Ok(exit)
+    }
+}
+
 /// An application processor's thread: its engine, created here, runs the
 /// vCPU until the phase ends; returns its state.
 fn ap_thread(
@@ -194,9 +239,8 @@ fn ap_thread(
     kind: EngineKind,
     map: Arc<CodeMap>,
     index: usize,
-    slot: VcpuSlot,
-    state: CpuState,
-) -> VcpuSlot {
+    (slot, state, kept): (VcpuSlot, CpuState, Option<KeptEngine>),
+) -> (VcpuSlot, Option<KeptEngine>) {
     phase.shared.register(index);
     let mut me = Vcpu {
         index,
@@ -208,21 +252,28 @@ fn ap_thread(
         wait_for_sipi: me.wait_for_sipi,
         halted: me.halted,
     };
-    let made = phase.shared.with(|m| kind.factory().create(m));
-    let mut engine = match made.and_then(|mut e| e.set_state(state.clone()).map(|()| e)) {
-        Ok(e) => e,
+    let made: Result<Held, EngineError> = match kept {
+        Some(e) => Ok(Held::Kept(e)),
+        None => phase
+            .shared
+            .with(|m| kind.factory().create(m))
+            .map(Held::Made),
+    };
+    let mut held = match made.and_then(|mut h| h.engine().set_state(state.clone()).map(|()| h)) {
+        Ok(h) => h,
         Err(e) => {
             phase.finish(Outcome::Died(format!(
                 "cannot run vCPU {index} on its own thread: {e}"
             )));
-            return back(&me, state);
+            return (back(&me, state), None);
         }
     };
+    let engine = held.engine();
     engine.share_code(map, index);
     let mut hypercalls = popek_engine::hypercall::HypercallStats::default();
     while !phase.ended() {
-        if let Err(e) = me.startup(phase, engine.as_mut()) {
-            phase.finish(Outcome::Died(report::died(engine.as_mut(), &e.to_string())));
+        if let Err(e) = me.startup(phase, engine) {
+            phase.finish(Outcome::Died(report::died(engine, &e.to_string())));
             break;
         }
         let run = me.runnable(phase);
@@ -231,14 +282,36 @@ fn ap_thread(
             std::thread::park_timeout(Vcpu::idle_time(phase));
             continue;
         }
-        if let Some(o) = me.slice(phase, engine.as_mut(), &mut hypercalls) {
+        if let Some(o) = me.slice(phase, engine, &mut hypercalls) {
             phase.finish(o);
             break;
         }
     }
     phase.set_active(index, false);
     let state = engine.state();
-    back(&me, state)
+    let kept = match held {
+        Held::Kept(e) => Some(e),
+        Held::Made(_) => None,
+    };
+    (back(&me, state), kept)
+}
+
+/// An engine that outlives a phase (see [`Engine::vcpu_engine`]).
+type KeptEngine = Box<dyn Engine + Send>;
+
+/// An AP's engine: kept by the VM across phases, or made for this one.
+enum Held {
+    Kept(KeptEngine),
+    Made(Box<dyn Engine>),
+}
+
+impl Held {
+    fn engine(&mut self) -> &mut dyn Engine {
+        match self {
+            Held::Kept(e) => e.as_mut(),
+            Held::Made(e) => e.as_mut(),
+        }
+    }
 }
 
 impl Vm {
@@ -264,14 +337,20 @@ impl Vm {
         clock: popek_machine::ClockMode,
     ) -> Result<bool, String> {
         let software = matches!(kind, EngineKind::Bt | EngineKind::Interp);
+        let hw = kind == EngineKind::Hw;
         let host_clock = clock == popek_machine::ClockMode::Host;
         match threads {
+            Threads::Single if hw && cpus > 1 => Err(
+                "--threads single: hw runs each vCPU on a thread of its own (a KVM vCPU each)"
+                    .into(),
+            ),
             Threads::Single => Ok(false),
-            Threads::Auto => Ok(cpus > 1 && software && host_clock),
-            Threads::Multi if !software => Err(format!(
-                "--threads multi: engine {} does not run vCPUs on threads of their own (bt and interp do)",
+            Threads::Auto => Ok(cpus > 1 && (hw || (software && host_clock))),
+            Threads::Multi if !software && !hw => Err(format!(
+                "--threads multi: engine {} does not run vCPUs on threads of their own (bt, interp and hw do)",
                 kind.name()
             )),
+            Threads::Multi if hw => Ok(cpus > 1),
             Threads::Multi if !host_clock => Err(
                 "--threads multi needs the host clock: under --clock virtual the vCPUs take turns on one thread, so that runs repeat".into(),
             ),
@@ -292,12 +371,29 @@ impl Vm {
             }
         }
         let n = self.vcpus.len();
+        // Engines that make their APs' engines themselves (hw), once.
+        self.ap_engines.resize_with(n - 1, || None);
+        for i in 1..n {
+            if self.ap_engines[i - 1].is_none() {
+                match self.engine.vcpu_engine(i) {
+                    Some(Ok(e)) => self.ap_engines[i - 1] = Some(e),
+                    Some(Err(e)) => {
+                        return Some(Outcome::Died(format!(
+                            "cannot make vCPU {i}: {}",
+                            popek_engine::error_chain(&e)
+                        )))
+                    }
+                    None => {}
+                }
+            }
+        }
         let map = Arc::new(CodeMap::new(self.machine.ram().size(), n));
         if !self.engine.share_code(map.clone(), 0) {
             self.threads = false;
             return None;
         }
         let kind = self.kind;
+        let fallback = self.fallback;
         let Vm {
             machine,
             engine,
@@ -308,6 +404,7 @@ impl Vm {
             vcpus,
             pending_call,
             console_snapshot_asked,
+            ap_engines,
             ..
         } = self;
         let phase = Phase {
@@ -315,13 +412,15 @@ impl Vm {
             stop: AtomicBool::new(false),
             outcome: Mutex::new(None),
             active: AtomicU32::new(0),
+            fallback,
         };
         let phase = &phase;
-        let slots: Vec<(VcpuSlot, CpuState)> = vcpus[1..]
+        let slots: Vec<(VcpuSlot, CpuState, Option<KeptEngine>)> = vcpus[1..]
             .iter_mut()
-            .map(|s| {
+            .zip(ap_engines.iter_mut())
+            .map(|(s, e)| {
                 let st = s.state.take().expect("an AP's state is in its slot");
-                (s.clone(), st)
+                (s.clone(), st, e.take())
             })
             .collect();
         let mut panicked_at: Option<u64> = None;
@@ -329,11 +428,11 @@ impl Vm {
             let handles: Vec<_> = slots
                 .into_iter()
                 .enumerate()
-                .map(|(k, (slot, st))| {
+                .map(|(k, ap)| {
                     let map = map.clone();
                     std::thread::Builder::new()
                         .name(format!("vcpu{}", k + 1))
-                        .spawn_scoped(s, move || ap_thread(phase, kind, map, k + 1, slot, st))
+                        .spawn_scoped(s, move || ap_thread(phase, kind, map, k + 1, ap))
                         .expect("a vCPU thread")
                 })
                 .collect();
@@ -428,8 +527,9 @@ impl Vm {
                 .map(|h| h.join().expect("a vCPU thread ends"))
                 .collect::<Vec<_>>()
         });
-        for (k, slot) in back.into_iter().enumerate() {
+        for (k, (slot, kept)) in back.into_iter().enumerate() {
             vcpus[k + 1] = slot;
+            ap_engines[k] = kept;
         }
         let outcome = phase
             .outcome
