@@ -3,7 +3,11 @@
 # busybox-static:i386 with apt-get download, and builds a busybox initramfs.
 # Results are cached; nothing is committed.
 #
-#   scripts/debian-guest.sh [--init FILE] [--out DIR]
+#   scripts/debian-guest.sh [--init FILE] [--out DIR] [--lspci]
+#
+# --lspci also puts Debian's pciutils:i386 lspci (busybox has none) in the
+# initramfs, with the libraries it loads and the PCI ID list (needs
+# readelf, from binutils).
 #
 # Prints two lines: the kernel path and the initrd path. Then:
 #   popek run --kernel "$KERNEL" --initrd "$INITRD" --cmdline "console=ttyS0"
@@ -16,11 +20,13 @@ cd "$(dirname "$0")/.."
 root_dir=$(pwd)
 out="${POPEK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/popek}/debian-i386"
 init=""
+lspci=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --init) init="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
-    *) echo "usage: $0 [--init FILE] [--out DIR]" >&2; exit 2 ;;
+    --lspci) lspci=1; shift ;;
+    *) echo "usage: $0 [--init FILE] [--out DIR] [--lspci]" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$out"
@@ -55,15 +61,53 @@ fetch() {
 if [ ! -f package ] || [ ! -x root/bin/busybox ] || ! ls root/boot/vmlinuz-* >/dev/null 2>&1; then
   fetch
 fi
+# pciutils' lspci, the libraries it loads (found through each ELF's
+# NEEDED entries) and the PCI ID list.
+extra=()
+if [ -n "$lspci" ]; then
+  if [ ! -x tools/usr/bin/lspci ] || [ ! -f tools/usr/share/misc/pci.ids ]; then
+    rm -rf tools tools.tmp && mkdir tools.tmp
+    if ! (cd tools.tmp && apt-get download pciutils:i386 libpci3:i386 libkmod2:i386 libudev1:i386 \
+          zlib1g:i386 liblzma5:i386 libssl3:i386 libzstd1:i386 libc6:i386 pci.ids >&2); then
+      echo "debian-guest: apt-get download of pciutils failed: Debian's archive cannot be reached" >&2
+      exit 1
+    fi
+    mkdir tools
+    for d in tools.tmp/*.deb; do dpkg-deb -x "$d" tools; done
+    rm -rf tools.tmp
+  fi
+  extra=(--add "tools/usr/bin/lspci=/usr/bin/lspci"
+         --add "tools/usr/share/misc/pci.ids=/usr/share/misc/pci.ids"
+         --add "tools/lib/i386-linux-gnu/ld-linux.so.2=/lib/ld-linux.so.2")
+  queue=(tools/usr/bin/lspci)
+  seen=" "
+  while [ ${#queue[@]} -gt 0 ]; do
+    elf=${queue[0]}; queue=("${queue[@]:1}")
+    for lib in $(readelf -d "$elf" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p'); do
+      case "$seen" in *" $lib "*) continue ;; esac
+      seen="$seen$lib "
+      path=""
+      for dir in tools/lib/i386-linux-gnu tools/usr/lib/i386-linux-gnu; do
+        if [ -z "$path" ] && [ -e "$dir/$lib" ]; then path="$dir/$lib"; fi
+      done
+      [ -n "$path" ] || { echo "debian-guest: lspci needs $lib, which no fetched package has" >&2; exit 1; }
+      extra+=(--add "$path=/lib/i386-linux-gnu/$lib")
+      queue+=("$path")
+    done
+  done
+fi
 kernel=$(ls root/boot/vmlinuz-* | head -1)
-initrd="$out/initrd.gz"
+# The name says what is inside: the /init's hash, and the extra files'.
+tag=""
+[ -n "$lspci" ] && tag="-lspci-$(echo "${extra[*]}" | sha256sum | cut -c1-8)"
+initrd="$out/initrd$tag.gz"
 if [ -n "$init" ]; then
-  initrd="$out/initrd-$(sha256sum "$init" | cut -c1-12).gz"
+  initrd="$out/initrd-$(sha256sum "$init" | cut -c1-12)$tag.gz"
 fi
 if [ ! -f "$initrd" ]; then
   popek="${POPEK_BIN:-$root_dir/target/release/popek}"
   [ -x "$popek" ] || (cd "$root_dir" && cargo build --release -q >&2)
-  "$popek" initramfs --busybox root/bin/busybox ${init:+--init "$init"} -o "$initrd.tmp" >&2
+  "$popek" initramfs --busybox root/bin/busybox ${init:+--init "$init"} "${extra[@]}" -o "$initrd.tmp" >&2
   mv "$initrd.tmp" "$initrd"
 fi
 echo "$out/$kernel"

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
-command -v ld >/dev/null 2>&1 || need+=(binutils)
+command -v ld >/dev/null 2>&1 && command -v readelf >/dev/null 2>&1 || need+=(binutils)
 command -v make >/dev/null 2>&1 || need+=(make)
 # The API tests speak HTTP on a Unix socket with a real client.
 command -v curl >/dev/null 2>&1 || need+=(curl)

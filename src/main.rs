@@ -349,6 +349,13 @@ struct InitramfsArgs {
     /// Where to write the image.
     #[arg(long, short = 'o', value_name = "FILE")]
     output: PathBuf,
+    /// Also put host file SRC at /DEST (a file a symlink names is copied);
+    /// repeatable, e.g. a dynamically linked tool and its libraries.
+    #[arg(long, value_name = "SRC=DEST")]
+    add: Vec<String>,
+    /// Also make /LINK a symlink to TARGET; repeatable.
+    #[arg(long, value_name = "LINK=TARGET")]
+    symlink: Vec<String>,
 }
 
 fn initramfs(a: InitramfsArgs) -> u8 {
@@ -392,7 +399,40 @@ fn initramfs(a: InitramfsArgs) -> u8 {
             a.busybox.display()
         );
     }
-    let img = popek_initramfs::busybox_image(&busybox, &applets, &init);
+    let mut img = popek_initramfs::busybox_image(&busybox, &applets, &init);
+    for (arg, is_link) in a
+        .add
+        .iter()
+        .map(|x| (x, false))
+        .chain(a.symlink.iter().map(|x| (x, true)))
+    {
+        let Some((left, right)) = arg.split_once('=') else {
+            eprintln!(
+                "popek: {arg}: expected {}",
+                if is_link { "LINK=TARGET" } else { "SRC=DEST" }
+            );
+            return 2;
+        };
+        let added = if is_link {
+            img.symlink(left, right)
+        } else {
+            match popek_vmm::read_input(std::path::Path::new(left), max) {
+                Ok(data) => {
+                    use std::os::unix::fs::PermissionsExt;
+                    let mode = std::fs::metadata(left).map_or(0o644, |m| m.permissions().mode());
+                    img.file(right, mode & 0o7777, data)
+                }
+                Err(e) => {
+                    eprintln!("popek: {}", e.chain());
+                    return 2;
+                }
+            }
+        };
+        if let Err(why) = added {
+            eprintln!("popek: {arg}: {why}");
+            return 2;
+        }
+    }
     match img.to_gzip().and_then(|gz| std::fs::write(&a.output, gz)) {
         Ok(()) => {
             eprintln!(

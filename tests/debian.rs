@@ -25,6 +25,12 @@ fn guest_with(init: &str) -> (PathBuf, PathBuf) {
         .arg(root.join("scripts/debian-guest.sh"))
         .arg("--init")
         .arg(root.join("tests/debian").join(init))
+        // The checks' initramfs also carries pciutils' lspci.
+        .args(if init == "init-check.sh" {
+            &["--lspci"][..]
+        } else {
+            &[]
+        })
         .env("POPEK_BIN", env!("CARGO_BIN_EXE_popek"))
         .stderr(Stdio::inherit())
         .output()
@@ -175,6 +181,10 @@ fn boot_with(engine: &str, vendor: &str, cpus: u32, extra: &[&str]) {
         "the host bridge is on the PCI bus:\n{tail}"
     );
     assert!(out.contains("pci fatal: 0"), "{tail}");
+    assert!(
+        out.contains("lspci: 00:00.0 Host bridge: Intel Corporation 440FX - 82441FX PMC"),
+        "lspci lists the host bridge:\n{tail}"
+    );
     assert!(
         out.contains("mmconfig: 1"),
         "Linux uses the ECAM window:\n{tail}"

@@ -14,6 +14,8 @@ echo "sha: $(echo popek | sha256sum | cut -c1-16)"
 echo "awk: $(awk 'BEGIN { printf "%.3f", 1/3 }')"
 echo "pci: $(ls /sys/bus/pci/devices | tr '\n' ' ')$(cat /sys/bus/pci/devices/0000:00:00.0/vendor /sys/bus/pci/devices/0000:00:00.0/device 2>/dev/null | tr '\n' ' ')"
 echo "pci fatal: $(dmesg | grep -c 'No config space access')"
+# pciutils' lspci (busybox has none) lists the host bridge.
+echo "lspci: $(lspci | grep '^00:00.0')"
 # ECAM: extended configuration space through the MCFG table.
 echo "mmconfig: $(dmesg | grep -c 'Using MMCONFIG for extended config space')"
 echo "pci config bytes: $(wc -c < /sys/bus/pci/devices/0000:00:00.0/config)"

@@ -129,6 +129,41 @@ impl Initramfs {
         self
     }
 
+    /// Adds a regular file at `path` (absolute or not; no `..`), with its
+    /// missing parent directories.
+    pub fn file(&mut self, path: &str, mode: u32, data: Vec<u8>) -> Result<&mut Self, String> {
+        let p = Self::entry_path(path)?;
+        if let Some((dir, _)) = p.rsplit_once('/') {
+            self.dir(dir);
+        }
+        Ok(self.push(Entry::File {
+            path: p,
+            mode,
+            data,
+        }))
+    }
+
+    /// Adds a symbolic link at `path` to `target`, with its missing parent
+    /// directories.
+    pub fn symlink(&mut self, path: &str, target: &str) -> Result<&mut Self, String> {
+        let p = Self::entry_path(path)?;
+        if let Some((dir, _)) = p.rsplit_once('/') {
+            self.dir(dir);
+        }
+        Ok(self.push(Entry::Symlink {
+            path: p,
+            target: target.to_string(),
+        }))
+    }
+
+    fn entry_path(path: &str) -> Result<String, String> {
+        let p = path.trim_start_matches('/');
+        if p.is_empty() || p.split('/').any(|c| c == ".." || c.is_empty()) {
+            return Err(format!("{path}: not a path inside the image"));
+        }
+        Ok(p.to_string())
+    }
+
     /// The uncompressed newc archive.
     pub fn to_cpio(&self) -> Vec<u8> {
         let mut out = Vec::new();
@@ -274,6 +309,33 @@ mod tests {
         assert!(has(b"init\0"));
         let gz = img.to_gzip().unwrap();
         assert_eq!(&gz[..2], &[0x1f, 0x8b]);
+    }
+
+    #[test]
+    fn added_files_and_links_get_their_directories_and_stay_inside() {
+        let mut img = Initramfs::new();
+        img.file("/lib/i386-linux-gnu/libc.so.6", 0o755, b"x".to_vec())
+            .unwrap();
+        img.symlink("/usr/bin/lspci", "/bin/toybox").unwrap();
+        let has = |p: &str| {
+            img.entries.iter().any(|e| match e {
+                Entry::Dir { path, .. }
+                | Entry::File { path, .. }
+                | Entry::Symlink { path, .. } => path == p,
+                _ => false,
+            })
+        };
+        for p in [
+            "lib",
+            "lib/i386-linux-gnu",
+            "lib/i386-linux-gnu/libc.so.6",
+            "usr/bin/lspci",
+        ] {
+            assert!(has(p), "{p}");
+        }
+        for bad in ["../etc/passwd", "/a/../../b", "/", "a//b"] {
+            assert!(img.file(bad, 0o644, Vec::new()).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -608,6 +608,8 @@ impl Engine for Trap {
 mod tests {
     use super::*;
     use iced_x86::code_asm::*;
+    // The CPU's control-register constants, not the assembler's CR names.
+    use popek_cpu::state::cr;
     use popek_machine::{ClockMode, MachineConfig};
 
     const PD: u64 = 0x10000;
