@@ -205,6 +205,65 @@ fn a_running_vm_is_paused_snapshotted_and_restored_on_another_engine() {
     std::fs::remove_dir_all(d).unwrap();
 }
 
+/// With two vCPUs, each on its own host thread: a pause stops both (the
+/// threads hand their states back), the snapshot holds both, and the VM
+/// goes on after a resume and after a restore.
+#[test]
+fn a_vm_with_a_thread_per_vcpu_is_paused_snapshotted_and_resumed() {
+    let d = dir("threads");
+    let sock = d.join("api.sock");
+    let mut vm = Popek::start(&[
+        "run",
+        "--engine",
+        "bt",
+        "--cpus",
+        "2",
+        "--threads",
+        "multi",
+        "-m",
+        "64M",
+        "--cmdline",
+        "wait",
+        "--api-sock",
+        s(&sock),
+    ]);
+    wait_socket(&sock);
+    vm.wait_for("waiting for input");
+    let (st, body) = curl(&sock, "GET", "/machine-config", None);
+    assert_eq!(st, 200);
+    let mc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(mc["vcpu_count"].as_u64(), Some(2), "{body}");
+    let (st, _) = curl(&sock, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
+    assert_eq!(st, 204);
+    vm.type_line("while-paused");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!vm.out().contains("while-paused"), "a paused VM runs nothing");
+    let snap = d.join("vm.snap");
+    let (st, body) = curl(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(&format!(
+            r#"{{"snapshot_type":"Full","snapshot_path":"{}","mem_file_path":"{}"}}"#,
+            s(&snap),
+            s(&d.join("vm.mem"))
+        )),
+    );
+    assert_eq!(st, 200, "{body}");
+    let (st, _) = curl(&sock, "PATCH", "/vm", Some(r#"{"state":"Resumed"}"#));
+    assert_eq!(st, 204);
+    vm.wait_for("minios: line: while-paused");
+    vm.type_line("off");
+    let (st, _, err) = vm.finish();
+    assert_eq!(st, 0, "{err}");
+    let mut r = Popek::start(&["restore", s(&snap), "--engine", "interp"]);
+    r.wait_for("minios: line: while-paused");
+    r.type_line("off");
+    let (st, _, err) = r.finish();
+    assert_eq!(st, 0, "{err}");
+    std::fs::remove_dir_all(d).unwrap();
+}
+
 #[test]
 fn no_boot_waits_for_the_api_to_configure_and_start_the_vm() {
     let d = dir("noboot");
