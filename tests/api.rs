@@ -237,7 +237,10 @@ fn a_vm_with_a_thread_per_vcpu_is_paused_snapshotted_and_resumed() {
     assert_eq!(st, 204);
     vm.type_line("while-paused");
     std::thread::sleep(Duration::from_millis(300));
-    assert!(!vm.out().contains("while-paused"), "a paused VM runs nothing");
+    assert!(
+        !vm.out().contains("while-paused"),
+        "a paused VM runs nothing"
+    );
     let snap = d.join("vm.snap");
     let (st, body) = curl(
         &sock,

@@ -145,6 +145,8 @@ pub struct SharedMachine<'m> {
     pub lines: Box<[AtomicU8]>,
     /// Each vCPU's host thread, to wake it when its lines rise.
     threads: Box<[OnceLock<Thread>]>,
+    /// Each vCPU engine's way back from the guest, where it blocks there.
+    kickers: Box<[Mutex<Option<crate::Kicker>>]>,
     /// Machine time's host origin ([`Machine::host_clock_origin`]): RDTSC
     /// needs no lock.
     origin: Option<(Instant, u64)>,
@@ -160,6 +162,7 @@ impl<'m> SharedMachine<'m> {
             machine: Mutex::new(machine),
             lines: (0..n).map(|_| AtomicU8::new(0)).collect(),
             threads: (0..n).map(|_| OnceLock::new()).collect(),
+            kickers: (0..n).map(|_| Mutex::new(None)).collect(),
         };
         s.with(|_| ());
         s
@@ -184,12 +187,22 @@ impl<'m> SharedMachine<'m> {
         r
     }
 
-    /// Unparks the threads of the vCPUs in `mask`.
+    /// vCPU `cpu`'s engine blocks in the guest and `kicker` brings it
+    /// back (`None`: no longer; set it so before its thread ends).
+    pub fn set_kicker(&self, cpu: usize, kicker: Option<crate::Kicker>) {
+        *self.kickers[cpu].lock().unwrap_or_else(|e| e.into_inner()) = kicker;
+    }
+
+    /// Wakes the vCPUs in `mask`: unparks their threads and kicks their
+    /// engines out of the guest.
     pub fn wake(&self, mask: u32) {
         for (i, t) in self.threads.iter().enumerate() {
             if mask & (1 << i) != 0 {
                 if let Some(t) = t.get() {
                     t.unpark();
+                }
+                if let Some(k) = &*self.kickers[i].lock().unwrap_or_else(|e| e.into_inner()) {
+                    k();
                 }
             }
         }

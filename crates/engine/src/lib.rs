@@ -29,6 +29,10 @@ pub use factory::{EngineFactory, GuestMode};
 use popek_cpu::CpuState;
 use popek_machine::Machine;
 
+/// Makes a vCPU's engine return from the guest soon (see
+/// [`Engine::kicker`]).
+pub type Kicker = Box<dyn Fn() + Send + Sync>;
+
 /// Why an engine returned to the VMM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmExit {
@@ -210,6 +214,13 @@ pub trait Engine {
         _bus: &mut dyn popek_cpu::Bus,
         _budget: u64,
     ) -> Option<Result<VmExit, EngineError>> {
+        None
+    }
+
+    /// For an engine that blocks while the guest runs (`hw` in `KVM_RUN`):
+    /// what makes it return now to take an interrupt another thread raised.
+    /// Made on the vCPU's thread; `None` for engines that poll their lines.
+    fn kicker(&self) -> Option<Kicker> {
         None
     }
 

@@ -813,6 +813,12 @@ impl Engine for Hw {
         true
     }
 
+    fn kicker(&self) -> Option<popek_engine::Kicker> {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        Some(Box::new(move || timer::kick(me)))
+    }
+
     fn run_on(&mut self, bus: &mut dyn Bus, budget: u64) -> Option<Result<VmExit, EngineError>> {
         Some(self.run_slice(bus, Duration::from_nanos(budget)))
     }

@@ -39,6 +39,17 @@ extern "C" fn on_slice_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut l
     }
 }
 
+/// Ends `thread`'s `KVM_RUN` now (or its next one, if it is about to
+/// enter it): a vCPU on another thread whose interrupt line rose.
+///
+/// The caller keeps `thread` alive (not yet joined) while it may call
+/// this; the handler is installed (an engine made a [`SliceTimer`]).
+pub fn kick(thread: libc::pthread_t) {
+    // SAFETY: `thread` is a live thread of this process (the caller's
+    // contract) and the signal has a handler that only sets a flag.
+    unsafe { libc::pthread_kill(thread, slice_signal()) };
+}
+
 fn install_handler() -> std::io::Result<()> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());

@@ -270,6 +270,7 @@ fn ap_thread(
     };
     let engine = held.engine();
     engine.share_code(map, index);
+    phase.shared.set_kicker(index, engine.kicker());
     let mut hypercalls = popek_engine::hypercall::HypercallStats::default();
     while !phase.ended() {
         if let Err(e) = me.startup(phase, engine) {
@@ -288,6 +289,7 @@ fn ap_thread(
         }
     }
     phase.set_active(index, false);
+    phase.shared.set_kicker(index, None);
     let state = engine.state();
     let kept = match held {
         Held::Kept(e) => Some(e),
@@ -437,6 +439,7 @@ impl Vm {
                 })
                 .collect();
             phase.shared.register(0);
+            phase.shared.set_kicker(0, engine.kicker());
             let mut bsp = Vcpu {
                 index: 0,
                 wait_for_sipi: false,
@@ -521,6 +524,7 @@ impl Vm {
                 }
             }
             vcpus[0].halted = bsp.halted;
+            phase.shared.set_kicker(0, None);
             phase.end();
             handles
                 .into_iter()
