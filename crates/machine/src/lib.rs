@@ -38,6 +38,7 @@ pub mod ioapic;
 pub mod lapic;
 pub mod memmap;
 pub mod pci;
+pub mod pci_function;
 pub mod persist;
 pub mod pic;
 pub mod pit;

@@ -24,6 +24,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::pci_function::ConfigSpace;
 use crate::StopReason;
 
 /// The configuration address register (dword) and, at +1, the reset
@@ -40,39 +41,22 @@ const CONFIG_SIZE: usize = 256;
 /// The host bridge's identity.
 const VENDOR_INTEL: u16 = 0x8086;
 const DEVICE_82441FX: u16 = 0x1237;
-const CLASS_HOST_BRIDGE: [u8; 3] = [0x00, 0x00, 0x06]; // prog-if, subclass, class
+const CLASS_HOST_BRIDGE: [u8; 3] = [0x06, 0x00, 0x00]; // class, subclass, prog-if
 
 /// Reset control register: bit 2 resets the CPU (bit 1 chooses a hard
 /// reset; popek stops at any reset).
 const RCR_RESET_CPU: u8 = 0x04;
 
-/// The host bridge's configuration space.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct HostBridge {
-    space: Vec<u8>,
-}
-
-impl HostBridge {
-    fn new() -> Self {
-        let mut space = vec![0u8; CONFIG_SIZE];
-        space[0..2].copy_from_slice(&VENDOR_INTEL.to_le_bytes());
-        space[2..4].copy_from_slice(&DEVICE_82441FX.to_le_bytes());
-        space[0x08] = 0x02; // revision
-        space[0x09..0x0c].copy_from_slice(&CLASS_HOST_BRIDGE);
-        space[0x0e] = 0x00; // header type 0, single function
-        HostBridge { space }
-    }
-
-    /// Which bits of each byte a guest may write.
-    fn write_mask(offset: usize) -> u8 {
-        match offset {
-            0x04 => 0x46, // memory space, bus master, parity error response
-            0x05 => 0x01, // SERR# enable
-            0x0d => 0xff, // latency timer
-            0x40..=0xff => 0xff,
-            _ => 0,
-        }
-    }
+/// The host bridge's configuration space: no BARs; its command register
+/// takes memory space, bus master, parity error response and SERR#, its
+/// device-specific registers (40h–FFh) hold what is written.
+fn host_bridge() -> ConfigSpace {
+    let mut c = ConfigSpace::new(VENDOR_INTEL, DEVICE_82441FX, CLASS_HOST_BRIDGE, 0x02);
+    c.set_command_mask(0x0146);
+    // No interrupt line; PAM, SMRAM and the rest of 40h–FFh hold values.
+    c.set_write_mask(0x3c..=0x3c, 0);
+    c.set_write_mask(0x40..=0xff, 0xff);
+    c
 }
 
 /// The PCI configuration mechanism and the functions behind it.
@@ -80,7 +64,7 @@ impl HostBridge {
 pub struct Pci {
     address: u32,
     reset_control: u8,
-    bridge: HostBridge,
+    bridge: ConfigSpace,
 }
 
 impl Default for Pci {
@@ -95,14 +79,14 @@ impl Pci {
         Pci {
             address: 0,
             reset_control: 0,
-            bridge: HostBridge::new(),
+            bridge: host_bridge(),
         }
     }
 
     /// The configuration space of the function the address register
     /// selects, and the dword offset; `None` when it is disabled or no
     /// function is there.
-    fn selected(&mut self) -> Option<(&mut HostBridge, usize)> {
+    fn selected(&mut self) -> Option<(&mut ConfigSpace, usize)> {
         if self.address & ENABLE == 0 {
             return None;
         }
@@ -115,7 +99,7 @@ impl Pci {
 
     /// The function at ECAM offset `offset` and the register offset in its
     /// 4 KiB; `None` when no function is there.
-    fn ecam(&mut self, offset: u64) -> Option<(&mut HostBridge, usize)> {
+    fn ecam(&mut self, offset: u64) -> Option<(&mut ConfigSpace, usize)> {
         let bus = (offset >> 20) & 0xff;
         let dev = (offset >> 15) & 0x1f;
         let func = (offset >> 12) & 0x7;
@@ -126,11 +110,9 @@ impl Pci {
     /// A read of the ECAM window at `offset` (from its start).
     pub fn ecam_read(&mut self, offset: u64, data: &mut [u8]) {
         match self.ecam(offset) {
-            Some((f, reg)) => {
-                for (i, d) in data.iter_mut().enumerate() {
-                    *d = f.space.get(reg + i).copied().unwrap_or(0);
-                }
-            }
+            // Extended space (0x100–0xFFF) of a conventional function: 0.
+            Some((_, reg)) if reg >= CONFIG_SIZE => data.fill(0),
+            Some((f, reg)) => f.read(reg, data),
             None => data.fill(0xff),
         }
     }
@@ -138,13 +120,7 @@ impl Pci {
     /// A write to the ECAM window at `offset`.
     pub fn ecam_write(&mut self, offset: u64, data: &[u8]) {
         if let Some((f, reg)) = self.ecam(offset) {
-            for (i, &d) in data.iter().enumerate() {
-                let at = reg + i;
-                if at < CONFIG_SIZE {
-                    let mask = HostBridge::write_mask(at);
-                    f.space[at] = (f.space[at] & !mask) | (d & mask);
-                }
-            }
+            f.write(reg, data);
         }
     }
 
@@ -176,11 +152,7 @@ impl Pci {
     /// Reads from the data window (`offset` 0–3 from 0xCFC).
     pub fn read_data(&mut self, offset: u16, data: &mut [u8]) {
         match self.selected() {
-            Some((f, reg)) => {
-                for (i, d) in data.iter_mut().enumerate() {
-                    *d = f.space[(reg + usize::from(offset) + i) & (CONFIG_SIZE - 1)];
-                }
-            }
+            Some((f, reg)) => f.read(reg + usize::from(offset), data),
             None => data.fill(0xff),
         }
     }
@@ -188,25 +160,23 @@ impl Pci {
     /// Writes to the data window.
     pub fn write_data(&mut self, offset: u16, data: &[u8]) {
         if let Some((f, reg)) = self.selected() {
-            for (i, &d) in data.iter().enumerate() {
-                let at = (reg + usize::from(offset) + i) & (CONFIG_SIZE - 1);
-                let mask = HostBridge::write_mask(at);
-                f.space[at] = (f.space[at] & !mask) | (d & mask);
-            }
+            f.write(reg + usize::from(offset), data);
         }
     }
 
-    /// Checks a saved state's invariants (see [`crate::persist`]).
-    pub(crate) fn check(&self) -> Result<(), String> {
-        let fresh = HostBridge::new();
-        let space = &self.bridge.space;
-        if space.len() != CONFIG_SIZE {
-            return Err("configuration space is not 256 bytes".into());
-        }
-        // The read-only part is the bridge's identity: it cannot change.
-        if (0..CONFIG_SIZE).any(|i| HostBridge::write_mask(i) == 0 && space[i] != fresh.space[i]) {
-            return Err("the host bridge's read-only registers differ".into());
-        }
+    /// Takes a saved state (see [`crate::persist`]): the registers, and
+    /// the host bridge's bytes, whose read-only part (its identity) must be
+    /// the bridge's own.
+    pub(crate) fn restore_from(&mut self, saved: &Pci) -> Result<(), String> {
+        let mut bridge = host_bridge();
+        bridge
+            .restore_from(&saved.bridge)
+            .map_err(|why| format!("the host bridge: {why}"))?;
+        *self = Pci {
+            address: saved.address,
+            reset_control: saved.reset_control,
+            bridge,
+        };
         Ok(())
     }
 }
@@ -292,7 +262,9 @@ mod tests {
         let mut b = [0u8];
         p.read_data(1, &mut b);
         assert_eq!(b, [0x33]);
-        assert!(p.check().is_ok());
+        let mut q = Pci::new();
+        assert!(q.restore_from(&p).is_ok());
+        assert_eq!(q, p);
     }
 
     #[test]

@@ -69,7 +69,17 @@ persist_as_itself!(crate::pic::Pic, "pic");
 persist_as_itself!(crate::pit::Pit, "pit");
 persist_as_itself!(crate::i8042::I8042, "i8042");
 persist_as_itself!(crate::acpi::PmBlock, "acpi-pm");
-persist_as_itself!(crate::pci::Pci, "pci");
+impl Persist for crate::pci::Pci {
+    type State = crate::pci::Pci;
+    const NAME: &'static str = "pci";
+    fn save(&self) -> crate::pci::Pci {
+        self.clone()
+    }
+    fn restore(&mut self, state: crate::pci::Pci) -> Result<(), StateError> {
+        self.restore_from(&state)
+            .map_err(|why| StateError::new(Self::NAME, &why))
+    }
+}
 persist_as_itself!(crate::ioapic::IoApic, "ioapic");
 persist_as_itself!(crate::lapic::LocalApic, "lapic");
 
