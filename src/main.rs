@@ -820,6 +820,11 @@ fn drive(mut vm: Vm, s: &Session, api: Option<api::Api>) -> u8 {
             .map(|(v, n)| format!("{v:#04x}: {n}"))
             .collect();
         eprintln!("  {:<28} {}", "interrupts by vector", irqs.join(", "));
+        if let Some(counts) = vm.vcpu_instructions() {
+            for (cpu, n) in counts.iter().enumerate() {
+                eprintln!("  {:<28} {n}", format!("instructions on vCPU {cpu}"));
+            }
+        }
         if vm.cpus() > 1 {
             for cpu in 0..vm.cpus() {
                 let irqs: Vec<String> = vm

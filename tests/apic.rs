@@ -655,6 +655,16 @@ fn two_vcpus_start_count_together_and_send_ipis() {
                 ],
             );
             assert_passed(engine, &r);
+            if threads == "multi" {
+                // Each vCPU ran on its own thread and says how much.
+                let ran = |cpu: u32| -> u64 {
+                    let key = format!("instructions on vCPU {cpu}");
+                    let line = r.stderr.lines().find(|l| l.trim_start().starts_with(&key));
+                    let n = line.and_then(|l| l.split_whitespace().last()?.parse().ok());
+                    n.unwrap_or_else(|| panic!("no '{key}' in --stats:\n{}", r.stderr))
+                };
+                assert!(ran(0) > 1_000_000 && ran(1) > 1_000_000, "{}", r.stderr);
+            }
             // Both IPIs were taken by vCPU 1; its APIC is listed.
             assert!(
                 r.stderr.contains("on vCPU 1                  0x50: 2"),

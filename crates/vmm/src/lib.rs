@@ -434,6 +434,8 @@ struct VcpuSlot {
     /// Halted, and whether its IF was set when it halted (only then can an
     /// interrupt wake it).
     halted: Option<bool>,
+    /// Guest instructions it retired on a thread of its own (`parallel`).
+    instructions: u64,
 }
 
 /// The state of application processor `index` after RESET or INIT.
@@ -840,6 +842,7 @@ impl Vm {
                 state: Some(ap_reset_state(i, vendor)),
                 wait_for_sipi: true,
                 halted: None,
+                instructions: 0,
             });
         }
         Ok(vm)
@@ -881,6 +884,17 @@ impl Vm {
         self.vcpus.len()
     }
 
+    /// Guest instructions each vCPU retired, when each runs on its own
+    /// host thread (vCPU 0's is the engine's count); `None` while the
+    /// vCPUs take turns on one engine, whose count is their total.
+    pub fn vcpu_instructions(&self) -> Option<Vec<u64>> {
+        self.threaded().then(|| {
+            std::iter::once(self.engine.instructions())
+                .chain(self.vcpus[1..].iter().map(|v| v.instructions))
+                .collect()
+        })
+    }
+
     /// Every vCPU's state, in vCPU order, and whether it waits for a
     /// start-up IPI.
     pub fn vcpu_states(&mut self) -> Vec<(popek_cpu::CpuState, bool)> {
@@ -907,6 +921,7 @@ impl Vm {
                 state: Some(state),
                 wait_for_sipi,
                 halted: None,
+                instructions: 0,
             });
         }
     }

@@ -247,10 +247,11 @@ fn ap_thread(
         wait_for_sipi: slot.wait_for_sipi,
         halted: slot.halted,
     };
-    let back = |me: &Vcpu, state: CpuState| VcpuSlot {
+    let back = |me: &Vcpu, state: CpuState, ran: u64| VcpuSlot {
         state: Some(state),
         wait_for_sipi: me.wait_for_sipi,
         halted: me.halted,
+        instructions: slot.instructions + ran,
     };
     let made: Result<Held, EngineError> = match kept {
         Some(e) => Ok(Held::Kept(e)),
@@ -265,10 +266,11 @@ fn ap_thread(
             phase.finish(Outcome::Died(format!(
                 "cannot run vCPU {index} on its own thread: {e}"
             )));
-            return (back(&me, state), None);
+            return (back(&me, state, 0), None);
         }
     };
     let engine = held.engine();
+    let first = engine.instructions();
     engine.share_code(map, index);
     phase.shared.set_kicker(index, engine.kicker());
     let mut hypercalls = popek_engine::hypercall::HypercallStats::default();
@@ -291,11 +293,12 @@ fn ap_thread(
     phase.set_active(index, false);
     phase.shared.set_kicker(index, None);
     let state = engine.state();
+    let ran = engine.instructions().saturating_sub(first);
     let kept = match held {
         Held::Kept(e) => Some(e),
         Held::Made(_) => None,
     };
-    (back(&me, state), kept)
+    (back(&me, state, ran), kept)
 }
 
 /// An engine that outlives a phase (see [`Engine::vcpu_engine`]).
