@@ -3,7 +3,10 @@
 # busybox-static:i386 with apt-get download, and builds a busybox initramfs.
 # Results are cached; nothing is committed.
 #
-#   scripts/debian-guest.sh [--init FILE] [--out DIR] [--lspci]
+#   scripts/debian-guest.sh [--init FILE] [--out DIR] [--lspci] [--pae]
+#
+# --pae prints the 686-pae kernel instead (linux-image-6.1.0-*-686-pae:
+# PAE paging), fetched beside the 686 one.
 #
 # --lspci also puts Debian's pciutils:i386 lspci (busybox has none) in the
 # initramfs, with the libraries it loads and the PCI ID list (needs
@@ -21,12 +24,14 @@ root_dir=$(pwd)
 out="${POPEK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/popek}/debian-i386"
 init=""
 lspci=""
+pae=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --init) init="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --lspci) lspci=1; shift ;;
-    *) echo "usage: $0 [--init FILE] [--out DIR] [--lspci]" >&2; exit 2 ;;
+    --pae) pae=1; shift ;;
+    *) echo "usage: $0 [--init FILE] [--out DIR] [--lspci] [--pae]" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$out"
@@ -96,7 +101,21 @@ if [ -n "$lspci" ]; then
     done
   done
 fi
-kernel=$(ls root/boot/vmlinuz-* | head -1)
+kernel=$(ls root/boot/vmlinuz-*-686 | head -1)
+if [ -n "$pae" ]; then
+  if ! ls root/boot/vmlinuz-*-686-pae >/dev/null 2>&1; then
+    # The 686-pae flavour of the same kernel version.
+    ppkg="$(cat package)-pae"
+    rm -rf pae.tmp && mkdir pae.tmp
+    if ! (cd pae.tmp && apt-get download "$ppkg:i386" >&2); then
+      echo "debian-guest: apt-get download $ppkg failed: Debian's archive cannot be reached" >&2
+      exit 1
+    fi
+    dpkg-deb -x pae.tmp/*.deb root
+    rm -rf pae.tmp
+  fi
+  kernel=$(ls root/boot/vmlinuz-*-686-pae | head -1)
+fi
 # The name says what is inside: the /init's hash, and the extra files'.
 tag=""
 [ -n "$lspci" ] && tag="-lspci-$(echo "${extra[*]}" | sha256sum | cut -c1-8)"

@@ -20,6 +20,11 @@ fn guest() -> (PathBuf, PathBuf) {
 
 /// The kernel and an initramfs whose /init is `tests/debian/INIT`.
 fn guest_with(init: &str) -> (PathBuf, PathBuf) {
+    guest_flavour(init, false)
+}
+
+/// [`guest_with`], with the 686-pae kernel (PAE paging) when `pae`.
+fn guest_flavour(init: &str, pae: bool) -> (PathBuf, PathBuf) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let out = Command::new("bash")
         .arg(root.join("scripts/debian-guest.sh"))
@@ -31,6 +36,7 @@ fn guest_with(init: &str) -> (PathBuf, PathBuf) {
         } else {
             &[]
         })
+        .args(if pae { &["--pae"][..] } else { &[] })
         .env("POPEK_BIN", env!("CARGO_BIN_EXE_popek"))
         .stderr(Stdio::inherit())
         .output()
@@ -62,7 +68,16 @@ fn run_guest_with(
     vendor: &str,
     extra: &[&str],
 ) -> (Option<std::process::ExitStatus>, String, String, String) {
-    let (kernel, initrd) = guest();
+    run_kernel(guest(), engine, vendor, extra)
+}
+
+/// Boots `kernel` with `initrd` on `engine`, as [`run_guest`] does.
+fn run_kernel(
+    (kernel, initrd): (PathBuf, PathBuf),
+    engine: &str,
+    vendor: &str,
+    extra: &[&str],
+) -> (Option<std::process::ExitStatus>, String, String, String) {
     let start = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_popek"))
         .args([
@@ -142,11 +157,17 @@ fn boot_cpus(engine: &str, vendor: &str, cpus: u32) {
 
 /// [`boot_cpus`] with more `popek run` arguments.
 fn boot_with(engine: &str, vendor: &str, cpus: u32, extra: &[&str]) {
+    boot_flavour(false, engine, vendor, cpus, extra);
+}
+
+/// [`boot_with`], with the 686-pae kernel when `pae`.
+fn boot_flavour(pae: bool, engine: &str, vendor: &str, cpus: u32, extra: &[&str]) {
     let start = Instant::now();
     let n = cpus.to_string();
     let mut args = vec!["--cpus", &n];
     args.extend_from_slice(extra);
-    let (status, out, err, tail) = run_guest_with(engine, vendor, &args);
+    let guest = guest_flavour("init-check.sh", pae);
+    let (status, out, err, tail) = run_kernel(guest, engine, vendor, &args);
     let Some(status) = status else {
         panic!("Debian on {engine} did not finish within {LIMIT:?}; last output:\n{tail}\nstderr:\n{err}");
     };
@@ -226,6 +247,13 @@ fn debian_boots_runs_commands_and_powers_off_on_bt() {
 #[test]
 fn debian_boots_on_two_vcpus_on_bt() {
     boot_cpus("bt", profiles().0, 2);
+}
+
+/// Debian's 686-pae kernel, which refuses a CPU without PAE: PAE paging
+/// (three levels, 8-byte entries, 2 MiB pages) on two vCPUs.
+#[test]
+fn debian_686_pae_boots_on_two_vcpus_on_bt() {
+    boot_flavour(true, "bt", profiles().0, 2, &[]);
 }
 
 #[test]

@@ -55,6 +55,8 @@ pub mod edx1 {
     pub const TSC: u32 = 1 << 4;
     /// RDMSR/WRMSR.
     pub const MSR: u32 = 1 << 5;
+    /// Physical address extension (PAE paging).
+    pub const PAE: u32 = 1 << 6;
     /// CMPXCHG8B.
     pub const CX8: u32 = 1 << 8;
     /// On-chip local APIC.
@@ -87,7 +89,7 @@ impl CpuidModel {
         use edx1::*;
         let id = vendor.identity();
         let signature = ((id.family as u32) << 8) | ((id.model as u32) << 4) | id.stepping as u32;
-        let features = FPU | DE | PSE | TSC | MSR | CX8 | APIC | SEP | PGE | CMOV | FXSR;
+        let features = FPU | DE | PSE | TSC | MSR | PAE | CX8 | APIC | SEP | PGE | CMOV | FXSR;
         let mut brand = [0u8; 48];
         brand[..id.brand.len().min(47)]
             .copy_from_slice(&id.brand.as_bytes()[..id.brand.len().min(47)]);

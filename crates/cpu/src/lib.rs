@@ -1,7 +1,7 @@
 //! popek's software x86 CPU.
 //!
 //! An IA-32 model — real mode, 16/32-bit protected mode, virtual-8086 mode,
-//! two-level paging with PSE and global pages, rings 0–3 with every
+//! two-level and PAE paging with large and global pages, rings 0–3 with every
 //! privilege check, interrupts, exceptions, task switching — that the
 //! `interp`, `trap` and `bt` engines share. See `docs/cpu.md`.
 //!

@@ -537,14 +537,18 @@ impl Cpu {
     ) -> Result<u64, Exc> {
         let write = kind == AccessKind::Write;
         let wp = self.st.cr0 & cr::CR0_WP != 0;
-        // The model has 32-bit paging only (MOV CR0 refuses PG with PAE).
-        let mode = paging::Mode::Bits32 {
-            pse: self.st.cr4 & cr::CR4_PSE != 0,
+        // 32-bit or PAE paging (no long mode; no EFER, so no NX).
+        let mode = if self.st.cr4 & cr::CR4_PAE != 0 {
+            paging::Mode::Pae
+        } else {
+            paging::Mode::Bits32 {
+                pse: self.st.cr4 & cr::CR4_PSE != 0,
+            }
         };
         let acc = paging::Access {
             write,
             user,
-            fetch: false,
+            fetch: kind == AccessKind::Fetch,
             wp,
             nxe: false,
         };

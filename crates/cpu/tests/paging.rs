@@ -584,3 +584,73 @@ fn invlpg_flushes_the_whole_4mib_page() {
         "the whole large page was invalidated"
     );
 }
+
+/// PAE paging (SDM vol. 3 §4.4): a PDPT of four 8-byte entries, 4 KiB
+/// pages through a page table and 2 MiB pages in the page directory,
+/// accessed and dirty bits in 8-byte entries, #PF for a missing PDPTE and
+/// a missing PDE, CR3 holding the 32-byte-aligned PDPT.
+#[test]
+fn pae_paging_with_4_kib_and_2_mib_pages() {
+    const PDPT: u64 = 0x10_0020;
+    const PD0: u64 = 0x10_1000;
+    const PT0: u64 = 0x10_2000;
+    let mut s = Sys::new();
+    let ram = s.ram();
+    let p = u64::from(P);
+    let w = u64::from(W);
+    // PDPTE 0 → PD0; PDPTEs 1–3 not present.
+    ram.write_u64(PDPT, PD0 | p).unwrap();
+    // PDE 0 → PT0 (identity 0–2 MiB); PDE 3 (6–8 MiB): the 2 MiB page at
+    // physical 2 MiB.
+    ram.write_u64(PD0, PT0 | p | w).unwrap();
+    ram.write_u64(PD0 + 24, 0x20_0000 | 0x80 | p | w).unwrap();
+    for i in 0..512u64 {
+        ram.write_u64(PT0 + 8 * i, (i << 12) | p | w).unwrap();
+    }
+    ram.write_u32(0x20_0010, 0xdead_beef).unwrap();
+    let (code, at) = frags(
+        32,
+        KCODE_AT,
+        vec![
+            Box::new(|a| {
+                a.mov(eax, PDPT as u32 | 0x18)?;
+                a.mov(cr3, eax)?;
+                a.mov(eax, cr4)?;
+                a.or(eax, cr::CR4_PAE as u32)?;
+                a.mov(cr4, eax)?;
+                a.mov(eax, cr0)?;
+                a.or(eax, cr::CR0_PG as u32)?;
+                a.mov(cr0, eax)?;
+                // Through the 2 MiB page: read, then write.
+                a.mov(ebx, dword_ptr(0x60_0010))?;
+                a.mov(dword_ptr(0x60_0020), 0x1234_5678u32)?;
+                a.mov(esi, cr3)
+            }),
+            // PDE 2 (4–6 MiB) is not present.
+            Box::new(|a| {
+                a.mov(ecx, dword_ptr(0x40_0000))?;
+                a.hlt()
+            }),
+        ],
+    );
+    s.start_kernel(&code);
+    pf(&mut s, 0, 0x40_0000, at[1]);
+    assert_eq!(s.gpr(3), 0xdead_beef, "read through the 2 MiB page");
+    assert_eq!(s.rd32(0x20_0020), 0x1234_5678, "written through it");
+    assert_eq!(s.gpr(6), PDPT as u32 | 0x18, "CR3: the PDPT, PWT, PCD");
+    let pde3 = s.ram().read_u64(PD0 + 24).unwrap();
+    assert_eq!(pde3 & 0x60, 0x60, "A and D set in the 8-byte PDE");
+    let pte_code = s.ram().read_u64(PT0 + 8 * (KCODE_AT >> 12)).unwrap();
+    assert_eq!(pte_code & 0x60, 0x20, "the code page accessed, not dirty");
+    // A missing PDPTE: #PF too.
+    let code = kcode(|a| {
+        a.mov(eax, dword_ptr(0x4000_0000))?;
+        a.hlt()
+    });
+    s.ram().write(KCODE_AT, &code).unwrap();
+    let st = s.c.state_mut();
+    st.rip = KCODE_AT;
+    st.halted = false;
+    pf(&mut s, 0, 0x4000_0000, KCODE_AT as u32);
+    assert_eq!(s.c.state().cr4 & cr::CR4_PAE, cr::CR4_PAE);
+}

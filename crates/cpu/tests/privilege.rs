@@ -548,9 +548,9 @@ fn sensitive_hook_reports_and_changes_nothing() {
 
 #[test]
 fn cr4_bits_the_model_lacks_fault() {
-    // CPUID does not advertise VME, PAE or UMIP: setting them is #GP(0),
-    // as on a processor without the feature.
-    for bit in [cr::CR4_VME, cr::CR4_PVI, cr::CR4_PAE, cr::CR4_UMIP] {
+    // CPUID does not advertise VME or UMIP: setting them is #GP(0), as on
+    // a processor without the feature.
+    for bit in [cr::CR4_VME, cr::CR4_PVI, cr::CR4_UMIP] {
         let mut s = Sys::new();
         s.start_kernel(&kcode(|a| {
             a.mov(eax, bit as u32)?;

@@ -307,7 +307,7 @@ impl Trap {
             4 => {
                 if v & cr::CR4_PAE != 0 {
                     return Err(unsupported(
-                        "the guest enabled PAE paging, which the software CPU does not implement yet",
+                        "the guest enabled PAE paging: trap's shadow page tables are 32-bit (use bt or interp)",
                     ));
                 }
                 let old = self.v.cr4;

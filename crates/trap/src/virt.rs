@@ -71,7 +71,7 @@ impl Trap {
         }
         if s.cr4 & cr::CR4_PAE != 0 || s.efer & (1 << 10) != 0 {
             return Err(unsupported(
-                "PAE and long mode are not implemented by the software CPU yet",
+                "PAE paging and long mode: trap's shadow page tables are 32-bit (use bt or interp for PAE)",
             ));
         }
         let old = self.started.then(|| self.compose());

@@ -87,11 +87,6 @@ impl Cpu {
                 if v & cr::CR0_NW != 0 && v & cr::CR0_CD == 0 {
                     return Err(Exc::gp(0));
                 }
-                if v & cr::CR0_PG != 0 && self.st.cr4 & cr::CR4_PAE != 0 {
-                    // PAE paging is not implemented: refuse like a CPU
-                    // without PAE would refuse the CR4 bit.
-                    return Err(Exc::gp(0));
-                }
                 let old = self.st.cr0;
                 self.st.cr0 = (v & 0xe005_003f) | cr::CR0_ET;
                 if (old ^ self.st.cr0) & (cr::CR0_PG | cr::CR0_WP | cr::CR0_PE) != 0 {
@@ -102,7 +97,10 @@ impl Cpu {
             }
             2 => self.st.cr2 = v,
             3 => {
-                self.st.cr3 = v & 0xffff_f018;
+                // The register holds every bit written: 32-bit paging takes
+                // the page directory from bits 31:12, PAE the PDPT from
+                // bits 31:5 (so CR3 may be loaded before CR4.PAE is set).
+                self.st.cr3 = v & 0xffff_ffff;
                 self.tlb.flush_nonglobal();
                 self.stop_block = true;
             }
@@ -113,6 +111,7 @@ impl Cpu {
                 let supported = cr::CR4_TSD
                     | cr::CR4_DE
                     | cr::CR4_PSE
+                    | cr::CR4_PAE
                     | cr::CR4_MCE
                     | cr::CR4_PGE
                     | cr::CR4_PCE
