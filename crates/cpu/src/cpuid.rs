@@ -97,13 +97,18 @@ impl CpuidModel {
             eax: 0x8000_0004,
             ..Default::default()
         }];
+        // Leaf 0x8000_0001 EDX bit 20: execute-disable (EFER.NXE, PAE).
+        let nx = 1 << 20;
         ext.push(match vendor {
-            Vendor::Intel => CpuidLeaf::default(),
+            Vendor::Intel => CpuidLeaf {
+                edx: nx,
+                ..Default::default()
+            },
             // AMD repeats the signature and the x87/MSR/paging feature bits
             // in leaf 0x8000_0001 (SEP's bit means SYSCALL there: clear).
             Vendor::Amd => CpuidLeaf {
                 eax: signature,
-                edx: features & !(SEP | FXSR) & 0x0183_f3ff,
+                edx: (features & !(SEP | FXSR) & 0x0183_f3ff) | nx,
                 ..Default::default()
             },
         });

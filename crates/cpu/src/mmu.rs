@@ -537,7 +537,7 @@ impl Cpu {
     ) -> Result<u64, Exc> {
         let write = kind == AccessKind::Write;
         let wp = self.st.cr0 & cr::CR0_WP != 0;
-        // 32-bit or PAE paging (no long mode; no EFER, so no NX).
+        // 32-bit or PAE paging (no long mode); EFER.NXE applies to PAE.
         let mode = if self.st.cr4 & cr::CR4_PAE != 0 {
             paging::Mode::Pae
         } else {
@@ -550,7 +550,7 @@ impl Cpu {
             user,
             fetch: kind == AccessKind::Fetch,
             wp,
-            nxe: false,
+            nxe: self.st.efer & (1 << 11) != 0,
         };
         let cr3 = self.st.cr3;
         let mut tables = PhysTables { cpu: self, bus };

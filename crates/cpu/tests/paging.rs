@@ -585,6 +585,18 @@ fn invlpg_flushes_the_whole_4mib_page() {
     );
 }
 
+/// Loads CR3 with `cr3`, then turns on CR4.PAE and CR0.PG.
+fn enable_pae(a: &mut CodeAssembler, cr3_value: u32) -> Result<(), IcedError> {
+    a.mov(eax, cr3_value)?;
+    a.mov(cr3, eax)?;
+    a.mov(eax, cr4)?;
+    a.or(eax, cr::CR4_PAE as u32)?;
+    a.mov(cr4, eax)?;
+    a.mov(eax, cr0)?;
+    a.or(eax, cr::CR0_PG as u32)?;
+    a.mov(cr0, eax)
+}
+
 /// PAE paging (SDM vol. 3 §4.4): a PDPT of four 8-byte entries, 4 KiB
 /// pages through a page table and 2 MiB pages in the page directory,
 /// accessed and dirty bits in 8-byte entries, #PF for a missing PDPTE and
@@ -613,14 +625,7 @@ fn pae_paging_with_4_kib_and_2_mib_pages() {
         KCODE_AT,
         vec![
             Box::new(|a| {
-                a.mov(eax, PDPT as u32 | 0x18)?;
-                a.mov(cr3, eax)?;
-                a.mov(eax, cr4)?;
-                a.or(eax, cr::CR4_PAE as u32)?;
-                a.mov(cr4, eax)?;
-                a.mov(eax, cr0)?;
-                a.or(eax, cr::CR0_PG as u32)?;
-                a.mov(cr0, eax)?;
+                enable_pae(a, PDPT as u32 | 0x18)?;
                 // Through the 2 MiB page: read, then write.
                 a.mov(ebx, dword_ptr(0x60_0010))?;
                 a.mov(dword_ptr(0x60_0020), 0x1234_5678u32)?;
@@ -653,4 +658,74 @@ fn pae_paging_with_4_kib_and_2_mib_pages() {
     st.halted = false;
     pf(&mut s, 0, 0x4000_0000, KCODE_AT as u32);
     assert_eq!(s.c.state().cr4 & cr::CR4_PAE, cr::CR4_PAE);
+}
+
+/// Execute-disable (SDM vol. 3 §4.6): with EFER.NXE (CPUID 0x8000_0001
+/// EDX[20]), a fetch from a PAE page whose entry has XD raises #PF with the
+/// I/D bit; data reads of it are allowed. Without NXE the XD bit is
+/// reserved (#PF with RSVD). EFER has no other writable bit here (no long
+/// mode, no SYSCALL): setting LME is #GP(0).
+#[test]
+fn pae_execute_disable_and_efer() {
+    const PDPT: u64 = 0x10_0000;
+    const PD0: u64 = 0x10_1000;
+    const PT0: u64 = 0x10_2000;
+    const XD: u64 = 1 << 63;
+    const NX_PAGE: u32 = 0x5_0000;
+    for nxe in [true, false] {
+        let mut s = Sys::new();
+        let ram = s.ram();
+        ram.write_u64(PDPT, PD0 | 1).unwrap();
+        ram.write_u64(PD0, PT0 | 3).unwrap();
+        for i in 0..512u64 {
+            ram.write_u64(PT0 + 8 * i, (i << 12) | 3).unwrap();
+        }
+        ram.write_u64(
+            PT0 + 8 * u64::from(NX_PAGE >> 12),
+            u64::from(NX_PAGE) | 3 | XD,
+        )
+        .unwrap();
+        // A RET at the start of the XD page, and a word to read there.
+        ram.write(u64::from(NX_PAGE), &[0xc3, 0x90, 0x90, 0x90])
+            .unwrap();
+        let (code, at) = frags(
+            32,
+            KCODE_AT,
+            vec![
+                Box::new(move |a| {
+                    a.mov(ecx, 0xc000_0080u32)?;
+                    a.mov(eax, if nxe { 1u32 << 11 } else { 0 })?;
+                    a.xor(edx, edx)?;
+                    a.wrmsr()?;
+                    enable_pae(a, PDPT as u32)
+                }),
+                Box::new(|a| a.mov(ebx, dword_ptr(NX_PAGE))),
+                Box::new(|a| {
+                    a.mov(eax, NX_PAGE)?;
+                    a.call(eax)?;
+                    a.hlt()
+                }),
+            ],
+        );
+        s.start_kernel(&code);
+        if nxe {
+            // The read went through; the fetch faults: P | I/D.
+            pf(&mut s, 0x11, NX_PAGE, NX_PAGE);
+            assert_eq!(s.gpr(3), 0x9090_90c3);
+        } else {
+            // XD is a reserved bit without NXE: the read faults, P | RSVD.
+            pf(&mut s, 0x09, NX_PAGE, at[1]);
+        }
+    }
+    // Setting EFER.LME: #GP(0).
+    let mut s = Sys::new();
+    s.start_kernel(&kcode(|a| {
+        a.mov(ecx, 0xc000_0080u32)?;
+        a.mov(eax, 1u32 << 8)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.hlt()
+    }));
+    let t = s.run_trap();
+    assert_eq!((t.vector, t.err), (13, Some(0)));
 }

@@ -501,7 +501,12 @@ mod msr {
     pub const MCG_STATUS: u32 = 0x17a;
     pub const PLATFORM_ID: u32 = 0x17;
     pub const BIOS_SIGN_ID: u32 = 0x8b;
+    pub const EFER: u32 = 0xc000_0080;
 }
+
+/// EFER.NXE: execute-disable in PAE paging (the only EFER bit of a CPU
+/// without long mode or SYSCALL).
+const EFER_NXE: u64 = 1 << 11;
 
 pub(crate) fn rdmsr(c: &mut Cpu, _d: &DecodedInsn, bus: &mut dyn Bus) -> R {
     require_cpl0(c)?;
@@ -524,6 +529,7 @@ pub(crate) fn rdmsr(c: &mut Cpu, _d: &DecodedInsn, bus: &mut dyn Bus) -> R {
         msr::SYSENTER_EIP => m.sysenter_eip,
         msr::MISC_ENABLE => m.misc_enable,
         msr::PAT => m.pat,
+        msr::EFER => c.st.efer,
         msr::MTRRCAP | msr::MCG_CAP | msr::MCG_STATUS | msr::PLATFORM_ID | msr::BIOS_SIGN_ID => 0,
         _ => return Err(Exc::gp(0)),
     };
@@ -561,6 +567,17 @@ pub(crate) fn wrmsr(c: &mut Cpu, _d: &DecodedInsn, bus: &mut dyn Bus) -> R {
         msr::SYSENTER_EIP => c.st.msr.sysenter_eip = v,
         msr::MISC_ENABLE => c.st.msr.misc_enable = v,
         msr::PAT => c.st.msr.pat = v,
+        msr::EFER => {
+            if v & !EFER_NXE != 0 {
+                return Err(Exc::gp(0));
+            }
+            if (c.st.efer ^ v) & EFER_NXE != 0 {
+                // Pages' execute permissions change.
+                c.tlb.flush_all();
+                c.stop_block = true;
+            }
+            c.st.efer = v;
+        }
         msr::MCG_STATUS | msr::BIOS_SIGN_ID => {}
         _ => return Err(Exc::gp(0)),
     }
