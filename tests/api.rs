@@ -50,6 +50,38 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// Pauses the VM behind `sock` (GET / says so; a line typed then waits),
+/// writes a full snapshot to `dir`/vm.snap and vm.mem, resumes it and sees
+/// the line echoed. Returns the snapshot's path.
+fn pause_snapshot_resume(sock: &Path, vm: &mut Popek, dir: &Path) -> PathBuf {
+    let (st, _) = curl(sock, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
+    assert_eq!(st, 204);
+    let (_, body) = curl(sock, "GET", "/", None);
+    assert!(body.contains("\"Paused\""), "{body}");
+    vm.type_line("while-paused");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !vm.out().contains("while-paused"),
+        "a paused VM runs nothing"
+    );
+    let snap = dir.join("vm.snap");
+    let (st, body) = curl(
+        sock,
+        "PUT",
+        "/snapshot/create",
+        Some(&format!(
+            r#"{{"snapshot_type":"Full","snapshot_path":"{}","mem_file_path":"{}"}}"#,
+            s(&snap),
+            s(&dir.join("vm.mem"))
+        )),
+    );
+    assert_eq!(st, 200, "{body}");
+    let (st, _) = curl(sock, "PATCH", "/vm", Some(r#"{"state":"Resumed"}"#));
+    assert_eq!(st, 204);
+    vm.wait_for("minios: line: while-paused");
+    snap
+}
+
 #[test]
 fn a_running_vm_is_paused_snapshotted_and_restored_on_another_engine() {
     let d = dir("run");
@@ -141,31 +173,7 @@ fn a_running_vm_is_paused_snapshotted_and_restored_on_another_engine() {
     assert_eq!(st, 204);
 
     // Paused: GET / says so, typed input waits.
-    let (st, _) = curl(&sock, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
-    assert_eq!(st, 204);
-    let (_, body) = curl(&sock, "GET", "/", None);
-    assert!(body.contains("\"Paused\""), "{body}");
-    vm.type_line("while-paused");
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        !vm.out().contains("while-paused"),
-        "a paused VM runs nothing"
-    );
-    let snap = d.join("vm.snap");
-    let (st, body) = curl(
-        &sock,
-        "PUT",
-        "/snapshot/create",
-        Some(&format!(
-            r#"{{"snapshot_type":"Full","snapshot_path":"{}","mem_file_path":"{}"}}"#,
-            s(&snap),
-            s(&d.join("vm.mem"))
-        )),
-    );
-    assert_eq!(st, 200, "{body}");
-    let (st, _) = curl(&sock, "PATCH", "/vm", Some(r#"{"state":"Resumed"}"#));
-    assert_eq!(st, 204);
-    vm.wait_for("minios: line: while-paused");
+    let snap = pause_snapshot_resume(&sock, &mut vm, &d);
 
     // popek snapshot: pause, write FILE and FILE.mem, end the VM.
     let snap2 = d.join("second.snap");
@@ -233,29 +241,7 @@ fn a_vm_with_a_thread_per_vcpu_is_paused_snapshotted_and_resumed() {
     assert_eq!(st, 200);
     let mc: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(mc["vcpu_count"].as_u64(), Some(2), "{body}");
-    let (st, _) = curl(&sock, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
-    assert_eq!(st, 204);
-    vm.type_line("while-paused");
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        !vm.out().contains("while-paused"),
-        "a paused VM runs nothing"
-    );
-    let snap = d.join("vm.snap");
-    let (st, body) = curl(
-        &sock,
-        "PUT",
-        "/snapshot/create",
-        Some(&format!(
-            r#"{{"snapshot_type":"Full","snapshot_path":"{}","mem_file_path":"{}"}}"#,
-            s(&snap),
-            s(&d.join("vm.mem"))
-        )),
-    );
-    assert_eq!(st, 200, "{body}");
-    let (st, _) = curl(&sock, "PATCH", "/vm", Some(r#"{"state":"Resumed"}"#));
-    assert_eq!(st, 204);
-    vm.wait_for("minios: line: while-paused");
+    let snap = pause_snapshot_resume(&sock, &mut vm, &d);
     vm.type_line("off");
     let (st, _, err) = vm.finish();
     assert_eq!(st, 0, "{err}");
