@@ -50,6 +50,18 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// minios on `bt` with 64 MiB, `extra` arguments and the API on `sock`,
+/// once it waits for terminal input.
+fn waiting_minios(sock: &Path, extra: &[&str]) -> Popek {
+    let mut args = vec!["run", "--engine", "bt", "-m", "64M"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--cmdline", "wait", "--api-sock", s(sock)]);
+    let vm = Popek::start(&args);
+    wait_socket(sock);
+    vm.wait_for("waiting for input");
+    vm
+}
+
 /// Pauses the VM behind `sock` (GET / says so; a line typed then waits),
 /// writes a full snapshot to `dir`/vm.snap and vm.mem, resumes it and sees
 /// the line echoed. Returns the snapshot's path.
@@ -86,19 +98,7 @@ fn pause_snapshot_resume(sock: &Path, vm: &mut Popek, dir: &Path) -> PathBuf {
 fn a_running_vm_is_paused_snapshotted_and_restored_on_another_engine() {
     let d = dir("run");
     let sock = d.join("api.sock");
-    let mut vm = Popek::start(&[
-        "run",
-        "--engine",
-        "bt",
-        "-m",
-        "64M",
-        "--cmdline",
-        "wait",
-        "--api-sock",
-        s(&sock),
-    ]);
-    wait_socket(&sock);
-    vm.wait_for("waiting for input");
+    let mut vm = waiting_minios(&sock, &[]);
     let (st, body) = curl(&sock, "GET", "/", None);
     assert_eq!(st, 200, "{body}");
     let info: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -220,23 +220,7 @@ fn a_running_vm_is_paused_snapshotted_and_restored_on_another_engine() {
 fn a_vm_with_a_thread_per_vcpu_is_paused_snapshotted_and_resumed() {
     let d = dir("threads");
     let sock = d.join("api.sock");
-    let mut vm = Popek::start(&[
-        "run",
-        "--engine",
-        "bt",
-        "--cpus",
-        "2",
-        "--threads",
-        "multi",
-        "-m",
-        "64M",
-        "--cmdline",
-        "wait",
-        "--api-sock",
-        s(&sock),
-    ]);
-    wait_socket(&sock);
-    vm.wait_for("waiting for input");
+    let mut vm = waiting_minios(&sock, &["--cpus", "2", "--threads", "multi"]);
     let (st, body) = curl(&sock, "GET", "/machine-config", None);
     assert_eq!(st, 200);
     let mc: serde_json::Value = serde_json::from_str(&body).unwrap();
