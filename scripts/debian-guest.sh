@@ -3,7 +3,7 @@
 # busybox-static:i386 with apt-get download, and builds a busybox initramfs.
 # Results are cached; nothing is committed.
 #
-#   scripts/debian-guest.sh [--init FILE] [--out DIR] [--lspci] [--pae]
+#   scripts/debian-guest.sh [--init FILE] [--out DIR] [--lspci] [--pae] [--modules]
 #
 # --pae prints the 686-pae kernel instead (linux-image-6.1.0-*-686-pae:
 # PAE paging), fetched beside the 686 one.
@@ -11,6 +11,12 @@
 # --lspci also puts Debian's pciutils:i386 lspci (busybox has none) in the
 # initramfs, with the libraries it loads and the PCI ID list (needs
 # readelf, from binutils).
+#
+# --modules puts the kernel modules for virtio and ext4 (Debian builds
+# them as modules) in the initramfs, as /lib/modules/NAME.ko, with
+# /lib/modules/load listing them in load order; popek's default /init
+# loads them (a custom --init: `for m in $(cat /lib/modules/load); do
+# insmod /lib/modules/$m.ko; done`).
 #
 # Prints two lines: the kernel path and the initrd path. Then:
 #   popek run --kernel "$KERNEL" --initrd "$INITRD" --cmdline "console=ttyS0"
@@ -25,13 +31,15 @@ out="${POPEK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/popek}/debian-i386"
 init=""
 lspci=""
 pae=""
+modules=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --init) init="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --lspci) lspci=1; shift ;;
     --pae) pae=1; shift ;;
-    *) echo "usage: $0 [--init FILE] [--out DIR] [--lspci] [--pae]" >&2; exit 2 ;;
+    --modules) modules=1; shift ;;
+    *) echo "usage: $0 [--init FILE] [--out DIR] [--lspci] [--pae] [--modules]" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$out"
@@ -102,6 +110,22 @@ if [ -n "$lspci" ]; then
   done
 fi
 kernel=$(ls root/boot/vmlinuz-*-686 | head -1)
+if [ -n "$modules" ]; then
+  # In dependency order (each module's .modinfo "depends=" comes first).
+  order="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk
+         virtio-rng virtio_console failover net_failover virtio_net virtio_mmio
+         crc16 mbcache jbd2 crc32c_generic ext4"
+  kdir=$(ls -d root/lib/modules/*-686 | head -1)
+  load=$(mktemp)
+  for m in $order; do
+    ko=$(find "$kdir/kernel" -name "$m.ko" | head -1)
+    [ -n "$ko" ] || { echo "debian-guest: the kernel has no module $m" >&2; exit 1; }
+    extra+=(--add "$ko=/lib/modules/$m.ko")
+    echo "$m" >> "$load"
+  done
+  cp "$load" modules.load && rm -f "$load"
+  extra+=(--add "$out/modules.load=/lib/modules/load")
+fi
 if [ -n "$pae" ]; then
   if ! ls root/boot/vmlinuz-*-686-pae >/dev/null 2>&1; then
     # The 686-pae flavour of the same kernel version.
@@ -118,7 +142,9 @@ if [ -n "$pae" ]; then
 fi
 # The name says what is inside: the /init's hash, and the extra files'.
 tag=""
-[ -n "$lspci" ] && tag="-lspci-$(echo "${extra[*]}" | sha256sum | cut -c1-8)"
+[ -n "$lspci" ] && tag="-lspci"
+[ -n "$modules" ] && tag="$tag-modules"
+[ -n "$tag" ] && tag="$tag-$(echo "${extra[*]}" | sha256sum | cut -c1-8)"
 initrd="$out/initrd$tag.gz"
 if [ -n "$init" ]; then
   initrd="$out/initrd-$(sha256sum "$init" | cut -c1-12)$tag.gz"

@@ -182,6 +182,7 @@ pub fn run_engine(engine: EngineKind) -> Column {
         cpus: 1,
         firmware: None,
         threads: popek_vmm::Threads::Auto,
+        devices: Default::default(),
     };
     let cap = Capture::default();
     let text_now = || {

@@ -528,6 +528,15 @@ struct RunArgs {
     /// Initial ramdisk (Linux) or module (Multiboot).
     #[arg(long, value_name = "FILE")]
     initrd: Option<PathBuf>,
+    /// A virtio-blk disk backed by a raw image (repeatable; the guest
+    /// sees /dev/vda, /dev/vdb… in this order). readonly=on refuses the
+    /// guest's writes.
+    #[arg(long = "disk", value_name = "path=FILE[,readonly=on]", value_parser = parse_disk)]
+    disks: Vec<popek_vmm::DiskConfig>,
+    /// A virtio-rng device: the guest's /dev/hwrng, from the host's
+    /// getrandom.
+    #[arg(long)]
+    rng: bool,
     /// Kernel command line.
     #[arg(long, value_name = "STR", default_value = "")]
     cmdline: String,
@@ -632,11 +641,17 @@ fn parse_addr(s: &str) -> Result<u64, String> {
     r.map_err(|_| format!("'{s}' is not an address"))
 }
 
+fn parse_disk(s: &str) -> Result<popek_vmm::DiskConfig, String> {
+    s.parse()
+}
+
 fn default_run() -> RunArgs {
     RunArgs {
         engine: EngineArg::Auto,
         kernel: None,
         initrd: None,
+        disks: Vec::new(),
+        rng: false,
         cmdline: String::new(),
         memory: 256 << 20,
         cpus: 1,
@@ -713,6 +728,10 @@ fn make_vm(a: &RunArgs, console: Box<dyn Write + Send>) -> Result<Vm, u8> {
             ThreadsArg::Auto => popek_vmm::Threads::Auto,
             ThreadsArg::Single => popek_vmm::Threads::Single,
             ThreadsArg::Multi => popek_vmm::Threads::Multi,
+        },
+        devices: popek_vmm::Devices {
+            disks: a.disks.clone(),
+            rng: a.rng,
         },
     };
     Vm::new(&cfg, console).map_err(|e| {

@@ -761,6 +761,7 @@ fn two_vcpus_snapshotted(clock: popek_machine::ClockMode) {
         cpus: 2,
         firmware: None,
         threads: popek_vmm::Threads::Auto,
+        devices: Default::default(),
     };
     let mut vm = Vm::new(&cfg, Box::new(std::io::sink())).unwrap();
     assert_eq!(vm.run(), Outcome::DebugExit(PASSED));

@@ -50,6 +50,7 @@ fn config(guest: &str, engine: EngineKind, cmdline: &str) -> VmConfig {
         cpus: 1,
         firmware: None,
         threads: popek_vmm::Threads::Auto,
+        devices: Default::default(),
     }
 }
 

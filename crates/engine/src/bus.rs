@@ -150,6 +150,8 @@ pub struct SharedMachine<'m> {
     /// Machine time's host origin ([`Machine::host_clock_origin`]): RDTSC
     /// needs no lock.
     origin: Option<(Instant, u64)>,
+    /// Rung by device workers: unparks the vCPU threads.
+    doorbell: std::sync::Arc<popek_machine::pci_device::Doorbell>,
 }
 
 impl<'m> SharedMachine<'m> {
@@ -157,7 +159,9 @@ impl<'m> SharedMachine<'m> {
     pub fn new(machine: &'m mut Machine) -> SharedMachine<'m> {
         let n = machine.cpus();
         let origin = machine.host_clock_origin();
+        let doorbell = machine.doorbell().clone();
         let s = SharedMachine {
+            doorbell,
             origin,
             machine: Mutex::new(machine),
             lines: (0..n).map(|_| AtomicU8::new(0)).collect(),
@@ -172,6 +176,7 @@ impl<'m> SharedMachine<'m> {
     /// rise).
     pub fn register(&self, cpu: usize) {
         let _ = self.threads[cpu].set(std::thread::current());
+        self.doorbell.watch(cpu);
     }
 
     /// Runs `f` on the machine under its lock, then publishes the lines

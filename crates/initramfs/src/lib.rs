@@ -215,6 +215,9 @@ pub const DEFAULT_INIT: &str = "#!/bin/sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
+if [ -f /lib/modules/load ]; then
+  for m in $(cat /lib/modules/load); do insmod /lib/modules/$m.ko; done
+fi
 echo 'popek: init reached'
 echo 'Debian busybox shell; poweroff -f to power off'
 exec setsid cttyhack sh

@@ -38,6 +38,7 @@ pub mod ioapic;
 pub mod lapic;
 pub mod memmap;
 pub mod pci;
+pub mod pci_device;
 pub mod pci_function;
 pub mod persist;
 pub mod pic;
@@ -168,6 +169,9 @@ pub enum MachineError {
     /// A saved device state was refused.
     #[error("a saved device state was refused")]
     State(#[source] StateError),
+    /// PCI bus 0 has no free slot for another device.
+    #[error("PCI bus 0 is full: 31 devices at most")]
+    PciFull,
     /// The firmware image cannot be mapped.
     #[error("firmware: {0}")]
     Firmware(String),
@@ -271,6 +275,10 @@ pub struct Machine {
     pm: acpi::PmBlock,
     pci: pci::Pci,
     fw_cfg: fw_cfg::FwCfg,
+    /// Devices on PCI bus 0 beside the host bridge, with their slots.
+    pci_devices: Vec<(u8, Box<dyn pci_device::PciDevice>)>,
+    /// Rung by device workers (see [`pci_device::Doorbell`]).
+    doorbell: Arc<pci_device::Doorbell>,
     /// The firmware ROM (`--firmware`), at the top of the 4 GiB.
     rom: Option<Arc<[u8]>>,
     /// One local APIC per vCPU.
@@ -392,6 +400,8 @@ impl Machine {
                     .expect("a valid name");
                 f
             },
+            pci_devices: Vec::new(),
+            doorbell: Arc::default(),
             rom: None,
             lapics: (0..cpus as u32).map(lapic::LocalApic::new).collect(),
             ioapic: ioapic::IoApic::new(),
@@ -693,7 +703,12 @@ impl Machine {
         match dev {
             Port::Pm => self.pm.read(u64::from(offset), data, self.clock.now()),
             Port::PciAddress => self.pci.read_address(offset, data),
-            Port::PciData => self.pci.read_data(offset, data),
+            Port::PciData => match self.pci.target() {
+                Some((dev, func, reg)) if dev != 0 => {
+                    self.device_config_read(dev, func, reg + usize::from(offset), data)
+                }
+                _ => self.pci.read_data(offset, data),
+            },
             _ => {
                 for (i, d) in data.iter_mut().enumerate() {
                     *d = self.read_byte(dev, offset + i as u16);
@@ -716,7 +731,12 @@ impl Machine {
                 let r = self.pci.write_address(offset, data);
                 self.request_stop(r);
             }
-            Port::PciData => self.pci.write_data(offset, data),
+            Port::PciData => match self.pci.target() {
+                Some((dev, func, reg)) if dev != 0 => {
+                    self.device_config_write(dev, func, reg + usize::from(offset), data)
+                }
+                _ => self.pci.write_data(offset, data),
+            },
             // The selector is a 16-bit register; the data port (offset 1)
             // takes no writes.
             Port::FwCfg if offset == 0 && data.len() == 2 => {
@@ -752,7 +772,13 @@ impl Machine {
                             self.dev_read(dev, (u64::from(p) - base) as u16, &mut one);
                             *b = one[0];
                         }
-                        None => tracing::debug!("unclaimed port read {p:#06x}"),
+                        None => {
+                            let mut one = [0xff];
+                            if !self.bar_access(false, u64::from(p), Access::Read(&mut one)) {
+                                tracing::debug!("unclaimed port read {p:#06x}");
+                            }
+                            *b = one[0];
+                        }
                     }
                 }
             }
@@ -778,7 +804,11 @@ impl Machine {
                         Some((base, _, &dev)) => {
                             self.dev_write(dev, (u64::from(p) - base) as u16, &[b]);
                         }
-                        None => tracing::debug!("unclaimed port write {p:#06x} <- {b:#04x}"),
+                        None => {
+                            if !self.bar_access(false, u64::from(p), Access::Write(&[b])) {
+                                tracing::debug!("unclaimed port write {p:#06x} <- {b:#04x}");
+                            }
+                        }
                     }
                 }
             }
@@ -797,12 +827,19 @@ impl Machine {
         } else if (ioapic::BASE..ioapic::BASE + ioapic::LEN).contains(&addr) {
             self.ioapic.mmio_read(addr - ioapic::BASE, &mut buf[..n]);
         } else if (memmap::ECAM_START..memmap::ECAM_START + memmap::ECAM_SIZE).contains(&addr) {
-            self.pci.ecam_read(addr - memmap::ECAM_START, &mut buf[..n]);
+            match pci::Pci::ecam_target(addr - memmap::ECAM_START) {
+                Some((dev, func, reg)) if dev != 0 => {
+                    self.device_config_read(dev, func, reg, &mut buf[..n])
+                }
+                _ => self.pci.ecam_read(addr - memmap::ECAM_START, &mut buf[..n]),
+            }
         } else if let Some(rom) = self.rom_at(addr) {
             for (i, b) in buf[..n].iter_mut().enumerate() {
                 *b = rom.get(i).copied().unwrap_or(0xff);
             }
-        } else if !self.mmio.read(addr, &mut buf[..n]) {
+        } else if !self.mmio.read(addr, &mut buf[..n])
+            && !self.bar_access(true, addr, Access::Read(&mut buf[..n]))
+        {
             tracing::debug!("unclaimed MMIO read {addr:#x}/{n}");
         }
         let v = u64::from_le_bytes(buf);
@@ -885,8 +922,15 @@ impl Machine {
                 .mmio_write(addr - ioapic::BASE, &bytes[..n], &mut out);
             self.deliver_messages(out, None);
         } else if (memmap::ECAM_START..memmap::ECAM_START + memmap::ECAM_SIZE).contains(&addr) {
-            self.pci.ecam_write(addr - memmap::ECAM_START, &bytes[..n]);
-        } else if !self.mmio.write(addr, &bytes[..n]) {
+            match pci::Pci::ecam_target(addr - memmap::ECAM_START) {
+                Some((dev, func, reg)) if dev != 0 => {
+                    self.device_config_write(dev, func, reg, &bytes[..n])
+                }
+                _ => self.pci.ecam_write(addr - memmap::ECAM_START, &bytes[..n]),
+            }
+        } else if !self.mmio.write(addr, &bytes[..n])
+            && !self.bar_access(true, addr, Access::Write(&bytes[..n]))
+        {
             tracing::debug!("unclaimed MMIO write {addr:#x}/{n} <- {value:#x}");
         }
     }
@@ -1099,6 +1143,9 @@ impl Machine {
     /// In [`ClockMode::Host`] time is the host clock and the count only
     /// matters for [`ClockMode::Virtual`].
     pub fn advance(&mut self, guest_instructions: u64) {
+        if self.doorbell.take() {
+            self.poll_devices();
+        }
         self.clock.instructions = self.clock.instructions.max(guest_instructions);
         let now = self.clock.now();
         if self.pit.advance(pit::ns_to_ticks(now)) {
@@ -1201,6 +1248,12 @@ impl Machine {
                 "firmware",
                 "a VM started from firmware cannot be saved yet (its ROM is not part of the state)",
             ));
+        }
+        for (slot, d) in &self.pci_devices {
+            if let Err(why) = d.save() {
+                tracing::debug!("device 00:{slot:02x}.0 cannot be saved: {why}");
+                return Err(StateError::new(d.kind(), &why));
+            }
         }
         if !self.mmio.is_empty() {
             return Err(StateError::new(
@@ -1320,6 +1373,137 @@ impl Machine {
         Ok(m)
     }
 
+    /// Plugs `device` into the first free slot of PCI bus 0 (1–31; the
+    /// host bridge is 0) and returns the slot.
+    pub fn add_pci_device(
+        &mut self,
+        device: Box<dyn pci_device::PciDevice>,
+    ) -> Result<u8, MachineError> {
+        let slot = (1..32u8)
+            .find(|s| self.pci_devices.iter().all(|(t, _)| t != s))
+            .ok_or(MachineError::PciFull)?;
+        self.pci_devices.push((slot, device));
+        Ok(slot)
+    }
+
+    /// The devices on PCI bus 0 beside the host bridge: slot and device.
+    pub fn pci_devices(&self) -> impl Iterator<Item = (u8, &dyn pci_device::PciDevice)> {
+        self.pci_devices.iter().map(|(s, d)| (*s, d.as_ref()))
+    }
+
+    /// What device workers ring when their work is done (see
+    /// [`pci_device::Doorbell`]); the VMM waits on it while the guest is
+    /// halted with I/O in flight.
+    pub fn doorbell(&self) -> &Arc<pci_device::Doorbell> {
+        &self.doorbell
+    }
+
+    /// Whether a device has work in flight off the vCPU thread, or
+    /// finished work the machine has not taken yet: a halted guest will
+    /// be woken by it.
+    pub fn io_in_flight(&self) -> bool {
+        self.doorbell.rung() || self.pci_devices.iter().any(|(_, d)| d.in_flight() > 0)
+    }
+
+    /// Takes what device workers finished and delivers the interrupts
+    /// it signals.
+    pub fn poll_devices(&mut self) {
+        let ram = self.ram.clone();
+        for i in 0..self.pci_devices.len() {
+            let mut io = pci_device::DeviceIo::new(&ram);
+            self.pci_devices[i].1.poll(&mut io);
+            self.deliver_msis(i, io.take_msis());
+        }
+    }
+
+    /// Waits until no device has work in flight, taking what finished
+    /// (before a snapshot, or when the VM stops).
+    pub fn quiesce_devices(&mut self) {
+        let ram = self.ram.clone();
+        for i in 0..self.pci_devices.len() {
+            let mut io = pci_device::DeviceIo::new(&ram);
+            self.pci_devices[i].1.quiesce(&mut io);
+            self.deliver_msis(i, io.take_msis());
+        }
+    }
+
+    /// Delivers the messages device `i` signalled, if it may master the
+    /// bus (an MSI is a memory write by the device).
+    fn deliver_msis(&mut self, i: usize, msis: Vec<(u64, u32)>) {
+        if msis.is_empty() {
+            return;
+        }
+        let master = self.pci_devices[i].1.config().command() & pci_function::CMD_BUS_MASTER != 0;
+        for (address, data) in msis {
+            if !master || !self.msi(address, data) {
+                tracing::debug!(
+                    "device 00:{:02x}.0: interrupt message {address:#x} <- {data:#x} dropped",
+                    self.pci_devices[i].0
+                );
+            }
+        }
+    }
+
+    fn device_index(&self, dev: u8) -> Option<usize> {
+        self.pci_devices.iter().position(|(s, _)| *s == dev)
+    }
+
+    /// A configuration read of device `dev`, function `func` (only
+    /// function 0 exists).
+    fn device_config_read(&mut self, dev: u8, func: u8, reg: usize, data: &mut [u8]) {
+        match self.device_index(dev) {
+            Some(i) if func == 0 => self.pci_devices[i].1.config_read(reg, data),
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn device_config_write(&mut self, dev: u8, func: u8, reg: usize, data: &[u8]) {
+        if let Some(i) = self.device_index(dev).filter(|_| func == 0) {
+            let ram = self.ram.clone();
+            let mut io = pci_device::DeviceIo::new(&ram);
+            self.pci_devices[i].1.config_write(reg, data, &mut io);
+            self.deliver_msis(i, io.take_msis());
+        }
+    }
+
+    /// An access to whatever BAR decodes `addr` (memory space when
+    /// `memory`, else I/O space). False when none does.
+    fn bar_access(&mut self, memory: bool, addr: u64, access: Access<'_>) -> bool {
+        let len = match &access {
+            Access::Read(d) => d.len(),
+            Access::Write(d) => d.len(),
+        } as u64;
+        let hit = self.pci_devices.iter().enumerate().find_map(|(i, (_, d))| {
+            d.config().bars().find_map(|(bar, b, at)| {
+                let at = at?;
+                let is_memory = b.kind != pci_function::BarKind::Io;
+                (is_memory == memory && addr >= at && addr - at + len <= b.size).then_some((
+                    i,
+                    bar,
+                    addr - at,
+                ))
+            })
+        });
+        let Some((i, bar, offset)) = hit else {
+            return false;
+        };
+        let ram = self.ram.clone();
+        let mut io = pci_device::DeviceIo::new(&ram);
+        match access {
+            Access::Read(d) => self.pci_devices[i].1.bar_read(bar, offset, d, &mut io),
+            Access::Write(d) => {
+                self.pci_devices[i].1.bar_write(bar, offset, d, &mut io);
+                // Under the virtual clock a request completes at the
+                // instruction that submitted it, so runs repeat.
+                if self.clock.mode == ClockMode::Virtual && self.pci_devices[i].1.in_flight() > 0 {
+                    self.pci_devices[i].1.quiesce(&mut io);
+                }
+            }
+        }
+        self.deliver_msis(i, io.take_msis());
+        true
+    }
+
     /// Ctrl-Alt-Del on the keyboard (see [`i8042::I8042::ctrl_alt_del`]).
     pub fn send_ctrl_alt_del(&mut self) {
         self.i8042.ctrl_alt_del();
@@ -1337,6 +1521,12 @@ impl Machine {
     pub fn serial_input_pending(&self) -> usize {
         self.uart.pending_input()
     }
+}
+
+/// A device access: bytes to fill or bytes written.
+enum Access<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
 }
 
 /// `IA32_APIC_BASE`.

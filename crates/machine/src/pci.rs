@@ -83,28 +83,44 @@ impl Pci {
         }
     }
 
+    /// The function on bus 0 the address register selects — device,
+    /// function and dword offset — or `None` while it is disabled or
+    /// selects another bus (none exists).
+    pub fn target(&self) -> Option<(u8, u8, usize)> {
+        if self.address & ENABLE == 0 || (self.address >> 16) & 0xff != 0 {
+            return None;
+        }
+        let dev = ((self.address >> 11) & 0x1f) as u8;
+        let func = ((self.address >> 8) & 0x7) as u8;
+        Some((dev, func, (self.address & 0xfc) as usize))
+    }
+
+    /// The function on bus 0 at ECAM offset `offset`: device, function and
+    /// register offset in its 4 KiB.
+    pub fn ecam_target(offset: u64) -> Option<(u8, u8, usize)> {
+        let bus = (offset >> 20) & 0xff;
+        let dev = ((offset >> 15) & 0x1f) as u8;
+        let func = ((offset >> 12) & 0x7) as u8;
+        (bus == 0).then_some((dev, func, (offset & 0xfff) as usize))
+    }
+
     /// The configuration space of the function the address register
     /// selects, and the dword offset; `None` when it is disabled or no
     /// function is there.
     fn selected(&mut self) -> Option<(&mut ConfigSpace, usize)> {
-        if self.address & ENABLE == 0 {
-            return None;
+        match self.target() {
+            Some((0, 0, reg)) => Some((&mut self.bridge, reg)),
+            _ => None,
         }
-        let bus = (self.address >> 16) & 0xff;
-        let dev = (self.address >> 11) & 0x1f;
-        let func = (self.address >> 8) & 0x7;
-        let reg = (self.address & 0xfc) as usize;
-        (bus == 0 && dev == 0 && func == 0).then_some((&mut self.bridge, reg))
     }
 
     /// The function at ECAM offset `offset` and the register offset in its
     /// 4 KiB; `None` when no function is there.
     fn ecam(&mut self, offset: u64) -> Option<(&mut ConfigSpace, usize)> {
-        let bus = (offset >> 20) & 0xff;
-        let dev = (offset >> 15) & 0x1f;
-        let func = (offset >> 12) & 0x7;
-        let reg = (offset & 0xfff) as usize;
-        (bus == 0 && dev == 0 && func == 0).then_some((&mut self.bridge, reg))
+        match Self::ecam_target(offset) {
+            Some((0, 0, reg)) => Some((&mut self.bridge, reg)),
+            _ => None,
+        }
     }
 
     /// A read of the ECAM window at `offset` (from its start).

@@ -11,6 +11,7 @@
 //! or translated from those pages before it runs again.
 
 pub mod image;
+pub mod vm;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -328,6 +329,15 @@ impl GuestRam {
     /// Writes a little-endian 64-bit value.
     pub fn write_u64(&self, addr: u64, v: u64) -> Result<(), MemoryError> {
         self.write(addr, &v.to_le_bytes())
+    }
+
+    /// Records that something outside the CPU engines (a device's DMA)
+    /// wrote `len` bytes at `addr`: engines drop code decoded from those
+    /// pages before they run again.
+    pub fn note_external_write(&self, addr: u64, len: u64) {
+        if addr < self.size {
+            self.mark_external(addr, len.min(self.size - addr));
+        }
     }
 
     fn mark_external(&self, addr: u64, len: u64) {

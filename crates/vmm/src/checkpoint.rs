@@ -511,6 +511,8 @@ impl Vm {
         check_engine_for(kind, &state)?;
         let factory = kind.factory();
         if factory.needs_shareable_ram() && !self.machine.ram().is_shareable() {
+            // No device may write the old RAM after the copy.
+            self.machine.quiesce_devices();
             let ram = GuestRam::new_shareable(self.machine.ram().size())
                 .map_err(|e| format!("cannot allocate guest RAM: {e}"))?;
             ram.copy_from(self.machine.ram())

@@ -235,6 +235,49 @@ pub struct VmConfig {
     pub firmware: Option<PathBuf>,
     /// How several vCPUs share the host (`--threads`).
     pub threads: Threads,
+    /// The virtio devices (`--disk`, `--rng`).
+    pub devices: Devices,
+}
+
+/// A disk (`--disk path=FILE[,readonly=on]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The raw image.
+    pub path: PathBuf,
+    /// The guest may not write it.
+    pub readonly: bool,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = String;
+
+    /// cloud-hypervisor's syntax: `path=FILE[,readonly=on|off]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut path = None;
+        let mut readonly = false;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("path", p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
+                Some(("readonly", "on" | "true")) => readonly = true,
+                Some(("readonly", "off" | "false")) => readonly = false,
+                _ => return Err(format!("{part:?}: a disk is path=FILE[,readonly=on|off]")),
+            }
+        }
+        Ok(DiskConfig {
+            path: path.ok_or("a disk needs path=FILE")?,
+            readonly,
+        })
+    }
+}
+
+/// The VM's virtio devices, on PCI bus 0 in this order: disks, then the
+/// entropy device.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Devices {
+    /// virtio-blk disks.
+    pub disks: Vec<DiskConfig>,
+    /// A virtio-rng device.
+    pub rng: bool,
 }
 
 /// Bad input: a file, a flag, or an engine that cannot run the guest.
@@ -544,6 +587,32 @@ fn firmware_engine(kind: EngineKind) -> Result<(), EngineError> {
     }
 }
 
+/// Plugs the virtio devices into the machine's PCI bus.
+fn attach_devices(machine: &mut Machine, devices: &Devices) -> Result<(), VmError> {
+    let mut made: Vec<(Box<dyn popek_virtio::VirtioDevice>, String)> = Vec::new();
+    for d in &devices.disks {
+        let bell = machine.doorbell().clone();
+        let block = popek_virtio::block::Block::open(&d.path, d.readonly, bell).map_err(|e| {
+            VmError::Input {
+                path: d.path.display().to_string(),
+                why: popek_engine::error_chain(&e),
+            }
+        })?;
+        made.push((Box::new(block), d.path.display().to_string()));
+    }
+    if devices.rng {
+        made.push((Box::new(popek_virtio::rng::Rng::new()), "--rng".into()));
+    }
+    for (dev, what) in made {
+        let pci = popek_virtio::pci::VirtioPci::new(dev)
+            .map_err(|why| VmError::Input { path: what, why })?;
+        machine
+            .add_pci_device(Box::new(pci))
+            .map_err(VmError::Machine)?;
+    }
+    Ok(())
+}
+
 /// Reads a kernel or initrd: a regular file of at most `max` bytes (guest
 /// RAM: nothing larger can be loaded), checked before reading so that a
 /// device (`/dev/zero`) or a FIFO is refused at once instead of read
@@ -817,6 +886,8 @@ impl Vm {
                 (machine, state)
             }
         };
+        let mut machine = machine;
+        attach_devices(&mut machine, &cfg.devices)?;
         let mut engine = factory.create(&machine)?;
         state.vendor = vendor;
         engine.set_state(state)?;
@@ -1153,7 +1224,8 @@ impl Vm {
             }
         }
         let timeout = self.machine.time_to_next_event(icount);
-        if timeout.is_none() && self.input.is_none() {
+        let io = self.machine.io_in_flight();
+        if timeout.is_none() && self.input.is_none() && !io {
             return Some(Outcome::NoProgress(report::no_progress(
                 self.engine.as_mut(),
                 "the guest halted with no timer armed and no terminal input: nothing can wake it",
@@ -1163,12 +1235,21 @@ impl Vm {
             .unwrap_or(Duration::from_millis(100))
             .min(Duration::from_millis(100));
         match &self.input {
+            // A device finishing its I/O wakes the guest as input does.
+            Some(rx) if io => {
+                self.machine.doorbell().wait(timeout);
+                match rx.try_recv() {
+                    Ok(ev) => return self.take_input(ev),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => {}
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => self.input = None,
+                }
+            }
             Some(rx) => match rx.recv_timeout(timeout) {
                 Ok(ev) => return self.take_input(ev),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => self.input = None,
             },
-            None => std::thread::sleep(timeout),
+            None => self.machine.doorbell().wait(timeout),
         }
         self.machine.advance(icount);
         None

@@ -504,20 +504,36 @@ impl Vm {
                         break;
                     }
                     let t = Vcpu::idle_time(phase);
-                    match input.as_ref() {
-                        Some(rx) => match rx.recv_timeout(t) {
-                            Ok(ConsoleEvent::Input(b)) => phase.shared.with(|m| m.serial_input(&b)),
-                            Ok(ConsoleEvent::Quit) => phase.finish(Outcome::Quit),
-                            Ok(ConsoleEvent::Snapshot) => {
-                                *console_snapshot_asked = true;
-                                phase.end();
-                            }
-                            Ok(ConsoleEvent::Eof) | Err(RecvTimeoutError::Disconnected) => {
-                                *input = None
-                            }
-                            Err(RecvTimeoutError::Timeout) => {}
-                        },
-                        None => std::thread::park_timeout(t),
+                    // While a device works, its doorbell unparks this
+                    // thread; input is then looked at without waiting.
+                    let io = phase.shared.with(|m| m.io_in_flight());
+                    let waited = match input.as_ref() {
+                        Some(rx) if io => {
+                            std::thread::park_timeout(t);
+                            rx.try_recv().map_err(|e| match e {
+                                std::sync::mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
+                                std::sync::mpsc::TryRecvError::Disconnected => {
+                                    RecvTimeoutError::Disconnected
+                                }
+                            })
+                        }
+                        Some(rx) => rx.recv_timeout(t),
+                        None => {
+                            std::thread::park_timeout(t);
+                            Err(RecvTimeoutError::Timeout)
+                        }
+                    };
+                    match waited {
+                        Ok(ConsoleEvent::Input(b)) => phase.shared.with(|m| m.serial_input(&b)),
+                        Ok(ConsoleEvent::Quit) => phase.finish(Outcome::Quit),
+                        Ok(ConsoleEvent::Snapshot) => {
+                            *console_snapshot_asked = true;
+                            phase.end();
+                        }
+                        Ok(ConsoleEvent::Eof) | Err(RecvTimeoutError::Disconnected) => {
+                            *input = None
+                        }
+                        Err(RecvTimeoutError::Timeout) => {}
                     }
                     continue;
                 }

@@ -297,6 +297,7 @@ fn run(
         cpus: 1,
         firmware: None,
         threads: popek_vmm::Threads::Auto,
+        devices: Default::default(),
     };
     let mut vm = Vm::new(&cfg, Box::new(std::io::sink())).unwrap_or_else(|e| panic!("{name}: {e}"));
     let _ = std::fs::remove_file(&path);
