@@ -874,6 +874,14 @@ fn drive(mut vm: Vm, s: &Session, api: Option<api::Api>) -> u8 {
             )
             .collect();
         eprintln!("  {:<28} {}", "machine devices", ports.join(", "));
+        for (slot, d) in vm.machine.pci_devices() {
+            let counts: Vec<String> = d.stats().iter().map(|(k, v)| format!("{k} {v}")).collect();
+            eprintln!(
+                "  {:<28} {}",
+                format!("pci 00:{slot:02x}.0 {}", d.kind()),
+                counts.join(", ")
+            );
+        }
         let touched = vm.machine.ram().resident_bytes();
         if let Some(rss) = popek_memory::process_rss() {
             eprintln!(

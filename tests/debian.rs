@@ -25,32 +25,15 @@ fn guest_with(init: &str) -> (PathBuf, PathBuf) {
 
 /// [`guest_with`], with the 686-pae kernel (PAE paging) when `pae`.
 fn guest_flavour(init: &str, pae: bool) -> (PathBuf, PathBuf) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new("bash")
-        .arg(root.join("scripts/debian-guest.sh"))
-        .arg("--init")
-        .arg(root.join("tests/debian").join(init))
-        // The checks' initramfs also carries pciutils' lspci.
-        .args(if init == "init-check.sh" {
-            &["--lspci"][..]
-        } else {
-            &[]
-        })
-        .args(if pae { &["--pae"][..] } else { &[] })
-        .env("POPEK_BIN", env!("CARGO_BIN_EXE_popek"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("bash runs scripts/debian-guest.sh");
-    assert!(
-        out.status.success(),
-        "scripts/debian-guest.sh failed (is Debian's archive reachable?): {}",
-        out.status
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut lines = text.lines();
-    let kernel = PathBuf::from(lines.next().expect("kernel path"));
-    let initrd = PathBuf::from(lines.next().expect("initrd path"));
-    (kernel, initrd)
+    let mut flags = Vec::new();
+    // The checks' initramfs also carries pciutils' lspci.
+    if init == "init-check.sh" {
+        flags.push("--lspci");
+    }
+    if pae {
+        flags.push("--pae");
+    }
+    support::debian_guest(init, &flags)
 }
 
 /// Boots the guest on `engine`: (exit status, or None when it ran past

@@ -160,6 +160,33 @@ pub fn multiboot_elf(addr: u32, code: &[u8], memsz: u32, entry: u32) -> Vec<u8> 
     f
 }
 
+/// The Debian i386 kernel and an initramfs whose /init is
+/// `tests/debian/INIT`, built by `scripts/debian-guest.sh` with `flags`
+/// (`--lspci`, `--pae`, `--modules`), fetched from Debian's archive and
+/// cached; fails and says so when the archive cannot be reached.
+pub fn debian_guest(init: &str, flags: &[&str]) -> (PathBuf, PathBuf) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("bash")
+        .arg(root.join("scripts/debian-guest.sh"))
+        .arg("--init")
+        .arg(root.join("tests/debian").join(init))
+        .args(flags)
+        .env("POPEK_BIN", env!("CARGO_BIN_EXE_popek"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("bash runs scripts/debian-guest.sh");
+    assert!(
+        out.status.success(),
+        "scripts/debian-guest.sh failed (is Debian's archive reachable?): {}",
+        out.status
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let kernel = PathBuf::from(lines.next().expect("kernel path"));
+    let initrd = PathBuf::from(lines.next().expect("initrd path"));
+    (kernel, initrd)
+}
+
 /// A `popek` running in the background with its console on pipes.
 pub struct Popek {
     child: Child,
@@ -230,6 +257,17 @@ impl Popek {
         let stdin = self.child.stdin.as_mut().unwrap();
         stdin.write_all(format!("{line}\r").as_bytes()).unwrap();
         stdin.flush().unwrap();
+    }
+
+    /// Kills it with SIGKILL (no chance to clean up) and waits for it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// What it reported so far.
+    pub fn err(&self) -> String {
+        self.err.lock().unwrap().clone()
     }
 
     /// Waits for the exit status (at most 60 s): (status, stdout, stderr).

@@ -1064,6 +1064,17 @@ impl Machine {
                 .ranges()
                 .map(|(base, len, _)| ("mmio device".to_string(), base, len)),
         );
+        for (slot, d) in &self.pci_devices {
+            for (i, bar, at) in d.config().bars() {
+                if let (Some(at), true) = (at, bar.kind != pci_function::BarKind::Io) {
+                    v.push((
+                        format!("{} (00:{slot:02x}.0) BAR {i}", d.kind()),
+                        at,
+                        bar.size,
+                    ));
+                }
+            }
+        }
         v.sort_by_key(|e| e.1);
         v
     }

@@ -740,3 +740,238 @@ impl Drop for Block {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_driver::{Driver, VECTOR_BASE, WRITE};
+    use popek_machine::pci_device::PciDevice;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A temporary image of `sectors` sectors, sector i filled with byte i.
+    struct Image(PathBuf);
+
+    impl Image {
+        fn new(sectors: u64) -> Image {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "popek-blk-{}-{}.img",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let mut data = Vec::new();
+            for i in 0..sectors {
+                data.extend(std::iter::repeat_n(i as u8, SECTOR as usize));
+            }
+            std::fs::write(&p, data).unwrap();
+            Image(p)
+        }
+
+        fn bytes(&self) -> Vec<u8> {
+            std::fs::read(&self.0).unwrap()
+        }
+    }
+
+    impl Drop for Image {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn driver(img: &Image, readonly: bool) -> Driver {
+        let bell = Arc::new(Doorbell::default());
+        let b = Block::open(&img.0, readonly, bell).unwrap();
+        let mut d = Driver::new(Box::new(b));
+        d.setup();
+        d
+    }
+
+    const HDR: u64 = 0x2_0000;
+    const DATA: u64 = 0x3_0000;
+    const STATUS: u64 = 0x4_0000;
+
+    fn header(d: &Driver, ty: u32, sector: u64) {
+        d.ram.write_u32(HDR, ty).unwrap();
+        d.ram.write_u32(HDR + 4, 0).unwrap();
+        d.ram.write_u64(HDR + 8, sector).unwrap();
+        d.ram.write_u8(STATUS, 0xee).unwrap();
+    }
+
+    /// A request with `len` data bytes at DATA (written by the device
+    /// when `device_writes`); returns (used len, status).
+    fn request(d: &mut Driver, ty: u32, sector: u64, len: u32, device_writes: bool) -> (u32, u8) {
+        header(d, ty, sector);
+        let dflag = if device_writes { WRITE } else { 0 };
+        let head = d.submit(&[(HDR, 16, 0), (DATA, len, dflag), (STATUS, 1, WRITE)]);
+        let used = d.used();
+        assert_eq!(used.len(), 1, "one request, one used entry");
+        assert_eq!(used[0].0, u32::from(head));
+        (used[0].1, d.ram.read_u8(STATUS).unwrap())
+    }
+
+    #[test]
+    fn reads_and_writes_reach_the_image_and_interrupt_through_msix() {
+        let img = Image::new(64);
+        let mut d = driver(&img, false);
+        // Capacity in the device configuration.
+        assert_eq!(d.bar_read(0x2000, 8), 64);
+        let (len, st) = request(&mut d, vb::VIRTIO_BLK_T_IN, 3, 1024, true);
+        assert_eq!((len, st), (1025, S_OK));
+        let mut buf = vec![0u8; 1024];
+        d.ram.read(DATA, &mut buf).unwrap();
+        assert!(buf[..512].iter().all(|&b| b == 3) && buf[512..].iter().all(|&b| b == 4));
+        assert_eq!(
+            d.msis,
+            vec![(0xfee0_0000, VECTOR_BASE + 1)],
+            "queue 0 is vector 1"
+        );
+        // The DMA is recorded for the CPU engines.
+        let pages = d.ram.take_external_writes();
+        assert!(pages.contains(&(DATA / 4096)), "{pages:?}");
+        d.ram.fill(DATA, 512, 0xab).unwrap();
+        let (len, st) = request(&mut d, vb::VIRTIO_BLK_T_OUT, 10, 512, false);
+        assert_eq!((len, st), (1, S_OK));
+        let bytes = img.bytes();
+        assert!(bytes[10 * 512..11 * 512].iter().all(|&b| b == 0xab));
+        assert!(bytes[11 * 512..12 * 512].iter().all(|&b| b == 11));
+        let (_, st) = request(&mut d, vb::VIRTIO_BLK_T_FLUSH, 0, 0, false);
+        assert_eq!(st, S_OK);
+        let stats = d.dev.stats();
+        let get = |k: &str| stats.iter().find(|(n, _)| n == k).unwrap().1;
+        assert_eq!((get("reads"), get("writes"), get("flushes")), (1, 1, 1));
+        assert_eq!(get("bytes read"), 1024);
+    }
+
+    #[test]
+    fn requests_outside_the_disk_or_not_in_sectors_fail_with_ioerr() {
+        let img = Image::new(8);
+        let mut d = driver(&img, false);
+        assert_eq!(
+            request(&mut d, vb::VIRTIO_BLK_T_IN, 8, 512, true).1,
+            S_IOERR
+        );
+        assert_eq!(
+            request(&mut d, vb::VIRTIO_BLK_T_IN, 7, 1024, true).1,
+            S_IOERR
+        );
+        assert_eq!(
+            request(&mut d, vb::VIRTIO_BLK_T_IN, u64::MAX, 512, true).1,
+            S_IOERR
+        );
+        assert_eq!(
+            request(&mut d, vb::VIRTIO_BLK_T_OUT, 0, 100, false).1,
+            S_IOERR
+        );
+        assert_eq!(request(&mut d, 0x77, 0, 512, true).1, S_UNSUPP);
+        // Still working.
+        assert_eq!(request(&mut d, vb::VIRTIO_BLK_T_IN, 7, 512, true).1, S_OK);
+        assert_eq!(img.bytes(), Image::new(8).bytes(), "nothing written");
+    }
+
+    #[test]
+    fn a_read_only_disk_says_so_and_refuses_writes() {
+        let img = Image::new(8);
+        let mut d = driver(&img, true);
+        assert_ne!(d.device_features() & 1 << vb::VIRTIO_BLK_F_RO, 0);
+        d.ram.fill(DATA, 512, 0xcd).unwrap();
+        assert_eq!(
+            request(&mut d, vb::VIRTIO_BLK_T_OUT, 1, 512, false).1,
+            S_IOERR
+        );
+        assert_eq!(request(&mut d, vb::VIRTIO_BLK_T_IN, 1, 512, true).1, S_OK);
+        assert_eq!(img.bytes(), Image::new(8).bytes());
+    }
+
+    #[test]
+    fn get_id_discard_and_write_zeroes() {
+        let img = Image::new(16);
+        let mut d = driver(&img, false);
+        let (len, st) = request(&mut d, vb::VIRTIO_BLK_T_GET_ID, 0, 20, true);
+        assert_eq!(st, S_OK);
+        let name = img.0.file_name().unwrap().to_string_lossy().into_owned();
+        let n = name.len().min(20);
+        let mut id = vec![0u8; n];
+        d.ram.read(DATA, &mut id).unwrap();
+        assert_eq!(id, &name.as_bytes()[..n]);
+        assert_eq!(len as usize, n + 1);
+        // Zero sectors 2..4, discard 8..16 (the data may stay: advisory).
+        d.ram.write_u64(DATA, 2).unwrap();
+        d.ram.write_u32(DATA + 8, 2).unwrap();
+        d.ram.write_u32(DATA + 12, 0).unwrap();
+        assert_eq!(
+            request(&mut d, vb::VIRTIO_BLK_T_WRITE_ZEROES, 0, 16, false).1,
+            S_OK
+        );
+        let bytes = img.bytes();
+        assert!(bytes[2 * 512..4 * 512].iter().all(|&b| b == 0));
+        assert!(bytes[4 * 512..5 * 512].iter().all(|&b| b == 4));
+        d.ram.write_u64(DATA, 8).unwrap();
+        d.ram.write_u32(DATA + 8, 8).unwrap();
+        assert_eq!(
+            request(&mut d, vb::VIRTIO_BLK_T_DISCARD, 0, 16, false).1,
+            S_OK
+        );
+        assert_eq!(img.bytes().len(), 16 * 512, "the size stays");
+        // A segment beyond the end, and discard with a flag.
+        d.ram.write_u64(DATA, 15).unwrap();
+        d.ram.write_u32(DATA + 8, 2).unwrap();
+        assert_eq!(
+            request(&mut d, vb::VIRTIO_BLK_T_DISCARD, 0, 16, false).1,
+            S_IOERR
+        );
+        d.ram.write_u64(DATA, 0).unwrap();
+        d.ram.write_u32(DATA + 12, 1).unwrap();
+        assert_eq!(
+            request(&mut d, vb::VIRTIO_BLK_T_DISCARD, 0, 16, false).1,
+            S_UNSUPP
+        );
+    }
+
+    #[test]
+    fn malformed_chains_are_refused_without_touching_memory_outside_ram() {
+        let img = Image::new(8);
+        let mut d = driver(&img, false);
+        header(&d, vb::VIRTIO_BLK_T_IN, 0);
+        // A data buffer beyond RAM: nothing to say the error in, used
+        // with length 0.
+        d.submit(&[
+            (HDR, 16, 0),
+            (crate::test_driver::RAM - 256, 512, WRITE),
+            (STATUS, 1, WRITE),
+        ]);
+        assert_eq!(d.used()[0].1, 0);
+        // Readable after writable.
+        d.submit(&[(HDR, 16, 0), (STATUS, 1, WRITE), (DATA, 512, 0)]);
+        assert_eq!(d.used()[0].1, 0);
+        // A header shorter than 16 bytes.
+        d.submit(&[(HDR, 8, 0), (STATUS, 1, WRITE)]);
+        assert_eq!(d.used()[0].1, 1);
+        assert_eq!(d.ram.read_u8(STATUS).unwrap(), S_IOERR);
+        // No status byte at all.
+        d.submit(&[(HDR, 16, 0)]);
+        assert_eq!(d.used()[0].1, 0);
+        assert_eq!(request(&mut d, vb::VIRTIO_BLK_T_IN, 1, 512, true).1, S_OK);
+    }
+
+    #[test]
+    fn images_not_in_whole_sectors_and_images_in_use_are_refused() {
+        let img = Image::new(2);
+        std::fs::write(&img.0, vec![0u8; 1000]).unwrap();
+        let bell = Arc::new(Doorbell::default());
+        let e = Block::open(&img.0, false, bell.clone()).unwrap_err();
+        assert!(e.to_string().contains("not a multiple of 512"), "{e}");
+        std::fs::write(&img.0, vec![0u8; 1024]).unwrap();
+        let first = Block::open(&img.0, false, bell.clone()).unwrap();
+        let e = Block::open(&img.0, false, bell.clone()).unwrap_err();
+        assert!(e.to_string().contains("in use"), "{e}");
+        assert!(
+            Block::open(&img.0, true, bell.clone()).is_err(),
+            "not even to read"
+        );
+        drop(first);
+        let _r1 = Block::open(&img.0, true, bell.clone()).unwrap();
+        let _r2 = Block::open(&img.0, true, bell.clone()).unwrap();
+        let e = Block::open(Path::new("/nonexistent/x.img"), false, bell).unwrap_err();
+        assert!(e.to_string().contains("cannot open"), "{e}");
+    }
+}

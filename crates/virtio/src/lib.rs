@@ -20,12 +20,14 @@
 pub mod block;
 pub mod pci;
 pub mod rng;
+#[cfg(test)]
+mod test_driver;
 
 use std::sync::Arc;
 
 use popek_memory::vm::VmMemory;
 use popek_memory::GuestRam;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 /// Device-independent feature bits the transport offers.
 pub mod features {
@@ -231,7 +233,15 @@ pub fn drain_queue(
     let mut used = false;
     loop {
         queue.disable_notification(mem)?;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        // `iter` refuses an available index more than a ring ahead.
+        let chains: Vec<_> = queue.iter(mem)?.collect();
+        if chains.is_empty() {
+            // Nothing could be taken: whatever the index says, stop here
+            // (a loop on a ring the driver corrupted would never end).
+            queue.enable_notification(mem)?;
+            return Ok(used);
+        }
+        for chain in chains {
             let head = chain.head_index();
             if let Some(len) = serve(chain) {
                 queue.add_used(mem, head, len)?;

@@ -277,8 +277,9 @@ impl VirtioPci {
             (0x16, 2) => self.queue_select = w16,
             (0x18, 2) if setup => {
                 if let Some(q) = self.selected() {
-                    // A size the ring cannot have (not a power of two,
-                    // beyond the maximum) leaves the queue invalid.
+                    // A size the ring cannot have (0, not a power of
+                    // two, beyond the maximum) is not taken: the driver
+                    // reads back the size the queue kept.
                     q.set_size(w16);
                 }
             }
@@ -616,5 +617,181 @@ impl PciDevice for VirtioPci {
         ];
         v.extend(self.device.stats());
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use crate::test_driver::{Driver, AVAIL, DESC, QSIZE, RAM, USED, VECTOR_BASE, WRITE};
+    use proptest::prelude::*;
+
+    fn rng_driver() -> Driver {
+        let mut d = Driver::new(Box::new(Rng::new()));
+        d.setup();
+        d
+    }
+
+    #[test]
+    fn identity_and_capabilities_are_what_linux_looks_for() {
+        let mut d = Driver::new(Box::new(Rng::new()));
+        assert_eq!(d.cfg_read(0, 4), 0x1044_1af4, "1AF4:1044, virtio-rng");
+        assert!(d.cfg_read(8, 1) >= 1, "revision 1: modern only");
+        assert_eq!(d.cfg_read(0x3d, 1), 0, "no INTx pin");
+        // The vendor capabilities: common, notify, ISR, device, PCI cfg.
+        let mut p = d.cfg_read(0x34, 1) as usize;
+        let mut types = Vec::new();
+        while p != 0 {
+            if d.cfg_read(p, 1) == u64::from(CAP_VENDOR) {
+                types.push(d.cfg_read(p + 3, 1) as u8);
+                assert_eq!(d.cfg_read(p + 4, 1), 0, "all in BAR 0");
+            }
+            p = d.cfg_read(p + 1, 1) as usize;
+        }
+        assert_eq!(
+            types,
+            vec![CFG_COMMON, CFG_NOTIFY, CFG_ISR, CFG_DEVICE, CFG_PCI]
+        );
+        // BAR 0 sizes as 32 KiB, 64-bit.
+        d.cfg_write(0x10, &[0xff; 4]);
+        d.cfg_write(0x14, &[0xff; 4]);
+        assert_eq!(d.cfg_read(0x10, 4), 0xffff_8004);
+        assert_eq!(d.cfg_read(0x14, 4), 0xffff_ffff);
+    }
+
+    #[test]
+    fn features_outside_the_offer_or_without_version_1_are_refused() {
+        let mut d = Driver::new(Box::new(Rng::new()));
+        let offered = d.device_features();
+        assert_ne!(offered & features::VERSION_1, 0);
+        assert!(!d.negotiate(offered | 1 << 40));
+        d.bar_write(0x14, &[0]);
+        assert_eq!(d.status(), 0, "reset");
+        assert!(!d.negotiate(offered & !features::VERSION_1));
+        d.bar_write(0x14, &[0]);
+        assert!(d.negotiate(offered));
+    }
+
+    #[test]
+    fn the_rng_fills_buffers_and_signals_its_vector() {
+        let mut d = rng_driver();
+        d.ram.fill(0x8000, 64, 0).unwrap();
+        let head = d.submit(&[(0x8000, 32, WRITE), (0x9000, 32, WRITE)]);
+        let used = d.used();
+        assert_eq!(used, vec![(u32::from(head), 64)]);
+        let mut b = [0u8; 32];
+        d.ram.read(0x8000, &mut b).unwrap();
+        assert_ne!(b, [0u8; 32], "random, not zeros");
+        assert_eq!(d.msis, vec![(0xfee0_0000, VECTOR_BASE + 1)]);
+        // The ISR says a queue interrupt, and reading clears it.
+        assert_eq!(d.bar_read(ISR, 1), 1);
+        assert_eq!(d.bar_read(ISR, 1), 0);
+    }
+
+    #[test]
+    fn a_masked_vector_is_held_pending_and_sent_on_unmask() {
+        let mut d = rng_driver();
+        // Mask vector 1.
+        d.bar_write(MSIX_TABLE + 16 + 12, &1u32.to_le_bytes());
+        d.submit(&[(0x8000, 16, WRITE)]);
+        assert_eq!(d.used().len(), 1);
+        assert!(d.msis.is_empty());
+        assert_eq!(d.bar_read(MSIX_PBA, 1), 0b10, "vector 1 pending");
+        d.bar_write(MSIX_TABLE + 16 + 12, &0u32.to_le_bytes());
+        assert_eq!(d.msis, vec![(0xfee0_0000, VECTOR_BASE + 1)]);
+        assert_eq!(d.bar_read(MSIX_PBA, 1), 0);
+    }
+
+    #[test]
+    fn bus_mastering_off_means_no_dma() {
+        let mut d = rng_driver();
+        d.cfg_write(0x04, &CMD_MEMORY_ONLY.to_le_bytes());
+        d.submit(&[(0x8000, 16, WRITE)]);
+        assert!(d.used().is_empty(), "the device may not touch memory");
+        d.cfg_write(0x04, &(CMD_MEMORY_ONLY | CMD_BUS_MASTER).to_le_bytes());
+        d.bar_write(NOTIFY, &0u16.to_le_bytes());
+        assert_eq!(d.used().len(), 1);
+    }
+
+    const CMD_MEMORY_ONLY: u16 = popek_machine::pci_function::CMD_MEMORY;
+
+    #[test]
+    fn rings_outside_ram_make_the_device_ask_for_a_reset() {
+        let mut d = Driver::new(Box::new(Rng::new()));
+        d.setup();
+        d.bar_write(0x14, &[0]);
+        let f = d.device_features();
+        assert!(d.negotiate(f & !features::RING_EVENT_IDX));
+        d.setup_queue(0, QSIZE, (RAM - 16, AVAIL, USED));
+        d.bar_write(0x14, &[1 | 2 | 8 | 4]);
+        d.bar_write(NOTIFY, &0u16.to_le_bytes());
+        assert_ne!(d.status() & STATUS_NEEDS_RESET, 0);
+        assert_eq!(d.msis, vec![], "no configuration vector was set");
+        // A reset brings it back.
+        d.bar_write(0x14, &[0]);
+        assert_eq!(d.status(), 0);
+    }
+
+    #[test]
+    fn the_pci_configuration_window_reaches_the_bar() {
+        let mut d = Driver::new(Box::new(Rng::new()));
+        let cap = d.dev.pci_cfg_cap;
+        d.cfg_write(cap + 4, &[0]);
+        d.cfg_write(cap + 8, &0x12u32.to_le_bytes());
+        d.cfg_write(cap + 12, &2u32.to_le_bytes());
+        assert_eq!(d.cfg_read(cap + 16, 4), 1, "num_queues through the window");
+        d.cfg_write(cap + 8, &0x14u32.to_le_bytes());
+        d.cfg_write(cap + 12, &1u32.to_le_bytes());
+        d.cfg_write(cap + 16, &[1]);
+        assert_eq!(d.status(), 1, "status written through the window");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("POPEK_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+        ))]
+
+        /// A hostile driver: random descriptor tables, available rings,
+        /// queue sizes and ring addresses. The device answers or asks for
+        /// a reset, never panics or hangs, and a reset brings it back.
+        #[test]
+        fn hostile_rings_never_break_the_device(
+            size in prop_oneof![Just(QSIZE), 0u16..300],
+            desc_bytes in proptest::collection::vec(any::<u8>(), 256),
+            avail in proptest::collection::vec(any::<u16>(), 1..20),
+            avail_idx in any::<u16>(),
+            ring_at in prop_oneof![Just(DESC), any::<u64>()],
+            block in any::<bool>(),
+        ) {
+            let dev: Box<dyn VirtioDevice> = if block {
+                let p = std::env::temp_dir().join(format!("popek-fuzz-{}.img", std::process::id()));
+                std::fs::write(&p, vec![0x5a; 8 * 512]).unwrap();
+                let b = crate::block::Block::open(&p, false, Default::default()).unwrap();
+                let _ = std::fs::remove_file(&p);
+                Box::new(b)
+            } else {
+                Box::new(Rng::new())
+            };
+            let mut d = Driver::new(dev);
+            d.setup();
+            d.bar_write(0x14, &[0]);
+            let f = d.device_features();
+            prop_assert!(d.negotiate(f));
+            d.setup_queue(0, size, (ring_at, AVAIL, USED));
+            d.bar_write(0x14, &[1 | 2 | 8 | 4]);
+            // Descriptors point at random places, mostly inside RAM.
+            d.ram.write(DESC, &desc_bytes).unwrap();
+            for (i, a) in avail.iter().enumerate() {
+                d.ram.write_u16(AVAIL + 4 + 2 * i as u64, *a).unwrap();
+            }
+            d.ram.write_u16(AVAIL + 2, avail_idx).unwrap();
+            d.bar_write(NOTIFY, &0u16.to_le_bytes());
+            let _ = d.used();
+            let _ = d.status();
+            d.bar_write(0x14, &[0]);
+            prop_assert_eq!(d.status(), 0);
+            prop_assert!(d.negotiate(f));
+        }
     }
 }

@@ -1,0 +1,186 @@
+//! virtio devices under Debian's stock i386 kernel on `bt`: a virtio-blk
+//! disk with an ext4 file system that keeps what the guest wrote across
+//! boots (and an fsynced write across popek being killed), a read-only
+//! disk, and virtio-rng. The kernel finds the devices on PCI, places their
+//! BARs and enables MSI-X itself. The guest comes from Debian's archive
+//! through `scripts/debian-guest.sh --modules --lspci` (cached).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use support::Popek;
+
+/// The kernel and the initramfs whose /init is tests/debian/init-disk.sh.
+fn guest() -> (PathBuf, PathBuf) {
+    support::debian_guest("init-disk.sh", &["--modules", "--lspci"])
+}
+
+/// A 64 MiB image with an empty ext4 file system (host `mkfs.ext4`).
+fn ext4_image(name: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("popek-{name}-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    std::fs::File::create(&p)
+        .and_then(|f| f.set_len(64 << 20))
+        .expect("an image file");
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "popek"])
+        .arg(&p)
+        .status()
+        .expect("mkfs.ext4 runs (Debian package e2fsprogs; scripts/test.sh installs it)");
+    assert!(st.success(), "mkfs.ext4 failed");
+    p
+}
+
+/// Starts Debian on bt with `disk` as /dev/vda (`disk_opts` appended to
+/// its --disk value) and virtio-rng, in `mode` (see init-disk.sh).
+fn start(disk: &Path, disk_opts: &str, mode: &str) -> Popek {
+    let (kernel, initrd) = guest();
+    let cmdline = format!("console=ttyS0 quiet popek.mode={mode}");
+    let disk_arg = format!("path={}{disk_opts}", disk.display());
+    Popek::start(&[
+        "run",
+        "--engine",
+        "bt",
+        "--memory",
+        "256M",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        &cmdline,
+        "--disk",
+        &disk_arg,
+        "--rng",
+    ])
+}
+
+/// The value after `key` on the console (to the end of its line).
+fn value<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key:?} on the console:\n{out}"))
+        .trim()
+}
+
+/// sha256 of a file inside the image (host `debugfs`).
+fn sha_in_image(img: &Path, file: &str) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("dump {file} /dev/stdout")])
+        .arg(img)
+        .stderr(Stdio::null())
+        .output()
+        .expect("debugfs runs (e2fsprogs)");
+    sha256(&out.stdout)
+}
+
+fn sha256(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sha256sum runs");
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)[..64].to_string()
+}
+
+/// `e2fsck` on the image: its exit status (0: clean; with `fix`, 1:
+/// fixed, e.g. a journal replayed).
+fn fsck(img: &Path, fix: bool) -> i32 {
+    Command::new("e2fsck")
+        .args(if fix { ["-f", "-y"] } else { ["-f", "-n"] })
+        .arg(img)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("e2fsck runs (e2fsprogs)")
+        .code()
+        .unwrap_or(-1)
+}
+
+#[test]
+fn debian_keeps_a_file_on_a_virtio_disk_across_boots() {
+    let img = ext4_image("keep");
+    let (st, out, err) = start(&img, "", "write").finish_within(300);
+    assert_eq!(st, 0, "powered off:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.contains("POPEK-DONE") && out.contains("unmounted"),
+        "{out}"
+    );
+    // What the kernel found: the disk (64 MiB, its serial the file name),
+    // both functions on PCI with MSI-X on and the BARs it placed itself.
+    assert_eq!(value(&out, "vda sectors:"), "131072");
+    let name = img.file_name().unwrap().to_string_lossy();
+    assert_eq!(value(&out, "vda serial:"), &name[..name.len().min(20)]);
+    assert!(value(&out, "hwrng:").starts_with("virtio_rng"), "{out}");
+    assert_eq!(value(&out, "hwrng bytes:"), "4096");
+    let lspci: Vec<&str> = out.lines().filter(|l| l.starts_with("lspci: ")).collect();
+    assert!(
+        lspci.iter().any(|l| l.contains("Virtio 1.0 block device"))
+            && lspci.iter().any(|l| l.contains("Virtio 1.0 RNG")),
+        "{lspci:#?}"
+    );
+    assert_eq!(
+        lspci
+            .iter()
+            .filter(|l| l.contains("MSI-X: Enable+"))
+            .count(),
+        2,
+        "{lspci:#?}"
+    );
+    assert!(
+        out.contains("dmesg: ") && out.contains("assigned"),
+        "Linux placed the BARs:\n{out}"
+    );
+    let blk_irqs: u64 = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("irq: "))
+        .filter(|l| l.starts_with("virtio0-req"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
+    assert!(
+        blk_irqs > 0,
+        "the disk's queue interrupted through MSI-X:\n{out}"
+    );
+    let sha = value(&out, "data sha:").to_string();
+    assert_eq!(sha.len(), 64);
+    // On the host: the file system is clean and holds the file.
+    assert_eq!(fsck(&img, false), 0, "e2fsck -fn found errors");
+    assert_eq!(sha_in_image(&img, "/data"), sha);
+    // Booted again from the same image: the file is there.
+    let (st, out, err) = start(&img, "", "check").finish_within(300);
+    assert_eq!(st, 0, "powered off:\n{out}\nstderr:\n{err}");
+    assert_eq!(value(&out, "data sha:"), sha, "{out}");
+    assert_eq!(fsck(&img, false), 0);
+    let _ = std::fs::remove_file(&img);
+}
+
+#[test]
+fn an_fsynced_write_survives_popek_being_killed() {
+    let img = ext4_image("fsync");
+    let p = start(&img, "", "fsync");
+    p.wait_for_within("POPEK-FSYNCED", 300);
+    let out = p.out();
+    p.kill();
+    let sha = value(&out, "synced sha:").to_string();
+    // The journal holds the write: e2fsck replays it (status 0 or 1).
+    let fixed = fsck(&img, true);
+    assert!(fixed == 0 || fixed == 1, "e2fsck -fy: {fixed}");
+    assert_eq!(sha_in_image(&img, "/synced"), sha, "{out}");
+    let _ = std::fs::remove_file(&img);
+}
+
+#[test]
+fn a_read_only_disk_refuses_the_guests_writes() {
+    let img = ext4_image("ro");
+    let before = sha256(&std::fs::read(&img).unwrap());
+    let (st, out, err) = start(&img, ",readonly=on", "ro").finish_within(300);
+    assert_eq!(st, 0, "powered off:\n{out}\nstderr:\n{err}");
+    assert_eq!(value(&out, "ro write:"), "refused", "{out}");
+    assert_eq!(sha256(&std::fs::read(&img).unwrap()), before);
+    let _ = std::fs::remove_file(&img);
+}
