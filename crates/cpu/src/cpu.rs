@@ -137,6 +137,10 @@ pub struct Cpu {
     /// A page of scratch memory a LOCKed instruction works on while it is
     /// made atomic (see `exec::locked`).
     pub(crate) lock_scratch: Box<[u64; 512]>,
+    /// Under the AMD profile, whether BSF/BSR keep the flags other than
+    /// ZF; `None`: as the host's AMD generation does
+    /// ([`crate::vendor::amd_bitscan_keeps_flags`]).
+    pub(crate) amd_bitscan_keeps: Option<bool>,
 }
 
 /// One entry of the direct-mapped block cache: key and block.
@@ -206,9 +210,26 @@ impl Cpu {
             track_invalidations: false,
             shared: None,
             lock_scratch: Box::new([0; 512]),
+            amd_bitscan_keeps: None,
         };
         cpu.refresh_all();
         cpu
+    }
+
+    /// Under the AMD profile, makes BSF/BSR keep the flags other than ZF
+    /// (Zen 3) or not (Zen 4); `None`: as the host's AMD generation does.
+    /// For replaying results recorded on another generation.
+    pub fn set_amd_bitscan_keeps_flags(&mut self, keeps: Option<bool>) {
+        self.amd_bitscan_keeps = keeps;
+    }
+
+    /// Whether BSF/BSR keep the flags other than ZF under the profile at
+    /// hand.
+    pub(crate) fn bitscan_keeps_flags(&self) -> bool {
+        self.st.vendor == Vendor::Amd
+            && self
+                .amd_bitscan_keeps
+                .unwrap_or_else(crate::vendor::amd_bitscan_keeps_flags)
     }
 
     /// The vendor profile the CPU follows.

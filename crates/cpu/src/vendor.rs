@@ -127,6 +127,50 @@ impl FromStr for Vendor {
     }
 }
 
+/// Whether BSF and BSR on AMD processors leave CF, OF, SF, AF and PF as
+/// they were (writing only ZF), as Zen 3 does — family 19h model 01h,
+/// measured — or clear CF, OF, SF and AF and set PF from the index, as
+/// Intel processors and Zen 4 (family 19h model 11h) do. The manuals call
+/// those flags undefined; AMD generations differ. On an AMD host the
+/// answer is the host's, probed once, so that code the binary translator
+/// runs natively agrees with the model; elsewhere Zen 4's.
+pub fn amd_bitscan_keeps_flags() -> bool {
+    static KEEPS: OnceLock<bool> = OnceLock::new();
+    *KEEPS.get_or_init(|| Vendor::host() == Vendor::Amd && host_bitscan_keeps_flags())
+}
+
+/// Runs BSF on the host with CF, PF, AF, SF and OF set and a source of 1:
+/// true when they are still set after it.
+fn host_bitscan_keeps_flags() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let flags: u64;
+        // SAFETY: register-only instructions and a balanced push/pop on
+        // the stack Rust gave the asm block (no `nostack`); POPFQ changes
+        // only the arithmetic flags (TF, DF, IF stay clear/as user mode
+        // allows).
+        unsafe {
+            std::arch::asm!(
+                "push 0x895",
+                "popfq",
+                "mov {s:e}, 1",
+                "bsf {d:e}, {s:e}",
+                "pushfq",
+                "pop {f}",
+                s = out(reg) _,
+                d = out(reg) _,
+                f = out(reg) flags,
+            );
+        }
+        // CF, AF, SF, OF (PF is 1 either way: the index is 0).
+        flags & 0x891 == 0x891
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The host's CPUID vendor string (zeros where there is no CPUID).
 pub fn host_vendor_string() -> [u8; 12] {
     #[cfg(target_arch = "x86_64")]

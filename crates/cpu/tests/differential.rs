@@ -2636,8 +2636,13 @@ impl Recorder {
             ),
             None => (Vendor::host(), host_cpu_description()),
         };
+        let bitscan = if popek_cpu::vendor::amd_bitscan_keeps_flags() {
+            "keeps"
+        } else {
+            "clears"
+        };
         let mut out = format!(
-            "popek differential vectors v1\nvendor {vendor}\nsource {source}\ncases {}\n\n",
+            "popek differential vectors v1\nvendor {vendor}\nsource {source}\namd-bitscan {bitscan}\ncases {}\n\n",
             self.kept.len()
         )
         .into_bytes();
@@ -2695,6 +2700,10 @@ impl Cursor<'_> {
 struct Vectors {
     vendor: Vendor,
     source: String,
+    /// Whether AMD's BSF/BSR kept the flags but ZF where they were
+    /// recorded (Zen 3; header `amd-bitscan keeps|clears`, absent in files
+    /// recorded where they clear them, as Zen 4 does).
+    amd_bitscan_keeps: bool,
     cases: Vec<(Case, Outcome, u64)>,
 }
 
@@ -2733,6 +2742,7 @@ fn read_vectors(path: &Path) -> Vectors {
     let vendor: Vendor = field("vendor ").parse().expect("vendor");
     let source = field("source ");
     let n: usize = field("cases ").parse().expect("cases");
+    let amd_bitscan_keeps = header.lines().any(|l| l.trim() == "amd-bitscan keeps");
     let mut r = Cursor {
         raw: &raw,
         p: split + 2,
@@ -2776,6 +2786,7 @@ fn read_vectors(path: &Path) -> Vectors {
     Vectors {
         vendor,
         source,
+        amd_bitscan_keeps,
         cases,
     }
 }
@@ -2796,6 +2807,9 @@ fn vendor_profiles_match_recorded_vectors() {
     for f in &files {
         let v = read_vectors(f);
         let mut model = Model::new(&LINUX_USER_SELS, v.vendor);
+        model
+            .cpu
+            .set_amd_bitscan_keeps_flags(Some(v.amd_bitscan_keeps));
         let mut report = String::new();
         let mut bad = 0;
         for (c, want, mem) in &v.cases {

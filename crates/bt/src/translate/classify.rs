@@ -277,7 +277,7 @@ pub fn map_reg(r: Register) -> Option<Register> {
 /// other than 1 (OF), SHLD/SHRD (AF, OF; a 16-bit operand shifted by more
 /// than 16 also its result), MUL/IMUL (SF, ZF, AF, PF), the BCD adjusts,
 /// PUSH of a segment register with a 32-bit operand size (the slot's upper
-/// half). DIV/IDIV differ in their flags too, but `Item::Div` computes
+/// half), BSF/BSR (CF, OF, SF, AF, PF: AMD generations differ too). DIV/IDIV differ in their flags too, but `Item::Div` computes
 /// them for the profile and the other forms are interpreted.
 pub(crate) fn vendor_difference(ins: &Instruction) -> Option<u32> {
     use iced_x86::RflagsBits as F;
@@ -298,6 +298,10 @@ pub(crate) fn vendor_difference(ins: &Instruction) -> Option<u32> {
         Shld | Shrd if narrow(0) => u32::MAX,
         Shld | Shrd => F::AF | F::OF,
         Mul | Imul => F::SF | F::ZF | F::AF | F::PF,
+        // Zen 3 keeps them; Intel and Zen 4 define them
+        // (`popek_cpu::vendor::amd_bitscan_keeps_flags`). TZCNT/LZCNT are
+        // BSF/BSR on the virtual CPU, which has no BMI1/ABM.
+        Bsf | Bsr | Tzcnt | Lzcnt => F::CF | F::OF | F::SF | F::AF | F::PF,
         Daa | Das => F::OF,
         Aaa | Aas => F::SF | F::ZF | F::PF | F::OF,
         Push if matches!(

@@ -922,8 +922,23 @@ pub(crate) fn btc(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus) -> R {
 
 fn bsx(c: &mut Cpu, d: &DecodedInsn, bus: &mut dyn Bus, forward: bool) -> R {
     let v = c.rd(bus, d, 1)?;
-    // CF/OF/SF/AF/PF are undefined; Intel processors clear CF/OF/SF/AF and
-    // set PF from the index (from zero for a zero source).
+    if c.bitscan_keeps_flags() {
+        // Zen 3: only ZF is written.
+        if v != 0 {
+            let idx = if forward {
+                v.trailing_zeros()
+            } else {
+                63 - v.leading_zeros()
+            };
+            c.wr(bus, d, 0, idx as u64)?;
+        }
+        c.sync_flags();
+        let f = c.st.rflags as u32 & !ZF;
+        c.set_arith_flags(if v == 0 { f | ZF } else { f });
+        return Ok(());
+    }
+    // CF/OF/SF/AF/PF are undefined; Intel processors (and Zen 4) clear
+    // CF/OF/SF/AF and set PF from the index (from zero for a zero source).
     let f = if v == 0 {
         // Destination unchanged (Intel documents it undefined; processors
         // leave it unchanged).
