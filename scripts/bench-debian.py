@@ -13,17 +13,23 @@ jobs at once, on `bt` with one vCPU, two vCPUs in turn on one host thread
 (--threads single) and two vCPUs on a thread each (--threads multi), and
 on QEMU TCG with -smp 1 and -smp 2.
 
-Usage: scripts/bench-debian.py [--engines interp,bt] [--no-qemu] [--popek BIN] [--smp]
-Prints a table and writes target/popek-bench/debian.json (smp.json).
+With --disk (scripts/bench/init-disk.sh, the virtio modules loaded):
+a sequential read of 256 MiB from a virtio-blk disk (/dev/vda, a 256 MiB
+image of random bytes, in the host's page cache) and a 256 MiB write to a
+second one (/dev/vdb, flushed), on `bt` and on QEMU TCG with
+virtio-blk-pci (modern only, cache=writeback, as popek's disks).
+
+Usage: scripts/bench-debian.py [--engines interp,bt] [--no-qemu] [--popek BIN] [--smp] [--disk]
+Prints a table and writes target/popek-bench/debian.json (smp.json, disk.json).
 """
 import argparse, json, os, subprocess, sys, time, shutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def guest(popek, init="init-bench.sh"):
+def guest(popek, init="init-bench.sh", flags=()):
     env = dict(os.environ, POPEK_BIN=popek)
     out = subprocess.run(["bash", os.path.join(ROOT, "scripts/debian-guest.sh"),
-                          "--init", os.path.join(ROOT, "scripts/bench", init)],
+                          "--init", os.path.join(ROOT, "scripts/bench", init)] + list(flags),
                          env=env, check=True, capture_output=True, text=True).stdout.split()
     return out[0], out[1]
 
@@ -41,7 +47,8 @@ def measure(cmd, limit=900):
             line, buf = buf.split(b"\n", 1)
             s = line.decode(errors="replace").strip()
             for key in ("BENCH-INIT", "BENCH-START sha", "BENCH-END sha", "BENCH-START loop", "BENCH-END loop",
-                        "BENCH-START par", "BENCH-END par"):
+                        "BENCH-START par", "BENCH-END par", "BENCH-START read", "BENCH-END read",
+                        "BENCH-START write", "BENCH-END write"):
                 if s.startswith(key) and key not in marks:
                     marks[key] = time.monotonic() - t0
         if time.monotonic() - t0 > limit:
@@ -55,9 +62,56 @@ def measure(cmd, limit=900):
         r["sha"] = marks["BENCH-END sha"] - marks["BENCH-START sha"]
     if "BENCH-END loop" in marks:
         r["loop"] = marks["BENCH-END loop"] - marks["BENCH-START loop"]
-    if "BENCH-END par" in marks:
-        r["par"] = marks["BENCH-END par"] - marks["BENCH-START par"]
+    for k in ("par", "read", "write"):
+        if f"BENCH-END {k}" in marks:
+            r[k] = marks[f"BENCH-END {k}"] - marks[f"BENCH-START {k}"]
     return r
+
+def disk(a):
+    kernel, initrd = guest(a.popek, "init-disk.sh", ["--modules"])
+    d = os.path.join(ROOT, "target/popek-bench")
+    os.makedirs(d, exist_ok=True)
+    src = os.path.join(d, "disk-read.img")
+    if not os.path.exists(src) or os.path.getsize(src) != 256 << 20:
+        with open(src, "wb") as f:
+            for _ in range(256):
+                f.write(os.urandom(1 << 20))
+    with open(src, "rb") as f:  # into the host's page cache
+        while f.read(1 << 24):
+            pass
+    dst = os.path.join(d, "disk-write.img")
+    def fresh():
+        with open(dst, "wb") as f:
+            f.truncate(256 << 20)
+    boot = ["--memory", "256M", "--kernel", kernel, "--initrd", initrd, "--cmdline", "console=ttyS0 quiet"]
+    runs = [("bt", [a.popek, "run", "--engine", "bt", "--disk", f"path={src}", "--disk", f"path={dst}"] + boot)]
+    if not a.no_qemu and shutil.which("qemu-system-i386"):
+        q = ["qemu-system-i386", "-accel", "tcg", "-m", "256", "-nographic", "-no-reboot", "-net", "none",
+             "-kernel", kernel, "-initrd", initrd, "-append", "console=ttyS0 quiet"]
+        for i, img in enumerate((src, dst)):
+            q += ["-drive", f"file={img},format=raw,if=none,id=d{i},cache=writeback",
+                  "-device", f"virtio-blk-pci,drive=d{i},disable-legacy=on"]
+        runs.append(("qemu-tcg", q))
+    rows = {}
+    for name, cmd in runs:
+        fresh()
+        rows[name] = measure(cmd)
+    q = rows.get("qemu-tcg", {})
+    print(f"{'run':<10} {'read 256 MiB (s)':>22} {'write 256 MiB (s)':>22}")
+    for name, r in rows.items():
+        cells = []
+        for k in ("read", "write"):
+            v = r.get(k)
+            if v is None:
+                cells.append(f"{'-':>22}")
+            elif name != "qemu-tcg" and q.get(k):
+                cells.append(f"{v:>6.2f} {256 / v:>6.0f} MiB/s {q[k] / v:.2f}x")
+            else:
+                cells.append(f"{v:>6.2f} {256 / v:>6.0f} MiB/s      ")
+        print(f"{name:<10} " + " ".join(cells))
+    print("(ratio = QEMU time / popek time: above 1 is faster than QEMU TCG)")
+    with open(os.path.join(d, "disk.json"), "w") as f:
+        json.dump(rows, f, indent=2)
 
 def smp(a):
     kernel, initrd = guest(a.popek, "init-smp.sh")
@@ -87,9 +141,12 @@ def main():
     ap.add_argument("--no-qemu", action="store_true")
     ap.add_argument("--popek", default=os.path.join(ROOT, "target/release/popek"))
     ap.add_argument("--smp", action="store_true")
+    ap.add_argument("--disk", action="store_true")
     a = ap.parse_args()
     if a.smp:
         return smp(a)
+    if a.disk:
+        return disk(a)
     kernel, initrd = guest(a.popek)
     rows = {}
     for e in a.engines.split(","):

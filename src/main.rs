@@ -537,6 +537,13 @@ struct RunArgs {
     /// getrandom.
     #[arg(long)]
     rng: bool,
+    /// Where COM1 (ttyS0) goes: tty (the terminal), off, or file=PATH.
+    #[arg(long, value_name = "tty|off|file=PATH", default_value = "tty", value_parser = parse_output)]
+    serial: popek_vmm::Output,
+    /// A virtio console (hvc0) and where it goes: tty, file=PATH, or off
+    /// (no device). Only one of --serial and --console is the terminal.
+    #[arg(long, value_name = "tty|off|file=PATH", default_value = "off", value_parser = parse_output)]
+    console: popek_vmm::Output,
     /// Kernel command line.
     #[arg(long, value_name = "STR", default_value = "")]
     cmdline: String,
@@ -645,6 +652,10 @@ fn parse_disk(s: &str) -> Result<popek_vmm::DiskConfig, String> {
     s.parse()
 }
 
+fn parse_output(s: &str) -> Result<popek_vmm::Output, String> {
+    s.parse()
+}
+
 fn default_run() -> RunArgs {
     RunArgs {
         engine: EngineArg::Auto,
@@ -652,6 +663,8 @@ fn default_run() -> RunArgs {
         initrd: None,
         disks: Vec::new(),
         rng: false,
+        serial: popek_vmm::Output::Tty,
+        console: popek_vmm::Output::Off,
         cmdline: String::new(),
         memory: 256 << 20,
         cpus: 1,
@@ -732,6 +745,8 @@ fn make_vm(a: &RunArgs, console: Box<dyn Write + Send>) -> Result<Vm, u8> {
         devices: popek_vmm::Devices {
             disks: a.disks.clone(),
             rng: a.rng,
+            serial: a.serial.clone(),
+            console: a.console.clone(),
         },
     };
     Vm::new(&cfg, console).map_err(|e| {

@@ -316,17 +316,7 @@ fn debian_snapshotted_at_its_shell_goes_on_under_another_engine() {
     let booted = start.elapsed();
     // Let the shell reach its prompt.
     std::thread::sleep(Duration::from_millis(500));
-    let (st, _, err) = support::popek(&[
-        "snapshot",
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "-o",
-        snap.to_str().unwrap(),
-        "--stop",
-    ]);
-    assert_eq!(st, 0, "{err}");
-    let (st, _, err) = vm.finish();
-    assert_eq!(st, 0, "{err}");
+    support::snapshot_and_stop(&sock, &snap, vm);
     let t = Instant::now();
     let mut r = support::Popek::start(&["restore", snap.to_str().unwrap(), "--engine", "interp"]);
     r.type_line("sha256sum -c /mnt/sum; echo \"after: $((6*7)) $(uname -m)\"");

@@ -36,10 +36,15 @@ fn ext4_image(name: &str) -> PathBuf {
 /// Starts Debian on bt with `disk` as /dev/vda (`disk_opts` appended to
 /// its --disk value) and virtio-rng, in `mode` (see init-disk.sh).
 fn start(disk: &Path, disk_opts: &str, mode: &str) -> Popek {
+    let disk_arg = format!("path={}{disk_opts}", disk.display());
+    start_with(mode, &["--disk", &disk_arg, "--rng"])
+}
+
+/// Starts Debian on bt in `mode` with `extra` arguments for `popek run`.
+fn start_with(mode: &str, extra: &[&str]) -> Popek {
     let (kernel, initrd) = guest();
     let cmdline = format!("console=ttyS0 quiet popek.mode={mode}");
-    let disk_arg = format!("path={}{disk_opts}", disk.display());
-    Popek::start(&[
+    let mut args = vec![
         "run",
         "--engine",
         "bt",
@@ -51,10 +56,9 @@ fn start(disk: &Path, disk_opts: &str, mode: &str) -> Popek {
         initrd.to_str().unwrap(),
         "--cmdline",
         &cmdline,
-        "--disk",
-        &disk_arg,
-        "--rng",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    Popek::start(&args)
 }
 
 /// The value after `key` on the console (to the end of its line).
@@ -183,4 +187,100 @@ fn a_read_only_disk_refuses_the_guests_writes() {
     assert_eq!(value(&out, "ro write:"), "refused", "{out}");
     assert_eq!(sha256(&std::fs::read(&img).unwrap()), before);
     let _ = std::fs::remove_file(&img);
+}
+
+#[test]
+fn a_vm_with_a_disk_is_snapshotted_and_goes_on_from_the_snapshot_under_interp() {
+    let img = ext4_image("snap");
+    let dir = std::env::temp_dir().join(format!("popek-virtio-snap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("api.sock");
+    let snap = dir.join("vm.snap");
+    let disk_arg = format!("path={}", img.display());
+    let vm = start_with(
+        "shell",
+        &[
+            "--disk",
+            &disk_arg,
+            "--rng",
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ],
+    );
+    vm.wait_for_within("POPEK-SNAP-READY", 300);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    support::snapshot_and_stop(&sock, &snap, vm);
+    // The state names the devices and where the disk is.
+    let state = std::fs::read_to_string(&snap).unwrap();
+    assert!(state.contains("virtio-blk") && state.contains("virtio-rng"));
+    // Restored (from another directory) on another engine: the driver's
+    // rings and the disk go on.
+    let mut r = Popek::start(&["restore", snap.to_str().unwrap(), "--engine", "interp"]);
+    r.type_line(
+        // (The terminal echoes the line: the markers are split in it.)
+        "head -c 65536 /dev/hwrng > /mnt/after && echo \"after \"\"sha: $(sha256sum /mnt/after | cut -c1-64)\"; cat /mnt/before; umount /mnt && echo \"UN\"\"MOUNTED\"",
+    );
+    r.wait_for_within("UNMOUNTED", 300);
+    let out = r.out();
+    assert!(out.contains("before"), "{out}");
+    let sha = value(&out, "after sha:").to_string();
+    r.type_line("poweroff -f");
+    let (st, out, err) = r.finish_within(120);
+    assert_eq!(st, 0, "{err}\n{out}");
+    assert_eq!(fsck(&img, false), 0, "e2fsck -fn found errors");
+    assert_eq!(sha_in_image(&img, "/after"), sha);
+    let _ = std::fs::remove_file(&img);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_snapshot_whose_disk_changed_size_is_refused() {
+    let img = ext4_image("resized");
+    let dir = std::env::temp_dir().join(format!("popek-virtio-resize-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("api.sock");
+    let snap = dir.join("vm.snap");
+    let disk_arg = format!("path={}", img.display());
+    // minios is enough: the disk only has to be there.
+    let vm = Popek::start(&[
+        "run",
+        "--engine",
+        "bt",
+        "--disk",
+        &disk_arg,
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    vm.wait_for_within("minios", 30);
+    support::snapshot_and_stop(&sock, &snap, vm);
+    std::fs::File::options()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let (st, _, err) = support::popek(&["restore", snap.to_str().unwrap()]);
+    assert_eq!(st, 2, "{err}");
+    assert!(
+        err.contains("65536 sectors") && err.contains("131072"),
+        "{err}"
+    );
+    let _ = std::fs::remove_file(&img);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_virtio_console_is_the_terminal_when_asked() {
+    let mut p = start_with("hvc", &["--serial", "off", "--console", "tty"]);
+    p.wait_for_within("POPEK-HVC hello from hvc0", 300);
+    p.type_line("ping-through-hvc0");
+    p.wait_for_within("POPEK-HVC got: ping-through-hvc0", 60);
+    let (st, out, err) = p.finish_within(120);
+    assert_eq!(st, 0, "{err}\n{out}");
+    assert!(
+        !out.contains("POPEK-DISK") && !out.contains("Linux version"),
+        "COM1 is off: only hvc0 reaches the terminal:\n{out}"
+    );
 }

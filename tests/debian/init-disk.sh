@@ -1,7 +1,8 @@
 #!/bin/sh
 # /init of the virtio tests: loads the virtio and ext4 modules, prints
 # what the kernel found, then does what popek.mode= on the command line
-# says with the ext4 file system on /dev/vda, and powers off.
+# says with the ext4 file system on /dev/vda (or with hvc0), and powers
+# off.
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -35,6 +36,18 @@ fsync)
   # busybox sync FILE is fsync(2) of that file.
   sync /mnt/synced && echo "POPEK-FSYNCED"
   sleep 600
+  ;;
+shell)
+  mount -t ext4 /dev/vda /mnt && echo "mounted"
+  echo before > /mnt/before
+  echo "POPEK-SNAP-READY"
+  exec sh
+  ;;
+hvc)
+  # The terminal is hvc0 (popek --serial off --console tty).
+  echo "POPEK-HVC hello from hvc0" > /dev/hvc0
+  read -r line < /dev/hvc0
+  echo "POPEK-HVC got: $line" > /dev/hvc0
   ;;
 ro)
   if echo x | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null; then

@@ -187,6 +187,22 @@ pub fn debian_guest(init: &str, flags: &[&str]) -> (PathBuf, PathBuf) {
     (kernel, initrd)
 }
 
+/// Snapshots the VM behind the API socket `sock` into `snap` and stops
+/// it (`popek snapshot --stop`); waits for `vm` to end with status 0.
+pub fn snapshot_and_stop(sock: &std::path::Path, snap: &std::path::Path, vm: Popek) {
+    let (st, _, err) = popek(&[
+        "snapshot",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "-o",
+        snap.to_str().unwrap(),
+        "--stop",
+    ]);
+    assert_eq!(st, 0, "{err}");
+    let (st, _, err) = vm.finish();
+    assert_eq!(st, 0, "{err}");
+}
+
 /// A `popek` running in the background with its console on pipes.
 pub struct Popek {
     child: Child,

@@ -169,6 +169,9 @@ pub enum MachineError {
     /// A saved device state was refused.
     #[error("a saved device state was refused")]
     State(#[source] StateError),
+    /// A device could not be attached.
+    #[error("cannot attach a device: {0}")]
+    Attach(String),
     /// PCI bus 0 has no free slot for another device.
     #[error("PCI bus 0 is full: 31 devices at most")]
     PciFull,
@@ -279,6 +282,9 @@ pub struct Machine {
     pci_devices: Vec<(u8, Box<dyn pci_device::PciDevice>)>,
     /// Rung by device workers (see [`pci_device::Doorbell`]).
     doorbell: Arc<pci_device::Doorbell>,
+    /// The slot of the device that takes terminal input instead of COM1
+    /// (a virtio console).
+    terminal: Option<u8>,
     /// The firmware ROM (`--firmware`), at the top of the 4 GiB.
     rom: Option<Arc<[u8]>>,
     /// One local APIC per vCPU.
@@ -402,6 +408,7 @@ impl Machine {
             },
             pci_devices: Vec::new(),
             doorbell: Arc::default(),
+            terminal: None,
             rom: None,
             lapics: (0..cpus as u32).map(lapic::LocalApic::new).collect(),
             ioapic: ioapic::IoApic::new(),
@@ -1260,11 +1267,20 @@ impl Machine {
                 "a VM started from firmware cannot be saved yet (its ROM is not part of the state)",
             ));
         }
+        let mut pci_devices = Vec::new();
         for (slot, d) in &self.pci_devices {
-            if let Err(why) = d.save() {
-                tracing::debug!("device 00:{slot:02x}.0 cannot be saved: {why}");
-                return Err(StateError::new(d.kind(), &why));
+            if d.in_flight() > 0 {
+                return Err(StateError::new(
+                    d.kind(),
+                    "requests are in flight (quiesce the devices first)",
+                ));
             }
+            let state = d.save().map_err(|why| StateError::new(d.kind(), &why))?;
+            pci_devices.push(persist::PciDeviceState {
+                slot: *slot,
+                kind: d.kind().to_string(),
+                state,
+            });
         }
         if !self.mmio.is_empty() {
             return Err(StateError::new(
@@ -1290,6 +1306,7 @@ impl Machine {
             lapics: self.lapics.iter().map(Persist::save).collect(),
             ioapic: self.ioapic.save(),
             stop: self.stop,
+            pci_devices,
         })
     }
 
@@ -1326,6 +1343,27 @@ impl Machine {
         }
         let mut ioapic = self.ioapic.clone();
         ioapic.restore(s.ioapic)?;
+        // The same devices in the same slots, each accepting its state.
+        let attached: Vec<(u8, &str)> = self
+            .pci_devices
+            .iter()
+            .map(|(slot, d)| (*slot, d.kind()))
+            .collect();
+        let saved: Vec<(u8, &str)> = s
+            .pci_devices
+            .iter()
+            .map(|d| (d.slot, d.kind.as_str()))
+            .collect();
+        if attached != saved {
+            return Err(StateError::new(
+                "pci",
+                &format!("the snapshot's PCI devices {saved:?} are not the machine's {attached:?}"),
+            ));
+        }
+        for ((_, d), st) in self.pci_devices.iter().zip(&s.pci_devices) {
+            d.check_state(&st.state)
+                .map_err(|why| StateError::new(d.kind(), &why))?;
+        }
         let c = &s.clock;
         // Far from overflow in every clock sum (about 36 years of ns).
         const LIMIT: u64 = 1 << 60;
@@ -1337,6 +1375,11 @@ impl Machine {
             return Err(StateError::new("clock", "time out of range"));
         }
         self.uart.restore(s.uart)?;
+        for ((_, d), st) in self.pci_devices.iter_mut().zip(s.pci_devices) {
+            // Checked above: a refusal here is a device's bug.
+            d.restore(st.state)
+                .map_err(|why| StateError::new("pci", &why))?;
+        }
         self.pic = pic;
         self.pit = pit;
         self.rtc = rtc;
@@ -1379,7 +1422,21 @@ impl Machine {
         console: Box<dyn Write + Send>,
         state: MachineState,
     ) -> Result<Machine, MachineError> {
+        Machine::restored_with(config, ram, console, state, |_| Ok(()))
+    }
+
+    /// As [`restored`](Self::restored), with `attach` plugging in the
+    /// devices (the PCI devices the state names) before the state is
+    /// taken.
+    pub fn restored_with(
+        config: MachineConfig,
+        ram: Arc<GuestRam>,
+        console: Box<dyn Write + Send>,
+        state: MachineState,
+        attach: impl FnOnce(&mut Machine) -> Result<(), MachineError>,
+    ) -> Result<Machine, MachineError> {
         let mut m = Machine::build(config, ram, console)?;
+        attach(&mut m)?;
         m.restore_state(state).map_err(MachineError::State)?;
         Ok(m)
     }
@@ -1521,8 +1578,16 @@ impl Machine {
         self.sync_irqs();
     }
 
-    /// Bytes from the terminal for COM1's receiver.
+    /// Bytes from the terminal: for COM1's receiver, or for the device
+    /// that is the terminal ([`Machine::set_terminal_device`]).
     pub fn serial_input(&mut self, bytes: &[u8]) {
+        if let Some(i) = self.terminal.and_then(|slot| self.device_index(slot)) {
+            let ram = self.ram.clone();
+            let mut io = pci_device::DeviceIo::new(&ram);
+            self.pci_devices[i].1.terminal_input(bytes, &mut io);
+            self.deliver_msis(i, io.take_msis());
+            return;
+        }
         self.uart.enqueue_input(bytes);
         self.set_irq(uart::COM1_IRQ, self.uart.irq_level());
     }
@@ -1530,7 +1595,16 @@ impl Machine {
     /// Terminal bytes not yet read by the guest (for flow control: a VMM
     /// may stop reading its terminal while this is large).
     pub fn serial_input_pending(&self) -> usize {
-        self.uart.pending_input()
+        match self.terminal.and_then(|slot| self.device_index(slot)) {
+            Some(i) => self.pci_devices[i].1.terminal_pending(),
+            None => self.uart.pending_input(),
+        }
+    }
+
+    /// Makes the device in `slot` the terminal: terminal input goes to it
+    /// instead of COM1.
+    pub fn set_terminal_device(&mut self, slot: u8) {
+        self.terminal = Some(slot);
     }
 }
 

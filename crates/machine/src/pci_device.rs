@@ -95,8 +95,21 @@ pub trait PciDevice: Send {
     /// The device's state for a snapshot (`Err`: it cannot be saved).
     fn save(&self) -> Result<serde_json::Value, String>;
 
-    /// Takes a saved state; a refusal leaves the device unchanged.
-    fn restore(&mut self, state: serde_json::Value, ram: &Arc<GuestRam>) -> Result<(), String>;
+    /// Whether `state` is one this device can take (nothing changes).
+    fn check_state(&self, state: &serde_json::Value) -> Result<(), String>;
+
+    /// Takes a saved state that [`check_state`](Self::check_state)
+    /// accepted.
+    fn restore(&mut self, state: serde_json::Value) -> Result<(), String>;
+
+    /// Bytes from the terminal, for a device that is the VM's terminal
+    /// (a console); others ignore them.
+    fn terminal_input(&mut self, _bytes: &[u8], _io: &mut DeviceIo<'_>) {}
+
+    /// Terminal bytes the guest has not taken yet.
+    fn terminal_pending(&self) -> usize {
+        0
+    }
 
     /// Statistics for `--stats`: `(name, value)`.
     fn stats(&self) -> Vec<(String, u64)> {

@@ -359,6 +359,17 @@ impl MsixTable {
         }
     }
 
+    /// Its vectors.
+    pub fn vectors(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the pending-bit array fits the table (a saved table from a
+    /// damaged file may not).
+    pub fn well_formed(&self) -> bool {
+        self.pending.len() == self.entries.len().div_ceil(64)
+    }
+
     /// Reads the table (`offset` from its start).
     pub fn table_read(&self, offset: u64, data: &mut [u8]) {
         for (i, d) in data.iter_mut().enumerate() {

@@ -103,6 +103,17 @@ pub struct ClockState {
     pub instructions: u64,
 }
 
+/// One device on PCI bus 0 in a snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PciDeviceState {
+    /// Its slot (device number).
+    pub slot: u8,
+    /// What it is ([`crate::pci_device::PciDevice::kind`]).
+    pub kind: String,
+    /// Its own state.
+    pub state: serde_json::Value,
+}
+
 /// Every device of the machine and its clock.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MachineState {
@@ -133,4 +144,8 @@ pub struct MachineState {
     pub ioapic: crate::ioapic::IoApic,
     /// A stop a device asked for and the VMM has not yet served.
     pub stop: Option<crate::StopReason>,
+    /// The devices on PCI bus 0 beside the host bridge (none in older
+    /// snapshots).
+    #[serde(default)]
+    pub pci_devices: Vec<PciDeviceState>,
 }

@@ -718,6 +718,34 @@ impl VirtioDevice for Block {
             .clear();
     }
 
+    fn save(&self) -> serde_json::Value {
+        serde_json::json!({ "sectors": self.sectors, "readonly": self.readonly })
+    }
+
+    fn check_state(&self, state: &serde_json::Value) -> Result<(), String> {
+        let sectors = state.get("sectors").and_then(serde_json::Value::as_u64);
+        let readonly = state.get("readonly").and_then(serde_json::Value::as_bool);
+        match (sectors, readonly) {
+            (Some(s), _) if s != self.sectors => Err(format!(
+                "the disk {} has {} sectors; the snapshot's disk had {s}",
+                self.path.display(),
+                self.sectors
+            )),
+            (Some(_), Some(r)) if r != self.readonly => Err(format!(
+                "the disk {} is {}; the snapshot's was {}",
+                self.path.display(),
+                if self.readonly {
+                    "read-only"
+                } else {
+                    "writable"
+                },
+                if r { "read-only" } else { "writable" }
+            )),
+            (Some(_), Some(_)) => Ok(()),
+            _ => Err("not a virtio-blk state".into()),
+        }
+    }
+
     fn stats(&self) -> Vec<(String, u64)> {
         let c = *self.counters.lock().unwrap_or_else(|e| e.into_inner());
         vec![

@@ -18,6 +18,7 @@
 //! an access outside guest RAM.
 
 pub mod block;
+pub mod console;
 pub mod pci;
 pub mod rng;
 #[cfg(test)]
@@ -96,6 +97,33 @@ pub trait VirtioDevice: Send {
     /// The device reset (status 0): forget the activation. Nothing is in
     /// flight (the transport drained first).
     fn reset(&mut self);
+
+    /// Its own state for a snapshot, beyond the transport's (nothing is
+    /// in flight then).
+    fn save(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    /// Whether a saved [`save`](Self::save) fits this device (the same
+    /// disk size, say).
+    fn check_state(&self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Takes back what [`save`](Self::save) kept (after
+    /// [`check_state`](Self::check_state) accepted it).
+    fn restore_device(&mut self, _state: &serde_json::Value) {}
+
+    /// Terminal input for a device that is the VM's terminal (a console):
+    /// returns a bit per queue that got used buffers. Others ignore it.
+    fn terminal_input(&mut self, _bytes: &[u8], _queues: &mut [Queue], _mem: &VmMemory) -> u64 {
+        0
+    }
+
+    /// Terminal input not yet taken by the guest.
+    fn terminal_pending(&self) -> usize {
+        0
+    }
 
     /// Counters for `--stats`.
     fn stats(&self) -> Vec<(String, u64)> {

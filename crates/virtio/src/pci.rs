@@ -101,6 +101,70 @@ impl std::fmt::Debug for VirtioPci {
     }
 }
 
+/// The transport's registers and rings in a snapshot (the device's own
+/// state in `device`). Requests are never in flight then: the machine
+/// waits for them before it saves.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct TransportState {
+    config: ConfigSpace,
+    msix: MsixTable,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    config_vector: u16,
+    status: u8,
+    queue_select: u16,
+    isr: u8,
+    queues: Vec<SavedQueue>,
+    vectors: Vec<u16>,
+    device: serde_json::Value,
+}
+
+/// `virtio_queue::QueueState`, which has no serde.
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+struct SavedQueue {
+    max_size: u16,
+    next_avail: u16,
+    next_used: u16,
+    event_idx: bool,
+    size: u16,
+    ready: bool,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+}
+
+impl SavedQueue {
+    fn of(q: &virtio_queue::QueueState) -> SavedQueue {
+        SavedQueue {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+
+    fn queue(&self) -> Result<Queue, String> {
+        Queue::try_from(virtio_queue::QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        })
+        .map_err(|e| e.to_string())
+    }
+}
+
 /// A vendor capability's body (after its ID and next pointer).
 fn vendor_cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
     let mut b = vec![(4 + 12 + extra.len()) as u8, cfg_type, 0, 0, 0, 0];
@@ -469,6 +533,51 @@ impl VirtioPci {
         }
     }
 
+    /// A saved state, checked against this device: the same identity,
+    /// queues this device has, registers in range.
+    fn parse_state(
+        &self,
+        state: &serde_json::Value,
+    ) -> Result<(TransportState, Vec<Queue>), String> {
+        let st: TransportState =
+            serde_json::from_value(state.clone()).map_err(|e| format!("unreadable: {e}"))?;
+        self.config.check_against(&st.config)?;
+        let vectors = self.queues.len() as u16 + 1;
+        if st.msix.vectors() != usize::from(vectors) || !st.msix.well_formed() {
+            return Err(format!(
+                "an MSI-X table of {} vectors; the device has {vectors}",
+                st.msix.vectors()
+            ));
+        }
+        if st.queues.len() != self.queues.len() || st.vectors.len() != self.queues.len() {
+            return Err(format!(
+                "{} queues; the device has {}",
+                st.queues.len(),
+                self.queues.len()
+            ));
+        }
+        let mut queues = Vec::new();
+        for (i, (q, mine)) in st.queues.iter().zip(&self.queues).enumerate() {
+            if q.max_size != mine.max_size() {
+                return Err(format!(
+                    "queue {i}: {} descriptors at most, not {}",
+                    mine.max_size(),
+                    q.max_size
+                ));
+            }
+            queues.push(q.queue().map_err(|why| format!("queue {i}: {why}"))?);
+        }
+        let bad_vector = |v: u16| v != NO_VECTOR && v >= vectors;
+        if bad_vector(st.config_vector) || st.vectors.iter().any(|&v| bad_vector(v)) {
+            return Err("an MSI-X vector beyond the table".into());
+        }
+        if st.driver_features & !self.offered != 0 {
+            return Err("driver features the device does not offer".into());
+        }
+        self.device.check_state(&st.device)?;
+        Ok((st, queues))
+    }
+
     fn bar_read_at(&mut self, offset: u64, data: &mut [u8]) {
         let len = data.len() as u64;
         if offset + len <= COMMON + COMMON_LEN {
@@ -591,23 +700,82 @@ impl PciDevice for VirtioPci {
         self.device.in_flight()
     }
 
+    fn terminal_input(&mut self, bytes: &[u8], io: &mut DeviceIo<'_>) {
+        let live = self.status & STATUS_DRIVER_OK != 0
+            && self.status & STATUS_NEEDS_RESET == 0
+            && self.config.command() & CMD_BUS_MASTER != 0;
+        let Some(mem) = self.memory(io.ram) else {
+            return;
+        };
+        let mut none: [Queue; 0] = [];
+        let queues = if live {
+            &mut self.queues[..]
+        } else {
+            &mut none[..]
+        };
+        let mask = self.device.terminal_input(bytes, queues, &mem);
+        if mask != 0 {
+            self.interrupt_queues(mask, &mem, io);
+        }
+    }
+
+    fn terminal_pending(&self) -> usize {
+        self.device.terminal_pending()
+    }
+
     fn quiesce(&mut self, io: &mut DeviceIo<'_>) {
         self.device.drain();
         self.poll(io);
     }
 
     fn save(&self) -> Result<serde_json::Value, String> {
-        Err(format!(
-            "the state of a {} device cannot be saved yet",
-            self.device.kind()
-        ))
+        if self.device.in_flight() > 0 {
+            return Err("requests are in flight".into());
+        }
+        let st = TransportState {
+            config: self.config.clone(),
+            msix: self.msix.clone(),
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            config_vector: self.config_vector,
+            status: self.status,
+            queue_select: self.queue_select,
+            isr: self.isr,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| SavedQueue::of(&q.state()))
+                .collect(),
+            vectors: self.vectors.clone(),
+            device: self.device.save(),
+        };
+        serde_json::to_value(st).map_err(|e| e.to_string())
     }
 
-    fn restore(&mut self, _state: serde_json::Value, _ram: &Arc<GuestRam>) -> Result<(), String> {
-        Err(format!(
-            "the state of a {} device cannot be restored yet",
-            self.device.kind()
-        ))
+    fn check_state(&self, state: &serde_json::Value) -> Result<(), String> {
+        self.parse_state(state).map(|_| ())
+    }
+
+    fn restore(&mut self, state: serde_json::Value) -> Result<(), String> {
+        let (st, queues) = self.parse_state(&state)?;
+        self.config.restore_from(&st.config)?;
+        self.msix = st.msix;
+        self.device_feature_select = st.device_feature_select;
+        self.driver_feature_select = st.driver_feature_select;
+        self.driver_features = st.driver_features;
+        self.config_vector = st.config_vector;
+        self.status = st.status;
+        self.queue_select = st.queue_select;
+        self.isr = st.isr;
+        self.queues = queues;
+        self.vectors = st.vectors;
+        self.mem = None;
+        self.device.restore_device(&st.device);
+        if self.status & STATUS_DRIVER_OK != 0 {
+            self.device.activate(self.driver_features)?;
+        }
+        Ok(())
     }
 
     fn stats(&self) -> Vec<(String, u64)> {

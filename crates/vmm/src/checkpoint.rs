@@ -269,6 +269,8 @@ impl Vm {
                 wait_for_sipi,
             })
             .collect();
+        // Requests in flight finish first: their buffers are in RAM.
+        self.machine.quiesce_devices();
         let devices = self.machine.save_state().map_err(SnapshotError::Machine)?;
         let ram = self.machine.ram().clone();
         let pages = ram.size() / PAGE_SIZE;
@@ -458,11 +460,17 @@ impl Vm {
         };
         let ram = Arc::new(ram);
         let panic = Arc::new(PanicWatch::default());
-        let console = Box::new(WatchedConsole {
-            inner: console,
-            watch: panic.clone(),
-        });
-        let machine = Machine::restored(
+        let (console, hvc) = crate::route_outputs(
+            &st.config.devices,
+            Box::new(WatchedConsole {
+                inner: console,
+                watch: panic.clone(),
+            }),
+        )
+        .map_err(|e| SnapshotError::Refused(e.chain()))?;
+        // The devices are opened again (the same disk images) before
+        // they take their state.
+        let machine = Machine::restored_with(
             MachineConfig {
                 clock: st.devices.clock.mode,
                 cpus,
@@ -470,6 +478,10 @@ impl Vm {
             ram,
             console,
             st.devices.clone(),
+            |m| {
+                crate::attach_devices(m, &st.config.devices, hvc)
+                    .map_err(|e| popek_machine::MachineError::Attach(e.chain()))
+            },
         )
         .map_err(|e| SnapshotError::Bad {
             path: path.display().to_string(),

@@ -240,7 +240,7 @@ pub struct VmConfig {
 }
 
 /// A disk (`--disk path=FILE[,readonly=on]`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     /// The raw image.
     pub path: PathBuf,
@@ -271,13 +271,128 @@ impl std::str::FromStr for DiskConfig {
 }
 
 /// The VM's virtio devices, on PCI bus 0 in this order: disks, then the
-/// entropy device.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// entropy device, then the console; and where the consoles go.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Devices {
     /// virtio-blk disks.
     pub disks: Vec<DiskConfig>,
     /// A virtio-rng device.
+    #[serde(default)]
     pub rng: bool,
+    /// Where COM1's output goes (`--serial`).
+    #[serde(default)]
+    pub serial: Output,
+    /// A virtio console (`hvc0`) and where its output goes (`--console`;
+    /// off: no device).
+    #[serde(default = "Output::off")]
+    pub console: Output,
+}
+
+impl Default for Devices {
+    fn default() -> Self {
+        Devices {
+            disks: Vec::new(),
+            rng: false,
+            serial: Output::Tty,
+            console: Output::Off,
+        }
+    }
+}
+
+/// Where a console's output goes and whether it takes terminal input
+/// (cloud-hypervisor's `--serial` / `--console` values).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Output {
+    /// The terminal: popek's stdout, and the keyboard's input.
+    #[default]
+    Tty,
+    /// Nowhere (`off` or `null`).
+    Off,
+    /// Appended to a file.
+    File(PathBuf),
+}
+
+impl Output {
+    fn off() -> Output {
+        Output::Off
+    }
+}
+
+impl std::str::FromStr for Output {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tty" => Ok(Output::Tty),
+            "off" | "null" => Ok(Output::Off),
+            _ => match s.strip_prefix("file=") {
+                Some(p) if !p.is_empty() => Ok(Output::File(PathBuf::from(p))),
+                _ => Err(format!("{s:?}: tty, off, null or file=PATH")),
+            },
+        }
+    }
+}
+
+/// Where a console's bytes go.
+pub(crate) type Sink = Box<dyn Write + Send>;
+
+/// The writers of COM1 and of the virtio console (`None`: no console
+/// device) for `devices`, the terminal being `terminal`.
+pub(crate) fn route_outputs(
+    devices: &Devices,
+    terminal: Sink,
+) -> Result<(Sink, Option<Sink>), VmError> {
+    if devices.serial == Output::Tty && devices.console == Output::Tty {
+        return Err(VmError::Input {
+            path: "--serial tty --console tty".into(),
+            why: "one terminal: give the other off or file=PATH".into(),
+        });
+    }
+    let mut terminal = Some(terminal);
+    let mut open = |o: &Output| -> Result<Box<dyn Write + Send>, VmError> {
+        Ok(match o {
+            Output::Tty => terminal.take().expect("one terminal"),
+            Output::Off => Box::new(std::io::sink()),
+            Output::File(p) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| VmError::Input {
+                        path: p.display().to_string(),
+                        why: e.to_string(),
+                    })?,
+            ),
+        })
+    };
+    let uart = open(&devices.serial)?;
+    let hvc = match devices.console {
+        Output::Off => None,
+        ref o => Some(open(o)?),
+    };
+    Ok((uart, hvc))
+}
+
+impl Devices {
+    /// The same devices with each disk's path made absolute (for a
+    /// snapshot, which may be restored from another directory).
+    pub fn absolute(&self) -> Devices {
+        let mut d = self.clone();
+        for disk in &mut d.disks {
+            if let Ok(p) = std::path::absolute(&disk.path) {
+                disk.path = p;
+            }
+        }
+        for o in [&mut d.serial, &mut d.console] {
+            if let Output::File(p) = o {
+                if let Ok(a) = std::path::absolute(&*p) {
+                    *p = a;
+                }
+            }
+        }
+        d
+    }
 }
 
 /// Bad input: a file, a flag, or an engine that cannot run the guest.
@@ -588,7 +703,11 @@ fn firmware_engine(kind: EngineKind) -> Result<(), EngineError> {
 }
 
 /// Plugs the virtio devices into the machine's PCI bus.
-fn attach_devices(machine: &mut Machine, devices: &Devices) -> Result<(), VmError> {
+pub(crate) fn attach_devices(
+    machine: &mut Machine,
+    devices: &Devices,
+    console: Option<Box<dyn Write + Send>>,
+) -> Result<(), VmError> {
     let mut made: Vec<(Box<dyn popek_virtio::VirtioDevice>, String)> = Vec::new();
     for d in &devices.disks {
         let bell = machine.doorbell().clone();
@@ -603,12 +722,20 @@ fn attach_devices(machine: &mut Machine, devices: &Devices) -> Result<(), VmErro
     if devices.rng {
         made.push((Box::new(popek_virtio::rng::Rng::new()), "--rng".into()));
     }
+    let console = console.map(popek_virtio::console::Console::new);
+    if let Some(c) = console {
+        made.push((Box::new(c), "--console".into()));
+    }
     for (dev, what) in made {
+        let is_console = what == "--console";
         let pci = popek_virtio::pci::VirtioPci::new(dev)
             .map_err(|why| VmError::Input { path: what, why })?;
-        machine
+        let slot = machine
             .add_pci_device(Box::new(pci))
             .map_err(VmError::Machine)?;
+        if is_console && devices.console == Output::Tty {
+            machine.set_terminal_device(slot);
+        }
     }
     Ok(())
 }
@@ -828,10 +955,13 @@ impl Vm {
             source,
         })?);
         let panic = Arc::new(PanicWatch::default());
-        let console = Box::new(WatchedConsole {
-            inner: console,
-            watch: panic.clone(),
-        });
+        let (console, hvc) = route_outputs(
+            &cfg.devices,
+            Box::new(WatchedConsole {
+                inner: console,
+                watch: panic.clone(),
+            }),
+        )?;
         let mc = MachineConfig {
             clock: cfg.clock,
             cpus: cfg.cpus,
@@ -887,7 +1017,7 @@ impl Vm {
             }
         };
         let mut machine = machine;
-        attach_devices(&mut machine, &cfg.devices)?;
+        attach_devices(&mut machine, &cfg.devices, hvc)?;
         let mut engine = factory.create(&machine)?;
         state.vendor = vendor;
         engine.set_state(state)?;
@@ -899,6 +1029,7 @@ impl Vm {
             },
             cmdline: cfg.cmdline.clone(),
             cpus: cfg.cpus,
+            devices: cfg.devices.absolute(),
         };
         let mut vm = Vm::assemble(machine, engine, cfg.engine, config, panic);
         vm.threads =

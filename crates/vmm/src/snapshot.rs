@@ -84,6 +84,10 @@ pub struct ConfigDesc {
     /// vCPUs (absent from snapshots of one-vCPU days: 1).
     #[serde(default = "one")]
     pub cpus: u32,
+    /// The virtio devices, disks with absolute paths (none in older
+    /// snapshots): a restore opens the same images.
+    #[serde(default)]
+    pub devices: crate::Devices,
 }
 
 fn one() -> u32 {
