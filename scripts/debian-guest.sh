@@ -3,7 +3,7 @@
 # busybox-static:i386 with apt-get download, and builds a busybox initramfs.
 # Results are cached; nothing is committed.
 #
-#   scripts/debian-guest.sh [--init FILE] [--out DIR] [--lspci] [--pae] [--modules]
+#   scripts/debian-guest.sh [--init FILE] [--out DIR] [--lspci] [--pae] [--modules] [--rootfs]
 #
 # --pae prints the 686-pae kernel instead (linux-image-6.1.0-*-686-pae:
 # PAE paging), fetched beside the 686 one.
@@ -17,6 +17,12 @@
 # /lib/modules/load listing them in load order; popek's default /init
 # loads them (a custom --init: `for m in $(cat /lib/modules/load); do
 # insmod /lib/modules/$m.ko; done`).
+#
+# --rootfs (implies --modules) also builds a 64 MiB ext4 root file system
+# image holding busybox-static and an /sbin/init that starts a shell
+# (host mkfs.ext4 -d, from e2fsprogs), and prints its path as a third
+# line; boot it with --disk path=IMAGE --cmdline "root=/dev/vda rw ...".
+# Copy it first if the guest should not change the cached one.
 #
 # Prints two lines: the kernel path and the initrd path. Then:
 #   popek run --kernel "$KERNEL" --initrd "$INITRD" --cmdline "console=ttyS0"
@@ -32,6 +38,7 @@ init=""
 lspci=""
 pae=""
 modules=""
+rootfs=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --init) init="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
@@ -39,7 +46,8 @@ while [ $# -gt 0 ]; do
     --lspci) lspci=1; shift ;;
     --pae) pae=1; shift ;;
     --modules) modules=1; shift ;;
-    *) echo "usage: $0 [--init FILE] [--out DIR] [--lspci] [--pae] [--modules]" >&2; exit 2 ;;
+    --rootfs) rootfs=1; modules=1; shift ;;
+    *) echo "usage: $0 [--init FILE] [--out DIR] [--lspci] [--pae] [--modules] [--rootfs]" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$out"
@@ -145,7 +153,8 @@ tag=""
 [ -n "$lspci" ] && tag="-lspci"
 [ -n "$modules" ] && tag="$tag-modules"
 [ -n "$tag" ] && tag="$tag-$(echo "${extra[*]}" | sha256sum | cut -c1-8)"
-initrd="$out/initrd$tag.gz"
+# Without --init the image holds popek's default /init: name its version.
+initrd="$out/initrd$tag-$(sha256sum "$root_dir/crates/initramfs/src/lib.rs" | cut -c1-8).gz"
 if [ -n "$init" ]; then
   initrd="$out/initrd-$(sha256sum "$init" | cut -c1-12)$tag.gz"
 fi
@@ -157,3 +166,31 @@ if [ ! -f "$initrd" ]; then
 fi
 echo "$out/$kernel"
 echo "$initrd"
+if [ -n "$rootfs" ]; then
+  image="$out/rootfs.img"
+  if [ ! -f "$image" ]; then
+    command -v mkfs.ext4 >/dev/null 2>&1 || PATH="$PATH:/sbin:/usr/sbin"
+    rm -rf rootfs.tmp && mkdir -p rootfs.tmp/bin rootfs.tmp/sbin rootfs.tmp/usr/bin rootfs.tmp/usr/sbin \
+      rootfs.tmp/proc rootfs.tmp/sys rootfs.tmp/dev rootfs.tmp/tmp rootfs.tmp/root rootfs.tmp/etc rootfs.tmp/mnt
+    cp root/bin/busybox rootfs.tmp/bin/busybox
+    for a in $(root/bin/busybox --list-full); do
+      [ -e "rootfs.tmp/$a" ] || ln -s /bin/busybox "rootfs.tmp/$a"
+    done
+    rm -f rootfs.tmp/sbin/init
+    cat > rootfs.tmp/sbin/init <<'INIT'
+#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+echo "popek: init on the disk reached ($(awk '$2 == "/" { print $1 }' /proc/mounts))"
+echo 'Debian busybox shell on the disk; sync; poweroff -f to power off'
+exec setsid cttyhack sh
+INIT
+    chmod 755 rootfs.tmp/sbin/init
+    truncate -s 64M "$image.tmp"
+    mkfs.ext4 -q -F -L popek-root -d rootfs.tmp "$image.tmp" >&2
+    rm -rf rootfs.tmp
+    mv "$image.tmp" "$image"
+  fi
+  echo "$image"
+fi

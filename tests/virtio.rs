@@ -284,3 +284,40 @@ fn a_virtio_console_is_the_terminal_when_asked() {
         "COM1 is off: only hvc0 reaches the terminal:\n{out}"
     );
 }
+
+#[test]
+fn debian_boots_from_a_root_file_system_on_a_virtio_disk() {
+    // The default /init loads the modules and switches to root=.
+    let files = support::debian_files(&["--rootfs"]);
+    let (kernel, initrd, image) = (&files[0], &files[1], &files[2]);
+    let img = std::env::temp_dir().join(format!("popek-rootfs-{}.img", std::process::id()));
+    std::fs::copy(image, &img).expect("a copy of the root image");
+    let disk_arg = format!("path={}", img.display());
+    let mut p = Popek::start(&[
+        "run",
+        "--engine",
+        "bt",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 quiet root=/dev/vda rw",
+        "--disk",
+        &disk_arg,
+    ]);
+    p.wait_for_within("popek: init on the disk reached (/dev/vda)", 300);
+    p.type_line("echo persisted > /root/mark; sync; poweroff -f");
+    let (st, out, err) = p.finish_within(120);
+    assert_eq!(st, 0, "{err}\n{out}");
+    assert!(out.contains("popek: root /dev/vda (rw)"), "{out}");
+    assert_eq!(fsck(&img, false), 0, "e2fsck -fn found errors");
+    let got = Command::new("debugfs")
+        .args(["-R", "cat /root/mark"])
+        .arg(&img)
+        .stderr(Stdio::null())
+        .output()
+        .expect("debugfs runs");
+    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "persisted");
+    let _ = std::fs::remove_file(&img);
+}

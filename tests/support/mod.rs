@@ -166,11 +166,20 @@ pub fn multiboot_elf(addr: u32, code: &[u8], memsz: u32, entry: u32) -> Vec<u8> 
 /// cached; fails and says so when the archive cannot be reached.
 pub fn debian_guest(init: &str, flags: &[&str]) -> (PathBuf, PathBuf) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let init = root.join("tests/debian").join(init);
+    let mut args = vec!["--init", init.to_str().unwrap()];
+    args.extend_from_slice(flags);
+    let files = debian_files(&args);
+    (files[0].clone(), files[1].clone())
+}
+
+/// What `scripts/debian-guest.sh ARGS` prints: the kernel, the initrd
+/// and (with `--rootfs`) the root file system image.
+pub fn debian_files(args: &[&str]) -> Vec<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let out = Command::new("bash")
         .arg(root.join("scripts/debian-guest.sh"))
-        .arg("--init")
-        .arg(root.join("tests/debian").join(init))
-        .args(flags)
+        .args(args)
         .env("POPEK_BIN", env!("CARGO_BIN_EXE_popek"))
         .stderr(Stdio::inherit())
         .output()
@@ -180,11 +189,12 @@ pub fn debian_guest(init: &str, flags: &[&str]) -> (PathBuf, PathBuf) {
         "scripts/debian-guest.sh failed (is Debian's archive reachable?): {}",
         out.status
     );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut lines = text.lines();
-    let kernel = PathBuf::from(lines.next().expect("kernel path"));
-    let initrd = PathBuf::from(lines.next().expect("initrd path"));
-    (kernel, initrd)
+    let files: Vec<PathBuf> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(PathBuf::from)
+        .collect();
+    assert!(files.len() >= 2, "kernel and initrd paths: {files:?}");
+    files
 }
 
 /// Snapshots the VM behind the API socket `sock` into `snap` and stops

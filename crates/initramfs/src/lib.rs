@@ -209,19 +209,38 @@ impl Initramfs {
     }
 }
 
-/// The default `/init`: mounts the kernel file systems, prints a marker and
-/// starts an interactive shell on the console.
-pub const DEFAULT_INIT: &str = "#!/bin/sh
+/// The default `/init`: mounts the kernel file systems, loads the modules
+/// `/lib/modules/load` lists (if any), then either makes the block device
+/// `root=` names on the kernel command line the root (mounted `ro` or
+/// `rw` as the command line says, then its `/sbin/init`) or prints a
+/// marker and starts an interactive shell on the console.
+pub const DEFAULT_INIT: &str = r#"#!/bin/sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 if [ -f /lib/modules/load ]; then
   for m in $(cat /lib/modules/load); do insmod /lib/modules/$m.ko; done
 fi
+# root=DEVICE on the command line: mount it and make it the root.
+root=; mode=ro
+for a in $(cat /proc/cmdline); do
+  case $a in root=/dev/*) root=${a#root=} ;; rw) mode=rw ;; ro) mode=ro ;; esac
+done
+if [ -n "$root" ]; then
+  i=0
+  while [ ! -b "$root" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+  mkdir -p /newroot
+  if mount -o $mode "$root" /newroot && [ -x /newroot/sbin/init ]; then
+    echo "popek: root $root ($mode)"
+    umount /proc /sys /dev 2>/dev/null
+    exec switch_root /newroot /sbin/init
+  fi
+  echo "popek: cannot mount $root with an /sbin/init; staying in the initramfs"
+fi
 echo 'popek: init reached'
 echo 'Debian busybox shell; poweroff -f to power off'
 exec setsid cttyhack sh
-";
+"#;
 
 /// A busybox initramfs: `/bin/busybox`, one symlink per applet (each entry
 /// of `applets` is a full path like `/usr/bin/awk`), the usual directories,
