@@ -20,6 +20,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 [ -f /usr/share/seabios/bios.bin ] || need+=(seabios)
 # ...and hands it a Linux kernel through QEMU's option ROM.
 [ -f /usr/share/qemu/linuxboot_dma.bin ] || need+=(qemu-system-data)
+# The network test makes a TAP device.
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
 # The disk tests make and check ext4 images.
 command -v mkfs.ext4 >/dev/null 2>&1 && command -v e2fsck >/dev/null 2>&1 || need+=(e2fsprogs)
 if command -v gcc >/dev/null 2>&1; then

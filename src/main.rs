@@ -533,6 +533,11 @@ struct RunArgs {
     /// guest's writes.
     #[arg(long = "disk", value_name = "path=FILE[,readonly=on]", value_parser = parse_disk)]
     disks: Vec<popek_vmm::DiskConfig>,
+    /// A virtio-net interface on a host TAP device (repeatable; eth0,
+    /// eth1… in the guest). popek creates the TAP when it may (root) and
+    /// the name is free, or uses an existing one (ip tuntap add).
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    nets: Vec<popek_vmm::NetConfig>,
     /// A virtio-rng device: the guest's /dev/hwrng, from the host's
     /// getrandom.
     #[arg(long)]
@@ -652,6 +657,10 @@ fn parse_disk(s: &str) -> Result<popek_vmm::DiskConfig, String> {
     s.parse()
 }
 
+fn parse_net(s: &str) -> Result<popek_vmm::NetConfig, String> {
+    s.parse()
+}
+
 fn parse_output(s: &str) -> Result<popek_vmm::Output, String> {
     s.parse()
 }
@@ -662,6 +671,7 @@ fn default_run() -> RunArgs {
         kernel: None,
         initrd: None,
         disks: Vec::new(),
+        nets: Vec::new(),
         rng: false,
         serial: popek_vmm::Output::Tty,
         console: popek_vmm::Output::Off,
@@ -744,6 +754,7 @@ fn make_vm(a: &RunArgs, console: Box<dyn Write + Send>) -> Result<Vm, u8> {
         },
         devices: popek_vmm::Devices {
             disks: a.disks.clone(),
+            nets: a.nets.clone(),
             rng: a.rng,
             serial: a.serial.clone(),
             console: a.console.clone(),

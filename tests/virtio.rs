@@ -321,3 +321,68 @@ fn debian_boots_from_a_root_file_system_on_a_virtio_disk() {
     assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "persisted");
     let _ = std::fs::remove_file(&img);
 }
+
+/// A TAP device made for a test (deleted when dropped), with the host's
+/// address on it; `None` (and why) where TAPs cannot be made here.
+struct TestTap(String);
+
+impl TestTap {
+    fn new(host_cidr: &str) -> Result<TestTap, String> {
+        if !Path::new("/dev/net/tun").exists() {
+            return Err("/dev/net/tun is absent".into());
+        }
+        let name = format!("popek{}", std::process::id() % 100_000);
+        let ip = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .status()
+                .map_err(|e| format!("ip {args:?}: {e} (iproute2)"))
+                .and_then(|s| {
+                    s.success()
+                        .then_some(())
+                        .ok_or(format!("ip {args:?} failed (not root?)"))
+                })
+        };
+        ip(&["tuntap", "add", "dev", &name, "mode", "tap"])?;
+        let tap = TestTap(name);
+        ip(&["addr", "add", host_cidr, "dev", &tap.0])?;
+        ip(&["link", "set", &tap.0, "up"])?;
+        Ok(tap)
+    }
+}
+
+impl Drop for TestTap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn the_guest_serves_a_file_over_virtio_net_and_the_host_fetches_it() {
+    let sub = std::process::id() % 250 + 1;
+    let tap = match TestTap::new(&format!("10.77.{sub}.1/24")) {
+        Ok(t) => t,
+        Err(why) => {
+            println!("SKIPPED: no TAP device can be made here: {why}");
+            return;
+        }
+    };
+    let guest_ip = format!("10.77.{sub}.2");
+    let net = format!("tap={},mac=52:54:00:12:34:56", tap.0);
+    let p = start_with(
+        &format!("net popek.ip={guest_ip}/24"),
+        &["--net", &net, "--rng"],
+    );
+    p.wait_for_within("POPEK-NET-READY", 300);
+    let out = p.out();
+    assert_eq!(value(&out, "eth0 mac:"), "52:54:00:12:34:56");
+    let sha = value(&out, "net sha:").to_string();
+    let got = Command::new("curl")
+        .args(["-s", "-m", "30", &format!("http://{guest_ip}/data")])
+        .output()
+        .expect("curl runs");
+    assert!(got.status.success(), "curl: {:?}", got.status);
+    assert_eq!(got.stdout.len(), 1 << 20);
+    assert_eq!(sha256(&got.stdout), sha);
+    p.kill();
+}

@@ -49,6 +49,19 @@ hvc)
   read -r line < /dev/hvc0
   echo "POPEK-HVC got: $line" > /dev/hvc0
   ;;
+net)
+  # eth0 at the address popek.ip= gives; a file served over HTTP.
+  ip=$(sed -n 's/.*popek\.ip=\([0-9./]*\).*/\1/p' /proc/cmdline)
+  ip link set eth0 up
+  ip addr add "$ip" dev eth0
+  echo "eth0 mac: $(cat /sys/class/net/eth0/address)"
+  mkdir -p /www
+  head -c 1048576 /dev/hwrng > /www/data
+  echo "net sha: $(sha256sum /www/data | cut -c1-64)"
+  httpd -p 80 -h /www
+  echo "POPEK-NET-READY"
+  sleep 600
+  ;;
 ro)
   if echo x | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null; then
     echo "ro write: accepted"

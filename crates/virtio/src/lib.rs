@@ -19,6 +19,7 @@
 
 pub mod block;
 pub mod console;
+pub mod net;
 pub mod pci;
 pub mod rng;
 #[cfg(test)]

@@ -270,12 +270,50 @@ impl std::str::FromStr for DiskConfig {
     }
 }
 
-/// The VM's virtio devices, on PCI bus 0 in this order: disks, then the
+/// A network interface (`--net tap=NAME[,mac=MAC]`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetConfig {
+    /// The host TAP device.
+    pub tap: String,
+    /// The guest's MAC address (`None`: one is made up).
+    pub mac: Option<[u8; 6]>,
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = String;
+
+    /// cloud-hypervisor's syntax: `tap=NAME[,mac=MAC]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut tap = None;
+        let mut mac = None;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("tap", t)) if !t.is_empty() => tap = Some(t.to_string()),
+                Some(("mac", m)) => mac = Some(popek_virtio::net::parse_mac(m)?),
+                _ => {
+                    return Err(format!(
+                        "{part:?}: a network interface is tap=NAME[,mac=MAC]"
+                    ))
+                }
+            }
+        }
+        Ok(NetConfig {
+            tap: tap.ok_or("a network interface needs tap=NAME")?,
+            mac,
+        })
+    }
+}
+
+/// The VM's virtio devices, on PCI bus 0 in this order: disks, network
+/// interfaces, then the
 /// entropy device, then the console; and where the consoles go.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Devices {
     /// virtio-blk disks.
     pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces.
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
     /// A virtio-rng device.
     #[serde(default)]
     pub rng: bool,
@@ -292,6 +330,7 @@ impl Default for Devices {
     fn default() -> Self {
         Devices {
             disks: Vec::new(),
+            nets: Vec::new(),
             rng: false,
             serial: Output::Tty,
             console: Output::Off,
@@ -383,6 +422,12 @@ impl Devices {
             if let Ok(p) = std::path::absolute(&disk.path) {
                 disk.path = p;
             }
+        }
+        // A made-up MAC address is fixed from here on (a restore must
+        // give the guest the same one).
+        for (i, n) in d.nets.iter_mut().enumerate() {
+            n.mac
+                .get_or_insert_with(|| popek_virtio::net::default_mac(i as u8));
         }
         for o in [&mut d.serial, &mut d.console] {
             if let Output::File(p) = o {
@@ -719,6 +764,19 @@ pub(crate) fn attach_devices(
         })?;
         made.push((Box::new(block), d.path.display().to_string()));
     }
+    for (i, n) in devices.nets.iter().enumerate() {
+        let bell = machine.doorbell().clone();
+        let mac = n
+            .mac
+            .unwrap_or_else(|| popek_virtio::net::default_mac(i as u8));
+        let net = popek_virtio::net::Tap::open(&n.tap)
+            .and_then(|tap| popek_virtio::net::Net::new(tap, mac, bell))
+            .map_err(|e| VmError::Input {
+                path: format!("--net tap={}", n.tap),
+                why: popek_engine::error_chain(&e),
+            })?;
+        made.push((Box::new(net), format!("--net tap={}", n.tap)));
+    }
     if devices.rng {
         made.push((Box::new(popek_virtio::rng::Rng::new()), "--rng".into()));
     }
@@ -1017,7 +1075,7 @@ impl Vm {
             }
         };
         let mut machine = machine;
-        attach_devices(&mut machine, &cfg.devices, hvc)?;
+        attach_devices(&mut machine, &cfg.devices.absolute(), hvc)?;
         let mut engine = factory.create(&machine)?;
         state.vendor = vendor;
         engine.set_state(state)?;
