@@ -617,13 +617,7 @@ impl VirtioDevice for Block {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let c = self.config_bytes();
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = c.get(offset as usize + i).copied().unwrap_or(0);
-        }
-    }
-
-    fn activate(&mut self, _features: u64) -> Result<(), String> {
-        Ok(())
+        crate::read_config_bytes(&c, offset, data);
     }
 
     fn process_queue(

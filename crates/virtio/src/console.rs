@@ -125,10 +125,6 @@ impl VirtioDevice for Console {
         data.fill(0);
     }
 
-    fn activate(&mut self, _features: u64) -> Result<(), String> {
-        Ok(())
-    }
-
     fn process_queue(
         &mut self,
         index: usize,

@@ -67,7 +67,9 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     /// The driver is ready (DRIVER_OK) with the features it accepted.
-    fn activate(&mut self, features: u64) -> Result<(), String>;
+    fn activate(&mut self, _features: u64) -> Result<(), String> {
+        Ok(())
+    }
 
     /// The driver notified queue `index`: take what it made available.
     /// Returns whether used buffers were added (the transport then decides
@@ -247,6 +249,18 @@ pub fn write_stream(mem: &VmMemory, pieces: &[(u64, u32)], from: u64, data: &[u8
         at += l as usize;
     }
     at
+}
+
+/// Copies `config[offset..]` into `data` (a device's configuration
+/// space; beyond its end: zeros).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, d) in data.iter_mut().enumerate() {
+        *d = usize::try_from(offset)
+            .ok()
+            .and_then(|o| config.get(o.checked_add(i)?))
+            .copied()
+            .unwrap_or(0);
+    }
 }
 
 /// Takes every available chain of `queue`, handing each to `serve`

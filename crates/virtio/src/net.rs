@@ -360,13 +360,7 @@ impl VirtioDevice for Net {
         c[6..8].copy_from_slice(&S_LINK_UP.to_le_bytes());
         c[8..10].copy_from_slice(&1u16.to_le_bytes());
         c[10..12].copy_from_slice(&1500u16.to_le_bytes());
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = c.get(offset as usize + i).copied().unwrap_or(0);
-        }
-    }
-
-    fn activate(&mut self, _features: u64) -> Result<(), String> {
-        Ok(())
+        crate::read_config_bytes(&c, offset, data);
     }
 
     fn process_queue(

@@ -74,10 +74,6 @@ impl VirtioDevice for Rng {
         data.fill(0);
     }
 
-    fn activate(&mut self, _features: u64) -> Result<(), String> {
-        Ok(())
-    }
-
     fn process_queue(
         &mut self,
         _index: usize,
