@@ -41,6 +41,9 @@ pub fn preboot(args: &RunArgs, rx: &Receiver<ApiCall>) -> Result<Vm, u8> {
             .as_ref()
             .map_or(String::new(), |p| p.display().to_string())
     );
+    // Drives and interfaces by ID, in the order first put.
+    let mut drives: Vec<(String, popek_vmm::DiskConfig, bool)> = Vec::new();
+    let mut nets: Vec<(String, popek_vmm::NetConfig)> = Vec::new();
     for ApiCall { request, reply } in rx.iter() {
         let (answer, vm) = match request {
             ApiRequest::Vm(popek_vmm::control::Request::Info) => (
@@ -103,7 +106,43 @@ pub fn preboot(args: &RunArgs, rx: &Receiver<ApiCall>) -> Result<Vm, u8> {
                         }
                     }
                 }
-                PreBoot::InstanceStart => match make_vm(&a, Box::new(std::io::stdout())) {
+                PreBoot::Drive {
+                    id,
+                    path,
+                    root,
+                    read_only,
+                } => {
+                    if root && drives.iter().any(|(i, _, r)| *r && *i != id) {
+                        (Err(Fault::bad("another drive is the root device")), None)
+                    } else {
+                        let disk = popek_vmm::DiskConfig {
+                            path,
+                            readonly: read_only,
+                        };
+                        match drives.iter_mut().find(|(i, _, _)| *i == id) {
+                            Some(d) => *d = (id, disk, root),
+                            None => drives.push((id, disk, root)),
+                        }
+                        (Ok(serde_json::Value::Null), None)
+                    }
+                }
+                PreBoot::NetworkInterface { id, tap, mac } => {
+                    match mac.map(|m| popek_vmm::parse_mac(&m)).transpose() {
+                        Err(why) => (Err(Fault::bad(why)), None),
+                        Ok(mac) => {
+                            let net = popek_vmm::NetConfig { tap, mac };
+                            match nets.iter_mut().find(|(i, _)| *i == id) {
+                                Some(n) => n.1 = net,
+                                None => nets.push((id, net)),
+                            }
+                            (Ok(serde_json::Value::Null), None)
+                        }
+                    }
+                }
+                PreBoot::InstanceStart => match make_vm(
+                    &with_devices(&a, &drives, &nets),
+                    Box::new(std::io::stdout()),
+                ) {
                     Ok(vm) => (Ok(serde_json::Value::Null), Some(vm)),
                     Err(_) => (
                         Err(Fault::bad(
@@ -186,4 +225,28 @@ pub fn forward(rx: Receiver<ApiCall>) -> Receiver<Call> {
         }
     });
     out
+}
+
+/// The run's arguments with the drives and interfaces the API put: the
+/// root drive first (Firecracker's order), `root=/dev/vda ro|rw` on the
+/// command line for it, then the others in the order put.
+fn with_devices(
+    a: &RunArgs,
+    drives: &[(String, popek_vmm::DiskConfig, bool)],
+    nets: &[(String, popek_vmm::NetConfig)],
+) -> RunArgs {
+    let mut a = a.clone();
+    let root = drives.iter().filter(|d| d.2);
+    let others = drives.iter().filter(|d| !d.2);
+    for (_, disk, is_root) in root.chain(others) {
+        if *is_root {
+            let mode = if disk.readonly { "ro" } else { "rw" };
+            a.cmdline = format!("{} root=/dev/vda {mode}", a.cmdline)
+                .trim()
+                .to_string();
+        }
+        a.disks.push(disk.clone());
+    }
+    a.nets.extend(nets.iter().map(|n| n.1.clone()));
+    a
 }

@@ -434,3 +434,75 @@ fn ctrl_a_s_on_the_console_writes_a_snapshot_that_restores() {
     );
     std::fs::remove_dir_all(d).unwrap();
 }
+
+#[test]
+fn drives_put_through_the_api_become_virtio_disks_root_first() {
+    let d = dir("drives");
+    let sock = d.join("api.sock");
+    let kernel = d.join("minios.elf");
+    std::fs::write(&kernel, popek_guests::by_name("minios").unwrap()).unwrap();
+    let data = d.join("data.img");
+    let root = d.join("root.img");
+    for img in [&data, &root] {
+        std::fs::File::create(img)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+    }
+    let vm = Popek::start(&["run", "--engine", "bt", "--api-sock", s(&sock), "--no-boot"]);
+    wait_socket(&sock);
+    let put = |path: &str, body: String| curl(&sock, "PUT", path, Some(&body));
+    let drive = |id: &str, img: &Path, root: bool| {
+        format!(
+            r#"{{"drive_id":"{id}","path_on_host":"{}","is_root_device":{root},"is_read_only":false}}"#,
+            s(img)
+        )
+    };
+    assert_eq!(put("/drives/data", drive("data", &data, false)).0, 204);
+    assert_eq!(put("/drives/rootfs", drive("rootfs", &root, true)).0, 204);
+    let (st, body) = put("/drives/other", drive("other", &data, true));
+    assert_eq!(st, 400, "one root device: {body}");
+    let (st, body) = put("/drives/x", drive("y", &data, false));
+    assert_eq!(st, 400, "the path's ID is the body's: {body}");
+    let (st, body) = put(
+        "/network-interfaces/eth0",
+        r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"01:00:00:00:00:01"}"#.into(),
+    );
+    assert_eq!(st, 400, "a multicast MAC is refused: {body}");
+    let (st, _) = put(
+        "/boot-source",
+        format!(
+            r#"{{"kernel_image_path":"{}","boot_args":"wait"}}"#,
+            s(&kernel)
+        ),
+    );
+    assert_eq!(st, 204);
+    assert_eq!(
+        put("/actions", r#"{"action_type":"InstanceStart"}"#.into()).0,
+        204
+    );
+    vm.wait_for("waiting for input");
+    // The snapshot's configuration: the root drive first, root= added.
+    let snap = d.join("vm.snap");
+    support::snapshot_and_stop(&sock, &snap, vm);
+    // A header line, then the JSON body.
+    let text = std::fs::read_to_string(&snap).unwrap();
+    let body = text.split_once('\n').unwrap().1;
+    let state: serde_json::Value = serde_json::from_str(body).unwrap();
+    let config = &state["config"];
+    let disks: Vec<&str> = config["devices"]["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(disks, vec![s(&root), s(&data)]);
+    assert_eq!(config["cmdline"], "wait root=/dev/vda rw");
+    let slots: Vec<&str> = state["devices"]["pci_devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(slots, vec!["virtio-blk", "virtio-blk"]);
+}

@@ -48,6 +48,29 @@ pub enum PreBoot {
         /// RAM in MiB.
         mem_size_mib: Option<u64>,
     },
+    /// `PUT /drives/{drive_id}`: a virtio-blk disk (added, or replaced
+    /// when the ID exists).
+    Drive {
+        /// The drive's ID.
+        id: String,
+        /// The raw image.
+        path: PathBuf,
+        /// It is the root device: first (`/dev/vda`), and `root=/dev/vda`
+        /// with `ro`/`rw` goes on the kernel command line.
+        root: bool,
+        /// The guest may not write it.
+        read_only: bool,
+    },
+    /// `PUT /network-interfaces/{iface_id}`: a virtio-net interface on a
+    /// host TAP.
+    NetworkInterface {
+        /// The interface's ID.
+        id: String,
+        /// The TAP device.
+        tap: String,
+        /// The guest's MAC address.
+        mac: Option<String>,
+    },
     /// `PUT /actions` `InstanceStart`.
     InstanceStart,
     /// `PUT /snapshot/load`.
@@ -158,6 +181,45 @@ struct BootSource {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct Drive {
+    drive_id: String,
+    path_on_host: PathBuf,
+    is_root_device: bool,
+    #[serde(default)]
+    is_read_only: bool,
+    #[allow(dead_code)]
+    partuuid: Option<String>,
+    cache_type: Option<String>,
+    io_engine: Option<String>,
+    rate_limiter: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetworkInterface {
+    iface_id: String,
+    host_dev_name: String,
+    guest_mac: Option<String>,
+    rx_rate_limiter: Option<serde_json::Value>,
+    tx_rate_limiter: Option<serde_json::Value>,
+}
+
+/// The ID at the end of `path` after `prefix`, which must be the body's.
+fn path_id(path: &str, prefix: &str, body_id: &str, what: &str) -> Result<String, Fault> {
+    let id = path.strip_prefix(prefix).unwrap_or_default();
+    if id.is_empty() || id.contains('/') {
+        return Err(Fault::bad(format!("{what}: the path names no ID")));
+    }
+    if id != body_id {
+        return Err(Fault::bad(format!(
+            "{what}: the ID in the path ({id}) is not the body's ({body_id})"
+        )));
+    }
+    Ok(id.to_string())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct MachineConfig {
     vcpu_count: Option<u64>,
     mem_size_mib: Option<u64>,
@@ -217,6 +279,47 @@ fn route(method: &tiny_http::Method, path: &str, body: &[u8]) -> Result<Route, F
             pre(PreBoot::MachineConfig {
                 vcpu_count: m.vcpu_count,
                 mem_size_mib: m.mem_size_mib,
+            })
+        }
+        (Put, p) if p.starts_with("/drives/") => {
+            let d: Drive = parse(body)?;
+            let id = path_id(p, "/drives/", &d.drive_id, "PUT /drives")?;
+            if d.rate_limiter.is_some() {
+                return Err(Fault::bad("rate limiters are not implemented yet"));
+            }
+            if d.io_engine.as_deref().is_some_and(|e| e != "Sync") {
+                return Err(Fault::bad(
+                    "io_engine: popek's disks have one engine, Sync (a worker thread)",
+                ));
+            }
+            if d.cache_type
+                .as_deref()
+                .is_some_and(|c| c != "Unsafe" && c != "Writeback")
+            {
+                return Err(Fault::bad("cache_type is Unsafe or Writeback"));
+            }
+            pre(PreBoot::Drive {
+                id,
+                path: d.path_on_host,
+                root: d.is_root_device,
+                read_only: d.is_read_only,
+            })
+        }
+        (Put, p) if p.starts_with("/network-interfaces/") => {
+            let n: NetworkInterface = parse(body)?;
+            let id = path_id(
+                p,
+                "/network-interfaces/",
+                &n.iface_id,
+                "PUT /network-interfaces",
+            )?;
+            if n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
+                return Err(Fault::bad("rate limiters are not implemented yet"));
+            }
+            pre(PreBoot::NetworkInterface {
+                id,
+                tap: n.host_dev_name,
+                mac: n.guest_mac,
             })
         }
         (Put, "/boot-source") => {
@@ -453,6 +556,59 @@ impl ApiServer {
 mod tests {
     use super::*;
     use tiny_http::Method;
+
+    #[test]
+    fn drives_and_network_interfaces_route_like_firecracker() {
+        let r = route(
+            &Method::Put,
+            "/drives/rootfs",
+            br#"{"drive_id":"rootfs","path_on_host":"/img","is_root_device":true,"is_read_only":false}"#,
+        )
+        .unwrap_or_else(|f| panic!("{}", f.message));
+        assert!(matches!(
+            r,
+            Route::Call(ref v) if v == &[ApiRequest::PreBoot(PreBoot::Drive {
+                id: "rootfs".into(),
+                path: "/img".into(),
+                root: true,
+                read_only: false,
+            })]
+        ));
+        let r = route(
+            &Method::Put,
+            "/network-interfaces/eth0",
+            br#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"06:00:AC:10:00:02"}"#,
+        )
+        .unwrap_or_else(|f| panic!("{}", f.message));
+        assert!(matches!(
+            r,
+            Route::Call(ref v) if v == &[ApiRequest::PreBoot(PreBoot::NetworkInterface {
+                id: "eth0".into(),
+                tap: "tap0".into(),
+                mac: Some("06:00:AC:10:00:02".into()),
+            })]
+        ));
+        for (p, b) in [
+            ("/drives/a", &br#"{"drive_id":"b","path_on_host":"/i","is_root_device":false}"#[..]),
+            ("/drives/", br#"{"drive_id":"","path_on_host":"/i","is_root_device":false}"#),
+            ("/drives/a", br#"{"drive_id":"a","path_on_host":"/i"}"#),
+            (
+                "/drives/a",
+                br#"{"drive_id":"a","path_on_host":"/i","is_root_device":false,"rate_limiter":{}}"#,
+            ),
+            (
+                "/drives/a",
+                br#"{"drive_id":"a","path_on_host":"/i","is_root_device":false,"io_engine":"Async"}"#,
+            ),
+            ("/network-interfaces/x", br#"{"iface_id":"y","host_dev_name":"t"}"#),
+            (
+                "/network-interfaces/x",
+                br#"{"iface_id":"x","host_dev_name":"t","tx_rate_limiter":{}}"#,
+            ),
+        ] {
+            assert!(route(&Method::Put, p, b).is_err(), "{p} {}", String::from_utf8_lossy(b));
+        }
+    }
 
     #[test]
     fn requests_route_like_firecracker() {

@@ -270,6 +270,8 @@ impl std::str::FromStr for DiskConfig {
     }
 }
 
+pub use popek_virtio::net::parse_mac;
+
 /// A network interface (`--net tap=NAME[,mac=MAC]`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
