@@ -663,7 +663,9 @@ fn two_vcpus_start_count_together_and_send_ipis() {
                     let n = line.and_then(|l| l.split_whitespace().last()?.parse().ok());
                     n.unwrap_or_else(|| panic!("no '{key}' in --stats:\n{}", r.stderr))
                 };
-                assert!(ran(0) > 1_000_000 && ran(1) > 1_000_000, "{}", r.stderr);
+                // (How the work splits depends on the host's scheduling:
+                // a loaded host gave vCPU 1 0.98 million once.)
+                assert!(ran(0) > 100_000 && ran(1) > 100_000, "{}", r.stderr);
             }
             // Both IPIs were taken by vCPU 1; its APIC is listed.
             assert!(

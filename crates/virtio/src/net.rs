@@ -453,3 +453,105 @@ impl VirtioDevice for Net {
         ]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_driver::{Driver, AVAIL, DESC, Q1, WRITE};
+    use popek_machine::pci_device::PciDevice;
+    use std::time::{Duration, Instant};
+
+    /// A device whose "TAP" is one end of a datagram socket pair: the
+    /// test plays the host network on the other end.
+    fn device() -> (Driver, std::os::unix::net::UnixDatagram) {
+        let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let file = File::from(OwnedFd::from(a));
+        let tap = Tap {
+            file,
+            name: "test".into(),
+        };
+        let net = Net::new(tap, [0x52, 0x54, 0, 1, 2, 3], Arc::default()).unwrap();
+        let mut d = Driver::new(Box::new(net));
+        d.setup();
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        (d, b)
+    }
+
+    /// The used entries, once the reader thread has delivered something
+    /// (or `limit` passed).
+    fn used_within(d: &mut Driver, limit: Duration) -> Vec<(u32, u32)> {
+        let t = Instant::now();
+        loop {
+            let u = d.used();
+            if !u.is_empty() || t.elapsed() > limit {
+                return u;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn frames_cross_in_both_directions_with_their_header() {
+        let (mut d, host) = device();
+        assert_eq!(
+            d.bar_read(0x2000, 6).to_le_bytes()[..6],
+            [0x52, 0x54, 0, 1, 2, 3]
+        );
+        // Receive: the guest offers a buffer, the host sends a frame.
+        d.submit(&[(0x8000, 2048, WRITE)]);
+        let mut frame = vec![0u8; HEADER];
+        frame.extend((0..60).map(|i| i as u8));
+        host.send(&frame).unwrap();
+        let used = used_within(&mut d, Duration::from_secs(5));
+        assert_eq!(used.len(), 1);
+        assert_eq!(used[0].1 as usize, frame.len());
+        let mut got = vec![0u8; frame.len()];
+        d.ram.read(0x8000, &mut got).unwrap();
+        assert_eq!(&got[HEADER..], &frame[HEADER..]);
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
+        // Transmit: a chain on queue 1 reaches the host whole.
+        let out: Vec<u8> = (0..74u8).collect();
+        d.ram.write(0x9000, &out).unwrap();
+        let (desc, avail) = (DESC + Q1, AVAIL + Q1);
+        d.ram.write_u64(desc, 0x9000).unwrap();
+        d.ram.write_u32(desc + 8, out.len() as u32).unwrap();
+        d.ram.write_u16(desc + 12, 0).unwrap();
+        d.ram.write_u16(avail + 4, 0).unwrap();
+        d.ram.write_u16(avail + 2, 1).unwrap();
+        d.bar_write(0x3004, &1u16.to_le_bytes());
+        let mut buf = [0u8; 2048];
+        let n = host.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &out[..]);
+        let stats = d.dev.stats();
+        let get = |k: &str| stats.iter().find(|(n, _)| n == k).unwrap().1;
+        assert_eq!((get("frames received"), get("frames sent")), (1, 1));
+    }
+
+    #[test]
+    fn oversized_and_undersized_frames_are_dropped_not_delivered() {
+        let (mut d, host) = device();
+        // A receive buffer too small for the frame.
+        d.submit(&[(0x8000, 32, WRITE)]);
+        let mut frame = vec![0u8; HEADER + 100];
+        frame[HEADER] = 0xaa;
+        host.send(&frame).unwrap();
+        let used = used_within(&mut d, Duration::from_secs(5));
+        assert_eq!(used, vec![(0, 0)], "returned empty");
+        // A transmit chain beyond the largest frame is not sent.
+        let (desc, avail) = (DESC + Q1, AVAIL + Q1);
+        d.ram.write_u64(desc, 0x9000).unwrap();
+        d.ram.write_u32(desc + 8, 4000).unwrap();
+        d.ram.write_u16(avail + 4, 0).unwrap();
+        d.ram.write_u16(avail + 2, 1).unwrap();
+        d.bar_write(0x3004, &1u16.to_le_bytes());
+        host.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 8192];
+        assert!(host.recv(&mut buf).is_err(), "nothing sent");
+        let stats = d.dev.stats();
+        assert_eq!(
+            stats.iter().find(|(n, _)| n == "frames dropped").unwrap().1,
+            2
+        );
+    }
+}

@@ -17,6 +17,8 @@ pub const RAM: u64 = 1 << 20;
 pub const DESC: u64 = 0x1_0000;
 pub const AVAIL: u64 = 0x1_1000;
 pub const USED: u64 = 0x1_2000;
+/// Queue 1's rings are queue 0's this far up.
+pub const Q1: u64 = 0x4000;
 /// Descriptors in queue 0.
 pub const QSIZE: u16 = 16;
 /// MSI-X data of vector `v` is `VECTOR_BASE + v`.
@@ -114,7 +116,8 @@ impl Driver {
     /// Brings the device up as Linux does: the BAR placed, memory and
     /// bus mastering on, MSI-X on with vector v sending
     /// `VECTOR_BASE + v`, every feature but event indexes, queue 0 at the
-    /// fixed rings with vector 1, DRIVER_OK.
+    /// fixed rings with vector 1 (and queue 1, if there is one, at
+    /// [`Q1`] above them with vector 2), DRIVER_OK.
     pub fn setup(&mut self) {
         self.cfg_write(0x10, &0xc000_0000u32.to_le_bytes());
         self.cfg_write(0x14, &0u32.to_le_bytes());
@@ -133,6 +136,10 @@ impl Driver {
         assert!(self.negotiate(f), "FEATURES_OK");
         self.bar_write(0x10, &0u16.to_le_bytes());
         self.setup_queue(0, QSIZE, (DESC, AVAIL, USED));
+        if self.bar_read(0x12, 2) >= 2 {
+            // Queue 1 (a transmit queue) beside queue 0's rings.
+            self.setup_queue(1, QSIZE, (DESC + Q1, AVAIL + Q1, USED + Q1));
+        }
         self.bar_write(0x14, &[1 | 2 | 8 | 4]);
         assert_eq!(self.status() & 4, 4, "DRIVER_OK");
     }
