@@ -165,6 +165,16 @@ impl SavedQueue {
     }
 }
 
+/// Word `select` (0: bits 0–31, 1: bits 32–63, beyond: none) of a
+/// feature set, as the common configuration shows it.
+fn feature_word(features: u64, select: u32) -> u32 {
+    match select {
+        0 => features as u32,
+        1 => (features >> 32) as u32,
+        _ => 0,
+    }
+}
+
 /// A vendor capability's body (after its ID and next pointer).
 fn vendor_cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
     let mut b = vec![(4 + 12 + extra.len()) as u8, cfg_type, 0, 0, 0, 0];
@@ -281,18 +291,10 @@ impl VirtioPci {
         let mut b = [0u8; COMMON_LEN as usize];
         let put = |b: &mut [u8], at: usize, v: &[u8]| b[at..at + v.len()].copy_from_slice(v);
         put(&mut b, 0x00, &self.device_feature_select.to_le_bytes());
-        let df = match self.device_feature_select {
-            0 => self.offered as u32,
-            1 => (self.offered >> 32) as u32,
-            _ => 0,
-        };
+        let df = feature_word(self.offered, self.device_feature_select);
         put(&mut b, 0x04, &df.to_le_bytes());
         put(&mut b, 0x08, &self.driver_feature_select.to_le_bytes());
-        let drf = match self.driver_feature_select {
-            0 => self.driver_features as u32,
-            1 => (self.driver_features >> 32) as u32,
-            _ => 0,
-        };
+        let drf = feature_word(self.driver_features, self.driver_feature_select);
         put(&mut b, 0x0c, &drf.to_le_bytes());
         put(&mut b, 0x10, &self.config_vector.to_le_bytes());
         put(&mut b, 0x12, &(self.queues.len() as u16).to_le_bytes());
